@@ -1,0 +1,1 @@
+"""Adapter store, archive handling, validation and the registry of known adapters."""

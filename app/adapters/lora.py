@@ -1,0 +1,269 @@
+"""Read and validate a PEFT LoRA adapter folder against the base model (no model tensors touched)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from app.errors import InvalidAdapter
+from app.models.base import BaseSpec
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+LABELS_FILE = "labels.json"
+PREFIX = "base_model.model."
+TASKS: dict[str, Literal["classify", "generate"]] = {"SEQ_CLS": "classify", "CAUSAL_LM": "generate"}
+HEAD_MODULES = ("score", "classifier")
+_FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+
+# Config fields whose non-default value asks for something this server does not apply.
+_UNSUPPORTED: dict[str, str] = {
+    "use_dora": "DoRA (use_dora) is not supported; train without use_dora",
+    "fan_in_fan_out": "fan_in_fan_out layers (Conv1D bases) are not supported",
+    "lora_bias": "lora_bias is not supported",
+    "use_qalora": "QALoRA (use_qalora) is not supported",
+    "layer_replication": "layer_replication is not supported",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
+    "trainable_token_indices": "trainable_token_indices is not supported",
+    "target_parameters": "LoRA on parameters (target_parameters) is not supported",
+    "megatron_config": "megatron_config is not supported",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
+    "velora_config": "velora_config is not supported",
+    "monteclora_config": "monteclora_config is not supported",
+    "arrow_config": "arrow_config is not supported",
+    "kasa_config": "kasa_config is not supported",
+}
+
+
+@dataclass
+class LoraAdapter:
+    """A validated LoRA adapter, ready to be written into device slots."""
+
+    task: Literal["classify", "generate"]
+    rank: int  # the largest rank of any module
+    alpha: float
+    target_modules: list[str]
+    labels: list[str]
+    # module name -> (A [r, in], B [out, r] with the scaling folded in)
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    head_weight: torch.Tensor | None = field(default=None, repr=False)  # [labels, hidden]
+    head_bias: torch.Tensor | None = field(default=None, repr=False)  # [labels]
+    num_params: int = 0
+    sha256: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values()
+        )
+        if self.head_weight is not None:
+            total += self.head_weight.numel() * self.head_weight.element_size()
+        return total
+
+
+def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    """The first pattern matching ``module`` with PEFT's semantics (suffix match on dotted names)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise InvalidAdapter(f"{CONFIG_FILE} is missing", param=CONFIG_FILE)
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {exc}", param=CONFIG_FILE) from exc
+    if not isinstance(config, dict):
+        raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object", param=CONFIG_FILE)
+    return config
+
+
+def check_config(config: dict[str, Any]) -> Literal["classify", "generate"]:
+    """Reject configurations the server cannot apply faithfully; return the task."""
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise InvalidAdapter(f"peft_type must be LORA, got {peft_type!r}", param="peft_type")
+    task_type = config.get("task_type")
+    if task_type not in TASKS:
+        raise InvalidAdapter(
+            f"task_type must be one of {sorted(TASKS)}, got {task_type!r}", param="task_type"
+        )
+    for key, message in _UNSUPPORTED.items():
+        if config.get(key):
+            raise InvalidAdapter(message, param=key)
+    if config.get("bias", "none") != "none":
+        raise InvalidAdapter(f"bias must be 'none', got {config.get('bias')!r}", param="bias")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise InvalidAdapter(f"{key} must be a positive number, got {value!r}", param=key)
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = config.get(key) or {}
+        if not isinstance(value, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value.values()
+        ):
+            raise InvalidAdapter(f"{key} must map module patterns to positive numbers", param=key)
+        for pat in value:
+            try:
+                re.compile(pat)
+            except re.error as exc:
+                raise InvalidAdapter(f"{key} has an invalid pattern {pat!r}: {exc}", param=key) from exc
+    return TASKS[task_type]
+
+
+def read_labels(folder: Path, num_labels: int) -> list[str]:
+    path = folder / LABELS_FILE
+    if not path.exists():
+        return [f"LABEL_{i}" for i in range(num_labels)]
+    try:
+        labels = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidAdapter(f"{LABELS_FILE} is not valid JSON: {exc}", param=LABELS_FILE) from exc
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
+        raise InvalidAdapter(f"{LABELS_FILE} must be a JSON list of non-empty strings", param=LABELS_FILE)
+    if len(set(labels)) != len(labels):
+        raise InvalidAdapter(f"{LABELS_FILE} has duplicate labels", param=LABELS_FILE)
+    if len(labels) != num_labels:
+        raise InvalidAdapter(
+            f"{LABELS_FILE} has {len(labels)} labels but the classification head has {num_labels}",
+            param=LABELS_FILE,
+        )
+    return labels
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InvalidAdapter(f"{WEIGHTS_FILE} is missing", param=WEIGHTS_FILE)
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InvalidAdapter(
+            f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}", param=WEIGHTS_FILE
+        ) from exc
+
+
+def _check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise InvalidAdapter(f"tensor {name} has dtype {t.dtype}; expected a float dtype", param=WEIGHTS_FILE)
+    if tuple(t.shape) != shape:
+        raise InvalidAdapter(
+            f"tensor {name} has shape {list(t.shape)} but the base model needs {list(shape)}",
+            param=WEIGHTS_FILE,
+        )
+    if not bool(torch.isfinite(t).all()):
+        raise InvalidAdapter(f"tensor {name} contains NaN or Inf values", param=WEIGHTS_FILE)
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """``base_model.model.<module>.<part>.weight`` -> (module, part)."""
+    if not key.startswith(PREFIX):
+        raise InvalidAdapter(
+            f"unexpected tensor name {key!r} (expected the PEFT prefix {PREFIX!r})", param=WEIGHTS_FILE
+        )
+    rest = key[len(PREFIX) :]
+    for part in ("lora_A.weight", "lora_B.weight"):
+        if rest.endswith("." + part):
+            return rest[: -len(part) - 1], part
+    if "lora_embedding_" in rest:
+        raise InvalidAdapter(f"embedding LoRA ({key}) is not supported", param=WEIGHTS_FILE)
+    if "lora_magnitude_vector" in rest:
+        raise InvalidAdapter(f"DoRA ({key}) is not supported", param=WEIGHTS_FILE)
+    module, _, part = rest.rpartition(".")
+    return module, part
+
+
+def load_lora(folder: Path, spec: BaseSpec, max_rank: int) -> LoraAdapter:
+    """Parse and fully validate a PEFT LoRA folder; raise :class:`InvalidAdapter` naming the problem."""
+    config = read_config(folder)
+    task = check_config(config)
+    weights_path = folder / WEIGHTS_FILE
+    tensors = _load_tensors(weights_path)
+    rank_pattern: dict[str, Any] = config.get("rank_pattern") or {}
+    alpha_pattern: dict[str, Any] = config.get("alpha_pattern") or {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    head: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        module, part = _split_key(key)
+        if module in HEAD_MODULES and part in ("weight", "bias"):
+            head[part] = tensor
+        elif part in ("lora_A.weight", "lora_B.weight"):
+            parts.setdefault(module, {})[part] = tensor
+        else:
+            raise InvalidAdapter(f"unexpected tensor {key!r}", param=WEIGHTS_FILE)
+    if not parts:
+        raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA weights", param=WEIGHTS_FILE)
+
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    max_r, num_params = 0, 0
+    for module, pair in sorted(parts.items()):
+        if module not in spec.linear_shapes or module in HEAD_MODULES:
+            raise InvalidAdapter(
+                f"LoRA target {module!r} is not a linear layer of the base model", param=WEIGHTS_FILE
+            )
+        if set(pair) != {"lora_A.weight", "lora_B.weight"}:
+            raise InvalidAdapter(f"LoRA target {module!r} needs both lora_A and lora_B", param=WEIGHTS_FILE)
+        rkey = pattern_key(rank_pattern, module)
+        r = int(rank_pattern[rkey] if rkey is not None else config["r"])
+        akey = pattern_key(alpha_pattern, module)
+        alpha = float(alpha_pattern[akey] if akey is not None else config["lora_alpha"])
+        if r > max_rank:
+            raise InvalidAdapter(f"rank {r} of {module} exceeds the server's limit {max_rank}", param="r")
+        out_f, in_f = spec.linear_shapes[module]
+        a, b = pair["lora_A.weight"], pair["lora_B.weight"]
+        _check_tensor(f"{PREFIX}{module}.lora_A.weight", a, (r, in_f))
+        _check_tensor(f"{PREFIX}{module}.lora_B.weight", b, (out_f, r))
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        weights[module] = (a.float().contiguous(), (b.float() * scaling).contiguous())
+        max_r = max(max_r, r)
+        num_params += a.numel() + b.numel()
+
+    head_weight = head_bias = None
+    labels: list[str] = []
+    if task == "classify":
+        if "weight" not in head:
+            raise InvalidAdapter(
+                f"a SEQ_CLS adapter needs the classification head {PREFIX}score.weight (modules_to_save)",
+                param=WEIGHTS_FILE,
+            )
+        head_weight = head["weight"]
+        num_labels = head_weight.shape[0] if head_weight.dim() == 2 else 0
+        if num_labels < 1:
+            raise InvalidAdapter(
+                "the classification head must be a 2-D [labels, hidden] matrix", param=WEIGHTS_FILE
+            )
+        _check_tensor(f"{PREFIX}score.weight", head_weight, (num_labels, spec.hidden_size))
+        if "bias" in head:
+            head_bias = head["bias"]
+            _check_tensor(f"{PREFIX}score.bias", head_bias, (num_labels,))
+            head_bias = head_bias.float()
+        head_weight = head_weight.float().contiguous()
+        num_params += head_weight.numel()
+        labels = read_labels(folder, num_labels)
+    elif head:
+        raise InvalidAdapter("a CAUSAL_LM adapter must not carry a classification head", param=WEIGHTS_FILE)
+
+    return LoraAdapter(
+        task=task,
+        rank=max_r,
+        alpha=float(config["lora_alpha"]),
+        target_modules=sorted({m.rpartition(".")[2] for m in weights}),
+        labels=labels,
+        weights=weights,
+        head_weight=head_weight,
+        head_bias=head_bias,
+        num_params=num_params,
+        sha256=hashlib.sha256(weights_path.read_bytes()).hexdigest(),
+    )

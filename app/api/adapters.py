@@ -1,0 +1,22 @@
+"""GET /v1/adapters and GET /v1/adapters/{name}."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import RegistryDep
+from app.api.schemas import AdapterList, AdapterOut
+
+router = APIRouter(tags=["adapters"])
+
+
+@router.get("/v1/adapters", response_model=AdapterList)
+async def list_adapters(registry: RegistryDep) -> AdapterList:
+    """Every adapter in the store with its task, rank, version and residency."""
+    return AdapterList(adapters=[AdapterOut(**info.describe()) for info in registry.list()])
+
+
+@router.get("/v1/adapters/{name}", response_model=AdapterOut)
+async def get_adapter(name: str, registry: RegistryDep) -> AdapterOut:
+    """One adapter's metadata."""
+    return AdapterOut(**registry.get(name).describe())

@@ -1,0 +1,84 @@
+"""Admin routes: upload (POST /admin/adapters) and delete (DELETE /admin/adapters/{name})."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Request, Response
+from starlette.datastructures import UploadFile
+
+from app.api.deps import AdminDep, RegistryDep, SettingsDep
+from app.api.schemas import AdapterOut
+from app.errors import InvalidRequest, UploadTooLarge
+
+router = APIRouter(tags=["admin"], dependencies=[AdminDep])
+
+_MULTIPART_OVERHEAD = 64 * 1024
+_UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "file"],
+                    "properties": {
+                        "name": {"type": "string", "description": "adapter name"},
+                        "file": {"type": "string", "format": "binary", "description": ".zip or .tar.gz"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _spool(upload: UploadFile, limit: int) -> Path:
+    """Copy the uploaded file to a private temporary file, enforcing the size limit."""
+    fd, name = tempfile.mkstemp(prefix="adapterserve-upload-")
+    path = Path(name)
+    size = 0
+    with open(fd, "wb") as out:
+        while chunk := upload.file.read(1 << 20):
+            size += len(chunk)
+            if size > limit:
+                out.close()
+                path.unlink(missing_ok=True)
+                raise UploadTooLarge(f"upload exceeds the limit of {limit} bytes", param="file")
+            out.write(chunk)
+    return path
+
+
+@router.post("/admin/adapters", status_code=201, response_model=AdapterOut, openapi_extra=_UPLOAD_SCHEMA)
+async def upload_adapter(request: Request, registry: RegistryDep, settings: SettingsDep) -> AdapterOut:
+    """Upload an adapter archive; an existing name gets a new version."""
+    limit = settings.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD:
+        raise UploadTooLarge(f"upload of {length} bytes exceeds the limit of {limit} bytes", param="file")
+    try:
+        form = await request.form(max_files=1, max_fields=4)
+    except Exception as exc:  # malformed multipart bodies
+        raise InvalidRequest(f"expected a multipart/form-data body with name and file: {exc}") from exc
+    name, upload = form.get("name"), form.get("file")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("form field 'name' is required", param="name")
+    if not isinstance(upload, UploadFile):
+        raise InvalidRequest("form field 'file' (a .zip or .tar.gz archive) is required", param="file")
+    request.state.adapter = name
+    archive = await asyncio.to_thread(_spool, upload, limit)
+    try:
+        info = await asyncio.to_thread(registry.upload, name, archive)
+    finally:
+        archive.unlink(missing_ok=True)
+        await form.close()
+    return AdapterOut(**info.describe())
+
+
+@router.delete("/admin/adapters/{name}", status_code=204)
+async def delete_adapter(name: str, registry: RegistryDep) -> Response:
+    """Delete an adapter; requests already running on it finish."""
+    await asyncio.to_thread(registry.delete, name)
+    return Response(status_code=204)

@@ -1,0 +1,64 @@
+"""Typed dependencies: the service objects live on ``app.state``, set up by the lifespan."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.adapters.registry import AdapterRegistry
+from app.config import Settings
+from app.engine.engine import Engine
+from app.errors import AdminDisabled, Forbidden, NotReady, Unauthorized
+from app.service import InferenceService
+
+
+def _state(request: Request, name: str) -> object:
+    value = getattr(request.app.state, name, None)
+    if value is None:
+        raise NotReady("the service is starting; retry shortly")
+    return value
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_registry(request: Request) -> AdapterRegistry:
+    return _state(request, "registry")  # type: ignore[return-value]
+
+
+def get_engine(request: Request) -> Engine:
+    return _state(request, "engine")  # type: ignore[return-value]
+
+
+def get_service(request: Request) -> InferenceService:
+    return _state(request, "service")  # type: ignore[return-value]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+ServiceDep = Annotated[InferenceService, Depends(get_service)]
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def require_admin(request: Request, settings: SettingsDep) -> None:
+    """Admin routes: off without a configured token; bearer token compared in constant time."""
+    if settings.admin_token is None or not settings.admin_token.get_secret_value():
+        raise AdminDisabled("admin routes are disabled; set ADAPTERSERVE_ADMIN_TOKEN to enable them")
+    token = _bearer(request)
+    if token is None:
+        raise Unauthorized("missing bearer token", param="Authorization")
+    if not hmac.compare_digest(token.encode(), settings.admin_token.get_secret_value().encode()):
+        raise Forbidden("invalid admin token", param="Authorization")
+
+
+AdminDep = Depends(require_admin)

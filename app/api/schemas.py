@@ -1,0 +1,114 @@
+"""Wire schemas of the HTTP API (see README for the contract)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClassifyRequest(_Strict):
+    adapter: str = Field(description="name of a classification adapter")
+    inputs: str | list[str] = Field(description="one text or a list of texts")
+    top_k: int | None = Field(None, ge=1, description="return only the k best labels in `scores`")
+
+    @field_validator("inputs")
+    @classmethod
+    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("inputs must not be empty")
+        texts = [v] if isinstance(v, str) else v
+        if any(not t.strip() for t in texts):
+            raise ValueError("inputs must be non-empty strings")
+        return v
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+
+class ClassifyResult(BaseModel):
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class ClassifyUsage(BaseModel):
+    input_tokens: int
+
+
+class ClassifyResponse(BaseModel):
+    adapter: str
+    results: list[ClassifyResult]
+    usage: ClassifyUsage
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerateRequest(_Strict):
+    adapter: str | None = Field(None, description="generation adapter; null = the bare base model")
+    prompt: str | None = Field(None, description="raw prompt (no chat template)")
+    messages: list[Message] | None = Field(None, description="chat messages; the chat template is applied")
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] = Field(default_factory=list, description="stop strings (not included)")
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        if self.prompt is not None and not self.prompt:
+            raise ValueError("prompt must not be empty")
+        if len(self.stop_list) > 8 or any(not s for s in self.stop_list):
+            raise ValueError("stop takes at most 8 non-empty strings")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class GenerateUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    adapter: str | None
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: GenerateUsage
+
+
+class AdapterOut(BaseModel):
+    name: str
+    task: Literal["classify", "generate"]
+    kind: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    labels: list[str] | None
+    num_params: int
+    size_bytes: int
+    sha256: str
+    version: int
+    created_at: float
+    tier: str
+    last_used: float | None
+    request_count: int
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterOut]

@@ -1,0 +1,67 @@
+"""All service settings in one place (environment prefix ``ADAPTERSERVE_``, same names as CLI options)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration. Every field can be set as ``ADAPTERSERVE_<NAME>`` or ``--<name>``."""
+
+    model_config = SettingsConfigDict(env_prefix="ADAPTERSERVE_", extra="ignore")
+
+    # --- base model -------------------------------------------------------------------------
+    base_model: str = Field(
+        "", description="HF model folder or .gguf file; empty = the embedded SmolLM2-135M-Instruct"
+    )
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "adapterserve",
+        description="where GGUF base models are converted to safetensors once",
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on CUDA, float32 on CPU"
+    )
+
+    # --- adapter store and cache ------------------------------------------------------------
+    store: Path = Field(Path("adapters_store"), description="adapter store folder")
+    preload: str = Field("", description="comma-separated adapter names loaded at start")
+    max_device_adapters: int = Field(32, ge=1, description="adapter slots resident on the device")
+    max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank accepted")
+
+    # --- server -----------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int = Field(8000, ge=1, le=65535, description="listen port")
+    log_level: str = Field("info", description="log level")
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token of the admin routes; unset = admin routes off"
+    )
+
+    # --- batching and backpressure ----------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, description="rows per forward pass")
+    max_batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
+    max_queue: int = Field(256, ge=1, description="queued requests before 503")
+    request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline (504)")
+
+    # --- request and upload limits ----------------------------------------------------------
+    max_new_tokens: int = Field(512, ge=1, description="cap on max_new_tokens per request")
+    max_input_tokens: int = Field(2048, ge=8, description="longer inputs are rejected (422)")
+    max_inputs_per_request: int = Field(64, ge=1, description="texts per /classify call")
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="largest admin upload")
+    max_archive_members: int = Field(16, ge=1, description="files in one uploaded archive")
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Settings:
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.dtype == "float16" and self.device == "cpu":
+            raise ValueError("dtype float16 is not supported on the CPU; use float32 or bfloat16")
+        return self
+
+    @property
+    def preload_names(self) -> list[str]:
+        return [n.strip() for n in self.preload.split(",") if n.strip()]

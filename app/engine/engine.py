@@ -1,0 +1,270 @@
+"""The engine loop: one thread owns the model; the API side awaits futures.
+
+Each iteration applies pending commands (adapter unloads), then runs one classification batch
+and one generation step. Adapter slots are only changed here, between forwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from app.adapters.registry import AdapterInfo
+from app.config import Settings
+from app.engine.runner import GenerationBatch, Runner
+from app.engine.slots import DeviceSlots
+from app.engine.types import ClassifyWork, Command, GenerateWork, GenerationResult, SamplingParams, Work
+from app.errors import DeadlineExceeded, EngineFailure, NotReady, QueueFull
+from app.metrics import Metrics
+from app.models.base import BaseModel
+from app.models.lora import BASE_SLOT, RoutingContext, wrap_linear_layers
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_IDLE_WAIT_S = 0.05
+
+
+class Engine:
+    """Accepts classification/generation work from any thread and runs it batched on its own thread."""
+
+    def __init__(self, base: BaseModel, settings: Settings, metrics: Metrics) -> None:
+        self.base = base
+        self.settings = settings
+        self.metrics = metrics
+        self.ctx = RoutingContext()
+        self.layers = wrap_linear_layers(base.model, self.ctx)
+        self.slots = DeviceSlots(self.layers, settings.max_device_adapters, base.device, base.dtype)
+        self.runner = Runner(base, self.ctx)
+        self._inbox: queue.Queue[Work] = queue.Queue()
+        self._classify: deque[ClassifyWork] = deque()
+        self._generate: deque[GenerateWork] = deque()
+        self._gen_batch: GenerationBatch | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.failed: BaseException | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="adapterserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.failed is None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._inbox.qsize() + len(self._classify) + len(self._generate)
+
+    # --- API side ---------------------------------------------------------------------------
+    def _submit(self, work: Work) -> None:
+        if not self.running:
+            raise NotReady("the engine is not running")
+        if not isinstance(work, Command) and self.queue_depth >= self.settings.max_queue:
+            raise QueueFull(f"the request queue is full ({self.settings.max_queue}); retry shortly")
+        self._inbox.put(work)
+        self.metrics.queue_depth.set(self.queue_depth)
+
+    async def _await(self, work: ClassifyWork | GenerateWork, fut: Future[T]) -> T:
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), self.settings.request_timeout_s)
+        except TimeoutError as exc:
+            work.cancelled = True
+            raise DeadlineExceeded(
+                f"request did not finish within {self.settings.request_timeout_s:g} s"
+            ) from exc
+        except asyncio.CancelledError:
+            work.cancelled = True
+            raise
+
+    async def classify(self, adapter: AdapterInfo, inputs: list[list[int]]) -> list[list[float]]:
+        work = ClassifyWork(adapter=adapter, inputs=inputs)
+        self._submit(work)
+        return await self._await(work, work.future)
+
+    async def generate(
+        self, adapter: AdapterInfo | None, prompt: list[int], params: SamplingParams
+    ) -> GenerationResult:
+        work = GenerateWork(adapter=adapter, prompt=prompt, params=params)
+        self._submit(work)
+        return await self._await(work, work.future)
+
+    async def command(self, action: str, arg: Any = None) -> None:
+        cmd = Command(action=action, arg=arg)
+        self._submit(cmd)
+        await asyncio.wrap_future(cmd.future)
+
+    def retire(self, info: AdapterInfo) -> None:
+        """Free the slot of an adapter version that was replaced or deleted (thread-safe)."""
+        if self.running:
+            self._inbox.put(Command(action="unload", arg=info.uid))
+
+    # --- engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set() or self._busy():
+                self._drain_inbox(block=not self._busy())
+                self._run_classify_batch()
+                self._run_generation_step()
+                self.metrics.queue_depth.set(self.queue_depth)
+        except BaseException as exc:  # an unrecoverable engine error: fail everything, stop
+            log.exception("engine loop failed")
+            self.failed = exc
+            self._fail_all(EngineFailure("the inference engine failed; see the server log"))
+
+    def _busy(self) -> bool:
+        return bool(self._classify or self._generate or self._gen_batch or not self._inbox.empty())
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000.0
+        while True:
+            self._accept(item)
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if len(self._classify) + len(self._generate) >= self.settings.max_batch_size:
+                self._accept(item)
+                return
+
+    def _accept(self, item: Work) -> None:
+        if isinstance(item, ClassifyWork):
+            self._classify.append(item)
+        elif isinstance(item, GenerateWork):
+            self._generate.append(item)
+        else:
+            self._apply(item)
+
+    def _busy_uids(self) -> set[int]:
+        """Adapter versions that queued or running work still needs in their slots."""
+        busy = {w.adapter.uid for w in self._classify} | {w.adapter.uid for w in self._generate if w.adapter}
+        if self._gen_batch is not None:
+            busy |= {row.work.adapter.uid for row in self._gen_batch.rows if row.work.adapter}
+        return busy
+
+    def _apply(self, cmd: Command) -> None:
+        try:
+            if cmd.action == "load":
+                self.slots.acquire(cmd.arg, keep=self._busy_uids())
+            elif cmd.action == "unload":
+                if cmd.arg not in self._busy_uids():  # else LRU evicts it once its requests are done
+                    self.slots.unload(cmd.arg)
+            else:
+                raise ValueError(f"unknown engine command {cmd.action!r}")
+            cmd.future.set_result(None)
+        except Exception as exc:
+            cmd.future.set_exception(exc)
+
+    def _run_classify_batch(self) -> None:
+        works: list[ClassifyWork] = []
+        rows = 0
+        keep: set[int] = set()
+        if self._gen_batch is not None:
+            keep = {row.work.adapter.uid for row in self._gen_batch.rows if row.work.adapter}
+        while self._classify:
+            work = self._classify[0]
+            if work.cancelled:
+                self._classify.popleft()
+                continue
+            new = work.adapter.uid not in keep
+            if (works and rows + len(work.inputs) > self.settings.max_batch_size) or (
+                new and len(keep) >= self.slots.capacity
+            ):
+                break  # the rest waits for the next batch (or for running generations to free slots)
+            self._classify.popleft()
+            works.append(work)
+            rows += len(work.inputs)
+            keep.add(work.adapter.uid)
+        if not works:
+            return
+        try:
+            slots = {w.adapter.uid: self.slots.acquire(w.adapter, keep) for w in works}
+            batch = [(slots[w.adapter.uid], ids) for w in works for ids in w.inputs]
+            self.metrics.batch_size.labels(task="classify").observe(len(batch))
+            probs = self.runner.classify(batch, self.slots.heads)
+        except Exception as exc:
+            log.exception("classification batch failed")
+            for w in works:
+                w.future.set_exception(EngineFailure("the classification batch failed; see the server log"))
+            del exc
+            return
+        start = 0
+        for w in works:
+            w.future.set_result(probs[start : start + len(w.inputs)])
+            start += len(w.inputs)
+
+    def _run_generation_step(self) -> None:
+        if self._gen_batch is None or not self._gen_batch.rows:
+            self._gen_batch = self._new_generation_batch()
+            if self._gen_batch is None:
+                return
+        batch = self._gen_batch
+        try:
+            finished = batch.step(self._decode)
+        except Exception:
+            log.exception("generation step failed")
+            for row in batch.rows:
+                row.work.future.set_exception(
+                    EngineFailure("the generation batch failed; see the server log")
+                )
+            self._gen_batch = None
+            return
+        for work, result in finished:
+            work.future.set_result(result)
+            self.metrics.generated_tokens.labels(adapter=self.metrics.adapter_label(work.adapter)).inc(
+                len(result.token_ids)
+            )
+        if not batch.rows:
+            self._gen_batch = None
+
+    def _new_generation_batch(self) -> GenerationBatch | None:
+        works: list[GenerateWork] = []
+        keep: set[int] = set()
+        while self._generate and len(works) < self.settings.max_batch_size:
+            work = self._generate[0]
+            if work.cancelled:
+                self._generate.popleft()
+                continue
+            uid = work.adapter.uid if work.adapter else None
+            if uid is not None and uid not in keep and len(keep) >= self.slots.capacity:
+                break
+            self._generate.popleft()
+            works.append(work)
+            if uid is not None:
+                keep.add(uid)
+        if not works:
+            return None
+        pairs = [(w, self.slots.acquire(w.adapter, keep) if w.adapter else BASE_SLOT) for w in works]
+        self.metrics.batch_size.labels(task="generate").observe(len(pairs))
+        return GenerationBatch(self.runner, pairs)
+
+    def _decode(self, tokens: list[int]) -> str:
+        return str(self.base.tokenizer.decode(tokens, skip_special_tokens=True))
+
+    def _fail_all(self, exc: Exception) -> None:
+        pending: list[ClassifyWork | GenerateWork] = [*self._classify, *self._generate]
+        if self._gen_batch is not None:
+            pending += [row.work for row in self._gen_batch.rows]
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if not isinstance(item, Command):
+                pending.append(item)
+        for w in pending:
+            if not w.future.done():
+                w.future.set_exception(exc)

@@ -1,0 +1,58 @@
+"""Work items passed from the API side to the engine thread, and their results."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from app.adapters.registry import AdapterInfo
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class ClassifyWork:
+    adapter: AdapterInfo
+    inputs: list[list[int]]  # token ids per input text
+    future: Future[list[list[float]]] = field(default_factory=Future)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+
+
+@dataclass
+class GenerateWork:
+    adapter: AdapterInfo | None  # None = the bare base model
+    prompt: list[int]
+    params: SamplingParams
+    future: Future[GenerationResult] = field(default_factory=Future)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+@dataclass
+class Command:
+    """A change to engine state (unload an adapter...) applied between forwards."""
+
+    action: str
+    arg: Any = None
+    future: Future[None] = field(default_factory=Future)
+
+
+Work = ClassifyWork | GenerateWork | Command

@@ -1,0 +1,103 @@
+"""Application factory: the lifespan loads the base model, scans the store and starts the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from starlette.routing import Match
+
+from app import __version__
+from app.adapters.archive import ArchiveLimits
+from app.adapters.registry import AdapterRegistry
+from app.adapters.store import FilesystemStore
+from app.api import adapters, admin, health, inference
+from app.config import Settings
+from app.engine.engine import Engine
+from app.errors import register_error_handlers
+from app.metrics import Metrics
+from app.models.base import BaseModel, load_base_model
+from app.service import InferenceService
+
+log = logging.getLogger(__name__)
+_UNMEASURED = {"/metrics"}
+
+
+def _route_path(request: Request) -> str:
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.FULL:
+            return str(getattr(route, "path", request.url.path))
+    return "unmatched"
+
+
+def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
+    @app.middleware("http")
+    async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        endpoint = _route_path(request)
+        if endpoint in _UNMEASURED:
+            return await call_next(request)
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            adapter = getattr(request.state, "adapter", None)
+            registry: AdapterRegistry | None = getattr(request.app.state, "registry", None)
+            known = (
+                adapter is not None and registry is not None and adapter in {i.name for i in registry.list()}
+            )
+            label = metrics.adapter_label(adapter) if (known or adapter is None) else "unknown"
+            metrics.requests.labels(endpoint=endpoint, adapter=label, status=str(status)).inc()
+            metrics.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+
+
+def create_app(settings: Settings | None = None, base: BaseModel | None = None) -> FastAPI:
+    """Build the app. ``base`` lets a caller reuse an already loaded base model (tests, benchmarks)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model = base
+        if model is None:
+            model = await asyncio.to_thread(
+                load_base_model, settings.base_model, settings.cache_dir, settings.device, settings.dtype
+            )
+        store = FilesystemStore(settings.store)
+        limits = ArchiveLimits(
+            max_members=settings.max_archive_members, max_total_bytes=2 * settings.max_upload_bytes
+        )
+        registry = AdapterRegistry(store, model.spec, settings.max_lora_rank, limits)
+        await asyncio.to_thread(registry.scan)
+        engine = Engine(model, settings, metrics)
+        registry.on_retire = engine.retire
+        engine.start()
+        for name in settings.preload_names:
+            await engine.command("load", registry.get(name))
+        app.state.model_id = model.spec.model_id
+        app.state.registry = registry
+        app.state.engine = engine
+        app.state.service = InferenceService(settings, registry, engine, model.tokenizer)
+        log.info("adapterserve ready: %d adapters in %s", len(registry.list()), settings.store)
+        try:
+            yield
+        finally:
+            app.state.service = None
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="adapterserve", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.engine = app.state.registry = app.state.service = None
+    register_error_handlers(app)
+    _install_request_metrics(app, metrics)
+    for module in (inference, adapters, admin, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,57 @@
+"""One Prometheus registry per service instance and every metric the service exports."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from app.adapters.registry import AdapterInfo
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BASE_LABEL = "base"
+OTHER_LABEL = "other"
+
+
+class Metrics:
+    """Metric objects with the ``adapterserve_`` prefix, registered in a private registry."""
+
+    def __init__(self, max_adapter_labels: int = 100) -> None:
+        self.registry = CollectorRegistry()
+        self.max_adapter_labels = max_adapter_labels
+        self._adapter_labels: set[str] = set()
+        r = self.registry
+        self.requests = Counter(
+            "adapterserve_requests_total", "HTTP requests", ["endpoint", "adapter", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "adapterserve_request_duration_seconds",
+            "HTTP request latency",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("adapterserve_queue_depth", "requests waiting for the engine", registry=r)
+        self.batch_size = Histogram(
+            "adapterserve_batch_size", "rows per forward batch", ["task"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.generated_tokens = Counter(
+            "adapterserve_generated_tokens_total", "tokens generated", ["adapter"], registry=r
+        )
+
+    def adapter_label(self, adapter: AdapterInfo | str | None) -> str:
+        """A bounded ``adapter`` label: the first N names seen keep their own series, the rest 'other'."""
+        if adapter is None:
+            return BASE_LABEL
+        name = adapter if isinstance(adapter, str) else adapter.name
+        if name in self._adapter_labels:
+            return name
+        if len(self._adapter_labels) < self.max_adapter_labels:
+            self._adapter_labels.add(name)
+            return name
+        return OTHER_LABEL
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Base model loading, multi-adapter layers and classification heads."""

@@ -1,0 +1,141 @@
+"""Multi-adapter LoRA layers: each row of a batch gets the delta of its own adapter slot.
+
+Every targeted ``nn.Linear`` of the base is wrapped once by :class:`MultiLoraLinear`. The adapter
+weights of all resident adapters live in per-layer stacked banks (BGMV style):
+
+    lora_A: [slots, r_max, in]    lora_B: [slots, out, r_max]   (scaling folded into lora_B)
+
+Slot 0 is the bare base (all zeros). Smaller ranks are zero-padded, which adds exact zeros. The
+per-batch routing (slot of each row) is set once per forward on a shared :class:`Routing` object,
+so no layer needs a host sync to find its rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+BASE_SLOT = 0
+
+
+@dataclass
+class Routing:
+    """Slots of the rows of the batch now running (set by the engine before each forward)."""
+
+    slots: list[int]  # [batch] adapter slot per row, 0 = base
+    index: torch.Tensor | None = None  # [batch] the same slots as a device tensor (mixed batches)
+    single: int | None = None  # the one slot every row shares, if any
+    max_slot: int = 0
+
+    @classmethod
+    def build(cls, slots: list[int], device: torch.device) -> Routing:
+        distinct = set(slots)
+        if len(distinct) == 1:
+            return cls(slots=slots, single=slots[0])
+        index = torch.tensor(slots, dtype=torch.long, device=device)
+        return cls(slots=slots, index=index, max_slot=max(slots))
+
+
+class RoutingContext:
+    """Shared by all wrapped layers of one model; holds the routing of the running forward."""
+
+    def __init__(self) -> None:
+        self.routing: Routing | None = None
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus per-row LoRA deltas gathered from stacked slot banks."""
+
+    def __init__(self, base: nn.Linear, ctx: RoutingContext) -> None:
+        super().__init__()
+        self.base = base
+        self.ctx = ctx
+        self.lora_A: torch.Tensor | None = None  # [slots, r, in]
+        self.lora_B: torch.Tensor | None = None  # [slots, out, r]
+        self.active: set[int] = set()  # slots with non-zero weights in this layer
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        routing = self.ctx.routing
+        if routing is None or not self.active or self.lora_A is None or self.lora_B is None:
+            return out
+        if routing.single is not None:
+            if routing.single not in self.active:
+                return out
+            a, b = self.lora_A[routing.single], self.lora_B[routing.single]
+            return out + nn.functional.linear(nn.functional.linear(x, a), b)
+        assert routing.index is not None
+        if self.active.isdisjoint(routing.slots):
+            return out
+        rows = x.shape[0]
+        x3 = x.reshape(rows, -1, x.shape[-1])  # [batch, tokens, in]
+        index = routing.index
+        if routing.max_slot >= self.lora_A.shape[0]:  # slots beyond this bank have no weights here
+            index = torch.where(index < self.lora_A.shape[0], index, 0)
+        a = self.lora_A.index_select(0, index)  # [batch, r, in]
+        b = self.lora_B.index_select(0, index)  # [batch, out, r]
+        delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))  # [batch, tokens, out]
+        return out + delta.reshape(out.shape)
+
+    # --- bank management (engine thread only, between forwards) -------------------------------
+    def _ensure_capacity(self, slots: int, rank: int, max_slots: int) -> None:
+        w = self.base.weight
+        cur_slots = 0 if self.lora_A is None else self.lora_A.shape[0]
+        cur_rank = 0 if self.lora_A is None else self.lora_A.shape[1]
+        if cur_slots >= slots and cur_rank >= rank:
+            return
+        # grow the slot dimension geometrically so that banks stay proportional to use
+        new_slots = min(max_slots, max(slots, 2 * cur_slots)) if cur_slots < slots else cur_slots
+        new_rank = max(cur_rank, rank)
+        a = torch.zeros(new_slots, new_rank, self.in_features, dtype=w.dtype, device=w.device)
+        b = torch.zeros(new_slots, self.out_features, new_rank, dtype=w.dtype, device=w.device)
+        if self.lora_A is not None and self.lora_B is not None:
+            a[:cur_slots, :cur_rank] = self.lora_A
+            b[:cur_slots, :, :cur_rank] = self.lora_B
+        self.lora_A, self.lora_B = a, b
+
+    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, max_slots: int) -> None:
+        """Write one adapter's weights (``a`` [r, in], ``b`` [out, r] already scaled) into a slot."""
+        rank = a.shape[0]
+        self._ensure_capacity(slot + 1, rank, max_slots)
+        assert self.lora_A is not None and self.lora_B is not None
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.lora_A[slot, :rank] = a.to(self.lora_A.dtype)
+        self.lora_B[slot, :, :rank] = b.to(self.lora_B.dtype)
+        self.active.add(slot)
+
+    def clear_slot(self, slot: int) -> None:
+        if slot in self.active and self.lora_A is not None and self.lora_B is not None:
+            self.lora_A[slot].zero_()
+            self.lora_B[slot].zero_()
+            self.active.discard(slot)
+        if not self.active:
+            self.lora_A = self.lora_B = None  # free the bank when no adapter uses this layer
+
+
+def wrap_linear_layers(model: nn.Module, ctx: RoutingContext) -> dict[str, MultiLoraLinear]:
+    """Replace every ``nn.Linear`` of ``model`` by a :class:`MultiLoraLinear`."""
+    targets = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and name and not name.endswith(".base")
+    ]
+    wrapped: dict[str, MultiLoraLinear] = {}
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = MultiLoraLinear(mod, ctx)
+        setattr(parent, child, layer)
+        wrapped[name] = layer
+    return wrapped

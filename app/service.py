@@ -1,0 +1,119 @@
+"""Serving logic between the routes and the engine: tokenization, limits, result shaping."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from app.adapters.registry import AdapterInfo, AdapterRegistry
+from app.api.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyResult,
+    ClassifyUsage,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateUsage,
+)
+from app.config import Settings
+from app.engine.engine import Engine
+from app.engine.types import SamplingParams
+from app.errors import InvalidRequest
+
+
+class InferenceService:
+    """Owns request semantics; the engine only sees token ids and sampling parameters."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: AdapterRegistry,
+        engine: Engine,
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.engine = engine
+        self.tokenizer = tokenizer
+
+    def _encode(self, text: str, param: str) -> list[int]:
+        ids: list[int] = self.tokenizer(text)["input_ids"]
+        if not ids:
+            raise InvalidRequest(f"{param} encodes to no tokens", param=param)
+        if len(ids) > self.settings.max_input_tokens:
+            raise InvalidRequest(
+                f"{param} has {len(ids)} tokens; the limit is {self.settings.max_input_tokens}", param=param
+            )
+        return ids
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+    async def classify(self, req: ClassifyRequest) -> ClassifyResponse:
+        info = self.registry.for_task(req.adapter, "classify")
+        texts = req.texts
+        if len(texts) > self.settings.max_inputs_per_request:
+            raise InvalidRequest(
+                f"{len(texts)} inputs; at most {self.settings.max_inputs_per_request} per request",
+                param="inputs",
+            )
+        ids = await asyncio.to_thread(lambda: [self._encode(t, "inputs") for t in texts])
+        self.registry.touch(info)
+        probs = await self.engine.classify(info, ids)
+        labels = info.adapter.labels
+        results = []
+        for row in probs:
+            ranked = sorted(zip(labels, row, strict=True), key=lambda x: x[1], reverse=True)
+            if req.top_k is not None:
+                ranked = ranked[: req.top_k]
+            results.append(ClassifyResult(label=ranked[0][0], score=ranked[0][1], scores=dict(ranked)))
+        return ClassifyResponse(
+            adapter=info.name, results=results, usage=ClassifyUsage(input_tokens=sum(len(i) for i in ids))
+        )
+
+    def resolve_generation_adapter(self, name: str | None) -> AdapterInfo | None:
+        return None if name is None else self.registry.for_task(name, "generate")
+
+    async def generate(self, req: GenerateRequest) -> GenerateResponse:
+        if req.stream:
+            raise InvalidRequest("streaming is not available on this server version", param="stream")
+        if req.max_new_tokens > self.settings.max_new_tokens:
+            raise InvalidRequest(
+                f"max_new_tokens {req.max_new_tokens} exceeds the limit {self.settings.max_new_tokens}",
+                param="max_new_tokens",
+            )
+        info = self.resolve_generation_adapter(req.adapter)
+        if req.messages is not None:
+            messages = [m.model_dump() for m in req.messages]
+            prompt_ids = await asyncio.to_thread(lambda: self._encode_chat(messages))
+        else:
+            prompt_text = req.prompt or ""
+            prompt_ids = await asyncio.to_thread(self._encode, prompt_text, "prompt")
+        params = SamplingParams(
+            max_new_tokens=req.max_new_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=tuple(req.stop_list),
+        )
+        if info is not None:
+            self.registry.touch(info)
+        result = await self.engine.generate(info, prompt_ids, params)
+        return GenerateResponse(
+            adapter=req.adapter,
+            text=result.text,
+            finish_reason=result.finish_reason,
+            usage=GenerateUsage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids)),
+        )
+
+    def _encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = self.chat_prompt(messages)
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.settings.max_input_tokens:
+            raise InvalidRequest(
+                f"messages have {len(ids)} tokens; the limit is {self.settings.max_input_tokens}",
+                param="messages",
+            )
+        return ids
