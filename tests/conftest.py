@@ -1,0 +1,101 @@
+"""Session fixtures: the real base model (loaded once), the app on a temporary store, PEFT adapters."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
+from app.models.base import BaseModel, load_base_model, resolve_model_path
+from tests.helpers.peft_ref import RefAdapter, make_adapter
+
+ADMIN_TOKEN = "test-admin-token"
+CACHE_DIR = Settings().cache_dir
+
+
+@pytest.fixture(scope="session")
+def base_path() -> Path:
+    path, _ = resolve_model_path("", CACHE_DIR)
+    return path
+
+
+@pytest.fixture(scope="session")
+def base_model(base_path: Path) -> BaseModel:
+    return load_base_model(str(base_path), CACHE_DIR, "cpu", "float32")
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("peft-adapters")
+
+
+@pytest.fixture(scope="session")
+def ref_adapters(base_path: Path, adapters_dir: Path) -> dict[str, RefAdapter]:
+    """Real PEFT adapters with random non-zero weights and PeftModel's outputs on them."""
+    specs = [
+        dict(name="gen-qv-r8", task="generate", seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        dict(name="gen-all-rslora", task="generate", seed=2, r=16, lora_alpha=8, use_rslora=True,
+             target_modules="all-linear"),
+        dict(name="gen-pattern", task="generate", seed=3, r=8, lora_alpha=8,
+             target_modules=["q_proj", "v_proj", "down_proj"],
+             rank_pattern={"q_proj": 4, "layers.3.mlp.down_proj": 12}, alpha_pattern={"v_proj": 32}),
+        dict(name="cls-4", task="classify", seed=4, labels=["business", "sport", "tech", "politics"], r=8,
+             lora_alpha=16, target_modules="all-linear"),
+        dict(name="cls-pattern", task="classify", seed=5, num_labels=3, r=8, lora_alpha=8,
+             target_modules=["q_proj", "k_proj", "o_proj"], rank_pattern={"k_proj": 2}),
+    ]
+    return {s["name"]: make_adapter(base_path, adapters_dir, **s) for s in specs}  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="session")
+def client(base_model: BaseModel, store_dir: Path) -> Iterator[TestClient]:
+    settings = Settings(
+        store=store_dir,
+        admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
+        max_device_adapters=4,
+        max_upload_bytes=64 * 1024 * 1024,
+        max_new_tokens=64,
+        device="cpu",
+        dtype="float32",
+    )
+    with TestClient(create_app(settings, base=base_model)) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def uploaded(client: TestClient, ref_adapters: dict[str, RefAdapter]) -> dict[str, RefAdapter]:
+    """All reference adapters uploaded once through the admin endpoint."""
+    from tests.helpers.peft_ref import zip_folder
+
+    for name, ref in ref_adapters.items():
+        resp = client.post(
+            "/admin/adapters",
+            headers=admin_headers(),
+            data={"name": name},
+            files={"file": (f"{name}.zip", zip_folder(ref.folder), "application/zip")},
+        )
+        assert resp.status_code == 201, resp.text
+    return ref_adapters
+
+
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with its sha256 (to assert a store is unchanged)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

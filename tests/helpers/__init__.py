@@ -1,0 +1,1 @@
+"""Shared test helpers: PEFT reference adapters, archives, store snapshots."""

@@ -1,0 +1,94 @@
+"""Make real PEFT adapters with random non-zero weights and record PeftModel's outputs as the oracle."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+CLASSIFY_TEXTS = [
+    "The central bank raised interest rates again to fight inflation.",
+    "The striker scored twice in the second half.",
+    "A new smartphone with a faster chip goes on sale next week.",
+]
+GENERATE_PROMPTS = ["The capital of France is", "Customer: my printer does not work.\nAgent:"]
+GEN_TOKENS = 10
+
+
+@dataclass
+class RefAdapter:
+    name: str
+    folder: Path
+    task: str
+    labels: list[str] = field(default_factory=list)
+    probs: list[list[float]] = field(default_factory=list)  # classify: softmax per text
+    texts: dict[str, str] = field(default_factory=dict)  # generate: prompt -> greedy continuation
+    last_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # prompt -> [vocab]
+
+
+def make_adapter(
+    base_path: Path, out_dir: Path, name: str, task: str, seed: int, labels: list[str] | None = None,
+    **lora: Any,
+) -> RefAdapter:
+    """Create a PEFT adapter with random weights, save it, and compute PeftModel's reference outputs."""
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(base_path)
+    folder = out_dir / name
+    if task == "classify":
+        num_labels = len(labels) if labels else lora.pop("num_labels")
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=num_labels)
+        model.config.pad_token_id = tok.pad_token_id
+        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, init_lora_weights=False, **lora)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_path)
+        cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, init_lora_weights=False, **lora)
+    peft_model = get_peft_model(model, cfg)
+    if task == "classify":  # a visible head: random, not the near-zero default
+        head = peft_model.base_model.model.score.modules_to_save["default"]
+        torch.nn.init.normal_(head.weight, std=0.03)
+    peft_model.eval()
+    peft_model.save_pretrained(folder)
+    ref = RefAdapter(name=name, folder=folder, task=task)
+    with torch.inference_mode():
+        if task == "classify":
+            ref.labels = labels or [f"LABEL_{i}" for i in range(num_labels)]
+            if labels:
+                (folder / "labels.json").write_text(json.dumps(labels))
+            for text in CLASSIFY_TEXTS:
+                enc = tok(text, return_tensors="pt")
+                logits = peft_model(**enc).logits[0]
+                ref.probs.append(torch.softmax(logits, -1).tolist())
+        else:
+            for prompt in GENERATE_PROMPTS:
+                enc = tok(prompt, return_tensors="pt")
+                ref.last_logits[prompt] = peft_model(**enc).logits[0, -1].clone()
+                out = peft_model.generate(**enc, max_new_tokens=GEN_TOKENS, do_sample=False)
+                ref.texts[prompt] = tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    del peft_model, model
+    return ref
+
+
+def zip_folder(folder: Path, extra: dict[str, bytes] | None = None, prefix: str = "") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted(folder.iterdir()):
+            zf.write(f, prefix + f.name)
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def tar_folder(folder: Path, prefix: str = "") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for f in sorted(folder.iterdir()):
+            tf.add(f, arcname=prefix + f.name)
+    return buf.getvalue()
