@@ -23,6 +23,9 @@ from app.engine.types import SamplingParams
 from app.errors import InvalidRequest
 
 
+DEFAULT_NEW_TOKENS = 128
+
+
 class InferenceService:
     """Owns request semantics; the engine only sees token ids and sampling parameters."""
 
@@ -79,12 +82,13 @@ class InferenceService:
     async def generate(self, req: GenerateRequest) -> GenerateResponse:
         if req.stream:
             raise InvalidRequest("streaming is not available on this server version", param="stream")
-        if req.max_new_tokens > self.settings.max_new_tokens:
-            raise InvalidRequest(
-                f"max_new_tokens {req.max_new_tokens} exceeds the limit {self.settings.max_new_tokens}",
-                param="max_new_tokens",
-            )
         info = self.resolve_generation_adapter(req.adapter)
+        cap = self.settings.max_new_tokens
+        max_new_tokens = req.max_new_tokens or min(DEFAULT_NEW_TOKENS, cap)
+        if max_new_tokens > cap:
+            raise InvalidRequest(
+                f"max_new_tokens {max_new_tokens} exceeds the limit {cap}", param="max_new_tokens"
+            )
         if req.messages is not None:
             messages = [m.model_dump() for m in req.messages]
             prompt_ids = await asyncio.to_thread(lambda: self._encode_chat(messages))
@@ -92,7 +96,7 @@ class InferenceService:
             prompt_text = req.prompt or ""
             prompt_ids = await asyncio.to_thread(self._encode, prompt_text, "prompt")
         params = SamplingParams(
-            max_new_tokens=req.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
             seed=req.seed,

@@ -56,7 +56,9 @@ class GenerateRequest(_Strict):
     adapter: str | None = Field(None, description="generation adapter; null = the bare base model")
     prompt: str | None = Field(None, description="raw prompt (no chat template)")
     messages: list[Message] | None = Field(None, description="chat messages; the chat template is applied")
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="tokens to generate at most; default min(128, the server's cap)"
+    )
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)

@@ -107,7 +107,7 @@ class GenerationBatch:
                 input_ids=self._pending_ids,
                 attention_mask=self.mask,
                 position_ids=self.positions,
-                past_key_values=self.cache,
+                cache=self.cache,
                 use_cache=True,
                 logits_to_keep=1,
             )

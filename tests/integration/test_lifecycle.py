@@ -1,0 +1,88 @@
+"""Upload formats, versions, delete, listing, health and metrics through the HTTP API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
+from tests.conftest import admin_headers, snapshot
+from tests.helpers.peft_ref import CLASSIFY_TEXTS, RefAdapter, tar_folder, zip_folder
+
+
+def _post(client: TestClient, name: str, data: bytes, filename: str) -> dict:  # type: ignore[type-arg]
+    resp = client.post(
+        "/admin/adapters", headers=admin_headers(), data={"name": name},
+        files={"file": (filename, data, "application/octet-stream")},
+    )
+    assert resp.status_code == 201, resp.text
+    return resp.json()  # type: ignore[no-any-return]
+
+
+def test_upload_tar_gz_with_top_folder_versions_and_delete(
+    client: TestClient, uploaded: dict[str, RefAdapter], store_dir: Path
+) -> None:
+    ref = uploaded["cls-4"]
+    first = _post(client, "cls-copy", tar_folder(ref.folder, prefix="my-adapter/"), "a.tar.gz")
+    assert first["version"] == 1 and first["task"] == "classify" and first["rank"] == 8
+    assert first["labels"] == ref.labels and len(first["sha256"]) == 64 and first["size_bytes"] > 0
+    # a new version of the same name, from a zip with the same folder layout
+    second = _post(client, "cls-copy", zip_folder(ref.folder, prefix="x/"), "a.zip")
+    assert second["version"] == 2
+    assert client.get("/v1/adapters/cls-copy").json()["version"] == 2
+    resp = client.post("/classify", json={"adapter": "cls-copy", "inputs": CLASSIFY_TEXTS[:1]})
+    scores = resp.json()["results"][0]["scores"]
+    assert abs(scores[ref.labels[0]] - ref.probs[0][0]) <= 1e-4
+    listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
+    assert {"cls-copy", *uploaded} <= set(listed)
+    assert listed["cls-copy"]["request_count"] >= 1 and listed["cls-copy"]["last_used"] is not None
+    assert listed["cls-copy"]["tier"] == "device"
+    before = {k: v for k, v in snapshot(store_dir).items() if not k.startswith("cls-copy/")}
+    resp = client.delete("/admin/adapters/cls-copy", headers=admin_headers())
+    assert resp.status_code == 204
+    assert client.get("/v1/adapters/cls-copy").status_code == 404
+    assert client.post("/classify", json={"adapter": "cls-copy", "inputs": ["x"]}).status_code == 404
+    assert not (store_dir / "cls-copy").exists()
+    assert snapshot(store_dir) == before
+    assert not [p for p in store_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_store_survives_restart(base_path: Path, uploaded: dict[str, RefAdapter], store_dir: Path,
+                                client: TestClient) -> None:
+    """Adapters written by uploads are plain PEFT folders that a new registry reads back."""
+    from app.adapters.archive import ArchiveLimits
+    from app.adapters.registry import AdapterRegistry
+    from app.adapters.store import FilesystemStore
+
+    spec = client.app.state.registry.spec  # type: ignore[attr-defined]
+    registry = AdapterRegistry(FilesystemStore(store_dir), spec, 64, ArchiveLimits(16, 1 << 30))
+    registry.scan()
+    assert set(uploaded) <= {i.name for i in registry.list()}
+    assert registry.get("cls-4").adapter.labels == uploaded["cls-4"].labels
+
+
+def test_health_ready_and_metrics(client: TestClient, uploaded: dict[str, RefAdapter]) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    client.post("/classify", json={"adapter": "cls-4", "inputs": ["hello"]})
+    client.post("/classify", json={"adapter": "does-not-exist", "inputs": ["hello"]})
+    text = client.get("/metrics").text
+    assert 'adapterserve_requests_total{adapter="cls-4",endpoint="/classify",status="200"}' in text
+    assert 'adapterserve_requests_total{adapter="unknown",endpoint="/classify",status="404"}' in text
+    assert 'adapterserve_request_duration_seconds_count{endpoint="/classify"}' in text
+    assert 'adapterserve_batch_size_count{task="classify"}' in text
+    assert "adapterserve_generated_tokens_total" in text
+    assert 'endpoint="/metrics"' not in text
+
+
+def test_admin_routes_are_off_without_a_token(tmp_path: Path) -> None:
+    app = create_app(Settings(store=tmp_path, admin_token=None))
+    plain = TestClient(app)  # no lifespan: the admin check comes before anything else
+    resp = plain.post("/admin/adapters", headers={"Authorization": "Bearer x"}, data={"name": "a"},
+                      files={"file": ("a.zip", b"PK", "application/zip")})
+    assert resp.status_code == 403 and resp.json()["error"]["type"] == "admin_disabled"
+    resp = plain.delete("/admin/adapters/a")
+    assert resp.status_code == 403 and resp.json()["error"]["type"] == "admin_disabled"

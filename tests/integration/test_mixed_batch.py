@@ -1,0 +1,103 @@
+"""A mixed batch through the multi-adapter layers equals each row run alone (and PEFT's logits)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.adapters.lora import load_lora
+from app.adapters.registry import AdapterInfo
+from app.engine.runner import Runner
+from app.engine.slots import DeviceSlots
+from app.models.base import BaseModel, load_base_model
+from app.models.lora import BASE_SLOT, RoutingContext, wrap_linear_layers
+from tests.conftest import CACHE_DIR
+from tests.helpers.peft_ref import GENERATE_PROMPTS, RefAdapter
+
+
+@pytest.fixture(scope="module")
+def wrapped(base_path: Path) -> tuple[BaseModel, Runner, DeviceSlots]:
+    base = load_base_model(str(base_path), CACHE_DIR, "cpu", "float32")
+    ctx = RoutingContext()
+    layers = wrap_linear_layers(base.model, ctx)
+    return base, Runner(base, ctx), DeviceSlots(layers, 4, base.device, base.dtype)
+
+
+def _info(base: BaseModel, ref: RefAdapter) -> AdapterInfo:
+    return AdapterInfo(name=ref.name, version=1, created_at=0.0, adapter=load_lora(ref.folder, base.spec, 64))
+
+
+def _last_logits(base: BaseModel, runner: Runner, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
+    """Last-token logits [rows, vocab] of right-padded rows run in one forward."""
+    width = max(len(ids) for _, ids in rows)
+    ids = torch.full((len(rows), width), runner.pad_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (_, toks) in enumerate(rows):
+        ids[i, : len(toks)] = torch.tensor(toks)
+        mask[i, : len(toks)] = 1
+    runner.set_routing([slot for slot, _ in rows])
+    try:
+        with torch.inference_mode():
+            logits = base.model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        runner.ctx.routing = None
+    return torch.stack([logits[i, len(toks) - 1] for i, (_, toks) in enumerate(rows)])
+
+
+def test_mixed_generation_batch_equals_rows_alone_and_peft(
+    wrapped: tuple[BaseModel, Runner, DeviceSlots], ref_adapters: dict[str, RefAdapter]
+) -> None:
+    base, runner, slots = wrapped
+    refs = [ref_adapters[n] for n in ("gen-qv-r8", "gen-all-rslora", "gen-pattern")]
+    infos = [_info(base, r) for r in refs]
+    keep = {i.uid for i in infos}
+    slot_ids = [slots.acquire(i, keep) for i in infos]
+    tok = base.tokenizer
+    prompts = [GENERATE_PROMPTS[0], GENERATE_PROMPTS[1], GENERATE_PROMPTS[0], "Hello there, how"]
+    rows = [(s, tok(p)["input_ids"]) for s, p in zip([*slot_ids, BASE_SLOT], prompts, strict=True)]
+    mixed = _last_logits(base, runner, rows)
+    for i, row in enumerate(rows):
+        alone = _last_logits(base, runner, [row])[0]
+        assert (mixed[i] - alone).abs().max().item() <= 1e-4, f"row {i}"
+    for i, ref in enumerate(refs):  # and each adapter row equals PeftModel's logits
+        expected = ref.last_logits[prompts[i]]
+        assert (mixed[i] - expected).abs().max().item() <= 1e-4, ref.name
+    # the base row is untouched by the adapters sharing its batch
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(base.path).eval()
+    with torch.inference_mode():
+        base_logits = plain(input_ids=torch.tensor([rows[3][1]])).logits[0, -1]
+    assert (mixed[3] - base_logits).abs().max().item() <= 1e-4
+
+
+def test_mixed_classification_batch_equals_rows_alone(
+    wrapped: tuple[BaseModel, Runner, DeviceSlots], ref_adapters: dict[str, RefAdapter]
+) -> None:
+    base, runner, slots = wrapped
+    refs = [ref_adapters["cls-4"], ref_adapters["cls-pattern"]]
+    infos = [_info(base, r) for r in refs]
+    keep = {i.uid for i in infos}
+    s1, s2 = (slots.acquire(i, keep) for i in infos)
+    tok = base.tokenizer
+    texts = ["Stocks fell sharply today.", "A thrilling final match!", "New laptop released", "Short"]
+    rows = [(s, tok(t)["input_ids"]) for s, t in zip([s1, s2, s1, s2], texts, strict=True)]
+    mixed = runner.classify(rows, slots.heads)
+    for i, row in enumerate(rows):
+        alone = runner.classify([row], slots.heads)[0]
+        assert max(abs(a - b) for a, b in zip(mixed[i], alone, strict=True)) <= 1e-5
+
+
+def test_unload_frees_the_slot_and_zeroes_banks(
+    wrapped: tuple[BaseModel, Runner, DeviceSlots], ref_adapters: dict[str, RefAdapter]
+) -> None:
+    base, runner, slots = wrapped
+    info = _info(base, ref_adapters["gen-qv-r8"])
+    slot = slots.acquire(info, set())
+    layer = slots.layers["model.layers.0.self_attn.q_proj"]
+    assert slot in layer.active
+    slots.unload(info.uid)
+    assert info.uid not in slots and slot not in layer.active
+    assert info.tier == "host"
