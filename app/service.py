@@ -22,7 +22,6 @@ from app.engine.engine import Engine
 from app.engine.types import SamplingParams
 from app.errors import InvalidRequest
 
-
 DEFAULT_NEW_TOKENS = 128
 
 

@@ -38,16 +38,47 @@ def adapters_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ref_adapters(base_path: Path, adapters_dir: Path) -> dict[str, RefAdapter]:
     """Real PEFT adapters with random non-zero weights and PeftModel's outputs on them."""
     specs = [
-        dict(name="gen-qv-r8", task="generate", seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-        dict(name="gen-all-rslora", task="generate", seed=2, r=16, lora_alpha=8, use_rslora=True,
-             target_modules="all-linear"),
-        dict(name="gen-pattern", task="generate", seed=3, r=8, lora_alpha=8,
-             target_modules=["q_proj", "v_proj", "down_proj"],
-             rank_pattern={"q_proj": 4, "layers.3.mlp.down_proj": 12}, alpha_pattern={"v_proj": 32}),
-        dict(name="cls-4", task="classify", seed=4, labels=["business", "sport", "tech", "politics"], r=8,
-             lora_alpha=16, target_modules="all-linear"),
-        dict(name="cls-pattern", task="classify", seed=5, num_labels=3, r=8, lora_alpha=8,
-             target_modules=["q_proj", "k_proj", "o_proj"], rank_pattern={"k_proj": 2}),
+        dict(
+            name="gen-qv-r8", task="generate", seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]
+        ),
+        dict(
+            name="gen-all-rslora",
+            task="generate",
+            seed=2,
+            r=16,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules="all-linear",
+        ),
+        dict(
+            name="gen-pattern",
+            task="generate",
+            seed=3,
+            r=8,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"q_proj": 4, "layers.3.mlp.down_proj": 12},
+            alpha_pattern={"v_proj": 32},
+        ),
+        dict(
+            name="cls-4",
+            task="classify",
+            seed=4,
+            labels=["business", "sport", "tech", "politics"],
+            r=8,
+            lora_alpha=16,
+            target_modules="all-linear",
+        ),
+        dict(
+            name="cls-pattern",
+            task="classify",
+            seed=5,
+            num_labels=3,
+            r=8,
+            lora_alpha=8,
+            target_modules=["q_proj", "k_proj", "o_proj"],
+            rank_pattern={"k_proj": 2},
+        ),
     ]
     return {s["name"]: make_adapter(base_path, adapters_dir, **s) for s in specs}  # type: ignore[arg-type]
 

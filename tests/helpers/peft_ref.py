@@ -35,7 +35,12 @@ class RefAdapter:
 
 
 def make_adapter(
-    base_path: Path, out_dir: Path, name: str, task: str, seed: int, labels: list[str] | None = None,
+    base_path: Path,
+    out_dir: Path,
+    name: str,
+    task: str,
+    seed: int,
+    labels: list[str] | None = None,
     **lora: Any,
 ) -> RefAdapter:
     """Create a PEFT adapter with random weights, save it, and compute PeftModel's reference outputs."""

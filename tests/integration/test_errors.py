@@ -114,7 +114,11 @@ def store_before(store_dir: Path, uploaded: dict[str, RefAdapter]) -> dict[str, 
 
 @pytest.mark.parametrize("case", sorted(BAD_WEIGHTS))
 def test_bad_weights_are_rejected_and_store_unchanged(
-    client: TestClient, uploaded: dict[str, RefAdapter], store_dir: Path, store_before: dict[str, str], case: str
+    client: TestClient,
+    uploaded: dict[str, RefAdapter],
+    store_dir: Path,
+    store_before: dict[str, str],
+    case: str,
 ) -> None:
     change, message = BAD_WEIGHTS[case]
     folder = uploaded["gen-qv-r8"].folder
@@ -138,8 +142,13 @@ def test_bad_weights_are_rejected_and_store_unchanged(
     ],
 )
 def test_unsupported_configs_name_the_field(
-    client: TestClient, uploaded: dict[str, RefAdapter], store_dir: Path, store_before: dict[str, str],
-    case: str, config: dict[str, Any], param: str | None,
+    client: TestClient,
+    uploaded: dict[str, RefAdapter],
+    store_dir: Path,
+    store_before: dict[str, str],
+    case: str,
+    config: dict[str, Any],
+    param: str | None,
 ) -> None:
     folder = uploaded["gen-qv-r8"].folder
     files = {**_files(folder), "adapter_config.json": _with_config(folder, **config)}
@@ -156,11 +165,19 @@ ARCHIVES: dict[str, tuple[Callable[[Path], bytes], str]] = {
     "path-traversal": (lambda f: _zip({**_files(f), "../evil.json": b"{}"}), ".."),
     "absolute-path": (lambda f: _zip({**_files(f), "/etc/evil.json": b"{}"}), "absolute"),
     "unexpected-file": (lambda f: _zip({**_files(f), "run.sh": b"echo hi"}), "unexpected"),
-    "missing-weights": (lambda f: _zip({"adapter_config.json": (f / "adapter_config.json").read_bytes()}), "missing"),
-    "missing-config": (lambda f: _zip({"adapter_model.safetensors": (f / "adapter_model.safetensors").read_bytes()}),
-                       "missing"),
+    "missing-weights": (
+        lambda f: _zip({"adapter_config.json": (f / "adapter_config.json").read_bytes()}),
+        "missing",
+    ),
+    "missing-config": (
+        lambda f: _zip({"adapter_model.safetensors": (f / "adapter_model.safetensors").read_bytes()}),
+        "missing",
+    ),
     "bad-json": (lambda f: _zip({**_files(f), "adapter_config.json": b"{not json"}), "json"),
-    "garbage-safetensors": (lambda f: _zip({**_files(f), "adapter_model.safetensors": b"\x00" * 64}), "safetensors"),
+    "garbage-safetensors": (
+        lambda f: _zip({**_files(f), "adapter_model.safetensors": b"\x00" * 64}),
+        "safetensors",
+    ),
     "tar-symlink": (lambda f: _tar_with_symlink(f), "link"),
     "tar-traversal": (lambda f: _tar({**_files(f), "x/../../evil.json": b"{}"}), ".."),
 }
@@ -192,7 +209,11 @@ def _tar_with_symlink(folder: Path) -> bytes:
 
 @pytest.mark.parametrize("case", sorted(ARCHIVES))
 def test_bad_archives_are_rejected_and_store_unchanged(
-    client: TestClient, uploaded: dict[str, RefAdapter], store_dir: Path, store_before: dict[str, str], case: str
+    client: TestClient,
+    uploaded: dict[str, RefAdapter],
+    store_dir: Path,
+    store_before: dict[str, str],
+    case: str,
 ) -> None:
     build, message = ARCHIVES[case]
     data = build(uploaded["cls-4"].folder)
@@ -210,25 +231,27 @@ def test_labels_must_match_the_head(
     assert snapshot(store_dir) == store_before
 
 
-def test_oversized_upload_is_413(
-    client: TestClient, store_dir: Path, store_before: dict[str, str]
-) -> None:
+def test_oversized_upload_is_413(client: TestClient, store_dir: Path, store_before: dict[str, str]) -> None:
     big = b"\0" * (65 * 1024 * 1024)
     _expect(_upload(client, "too-big", big), 413, "upload_too_large")
     assert snapshot(store_dir) == store_before
 
 
-def test_admin_auth(client: TestClient, uploaded: dict[str, RefAdapter], store_dir: Path,
-                    store_before: dict[str, str]) -> None:
+def test_admin_auth(
+    client: TestClient, uploaded: dict[str, RefAdapter], store_dir: Path, store_before: dict[str, str]
+) -> None:
     data = zip_folder(uploaded["cls-4"].folder)
     _expect(_upload(client, "cls-4", data, headers={}), 401, "unauthorized")
     _expect(_upload(client, "cls-4", data, headers={"Authorization": "Bearer wrong"}), 403, "forbidden")
-    _expect(client.delete("/admin/adapters/cls-4", headers={"Authorization": "Bearer wrong"}), 403, "forbidden")
+    _expect(
+        client.delete("/admin/adapters/cls-4", headers={"Authorization": "Bearer wrong"}), 403, "forbidden"
+    )
     assert snapshot(store_dir) == store_before
 
 
-def test_invalid_adapter_name_is_422(client: TestClient, uploaded: dict[str, RefAdapter], store_dir: Path,
-                                     store_before: dict[str, str]) -> None:
+def test_invalid_adapter_name_is_422(
+    client: TestClient, uploaded: dict[str, RefAdapter], store_dir: Path, store_before: dict[str, str]
+) -> None:
     data = zip_folder(uploaded["cls-4"].folder)
     for bad in ("../etc", "a/b", ".hidden", "x" * 65):
         _expect(_upload(client, bad, data), 422, "invalid_request")
@@ -243,11 +266,19 @@ def test_unknown_adapter_is_404(client: TestClient, uploaded: dict[str, RefAdapt
 
 
 def test_task_mismatch_is_409(client: TestClient, uploaded: dict[str, RefAdapter]) -> None:
-    err = _expect(client.post("/classify", json={"adapter": "gen-qv-r8", "inputs": ["x"]}), 409,
-                  "adapter_task_mismatch", "/generate")
+    err = _expect(
+        client.post("/classify", json={"adapter": "gen-qv-r8", "inputs": ["x"]}),
+        409,
+        "adapter_task_mismatch",
+        "/generate",
+    )
     assert err["param"] == "adapter"
-    _expect(client.post("/generate", json={"adapter": "cls-4", "prompt": "x"}), 409, "adapter_task_mismatch",
-            "/classify")
+    _expect(
+        client.post("/generate", json={"adapter": "cls-4", "prompt": "x"}),
+        409,
+        "adapter_task_mismatch",
+        "/classify",
+    )
 
 
 @pytest.mark.parametrize(
@@ -267,12 +298,19 @@ def test_task_mismatch_is_409(client: TestClient, uploaded: dict[str, RefAdapter
         ("/generate", {"messages": [{"role": "robot", "content": "y"}]}),
     ],
 )
-def test_invalid_bodies_are_422(client: TestClient, uploaded: dict[str, RefAdapter], path: str,
-                                body: dict[str, Any]) -> None:
+def test_invalid_bodies_are_422(
+    client: TestClient, uploaded: dict[str, RefAdapter], path: str, body: dict[str, Any]
+) -> None:
     _expect(client.post(path, json=body), 422, "invalid_request")
 
 
-def test_too_many_inputs_and_too_long_input_are_422(client: TestClient, uploaded: dict[str, RefAdapter]) -> None:
-    _expect(client.post("/classify", json={"adapter": "cls-4", "inputs": ["x"] * 65}), 422, "invalid_request",
-            "inputs")
+def test_too_many_inputs_and_too_long_input_are_422(
+    client: TestClient, uploaded: dict[str, RefAdapter]
+) -> None:
+    _expect(
+        client.post("/classify", json={"adapter": "cls-4", "inputs": ["x"] * 65}),
+        422,
+        "invalid_request",
+        "inputs",
+    )
     _expect(client.post("/generate", json={"prompt": "word " * 3000}), 422, "invalid_request", "tokens")

@@ -14,7 +14,9 @@ from tests.helpers.peft_ref import CLASSIFY_TEXTS, RefAdapter, tar_folder, zip_f
 
 def _post(client: TestClient, name: str, data: bytes, filename: str) -> dict:  # type: ignore[type-arg]
     resp = client.post(
-        "/admin/adapters", headers=admin_headers(), data={"name": name},
+        "/admin/adapters",
+        headers=admin_headers(),
+        data={"name": name},
         files={"file": (filename, data, "application/octet-stream")},
     )
     assert resp.status_code == 201, resp.text
@@ -49,8 +51,9 @@ def test_upload_tar_gz_with_top_folder_versions_and_delete(
     assert not [p for p in store_dir.iterdir() if p.name.startswith(".")]
 
 
-def test_store_survives_restart(base_path: Path, uploaded: dict[str, RefAdapter], store_dir: Path,
-                                client: TestClient) -> None:
+def test_store_survives_restart(
+    base_path: Path, uploaded: dict[str, RefAdapter], store_dir: Path, client: TestClient
+) -> None:
     """Adapters written by uploads are plain PEFT folders that a new registry reads back."""
     from app.adapters.archive import ArchiveLimits
     from app.adapters.registry import AdapterRegistry
@@ -81,8 +84,12 @@ def test_health_ready_and_metrics(client: TestClient, uploaded: dict[str, RefAda
 def test_admin_routes_are_off_without_a_token(tmp_path: Path) -> None:
     app = create_app(Settings(store=tmp_path, admin_token=None))
     plain = TestClient(app)  # no lifespan: the admin check comes before anything else
-    resp = plain.post("/admin/adapters", headers={"Authorization": "Bearer x"}, data={"name": "a"},
-                      files={"file": ("a.zip", b"PK", "application/zip")})
+    resp = plain.post(
+        "/admin/adapters",
+        headers={"Authorization": "Bearer x"},
+        data={"name": "a"},
+        files={"file": ("a.zip", b"PK", "application/zip")},
+    )
     assert resp.status_code == 403 and resp.json()["error"]["type"] == "admin_disabled"
     resp = plain.delete("/admin/adapters/a")
     assert resp.status_code == 403 and resp.json()["error"]["type"] == "admin_disabled"

@@ -93,7 +93,7 @@ def test_mixed_classification_batch_equals_rows_alone(
 def test_unload_frees_the_slot_and_zeroes_banks(
     wrapped: tuple[BaseModel, Runner, DeviceSlots], ref_adapters: dict[str, RefAdapter]
 ) -> None:
-    base, runner, slots = wrapped
+    base, _runner, slots = wrapped
     info = _info(base, ref_adapters["gen-qv-r8"])
     slot = slots.acquire(info, set())
     layer = slots.layers["model.layers.0.self_attn.q_proj"]

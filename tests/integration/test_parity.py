@@ -12,7 +12,9 @@ CLS_ADAPTERS = ["cls-4", "cls-pattern"]
 
 
 @pytest.mark.parametrize("name", CLS_ADAPTERS)
-def test_classify_scores_equal_peft_softmax(client: TestClient, uploaded: dict[str, RefAdapter], name: str) -> None:
+def test_classify_scores_equal_peft_softmax(
+    client: TestClient, uploaded: dict[str, RefAdapter], name: str
+) -> None:
     ref = uploaded[name]
     resp = client.post("/classify", json={"adapter": name, "inputs": CLASSIFY_TEXTS})
     assert resp.status_code == 200, resp.text
@@ -46,11 +48,14 @@ def test_classify_labels_default_to_label_i(client: TestClient, uploaded: dict[s
 
 
 @pytest.mark.parametrize("name", GEN_ADAPTERS)
-def test_generate_greedy_equals_peft_generate(client: TestClient, uploaded: dict[str, RefAdapter], name: str) -> None:
+def test_generate_greedy_equals_peft_generate(
+    client: TestClient, uploaded: dict[str, RefAdapter], name: str
+) -> None:
     ref = uploaded[name]
     for prompt in GENERATE_PROMPTS:
         resp = client.post(
-            "/generate", json={"adapter": name, "prompt": prompt, "max_new_tokens": GEN_TOKENS, "temperature": 0}
+            "/generate",
+            json={"adapter": name, "prompt": prompt, "max_new_tokens": GEN_TOKENS, "temperature": 0},
         )
         assert resp.status_code == 200, resp.text
         body = resp.json()
@@ -84,7 +89,8 @@ def test_generate_stop_string_and_length(client: TestClient, uploaded: dict[str,
     full = ref.texts[prompt]
     stop = full.strip().split()[1]  # a word in the middle of the greedy continuation
     resp = client.post(
-        "/generate", json={"adapter": "gen-qv-r8", "prompt": prompt, "max_new_tokens": GEN_TOKENS, "stop": [stop]}
+        "/generate",
+        json={"adapter": "gen-qv-r8", "prompt": prompt, "max_new_tokens": GEN_TOKENS, "stop": [stop]},
     )
     body = resp.json()
     assert body["finish_reason"] == "stop"
@@ -95,8 +101,14 @@ def test_generate_stop_string_and_length(client: TestClient, uploaded: dict[str,
 
 
 def test_sampling_is_reproducible_with_seed(client: TestClient, uploaded: dict[str, RefAdapter]) -> None:
-    req = {"adapter": "gen-all-rslora", "prompt": "Once upon a time", "max_new_tokens": 8,
-           "temperature": 1.0, "top_p": 0.9, "seed": 1234}
+    req = {
+        "adapter": "gen-all-rslora",
+        "prompt": "Once upon a time",
+        "max_new_tokens": 8,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "seed": 1234,
+    }
     first = client.post("/generate", json=req).json()["text"]
     second = client.post("/generate", json=req).json()["text"]
     assert first == second

@@ -1,0 +1,112 @@
+"""Unit tests of pure logic: patterns, sampling helpers, pooling, routing, error mapping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.adapters.lora import check_config, pattern_key
+from app.engine.runner import last_non_pad_index
+from app.engine.sampling import find_stop, make_generator, select_tokens, top_p_filter
+from app.errors import (
+    AdapterNotFound,
+    DeadlineExceeded,
+    InvalidAdapter,
+    InvalidRequest,
+    QueueFull,
+    TaskMismatch,
+    UploadTooLarge,
+    status_of,
+    to_response,
+)
+from app.models.base import model_id_for
+from app.models.lora import Routing
+
+
+@pytest.mark.parametrize(
+    ("patterns", "module", "expected"),
+    [
+        ({"q_proj": 4}, "model.layers.0.self_attn.q_proj", "q_proj"),
+        ({"q_proj": 4}, "model.layers.0.self_attn.k_proj", None),
+        ({"layers.3.mlp.down_proj": 12}, "model.layers.3.mlp.down_proj", "layers.3.mlp.down_proj"),
+        ({"layers.3.mlp.down_proj": 12}, "model.layers.13.mlp.down_proj", None),
+        ({r"layers\.[0-4]\..*proj": 2}, "model.layers.2.self_attn.v_proj", r"layers\.[0-4]\..*proj"),
+        ({"proj": 2}, "model.layers.2.self_attn.v_proj", None),  # suffix match on whole names only
+    ],
+)
+def test_pattern_key_follows_peft_semantics(
+    patterns: dict[str, int], module: str, expected: str | None
+) -> None:
+    assert pattern_key(patterns, module) == expected
+
+
+def _cfg(**kw: object) -> dict[str, object]:
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, **kw}
+
+
+def test_check_config_maps_tasks_and_rejects_unsupported() -> None:
+    assert check_config(_cfg()) == "generate"
+    assert check_config(_cfg(task_type="SEQ_CLS")) == "classify"
+    for field, value in [("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 2]])]:
+        with pytest.raises(InvalidAdapter) as exc:
+            check_config(_cfg(**{field: value}))
+        assert exc.value.param == field
+    with pytest.raises(InvalidAdapter, match="rank_pattern"):
+        check_config(_cfg(rank_pattern={"q_proj": "x"}))
+    with pytest.raises(InvalidAdapter, match="invalid pattern"):
+        check_config(_cfg(alpha_pattern={"(": 2}))
+
+
+def test_find_stop_returns_earliest() -> None:
+    assert find_stop("hello world. bye", (".", "bye")) == 11
+    assert find_stop("hello", ("x",)) == -1
+    assert find_stop("hello", ()) == -1
+
+
+def test_top_p_keeps_smallest_set_reaching_mass() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    out = top_p_filter(probs, 0.7)
+    assert out.tolist() == pytest.approx([0.625, 0.375, 0.0, 0.0])
+    assert top_p_filter(probs, 1.0) is probs
+
+
+def test_select_tokens_greedy_and_seeded() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0], [1.0, 1.0, 1.2]])
+    gens = [make_generator(7, torch.device("cpu")) for _ in range(2)]
+    assert select_tokens(logits, [0.0, 0.0], [1.0, 1.0], gens) == [1, 2]
+    a = [
+        select_tokens(logits, [1.0, 1.0], [1.0, 1.0], [make_generator(3, torch.device("cpu"))] * 2)
+        for _ in range(2)
+    ]
+    assert a[0] == a[1]
+
+
+def test_last_non_pad_index_matches_llama_pooling() -> None:
+    ids = torch.tensor([[5, 6, 7, 2, 2], [5, 2, 2, 2, 2], [1, 2, 3, 4, 5]])
+    assert last_non_pad_index(ids, pad_id=2).tolist() == [2, 0, 4]
+
+
+def test_routing_fast_path_and_mixed() -> None:
+    single = Routing.build([3, 3, 3], torch.device("cpu"))
+    assert single.single == 3 and single.index is None
+    mixed = Routing.build([0, 2, 1], torch.device("cpu"))
+    assert mixed.single is None and mixed.index is not None and mixed.index.tolist() == [0, 2, 1]
+    assert mixed.max_slot == 2
+
+
+def test_error_mapping_is_one_table() -> None:
+    assert status_of(AdapterNotFound("x")) == 404
+    assert status_of(TaskMismatch("x")) == 409
+    assert status_of(InvalidAdapter("x")) == 400
+    assert status_of(UploadTooLarge("x")) == 413
+    assert status_of(InvalidRequest("x")) == 422
+    assert status_of(DeadlineExceeded("x")) == 504
+    resp = to_response(QueueFull("busy"))
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+
+
+def test_model_id_strips_quantization_suffix() -> None:
+    from pathlib import Path
+
+    assert model_id_for(Path("SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct"
+    assert model_id_for(Path("/models/my-model")) == "my-model"
