@@ -37,6 +37,18 @@ class Metrics:
         self.batch_size = Histogram(
             "adapterserve_batch_size", "rows per forward batch", ["task"], buckets=BATCH_BUCKETS, registry=r
         )
+        self.time_to_first_token = Histogram(
+            "adapterserve_time_to_first_token_seconds",
+            "queueing + prefill until the first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "adapterserve_time_per_output_token_seconds",
+            "decode time per generated token after the first",
+            buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2),
+            registry=r,
+        )
         self.generated_tokens = Counter(
             "adapterserve_generated_tokens_total", "tokens generated", ["adapter"], registry=r
         )

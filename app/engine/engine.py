@@ -12,14 +12,24 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from app.adapters.registry import AdapterInfo
 from app.config import Settings
-from app.engine.runner import GenerationBatch, Runner
+from app.engine.generation import GenerationBatch, mergeable
+from app.engine.runner import Runner
 from app.engine.slots import DeviceSlots
-from app.engine.types import ClassifyWork, Command, GenerateWork, GenerationResult, SamplingParams, Work
+from app.engine.types import (
+    ClassifyWork,
+    Command,
+    GenerateWork,
+    GenerationResult,
+    SamplingParams,
+    StreamDelta,
+    Work,
+)
 from app.errors import DeadlineExceeded, EngineFailure, NotReady, QueueFull
 from app.metrics import Metrics
 from app.models.base import BaseModel
@@ -69,8 +79,8 @@ class Engine:
 
     # --- API side ---------------------------------------------------------------------------
     def _submit(self, work: Work) -> None:
-        if not self.running:
-            raise NotReady("the engine is not running")
+        if not self.running or self._stop.is_set():
+            raise NotReady("the engine is not running (starting or shutting down)")
         if not isinstance(work, Command) and self.queue_depth >= self.settings.max_queue:
             raise QueueFull(f"the request queue is full ({self.settings.max_queue}); retry shortly")
         self._inbox.put(work)
@@ -99,6 +109,18 @@ class Engine:
         work = GenerateWork(adapter=adapter, prompt=prompt, params=params)
         self._submit(work)
         return await self._await(work, work.future)
+
+    def submit_stream(
+        self,
+        adapter: AdapterInfo | None,
+        prompt: list[int],
+        params: SamplingParams,
+        sink: Callable[[StreamDelta], None],
+    ) -> GenerateWork:
+        """Queue a streamed generation; deltas go to ``sink`` (called on the engine thread)."""
+        work = GenerateWork(adapter=adapter, prompt=prompt, params=params, sink=sink)
+        self._submit(work)
+        return work
 
     async def command(self, action: str, arg: Any = None) -> None:
         cmd = Command(action=action, arg=arg)
@@ -173,7 +195,7 @@ class Engine:
 
     def _run_classify_batch(self) -> None:
         works: list[ClassifyWork] = []
-        rows = 0
+        rows = width = 0
         keep: set[int] = set()
         if self._gen_batch is not None:
             keep = {row.work.adapter.uid for row in self._gen_batch.rows if row.work.adapter}
@@ -183,13 +205,16 @@ class Engine:
                 self._classify.popleft()
                 continue
             new = work.adapter.uid not in keep
-            if (works and rows + len(work.inputs) > self.settings.max_batch_size) or (
-                new and len(keep) >= self.slots.capacity
-            ):
+            new_width = max(width, *(len(ids) for ids in work.inputs))
+            too_big = rows + len(work.inputs) > self.settings.max_batch_size or (
+                new_width * (rows + len(work.inputs)) > self.settings.max_batch_tokens
+            )
+            if (works and too_big) or (new and len(keep) >= self.slots.capacity):
                 break  # the rest waits for the next batch (or for running generations to free slots)
             self._classify.popleft()
             works.append(work)
             rows += len(work.inputs)
+            width = new_width
             keep.add(work.adapter.uid)
         if not works:
             return
@@ -210,33 +235,42 @@ class Engine:
             start += len(w.inputs)
 
     def _run_generation_step(self) -> None:
-        if self._gen_batch is None or not self._gen_batch.rows:
-            self._gen_batch = self._new_generation_batch()
-            if self._gen_batch is None:
-                return
-        batch = self._gen_batch
+        """Admit waiting requests into the running batch (one prefill), then one decode step."""
+        running = self._gen_batch
+        if running is not None:
+            running.drop_cancelled()
+            if not running.rows:
+                running = self._gen_batch = None
+        if self._generate and (running is None or mergeable(running.cache)):
+            joined = self._prefill_new(running)
+            if running is None:
+                running = self._gen_batch = joined
+            elif joined is not None:
+                running.extend(joined)
+            if running is not None and not running.rows:
+                running = self._gen_batch = None
+            return  # decoding continues at the next iteration, after classification had its turn
+        if running is None:
+            return
         try:
-            finished = batch.step(self._decode)
+            finished = running.step(self._decode)
         except Exception:
             log.exception("generation step failed")
-            for row in batch.rows:
-                row.work.future.set_exception(
-                    EngineFailure("the generation batch failed; see the server log")
-                )
+            self._fail_rows([row.work for row in running.rows], "the generation batch failed")
             self._gen_batch = None
             return
-        for work, result in finished:
-            work.future.set_result(result)
-            self.metrics.generated_tokens.labels(adapter=self.metrics.adapter_label(work.adapter)).inc(
-                len(result.token_ids)
-            )
-        if not batch.rows:
+        self._finish(finished)
+        if not running.rows:
             self._gen_batch = None
 
-    def _new_generation_batch(self) -> GenerationBatch | None:
+    def _prefill_new(self, running: GenerationBatch | None) -> GenerationBatch | None:
+        """Prefill as many waiting requests as the batch, slots and prefill token budget allow."""
+        s = self.settings
+        room = s.max_batch_size - (len(running) if running else 0)
+        keep = {row.work.adapter.uid for row in running.rows if row.work.adapter} if running else set()
         works: list[GenerateWork] = []
-        keep: set[int] = set()
-        while self._generate and len(works) < self.settings.max_batch_size:
+        width = 0
+        while self._generate and len(works) < room:
             work = self._generate[0]
             if work.cancelled:
                 self._generate.popleft()
@@ -244,20 +278,51 @@ class Engine:
             uid = work.adapter.uid if work.adapter else None
             if uid is not None and uid not in keep and len(keep) >= self.slots.capacity:
                 break
+            new_width = max(width, len(work.prompt))
+            if works and new_width * (len(works) + 1) > s.max_prefill_tokens:
+                break
             self._generate.popleft()
             works.append(work)
+            width = new_width
             if uid is not None:
                 keep.add(uid)
         if not works:
             return None
-        pairs = [(w, self.slots.acquire(w.adapter, keep) if w.adapter else BASE_SLOT) for w in works]
-        self.metrics.batch_size.labels(task="generate").observe(len(pairs))
-        return GenerationBatch(self.runner, pairs)
+        try:
+            pairs = [(w, self.slots.acquire(w.adapter, keep) if w.adapter else BASE_SLOT) for w in works]
+            batch, finished = GenerationBatch.prefill(self.runner, pairs, self._decode)
+        except Exception:
+            log.exception("prefill failed")
+            self._fail_rows(works, "the prefill batch failed")
+            return None
+        self.metrics.batch_size.labels(task="prefill").observe(len(works))
+        self._finish(finished)
+        return batch
+
+    def _finish(self, finished: list[tuple[GenerateWork, GenerationResult]]) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        for work, result in finished:
+            if not work.future.done():
+                work.future.set_result(result)
+            n = len(result.token_ids)
+            m.generated_tokens.labels(adapter=m.adapter_label(work.adapter)).inc(n)
+            if work.first_token_at is not None:
+                m.time_to_first_token.observe(work.first_token_at - work.enqueued_at)
+                if n > 1:
+                    m.time_per_output_token.observe((now - work.first_token_at) / (n - 1))
+
+    def _fail_rows(self, works: list[GenerateWork], message: str) -> None:
+        for work in works:
+            if not work.future.done():
+                work.future.set_exception(EngineFailure(f"{message}; see the server log"))
+            if work.sink is not None:
+                work.sink(StreamDelta(text="", error=f"{message}; see the server log"))
 
     def _decode(self, tokens: list[int]) -> str:
         return str(self.base.tokenizer.decode(tokens, skip_special_tokens=True))
 
-    def _fail_all(self, exc: Exception) -> None:
+    def _fail_all(self, exc: EngineFailure) -> None:
         pending: list[ClassifyWork | GenerateWork] = [*self._classify, *self._generate]
         if self._gen_batch is not None:
             pending += [row.work for row in self._gen_batch.rows]
@@ -268,3 +333,5 @@ class Engine:
         for w in pending:
             if not w.future.done():
                 w.future.set_exception(exc)
+            if isinstance(w, GenerateWork) and w.sink is not None:
+                w.sink(StreamDelta(text="", error=exc.message))

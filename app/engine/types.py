@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,6 +37,15 @@ class GenerationResult:
     prompt_tokens: int
 
 
+@dataclass(frozen=True)
+class StreamDelta:
+    """New text of a streamed generation; the last one carries the result."""
+
+    text: str
+    result: GenerationResult | None = None
+    error: str | None = None
+
+
 @dataclass
 class GenerateWork:
     adapter: AdapterInfo | None  # None = the bare base model
@@ -44,6 +54,8 @@ class GenerateWork:
     future: Future[GenerationResult] = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    sink: Callable[[StreamDelta], None] | None = None  # thread-safe; set for streamed requests
+    first_token_at: float | None = None
 
 
 @dataclass

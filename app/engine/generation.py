@@ -1,0 +1,227 @@
+"""Continuous batching for generation: rows join at the next step and leave as soon as they finish.
+
+A :class:`GenerationBatch` holds left-padded rows over one KV cache. New requests are prefilled
+in a batch of their own (which samples their first token), then merged into the running batch by
+left-padding the shorter cache; rows that finish or are cancelled are dropped from the cache at
+once, and leading columns that no row needs any more are trimmed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from app.engine.runner import Runner
+from app.engine.sampling import find_stop, make_generator, select_tokens
+from app.engine.types import GenerateWork, GenerationResult, StreamDelta
+
+Decode = Callable[[list[int]], str]
+
+
+@dataclass
+class _Row:
+    work: GenerateWork
+    slot: int
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of ``text`` already streamed
+
+
+def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    return cast(list[DynamicLayer], cache.layers)
+
+
+def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    assert layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
+
+
+def mergeable(cache: DynamicCache) -> bool:
+    """Only plain full-attention dynamic layers can be left-padded and concatenated."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers) and not any(
+        isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers
+    )
+
+
+class GenerationBatch:
+    """Rows generating together; see the module docstring for the invariants."""
+
+    def __init__(self, runner: Runner, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        self.runner = runner
+        self.rows = rows
+        self.cache = cache
+        self.mask = mask  # [batch, cached tokens + 1]: 1 where a row has a real token
+        self.positions = torch.empty(0)  # [batch, 1] position of each row's next input token
+        self.next_ids = torch.empty(0)  # [batch, 1] each row's next input token
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # --- prefill ----------------------------------------------------------------------------
+    @classmethod
+    @torch.inference_mode()
+    def prefill(
+        cls, runner: Runner, works: list[tuple[GenerateWork, int]], decode: Decode
+    ) -> tuple[GenerationBatch, list[tuple[GenerateWork, GenerationResult]]]:
+        """Run the prompts of new rows and pick their first tokens; return the batch and finished rows."""
+        dev = runner.device
+        rows = [_Row(w, slot, make_generator(w.params.seed, dev)) for w, slot in works]
+        width = max(len(w.prompt) for w, _ in works)
+        ids = torch.full((len(works), width), runner.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(works), width), dtype=torch.long)
+        for i, (w, _) in enumerate(works):  # left padding: every row's next token is at the end
+            ids[i, width - len(w.prompt) :] = torch.tensor(w.prompt)
+            mask[i, width - len(w.prompt) :] = 1
+        mask = mask.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch = cls(runner, rows, DynamicCache(config=runner.model.config), mask)
+        finished = batch._forward(ids.to(dev), positions, decode)
+        return batch, finished
+
+    # --- decode -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, decode: Decode) -> list[tuple[GenerateWork, GenerationResult]]:
+        """One decode step for every row; return the rows that finished."""
+        return self._forward(self.next_ids, self.positions, decode)
+
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, decode: Decode
+    ) -> list[tuple[GenerateWork, GenerationResult]]:
+        r = self.runner
+        r.set_routing([row.slot for row in self.rows])
+        try:
+            out = r.model(
+                input_ids=ids,
+                attention_mask=self.mask,
+                position_ids=positions,
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            r.ctx.routing = None
+        chosen = select_tokens(
+            out.logits[:, -1, :],
+            [row.work.params.temperature for row in self.rows],
+            [row.work.params.top_p for row in self.rows],
+            [row.generator for row in self.rows],
+        )
+        now = time.monotonic()
+        finished: list[tuple[GenerateWork, GenerationResult]] = []
+        keep: list[int] = []
+        for i, (row, tok) in enumerate(zip(self.rows, chosen, strict=True)):
+            if row.work.first_token_at is None:
+                row.work.first_token_at = now
+            result = self._advance(row, tok, decode)
+            if result is not None:
+                finished.append((row.work, result))
+            elif not row.work.cancelled:
+                keep.append(i)
+        self.positions = positions[:, -1:] + 1
+        self.next_ids = torch.tensor(chosen, dtype=torch.long, device=r.device).unsqueeze(1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        self.keep(keep)
+        return finished
+
+    def _advance(self, row: _Row, tok: int, decode: Decode) -> GenerationResult | None:
+        params = row.work.params
+        result: GenerationResult | None = None
+        if tok in self.runner.eos_ids:
+            result = self._result(row, "stop")
+        else:
+            row.tokens.append(tok)
+            row.text = decode(row.tokens)
+            cut = find_stop(row.text, params.stop)
+            if cut >= 0:
+                row.text = row.text[:cut]
+                result = self._result(row, "stop")
+            elif len(row.tokens) >= params.max_new_tokens:
+                result = self._result(row, "length")
+        if row.work.sink is not None:
+            self._emit(row, result)
+        return result
+
+    @staticmethod
+    def _emit(row: _Row, result: GenerationResult | None) -> None:
+        """Stream the text that can no longer change (held back: a possible stop-string prefix)."""
+        assert row.work.sink is not None
+        if result is not None:
+            safe = len(row.text)
+        else:
+            hold = max((len(s) - 1 for s in row.work.params.stop), default=0)
+            safe = len(row.text) - hold
+            while safe > row.emitted and row.text[safe - 1] == "\ufffd":  # an incomplete character
+                safe -= 1
+        if safe > row.emitted or result is not None:
+            row.work.sink(StreamDelta(text=row.text[row.emitted : max(safe, row.emitted)], result=result))
+            row.emitted = max(safe, row.emitted)
+
+    @staticmethod
+    def _result(row: _Row, reason: str) -> GenerationResult:
+        return GenerationResult(
+            text=row.text,
+            token_ids=list(row.tokens),
+            finish_reason="stop" if reason == "stop" else "length",
+            prompt_tokens=len(row.work.prompt),
+        )
+
+    # --- batch composition ------------------------------------------------------------------
+    def keep(self, indices: list[int]) -> None:
+        """Keep only the rows at ``indices`` (finished and cancelled rows leave the cache now)."""
+        if len(indices) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in indices]
+        if not indices:
+            return
+        index = torch.tensor(indices, dtype=torch.long, device=self.runner.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        self.next_ids = self.next_ids.index_select(0, index)
+        self._trim()
+
+    def drop_cancelled(self) -> None:
+        self.keep([i for i, row in enumerate(self.rows) if not row.work.cancelled])
+
+    def _trim(self) -> None:
+        """Drop leading cache columns that are padding for every row."""
+        used = self.mask[:, :-1].any(dim=0).nonzero()
+        start = int(used[0].item()) if used.numel() else self.mask.shape[1] - 1
+        if start == 0:
+            return
+        for layer in _layers(self.cache):
+            keys, values = _kv(layer)
+            layer.keys, layer.values = keys[:, :, start:], values[:, :, start:]
+        self.mask = self.mask[:, start:]
+
+    def extend(self, other: GenerationBatch) -> None:
+        """Merge the rows of a freshly prefilled batch into this running one."""
+        if not other.rows:
+            return
+        mine, theirs = self.mask.shape[1], other.mask.shape[1]
+        width = max(mine, theirs)
+        for a, b in zip(_layers(self.cache), _layers(other.cache), strict=True):
+            (ak, av), (bk, bv) = _kv(a), _kv(b)
+            a.keys = torch.cat([_pad_left(ak, width - mine, 2), _pad_left(bk, width - theirs, 2)])
+            a.values = torch.cat([_pad_left(av, width - mine, 2), _pad_left(bv, width - theirs, 2)])
+        self.mask = torch.cat(
+            [_pad_left(self.mask, width - mine, 1), _pad_left(other.mask, width - theirs, 1)]
+        )
+        self.positions = torch.cat([self.positions, other.positions])
+        self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        self.rows += other.rows
