@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -19,10 +22,15 @@ from app.api.schemas import (
 )
 from app.config import Settings
 from app.engine.engine import Engine
-from app.engine.types import SamplingParams
-from app.errors import InvalidRequest
+from app.engine.types import GenerateWork, SamplingParams, StreamDelta
+from app.errors import InvalidRequest, error_body
 
 DEFAULT_NEW_TOKENS = 128
+
+
+def sse(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying a JSON payload."""
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 class InferenceService:
@@ -78,9 +86,7 @@ class InferenceService:
     def resolve_generation_adapter(self, name: str | None) -> AdapterInfo | None:
         return None if name is None else self.registry.for_task(name, "generate")
 
-    async def generate(self, req: GenerateRequest) -> GenerateResponse:
-        if req.stream:
-            raise InvalidRequest("streaming is not available on this server version", param="stream")
+    async def _prepare(self, req: GenerateRequest) -> tuple[AdapterInfo | None, list[int], SamplingParams]:
         info = self.resolve_generation_adapter(req.adapter)
         cap = self.settings.max_new_tokens
         max_new_tokens = req.max_new_tokens or min(DEFAULT_NEW_TOKENS, cap)
@@ -90,10 +96,9 @@ class InferenceService:
             )
         if req.messages is not None:
             messages = [m.model_dump() for m in req.messages]
-            prompt_ids = await asyncio.to_thread(lambda: self._encode_chat(messages))
+            prompt_ids = await asyncio.to_thread(self._encode_chat, messages)
         else:
-            prompt_text = req.prompt or ""
-            prompt_ids = await asyncio.to_thread(self._encode, prompt_text, "prompt")
+            prompt_ids = await asyncio.to_thread(self._encode, req.prompt or "", "prompt")
         params = SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=req.temperature,
@@ -103,6 +108,10 @@ class InferenceService:
         )
         if info is not None:
             self.registry.touch(info)
+        return info, prompt_ids, params
+
+    async def generate(self, req: GenerateRequest) -> GenerateResponse:
+        info, prompt_ids, params = await self._prepare(req)
         result = await self.engine.generate(info, prompt_ids, params)
         return GenerateResponse(
             adapter=req.adapter,
@@ -110,6 +119,46 @@ class InferenceService:
             finish_reason=result.finish_reason,
             usage=GenerateUsage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids)),
         )
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[str]:
+        """Queue a streamed generation (errors raise before any byte is sent); return its SSE events."""
+        info, prompt_ids, params = await self._prepare(req)
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[StreamDelta] = asyncio.Queue()
+
+        def sink(delta: StreamDelta) -> None:  # engine thread
+            with contextlib.suppress(RuntimeError):  # the client's loop is gone
+                loop.call_soon_threadsafe(deltas.put_nowait, delta)
+
+        work = self.engine.submit_stream(info, prompt_ids, params, sink)
+        return self._events(work, deltas)
+
+    async def _events(self, work: GenerateWork, deltas: asyncio.Queue[StreamDelta]) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        try:
+            while True:
+                try:
+                    delta = await asyncio.wait_for(deltas.get(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    yield sse(
+                        {"error": error_body("deadline_exceeded", "request ran past its deadline")["error"]}
+                    )
+                    break
+                if delta.error is not None:
+                    yield sse({"error": error_body("engine_error", delta.error)["error"]})
+                    break
+                if delta.result is None:
+                    if delta.text:
+                        yield sse({"text": delta.text})
+                    continue
+                r = delta.result
+                usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids)}
+                yield sse({"text": delta.text, "finish_reason": r.finish_reason, "usage": usage})
+                break
+            yield "data: [DONE]\n\n"
+        finally:
+            work.cancelled = True  # a client that went away frees its row at the next step
 
     def _encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         text = self.chat_prompt(messages)

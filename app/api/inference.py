@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 
 from app.api.deps import ServiceDep
 from app.api.schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
@@ -17,8 +18,19 @@ async def classify(req: ClassifyRequest, service: ServiceDep, request: Request) 
     return await service.classify(req)
 
 
-@router.post("/generate", response_model=GenerateResponse)
-async def generate(req: GenerateRequest, service: ServiceDep, request: Request) -> GenerateResponse:
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"}},
+)
+async def generate(
+    req: GenerateRequest, service: ServiceDep, request: Request
+) -> GenerateResponse | StreamingResponse:
     """Generate text from a prompt or chat messages, with a generation adapter or the bare base."""
     request.state.adapter = req.adapter
+    if req.stream:
+        events = await service.stream(req)
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
     return await service.generate(req)

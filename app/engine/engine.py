@@ -74,6 +74,12 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and self.failed is None
 
     @property
+    def running_generations(self) -> int:
+        """Rows in the running generation batch (read from any thread; a snapshot)."""
+        batch = self._gen_batch
+        return len(batch.rows) if batch is not None else 0
+
+    @property
     def queue_depth(self) -> int:
         return self._inbox.qsize() + len(self._classify) + len(self._generate)
 
