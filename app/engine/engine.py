@@ -247,15 +247,17 @@ class Engine:
             running.drop_cancelled()
             if not running.rows:
                 running = self._gen_batch = None
-        if self._generate and (running is None or mergeable(running.cache)):
-            joined = self._prefill_new(running)
-            if running is None:
-                running = self._gen_batch = joined
-            elif joined is not None:
-                running.extend(joined)
-            if running is not None and not running.rows:
-                running = self._gen_batch = None
-            return  # decoding continues at the next iteration, after classification had its turn
+        room = self.settings.max_batch_size - (len(running) if running else 0)
+        if self._generate and room > 0 and (running is None or mergeable(running.cache)):
+            joined = self._prefill_new(running, room)
+            if joined is not None:
+                if running is None:
+                    self._gen_batch = joined
+                else:
+                    running.extend(joined)
+                if self._gen_batch is not None and not self._gen_batch.rows:
+                    self._gen_batch = None
+                return  # decoding continues at the next iteration, after classification had its turn
         if running is None:
             return
         try:
@@ -269,10 +271,9 @@ class Engine:
         if not running.rows:
             self._gen_batch = None
 
-    def _prefill_new(self, running: GenerationBatch | None) -> GenerationBatch | None:
-        """Prefill as many waiting requests as the batch, slots and prefill token budget allow."""
+    def _prefill_new(self, running: GenerationBatch | None, room: int) -> GenerationBatch | None:
+        """Prefill up to ``room`` waiting requests, as slots and the prefill token budget allow."""
         s = self.settings
-        room = s.max_batch_size - (len(running) if running else 0)
         keep = {row.work.adapter.uid for row in running.rows if row.work.adapter} if running else set()
         works: list[GenerateWork] = []
         width = 0

@@ -1,0 +1,84 @@
+"""Backpressure and shutdown: a full queue answers 503 at once, deadlines 504, stop drains work."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.engine.types import SamplingParams
+from app.errors import NotReady
+from app.main import create_app
+from app.models.base import load_base_model
+from tests.conftest import CACHE_DIR
+from tests.helpers.peft_ref import GENERATE_PROMPTS, RefAdapter
+
+
+@pytest.fixture(scope="module")
+def small_client(
+    base_path: Path, ref_adapters: dict[str, RefAdapter], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TestClient]:
+    store = tmp_path_factory.mktemp("small-store")
+    shutil.copytree(ref_adapters["gen-qv-r8"].folder, store / "gen-qv-r8")
+    settings = Settings(store=store, max_queue=2, max_batch_size=1, request_timeout_s=30, device="cpu")
+    base = load_base_model(str(base_path), CACHE_DIR, "cpu", "float32")
+    with TestClient(create_app(settings, base=base)) as c:
+        yield c
+
+
+def test_queue_full_is_503_with_retry_after_and_nothing_else_breaks(
+    small_client: TestClient, ref_adapters: dict[str, RefAdapter]
+) -> None:
+    body = {"adapter": "gen-qv-r8", "prompt": GENERATE_PROMPTS[0], "max_new_tokens": 10}
+    with ThreadPoolExecutor(12) as pool:
+        resps = list(pool.map(lambda _: small_client.post("/generate", json=body), range(12)))
+    rejected = [r for r in resps if r.status_code == 503]
+    served = [r for r in resps if r.status_code == 200]
+    assert rejected and served and len(rejected) + len(served) == 12
+    for r in rejected:
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "queue_full"
+    expected = ref_adapters["gen-qv-r8"].texts[GENERATE_PROMPTS[0]]
+    assert {r.json()["text"] for r in served} == {expected}
+    after = small_client.post("/generate", json=body)
+    assert after.status_code == 200 and after.json()["text"] == expected
+    assert small_client.get("/readyz").status_code == 200
+
+
+def test_deadline_is_504(small_client: TestClient) -> None:
+    engine = small_client.app.state.engine  # type: ignore[attr-defined]
+    old = engine.settings.request_timeout_s
+    engine.settings.request_timeout_s = 0.05
+    try:
+        resp = small_client.post("/generate", json={"prompt": "Tell me a story.", "max_new_tokens": 60})
+    finally:
+        engine.settings.request_timeout_s = old
+    assert resp.status_code == 504 and resp.json()["error"]["type"] == "deadline_exceeded"
+
+
+def test_stop_drains_running_requests_then_refuses(base_path: Path, tmp_path: Path) -> None:
+    from app.engine.engine import Engine
+    from app.metrics import Metrics
+
+    base = load_base_model(str(base_path), CACHE_DIR, "cpu", "float32")
+    engine = Engine(base, Settings(store=tmp_path), Metrics())
+    engine.start()
+    prompt = base.tokenizer(GENERATE_PROMPTS[0])["input_ids"]
+
+    async def run() -> str:
+        task = asyncio.ensure_future(engine.generate(None, prompt, SamplingParams(max_new_tokens=12)))
+        await asyncio.sleep(0.2)  # running now
+        await asyncio.to_thread(engine.stop)
+        result = await task
+        return result.text
+
+    text = asyncio.run(run())
+    assert text  # the request admitted before shutdown finished
+    with pytest.raises(NotReady):
+        asyncio.run(engine.generate(None, prompt, SamplingParams(max_new_tokens=2)))
