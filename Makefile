@@ -23,8 +23,8 @@ serve: model  ## start the service on 127.0.0.1:8000 with the adapters in adapte
 	$(BIN)/adapterserve serve
 
 lint: install
-	$(BIN)/ruff check app tests
-	$(BIN)/ruff format --check app tests
+	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff format --check app tests bench
 
 typecheck: install
 	$(BIN)/mypy app

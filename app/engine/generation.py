@@ -8,6 +8,7 @@ once, and leading columns that no row needs any more are trimmed.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from app.engine.sampling import find_stop, make_generator, select_tokens
 from app.engine.types import GenerateWork, GenerationResult, StreamDelta
 
 Decode = Callable[[list[int]], str]
+_compositions = itertools.count(1)
 
 
 @dataclass
@@ -68,6 +70,7 @@ class GenerationBatch:
         self.mask = mask  # [batch, cached tokens + 1]: 1 where a row has a real token
         self.positions = torch.empty(0)  # [batch, 1] position of each row's next input token
         self.next_ids = torch.empty(0)  # [batch, 1] each row's next input token
+        self._composition: int | None = None  # identifies the row set for reusing gathered weights
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -97,13 +100,15 @@ class GenerationBatch:
     @torch.inference_mode()
     def step(self, decode: Decode) -> list[tuple[GenerateWork, GenerationResult]]:
         """One decode step for every row; return the rows that finished."""
-        return self._forward(self.next_ids, self.positions, decode)
+        if self._composition is None:  # rows joined or left: gather per-row adapter weights anew
+            self._composition = next(_compositions)
+        return self._forward(self.next_ids, self.positions, decode, self._composition)
 
     def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, decode: Decode
+        self, ids: torch.Tensor, positions: torch.Tensor, decode: Decode, reuse_key: int | None = None
     ) -> list[tuple[GenerateWork, GenerationResult]]:
         r = self.runner
-        r.set_routing([row.slot for row in self.rows])
+        r.set_routing([row.slot for row in self.rows], reuse_key)
         try:
             out = r.model(
                 input_ids=ids,
@@ -141,7 +146,7 @@ class GenerationBatch:
     def _advance(self, row: _Row, tok: int, decode: Decode) -> GenerationResult | None:
         params = row.work.params
         result: GenerationResult | None = None
-        if tok in self.runner.eos_ids:
+        if tok in self.runner.eos_ids and not params.ignore_eos:
             result = self._result(row, "stop")
         else:
             row.tokens.append(tok)
@@ -185,6 +190,7 @@ class GenerationBatch:
         """Keep only the rows at ``indices`` (finished and cancelled rows leave the cache now)."""
         if len(indices) == len(self.rows):
             return
+        self._composition = None
         self.rows = [self.rows[i] for i in indices]
         if not indices:
             return
@@ -225,3 +231,4 @@ class GenerationBatch:
         self.positions = torch.cat([self.positions, other.positions])
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
         self.rows += other.rows
+        self._composition = None

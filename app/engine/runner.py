@@ -29,8 +29,8 @@ class Runner:
         eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.eos_ids: set[int] = {int(e) for e in [*eos_ids, tok.eos_token_id] if e is not None}
 
-    def set_routing(self, slots: list[int]) -> None:
-        self.ctx.routing = Routing.build(slots, self.device)
+    def set_routing(self, slots: list[int], reuse_key: int | None = None) -> None:
+        self.ctx.routing = Routing.build(slots, self.device, reuse_key)
 
     @torch.inference_mode()
     def classify(

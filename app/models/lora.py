@@ -28,14 +28,16 @@ class Routing:
     index: torch.Tensor | None = None  # [batch] the same slots as a device tensor (mixed batches)
     single: int | None = None  # the one slot every row shares, if any
     max_slot: int = 0
+    # set for decode steps: the gathered per-row weights are reused while the key stays the same
+    reuse_key: int | None = None
 
     @classmethod
-    def build(cls, slots: list[int], device: torch.device) -> Routing:
+    def build(cls, slots: list[int], device: torch.device, reuse_key: int | None = None) -> Routing:
         distinct = set(slots)
         if len(distinct) == 1:
             return cls(slots=slots, single=slots[0])
         index = torch.tensor(slots, dtype=torch.long, device=device)
-        return cls(slots=slots, index=index, max_slot=max(slots))
+        return cls(slots=slots, index=index, max_slot=max(slots), reuse_key=reuse_key)
 
 
 class RoutingContext:
@@ -55,6 +57,9 @@ class MultiLoraLinear(nn.Module):
         self.lora_A: torch.Tensor | None = None  # [slots, r, in]
         self.lora_B: torch.Tensor | None = None  # [slots, out, r]
         self.active: set[int] = set()  # slots with non-zero weights in this layer
+        # per-row weights gathered for the running decode batch:
+        # as (key, A^T [batch, in, r], B^T [batch, r, out])
+        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def in_features(self) -> int:
@@ -69,23 +74,41 @@ class MultiLoraLinear(nn.Module):
         routing = self.ctx.routing
         if routing is None or not self.active or self.lora_A is None or self.lora_B is None:
             return out
+        # the deltas are accumulated into the base output in place (addmm/baddbmm with beta=1):
+        # a separate delta tensor plus an add would cost two more passes over the output
         if routing.single is not None:
             if routing.single not in self.active:
                 return out
             a, b = self.lora_A[routing.single], self.lora_B[routing.single]
-            return out + nn.functional.linear(nn.functional.linear(x, a), b)
+            h = nn.functional.linear(x, a)  # [..., r]
+            out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t())
+            return out
         assert routing.index is not None
         if self.active.isdisjoint(routing.slots):
             return out
         rows = x.shape[0]
-        x3 = x.reshape(rows, -1, x.shape[-1])  # [batch, tokens, in]
+        a_t, b_t = self._per_row_weights(routing)
+        h = torch.bmm(x.reshape(rows, -1, x.shape[-1]), a_t)  # [batch, tokens, r]
+        out.view(rows, -1, out.shape[-1]).baddbmm_(h, b_t)
+        return out
+
+    def _per_row_weights(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's A^T [batch, in, r] and B^T [batch, r, out]; kept across decode steps of one batch."""
+        assert self.lora_A is not None and self.lora_B is not None and routing.index is not None
+        key = routing.reuse_key
+        if key is not None and self._gathered is not None and self._gathered[0] == key:
+            return self._gathered[1], self._gathered[2]
         index = routing.index
         if routing.max_slot >= self.lora_A.shape[0]:  # slots beyond this bank have no weights here
             index = torch.where(index < self.lora_A.shape[0], index, 0)
-        a = self.lora_A.index_select(0, index)  # [batch, r, in]
-        b = self.lora_B.index_select(0, index)  # [batch, out, r]
-        delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))  # [batch, tokens, out]
-        return out + delta.reshape(out.shape)
+        a_t = self.lora_A.index_select(0, index).transpose(1, 2)
+        b_t = self.lora_B.index_select(0, index).transpose(1, 2)
+        if key is None:
+            return a_t, b_t
+        # decode reads these every step: contiguous copies make the batched matmuls faster
+        a_t, b_t = a_t.contiguous(), b_t.contiguous()
+        self._gathered = (key, a_t, b_t)
+        return a_t, b_t
 
     # --- bank management (engine thread only, between forwards) -------------------------------
     def _ensure_capacity(self, slots: int, rank: int, max_slots: int) -> None:
@@ -114,8 +137,10 @@ class MultiLoraLinear(nn.Module):
         self.lora_A[slot, :rank] = a.to(self.lora_A.dtype)
         self.lora_B[slot, :, :rank] = b.to(self.lora_B.dtype)
         self.active.add(slot)
+        self._gathered = None
 
     def clear_slot(self, slot: int) -> None:
+        self._gathered = None
         if slot in self.active and self.lora_A is not None and self.lora_B is not None:
             self.lora_A[slot].zero_()
             self.lora_B[slot].zero_()

@@ -111,7 +111,11 @@ def test_a_cancelled_stream_frees_its_slot(
     ):
         lines = resp.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
-        assert "text" in json.loads(first[6:])
+        assert "text" in json.loads(first[6:]), first
+        assert "finish_reason" not in json.loads(first[6:]), first
+        deadline = time.monotonic() + 5  # the row joins the running batch right after its prefill
+        while engine.running_generations != 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
         assert engine.running_generations == 1
     deadline = time.monotonic() + 10  # the client hung up: its row must leave at the next step
     while engine.running_generations and time.monotonic() < deadline:

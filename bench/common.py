@@ -1,0 +1,80 @@
+"""Shared benchmark set-up: the base model, PEFT adapters with random weights, inputs, timing."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+TEXT = (
+    "The government announced a new plan on Tuesday to cut energy bills for households, while "
+    "analysts warned that rising interest rates and a weaker pound could push inflation higher "
+    "again before the end of the year, hurting retailers and small businesses across the country."
+)
+PROMPT = "Customer: my internet connection keeps dropping every few minutes. What should I do?\nAgent:"
+
+
+def make_peft(
+    base_path: Path,
+    task: str,
+    n: int,
+    rank: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    num_labels: int = 5,
+) -> PeftModel:
+    """A PeftModel holding ``n`` rank-``rank`` all-linear LoRA adapters ``a0..a{n-1}`` with random weights."""
+    torch.manual_seed(0)
+    if task == "classify":
+        model: Any = AutoModelForSequenceClassification.from_pretrained(
+            base_path, num_labels=num_labels, dtype=dtype
+        )
+        model.config.pad_token_id = model.config.eos_token_id
+        task_type = TaskType.SEQ_CLS
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+        task_type = TaskType.CAUSAL_LM
+    cfg = LoraConfig(
+        task_type=task_type, r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False
+    )
+    peft_model = get_peft_model(model.to(device), cfg, adapter_name="a0")
+    for i in range(1, n):
+        peft_model.add_adapter(f"a{i}", cfg)
+    for name, param in peft_model.named_parameters():  # keep deltas realistic in size
+        if "lora_B" in name:
+            param.data.mul_(0.01)
+    peft_model.eval()
+    return peft_model
+
+
+def save_adapters(peft_model: PeftModel, out: Path, n: int, labels: list[str] | None = None) -> list[Path]:
+    """Write each adapter as its own store-ready PEFT folder."""
+    peft_model.save_pretrained(out)  # one sub-folder per named adapter
+    folders = []
+    for i in range(n):
+        src = out / f"a{i}"
+        dst = out.parent / f"{out.name}-store" / f"a{i}"
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            (dst / f).write_bytes((src / f).read_bytes())
+        if labels:
+            (dst / "labels.json").write_text(json.dumps(labels))
+        folders.append(dst)
+    return folders
+
+
+def timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+    """Seconds for ``repeats`` calls of ``fn`` after one warm-up call."""
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return time.perf_counter() - start
