@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +31,7 @@ from app.models.base import BaseModel, load_base_model
 from bench.common import PROMPT, TEXT, make_peft, save_adapters, timed
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
+COUNTS = [1, 16, 64]
 
 
 def _sync(device: torch.device) -> None:
@@ -48,20 +52,20 @@ class Bench:
         self.base: BaseModel = load_base_model("", self.cache_dir, args.device, args.dtype)
         self.device, self.dtype = self.base.device, self.base.dtype
         self.tok = self.base.tokenizer
-        self.plain = (
-            AutoModelForCausalLM.from_pretrained(self.base.path, dtype=self.dtype).to(self.device).eval()
-        )
         self.texts = [f"{i}. {TEXT}" for i in range(args.batch)]
-        self.rows: list[tuple[str, float, float | None]] = []
-        settings = Settings(
-            max_device_adapters=64,
-            max_batch_size=max(args.batch, args.gen_requests),
-            max_queue=100_000,
-            max_batch_wait_ms=2,
-            request_timeout_s=3600,
-        )
-        self.engine = Engine(self.base, settings, Metrics())
-        self.engine.start()
+        if args.part == "hf":
+            plain = AutoModelForCausalLM.from_pretrained(self.base.path, dtype=self.dtype)
+            self.plain = plain.to(self.device).eval()
+        else:
+            settings = Settings(
+                max_device_adapters=64,
+                max_batch_size=max(args.batch, args.gen_requests),
+                max_queue=100_000,
+                max_batch_wait_ms=2,
+                request_timeout_s=3600,
+            )
+            self.engine = Engine(self.base, settings, Metrics())
+            self.engine.start()
 
     def sync(self) -> None:
         _sync(self.device)
@@ -169,52 +173,66 @@ class Bench:
             for f in folders
         ]
 
-    def run(self) -> None:
-        a = self.args
-        counts = [1, 16, 64]
-        tmp = Path(tempfile.mkdtemp(prefix="adapterserve-bench-"))
-        print(
-            f"device={self.device} dtype={self.dtype} rank={a.rank} classify batch={a.batch} "
-            f"generate requests={a.gen_requests} x {a.new_tokens} tokens, repeats={a.repeats}",
-            flush=True,
-        )
-        peft_cls = make_peft(self.base.path, "classify", max(counts), a.rank, self.dtype, self.device)
-        cls_infos = self.infos(save_adapters(peft_cls, tmp / "cls", max(counts), LABELS))
-        peft_gen = make_peft(self.base.path, "generate", max(counts), a.rank, self.dtype, self.device)
-        gen_infos = self.infos(save_adapters(peft_gen, tmp / "gen", max(counts)))
-
+    def run_engine(self, out: Path) -> dict[str, dict[str, float]]:
+        """This engine only (its thread is the only one computing in this process)."""
+        cls_infos = self.infos(sorted((out / "cls-store").iterdir(), key=_index))
+        gen_infos = self.infos(sorted((out / "gen-store").iterdir(), key=_index))
         cls: dict[str, float] = {}
-        gen: dict[str, float] = {}
-        cls["bare base (HF forward)"] = self.bare_classify()
-        gen["bare base (HF generate)"] = self.hf_generate(self.plain, None)
-        gen["bare base (this engine, no adapter)"] = self.engine_generate([None])
-        for k in counts:
+        gen: dict[str, float] = {"bare base (this engine, no adapter)": self.engine_generate([None])}
+        for k in COUNTS:
             cls[f"this engine, {k} adapters"] = self.engine_classify(cls_infos[:k])
             gen[f"this engine, {k} adapters"] = self.engine_generate(list(gen_infos[:k]))
-            print(f"  engine {k} adapters done", flush=True)
+        self.engine.stop()
+        return {"classify": cls, "generate": gen}
+
+    def run_hf(self, out: Path) -> dict[str, dict[str, float]]:
+        """The bare base and HF PEFT, on the main thread of their own process."""
+        a = self.args
+        n = max(COUNTS)
+        cls: dict[str, float] = {"bare base (HF forward)": self.bare_classify()}
+        gen: dict[str, float] = {"bare base (HF generate)": self.hf_generate(self.plain, None)}
+        peft_cls = make_peft(self.base.path, "classify", n, a.rank, self.dtype, self.device)
+        if not (out / "cls-store").exists():
+            save_adapters(peft_cls, out / "cls", n, LABELS)
         for k in (16, 64):
             cls[f"HF PEFT mixed batch, {k} adapters"] = self.peft_classify(peft_cls, k, swap=False)
-            gen[f"HF PEFT mixed batch, {k} adapters"] = self.hf_generate(
-                peft_gen, [f"a{i % k}" for i in range(a.gen_requests)]
-            )
         cls["HF PEFT swapping per request, 16 adapters"] = self.peft_classify(peft_cls, 16, swap=True)
+        del peft_cls
+        peft_gen = make_peft(self.base.path, "generate", n, a.rank, self.dtype, self.device)
+        if not (out / "gen-store").exists():
+            save_adapters(peft_gen, out / "gen", n)
+        for k in (16, 64):
+            names = [f"a{i % k}" for i in range(a.gen_requests)]
+            gen[f"HF PEFT mixed batch, {k} adapters"] = self.hf_generate(peft_gen, names)
         gen["HF PEFT swapping per request, 16 adapters"] = self.hf_generate(
             peft_gen, [f"a{i % 16}" for i in range(a.gen_requests)], swap=True
         )
-        self.engine.stop()
-        self.print_table(cls, gen)
+        return {"classify": cls, "generate": gen}
 
-    @staticmethod
-    def print_table(cls: dict[str, float], gen: dict[str, float]) -> None:
-        cls_base = cls["bare base (HF forward)"]
-        gen_base = max(gen["bare base (HF generate)"], gen["bare base (this engine, no adapter)"])
-        print("\n| configuration | classify texts/s | vs base | generate tokens/s | vs base |")
-        print("|---|---:|---:|---:|---:|")
-        for name in dict.fromkeys([*cls, *gen]):
-            c = f"{cls[name]:.1f} | {cls[name] / cls_base:.2f}x" if name in cls else "– | –"
-            g = f"{gen[name]:.1f} | {gen[name] / gen_base:.2f}x" if name in gen else "– | –"
-            print(f"| {name} | {c} | {g} |")
-        print("\n(generation ratios are against the faster of the two bare-base measurements)")
+
+def _index(path: Path) -> int:
+    return int(path.name[1:])
+
+
+def print_table(cls: dict[str, float], gen: dict[str, float]) -> None:
+    cls_base = cls["bare base (HF forward)"]
+    gen_base = max(gen["bare base (HF generate)"], gen["bare base (this engine, no adapter)"])
+    print("\n| configuration | classify texts/s | vs base | generate tokens/s | vs base |")
+    print("|---|---:|---:|---:|---:|")
+    for name in dict.fromkeys([*cls, *gen]):
+        c = f"{cls[name]:.1f} | {cls[name] / cls_base:.2f}x" if name in cls else "– | –"
+        g = f"{gen[name]:.1f} | {gen[name] / gen_base:.2f}x" if name in gen else "– | –"
+        print(f"| {name} | {c} | {g} |")
+    print("\n(generation ratios are against the faster of the two bare-base measurements)")
+
+
+def _part(args: argparse.Namespace, part: str, out: Path) -> dict[str, dict[str, float]]:
+    """Run one part in a fresh process: two threads computing in one process slow each other down."""
+    cmd = [sys.executable, "-m", "bench.throughput", "--part", part, "--out", str(out)]
+    for key in ("device", "dtype", "rank", "batch", "gen_requests", "new_tokens", "repeats"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def main() -> None:
@@ -226,9 +244,24 @@ def main() -> None:
     parser.add_argument("--gen-requests", type=int, default=16, help="concurrent generation requests")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--part", choices=["hf", "engine"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
-    Bench(args).run()
+    if args.part:
+        bench = Bench(args)
+        result = bench.run_hf(args.out) if args.part == "hf" else bench.run_engine(args.out)
+        print(json.dumps(result))
+        return
+    out = Path(tempfile.mkdtemp(prefix="adapterserve-bench-"))
+    print(
+        f"device={args.device} dtype={args.dtype} rank={args.rank} classify batch={args.batch} "
+        f"generate requests={args.gen_requests} x {args.new_tokens} tokens, repeats={args.repeats}",
+        flush=True,
+    )
+    hf = _part(args, "hf", out)  # also writes the adapters the engine loads
+    engine = _part(args, "engine", out)
+    print_table({**hf["classify"], **engine["classify"]}, {**hf["generate"], **engine["generate"]})
 
 
 if __name__ == "__main__":

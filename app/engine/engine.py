@@ -54,7 +54,8 @@ class Engine:
         self._inbox: queue.Queue[Work] = queue.Queue()
         self._classify: deque[ClassifyWork] = deque()
         self._generate: deque[GenerateWork] = deque()
-        self._gen_batch: GenerationBatch | None = None
+        self._gen_batch: GenerationBatch | None = None  # the running (decoding) rows
+        self._prefill: GenerationBatch | None = None  # new rows whose prompts are being prefilled
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.failed: BaseException | None = None
@@ -152,7 +153,9 @@ class Engine:
             self._fail_all(EngineFailure("the inference engine failed; see the server log"))
 
     def _busy(self) -> bool:
-        return bool(self._classify or self._generate or self._gen_batch or not self._inbox.empty())
+        return bool(
+            self._classify or self._generate or self._gen_batch or self._prefill or not self._inbox.empty()
+        )
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -179,12 +182,22 @@ class Engine:
         else:
             self._apply(item)
 
+    def _resident_uids(self) -> set[int]:
+        """Adapter versions of the rows generating now (their slots must stay)."""
+        return {
+            row.work.adapter.uid
+            for batch in (self._gen_batch, self._prefill)
+            if batch is not None
+            for row in batch.rows
+            if row.work.adapter
+        }
+
     def _busy_uids(self) -> set[int]:
         """Adapter versions that queued or running work still needs in their slots."""
-        busy = {w.adapter.uid for w in self._classify} | {w.adapter.uid for w in self._generate if w.adapter}
-        if self._gen_batch is not None:
-            busy |= {row.work.adapter.uid for row in self._gen_batch.rows if row.work.adapter}
-        return busy
+        queued = {w.adapter.uid for w in self._classify} | {
+            w.adapter.uid for w in self._generate if w.adapter
+        }
+        return queued | self._resident_uids()
 
     def _apply(self, cmd: Command) -> None:
         try:
@@ -202,9 +215,7 @@ class Engine:
     def _run_classify_batch(self) -> None:
         works: list[ClassifyWork] = []
         rows = width = 0
-        keep: set[int] = set()
-        if self._gen_batch is not None:
-            keep = {row.work.adapter.uid for row in self._gen_batch.rows if row.work.adapter}
+        keep = self._resident_uids()
         while self._classify:
             work = self._classify[0]
             if work.cancelled:
@@ -241,24 +252,20 @@ class Engine:
             start += len(w.inputs)
 
     def _run_generation_step(self) -> None:
-        """Admit waiting requests into the running batch (one prefill), then one decode step."""
+        """One prefill chunk for waiting requests (if any), then one decode step of the running batch."""
         running = self._gen_batch
         if running is not None:
             running.drop_cancelled()
             if not running.rows:
                 running = self._gen_batch = None
-        room = self.settings.max_batch_size - (len(running) if running else 0)
-        if self._generate and room > 0 and (running is None or mergeable(running.cache)):
-            joined = self._prefill_new(running, room)
-            if joined is not None:
-                if running is None:
-                    self._gen_batch = joined
-                else:
-                    running.extend(joined)
-                if self._gen_batch is not None and not self._gen_batch.rows:
-                    self._gen_batch = None
-                return  # decoding continues at the next iteration, after classification had its turn
-        if running is None:
+        if self._prefill is None and self._generate and (running is None or mergeable(running.cache)):
+            room = self.settings.max_batch_size - (len(running) if running else 0)
+            if room > 0:
+                self._prefill = self._start_prefill(room)
+        if self._prefill is not None:
+            self._advance_prefill()
+        running = self._gen_batch
+        if running is None or not running.rows:
             return
         try:
             finished = running.step(self._decode)
@@ -271,10 +278,9 @@ class Engine:
         if not running.rows:
             self._gen_batch = None
 
-    def _prefill_new(self, running: GenerationBatch | None, room: int) -> GenerationBatch | None:
-        """Prefill up to ``room`` waiting requests, as slots and the prefill token budget allow."""
-        s = self.settings
-        keep = {row.work.adapter.uid for row in running.rows if row.work.adapter} if running else set()
+    def _start_prefill(self, room: int) -> GenerationBatch | None:
+        """Take up to ``room`` waiting requests, as slots and the prefill token budget allow."""
+        keep = self._resident_uids()
         works: list[GenerateWork] = []
         width = 0
         while self._generate and len(works) < room:
@@ -286,7 +292,7 @@ class Engine:
             if uid is not None and uid not in keep and len(keep) >= self.slots.capacity:
                 break
             new_width = max(width, len(work.prompt))
-            if works and new_width * (len(works) + 1) > s.max_prefill_tokens:
+            if works and new_width * (len(works) + 1) > self.settings.max_prefill_tokens:
                 break
             self._generate.popleft()
             works.append(work)
@@ -297,14 +303,34 @@ class Engine:
             return None
         try:
             pairs = [(w, self.slots.acquire(w.adapter, keep) if w.adapter else BASE_SLOT) for w in works]
-            batch, finished = GenerationBatch.prefill(self.runner, pairs, self._decode)
         except Exception:
-            log.exception("prefill failed")
-            self._fail_rows(works, "the prefill batch failed")
+            log.exception("loading adapters for a prefill failed")
+            self._fail_rows(works, "loading the adapter failed")
             return None
         self.metrics.batch_size.labels(task="prefill").observe(len(works))
+        return GenerationBatch.start(self.runner, pairs)
+
+    def _advance_prefill(self) -> None:
+        """One chunk of the prefill; when it completes, its rows join the running batch."""
+        batch = self._prefill
+        assert batch is not None
+        try:
+            finished = batch.prefill_chunk(self.settings.max_prefill_tokens, self._decode)
+        except Exception:
+            log.exception("prefill failed")
+            self._fail_rows([row.work for row in batch.rows], "the prefill batch failed")
+            self._prefill = None
+            return
+        if finished is None:
+            return
+        self._prefill = None
         self._finish(finished)
-        return batch
+        if not batch.rows:
+            return
+        if self._gen_batch is None:
+            self._gen_batch = batch
+        else:
+            self._gen_batch.extend(batch)
 
     def _finish(self, finished: list[tuple[GenerateWork, GenerationResult]]) -> None:
         now = time.monotonic()
@@ -331,8 +357,9 @@ class Engine:
 
     def _fail_all(self, exc: EngineFailure) -> None:
         pending: list[ClassifyWork | GenerateWork] = [*self._classify, *self._generate]
-        if self._gen_batch is not None:
-            pending += [row.work for row in self._gen_batch.rows]
+        for batch in (self._gen_batch, self._prefill):
+            if batch is not None:
+                pending += [row.work for row in batch.rows]
         while not self._inbox.empty():
             item = self._inbox.get_nowait()
             if not isinstance(item, Command):

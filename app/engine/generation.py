@@ -1,9 +1,10 @@
 """Continuous batching for generation: rows join at the next step and leave as soon as they finish.
 
 A :class:`GenerationBatch` holds left-padded rows over one KV cache. New requests are prefilled
-in a batch of their own (which samples their first token), then merged into the running batch by
-left-padding the shorter cache; rows that finish or are cancelled are dropped from the cache at
-once, and leading columns that no row needs any more are trimmed.
+in a batch of their own, in chunks of a bounded number of tokens interleaved with the decode steps
+of the running batch; the last chunk samples their first token, and the batch is then merged into
+the running one by left-padding the shorter cache. Rows that finish or are cancelled are dropped
+from the cache at once, and leading columns that no row needs any more are trimmed.
 """
 
 from __future__ import annotations
@@ -71,17 +72,17 @@ class GenerationBatch:
         self.positions = torch.empty(0)  # [batch, 1] position of each row's next input token
         self.next_ids = torch.empty(0)  # [batch, 1] each row's next input token
         self._composition: int | None = None  # identifies the row set for reusing gathered weights
+        # while prefilling: the padded prompts [batch, width], their mask and positions; chunks done
+        self._prompt: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._done = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     # --- prefill ----------------------------------------------------------------------------
     @classmethod
-    @torch.inference_mode()
-    def prefill(
-        cls, runner: Runner, works: list[tuple[GenerateWork, int]], decode: Decode
-    ) -> tuple[GenerationBatch, list[tuple[GenerateWork, GenerationResult]]]:
-        """Run the prompts of new rows and pick their first tokens; return the batch and finished rows."""
+    def start(cls, runner: Runner, works: list[tuple[GenerateWork, int]]) -> GenerationBatch:
+        """A batch of new rows whose prompts still have to be prefilled (see :meth:`prefill_chunk`)."""
         dev = runner.device
         rows = [_Row(w, slot, make_generator(w.params.seed, dev)) for w, slot in works]
         width = max(len(w.prompt) for w, _ in works)
@@ -91,10 +92,34 @@ class GenerationBatch:
             ids[i, width - len(w.prompt) :] = torch.tensor(w.prompt)
             mask[i, width - len(w.prompt) :] = 1
         mask = mask.to(dev)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         batch = cls(runner, rows, DynamicCache(config=runner.model.config), mask)
-        finished = batch._forward(ids.to(dev), positions, decode)
-        return batch, finished
+        batch._prompt = (ids.to(dev), mask, (mask.cumsum(-1) - 1).clamp(min=0))
+        return batch
+
+    @property
+    def prefilling(self) -> bool:
+        return self._prompt is not None
+
+    @torch.inference_mode()
+    def prefill_chunk(
+        self, max_tokens: int, decode: Decode
+    ) -> list[tuple[GenerateWork, GenerationResult]] | None:
+        """Prefill the next chunk of at most ``max_tokens`` padded tokens.
+
+        Returns None while the prompts are not complete; after the last chunk, the rows have their
+        first token and the rows that already finished are returned.
+        """
+        assert self._prompt is not None
+        ids, mask, positions = self._prompt
+        width = ids.shape[1]
+        end = min(width, self._done + max(1, max_tokens // len(self.rows)))
+        self.mask = mask[:, :end]
+        begin, self._done = self._done, end
+        if end < width:
+            self._run(ids[:, begin:end], positions[:, begin:end])
+            return None
+        self._prompt = None
+        return self._forward(ids[:, begin:], positions[:, begin:], decode)
 
     # --- decode -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -108,20 +133,9 @@ class GenerationBatch:
         self, ids: torch.Tensor, positions: torch.Tensor, decode: Decode, reuse_key: int | None = None
     ) -> list[tuple[GenerateWork, GenerationResult]]:
         r = self.runner
-        r.set_routing([row.slot for row in self.rows], reuse_key)
-        try:
-            out = r.model(
-                input_ids=ids,
-                attention_mask=self.mask,
-                position_ids=positions,
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        finally:
-            r.ctx.routing = None
+        logits = self._run(ids, positions, reuse_key)
         chosen = select_tokens(
-            out.logits[:, -1, :],
+            logits,
             [row.work.params.temperature for row in self.rows],
             [row.work.params.top_p for row in self.rows],
             [row.generator for row in self.rows],
@@ -142,6 +156,24 @@ class GenerationBatch:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         self.keep(keep)
         return finished
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, reuse_key: int | None = None) -> torch.Tensor:
+        """Forward ``ids`` [batch, tokens] through the model and cache; last-token logits [batch, vocab]."""
+        r = self.runner
+        r.set_routing([row.slot for row in self.rows], reuse_key)
+        try:
+            out = r.model(
+                input_ids=ids,
+                attention_mask=self.mask,
+                position_ids=positions,
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            r.ctx.routing = None
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
 
     def _advance(self, row: _Row, tok: int, decode: Decode) -> GenerationResult | None:
         params = row.work.params
