@@ -50,9 +50,7 @@ def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
         finally:
             adapter = getattr(request.state, "adapter", None)
             registry: AdapterRegistry | None = getattr(request.app.state, "registry", None)
-            known = (
-                adapter is not None and registry is not None and adapter in {i.name for i in registry.list()}
-            )
+            known = adapter is not None and registry is not None and adapter in registry
             label = metrics.adapter_label(adapter) if (known or adapter is None) else "unknown"
             metrics.requests.labels(endpoint=endpoint, adapter=label, status=str(status)).inc()
             metrics.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - start)
@@ -84,7 +82,9 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         app.state.model_id = model.spec.model_id
         app.state.registry = registry
         app.state.engine = engine
-        app.state.service = InferenceService(settings, registry, engine, model.tokenizer)
+        app.state.service = InferenceService(
+            settings, registry, engine, model.tokenizer, model.spec.max_context
+        )
         log.info("adapterserve ready: %d adapters in %s", len(registry.list()), settings.store)
         try:
             yield

@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from app.adapters.registry import AdapterInfo, AdapterRegistry
@@ -42,7 +43,9 @@ class InferenceService:
         registry: AdapterRegistry,
         engine: Engine,
         tokenizer: PreTrainedTokenizerBase,
+        max_context: int | None = None,
     ) -> None:
+        self.max_context = max_context  # prompt + new tokens must fit the base model's positions
         self.settings = settings
         self.registry = registry
         self.engine = engine
@@ -106,6 +109,12 @@ class InferenceService:
             seed=req.seed,
             stop=tuple(req.stop_list),
         )
+        if self.max_context and len(prompt_ids) + max_new_tokens > self.max_context:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the base "
+                f"model's context of {self.max_context} tokens",
+                param="max_new_tokens",
+            )
         if info is not None:
             self.registry.touch(info)
         return info, prompt_ids, params
@@ -161,7 +170,16 @@ class InferenceService:
             work.cancelled = True  # a client that went away frees its row at the next step
 
     def _encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.chat_prompt(messages)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest(
+                "the base model has no chat template; send a prompt instead", param="messages"
+            )
+        try:
+            text = self.chat_prompt(messages)
+        except (ValueError, TemplateError) as exc:
+            raise InvalidRequest(
+                f"the chat template rejected these messages: {exc}", param="messages"
+            ) from exc
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.settings.max_input_tokens:
             raise InvalidRequest(

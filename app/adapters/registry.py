@@ -98,6 +98,9 @@ class AdapterRegistry:
             except InvalidAdapter as exc:
                 log.warning("skipping adapter %s in the store: %s", name, exc.message)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
     def list(self) -> list[AdapterInfo]:
         return [self._infos[n] for n in sorted(self._infos)]
 

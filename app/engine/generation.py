@@ -238,6 +238,10 @@ class GenerationBatch:
 
     def _trim(self) -> None:
         """Drop leading cache columns that are padding for every row."""
+        if self._prompt is not None or not mergeable(
+            self.cache
+        ):  # sliding-window caches keep their own length
+            return
         used = self.mask[:, :-1].any(dim=0).nonzero()
         start = int(used[0].item()) if used.numel() else self.mask.shape[1] - 1
         if start == 0:

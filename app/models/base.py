@@ -28,6 +28,7 @@ class BaseSpec:
     model_id: str
     hidden_size: int
     vocab_size: int
+    max_context: int | None = None  # positions the model was trained for, when its config says
     linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (out, in)
 
 
@@ -137,6 +138,7 @@ def load_base_model(base_model: str, cache_dir: Path, device: str, dtype: str) -
         model_id=model_id,
         hidden_size=int(model.config.hidden_size),
         vocab_size=int(model.config.vocab_size),
+        max_context=getattr(model.config, "max_position_embeddings", None),
         linear_shapes=linear_shapes(model),
     )
     log.info("base model %s loaded from %s on %s (%s)", model_id, path, dev, dt)
