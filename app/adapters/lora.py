@@ -91,15 +91,15 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def check_config(config: dict[str, Any]) -> Literal["classify", "generate"]:
-    """Reject configurations the server cannot apply faithfully; return the task."""
+def check_config(config: dict[str, Any]) -> Literal["classify", "generate"] | None:
+    """Reject configurations the server cannot apply faithfully; return the task (None: not stated)."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise InvalidAdapter(f"peft_type must be LORA, got {peft_type!r}", param="peft_type")
     task_type = config.get("task_type")
-    if task_type not in TASKS:
+    if task_type is not None and task_type not in TASKS:
         raise InvalidAdapter(
-            f"task_type must be one of {sorted(TASKS)}, got {task_type!r}", param="task_type"
+            f"task_type must be one of {sorted(TASKS)} (or null), got {task_type!r}", param="task_type"
         )
     for key, message in _UNSUPPORTED.items():
         if config.get(key):
@@ -121,7 +121,7 @@ def check_config(config: dict[str, Any]) -> Literal["classify", "generate"]:
                 re.compile(pat)
             except re.error as exc:
                 raise InvalidAdapter(f"{key} has an invalid pattern {pat!r}: {exc}", param=key) from exc
-    return TASKS[task_type]
+    return TASKS[task_type] if task_type is not None else None
 
 
 def read_labels(folder: Path, num_labels: int) -> list[str]:
@@ -201,10 +201,18 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int) -> LoraAdapter:
             head[part] = tensor
         elif part in ("lora_A.weight", "lora_B.weight"):
             parts.setdefault(module, {})[part] = tensor
+        elif part in ("weight", "bias"):
+            raise InvalidAdapter(
+                f"tensor {key!r} is a full copy of module {module!r} (modules_to_save); only the "
+                "classification head 'score' of a SEQ_CLS adapter is supported",
+                param=WEIGHTS_FILE,
+            )
         else:
             raise InvalidAdapter(f"unexpected tensor {key!r}", param=WEIGHTS_FILE)
     if not parts:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA weights", param=WEIGHTS_FILE)
+    if task is None:  # a LoraConfig without task_type: a classification head makes it a classifier
+        task = "classify" if "weight" in head else "generate"
 
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     max_r, num_params = 0, 0

@@ -93,6 +93,10 @@ def _int_dtype(t: dict[str, torch.Tensor]) -> None:
     t[k] = t[k].to(torch.int32)
 
 
+def _full_module(t: dict[str, torch.Tensor]) -> None:
+    t["base_model.model.model.norm.weight"] = torch.ones(576)
+
+
 def _embedding(t: dict[str, torch.Tensor]) -> None:
     t["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(8, 49152)
 
@@ -104,6 +108,7 @@ BAD_WEIGHTS = {
     "inf": (_inf, "inf"),
     "int-dtype": (_int_dtype, "dtype"),
     "embedding-lora": (_embedding, "embedding"),
+    "modules-to-save": (_full_module, "modules_to_save"),
 }
 
 

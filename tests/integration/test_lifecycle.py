@@ -51,6 +51,28 @@ def test_upload_tar_gz_with_top_folder_versions_and_delete(
     assert not [p for p in store_dir.iterdir() if p.name.startswith(".")]
 
 
+def test_config_without_task_type_is_inferred(client: TestClient, uploaded: dict[str, RefAdapter]) -> None:
+    """PEFT adapters made with a LoraConfig without task_type load; the task comes from the weights."""
+    import io
+    import json
+    import zipfile
+
+    for name, expected in (("gen-qv-r8", "generate"), ("cls-4", "classify")):
+        folder = uploaded[name].folder
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        cfg["task_type"] = None
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for f in folder.iterdir():
+                zf.writestr(f.name, json.dumps(cfg) if f.name == "adapter_config.json" else f.read_bytes())
+        body = _post(client, f"{name}-notask", buf.getvalue(), "a.zip")
+        assert body["task"] == expected
+    resp = client.post("/classify", json={"adapter": "cls-4-notask", "inputs": CLASSIFY_TEXTS[:1]})
+    assert abs(resp.json()["results"][0]["scores"]["business"] - uploaded["cls-4"].probs[0][0]) <= 1e-4
+    for name in ("gen-qv-r8-notask", "cls-4-notask"):
+        assert client.delete(f"/admin/adapters/{name}", headers=admin_headers()).status_code == 204
+
+
 def test_store_survives_restart(
     base_path: Path, uploaded: dict[str, RefAdapter], store_dir: Path, client: TestClient
 ) -> None:

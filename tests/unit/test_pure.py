@@ -47,6 +47,7 @@ def _cfg(**kw: object) -> dict[str, object]:
 def test_check_config_maps_tasks_and_rejects_unsupported() -> None:
     assert check_config(_cfg()) == "generate"
     assert check_config(_cfg(task_type="SEQ_CLS")) == "classify"
+    assert check_config(_cfg(task_type=None)) is None  # inferred from the weights
     for field, value in [("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 2]])]:
         with pytest.raises(InvalidAdapter) as exc:
             check_config(_cfg(**{field: value}))
