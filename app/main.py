@@ -77,6 +77,10 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         engine = Engine(model, settings, metrics)
         registry.on_retire = engine.retire
         engine.start()
+        missing = [name for name in settings.preload_names if name not in registry]
+        if missing:
+            engine.stop()
+            raise RuntimeError(f"ADAPTERSERVE_PRELOAD names adapters that are not in the store: {missing}")
         for name in settings.preload_names:
             await engine.command("load", registry.get(name))
         app.state.model_id = model.spec.model_id

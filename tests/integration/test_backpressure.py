@@ -138,3 +138,20 @@ def test_chunked_prefill_matches_and_interleaves_with_decoding(base_path: Path, 
     assert chunked == whole
     assert during_whole <= 2  # one prefill forward in one piece
     assert during_chunked >= 4  # decode steps ran between the 64-token chunks
+
+
+def test_preload_puts_adapters_on_the_device_at_start(
+    base_path: Path, ref_adapters: dict[str, RefAdapter], tmp_path: Path
+) -> None:
+    shutil.copytree(ref_adapters["gen-qv-r8"].folder, tmp_path / "gen-qv-r8")
+    shutil.copytree(ref_adapters["cls-4"].folder, tmp_path / "cls-4")
+    base = load_base_model(str(base_path), CACHE_DIR, "cpu", "float32")
+    settings = Settings(store=tmp_path, preload="gen-qv-r8")
+    with TestClient(create_app(settings, base=base)) as client:
+        tiers = {a["name"]: a["tier"] for a in client.get("/v1/adapters").json()["adapters"]}
+        assert tiers == {"gen-qv-r8": "device", "cls-4": "host"}
+        body = {"adapter": "gen-qv-r8", "prompt": GENERATE_PROMPTS[0], "max_new_tokens": 10}
+        assert (
+            client.post("/generate", json=body).json()["text"]
+            == ref_adapters["gen-qv-r8"].texts[GENERATE_PROMPTS[0]]
+        )
