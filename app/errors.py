@@ -115,7 +115,7 @@ def to_response(exc: AdapterServeError) -> JSONResponse:
 
 def _validation_param(exc: RequestValidationError) -> str | None:
     errors = exc.errors()
-    if not errors:
+    if not errors or errors[0].get("type") == "json_invalid":
         return None
     loc = [str(p) for p in errors[0].get("loc", ()) if p not in ("body", "query", "path")]
     return ".".join(loc) or None
@@ -124,6 +124,8 @@ def _validation_param(exc: RequestValidationError) -> str | None:
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
+        if err.get("type") == "json_invalid":
+            return f"the request body is not valid JSON: {err.get('ctx', {}).get('error', 'decode error')}"
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return "; ".join(parts) or "invalid request"

@@ -319,3 +319,11 @@ def test_too_many_inputs_and_too_long_input_are_422(
         "inputs",
     )
     _expect(client.post("/generate", json={"prompt": "word " * 3000}), 422, "invalid_request", "tokens")
+
+
+def test_malformed_json_and_unknown_routes(client: TestClient) -> None:
+    resp = client.post("/classify", content=b"{not json", headers={"content-type": "application/json"})
+    err = _expect(resp, 422, "invalid_request", "not valid JSON")
+    assert err["param"] is None
+    _expect(client.get("/no-such-route"), 404, "not_found")
+    _expect(client.get("/classify"), 405, "method_not_allowed")
