@@ -267,6 +267,7 @@ class Engine:
         running = self._gen_batch
         if running is None or not running.rows:
             return
+        self.metrics.batch_size.labels(task="generate").observe(len(running))
         try:
             finished = running.step(self._decode)
         except Exception:

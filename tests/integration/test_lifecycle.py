@@ -99,6 +99,8 @@ def test_health_ready_and_metrics(client: TestClient, uploaded: dict[str, RefAda
     assert 'adapterserve_requests_total{adapter="unknown",endpoint="/classify",status="404"}' in text
     assert 'adapterserve_request_duration_seconds_count{endpoint="/classify"}' in text
     assert 'adapterserve_batch_size_count{task="classify"}' in text
+    for name in ("time_to_first_token_seconds_count", "time_per_output_token_seconds_count", "queue_depth"):
+        assert f"adapterserve_{name}" in text
     assert "adapterserve_generated_tokens_total" in text
     assert 'endpoint="/metrics"' not in text
 
