@@ -99,8 +99,17 @@ def test_health_ready_and_metrics(client: TestClient, uploaded: dict[str, RefAda
     assert 'adapterserve_requests_total{adapter="unknown",endpoint="/classify",status="404"}' in text
     assert 'adapterserve_request_duration_seconds_count{endpoint="/classify"}' in text
     assert 'adapterserve_batch_size_count{task="classify"}' in text
-    for name in ("time_to_first_token_seconds_count", "time_per_output_token_seconds_count", "queue_depth"):
-        assert f"adapterserve_{name}" in text
+    client.post("/generate", json={"adapter": "gen-qv-r8", "prompt": "Hello", "max_new_tokens": 3})
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith("adapterserve_") and " " in line
+    }
+    assert values["adapterserve_time_to_first_token_seconds_count"] >= 1
+    assert values["adapterserve_time_per_output_token_seconds_count"] >= 1
+    assert values['adapterserve_generated_tokens_total{adapter="gen-qv-r8"}'] >= 3
+    assert values['adapterserve_batch_size_count{task="generate"}'] >= 1
+    assert "adapterserve_queue_depth" in values
     assert "adapterserve_generated_tokens_total" in text
     assert 'endpoint="/metrics"' not in text
 
