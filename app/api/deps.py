@@ -9,7 +9,6 @@ from fastapi import Depends, Request
 
 from app.adapters.registry import AdapterRegistry
 from app.config import Settings
-from app.engine.engine import Engine
 from app.errors import AdminDisabled, Forbidden, NotReady, Unauthorized
 from app.service import InferenceService
 
@@ -30,17 +29,12 @@ def get_registry(request: Request) -> AdapterRegistry:
     return _state(request, "registry")  # type: ignore[return-value]
 
 
-def get_engine(request: Request) -> Engine:
-    return _state(request, "engine")  # type: ignore[return-value]
-
-
 def get_service(request: Request) -> InferenceService:
     return _state(request, "service")  # type: ignore[return-value]
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
 ServiceDep = Annotated[InferenceService, Depends(get_service)]
 
 

@@ -96,10 +96,6 @@ class GenerationBatch:
         batch._prompt = (ids.to(dev), mask, (mask.cumsum(-1) - 1).clamp(min=0))
         return batch
 
-    @property
-    def prefilling(self) -> bool:
-        return self._prompt is not None
-
     @torch.inference_mode()
     def prefill_chunk(
         self, max_tokens: int, decode: Decode
