@@ -85,15 +85,10 @@ class GenerationBatch:
         """A batch of new rows whose prompts still have to be prefilled (see :meth:`prefill_chunk`)."""
         dev = runner.device
         rows = [_Row(w, slot, make_generator(w.params.seed, dev)) for w, slot in works]
-        width = max(len(w.prompt) for w, _ in works)
-        ids = torch.full((len(works), width), runner.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(works), width), dtype=torch.long)
-        for i, (w, _) in enumerate(works):  # left padding: every row's next token is at the end
-            ids[i, width - len(w.prompt) :] = torch.tensor(w.prompt)
-            mask[i, width - len(w.prompt) :] = 1
-        mask = mask.to(dev)
+        # left padding: every row's next token is at the end
+        ids, mask = runner.pad([w.prompt for w, _ in works], left=True)
         batch = cls(runner, rows, DynamicCache(config=runner.model.config), mask)
-        batch._prompt = (ids.to(dev), mask, (mask.cumsum(-1) - 1).clamp(min=0))
+        batch._prompt = (ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
         return batch
 
     @torch.inference_mode()

@@ -29,6 +29,17 @@ class Runner:
         eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.eos_ids: set[int] = {int(e) for e in [*eos_ids, tok.eos_token_id] if e is not None}
 
+    def pad(self, seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask [rows, longest] on the device, padded on the left or right."""
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, toks in enumerate(seqs):
+            cols = slice(width - len(toks), width) if left else slice(0, len(toks))
+            ids[i, cols] = torch.tensor(toks)
+            mask[i, cols] = 1
+        return ids.to(self.device), mask.to(self.device)
+
     def set_routing(self, slots: list[int], reuse_key: int | None = None) -> None:
         self.ctx.routing = Routing.build(slots, self.device, reuse_key)
 
@@ -37,13 +48,7 @@ class Runner:
         self, rows: list[tuple[int, list[int]]], heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
     ) -> list[list[float]]:
         """Class probabilities for each (slot, token ids) row; one forward for the whole batch."""
-        width = max(len(ids) for _, ids in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (_, toks) in enumerate(rows):  # right padding, as in training
-            ids[i, : len(toks)] = torch.tensor(toks)
-            mask[i, : len(toks)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = self.pad([toks for _, toks in rows], left=False)  # right padding, as in training
         self.set_routing([slot for slot, _ in rows])
         try:
             hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -188,28 +188,23 @@ ARCHIVES: dict[str, tuple[Callable[[Path], bytes], str]] = {
 }
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
+def _tar(files: dict[str, bytes], symlink: tuple[str, str] | None = None) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
+        if symlink is not None:
+            link = tarfile.TarInfo(symlink[0])
+            link.type = tarfile.SYMTYPE
+            link.linkname = symlink[1]
+            tf.addfile(link)
     return buf.getvalue()
 
 
 def _tar_with_symlink(folder: Path) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in _files(folder).items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo("labels.json")
-        link.type = tarfile.SYMTYPE
-        link.linkname = "/etc/passwd"
-        tf.addfile(link)
-    return buf.getvalue()
+    return _tar(_files(folder), symlink=("labels.json", "/etc/passwd"))
 
 
 @pytest.mark.parametrize("case", sorted(ARCHIVES))
