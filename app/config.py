@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -30,7 +32,14 @@ class Settings(BaseSettings):
     # --- adapter store and cache ------------------------------------------------------------
     store: Path = Field(Path("adapters_store"), description="adapter store folder")
     preload: str = Field("", description="comma-separated adapter names loaded at start")
+    pin: str = Field("", description="comma-separated adapter names never evicted from host or device")
     max_device_adapters: int = Field(32, ge=1, description="adapter slots resident on the device")
+    max_device_adapter_bytes: int | None = Field(
+        None, ge=1, description="byte budget of the device tier; unset = a fifth of GPU memory, or the host's"
+    )
+    max_host_adapter_bytes: int | None = Field(
+        None, ge=1, description="byte budget of the host-memory tier (LRU); unset = a quarter of RAM"
+    )
     max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank accepted")
 
     # --- server -----------------------------------------------------------------------------
@@ -62,8 +71,45 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if self.dtype == "float16" and self.device == "cpu":
             raise ValueError("dtype float16 is not supported on the CPU; use float32 or bfloat16")
+        if len(self.pin_names) >= self.max_device_adapters:
+            raise ValueError(
+                f"PIN names {len(self.pin_names)} adapters; at most MAX_DEVICE_ADAPTERS - 1 "
+                f"({self.max_device_adapters - 1}) can be pinned so that other adapters still get a slot"
+            )
+        if len(set(self.preload_names) | set(self.pin_names)) > self.max_device_adapters:
+            raise ValueError("PRELOAD and PIN name more adapters than MAX_DEVICE_ADAPTERS slots")
+        host, device = self.max_host_adapter_bytes, self.max_device_adapter_bytes
+        if host is not None and device is not None and device > host:
+            raise ValueError(
+                "MAX_DEVICE_ADAPTER_BYTES must not exceed MAX_HOST_ADAPTER_BYTES: every adapter on the "
+                "device passes through host memory"
+            )
         return self
 
     @property
     def preload_names(self) -> list[str]:
-        return [n.strip() for n in self.preload.split(",") if n.strip()]
+        return _names(self.preload)
+
+    @property
+    def pin_names(self) -> list[str]:
+        return _names(self.pin)
+
+    def host_adapter_bytes(self) -> int:
+        """The host tier's budget: as set, else a quarter of the machine's memory."""
+        if self.max_host_adapter_bytes is not None:
+            return self.max_host_adapter_bytes
+        return max(256 << 20, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+
+    def device_adapter_bytes(self, device: torch.device) -> int:
+        """The device tier's budget: as set, else a fifth of the GPU's memory (the host's on a CPU)."""
+        if self.max_device_adapter_bytes is not None:
+            return self.max_device_adapter_bytes
+        if device.type == "cuda":
+            return min(
+                int(torch.cuda.get_device_properties(device).total_memory) // 5, self.host_adapter_bytes()
+            )
+        return self.host_adapter_bytes()
+
+
+def _names(value: str) -> list[str]:
+    return [n.strip() for n in value.split(",") if n.strip()]

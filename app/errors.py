@@ -74,6 +74,16 @@ class NotReady(AdapterServeError):
     type = "not_ready"
 
 
+class AdapterLoadFailed(AdapterServeError):
+    """An adapter listed in the store whose files can no longer be read or validated."""
+
+    type = "adapter_load_error"
+
+
+class Conflict(AdapterServeError):
+    type = "conflict"
+
+
 STATUS: dict[type[AdapterServeError], int] = {
     InvalidRequest: 422,
     InvalidAdapter: 400,
@@ -82,8 +92,10 @@ STATUS: dict[type[AdapterServeError], int] = {
     AdminDisabled: 403,
     AdapterNotFound: 404,
     TaskMismatch: 409,
+    Conflict: 409,
     UploadTooLarge: 413,
     EngineFailure: 500,
+    AdapterLoadFailed: 500,
     QueueFull: 503,
     NotReady: 503,
     DeadlineExceeded: 504,

@@ -21,7 +21,7 @@ from app.engine.engine import Engine
 from app.errors import register_error_handlers
 from app.metrics import Metrics
 from app.models.base import BaseModel, load_base_model
-from app.service import InferenceService
+from app.service import InferenceService, load_on_device
 
 log = logging.getLogger(__name__)
 _UNMEASURED = {"/metrics"}
@@ -72,17 +72,28 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         limits = ArchiveLimits(
             max_members=settings.max_archive_members, max_total_bytes=2 * settings.max_upload_bytes
         )
-        registry = AdapterRegistry(store, model.spec, settings.max_lora_rank, limits)
+        registry = AdapterRegistry(
+            store,
+            model.spec,
+            settings.max_lora_rank,
+            limits,
+            host_budget=settings.host_adapter_bytes(),
+            device_budget=settings.device_adapter_bytes(model.device),
+            metrics=metrics,
+            pinned=settings.pin_names,
+        )
         await asyncio.to_thread(registry.scan)
+        for option, names in (("PRELOAD", settings.preload_names), ("PIN", settings.pin_names)):
+            missing = [name for name in names if name not in registry]
+            if missing:
+                raise RuntimeError(
+                    f"ADAPTERSERVE_{option} names adapters that are not in the store: {missing}"
+                )
         engine = Engine(model, settings, metrics)
         registry.on_retire = engine.retire
         engine.start()
-        missing = [name for name in settings.preload_names if name not in registry]
-        if missing:
-            engine.stop()
-            raise RuntimeError(f"ADAPTERSERVE_PRELOAD names adapters that are not in the store: {missing}")
-        for name in settings.preload_names:
-            await engine.command("load", registry.get(name))
+        for name in dict.fromkeys([*settings.pin_names, *settings.preload_names]):
+            await load_on_device(registry, engine, name)
         app.state.model_id = model.spec.model_id
         app.state.registry = registry
         app.state.engine = engine

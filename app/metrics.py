@@ -52,6 +52,34 @@ class Metrics:
         self.generated_tokens = Counter(
             "adapterserve_generated_tokens_total", "tokens generated", ["adapter"], registry=r
         )
+        # adapter tiers: store (disk) -> host memory -> device slots
+        self.adapter_loads = Counter(
+            "adapterserve_adapter_loads_total", "adapter loads into a tier", ["tier"], registry=r
+        )
+        self.adapter_load_seconds = Histogram(
+            "adapterserve_adapter_load_seconds",
+            "time to load an adapter into a tier (host: read + validate; device: copy into slots)",
+            ["tier"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.adapter_evictions = Counter(
+            "adapterserve_adapter_evictions_total", "adapters evicted from a tier", ["tier"], registry=r
+        )
+        self.adapters_resident = Gauge(
+            "adapterserve_adapters_resident", "adapters resident in a tier", ["tier"], registry=r
+        )
+        self.adapter_resident_bytes = Gauge(
+            "adapterserve_adapter_resident_bytes",
+            "bytes of adapter weights resident in a tier",
+            ["tier"],
+            registry=r,
+        )
+        self.adapter_bank_bytes = Gauge(
+            "adapterserve_adapter_bank_bytes",
+            "device memory allocated for the adapter slot banks (ranks padded per layer)",
+            registry=r,
+        )
 
     def adapter_label(self, adapter: AdapterInfo | str | None) -> str:
         """A bounded ``adapter`` label: the first N names seen keep their own series, the rest 'other'."""

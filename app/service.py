@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from app.adapters.lora import LoraAdapter
 from app.adapters.registry import AdapterInfo, AdapterRegistry
 from app.api.schemas import (
     ClassifyRequest,
@@ -32,6 +33,13 @@ DEFAULT_NEW_TOKENS = 128
 def sse(payload: dict[str, Any]) -> str:
     """One server-sent event carrying a JSON payload."""
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def load_on_device(registry: AdapterRegistry, engine: Engine, name: str) -> AdapterInfo:
+    """Bring the current version of ``name`` into host memory and a device slot now."""
+    info, weights = await asyncio.to_thread(registry.load, name)
+    await engine.command("load", (info, weights))
+    return info
 
 
 class InferenceService:
@@ -64,8 +72,19 @@ class InferenceService:
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
+    async def adapter(
+        self, name: str, task: Literal["classify", "generate"]
+    ) -> tuple[AdapterInfo, LoraAdapter]:
+        """The current version of adapter ``name`` with its weights (read from the store on first use;
+        only this request waits for that)."""
+        info = self.registry.for_task(name, task)
+        weights = self.registry.cached(info)
+        if weights is not None:
+            return info, weights
+        return await asyncio.to_thread(self.registry.load, name, task)
+
     async def classify(self, req: ClassifyRequest) -> ClassifyResponse:
-        info = self.registry.for_task(req.adapter, "classify")
+        self.registry.for_task(req.adapter, "classify")  # 404/409 before any other check
         texts = req.texts
         if len(texts) > self.settings.max_inputs_per_request:
             raise InvalidRequest(
@@ -73,9 +92,10 @@ class InferenceService:
                 param="inputs",
             )
         ids = await asyncio.to_thread(lambda: [self._encode(t, "inputs") for t in texts])
+        info, weights = await self.adapter(req.adapter, "classify")
         self.registry.touch(info)
-        probs = await self.engine.classify(info, ids)
-        labels = info.adapter.labels
+        probs = await self.engine.classify(info, ids, weights)
+        labels = info.labels
         results = []
         for row in probs:
             ranked = sorted(zip(labels, row, strict=True), key=lambda x: x[1], reverse=True)
@@ -86,11 +106,11 @@ class InferenceService:
             adapter=info.name, results=results, usage=ClassifyUsage(input_tokens=sum(len(i) for i in ids))
         )
 
-    def resolve_generation_adapter(self, name: str | None) -> AdapterInfo | None:
-        return None if name is None else self.registry.for_task(name, "generate")
-
-    async def _prepare(self, req: GenerateRequest) -> tuple[AdapterInfo | None, list[int], SamplingParams]:
-        info = self.resolve_generation_adapter(req.adapter)
+    async def _prepare(
+        self, req: GenerateRequest
+    ) -> tuple[AdapterInfo | None, LoraAdapter | None, list[int], SamplingParams]:
+        if req.adapter is not None:
+            self.registry.for_task(req.adapter, "generate")  # 404/409 before any other check
         cap = self.settings.max_new_tokens
         max_new_tokens = req.max_new_tokens or min(DEFAULT_NEW_TOKENS, cap)
         if max_new_tokens > cap:
@@ -115,13 +135,15 @@ class InferenceService:
                 f"model's context of {self.max_context} tokens",
                 param="max_new_tokens",
             )
-        if info is not None:
+        info, weights = None, None
+        if req.adapter is not None:
+            info, weights = await self.adapter(req.adapter, "generate")
             self.registry.touch(info)
-        return info, prompt_ids, params
+        return info, weights, prompt_ids, params
 
     async def generate(self, req: GenerateRequest) -> GenerateResponse:
-        info, prompt_ids, params = await self._prepare(req)
-        result = await self.engine.generate(info, prompt_ids, params)
+        info, weights, prompt_ids, params = await self._prepare(req)
+        result = await self.engine.generate(info, prompt_ids, params, weights)
         return GenerateResponse(
             adapter=req.adapter,
             text=result.text,
@@ -131,7 +153,7 @@ class InferenceService:
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[str]:
         """Queue a streamed generation (errors raise before any byte is sent); return its SSE events."""
-        info, prompt_ids, params = await self._prepare(req)
+        info, weights, prompt_ids, params = await self._prepare(req)
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[StreamDelta] = asyncio.Queue()
 
@@ -139,7 +161,7 @@ class InferenceService:
             with contextlib.suppress(RuntimeError):  # the client's loop is gone
                 loop.call_soon_threadsafe(deltas.put_nowait, delta)
 
-        work = self.engine.submit_stream(info, prompt_ids, params, sink)
+        work = self.engine.submit_stream(info, prompt_ids, params, sink, weights)
         return self._events(work, deltas)
 
     async def _events(self, work: GenerateWork, deltas: asyncio.Queue[StreamDelta]) -> AsyncIterator[str]:

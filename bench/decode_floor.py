@@ -44,11 +44,8 @@ def main() -> None:
     ctx = RoutingContext()
     runner = Runner(base, ctx)
     slots = DeviceSlots(wrap_linear_layers(base.model, ctx), args.rows, base.device, base.dtype)
-    infos = [
-        AdapterInfo(name=f.name, version=1, created_at=0.0, adapter=load_lora(f, base.spec, 64))
-        for f in folders
-    ]
-    slot_ids = [slots.acquire(i, {x.uid for x in infos}) for i in infos]
+    infos = [AdapterInfo.from_adapter(f.name, load_lora(f, base.spec, 64)) for f in folders]
+    slot_ids = [slots.acquire(i, i.weights, {x.uid for x in infos}) for i in infos]
     tok = base.tokenizer
     prompts = [tok(f"{i} {PROMPT}")["input_ids"] for i in range(args.rows)]
 
@@ -72,7 +69,7 @@ def main() -> None:
     base_ms = step_ms([BASE_SLOT] * args.rows)
     single_ms = step_ms([slot_ids[0]] * args.rows)
     mixed_ms = step_ms(slot_ids)
-    adapter_bytes = sum(a.numel() * 4 + b.numel() * 4 for a, b in infos[0].adapter.weights.values())
+    adapter_bytes = sum(a.numel() * 4 + b.numel() * 4 for a, b in infos[0].weights.weights.values())
     probe = torch.randn(adapter_bytes * args.rows // 4)
     probe.sum()
     start = time.perf_counter()

@@ -168,10 +168,7 @@ class Bench:
 
     # --- driver -----------------------------------------------------------------------------
     def infos(self, folders: list[Path]) -> list[AdapterInfo]:
-        return [
-            AdapterInfo(name=f.name, version=1, created_at=0.0, adapter=load_lora(f, self.base.spec, 64))
-            for f in folders
-        ]
+        return [AdapterInfo.from_adapter(f.name, load_lora(f, self.base.spec, 64)) for f in folders]
 
     def run_engine(self, out: Path) -> dict[str, dict[str, float]]:
         """This engine only (its thread is the only one computing in this process)."""

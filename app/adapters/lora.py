@@ -58,7 +58,6 @@ class LoraAdapter:
     head_weight: torch.Tensor | None = field(default=None, repr=False)  # [labels, hidden]
     head_bias: torch.Tensor | None = field(default=None, repr=False)  # [labels]
     num_params: int = 0
-    sha256: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -273,5 +272,12 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int) -> LoraAdapter:
         head_weight=head_weight,
         head_bias=head_bias,
         num_params=num_params,
-        sha256=hashlib.sha256(weights_path.read_bytes()).hexdigest(),
     )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

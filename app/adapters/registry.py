@@ -1,4 +1,12 @@
-"""The registry of adapters known to the service: metadata, validated host weights, upload/delete."""
+"""The registry of adapters: metadata of every adapter in the store and the host-memory tier.
+
+Tiers: the store (disk) holds every adapter; the host tier holds validated weights of the most
+recently used ones within a byte budget (LRU); the device tier (the engine's slots) holds what the
+forward passes read. Listing the store needs no weights: the metadata written at upload time
+(``adapterserve.json``) is enough. Weights are read on first use, by the request that needs them,
+off the engine thread; changes to one name (upload, delete, load) are serialized by a per-name
+lock and different names proceed in parallel.
+"""
 
 from __future__ import annotations
 
@@ -7,96 +15,175 @@ import logging
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from app.adapters.archive import ArchiveLimits, extract_archive
-from app.adapters.lora import LoraAdapter, load_lora
+from app.adapters.lora import WEIGHTS_FILE, LoraAdapter, file_sha256, load_lora
 from app.adapters.store import AdapterStore, check_name
-from app.errors import AdapterNotFound, InvalidAdapter, TaskMismatch
+from app.errors import AdapterLoadFailed, AdapterNotFound, Conflict, InvalidAdapter, TaskMismatch
+from app.metrics import Metrics
 from app.models.base import BaseSpec
 
 log = logging.getLogger(__name__)
 _uids = itertools.count(1)
+_SUMMARY_KEYS = ("task", "kind", "rank", "alpha", "target_modules", "labels", "num_params", "size_bytes")
 
 
 @dataclass
 class AdapterInfo:
-    """One version of one adapter. ``uid`` is unique per loaded version in this process."""
+    """One version of one adapter. ``uid`` is unique per version in this process."""
 
     name: str
     version: int
     created_at: float
-    adapter: LoraAdapter = field(repr=False)
-    uid: int = field(default_factory=lambda: next(_uids))
+    task: Literal["classify", "generate"]
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    labels: list[str]
+    num_params: int
+    size_bytes: int  # bytes of the validated weights in memory
+    sha256: str
     kind: Literal["lora"] = "lora"
-    tier: Literal["store", "host", "device"] = "host"
+    uid: int = field(default_factory=lambda: next(_uids))
+    weights: LoraAdapter | None = field(default=None, repr=False)  # set while in the host tier
+    on_device: bool = False  # set by the engine's device slots
+    pinned: bool = False
     last_used: float | None = None
     request_count: int = 0
 
+    @classmethod
+    def from_adapter(
+        cls, name: str, adapter: LoraAdapter, version: int = 1, created_at: float = 0.0, sha256: str = ""
+    ) -> AdapterInfo:
+        return cls(
+            name=name,
+            version=version,
+            created_at=created_at,
+            sha256=sha256,
+            weights=adapter,
+            **summarize(adapter),
+        )
+
     @property
-    def task(self) -> Literal["classify", "generate"]:
-        return self.adapter.task
+    def tier(self) -> Literal["store", "host", "device"]:
+        if self.on_device:
+            return "device"
+        return "host" if self.weights is not None else "store"
 
     def describe(self) -> dict[str, Any]:
-        a = self.adapter
         return {
             "name": self.name,
-            "task": a.task,
+            "task": self.task,
             "kind": self.kind,
-            "rank": a.rank,
-            "alpha": a.alpha,
-            "target_modules": a.target_modules,
-            "labels": a.labels or None,
-            "num_params": a.num_params,
-            "size_bytes": a.nbytes,
-            "sha256": a.sha256,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "target_modules": self.target_modules,
+            "labels": self.labels or None,
+            "num_params": self.num_params,
+            "size_bytes": self.size_bytes,
+            "sha256": self.sha256,
             "version": self.version,
             "created_at": self.created_at,
             "tier": self.tier,
+            "pinned": self.pinned,
             "last_used": self.last_used,
             "request_count": self.request_count,
         }
 
 
-class AdapterRegistry:
-    """Maps names to the current :class:`AdapterInfo`; serializes changes to one name with a lock."""
+def summarize(adapter: LoraAdapter) -> dict[str, Any]:
+    return {
+        "task": adapter.task,
+        "kind": "lora",
+        "rank": adapter.rank,
+        "alpha": adapter.alpha,
+        "target_modules": adapter.target_modules,
+        "labels": adapter.labels,
+        "num_params": adapter.num_params,
+        "size_bytes": adapter.nbytes,
+    }
 
-    def __init__(self, store: AdapterStore, spec: BaseSpec, max_rank: int, limits: ArchiveLimits) -> None:
+
+class AdapterRegistry:
+    """Maps names to the current :class:`AdapterInfo` and keeps the host tier within its budget."""
+
+    def __init__(
+        self,
+        store: AdapterStore,
+        spec: BaseSpec,
+        max_rank: int,
+        limits: ArchiveLimits,
+        host_budget: int | None = None,
+        device_budget: int | None = None,
+        metrics: Metrics | None = None,
+        pinned: list[str] | None = None,
+    ) -> None:
         self.store = store
         self.spec = spec
         self.max_rank = max_rank
         self.limits = limits
+        self.host_budget = host_budget if host_budget is not None else 1 << 62  # None: unlimited
+        self.device_budget = device_budget if device_budget is not None else 1 << 62
+        self.metrics = metrics or Metrics()
+        self.pinned: set[str] = set(pinned or ())
         self._infos: dict[str, AdapterInfo] = {}
         self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
+        self._guard = threading.Lock()  # protects the host LRU and the lock table
+        self._host: OrderedDict[int, AdapterInfo] = OrderedDict()  # least recently used first
+        self._host_bytes = 0
         self.on_retire: Callable[[AdapterInfo], None] = lambda info: None
 
     def _lock(self, name: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(name, threading.Lock())
 
-    def _read(self, name: str) -> AdapterInfo:
-        folder = self.store.folder(name)
-        meta = self.store.meta(name)
-        adapter = load_lora(folder, self.spec, self.max_rank)
-        return AdapterInfo(
-            name=name,
-            version=int(meta.get("version", 1)),
-            created_at=float(meta.get("created_at", folder.stat().st_mtime)),
-            adapter=adapter,
-        )
-
+    # --- listing ----------------------------------------------------------------------------
     def scan(self) -> None:
-        """Load every valid adapter of the store; log and skip invalid ones."""
+        """List the store (metadata only); adapters without a complete summary are validated once."""
         self.store.recover()
         for name in self.store.names():
             try:
-                self._infos[name] = self._read(name)
+                self._infos[name] = self._read_meta(name)
             except InvalidAdapter as exc:
                 log.warning("skipping adapter %s in the store: %s", name, exc.message)
+        self._update_gauges()
+
+    def _read_meta(self, name: str) -> AdapterInfo:
+        meta = self.store.meta(name)
+        adapter = None
+        if not all(k in meta for k in (*_SUMMARY_KEYS, "sha256")):  # placed by hand: validate once
+            folder = self.store.folder(name)
+            adapter = load_lora(folder, self.spec, self.max_rank)
+            meta = {**meta, **summarize(adapter), "sha256": file_sha256(folder / WEIGHTS_FILE)}
+            meta.setdefault("version", 1)
+            meta.setdefault("created_at", folder.stat().st_mtime)
+            self.store.write_meta(name, meta)
+        self._check_budget(int(meta["size_bytes"]))
+        info = AdapterInfo(
+            name=name,
+            version=int(meta["version"]),
+            created_at=float(meta["created_at"]),
+            sha256=str(meta["sha256"]),
+            pinned=name in self.pinned,
+            **{k: meta[k] for k in _SUMMARY_KEYS},
+        )
+        if adapter is not None:
+            self._host_add(info, adapter)
+        return info
+
+    def _check_budget(self, size: int) -> None:
+        budget = min(self.host_budget, self.device_budget)
+        if size > budget:
+            raise InvalidAdapter(
+                f"the adapter's weights take {size} bytes, more than the adapter memory budget of "
+                f"{budget} bytes (MAX_HOST_ADAPTER_BYTES / MAX_DEVICE_ADAPTER_BYTES)",
+                param="file",
+            )
 
     def __contains__(self, name: object) -> bool:
         return name in self._infos
@@ -117,6 +204,77 @@ class AdapterRegistry:
             raise TaskMismatch(f"adapter {name!r} is a {info.task} adapter; use {endpoint}", param="adapter")
         return info
 
+    # --- host tier --------------------------------------------------------------------------
+    def cached(self, info: AdapterInfo) -> LoraAdapter | None:
+        """The host weights of ``info`` if resident (marks them recently used)."""
+        weights = info.weights
+        if weights is not None:
+            with self._guard:
+                if info.uid in self._host:
+                    self._host.move_to_end(info.uid)
+        return weights
+
+    def load(
+        self, name: str, task: Literal["classify", "generate"] | None = None
+    ) -> tuple[AdapterInfo, LoraAdapter]:
+        """The current version of ``name`` and its weights, read from the store if not in host memory.
+
+        Blocking (disk reads); the caller runs it in a worker thread. Under the name's lock, so that
+        the files read always belong to the version returned.
+        """
+        info = self.for_task(name, task) if task else self.get(name)
+        weights = self.cached(info)
+        if weights is not None:
+            return info, weights
+        with self._lock(name):
+            info = self.for_task(name, task) if task else self.get(name)  # re-check under the lock
+            weights = self.cached(info)
+            if weights is None:
+                start = time.perf_counter()
+                try:
+                    weights = load_lora(self.store.folder(name), self.spec, self.max_rank)
+                except InvalidAdapter as exc:
+                    raise AdapterLoadFailed(
+                        f"adapter {name!r} in the store could not be loaded: {exc.message}", param="adapter"
+                    ) from exc
+                self._host_add(info, weights)
+                self.metrics.adapter_loads.labels(tier="host").inc()
+                self.metrics.adapter_load_seconds.labels(tier="host").observe(time.perf_counter() - start)
+        return info, weights
+
+    def _host_add(self, info: AdapterInfo, adapter: LoraAdapter) -> None:
+        with self._guard:
+            info.weights = adapter
+            self._host[info.uid] = info
+            self._host_bytes += info.size_bytes
+            self._evict_host(keep=info.uid)
+        self._update_gauges()
+
+    def _host_remove(self, info: AdapterInfo) -> None:
+        """Drop the registry's reference (requests that hold the weights keep them until they finish)."""
+        if self._host.pop(info.uid, None) is not None:
+            self._host_bytes -= info.size_bytes
+            info.weights = None
+
+    def _evict_host(self, keep: int) -> None:
+        for uid in list(self._host):
+            if self._host_bytes <= self.host_budget:
+                return
+            info = self._host[uid]
+            if uid == keep or info.pinned:
+                continue
+            self._host_remove(info)
+            self.metrics.adapter_evictions.labels(tier="host").inc()
+            log.debug("adapter %s v%d evicted from host memory", info.name, info.version)
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.adapters_resident.labels(tier="store").set(len(self._infos))
+        m.adapters_resident.labels(tier="host").set(len(self._host))
+        m.adapter_resident_bytes.labels(tier="store").set(sum(i.size_bytes for i in self._infos.values()))
+        m.adapter_resident_bytes.labels(tier="host").set(self._host_bytes)
+
+    # --- changes ----------------------------------------------------------------------------
     def upload(self, name: str, archive: Path) -> AdapterInfo:
         """Validate an archive fully, then install it atomically as the next version of ``name``."""
         check_name(name)
@@ -125,15 +283,26 @@ class AdapterRegistry:
             try:
                 extract_archive(archive, staged, self.limits)
                 adapter = load_lora(staged, self.spec, self.max_rank)
-                meta = self.store.install(name, staged)
+                self._check_budget(adapter.nbytes)
+                sha256 = file_sha256(staged / WEIGHTS_FILE)
+                meta = self.store.install(name, staged, {**summarize(adapter), "sha256": sha256})
             finally:
                 if staged.exists():
                     shutil.rmtree(staged, ignore_errors=True)
             info = AdapterInfo(
-                name=name, version=meta["version"], created_at=meta["created_at"], adapter=adapter
+                name=name,
+                version=meta["version"],
+                created_at=meta["created_at"],
+                sha256=sha256,
+                pinned=name in self.pinned,
+                **summarize(adapter),
             )
             old = self._infos.get(name)
             self._infos[name] = info
+            with self._guard:
+                if old is not None:
+                    self._host_remove(old)
+            self._host_add(info, adapter)
         if old is not None:
             self.on_retire(old)
         log.info("adapter %s version %d installed (%s, rank %d)", name, info.version, info.task, adapter.rank)
@@ -144,8 +313,24 @@ class AdapterRegistry:
             info = self.get(name)
             self.store.delete(name)
             del self._infos[name]
+            with self._guard:
+                self._host_remove(info)
+        self._update_gauges()
         self.on_retire(info)
         log.info("adapter %s deleted", name)
+
+    def set_pinned(self, name: str, pinned: bool, limit: int) -> AdapterInfo:
+        """Pin (never evicted from host or device) or unpin ``name``; at most ``limit`` pinned names."""
+        with self._lock(name):
+            info = self.get(name)
+            if pinned and name not in self.pinned and len(self.pinned) >= limit:
+                raise Conflict(
+                    f"at most {limit} adapters can be pinned (MAX_DEVICE_ADAPTERS - 1); unpin one first",
+                    param="name",
+                )
+            (self.pinned.add if pinned else self.pinned.discard)(name)
+            info.pinned = pinned
+        return info
 
     def touch(self, info: AdapterInfo) -> None:
         info.last_used = time.time()

@@ -52,7 +52,10 @@ class AdapterStore(ABC):
     def staging_folder(self) -> Path: ...
 
     @abstractmethod
-    def install(self, name: str, staged: Path) -> dict[str, Any]: ...
+    def install(self, name: str, staged: Path, summary: dict[str, Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def write_meta(self, name: str, meta: dict[str, Any]) -> None: ...
 
     @abstractmethod
     def delete(self, name: str) -> None: ...
@@ -100,12 +103,16 @@ class FilesystemStore(AdapterStore):
         path.mkdir()
         return path
 
-    def install(self, name: str, staged: Path) -> dict[str, Any]:
-        """Make ``staged`` the current version of ``name`` and return its metadata (under the name lock)."""
+    def install(self, name: str, staged: Path, summary: dict[str, Any]) -> dict[str, Any]:
+        """Make ``staged`` the current version of ``name`` and return its metadata (under the name lock).
+
+        ``summary`` (task, rank, sha256, ...) is stored beside the version so that a restart can list
+        the store without reading every adapter's weights.
+        """
         check_name(name)
         target = self.root / name
         version = int(self.meta(name).get("version", 1)) + 1 if target.is_dir() else 1
-        meta = {"version": version, "created_at": time.time()}
+        meta = {**summary, "version": version, "created_at": time.time()}
         (staged / META_FILE).write_text(json.dumps(meta))
         for f in staged.iterdir():
             with f.open("rb") as fh:
@@ -121,6 +128,16 @@ class FilesystemStore(AdapterStore):
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
         return meta
+
+    def write_meta(self, name: str, meta: dict[str, Any]) -> None:
+        """Replace the metadata file of ``name`` atomically."""
+        folder = self.folder(name)
+        tmp = folder / f"{_TMP_PREFIX}{META_FILE}"
+        with tmp.open("w") as fh:
+            json.dump(meta, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / META_FILE)
 
     def delete(self, name: str) -> None:
         target = self.folder(name)

@@ -12,6 +12,7 @@ from starlette.datastructures import UploadFile
 from app.api.deps import AdminDep, RegistryDep, SettingsDep
 from app.api.schemas import AdapterOut
 from app.errors import InvalidRequest, UploadTooLarge
+from app.service import load_on_device
 
 router = APIRouter(tags=["admin"], dependencies=[AdminDep])
 
@@ -75,6 +76,24 @@ async def upload_adapter(request: Request, registry: RegistryDep, settings: Sett
         archive.unlink(missing_ok=True)
         await form.close()
     return AdapterOut(**info.describe())
+
+
+@router.put("/admin/adapters/{name}/pin", response_model=AdapterOut)
+async def pin_adapter(
+    name: str, request: Request, registry: RegistryDep, settings: SettingsDep
+) -> AdapterOut:
+    """Pin an adapter: loaded into a device slot now and never evicted from host or device memory."""
+    request.state.adapter = name
+    info = registry.set_pinned(name, True, limit=settings.max_device_adapters - 1)
+    await load_on_device(registry, request.app.state.engine, name)
+    return AdapterOut(**registry.get(info.name).describe())
+
+
+@router.delete("/admin/adapters/{name}/pin", response_model=AdapterOut)
+async def unpin_adapter(name: str, request: Request, registry: RegistryDep) -> AdapterOut:
+    """Unpin an adapter: it stays resident until least recently used."""
+    request.state.adapter = name
+    return AdapterOut(**registry.set_pinned(name, False, limit=0).describe())
 
 
 @router.delete("/admin/adapters/{name}", status_code=204)

@@ -107,7 +107,8 @@ class AdapterOut(BaseModel):
     sha256: str
     version: int
     created_at: float
-    tier: str
+    tier: Literal["store", "host", "device"]
+    pinned: bool
     last_used: float | None
     request_count: int
 

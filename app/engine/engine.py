@@ -16,11 +16,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from app.adapters.lora import LoraAdapter
 from app.adapters.registry import AdapterInfo
 from app.config import Settings
 from app.engine.generation import GenerationBatch, mergeable
 from app.engine.runner import Runner
-from app.engine.slots import DeviceSlots
+from app.engine.slots import DeviceSlots, SlotsExhausted
 from app.engine.types import (
     ClassifyWork,
     Command,
@@ -49,13 +50,21 @@ class Engine:
         self.metrics = metrics
         self.ctx = RoutingContext()
         self.layers = wrap_linear_layers(base.model, self.ctx)
-        self.slots = DeviceSlots(self.layers, settings.max_device_adapters, base.device, base.dtype)
+        self.slots = DeviceSlots(
+            self.layers,
+            settings.max_device_adapters,
+            base.device,
+            base.dtype,
+            byte_budget=settings.device_adapter_bytes(base.device),
+            metrics=metrics,
+        )
         self.runner = Runner(base, self.ctx)
         self._inbox: queue.Queue[Work] = queue.Queue()
         self._classify: deque[ClassifyWork] = deque()
         self._generate: deque[GenerateWork] = deque()
         self._gen_batch: GenerationBatch | None = None  # the running (decoding) rows
         self._prefill: GenerationBatch | None = None  # new rows whose prompts are being prefilled
+        self._retired: set[int] = set()  # replaced or deleted versions, unloaded once unused
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.failed: BaseException | None = None
@@ -105,15 +114,22 @@ class Engine:
             work.cancelled = True
             raise
 
-    async def classify(self, adapter: AdapterInfo, inputs: list[list[int]]) -> list[list[float]]:
-        work = ClassifyWork(adapter=adapter, inputs=inputs)
+    async def classify(
+        self, adapter: AdapterInfo, inputs: list[list[int]], weights: LoraAdapter | None = None
+    ) -> list[list[float]]:
+        work = ClassifyWork(adapter=adapter, weights=_weights(adapter, weights), inputs=inputs)
         self._submit(work)
         return await self._await(work, work.future)
 
     async def generate(
-        self, adapter: AdapterInfo | None, prompt: list[int], params: SamplingParams
+        self,
+        adapter: AdapterInfo | None,
+        prompt: list[int],
+        params: SamplingParams,
+        weights: LoraAdapter | None = None,
     ) -> GenerationResult:
-        work = GenerateWork(adapter=adapter, prompt=prompt, params=params)
+        w = _weights(adapter, weights) if adapter else None
+        work = GenerateWork(adapter=adapter, weights=w, prompt=prompt, params=params)
         self._submit(work)
         return await self._await(work, work.future)
 
@@ -123,9 +139,11 @@ class Engine:
         prompt: list[int],
         params: SamplingParams,
         sink: Callable[[StreamDelta], None],
+        weights: LoraAdapter | None = None,
     ) -> GenerateWork:
         """Queue a streamed generation; deltas go to ``sink`` (called on the engine thread)."""
-        work = GenerateWork(adapter=adapter, prompt=prompt, params=params, sink=sink)
+        w = _weights(adapter, weights) if adapter else None
+        work = GenerateWork(adapter=adapter, weights=w, prompt=prompt, params=params, sink=sink)
         self._submit(work)
         return work
 
@@ -135,15 +153,16 @@ class Engine:
         await asyncio.wrap_future(cmd.future)
 
     def retire(self, info: AdapterInfo) -> None:
-        """Free the slot of an adapter version that was replaced or deleted (thread-safe)."""
+        """Free the slot of an adapter version that was replaced or deleted, once unused (thread-safe)."""
         if self.running:
-            self._inbox.put(Command(action="unload", arg=info.uid))
+            self._inbox.put(Command(action="retire", arg=info.uid))
 
     # --- engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
         try:
             while not self._stop.is_set() or self._busy():
                 self._drain_inbox(block=not self._busy())
+                self._housekeeping()
                 self._run_classify_batch()
                 self._run_generation_step()
                 self.metrics.queue_depth.set(self.queue_depth)
@@ -194,26 +213,59 @@ class Engine:
 
     def _busy_uids(self) -> set[int]:
         """Adapter versions that queued or running work still needs in their slots."""
-        queued = {w.adapter.uid for w in self._classify} | {
-            w.adapter.uid for w in self._generate if w.adapter
-        }
-        return queued | self._resident_uids()
+        return set(self._queued_uids()) | self._resident_uids()
+
+    def _housekeeping(self) -> None:
+        """Unload retired versions nobody uses any more; compact the slot banks after unloads."""
+        if self._retired:
+            busy = self._busy_uids()
+            for uid in [u for u in self._retired if u not in busy]:
+                self.slots.unload(uid)
+                self._retired.discard(uid)
+                self.metrics.adapter_evictions.labels(tier="device").inc()
+        moves = self.slots.compact()
+        if moves:  # running rows follow their adapters to the new slots
+            for batch in (self._gen_batch, self._prefill):
+                if batch is not None:
+                    batch.remap_slots(moves)
 
     def _apply(self, cmd: Command) -> None:
         try:
             if cmd.action == "load":
-                self.slots.acquire(cmd.arg, keep=self._busy_uids())
+                info, weights = cmd.arg
+                self.slots.acquire(info, weights, keep=self._busy_uids())
             elif cmd.action == "unload":
-                if cmd.arg not in self._busy_uids():  # else LRU evicts it once its requests are done
-                    self.slots.unload(cmd.arg)
+                if cmd.arg in self._busy_uids():
+                    raise SlotsExhausted("the adapter is in use by queued or running requests")
+                self.slots.unload(cmd.arg)
+            elif cmd.action == "retire":
+                if cmd.arg in self.slots:
+                    self._retired.add(cmd.arg)
             else:
                 raise ValueError(f"unknown engine command {cmd.action!r}")
             cmd.future.set_result(None)
         except Exception as exc:
             cmd.future.set_exception(exc)
 
+    def _queued_uids(self) -> frozenset[int]:
+        return frozenset({w.adapter.uid for w in self._classify}) | {
+            w.adapter.uid for w in self._generate if w.adapter
+        }
+
+    def _admit(self, adapter: AdapterInfo, weights: LoraAdapter, keep: set[int]) -> int | None:
+        """The slot of a waiting request's adapter, loading it now; None: no room yet, keep waiting."""
+        spare = frozenset() if adapter.uid in self.slots else self._queued_uids()
+        try:
+            slot = self.slots.acquire(adapter, weights, keep, spare)
+        except SlotsExhausted:
+            return None
+        keep.add(adapter.uid)
+        return slot
+
     def _run_classify_batch(self) -> None:
-        works: list[ClassifyWork] = []
+        """One forward over the waiting classification requests that fit (FIFO: a request whose
+        adapter has no room yet stops the batch, so that it is first in line for the next one)."""
+        works: list[tuple[ClassifyWork, int]] = []
         rows = width = 0
         keep = self._resident_uids()
         while self._classify:
@@ -221,33 +273,38 @@ class Engine:
             if work.cancelled:
                 self._classify.popleft()
                 continue
-            new = work.adapter.uid not in keep
             new_width = max(width, *(len(ids) for ids in work.inputs))
             too_big = rows + len(work.inputs) > self.settings.max_batch_size or (
                 new_width * (rows + len(work.inputs)) > self.settings.max_batch_tokens
             )
-            if (works and too_big) or (new and len(keep) >= self.slots.capacity):
-                break  # the rest waits for the next batch (or for running generations to free slots)
+            if works and too_big:
+                break
+            try:
+                slot = self._admit(work.adapter, work.weights, keep)
+            except Exception:
+                log.exception("loading adapter %s failed", work.adapter.name)
+                self._classify.popleft()
+                work.future.set_exception(EngineFailure("loading the adapter failed; see the server log"))
+                continue
+            if slot is None:
+                break
             self._classify.popleft()
-            works.append(work)
+            works.append((work, slot))
             rows += len(work.inputs)
             width = new_width
-            keep.add(work.adapter.uid)
         if not works:
             return
         try:
-            slots = {w.adapter.uid: self.slots.acquire(w.adapter, keep) for w in works}
-            batch = [(slots[w.adapter.uid], ids) for w in works for ids in w.inputs]
+            batch = [(slot, ids) for w, slot in works for ids in w.inputs]
             self.metrics.batch_size.labels(task="classify").observe(len(batch))
             probs = self.runner.classify(batch, self.slots.heads)
-        except Exception as exc:
+        except Exception:
             log.exception("classification batch failed")
-            for w in works:
+            for w, _ in works:
                 w.future.set_exception(EngineFailure("the classification batch failed; see the server log"))
-            del exc
             return
         start = 0
-        for w in works:
+        for w, _ in works:
             w.future.set_result(probs[start : start + len(w.inputs)])
             start += len(w.inputs)
 
@@ -280,35 +337,35 @@ class Engine:
             self._gen_batch = None
 
     def _start_prefill(self, room: int) -> GenerationBatch | None:
-        """Take up to ``room`` waiting requests, as slots and the prefill token budget allow."""
+        """Take up to ``room`` waiting requests (FIFO), as device room and the prefill budget allow."""
         keep = self._resident_uids()
-        works: list[GenerateWork] = []
+        pairs: list[tuple[GenerateWork, int]] = []
         width = 0
-        while self._generate and len(works) < room:
+        while self._generate and len(pairs) < room:
             work = self._generate[0]
             if work.cancelled:
                 self._generate.popleft()
                 continue
-            uid = work.adapter.uid if work.adapter else None
-            if uid is not None and uid not in keep and len(keep) >= self.slots.capacity:
-                break
             new_width = max(width, len(work.prompt))
-            if works and new_width * (len(works) + 1) > self.settings.max_prefill_tokens:
+            if pairs and new_width * (len(pairs) + 1) > self.settings.max_prefill_tokens:
+                break
+            slot: int | None = BASE_SLOT
+            if work.adapter is not None and work.weights is not None:
+                try:
+                    slot = self._admit(work.adapter, work.weights, keep)
+                except Exception:
+                    log.exception("loading adapter %s failed", work.adapter.name)
+                    self._generate.popleft()
+                    self._fail_rows([work], "loading the adapter failed")
+                    continue
+            if slot is None:
                 break
             self._generate.popleft()
-            works.append(work)
+            pairs.append((work, slot))
             width = new_width
-            if uid is not None:
-                keep.add(uid)
-        if not works:
+        if not pairs:
             return None
-        try:
-            pairs = [(w, self.slots.acquire(w.adapter, keep) if w.adapter else BASE_SLOT) for w in works]
-        except Exception:
-            log.exception("loading adapters for a prefill failed")
-            self._fail_rows(works, "loading the adapter failed")
-            return None
-        self.metrics.batch_size.labels(task="prefill").observe(len(works))
+        self.metrics.batch_size.labels(task="prefill").observe(len(pairs))
         return GenerationBatch.start(self.runner, pairs)
 
     def _advance_prefill(self) -> None:
@@ -370,3 +427,10 @@ class Engine:
                 w.future.set_exception(exc)
             if isinstance(w, GenerateWork) and w.sink is not None:
                 w.sink(StreamDelta(text="", error=exc.message))
+
+
+def _weights(adapter: AdapterInfo, weights: LoraAdapter | None) -> LoraAdapter:
+    w = weights if weights is not None else adapter.weights
+    if w is None:
+        raise EngineFailure(f"adapter {adapter.name!r} is not loaded in host memory")
+    return w

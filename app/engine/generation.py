@@ -224,6 +224,12 @@ class GenerationBatch:
         self.next_ids = self.next_ids.index_select(0, index)
         self._trim()
 
+    def remap_slots(self, moves: dict[int, int]) -> None:
+        """Follow adapters that the device slots moved (compaction) to their new slots."""
+        for row in self.rows:
+            row.slot = moves.get(row.slot, row.slot)
+        self._composition = None
+
     def drop_cancelled(self) -> None:
         self.keep([i for i, row in enumerate(self.rows) if not row.work.cancelled])
 

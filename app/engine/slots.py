@@ -1,35 +1,55 @@
-"""Device slots: which adapter versions are resident in the LoRA banks, with LRU eviction."""
+"""The device tier: which adapter versions are resident in the LoRA slot banks, with LRU eviction.
+
+Owned by the engine thread. Capacity is a slot count and a byte budget (the adapters' own bytes).
+An adapter that queued or running work needs (``keep``) or that is pinned is never evicted; when
+nothing can be evicted, :meth:`DeviceSlots.acquire` raises :class:`SlotsExhausted` and the work
+waits. :meth:`compact` (called between steps) moves adapters into the holes left by unloads and
+shrinks the banks, so that unloading frees device memory for real.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 
 import torch
 
+from app.adapters.lora import LoraAdapter
 from app.adapters.registry import AdapterInfo
+from app.metrics import Metrics
 from app.models.lora import MultiLoraLinear
 
 log = logging.getLogger(__name__)
 
 
 class SlotsExhausted(Exception):
-    """Every slot is held by the batch being formed."""
+    """No slot or byte budget can be freed now: every resident adapter is in use or pinned."""
 
 
 class DeviceSlots:
     """Maps adapter uids to slots ``1..capacity`` (slot 0 = bare base) of every wrapped layer."""
 
     def __init__(
-        self, layers: dict[str, MultiLoraLinear], capacity: int, device: torch.device, dtype: torch.dtype
+        self,
+        layers: dict[str, MultiLoraLinear],
+        capacity: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        byte_budget: int | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.layers = layers
         self.capacity = capacity
+        self.byte_budget = byte_budget
         self.device = device
         self.dtype = dtype
+        self.metrics = metrics or Metrics()
         self._lru: OrderedDict[int, int] = OrderedDict()  # uid -> slot, least recently used first
         self._infos: dict[int, AdapterInfo] = {}
+        self._bytes: dict[int, int] = {}  # uid -> bytes on the device
         self.heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # slot -> (W [L, H], b)
+        self._dirty = False  # an unload left a hole or slack for compact()
 
     def __contains__(self, uid: int) -> bool:
         return uid in self._lru
@@ -37,46 +57,127 @@ class DeviceSlots:
     def __len__(self) -> int:
         return len(self._lru)
 
-    def _free_slot(self, keep: set[int]) -> int:
-        used = set(self._lru.values())
-        for slot in range(1, self.capacity + 1):
-            if slot not in used:
-                return slot
-        for uid in self._lru:
-            if uid not in keep:
-                slot = self._lru[uid]
-                self.unload(uid)
-                return slot
-        raise SlotsExhausted(f"all {self.capacity} adapter slots are in use by this batch")
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self._bytes.values())
 
-    def acquire(self, info: AdapterInfo, keep: set[int]) -> int:
-        """Slot of ``info`` (loading it if needed, evicting an LRU adapter not in ``keep``)."""
+    @property
+    def bank_bytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers.values()) + sum(
+            w.numel() * w.element_size() for w, _ in self.heads.values()
+        )
+
+    def lru_order(self) -> list[AdapterInfo]:
+        """Resident adapters, least recently used first."""
+        return [self._infos[uid] for uid in self._lru]
+
+    def slot_of(self, uid: int) -> int | None:
+        return self._lru.get(uid)
+
+    def _needs_room(self, size: int) -> bool:
+        over_budget = self.byte_budget is not None and self.resident_bytes + size > self.byte_budget
+        return len(self._lru) >= self.capacity or over_budget
+
+    def acquire(
+        self, info: AdapterInfo, weights: LoraAdapter, keep: set[int], spare: frozenset[int] = frozenset()
+    ) -> int:
+        """Slot of ``info``, loading ``weights`` if needed.
+
+        Evicts least recently used adapters, never one in ``keep`` (running rows, this batch) or a
+        pinned one, and those in ``spare`` (wanted by queued requests) only when nothing else is left.
+        """
         slot = self._lru.get(info.uid)
         if slot is not None:
             self._lru.move_to_end(info.uid)
             return slot
-        slot = self._free_slot(keep)
-        adapter = info.adapter
-        for module, (a, b) in adapter.weights.items():
+        size, budget = weights.nbytes, self.byte_budget
+        count, total = len(self._lru), self.resident_bytes
+        victims: list[int] = []  # planned first: a load that cannot fit must not evict anything
+        candidates = [u for u in self._lru if u not in keep and not self._infos[u].pinned]
+        candidates.sort(key=lambda u: u in spare)  # stable: LRU order within each group
+        for uid in candidates:
+            if count < self.capacity and (budget is None or total + size <= budget):
+                break
+            victims.append(uid)
+            count, total = count - 1, total - self._bytes[uid]
+        if count >= self.capacity or (budget is not None and total + size > budget):
+            raise SlotsExhausted(
+                f"no device room for adapter {info.name!r}: every resident adapter is in use or pinned"
+            )
+        for victim in victims:
+            self.unload(victim)
+            self.metrics.adapter_evictions.labels(tier="device").inc()
+        return self._load(info, weights)
+
+    def _load(self, info: AdapterInfo, weights: LoraAdapter) -> int:
+        start = time.perf_counter()
+        used = set(self._lru.values())
+        slot = next(s for s in range(1, self.capacity + 1) if s not in used)
+        for module, (a, b) in weights.weights.items():
             self.layers[module].set_slot(
                 slot, a.to(self.device, self.dtype), b.to(self.device, self.dtype), self.capacity + 1
             )
-        if adapter.head_weight is not None:
-            bias = adapter.head_bias.to(self.device, self.dtype) if adapter.head_bias is not None else None
-            self.heads[slot] = (adapter.head_weight.to(self.device, self.dtype), bias)
+        if weights.head_weight is not None:
+            bias = weights.head_bias.to(self.device, self.dtype) if weights.head_bias is not None else None
+            self.heads[slot] = (weights.head_weight.to(self.device, self.dtype), bias)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the load time below is the copy's, not the launch's
         self._lru[info.uid] = slot
         self._infos[info.uid] = info
-        info.tier = "device"
+        self._bytes[info.uid] = weights.nbytes
+        info.on_device = True
+        m = self.metrics
+        m.adapter_loads.labels(tier="device").inc()
+        m.adapter_load_seconds.labels(tier="device").observe(time.perf_counter() - start)
+        self._update_gauges()
         log.debug("adapter %s v%d loaded into slot %d", info.name, info.version, slot)
         return slot
 
     def unload(self, uid: int) -> None:
+        """Free the slot of ``uid`` (the bank memory is returned by the next :meth:`compact`)."""
         slot = self._lru.pop(uid, None)
         if slot is None:
             return
         info = self._infos.pop(uid)
-        for module in info.adapter.weights:
-            self.layers[module].clear_slot(slot)
+        self._bytes.pop(uid)
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
         self.heads.pop(slot, None)
-        info.tier = "host"
+        info.on_device = False
+        self._dirty = True
+        self._update_gauges()
         log.debug("adapter %s v%d unloaded from slot %d", info.name, info.version, slot)
+
+    def compact(self) -> dict[int, int]:
+        """Move adapters into lower free slots and shrink the banks; return the moves (old -> new slot).
+
+        Only between forwards: whoever holds slot numbers (running rows) must apply the moves.
+        """
+        if not self._dirty:
+            return {}
+        self._dirty = False
+        moves: dict[int, int] = {}
+        used = sorted(self._lru.values())
+        holes = [s for s in range(1, len(used) + 1) if s not in set(used)]
+        for dst, src in zip(holes, reversed(used), strict=False):
+            if src < dst:
+                break
+            moves[src] = dst
+        for src, dst in moves.items():
+            for layer in self.layers.values():
+                layer.move_slot(src, dst)
+            if src in self.heads:
+                self.heads[dst] = self.heads.pop(src)
+        for uid, slot in self._lru.items():
+            if slot in moves:
+                self._lru[uid] = moves[slot]
+        for layer in self.layers.values():
+            layer.fit()
+        self._update_gauges()
+        return moves
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.adapters_resident.labels(tier="device").set(len(self._lru))
+        m.adapter_resident_bytes.labels(tier="device").set(self.resident_bytes)
+        m.adapter_bank_bytes.set(self.bank_bytes)

@@ -56,7 +56,7 @@ class MultiLoraLinear(nn.Module):
         self.ctx = ctx
         self.lora_A: torch.Tensor | None = None  # [slots, r, in]
         self.lora_B: torch.Tensor | None = None  # [slots, out, r]
-        self.active: set[int] = set()  # slots with non-zero weights in this layer
+        self.ranks: dict[int, int] = {}  # slot -> rank, for the slots with weights in this layer
         # per-row weights gathered for the running decode batch:
         # as (key, A^T [batch, in, r], B^T [batch, r, out])
         self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
@@ -72,19 +72,19 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         routing = self.ctx.routing
-        if routing is None or not self.active or self.lora_A is None or self.lora_B is None:
+        if routing is None or not self.ranks or self.lora_A is None or self.lora_B is None:
             return out
         # the deltas are accumulated into the base output in place (addmm/baddbmm with beta=1):
         # a separate delta tensor plus an add would cost two more passes over the output
         if routing.single is not None:
-            if routing.single not in self.active:
+            if routing.single not in self.ranks:
                 return out
             a, b = self.lora_A[routing.single], self.lora_B[routing.single]
             h = nn.functional.linear(x, a)  # [..., r]
             out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t())
             return out
         assert routing.index is not None
-        if self.active.isdisjoint(routing.slots):
+        if self.ranks.keys().isdisjoint(routing.slots):
             return out
         rows = x.shape[0]
         a_t, b_t = self._per_row_weights(routing)
@@ -111,42 +111,74 @@ class MultiLoraLinear(nn.Module):
         return a_t, b_t
 
     # --- bank management (engine thread only, between forwards) -------------------------------
-    def _ensure_capacity(self, slots: int, rank: int, max_slots: int) -> None:
+    @property
+    def nbytes(self) -> int:
+        if self.lora_A is None or self.lora_B is None:
+            return 0
+        return (self.lora_A.numel() + self.lora_B.numel()) * self.lora_A.element_size()
+
+    def _resize(self, slots: int, rank: int) -> None:
+        """Reallocate the banks as [slots, rank, ...], keeping the weights of the active slots."""
         w = self.base.weight
-        cur_slots = 0 if self.lora_A is None else self.lora_A.shape[0]
-        cur_rank = 0 if self.lora_A is None else self.lora_A.shape[1]
-        if cur_slots >= slots and cur_rank >= rank:
-            return
-        # grow the slot dimension geometrically so that banks stay proportional to use
-        new_slots = min(max_slots, max(slots, 2 * cur_slots)) if cur_slots < slots else cur_slots
-        new_rank = max(cur_rank, rank)
-        a = torch.zeros(new_slots, new_rank, self.in_features, dtype=w.dtype, device=w.device)
-        b = torch.zeros(new_slots, self.out_features, new_rank, dtype=w.dtype, device=w.device)
+        a = torch.zeros(slots, rank, self.in_features, dtype=w.dtype, device=w.device)
+        b = torch.zeros(slots, self.out_features, rank, dtype=w.dtype, device=w.device)
         if self.lora_A is not None and self.lora_B is not None:
-            a[:cur_slots, :cur_rank] = self.lora_A
-            b[:cur_slots, :, :cur_rank] = self.lora_B
+            n, r = min(slots, self.lora_A.shape[0]), min(rank, self.lora_A.shape[1])
+            a[:n, :r] = self.lora_A[:n, :r]
+            b[:n, :, :r] = self.lora_B[:n, :, :r]
         self.lora_A, self.lora_B = a, b
+        self._gathered = None
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, max_slots: int) -> None:
         """Write one adapter's weights (``a`` [r, in], ``b`` [out, r] already scaled) into a slot."""
         rank = a.shape[0]
-        self._ensure_capacity(slot + 1, rank, max_slots)
+        cur_slots = 0 if self.lora_A is None else self.lora_A.shape[0]
+        cur_rank = 0 if self.lora_A is None else self.lora_A.shape[1]
+        if slot >= cur_slots or rank > cur_rank:  # grow in chunks: few reallocations, little slack
+            self._resize(min(max_slots, max(cur_slots, _round_up(slot + 1))), max(cur_rank, rank))
         assert self.lora_A is not None and self.lora_B is not None
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         self.lora_A[slot, :rank] = a.to(self.lora_A.dtype)
         self.lora_B[slot, :, :rank] = b.to(self.lora_B.dtype)
-        self.active.add(slot)
+        self.ranks[slot] = rank
         self._gathered = None
 
     def clear_slot(self, slot: int) -> None:
         self._gathered = None
-        if slot in self.active and self.lora_A is not None and self.lora_B is not None:
+        if self.ranks.pop(slot, None) is not None and self.lora_A is not None and self.lora_B is not None:
             self.lora_A[slot].zero_()
             self.lora_B[slot].zero_()
-            self.active.discard(slot)
-        if not self.active:
+        if not self.ranks:
             self.lora_A = self.lora_B = None  # free the bank when no adapter uses this layer
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Move the weights of slot ``src`` to the free slot ``dst`` (compaction)."""
+        rank = self.ranks.pop(src, None)
+        if rank is None or self.lora_A is None or self.lora_B is None:
+            return
+        self.lora_A[dst] = self.lora_A[src]
+        self.lora_B[dst] = self.lora_B[src]
+        self.lora_A[src].zero_()
+        self.lora_B[src].zero_()
+        self.ranks[dst] = rank
+        self._gathered = None
+
+    def fit(self) -> None:
+        """Shrink the banks to the slots and the rank still in use (frees the memory)."""
+        if self.lora_A is None or not self.ranks:
+            return
+        slots = min(self.lora_A.shape[0], _round_up(max(self.ranks) + 1))
+        rank = max(self.ranks.values())
+        if slots < self.lora_A.shape[0] or rank < self.lora_A.shape[1]:
+            self._resize(slots, rank)
+
+
+_SLOT_CHUNK = 4
+
+
+def _round_up(slots: int) -> int:
+    return -(-slots // _SLOT_CHUNK) * _SLOT_CHUNK
 
 
 def wrap_linear_layers(model: nn.Module, ctx: RoutingContext) -> dict[str, MultiLoraLinear]:

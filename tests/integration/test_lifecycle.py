@@ -85,7 +85,7 @@ def test_store_survives_restart(
     registry = AdapterRegistry(FilesystemStore(store_dir), spec, 64, ArchiveLimits(16, 1 << 30))
     registry.scan()
     assert set(uploaded) <= {i.name for i in registry.list()}
-    assert registry.get("cls-4").adapter.labels == uploaded["cls-4"].labels
+    assert registry.get("cls-4").labels == uploaded["cls-4"].labels
 
 
 def test_health_ready_and_metrics(client: TestClient, uploaded: dict[str, RefAdapter]) -> None:

@@ -26,7 +26,7 @@ def wrapped(base_path: Path) -> tuple[BaseModel, Runner, DeviceSlots]:
 
 
 def _info(base: BaseModel, ref: RefAdapter) -> AdapterInfo:
-    return AdapterInfo(name=ref.name, version=1, created_at=0.0, adapter=load_lora(ref.folder, base.spec, 64))
+    return AdapterInfo.from_adapter(ref.name, load_lora(ref.folder, base.spec, 64))
 
 
 def _last_logits(base: BaseModel, runner: Runner, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
@@ -53,7 +53,7 @@ def test_mixed_generation_batch_equals_rows_alone_and_peft(
     refs = [ref_adapters[n] for n in ("gen-qv-r8", "gen-all-rslora", "gen-pattern")]
     infos = [_info(base, r) for r in refs]
     keep = {i.uid for i in infos}
-    slot_ids = [slots.acquire(i, keep) for i in infos]
+    slot_ids = [slots.acquire(i, i.weights, keep) for i in infos]
     tok = base.tokenizer
     prompts = [GENERATE_PROMPTS[0], GENERATE_PROMPTS[1], GENERATE_PROMPTS[0], "Hello there, how"]
     rows = [(s, tok(p)["input_ids"]) for s, p in zip([*slot_ids, BASE_SLOT], prompts, strict=True)]
@@ -80,7 +80,7 @@ def test_mixed_classification_batch_equals_rows_alone(
     refs = [ref_adapters["cls-4"], ref_adapters["cls-pattern"]]
     infos = [_info(base, r) for r in refs]
     keep = {i.uid for i in infos}
-    s1, s2 = (slots.acquire(i, keep) for i in infos)
+    s1, s2 = (slots.acquire(i, i.weights, keep) for i in infos)
     tok = base.tokenizer
     texts = ["Stocks fell sharply today.", "A thrilling final match!", "New laptop released", "Short"]
     rows = [(s, tok(t)["input_ids"]) for s, t in zip([s1, s2, s1, s2], texts, strict=True)]
@@ -95,9 +95,9 @@ def test_unload_frees_the_slot_and_zeroes_banks(
 ) -> None:
     base, _runner, slots = wrapped
     info = _info(base, ref_adapters["gen-qv-r8"])
-    slot = slots.acquire(info, set())
+    slot = slots.acquire(info, info.weights, set())
     layer = slots.layers["model.layers.0.self_attn.q_proj"]
-    assert slot in layer.active
+    assert slot in layer.ranks
     slots.unload(info.uid)
-    assert info.uid not in slots and slot not in layer.active
+    assert info.uid not in slots and slot not in layer.ranks
     assert info.tier == "host"

@@ -21,8 +21,8 @@ def _stage(store: FilesystemStore, content: str) -> Path:
 
 def test_install_versions_and_delete(tmp_path: Path) -> None:
     store = FilesystemStore(tmp_path)
-    assert store.install("a", _stage(store, "v1"))["version"] == 1
-    assert store.install("a", _stage(store, "v2"))["version"] == 2
+    assert store.install("a", _stage(store, "v1"), {})["version"] == 1
+    assert store.install("a", _stage(store, "v2"), {})["version"] == 2
     assert (tmp_path / "a" / "adapter_config.json").read_text() == "v2"
     assert store.names() == ["a"]
     store.delete("a")
@@ -34,8 +34,8 @@ def test_install_versions_and_delete(tmp_path: Path) -> None:
 
 def test_recover_cleans_temp_and_restores_interrupted_replace(tmp_path: Path) -> None:
     store = FilesystemStore(tmp_path)
-    store.install("a", _stage(store, "v1"))
-    store.install("b", _stage(store, "b1"))
+    store.install("a", _stage(store, "v1"), {})
+    store.install("b", _stage(store, "b1"), {})
     _stage(store, "half-written")  # a crash mid-upload leaves a temporary folder
     (tmp_path / "a").rename(tmp_path / ".old-a")  # a crash between the two renames of a replace
     (tmp_path / ".old-b").mkdir()  # a crash after the new version landed, before cleanup
