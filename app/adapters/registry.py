@@ -154,8 +154,8 @@ class AdapterRegistry:
         self._update_gauges()
 
     def _read_meta(self, name: str) -> AdapterInfo:
+        """Metadata of a store adapter; its weights stay on disk until first used."""
         meta = self.store.meta(name)
-        adapter = None
         if not all(k in meta for k in (*_SUMMARY_KEYS, "sha256")):  # placed by hand: validate once
             folder = self.store.folder(name)
             adapter = load_lora(folder, self.spec, self.max_rank)
@@ -172,8 +172,6 @@ class AdapterRegistry:
             pinned=name in self.pinned,
             **{k: meta[k] for k in _SUMMARY_KEYS},
         )
-        if adapter is not None:
-            self._host_add(info, adapter)
         return info
 
     def _check_budget(self, size: int) -> None:

@@ -149,7 +149,7 @@ def test_preload_puts_adapters_on_the_device_at_start(
     settings = Settings(store=tmp_path, preload="gen-qv-r8")
     with TestClient(create_app(settings, base=base)) as client:
         tiers = {a["name"]: a["tier"] for a in client.get("/v1/adapters").json()["adapters"]}
-        assert tiers == {"gen-qv-r8": "device", "cls-4": "host"}
+        assert tiers == {"gen-qv-r8": "device", "cls-4": "store"}
         body = {"adapter": "gen-qv-r8", "prompt": GENERATE_PROMPTS[0], "max_new_tokens": 10}
         assert (
             client.post("/generate", json=body).json()["text"]

@@ -101,3 +101,58 @@ def test_unload_frees_the_slot_and_zeroes_banks(
     slots.unload(info.uid)
     assert info.uid not in slots and slot not in layer.ranks
     assert info.tier == "host"
+
+
+def test_unload_and_compaction_free_device_memory_and_keep_results(
+    wrapped: tuple[BaseModel, Runner, DeviceSlots], ref_adapters: dict[str, RefAdapter]
+) -> None:
+    """Unloading returns the bank memory (compaction moves the survivor down); outputs stay exact."""
+    base, runner, slots = wrapped
+    for uid in [i.uid for i in slots.lru_order()]:
+        slots.unload(uid)
+    slots.compact()
+    assert slots.bank_bytes == 0 and slots.resident_bytes == 0
+    infos = [_info(base, ref_adapters[n]) for n in ("gen-all-rslora", "gen-pattern", "cls-4")]
+    placed = [slots.acquire(i, i.weights, set()) for i in infos]
+    assert placed == [1, 2, 3]
+    survivor = infos[2]
+    assert survivor.weights is not None
+    ids = base.tokenizer(GENERATE_PROMPTS[1])["input_ids"]
+    before = runner.classify([(3, ids)], slots.heads)
+    full = slots.bank_bytes
+    for info in infos[:2]:
+        slots.unload(info.uid)
+    assert slots.compact() == {3: 1}
+    assert slots.slot_of(survivor.uid) == 1
+    # what is left is exactly the survivor's banks: 4 slots (one allocation chunk) at its ranks
+    expected = (
+        sum(4 * a.shape[0] * (a.shape[1] + b.shape[0]) * 4 for a, b in survivor.weights.weights.values())
+        + survivor.weights.head_weight.numel() * 4
+    )  # type: ignore[union-attr]
+    assert slots.bank_bytes == expected < full
+    after = runner.classify([(1, ids)], slots.heads)
+    assert after == before
+    slots.unload(survivor.uid)
+    slots.compact()
+    assert slots.bank_bytes == 0
+
+
+def test_device_byte_budget_evicts_lru_and_refuses_what_cannot_fit(
+    base_path: Path, ref_adapters: dict[str, RefAdapter]
+) -> None:
+    from app.engine.slots import SlotsExhausted
+
+    base = load_base_model(str(base_path), CACHE_DIR, "cpu", "float32")
+    ctx = RoutingContext()
+    small = [_info(base, ref_adapters[n]) for n in ("gen-qv-r8", "gen-pattern")]
+    big = _info(base, ref_adapters["gen-all-rslora"])
+    budget = big.size_bytes + small[0].size_bytes + small[1].size_bytes - 1  # not all three
+    slots = DeviceSlots(wrap_linear_layers(base.model, ctx), 8, base.device, base.dtype, byte_budget=budget)
+    for info in small:
+        slots.acquire(info, info.weights, set())  # type: ignore[arg-type]
+    slots.acquire(big, big.weights, set())  # type: ignore[arg-type]
+    assert [i.name for i in slots.lru_order()] == ["gen-pattern", "gen-all-rslora"]  # LRU one evicted
+    assert slots.resident_bytes <= budget
+    with pytest.raises(SlotsExhausted):  # everything resident is in use: nothing is evicted
+        slots.acquire(small[0], small[0].weights, {i.uid for i in slots.lru_order()})  # type: ignore[arg-type]
+    assert big.uid in slots
