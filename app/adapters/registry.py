@@ -230,7 +230,8 @@ class AdapterRegistry:
             if weights is None:
                 start = time.perf_counter()
                 try:
-                    weights = load_lora(self.store.folder(name), self.spec, self.max_rank)
+                    # validated in full when it entered the store (upload or first scan)
+                    weights = load_lora(self.store.folder(name), self.spec, self.max_rank, check_values=False)
                 except InvalidAdapter as exc:
                     raise AdapterLoadFailed(
                         f"adapter {name!r} in the store could not be loaded: {exc.message}", param="adapter"

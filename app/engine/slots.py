@@ -104,19 +104,23 @@ class DeviceSlots:
             raise SlotsExhausted(
                 f"no device room for adapter {info.name!r}: every resident adapter is in use or pinned"
             )
+        slot = None
         for victim in victims:
-            self.unload(victim)
+            # the first victim's slot is reused: its layers that the new adapter overwrites anyway
+            # are not cleared first
+            keep_layers = frozenset(weights.weights) if slot is None else frozenset()
+            slot = slot or self._lru[victim]
+            self.unload(victim, keep_layers)
             self.metrics.adapter_evictions.labels(tier="device").inc()
-        return self._load(info, weights)
+        return self._load(info, weights, slot)
 
-    def _load(self, info: AdapterInfo, weights: LoraAdapter) -> int:
+    def _load(self, info: AdapterInfo, weights: LoraAdapter, slot: int | None = None) -> int:
         start = time.perf_counter()
-        used = set(self._lru.values())
-        slot = next(s for s in range(1, self.capacity + 1) if s not in used)
+        if slot is None:
+            used = set(self._lru.values())
+            slot = next(s for s in range(1, self.capacity + 1) if s not in used)
         for module, (a, b) in weights.weights.items():
-            self.layers[module].set_slot(
-                slot, a.to(self.device, self.dtype), b.to(self.device, self.dtype), self.capacity + 1
-            )
+            self.layers[module].set_slot(slot, a, b, self.capacity + 1)
         if weights.head_weight is not None:
             bias = weights.head_bias.to(self.device, self.dtype) if weights.head_bias is not None else None
             self.heads[slot] = (weights.head_weight.to(self.device, self.dtype), bias)
@@ -133,19 +137,22 @@ class DeviceSlots:
         log.debug("adapter %s v%d loaded into slot %d", info.name, info.version, slot)
         return slot
 
-    def unload(self, uid: int) -> None:
-        """Free the slot of ``uid`` (the bank memory is returned by the next :meth:`compact`)."""
+    def unload(self, uid: int, keep_layers: frozenset[str] = frozenset()) -> None:
+        """Free the slot of ``uid`` (the bank memory is returned by the next :meth:`compact`).
+
+        ``keep_layers``: layers left as they are because the next adapter in this slot overwrites them.
+        """
         slot = self._lru.pop(uid, None)
         if slot is None:
             return
         info = self._infos.pop(uid)
         self._bytes.pop(uid)
-        for layer in self.layers.values():
-            layer.clear_slot(slot)
+        for name, layer in self.layers.items():
+            if name not in keep_layers:
+                layer.clear_slot(slot)
         self.heads.pop(slot, None)
         info.on_device = False
-        self._dirty = True
-        self._update_gauges()
+        self._dirty = True  # gauges and bank sizes are updated by compact()
         log.debug("adapter %s v%d unloaded from slot %d", info.name, info.version, slot)
 
     def compact(self) -> dict[int, int]:

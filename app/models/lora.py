@@ -111,6 +111,10 @@ class MultiLoraLinear(nn.Module):
         return a_t, b_t
 
     # --- bank management (engine thread only, between forwards) -------------------------------
+    def _forget_gathered(self) -> None:
+        if self._gathered is not None:  # (nn.Module attribute writes are slow; skip the no-ops)
+            self._gathered = None
+
     @property
     def nbytes(self) -> int:
         if self.lora_A is None or self.lora_B is None:
@@ -127,28 +131,32 @@ class MultiLoraLinear(nn.Module):
             a[:n, :r] = self.lora_A[:n, :r]
             b[:n, :, :r] = self.lora_B[:n, :, :r]
         self.lora_A, self.lora_B = a, b
-        self._gathered = None
+        self._forget_gathered()
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, max_slots: int) -> None:
-        """Write one adapter's weights (``a`` [r, in], ``b`` [out, r] already scaled) into a slot."""
+        """Write one adapter's weights (``a`` [r, in], ``b`` [out, r] already scaled, on any device and
+        of any float dtype: the copy converts) into a slot."""
         rank = a.shape[0]
         cur_slots = 0 if self.lora_A is None else self.lora_A.shape[0]
         cur_rank = 0 if self.lora_A is None else self.lora_A.shape[1]
         if slot >= cur_slots or rank > cur_rank:  # grow in chunks: few reallocations, little slack
             self._resize(min(max_slots, max(cur_slots, _round_up(slot + 1))), max(cur_rank, rank))
         assert self.lora_A is not None and self.lora_B is not None
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        self.lora_A[slot, :rank] = a.to(self.lora_A.dtype)
-        self.lora_B[slot, :, :rank] = b.to(self.lora_B.dtype)
+        old = self.ranks.get(slot, 0)
+        if old > rank:  # overwriting a larger rank: clear what the copy below does not cover
+            self.lora_A[slot, rank:old].zero_()
+            self.lora_B[slot, :, rank:old].zero_()
+        self.lora_A[slot, :rank].copy_(a)
+        self.lora_B[slot, :, :rank].copy_(b)
         self.ranks[slot] = rank
-        self._gathered = None
+        self._forget_gathered()
 
     def clear_slot(self, slot: int) -> None:
-        self._gathered = None
-        if self.ranks.pop(slot, None) is not None and self.lora_A is not None and self.lora_B is not None:
-            self.lora_A[slot].zero_()
-            self.lora_B[slot].zero_()
+        self._forget_gathered()
+        rank = self.ranks.pop(slot, None)
+        if rank is not None and self.lora_A is not None and self.lora_B is not None:
+            self.lora_A[slot, :rank].zero_()  # beyond its rank the slot is zero already
+            self.lora_B[slot, :, :rank].zero_()
         if not self.ranks:
             self.lora_A = self.lora_B = None  # free the bank when no adapter uses this layer
 
@@ -162,7 +170,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_A[src].zero_()
         self.lora_B[src].zero_()
         self.ranks[dst] = rank
-        self._gathered = None
+        self._forget_gathered()
 
     def fit(self) -> None:
         """Shrink the banks to the slots and the rank still in use (frees the memory)."""
@@ -182,17 +190,23 @@ def _round_up(slots: int) -> int:
 
 
 def wrap_linear_layers(model: nn.Module, ctx: RoutingContext) -> dict[str, MultiLoraLinear]:
-    """Replace every ``nn.Linear`` of ``model`` by a :class:`MultiLoraLinear`."""
-    targets = [
-        (name, mod)
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and name and not name.endswith(".base")
-    ]
+    """Replace every ``nn.Linear`` of ``model`` by a :class:`MultiLoraLinear`.
+
+    A model wrapped before (by an earlier engine on the same base) is taken over: its layers get
+    the new routing context and empty banks.
+    """
     wrapped: dict[str, MultiLoraLinear] = {}
-    for name, mod in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = MultiLoraLinear(mod, ctx)
-        setattr(parent, child, layer)
-        wrapped[name] = layer
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, MultiLoraLinear):
+            mod.ctx = ctx
+            mod.ranks.clear()
+            mod.lora_A = mod.lora_B = None
+            mod._gathered = None
+            wrapped[name] = mod
+        elif isinstance(mod, nn.Linear) and name and not name.endswith(".base"):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            layer = MultiLoraLinear(mod, ctx)
+            setattr(parent, child, layer)
+            wrapped[name] = layer
     return wrapped
