@@ -1,7 +1,8 @@
 """The engine loop: one thread owns the model; the API side awaits futures.
 
-Each iteration applies pending commands (adapter unloads), then runs one classification batch
-and one generation step. Adapter slots are only changed here, between forwards.
+Each iteration applies pending commands (device loads, retired versions), unloads and compacts
+adapter slots, then runs one classification batch and one step of the generation lane
+(:mod:`app.engine.generation_lane`). Adapter slots are only changed here, between forwards.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 from app.adapters.lora import LoraAdapter
 from app.adapters.registry import AdapterInfo
 from app.config import Settings
-from app.engine.generation import GenerationBatch, mergeable
+from app.engine.generation_lane import GenerationLane
 from app.engine.runner import Runner
 from app.engine.slots import DeviceSlots, SlotsExhausted
 from app.engine.types import (
@@ -34,7 +35,7 @@ from app.engine.types import (
 from app.errors import DeadlineExceeded, EngineFailure, NotReady, QueueFull
 from app.metrics import Metrics
 from app.models.base import BaseModel
-from app.models.lora import BASE_SLOT, RoutingContext, wrap_linear_layers
+from app.models.lora import RoutingContext, wrap_linear_layers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,9 +62,7 @@ class Engine:
         self.runner = Runner(base, self.ctx)
         self._inbox: queue.Queue[Work] = queue.Queue()
         self._classify: deque[ClassifyWork] = deque()
-        self._generate: deque[GenerateWork] = deque()
-        self._gen_batch: GenerationBatch | None = None  # the running (decoding) rows
-        self._prefill: GenerationBatch | None = None  # new rows whose prompts are being prefilled
+        self.gen = GenerationLane(self.runner, settings, metrics, self._decode, self._admit)
         self._retired: set[int] = set()  # replaced or deleted versions, unloaded once unused
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -86,12 +85,12 @@ class Engine:
     @property
     def running_generations(self) -> int:
         """Rows in the running generation batch (read from any thread; a snapshot)."""
-        batch = self._gen_batch
+        batch = self.gen.running
         return len(batch.rows) if batch is not None else 0
 
     @property
     def queue_depth(self) -> int:
-        return self._inbox.qsize() + len(self._classify) + len(self._generate)
+        return self._inbox.qsize() + len(self._classify) + len(self.gen.queue)
 
     # --- API side ---------------------------------------------------------------------------
     def _submit(self, work: Work) -> None:
@@ -164,7 +163,7 @@ class Engine:
                 self._drain_inbox(block=not self._busy())
                 self._housekeeping()
                 self._run_classify_batch()
-                self._run_generation_step()
+                self.gen.step()
                 self.metrics.queue_depth.set(self.queue_depth)
         except BaseException as exc:  # an unrecoverable engine error: fail everything, stop
             log.exception("engine loop failed")
@@ -172,9 +171,7 @@ class Engine:
             self._fail_all(EngineFailure("the inference engine failed; see the server log"))
 
     def _busy(self) -> bool:
-        return bool(
-            self._classify or self._generate or self._gen_batch or self._prefill or not self._inbox.empty()
-        )
+        return bool(self._classify or self.gen.busy() or not self._inbox.empty())
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -189,7 +186,7 @@ class Engine:
                 item = self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if len(self._classify) + len(self._generate) >= self.settings.max_batch_size:
+            if len(self._classify) + len(self.gen.queue) >= self.settings.max_batch_size:
                 self._accept(item)
                 return
 
@@ -197,23 +194,13 @@ class Engine:
         if isinstance(item, ClassifyWork):
             self._classify.append(item)
         elif isinstance(item, GenerateWork):
-            self._generate.append(item)
+            self.gen.queue.append(item)
         else:
             self._apply(item)
 
-    def _resident_uids(self) -> set[int]:
-        """Adapter versions of the rows generating now (their slots must stay)."""
-        return {
-            row.work.adapter.uid
-            for batch in (self._gen_batch, self._prefill)
-            if batch is not None
-            for row in batch.rows
-            if row.work.adapter
-        }
-
     def _busy_uids(self) -> set[int]:
         """Adapter versions that queued or running work still needs in their slots."""
-        return set(self._queued_uids()) | self._resident_uids()
+        return self._queued_uids() | self.gen.resident_uids()
 
     def _housekeeping(self) -> None:
         """Unload retired versions nobody uses any more; compact the slot banks after unloads."""
@@ -225,19 +212,14 @@ class Engine:
                 self.metrics.adapter_evictions.labels(tier="device").inc()
         moves = self.slots.compact()
         if moves:  # running rows follow their adapters to the new slots
-            for batch in (self._gen_batch, self._prefill):
-                if batch is not None:
-                    batch.remap_slots(moves)
+            for batch in self.gen.batches():
+                batch.remap_slots(moves)
 
     def _apply(self, cmd: Command) -> None:
         try:
             if cmd.action == "load":
                 info, weights = cmd.arg
                 self.slots.acquire(info, weights, keep=self._busy_uids())
-            elif cmd.action == "unload":
-                if cmd.arg in self._busy_uids():
-                    raise SlotsExhausted("the adapter is in use by queued or running requests")
-                self.slots.unload(cmd.arg)
             elif cmd.action == "retire":
                 if cmd.arg in self.slots:
                     self._retired.add(cmd.arg)
@@ -247,14 +229,12 @@ class Engine:
         except Exception as exc:
             cmd.future.set_exception(exc)
 
-    def _queued_uids(self) -> frozenset[int]:
-        return frozenset({w.adapter.uid for w in self._classify}) | {
-            w.adapter.uid for w in self._generate if w.adapter
-        }
+    def _queued_uids(self) -> set[int]:
+        return {w.adapter.uid for w in self._classify} | {w.adapter.uid for w in self.gen.queue if w.adapter}
 
     def _admit(self, adapter: AdapterInfo, weights: LoraAdapter, keep: set[int]) -> int | None:
         """The slot of a waiting request's adapter, loading it now; None: no room yet, keep waiting."""
-        spare = frozenset() if adapter.uid in self.slots else self._queued_uids()
+        spare = frozenset() if adapter.uid in self.slots else frozenset(self._queued_uids())
         try:
             slot = self.slots.acquire(adapter, weights, keep, spare)
         except SlotsExhausted:
@@ -267,7 +247,7 @@ class Engine:
         adapter has no room yet stops the batch, so that it is first in line for the next one)."""
         works: list[tuple[ClassifyWork, int]] = []
         rows = width = 0
-        keep = self._resident_uids()
+        keep = self.gen.resident_uids()
         while self._classify:
             work = self._classify[0]
             if work.cancelled:
@@ -308,116 +288,13 @@ class Engine:
             w.future.set_result(probs[start : start + len(w.inputs)])
             start += len(w.inputs)
 
-    def _run_generation_step(self) -> None:
-        """One prefill chunk for waiting requests (if any), then one decode step of the running batch."""
-        running = self._gen_batch
-        if running is not None:
-            running.drop_cancelled()
-            if not running.rows:
-                running = self._gen_batch = None
-        if self._prefill is None and self._generate and (running is None or mergeable(running.cache)):
-            room = self.settings.max_batch_size - (len(running) if running else 0)
-            if room > 0:
-                self._prefill = self._start_prefill(room)
-        if self._prefill is not None:
-            self._advance_prefill()
-        running = self._gen_batch
-        if running is None or not running.rows:
-            return
-        self.metrics.batch_size.labels(task="generate").observe(len(running))
-        try:
-            finished = running.step(self._decode)
-        except Exception:
-            log.exception("generation step failed")
-            self._fail_rows([row.work for row in running.rows], "the generation batch failed")
-            self._gen_batch = None
-            return
-        self._finish(finished)
-        if not running.rows:
-            self._gen_batch = None
-
-    def _start_prefill(self, room: int) -> GenerationBatch | None:
-        """Take up to ``room`` waiting requests (FIFO), as device room and the prefill budget allow."""
-        keep = self._resident_uids()
-        pairs: list[tuple[GenerateWork, int]] = []
-        width = 0
-        while self._generate and len(pairs) < room:
-            work = self._generate[0]
-            if work.cancelled:
-                self._generate.popleft()
-                continue
-            new_width = max(width, len(work.prompt))
-            if pairs and new_width * (len(pairs) + 1) > self.settings.max_prefill_tokens:
-                break
-            slot: int | None = BASE_SLOT
-            if work.adapter is not None and work.weights is not None:
-                try:
-                    slot = self._admit(work.adapter, work.weights, keep)
-                except Exception:
-                    log.exception("loading adapter %s failed", work.adapter.name)
-                    self._generate.popleft()
-                    self._fail_rows([work], "loading the adapter failed")
-                    continue
-            if slot is None:
-                break
-            self._generate.popleft()
-            pairs.append((work, slot))
-            width = new_width
-        if not pairs:
-            return None
-        self.metrics.batch_size.labels(task="prefill").observe(len(pairs))
-        return GenerationBatch.start(self.runner, pairs)
-
-    def _advance_prefill(self) -> None:
-        """One chunk of the prefill; when it completes, its rows join the running batch."""
-        batch = self._prefill
-        assert batch is not None
-        try:
-            finished = batch.prefill_chunk(self.settings.max_prefill_tokens, self._decode)
-        except Exception:
-            log.exception("prefill failed")
-            self._fail_rows([row.work for row in batch.rows], "the prefill batch failed")
-            self._prefill = None
-            return
-        if finished is None:
-            return
-        self._prefill = None
-        self._finish(finished)
-        if not batch.rows:
-            return
-        if self._gen_batch is None:
-            self._gen_batch = batch
-        else:
-            self._gen_batch.extend(batch)
-
-    def _finish(self, finished: list[tuple[GenerateWork, GenerationResult]]) -> None:
-        now = time.monotonic()
-        m = self.metrics
-        for work, result in finished:
-            if not work.future.done():
-                work.future.set_result(result)
-            n = len(result.token_ids)
-            m.generated_tokens.labels(adapter=m.adapter_label(work.adapter)).inc(n)
-            if work.first_token_at is not None:
-                m.time_to_first_token.observe(work.first_token_at - work.enqueued_at)
-                if n > 1:
-                    m.time_per_output_token.observe((now - work.first_token_at) / (n - 1))
-
-    def _fail_rows(self, works: list[GenerateWork], message: str) -> None:
-        for work in works:
-            if not work.future.done():
-                work.future.set_exception(EngineFailure(f"{message}; see the server log"))
-            if work.sink is not None:
-                work.sink(StreamDelta(text="", error=f"{message}; see the server log"))
-
     def _decode(self, tokens: list[int]) -> str:
         return str(self.base.tokenizer.decode(tokens, skip_special_tokens=True))
 
     def _fail_all(self, exc: EngineFailure) -> None:
-        pending: list[ClassifyWork | GenerateWork] = [*self._classify, *self._generate]
-        for batch in (self._gen_batch, self._prefill):
-            if batch is not None:
-                pending += [row.work for row in batch.rows]
+        pending: list[ClassifyWork | GenerateWork] = [*self._classify, *self.gen.queue]
+        for batch in self.gen.batches():
+            pending += [row.work for row in batch.rows]
         while not self._inbox.empty():
             item = self._inbox.get_nowait()
             if not isinstance(item, Command):
