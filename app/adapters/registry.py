@@ -151,7 +151,7 @@ class AdapterRegistry:
                 self._infos[name] = self._read_meta(name)
             except InvalidAdapter as exc:
                 log.warning("skipping adapter %s in the store: %s", name, exc.message)
-        self._update_gauges()
+        self._update_store_gauges()
 
     def _read_meta(self, name: str) -> AdapterInfo:
         """Metadata of a store adapter; its weights stay on disk until first used."""
@@ -247,7 +247,7 @@ class AdapterRegistry:
             self._host[info.uid] = info
             self._host_bytes += info.size_bytes
             self._evict_host(keep=info.uid)
-        self._update_gauges()
+        self._update_host_gauges()
 
     def _host_remove(self, info: AdapterInfo) -> None:
         """Drop the registry's reference (requests that hold the weights keep them until they finish)."""
@@ -266,12 +266,16 @@ class AdapterRegistry:
             self.metrics.adapter_evictions.labels(tier="host").inc()
             log.debug("adapter %s v%d evicted from host memory", info.name, info.version)
 
-    def _update_gauges(self) -> None:
+    def _update_host_gauges(self) -> None:
+        self.metrics.adapters_resident.labels(tier="host").set(len(self._host))
+        self.metrics.adapter_resident_bytes.labels(tier="host").set(self._host_bytes)
+
+    def _update_store_gauges(self) -> None:
+        """After the set of adapters changed (scan, upload, delete); not on the request path."""
         m = self.metrics
         m.adapters_resident.labels(tier="store").set(len(self._infos))
-        m.adapters_resident.labels(tier="host").set(len(self._host))
         m.adapter_resident_bytes.labels(tier="store").set(sum(i.size_bytes for i in self._infos.values()))
-        m.adapter_resident_bytes.labels(tier="host").set(self._host_bytes)
+        self._update_host_gauges()
 
     # --- changes ----------------------------------------------------------------------------
     def upload(self, name: str, archive: Path) -> AdapterInfo:
@@ -302,6 +306,7 @@ class AdapterRegistry:
                 if old is not None:
                     self._host_remove(old)
             self._host_add(info, adapter)
+        self._update_store_gauges()
         if old is not None:
             self.on_retire(old)
         log.info("adapter %s version %d installed (%s, rank %d)", name, info.version, info.task, adapter.rank)
@@ -314,7 +319,7 @@ class AdapterRegistry:
             del self._infos[name]
             with self._guard:
                 self._host_remove(info)
-        self._update_gauges()
+        self._update_store_gauges()
         self.on_retire(info)
         log.info("adapter %s deleted", name)
 

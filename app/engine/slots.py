@@ -47,7 +47,6 @@ class DeviceSlots:
         self.metrics = metrics or Metrics()
         self._lru: OrderedDict[int, int] = OrderedDict()  # uid -> slot, least recently used first
         self._infos: dict[int, AdapterInfo] = {}
-        self._bytes: dict[int, int] = {}  # uid -> bytes on the device
         self.heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # slot -> (W [L, H], b)
         self._dirty = False  # an unload left a hole or slack for compact()
 
@@ -59,7 +58,7 @@ class DeviceSlots:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(self._bytes.values())
+        return sum(info.size_bytes for info in self._infos.values())
 
     @property
     def bank_bytes(self) -> int:
@@ -74,10 +73,6 @@ class DeviceSlots:
     def slot_of(self, uid: int) -> int | None:
         return self._lru.get(uid)
 
-    def _needs_room(self, size: int) -> bool:
-        over_budget = self.byte_budget is not None and self.resident_bytes + size > self.byte_budget
-        return len(self._lru) >= self.capacity or over_budget
-
     def acquire(
         self, info: AdapterInfo, weights: LoraAdapter, keep: set[int], spare: frozenset[int] = frozenset()
     ) -> int:
@@ -90,7 +85,7 @@ class DeviceSlots:
         if slot is not None:
             self._lru.move_to_end(info.uid)
             return slot
-        size, budget = weights.nbytes, self.byte_budget
+        size, budget = info.size_bytes, self.byte_budget
         count, total = len(self._lru), self.resident_bytes
         victims: list[int] = []  # planned first: a load that cannot fit must not evict anything
         candidates = [u for u in self._lru if u not in keep and not self._infos[u].pinned]
@@ -99,7 +94,7 @@ class DeviceSlots:
             if count < self.capacity and (budget is None or total + size <= budget):
                 break
             victims.append(uid)
-            count, total = count - 1, total - self._bytes[uid]
+            count, total = count - 1, total - self._infos[uid].size_bytes
         if count >= self.capacity or (budget is not None and total + size > budget):
             raise SlotsExhausted(
                 f"no device room for adapter {info.name!r}: every resident adapter is in use or pinned"
@@ -128,7 +123,6 @@ class DeviceSlots:
             torch.cuda.synchronize(self.device)  # the load time below is the copy's, not the launch's
         self._lru[info.uid] = slot
         self._infos[info.uid] = info
-        self._bytes[info.uid] = weights.nbytes
         info.on_device = True
         m = self.metrics
         m.adapter_loads.labels(tier="device").inc()
@@ -146,7 +140,6 @@ class DeviceSlots:
         if slot is None:
             return
         info = self._infos.pop(uid)
-        self._bytes.pop(uid)
         for name, layer in self.layers.items():
             if name not in keep_layers:
                 layer.clear_slot(slot)
