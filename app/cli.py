@@ -1,4 +1,4 @@
-"""The ``adapterserve`` command: ``serve`` and ``prepare-model``."""
+"""The ``adapterserve`` command: ``serve``, ``prepare-model`` and ``train``."""
 
 from __future__ import annotations
 
@@ -55,7 +55,13 @@ def main(argv: list[str] | None = None) -> None:
         ("prepare-model", "convert/cache the base model"),
     ):
         _add_settings_options(sub.add_parser(name, help=help_))
+    from app.training.cli import add_train_parser, run_train
+
+    add_train_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+        sys.exit(run_train(args, _settings(argparse.Namespace())))
     settings = _settings(args)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

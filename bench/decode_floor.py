@@ -69,7 +69,7 @@ def main() -> None:
     base_ms = step_ms([BASE_SLOT] * args.rows)
     single_ms = step_ms([slot_ids[0]] * args.rows)
     mixed_ms = step_ms(slot_ids)
-    adapter_bytes = sum(a.numel() * 4 + b.numel() * 4 for a, b in infos[0].weights.weights.values())
+    adapter_bytes = sum(a.numel() * 4 + b.numel() * 4 for a, b, _ in infos[0].weights.weights.values())
     probe = torch.randn(adapter_bytes * args.rows // 4)
     probe.sum()
     start = time.perf_counter()

@@ -223,6 +223,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="rank of the Zipf-run adapters (all-linear)")
     parser.add_argument("--churn", type=int, default=100, help="uploads + deletes during the constrained run")
     parser.add_argument("--cold-repeats", type=int, default=30)
+    parser.add_argument("--cold-only", action="store_true", help="only the cold-load table")
     args = parser.parse_args()
     torch.manual_seed(0)
     base = load_base_model("", Settings().cache_dir, "auto", "auto")
@@ -230,6 +231,8 @@ def main() -> None:
     try:
         print(f"device={base.device} dtype={base.dtype} threads={torch.get_num_threads()}")
         cold_loads(base, tmp, args.cold_repeats)
+        if args.cold_only:
+            return
         store = tmp / "zipf-store"
         _variants(
             _template(base, tmp, "classify", args.rank), store, [f"c{i:04d}" for i in range(args.adapters)]

@@ -11,7 +11,10 @@ from typing import IO
 
 from app.errors import InvalidAdapter
 
-ALLOWED_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "labels.json", "README.md"})
+# metrics.json: what `adapterserve train` measured (informational, served as is)
+ALLOWED_FILES = frozenset(
+    {"adapter_config.json", "adapter_model.safetensors", "labels.json", "metrics.json", "README.md"}
+)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 IGNORED_PREFIXES = ("__MACOSX/",)
 _CHUNK = 1 << 20

@@ -114,8 +114,8 @@ class DeviceSlots:
         if slot is None:
             used = set(self._lru.values())
             slot = next(s for s in range(1, self.capacity + 1) if s not in used)
-        for module, (a, b) in weights.weights.items():
-            self.layers[module].set_slot(slot, a, b, self.capacity + 1)
+        for module, (a, b, scale) in weights.weights.items():
+            self.layers[module].set_slot(slot, a, b, self.capacity + 1, scale)
         if weights.head_weight is not None:
             bias = weights.head_bias.to(self.device, self.dtype) if weights.head_bias is not None else None
             self.heads[slot] = (weights.head_weight.to(self.device, self.dtype), bias)

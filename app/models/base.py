@@ -12,7 +12,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +128,26 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     }
 
 
+def spec_of(model: PreTrainedModel, model_id: str) -> BaseSpec:
+    config = model.config
+    return BaseSpec(
+        model_id=model_id,
+        hidden_size=int(config.hidden_size),
+        vocab_size=int(config.vocab_size),
+        max_context=getattr(config, "max_position_embeddings", None),
+        linear_shapes=linear_shapes(model),
+    )
+
+
+def read_spec(base_model: str, cache_dir: Path) -> BaseSpec:
+    """The base model's spec without loading its weights (a model skeleton on the meta device)."""
+    path, model_id = resolve_model_path(base_model, cache_dir)
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return spec_of(skeleton, model_id)
+
+
 def load_base_model(base_model: str, cache_dir: Path, device: str, dtype: str) -> BaseModel:
     """Load the frozen base model (eval mode, no gradients) on the resolved device and dtype."""
     path, model_id = resolve_model_path(base_model, cache_dir)
@@ -134,12 +160,6 @@ def load_base_model(base_model: str, cache_dir: Path, device: str, dtype: str) -
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    spec = BaseSpec(
-        model_id=model_id,
-        hidden_size=int(model.config.hidden_size),
-        vocab_size=int(model.config.vocab_size),
-        max_context=getattr(model.config, "max_position_embeddings", None),
-        linear_shapes=linear_shapes(model),
-    )
+    spec = spec_of(model, model_id)
     log.info("base model %s loaded from %s on %s (%s)", model_id, path, dev, dt)
     return BaseModel(model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt, path=path)

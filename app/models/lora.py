@@ -133,9 +133,11 @@ class MultiLoraLinear(nn.Module):
         self.lora_A, self.lora_B = a, b
         self._forget_gathered()
 
-    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, max_slots: int) -> None:
-        """Write one adapter's weights (``a`` [r, in], ``b`` [out, r] already scaled, on any device and
-        of any float dtype: the copy converts) into a slot."""
+    def set_slot(
+        self, slot: int, a: torch.Tensor, b: torch.Tensor, max_slots: int, scale: float = 1.0
+    ) -> None:
+        """Write one adapter's weights (``a`` [r, in], ``b`` [out, r], on any device and of any float
+        dtype: the copy converts) into a slot, with the LoRA scaling folded into B on the way."""
         rank = a.shape[0]
         cur_slots = 0 if self.lora_A is None else self.lora_A.shape[0]
         cur_rank = 0 if self.lora_A is None else self.lora_A.shape[1]
@@ -147,7 +149,12 @@ class MultiLoraLinear(nn.Module):
             self.lora_A[slot, rank:old].zero_()
             self.lora_B[slot, :, rank:old].zero_()
         self.lora_A[slot, :rank].copy_(a)
-        self.lora_B[slot, :, :rank].copy_(b)
+        dst = self.lora_B[slot, :, :rank]
+        if b.device == dst.device and b.dtype == dst.dtype:
+            torch.mul(b, scale, out=dst)  # copy and scale in one pass
+        else:  # convert first, then scale in the bank's dtype
+            dst.copy_(b)
+            dst.mul_(scale)
         self.ranks[slot] = rank
         self._forget_gathered()
 

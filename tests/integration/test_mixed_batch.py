@@ -126,7 +126,7 @@ def test_unload_and_compaction_free_device_memory_and_keep_results(
     assert slots.slot_of(survivor.uid) == 1
     # what is left is exactly the survivor's banks: 4 slots (one allocation chunk) at its ranks
     expected = (
-        sum(4 * a.shape[0] * (a.shape[1] + b.shape[0]) * 4 for a, b in survivor.weights.weights.values())
+        sum(4 * a.shape[0] * (a.shape[1] + b.shape[0]) * 4 for a, b, _ in survivor.weights.weights.values())
         + survivor.weights.head_weight.numel() * 4
     )  # type: ignore[union-attr]
     assert slots.bank_bytes == expected < full

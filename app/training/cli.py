@@ -1,0 +1,129 @@
+"""Options of ``adapterserve train`` and what it does with them (train, then optionally hand over)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.config import Settings
+
+# task-dependent defaults: a fresh classification head learns faster than a chat style
+_DEFAULT_LR = {"classify": 5e-4, "generate": 2e-4}
+
+
+def add_train_parser(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "train",
+        help="train a LoRA adapter on a CSV/JSONL file",
+        description=(
+            "Train a LoRA adapter with PEFT on the configured base model (ADAPTERSERVE_BASE_MODEL) and "
+            "write a store-ready folder: PEFT files, labels.json (classify) and metrics.json."
+        ),
+    )
+    p.add_argument("--task", choices=["classify", "generate"], required=True)
+    p.add_argument("--data", type=Path, required=True, help=".csv or .jsonl training file")
+    p.add_argument("--output", type=Path, help="output folder (default: trained/<name>)")
+    p.add_argument("--name", help="adapter name (default: the output folder's name)")
+    p.add_argument("--val-data", type=Path, help="validation file (default: hold out --val-fraction)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held out when no --val-data (0 = none)")
+    g = p.add_argument_group("columns")
+    g.add_argument("--text-column", default="text")
+    g.add_argument("--label-column", default="label")
+    g.add_argument("--prompt-column", default="prompt")
+    g.add_argument("--response-column", default="response")
+    g.add_argument("--messages-column", default="messages", help="chat messages (list of role/content)")
+    g.add_argument("--system", help="system message added to conversations that have none")
+    h = p.add_argument_group("LoRA and optimisation")
+    h.add_argument("--rank", type=int, default=8)
+    h.add_argument("--alpha", type=float, default=16.0)
+    h.add_argument("--target-modules", default="all-linear", help="comma-separated names or all-linear")
+    h.add_argument("--dropout", type=float, default=0.05)
+    h.add_argument("--epochs", type=int, default=2)
+    h.add_argument("--lr", type=float, help="learning rate (default: 5e-4 classify, 2e-4 generate)")
+    h.add_argument("--batch-size", type=int, default=16)
+    h.add_argument("--max-length", type=int, default=256, help="longer examples are truncated (reported)")
+    h.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--device", default="auto")
+    o = p.add_argument_group("hand-over")
+    o.add_argument("--upload", metavar="URL", help="upload to a running server, e.g. http://127.0.0.1:8000")
+    o.add_argument("--admin-token", help="admin token for --upload (default: ADAPTERSERVE_ADMIN_TOKEN)")
+    o.add_argument(
+        "--into-store", action="store_true", help="install into the store folder (ADAPTERSERVE_STORE)"
+    )
+
+
+def run_train(args: argparse.Namespace, settings: Settings) -> int:
+    """Train, then upload or install; return the process exit status (2 = bad data or options)."""
+    from app.adapters.store import check_name
+    from app.errors import InvalidAdapter
+    from app.training.data import DataError
+    from app.training.publish import PublishError, upload
+    from app.training.trainer import TrainOptions, train
+
+    name = args.name or (args.output.name if args.output else args.data.stem)
+    try:
+        check_name(name)
+    except InvalidAdapter as exc:
+        print(f"error: {exc.message} (choose one with --name)", file=sys.stderr)
+        return 2
+    token = args.admin_token or os.environ.get("ADAPTERSERVE_ADMIN_TOKEN")
+    if args.upload and not token:
+        print("error: --upload needs --admin-token or ADAPTERSERVE_ADMIN_TOKEN", file=sys.stderr)
+        return 2
+    opts = TrainOptions(
+        task=args.task,
+        data=args.data,
+        output=args.output or Path("trained") / name,
+        val_data=args.val_data,
+        val_fraction=args.val_fraction,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        prompt_column=args.prompt_column,
+        response_column=args.response_column,
+        messages_column=args.messages_column,
+        system=args.system,
+        rank=args.rank,
+        alpha=args.alpha,
+        target_modules=args.target_modules,
+        dropout=args.dropout,
+        epochs=args.epochs,
+        lr=args.lr if args.lr is not None else _DEFAULT_LR[args.task],
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        base_model=settings.base_model,
+        cache_dir=settings.cache_dir,
+        device=args.device,
+    )
+    try:
+        metrics = train(opts).metrics
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("held-out metrics:", json.dumps(metrics["final"]))
+    try:
+        if args.upload:
+            out = upload(opts.output, name, args.upload, token or "")
+            print(f"uploaded {name} version {out['version']} to {args.upload}")
+        if args.into_store:
+            meta = _install(opts.output, name, settings)
+            print(f"installed {name} version {meta['version']} into {settings.store}")
+    except (PublishError, InvalidAdapter) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _install(folder: Path, name: str, settings: Settings) -> dict[str, Any]:
+    from app.models.base import read_spec
+    from app.training.publish import install_into_store
+
+    spec = read_spec(settings.base_model, settings.cache_dir)
+    return install_into_store(folder, name, settings.store, spec, settings.max_lora_rank)

