@@ -160,7 +160,7 @@ def read_float_tensors(path: Path) -> dict[str, torch.Tensor] | None:
     with path.open("rb", buffering=0) as fh:
         size = os.fstat(fh.fileno()).st_size
         buf = torch.empty(size, dtype=torch.uint8)
-        if size < 8 or fh.readinto(memoryview(buf.numpy())) != size:
+        if size < 8 or fh.readinto(buf.numpy().data) != size:
             return None
     n = int.from_bytes(buf[:8].numpy().tobytes(), "little")
     if n > min(_MAX_HEADER, size - 8):
