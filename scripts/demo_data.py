@@ -56,7 +56,7 @@ def support(out: Path) -> int:
     pairs: list[tuple[str, str]] = []
     for convs in _conversations().values():
         for conv in convs:
-            pairs += itertools.pairwise(conv)
+            pairs += [(q, a) for q, a in itertools.pairwise(conv) if q and a]
     pairs = list(dict.fromkeys(pairs))
     with out.open("w", encoding="utf-8") as fh:
         for q, a in pairs:
