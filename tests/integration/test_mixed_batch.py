@@ -131,7 +131,8 @@ def test_unload_and_compaction_free_device_memory_and_keep_results(
     )  # type: ignore[union-attr]
     assert slots.bank_bytes == expected < full
     after = runner.classify([(1, ids)], slots.heads)
-    assert after == before
+    # the banks now pad to rank 8 instead of 16: a different matmul shape may round differently
+    assert torch.allclose(torch.tensor(after), torch.tensor(before), atol=1e-6, rtol=0)
     slots.unload(survivor.uid)
     slots.compact()
     assert slots.bank_bytes == 0
