@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     )
     max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank accepted")
 
+    keep_freed_memory: bool = Field(
+        True, description="keep freed memory mapped for reuse (glibc malloc thresholds; see app/memory.py)"
+    )
+
     # --- server -----------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(8000, ge=1, le=65535, description="listen port")

@@ -36,6 +36,7 @@ from app.adapters.store import FilesystemStore
 from app.config import Settings
 from app.engine.slots import DeviceSlots
 from app.main import create_app
+from app.memory import keep_freed_memory
 from app.models.base import BaseModel, load_base_model
 from app.models.lora import RoutingContext, wrap_linear_layers
 from bench.common import make_peft, save_adapters
@@ -226,6 +227,7 @@ def main() -> None:
     parser.add_argument("--cold-only", action="store_true", help="only the cold-load table")
     args = parser.parse_args()
     torch.manual_seed(0)
+    keep_freed_memory()  # as the server's engine does
     base = load_base_model("", Settings().cache_dir, "auto", "auto")
     tmp = Path(tempfile.mkdtemp(prefix="adapterserve-lifecycle-"))
     try:

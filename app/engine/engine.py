@@ -33,6 +33,7 @@ from app.engine.types import (
     Work,
 )
 from app.errors import DeadlineExceeded, EngineFailure, NotReady, QueueFull
+from app.memory import keep_freed_memory
 from app.metrics import Metrics
 from app.models.base import BaseModel
 from app.models.lora import RoutingContext, wrap_linear_layers
@@ -49,6 +50,8 @@ class Engine:
         self.base = base
         self.settings = settings
         self.metrics = metrics
+        if settings.keep_freed_memory:
+            keep_freed_memory()
         self.ctx = RoutingContext()
         self.layers = wrap_linear_layers(base.model, self.ctx)
         self.slots = DeviceSlots(
