@@ -26,6 +26,7 @@ from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.runner import last_non_pad_index
 from app.engine.types import SamplingParams
+from app.memory import keep_freed_memory
 from app.metrics import Metrics
 from app.models.base import BaseModel, load_base_model
 from bench.common import PROMPT, TEXT, make_peft, save_adapters, timed
@@ -245,6 +246,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
+    keep_freed_memory()  # for the baselines as well as the engine (which sets it itself)
     if args.part:
         bench = Bench(args)
         result = bench.run_hf(args.out) if args.part == "hf" else bench.run_engine(args.out)

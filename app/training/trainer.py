@@ -108,7 +108,9 @@ def _prepare(opts: TrainOptions, tok: PreTrainedTokenizerBase) -> _Split:
     if not enc_train.input_ids:
         raise D.DataError(f"{opts.data}: no example keeps an assistant token within max_length")
     enc_val = D.encode_chat(tok, val_convs, opts.max_length) if val_convs else None
-    return _Split(enc_train, enc_val or None, None, {"train": len(convs), "val": len(val_convs or [])})
+    if enc_val is not None and not enc_val.input_ids:  # every validation example was cut away
+        enc_val = None
+    return _Split(enc_train, enc_val, None, {"train": len(convs), "val": len(val_convs or [])})
 
 
 def _target_modules(model: nn.Module, spec: str) -> list[str]:
@@ -219,7 +221,10 @@ def _load_model(opts: TrainOptions, path: Path, labels: list[str] | None, pad_id
         lora_dropout=opts.dropout,
         target_modules=_target_modules(model, opts.target_modules),
     )
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # e.g. target modules that the base model does not have
+        raise D.DataError(f"--target-modules {opts.target_modules!r}: {exc}") from exc
 
 
 def train(opts: TrainOptions) -> TrainResult:

@@ -244,6 +244,8 @@ def test_bad_data_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], topi
     assert "unknown format '.xlsx'" in _cli_error(capsys, "--task", "classify", "--data", str(xlsx))
     missing = _cli_error(capsys, "--task", "generate", "--data", str(topic_csv))
     assert "missing column(s) 'prompt', 'response'" in missing
+    err = _cli_error(capsys, "--task", "classify", "--data", str(topic_csv), "--target-modules", "qq_proj")
+    assert "--target-modules 'qq_proj'" in err
 
 
 def test_chat_examples_take_the_loss_on_assistant_turns_only(base_model: BaseModel) -> None:
