@@ -109,6 +109,23 @@ def summarize(adapter: LoraAdapter) -> dict[str, Any]:
     }
 
 
+def install_validated(
+    store: AdapterStore,
+    name: str,
+    staged: Path,
+    spec: BaseSpec,
+    max_rank: int,
+    check: Callable[[LoraAdapter], None] | None = None,
+) -> tuple[LoraAdapter, dict[str, Any]]:
+    """Validate a staged adapter folder completely, then install it as the next version of ``name``
+    (the folder becomes the version); return the adapter and the stored metadata."""
+    adapter = load_lora(staged, spec, max_rank)
+    if check is not None:
+        check(adapter)
+    summary = {**summarize(adapter), "sha256": file_sha256(staged / WEIGHTS_FILE)}
+    return adapter, store.install(name, staged, summary)
+
+
 class AdapterRegistry:
     """Maps names to the current :class:`AdapterInfo` and keeps the host tier within its budget."""
 
@@ -285,10 +302,14 @@ class AdapterRegistry:
             staged = self.store.staging_folder()
             try:
                 extract_archive(archive, staged, self.limits)
-                adapter = load_lora(staged, self.spec, self.max_rank)
-                self._check_budget(adapter.nbytes)
-                sha256 = file_sha256(staged / WEIGHTS_FILE)
-                meta = self.store.install(name, staged, {**summarize(adapter), "sha256": sha256})
+                adapter, meta = install_validated(
+                    self.store,
+                    name,
+                    staged,
+                    self.spec,
+                    self.max_rank,
+                    check=lambda a: self._check_budget(a.nbytes),
+                )
             finally:
                 if staged.exists():
                     shutil.rmtree(staged, ignore_errors=True)
@@ -296,7 +317,7 @@ class AdapterRegistry:
                 name=name,
                 version=meta["version"],
                 created_at=meta["created_at"],
-                sha256=sha256,
+                sha256=meta["sha256"],
                 pinned=name in self.pinned,
                 **summarize(adapter),
             )

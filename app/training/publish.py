@@ -11,8 +11,7 @@ from typing import Any
 import httpx
 
 from app.adapters.archive import ALLOWED_FILES
-from app.adapters.lora import WEIGHTS_FILE, file_sha256, load_lora
-from app.adapters.registry import summarize
+from app.adapters.registry import install_validated
 from app.adapters.store import FilesystemStore
 from app.models.base import BaseSpec
 
@@ -64,10 +63,7 @@ def install_into_store(
         for f in folder.iterdir():
             if f.is_file() and f.name in ALLOWED_FILES:
                 shutil.copyfile(f, staged / f.name)
-        adapter = load_lora(staged, spec, max_rank)
-        return store.install(
-            name, staged, {**summarize(adapter), "sha256": file_sha256(staged / WEIGHTS_FILE)}
-        )
+        return install_validated(store, name, staged, spec, max_rank)[1]
     finally:
         if staged.exists():
             shutil.rmtree(staged, ignore_errors=True)
