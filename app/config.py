@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="bearer token of the admin routes; unset = admin routes off"
     )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="comma-separated inference keys required on /v1/*, /classify and /generate; unset = open",
+    )
 
     # --- batching and backpressure ----------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, description="rows per forward pass")
@@ -66,6 +70,9 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(512, ge=1, description="cap on max_new_tokens per request")
     max_input_tokens: int = Field(2048, ge=8, description="longer inputs are rejected (422)")
     max_inputs_per_request: int = Field(64, ge=1, description="texts per /classify call")
+    max_choices: int = Field(
+        8, ge=1, description="completions per OpenAI request (n × prompts), each a row in the batch"
+    )
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="largest admin upload")
     max_archive_members: int = Field(16, ge=1, description="files in one uploaded archive")
 
@@ -89,6 +96,10 @@ class Settings(BaseSettings):
                 "device passes through host memory"
             )
         return self
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return _names(self.api_keys.get_secret_value()) if self.api_keys is not None else []
 
     @property
     def preload_names(self) -> list[str]:

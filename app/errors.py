@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -108,6 +109,33 @@ def error_body(type_: str, message: str, param: str | None = None) -> dict[str, 
     return {"error": {"type": type_, "message": message, "param": param}}
 
 
+# OpenAI-compatible routes answer in OpenAI's error shape, so that its clients raise their own
+# exception types: {"error": {"message", "type", "param", "code"}}, 400 (not 422) for bad parameters.
+# Every /v1/ path but adapterserve's own /v1/adapters.
+_OPENAI_PARAM = {"adapter": "model", "max_new_tokens": "max_tokens"}
+_OPENAI_CODE = {"adapter_not_found": "model_not_found", "unauthorized": "invalid_api_key"}
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/") and not path.startswith("/v1/adapters")
+
+
+def openai_error_body(type_: str, message: str, param: str | None, status: int) -> dict[str, Any]:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    if status == 401:
+        kind = "authentication_error"
+    elif status == 403:
+        kind = "permission_error"
+    return {
+        "error": {
+            "message": message,
+            "type": kind,
+            "param": _OPENAI_PARAM.get(param, param) if param else None,
+            "code": _OPENAI_CODE.get(type_, type_),
+        }
+    }
+
+
 def status_of(exc: AdapterServeError) -> int:
     for cls in type(exc).__mro__:
         if cls in STATUS:
@@ -115,14 +143,27 @@ def status_of(exc: AdapterServeError) -> int:
     return 500
 
 
-def to_response(exc: AdapterServeError) -> JSONResponse:
-    status = status_of(exc)
-    headers: dict[str, str] = {}
+def _respond(
+    type_: str,
+    message: str,
+    param: str | None,
+    status: int,
+    openai: bool,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    headers = dict(headers or {})
     if status == 503:
-        headers["Retry-After"] = RETRY_AFTER_S
+        headers.setdefault("Retry-After", RETRY_AFTER_S)
     if status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(error_body(exc.type, exc.message, exc.param), status_code=status, headers=headers)
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    if openai:
+        status = 400 if status == 422 else status
+        return JSONResponse(openai_error_body(type_, message, param, status), status, headers=headers)
+    return JSONResponse(error_body(type_, message, param), status_code=status, headers=headers)
+
+
+def to_response(exc: AdapterServeError, openai: bool = False) -> JSONResponse:
+    return _respond(exc.type, exc.message, exc.param, status_of(exc), openai)
 
 
 def _validation_param(exc: RequestValidationError) -> str | None:
@@ -146,24 +187,24 @@ def _validation_message(exc: RequestValidationError) -> str:
 def register_error_handlers(app: FastAPI) -> None:
     """Install the single mapping from exceptions to responses."""
 
+    def openai(request: Request) -> bool:
+        return is_openai_path(request.url.path)
+
     @app.exception_handler(AdapterServeError)
-    async def _domain(_: Request, exc: AdapterServeError) -> JSONResponse:
-        return to_response(exc)
+    async def _domain(request: Request, exc: AdapterServeError) -> JSONResponse:
+        return to_response(exc, openai(request))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(
-            error_body("invalid_request", _validation_message(exc), _validation_param(exc)), status_code=422
-        )
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc), _validation_param(exc)
+        return _respond("invalid_request", message, param, 422, openai(request))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(
-            error_body(type_, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
-        )
+        return _respond(type_, str(exc.detail), None, exc.status_code, openai(request), exc.headers)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+        return _respond("internal_error", "internal server error", None, 500, openai(request))

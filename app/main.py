@@ -15,12 +15,13 @@ from app import __version__
 from app.adapters.archive import ArchiveLimits
 from app.adapters.registry import AdapterRegistry
 from app.adapters.store import FilesystemStore
-from app.api import adapters, admin, health, inference
+from app.api import adapters, admin, health, inference, openai
 from app.config import Settings
 from app.engine.engine import Engine
 from app.errors import register_error_handlers
 from app.metrics import Metrics
 from app.models.base import BaseModel, load_base_model
+from app.openai_service import OpenAIService
 from app.service import InferenceService, load_on_device
 
 log = logging.getLogger(__name__)
@@ -97,22 +98,23 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         app.state.model_id = model.spec.model_id
         app.state.registry = registry
         app.state.engine = engine
-        app.state.service = InferenceService(
+        app.state.service = service = InferenceService(
             settings, registry, engine, model.tokenizer, model.spec.max_context
         )
+        app.state.openai = OpenAIService(service, registry, model.spec.model_id)
         log.info("adapterserve ready: %d adapters in %s", len(registry.list()), settings.store)
         try:
             yield
         finally:
-            app.state.service = None
+            app.state.service = app.state.openai = None
             await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="adapterserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.engine = app.state.registry = app.state.service = None
+    app.state.engine = app.state.registry = app.state.service = app.state.openai = None
     register_error_handlers(app)
     _install_request_metrics(app, metrics)
-    for module in (inference, adapters, admin, health):
+    for module in (inference, openai, adapters, admin, health):
         app.include_router(module.router)
     return app

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from jinja2 import TemplateError
@@ -24,10 +25,49 @@ from app.api.schemas import (
 )
 from app.config import Settings
 from app.engine.engine import Engine
-from app.engine.types import GenerateWork, SamplingParams, StreamDelta
-from app.errors import InvalidRequest, error_body
+from app.engine.types import GenerateWork, GenerationResult, SamplingParams, StreamDelta
+from app.errors import AdapterServeError, DeadlineExceeded, EngineFailure, InvalidRequest, error_body
 
 DEFAULT_NEW_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """One generation as any API asks for it: exactly one of prompt, messages or prompt_ids."""
+
+    adapter: str | None
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    prompt_ids: list[int] | None = None
+    max_new_tokens: int | None = None  # None = default_new_tokens
+    default_new_tokens: int | None = DEFAULT_NEW_TOKENS  # None = as many as the cap and context allow
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, req: GenerateRequest) -> GenerationInput:
+        return cls(
+            adapter=req.adapter,
+            prompt=req.prompt,
+            messages=[m.model_dump() for m in req.messages] if req.messages is not None else None,
+            max_new_tokens=req.max_new_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=tuple(req.stop_list),
+        )
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A checked, tokenized generation ready for the engine."""
+
+    info: AdapterInfo | None
+    weights: LoraAdapter | None
+    prompt_ids: list[int]
+    params: SamplingParams
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -106,44 +146,107 @@ class InferenceService:
             adapter=info.name, results=results, usage=ClassifyUsage(input_tokens=sum(len(i) for i in ids))
         )
 
-    async def _prepare(
-        self, req: GenerateRequest
-    ) -> tuple[AdapterInfo | None, LoraAdapter | None, list[int], SamplingParams]:
-        if req.adapter is not None:
-            self.registry.for_task(req.adapter, "generate")  # 404/409 before any other check
+    async def prepare(self, spec: GenerationInput) -> Generation:
+        """Check and tokenize one generation request; 4xx errors raise here, before any work is queued."""
+        if spec.adapter is not None:
+            self.registry.for_task(spec.adapter, "generate")  # 404/409 before any other check
         cap = self.settings.max_new_tokens
-        max_new_tokens = req.max_new_tokens or min(DEFAULT_NEW_TOKENS, cap)
-        if max_new_tokens > cap:
+        if spec.max_new_tokens is not None and spec.max_new_tokens > cap:
             raise InvalidRequest(
-                f"max_new_tokens {max_new_tokens} exceeds the limit {cap}", param="max_new_tokens"
+                f"{spec.max_new_tokens} new tokens asked; the limit is {cap}", param="max_new_tokens"
             )
-        if req.messages is not None:
-            messages = [m.model_dump() for m in req.messages]
-            prompt_ids = await asyncio.to_thread(self._encode_chat, messages)
+        if spec.messages is not None:
+            prompt_ids = await asyncio.to_thread(self._encode_chat, spec.messages)
+        elif spec.prompt_ids is not None:
+            prompt_ids = self._check_ids(spec.prompt_ids)
         else:
-            prompt_ids = await asyncio.to_thread(self._encode, req.prompt or "", "prompt")
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            seed=req.seed,
-            stop=tuple(req.stop_list),
-        )
-        if self.max_context and len(prompt_ids) + max_new_tokens > self.max_context:
+            prompt_ids = await asyncio.to_thread(self._encode, spec.prompt or "", "prompt")
+        room = self.max_context - len(prompt_ids) if self.max_context else cap
+        max_new_tokens = spec.max_new_tokens
+        if max_new_tokens is None:  # the default: what the request kind asks, within cap and context
+            max_new_tokens = min(spec.default_new_tokens or cap, cap, room)
+        if max_new_tokens > room or max_new_tokens < 1:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the base "
                 f"model's context of {self.max_context} tokens",
                 param="max_new_tokens",
             )
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            seed=spec.seed,
+            stop=spec.stop,
+        )
         info, weights = None, None
-        if req.adapter is not None:
-            info, weights = await self.adapter(req.adapter, "generate")
+        if spec.adapter is not None:
+            info, weights = await self.adapter(spec.adapter, "generate")
             self.registry.touch(info)
-        return info, weights, prompt_ids, params
+        return Generation(info, weights, prompt_ids, params)
+
+    async def run(self, gens: list[Generation]) -> list[GenerationResult]:
+        """Run generations concurrently (they share the engine's batches); one failure cancels all."""
+        tasks = [
+            asyncio.ensure_future(self.engine.generate(g.info, g.prompt_ids, g.params, g.weights))
+            for g in gens
+        ]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def open_streams(self, gens: list[Generation]) -> AsyncIterator[tuple[int, StreamDelta]]:
+        """Queue streamed generations (errors raise before any byte is sent) and return their deltas,
+        each tagged with its index in ``gens``, as they come. The iterator raises
+        :class:`DeadlineExceeded` or :class:`EngineFailure`; leaving it early cancels the rest."""
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[tuple[int, StreamDelta]] = asyncio.Queue()
+
+        def sink_for(index: int) -> Callable[[StreamDelta], None]:
+            def sink(delta: StreamDelta) -> None:  # engine thread
+                with contextlib.suppress(RuntimeError):  # the client's loop is gone
+                    loop.call_soon_threadsafe(deltas.put_nowait, (index, delta))
+
+            return sink
+
+        works: list[GenerateWork] = []
+        try:
+            for i, g in enumerate(gens):
+                works.append(
+                    self.engine.submit_stream(g.info, g.prompt_ids, g.params, sink_for(i), g.weights)
+                )
+        except BaseException:
+            for work in works:
+                work.cancelled = True
+            raise
+        return self._deltas(works, deltas)
+
+    async def _deltas(
+        self, works: list[GenerateWork], deltas: asyncio.Queue[tuple[int, StreamDelta]]
+    ) -> AsyncIterator[tuple[int, StreamDelta]]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        pending = len(works)
+        try:
+            while pending:
+                try:
+                    index, delta = await asyncio.wait_for(deltas.get(), max(0.0, deadline - loop.time()))
+                except TimeoutError as exc:
+                    raise DeadlineExceeded(
+                        f"request did not finish within {self.settings.request_timeout_s:g} s"
+                    ) from exc
+                if delta.error is not None:
+                    raise EngineFailure(delta.error)
+                if delta.result is not None:
+                    pending -= 1
+                yield index, delta
+        finally:
+            for work in works:  # a client that went away frees its rows at the next step
+                work.cancelled = True
 
     async def generate(self, req: GenerateRequest) -> GenerateResponse:
-        info, weights, prompt_ids, params = await self._prepare(req)
-        result = await self.engine.generate(info, prompt_ids, params, weights)
+        (result,) = await self.run([await self.prepare(GenerationInput.of(req))])
         return GenerateResponse(
             adapter=req.adapter,
             text=result.text,
@@ -153,32 +256,13 @@ class InferenceService:
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[str]:
         """Queue a streamed generation (errors raise before any byte is sent); return its SSE events."""
-        info, weights, prompt_ids, params = await self._prepare(req)
-        loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[StreamDelta] = asyncio.Queue()
+        deltas = self.open_streams([await self.prepare(GenerationInput.of(req))])
+        return self._events(deltas)
 
-        def sink(delta: StreamDelta) -> None:  # engine thread
-            with contextlib.suppress(RuntimeError):  # the client's loop is gone
-                loop.call_soon_threadsafe(deltas.put_nowait, delta)
-
-        work = self.engine.submit_stream(info, prompt_ids, params, sink, weights)
-        return self._events(work, deltas)
-
-    async def _events(self, work: GenerateWork, deltas: asyncio.Queue[StreamDelta]) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.request_timeout_s
+    @staticmethod
+    async def _events(deltas: AsyncIterator[tuple[int, StreamDelta]]) -> AsyncIterator[str]:
         try:
-            while True:
-                try:
-                    delta = await asyncio.wait_for(deltas.get(), max(0.0, deadline - loop.time()))
-                except TimeoutError:
-                    yield sse(
-                        {"error": error_body("deadline_exceeded", "request ran past its deadline")["error"]}
-                    )
-                    break
-                if delta.error is not None:
-                    yield sse({"error": error_body("engine_error", delta.error)["error"]})
-                    break
+            async for _, delta in deltas:
                 if delta.result is None:
                     if delta.text:
                         yield sse({"text": delta.text})
@@ -186,10 +270,21 @@ class InferenceService:
                 r = delta.result
                 usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids)}
                 yield sse({"text": delta.text, "finish_reason": r.finish_reason, "usage": usage})
-                break
-            yield "data: [DONE]\n\n"
-        finally:
-            work.cancelled = True  # a client that went away frees its row at the next step
+        except AdapterServeError as exc:
+            yield sse(error_body(exc.type, exc.message, exc.param))
+        yield "data: [DONE]\n\n"
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        vocab = len(self.tokenizer)
+        if not ids:
+            raise InvalidRequest("prompt has no tokens", param="prompt")
+        if any(not 0 <= i < vocab for i in ids):
+            raise InvalidRequest(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        if len(ids) > self.settings.max_input_tokens:
+            raise InvalidRequest(
+                f"prompt has {len(ids)} tokens; the limit is {self.settings.max_input_tokens}", param="prompt"
+            )
+        return list(ids)
 
     def _encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):

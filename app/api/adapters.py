@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.deps import RegistryDep
+from app.api.deps import ApiKeyDep, RegistryDep
 from app.api.schemas import AdapterList, AdapterOut
 
-router = APIRouter(tags=["adapters"])
+router = APIRouter(tags=["adapters"], dependencies=[ApiKeyDep])
 
 
 @router.get("/v1/adapters", response_model=AdapterList)

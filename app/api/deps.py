@@ -13,7 +13,8 @@ from app.errors import AdminDisabled, Forbidden, NotReady, Unauthorized
 from app.service import InferenceService
 
 
-def _state(request: Request, name: str) -> object:
+def state(request: Request, name: str) -> object:
+    """A service object of the running app (503 while the lifespan is still starting)."""
     value = getattr(request.app.state, name, None)
     if value is None:
         raise NotReady("the service is starting; retry shortly")
@@ -26,11 +27,11 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_registry(request: Request) -> AdapterRegistry:
-    return _state(request, "registry")  # type: ignore[return-value]
+    return state(request, "registry")  # type: ignore[return-value]
 
 
 def get_service(request: Request) -> InferenceService:
-    return _state(request, "service")  # type: ignore[return-value]
+    return state(request, "service")  # type: ignore[return-value]
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -56,3 +57,19 @@ def require_admin(request: Request, settings: SettingsDep) -> None:
 
 
 AdminDep = Depends(require_admin)
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """Inference routes: open when no API keys are configured, else a listed bearer key is required."""
+    keys = settings.api_key_list
+    if not keys:
+        return
+    token = _bearer(request)
+    if token is None:
+        raise Unauthorized("missing API key: send Authorization: Bearer <key>", param="Authorization")
+    given = token.encode()
+    if not any([hmac.compare_digest(given, key.encode()) for key in keys]):  # compare with every key
+        raise Unauthorized("invalid API key", param="Authorization")
+
+
+ApiKeyDep = Depends(require_api_key)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import ServiceDep
+from app.api.deps import ApiKeyDep, ServiceDep
 from app.api.schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], dependencies=[ApiKeyDep])
 
 
 @router.post("/classify", response_model=ClassifyResponse)

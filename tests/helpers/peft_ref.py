@@ -31,6 +31,7 @@ class RefAdapter:
     labels: list[str] = field(default_factory=list)
     probs: list[list[float]] = field(default_factory=list)  # classify: softmax per text
     texts: dict[str, str] = field(default_factory=dict)  # generate: prompt -> greedy continuation
+    token_ids: dict[str, list[int]] = field(default_factory=dict)  # prompt -> its tokens (EOS dropped)
     last_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # prompt -> [vocab]
 
 
@@ -76,7 +77,9 @@ def make_adapter(
                 enc = tok(prompt, return_tensors="pt")
                 ref.last_logits[prompt] = peft_model(**enc).logits[0, -1].clone()
                 out = peft_model.generate(**enc, max_new_tokens=GEN_TOKENS, do_sample=False)
-                ref.texts[prompt] = tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
+                new = out[0, enc.input_ids.shape[1] :].tolist()
+                ref.texts[prompt] = tok.decode(new, skip_special_tokens=True)
+                ref.token_ids[prompt] = [t for t in new if t != tok.eos_token_id]
     del peft_model, model
     return ref
 
@@ -97,3 +100,19 @@ def tar_folder(folder: Path, prefix: str = "") -> bytes:
         for f in sorted(folder.iterdir()):
             tf.add(f, arcname=prefix + f.name)
     return buf.getvalue()
+
+
+def peft_greedy(base_path: Path, folder: Path | None, input_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy new tokens from PeftModel (or the bare base when ``folder`` is None), EOS included."""
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    if folder is not None:
+        model = PeftModel.from_pretrained(model, folder)
+    model.eval()
+    with torch.inference_mode():
+        ids = torch.tensor([input_ids])
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+        )
+    return [int(t) for t in out[0, len(input_ids) :]]

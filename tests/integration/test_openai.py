@@ -1,0 +1,239 @@
+"""The OpenAI-compatible routes, driven by the official ``openai`` client against the ASGI app."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from app.config import Settings
+from app.main import create_app
+from app.models.base import load_base_model
+from tests.conftest import CACHE_DIR
+from tests.helpers.peft_ref import GEN_TOKENS, GENERATE_PROMPTS, RefAdapter, peft_greedy
+
+CHAT = [
+    {"role": "system", "content": "You answer in one short sentence."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+
+
+@pytest.fixture(scope="module")
+def oa(client: TestClient, uploaded: dict[str, RefAdapter]) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="any", http_client=client, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tok(base_path: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(base_path)
+
+
+@pytest.fixture(scope="module")
+def base_id(client: TestClient) -> str:
+    model_id: str = client.app.state.model_id  # type: ignore[attr-defined]
+    return model_id
+
+
+def _chat_ids(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids: list[int] = tok(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def test_completion_equals_peft(
+    oa: openai.OpenAI, uploaded: dict[str, RefAdapter], tok: PreTrainedTokenizerBase
+) -> None:
+    prompt = GENERATE_PROMPTS[1]
+    for name in ("gen-qv-r8", "gen-pattern"):
+        ref = uploaded[name]
+        out = oa.completions.create(model=name, prompt=prompt, max_tokens=GEN_TOKENS, temperature=0)
+        assert out.object == "text_completion" and out.model == name and out.id.startswith("cmpl-")
+        (choice,) = out.choices
+        assert choice.text == ref.texts[prompt]
+        ids = ref.token_ids[prompt]
+        assert choice.finish_reason == ("length" if len(ids) == GEN_TOKENS else "stop")
+        assert out.usage is not None
+        assert out.usage.prompt_tokens == len(tok(prompt)["input_ids"])
+        assert out.usage.completion_tokens == len(ids)
+        assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_chat_completion_equals_peft_on_the_chat_template(
+    oa: openai.OpenAI, uploaded: dict[str, RefAdapter], tok: PreTrainedTokenizerBase, base_path: Path
+) -> None:
+    ref = uploaded["gen-all-rslora"]
+    prompt_ids = _chat_ids(tok, CHAT)
+    expected = peft_greedy(base_path, ref.folder, prompt_ids, 12)
+    out = oa.chat.completions.create(model=ref.name, messages=CHAT, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+    (choice,) = out.choices
+    assert choice.message.role == "assistant"
+    assert choice.message.content == tok.decode(expected, skip_special_tokens=True)
+    new_tokens = [t for t in expected if t != tok.eos_token_id]
+    assert choice.finish_reason == ("stop" if tok.eos_token_id in expected else "length")
+    assert out.usage is not None
+    assert out.usage.prompt_tokens == len(prompt_ids)
+    assert out.usage.completion_tokens == len(new_tokens)
+    assert out.usage.total_tokens == len(prompt_ids) + len(new_tokens)
+
+
+def test_base_model_by_id_equals_the_bare_base(
+    oa: openai.OpenAI, client: TestClient, base_id: str, tok: PreTrainedTokenizerBase, base_path: Path
+) -> None:
+    expected = peft_greedy(base_path, None, _chat_ids(tok, CHAT), 10)
+    out = oa.chat.completions.create(model=base_id, messages=CHAT, max_completion_tokens=10, temperature=0)  # type: ignore[arg-type]
+    assert out.choices[0].message.content == tok.decode(expected, skip_special_tokens=True)
+    native = client.post("/generate", json={"messages": CHAT, "max_new_tokens": 10}).json()
+    assert native["text"] == out.choices[0].message.content
+
+
+def test_streaming_deltas_join_to_the_non_streamed_text(oa: openai.OpenAI) -> None:
+    kwargs = {"model": "gen-all-rslora", "messages": CHAT, "max_tokens": 12, "temperature": 0}
+    whole = oa.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    chunks = list(
+        oa.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})  # type: ignore[call-overload]
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert {c.id for c in chunks} == {chunks[0].id}
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage  # the usage chunk comes last
+    assert all(c.usage is None for c in chunks[:-1])
+
+    prompt = GENERATE_PROMPTS[0]
+    plain = oa.completions.create(model="gen-qv-r8", prompt=prompt, max_tokens=GEN_TOKENS, temperature=0)
+    streamed = list(
+        oa.completions.create(
+            model="gen-qv-r8", prompt=prompt, max_tokens=GEN_TOKENS, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
+    assert streamed[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert all(c.usage is None for c in streamed)  # no usage chunk unless asked
+
+
+def test_n_choices_prompts_echo_and_seeds(oa: openai.OpenAI, uploaded: dict[str, RefAdapter]) -> None:
+    ref = uploaded["gen-qv-r8"]
+    greedy = oa.completions.create(
+        model="gen-qv-r8", prompt=GENERATE_PROMPTS, max_tokens=GEN_TOKENS, temperature=0, n=2, echo=True
+    )
+    texts = [c.text for c in sorted(greedy.choices, key=lambda c: c.index)]
+    assert texts == [p + ref.texts[p] for p in GENERATE_PROMPTS for _ in range(2)]
+
+    def sampled() -> list[str]:
+        out = oa.chat.completions.create(
+            model="gen-qv-r8",
+            messages=CHAT,
+            max_tokens=8,
+            temperature=1.0,
+            seed=7,
+            n=3,  # type: ignore[arg-type]
+        )
+        assert [c.index for c in out.choices] == [0, 1, 2]
+        return [c.message.content or "" for c in out.choices]
+
+    first = sampled()
+    assert sampled() == first  # a seed makes the whole response reproducible
+    assert len(set(first)) > 1  # choice i samples with seed + i
+
+
+def test_stop_strings_and_token_prompts(oa: openai.OpenAI, tok: PreTrainedTokenizerBase) -> None:
+    prompt = GENERATE_PROMPTS[0]
+    full = oa.completions.create(model="gen-qv-r8", prompt=prompt, max_tokens=GEN_TOKENS, temperature=0)
+    text = full.choices[0].text
+    stop = text.strip().split()[1]  # a word from the middle of the greedy text
+    cut = oa.completions.create(
+        model="gen-qv-r8", prompt=prompt, max_tokens=GEN_TOKENS, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    by_ids = oa.completions.create(
+        model="gen-qv-r8", prompt=tok(prompt)["input_ids"], max_tokens=GEN_TOKENS, temperature=0
+    )
+    assert by_ids.choices[0].text == text
+
+
+def test_models_list(oa: openai.OpenAI, uploaded: dict[str, RefAdapter], base_id: str) -> None:
+    models = {m.id: m for m in oa.models.list()}
+    generation = {n for n, r in uploaded.items() if r.task == "generate"}
+    assert set(models) == {base_id, *generation}  # classification adapters cannot chat
+    for name in generation:
+        assert models[name].model_extra is not None and models[name].model_extra["parent"] == base_id
+        assert models[name].owned_by == "adapterserve"
+    assert oa.models.retrieve("gen-qv-r8").id == "gen-qv-r8"
+    with pytest.raises(openai.NotFoundError):
+        oa.models.retrieve("cls-4")
+
+
+def test_errors_raise_the_clients_exception_types(oa: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as not_found:
+        oa.chat.completions.create(model="no-such-adapter", messages=CHAT)  # type: ignore[arg-type]
+    assert not_found.value.code == "model_not_found" and not_found.value.param == "model"
+    assert not_found.value.type == "invalid_request_error"
+    with pytest.raises(openai.ConflictError):  # a classification adapter cannot chat
+        oa.chat.completions.create(model="cls-4", messages=CHAT)  # type: ignore[arg-type]
+    bad: list[dict[str, object]] = [
+        {"temperature": 3.0},
+        {"max_tokens": 0},
+        {"max_tokens": 100_000},
+        {"n": 100},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        {"logprobs": True},
+        {"extra_body": {"no_such_field": 1}},
+        {"messages": []},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    ]
+    for extra in bad:
+        kwargs = {"model": "gen-qv-r8", "messages": CHAT, **extra}
+        with pytest.raises(openai.BadRequestError) as exc:
+            oa.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+        assert exc.value.type == "invalid_request_error" and exc.value.message, extra
+    with pytest.raises(openai.BadRequestError) as exc:
+        oa.completions.create(model="gen-qv-r8", prompt=[10**9])
+    assert exc.value.param == "prompt"
+    # the server still answers after every refusal
+    out = oa.completions.create(model="gen-qv-r8", prompt="Hello", max_tokens=2, temperature=0)
+    assert out.usage is not None and out.usage.completion_tokens == 2
+
+
+@pytest.fixture(scope="module")
+def keyed(base_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    settings = Settings(
+        store=tmp_path_factory.mktemp("keyed-store"),
+        api_keys="key-one, key-two",  # type: ignore[arg-type]
+        device="cpu",
+        dtype="float32",
+        max_new_tokens=8,
+    )
+    base = load_base_model(str(base_path), CACHE_DIR, "cpu", "float32")
+    with TestClient(create_app(settings, base=base)) as c:
+        yield c
+
+
+def test_api_keys(keyed: TestClient) -> None:
+    model_id: str = keyed.app.state.model_id  # type: ignore[attr-defined]
+    wrong = openai.OpenAI(base_url="http://testserver/v1", api_key="nope", http_client=keyed, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as exc:
+        wrong.models.list()
+    assert exc.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model=model_id, messages=CHAT)  # type: ignore[arg-type]
+    right = openai.OpenAI(
+        base_url="http://testserver/v1", api_key="key-two", http_client=keyed, max_retries=0
+    )
+    assert [m.id for m in right.models.list()] == [model_id]
+    out = right.completions.create(model=model_id, prompt="Hello", max_tokens=3, temperature=0)
+    assert out.usage is not None and out.usage.completion_tokens == 3
+    # the native routes take the same keys; health and metrics stay open
+    body = {"prompt": "Hello", "max_new_tokens": 2}
+    assert keyed.post("/generate", json=body).status_code == 401
+    assert keyed.post("/generate", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    ok = keyed.post("/generate", json=body, headers={"Authorization": "Bearer key-one"})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+    assert keyed.get("/v1/adapters").status_code == 401
+    assert keyed.get("/healthz").status_code == 200 and keyed.get("/metrics").status_code == 200
