@@ -46,6 +46,14 @@ class OpenAIService:
         """The adapter a ``model`` field names (None: the bare base model)."""
         return None if model == self.model_id else model
 
+    def _check_adapter(self, name: str) -> None:
+        if name not in self.registry:
+            raise AdapterNotFound(
+                f"the model {name!r} is neither an adapter nor the base model {self.model_id!r} "
+                "(GET /v1/models lists them)",
+                param="model",
+            )
+
     # --- models -----------------------------------------------------------------------------
     def models(self) -> ModelList:
         cards = [ModelCard(id=self.model_id, created=self.created, root=self.model_id)]
@@ -79,6 +87,8 @@ class OpenAIService:
 
     async def _choices(self, inputs: list[GenerationInput], n: int) -> tuple[list[Generation], int]:
         """Every prompt's ``n`` choices as generations (index = prompt * n + choice); prompt tokens."""
+        if inputs[0].adapter is not None:
+            self._check_adapter(inputs[0].adapter)
         limit = self.service.settings.max_choices
         if len(inputs) * n > limit:
             raise InvalidRequest(f"{len(inputs) * n} choices (prompts × n); at most {limit}", param="n")
