@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -237,3 +238,36 @@ def test_api_keys(keyed: TestClient) -> None:
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
     assert keyed.get("/v1/adapters").status_code == 401
     assert keyed.get("/healthz").status_code == 200 and keyed.get("/metrics").status_code == 200
+
+
+def test_a_closed_stream_over_real_http_frees_its_rows(
+    live_url: str, client: TestClient, uploaded: dict[str, RefAdapter]
+) -> None:
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    real = openai.OpenAI(base_url=f"{live_url}/v1", api_key="any", max_retries=0)
+    stream = real.chat.completions.create(
+        model="gen-qv-r8",
+        messages=[{"role": "user", "content": "Write a very long essay about the sea."}],
+        max_tokens=60,
+        temperature=0,
+        n=2,
+        stream=True,
+    )
+    seen = set()
+    for chunk in stream:
+        seen.update(c.index for c in chunk.choices if c.delta.content)
+        if seen == {0, 1}:
+            break
+    deadline = time.monotonic() + 5  # the rows join the running batch right after their prefill
+    while engine.running_generations != 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert engine.running_generations == 2  # both choices decode in the running batch
+    stream.close()
+    deadline = time.monotonic() + 10  # the client hung up: both rows leave at the next step
+    while engine.running_generations and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.running_generations == 0
+    out = real.completions.create(
+        model="gen-qv-r8", prompt=GENERATE_PROMPTS[0], max_tokens=GEN_TOKENS, temperature=0
+    )
+    assert out.choices[0].text == uploaded["gen-qv-r8"].texts[GENERATE_PROMPTS[0]]
