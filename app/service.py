@@ -12,7 +12,7 @@ from typing import Any, Literal
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from app.adapters.lora import LoraAdapter
+from app.adapters.kinds import Adapter
 from app.adapters.registry import AdapterInfo, AdapterRegistry
 from app.api.schemas import (
     ClassifyRequest,
@@ -65,7 +65,7 @@ class Generation:
     """A checked, tokenized generation ready for the engine."""
 
     info: AdapterInfo | None
-    weights: LoraAdapter | None
+    weights: Adapter | None
     prompt_ids: list[int]
     params: SamplingParams
 
@@ -112,9 +112,7 @@ class InferenceService:
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
-    async def adapter(
-        self, name: str, task: Literal["classify", "generate"]
-    ) -> tuple[AdapterInfo, LoraAdapter]:
+    async def adapter(self, name: str, task: Literal["classify", "generate"]) -> tuple[AdapterInfo, Adapter]:
         """The current version of adapter ``name`` with its weights (read from the store on first use;
         only this request waits for that)."""
         info = self.registry.for_task(name, task)

@@ -9,7 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -49,6 +49,8 @@ _UNSUPPORTED: dict[str, str] = {
 class LoraAdapter:
     """A validated LoRA adapter, ready to be written into device slots."""
 
+    kind: ClassVar[Literal["lora"]] = "lora"
+
     task: Literal["classify", "generate"]
     rank: int  # the largest rank of any module
     alpha: float
@@ -59,6 +61,11 @@ class LoraAdapter:
     head_weight: torch.Tensor | None = field(default=None, repr=False)  # [labels, hidden]
     head_bias: torch.Tensor | None = field(default=None, repr=False)  # [labels]
     num_params: int = 0
+
+    @property
+    def modules(self) -> frozenset[str]:
+        """The base's linear layers this adapter changes."""
+        return frozenset(self.weights)
 
     @property
     def nbytes(self) -> int:
@@ -95,7 +102,7 @@ def check_config(config: dict[str, Any]) -> Literal["classify", "generate"] | No
     """Reject configurations the server cannot apply faithfully; return the task (None: not stated)."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise InvalidAdapter(f"peft_type must be LORA, got {peft_type!r}", param="peft_type")
+        raise InvalidAdapter(f"peft_type must be LORA or BOTTLENECK, got {peft_type!r}", param="peft_type")
     task_type = config.get("task_type")
     if task_type is not None and task_type not in TASKS:
         raise InvalidAdapter(
@@ -196,7 +203,7 @@ def read_float_tensors(path: Path) -> dict[str, torch.Tensor] | None:
     return tensors
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InvalidAdapter(f"{WEIGHTS_FILE} is missing", param=WEIGHTS_FILE)
     try:
@@ -210,7 +217,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def _check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], values: bool = True) -> None:
+def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], values: bool = True) -> None:
     if t.dtype not in _FLOAT_DTYPES:
         raise InvalidAdapter(f"tensor {name} has dtype {t.dtype}; expected a float dtype", param=WEIGHTS_FILE)
     if tuple(t.shape) != shape:
@@ -222,6 +229,30 @@ def _check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], values: bo
     # exactly when every element is (NaN and Inf propagate)
     if values and not math.isfinite(float(t.sum(dtype=torch.float64))):
         raise InvalidAdapter(f"tensor {name} contains NaN or Inf values", param=WEIGHTS_FILE)
+
+
+def read_head(
+    head: dict[str, torch.Tensor], spec: BaseSpec, folder: Path, name: str
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """Validate a classification head (``weight`` [labels, hidden], optional ``bias``) and read its
+    labels; return them as float32 (the head runs in float32 on every device)."""
+    if "weight" not in head:
+        raise InvalidAdapter(
+            f"a classification adapter needs the head {name}.weight (for PEFT: modules_to_save)",
+            param=WEIGHTS_FILE,
+        )
+    weight = head["weight"]
+    num_labels = weight.shape[0] if weight.dim() == 2 else 0
+    if num_labels < 1:
+        raise InvalidAdapter(
+            "the classification head must be a 2-D [labels, hidden] matrix", param=WEIGHTS_FILE
+        )
+    check_tensor(f"{name}.weight", weight, (num_labels, spec.hidden_size))
+    bias = None
+    if "bias" in head:
+        check_tensor(f"{name}.bias", head["bias"], (num_labels,))
+        bias = head["bias"].float()
+    return weight.float().contiguous(), bias, read_labels(folder, num_labels)
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -251,7 +282,7 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
     config = read_config(folder)
     task = check_config(config)
     weights_path = folder / WEIGHTS_FILE
-    tensors = _load_tensors(weights_path)
+    tensors = load_tensors(weights_path)
     rank_pattern: dict[str, Any] = config.get("rank_pattern") or {}
     alpha_pattern: dict[str, Any] = config.get("alpha_pattern") or {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -292,8 +323,8 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
             raise InvalidAdapter(f"rank {r} of {module} exceeds the server's limit {max_rank}", param="r")
         out_f, in_f = spec.linear_shapes[module]
         a, b = pair["lora_A.weight"], pair["lora_B.weight"]
-        _check_tensor(f"{PREFIX}{module}.lora_A.weight", a, (r, in_f), check_values)
-        _check_tensor(f"{PREFIX}{module}.lora_B.weight", b, (out_f, r), check_values)
+        check_tensor(f"{PREFIX}{module}.lora_A.weight", a, (r, in_f), check_values)
+        check_tensor(f"{PREFIX}{module}.lora_B.weight", b, (out_f, r), check_values)
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         # kept as read (no copy): the device copy converts the dtype and folds in the scaling
         weights[module] = (a, b, scaling)
@@ -303,25 +334,8 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
     head_weight = head_bias = None
     labels: list[str] = []
     if task == "classify":
-        if "weight" not in head:
-            raise InvalidAdapter(
-                f"a SEQ_CLS adapter needs the classification head {PREFIX}score.weight (modules_to_save)",
-                param=WEIGHTS_FILE,
-            )
-        head_weight = head["weight"]
-        num_labels = head_weight.shape[0] if head_weight.dim() == 2 else 0
-        if num_labels < 1:
-            raise InvalidAdapter(
-                "the classification head must be a 2-D [labels, hidden] matrix", param=WEIGHTS_FILE
-            )
-        _check_tensor(f"{PREFIX}score.weight", head_weight, (num_labels, spec.hidden_size))
-        if "bias" in head:
-            head_bias = head["bias"]
-            _check_tensor(f"{PREFIX}score.bias", head_bias, (num_labels,))
-            head_bias = head_bias.float()
-        head_weight = head_weight.float().contiguous()
+        head_weight, head_bias, labels = read_head(head, spec, folder, f"{PREFIX}score")
         num_params += head_weight.numel()
-        labels = read_labels(folder, num_labels)
     elif head:
         raise InvalidAdapter("a CAUSAL_LM adapter must not carry a classification head", param=WEIGHTS_FILE)
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from app.adapters.archive import ArchiveLimits, extract_archive
-from app.adapters.lora import WEIGHTS_FILE, LoraAdapter, file_sha256, load_lora
+from app.adapters.kinds import Adapter, load_adapter
+from app.adapters.lora import WEIGHTS_FILE, file_sha256
 from app.adapters.store import AdapterStore, check_name
 from app.errors import AdapterLoadFailed, AdapterNotFound, Conflict, InvalidAdapter, TaskMismatch
 from app.metrics import Metrics
@@ -48,9 +49,9 @@ class AdapterInfo:
     num_params: int
     size_bytes: int  # bytes of the validated weights in memory
     sha256: str
-    kind: Literal["lora"] = "lora"
+    kind: Literal["lora", "bottleneck"] = "lora"
     uid: int = field(default_factory=lambda: next(_uids))
-    weights: LoraAdapter | None = field(default=None, repr=False)  # set while in the host tier
+    weights: Adapter | None = field(default=None, repr=False)  # set while in the host tier
     on_device: bool = False  # set by the engine's device slots
     pinned: bool = False
     last_used: float | None = None
@@ -58,7 +59,7 @@ class AdapterInfo:
 
     @classmethod
     def from_adapter(
-        cls, name: str, adapter: LoraAdapter, version: int = 1, created_at: float = 0.0, sha256: str = ""
+        cls, name: str, adapter: Adapter, version: int = 1, created_at: float = 0.0, sha256: str = ""
     ) -> AdapterInfo:
         return cls(
             name=name,
@@ -96,10 +97,10 @@ class AdapterInfo:
         }
 
 
-def summarize(adapter: LoraAdapter) -> dict[str, Any]:
+def summarize(adapter: Adapter) -> dict[str, Any]:
     return {
         "task": adapter.task,
-        "kind": "lora",
+        "kind": adapter.kind,
         "rank": adapter.rank,
         "alpha": adapter.alpha,
         "target_modules": adapter.target_modules,
@@ -115,11 +116,11 @@ def install_validated(
     staged: Path,
     spec: BaseSpec,
     max_rank: int,
-    check: Callable[[LoraAdapter], None] | None = None,
-) -> tuple[LoraAdapter, dict[str, Any]]:
+    check: Callable[[Adapter], None] | None = None,
+) -> tuple[Adapter, dict[str, Any]]:
     """Validate a staged adapter folder completely, then install it as the next version of ``name``
     (the folder becomes the version); return the adapter and the stored metadata."""
-    adapter = load_lora(staged, spec, max_rank)
+    adapter = load_adapter(staged, spec, max_rank)
     if check is not None:
         check(adapter)
     summary = {**summarize(adapter), "sha256": file_sha256(staged / WEIGHTS_FILE)}
@@ -175,7 +176,7 @@ class AdapterRegistry:
         meta = self.store.meta(name)
         if not all(k in meta for k in (*_SUMMARY_KEYS, "sha256")):  # placed by hand: validate once
             folder = self.store.folder(name)
-            adapter = load_lora(folder, self.spec, self.max_rank)
+            adapter = load_adapter(folder, self.spec, self.max_rank)
             meta = {**meta, **summarize(adapter), "sha256": file_sha256(folder / WEIGHTS_FILE)}
             meta.setdefault("version", 1)
             meta.setdefault("created_at", folder.stat().st_mtime)
@@ -220,7 +221,7 @@ class AdapterRegistry:
         return info
 
     # --- host tier --------------------------------------------------------------------------
-    def cached(self, info: AdapterInfo) -> LoraAdapter | None:
+    def cached(self, info: AdapterInfo) -> Adapter | None:
         """The host weights of ``info`` if resident (marks them recently used)."""
         weights = info.weights
         if weights is not None:
@@ -231,7 +232,7 @@ class AdapterRegistry:
 
     def load(
         self, name: str, task: Literal["classify", "generate"] | None = None
-    ) -> tuple[AdapterInfo, LoraAdapter]:
+    ) -> tuple[AdapterInfo, Adapter]:
         """The current version of ``name`` and its weights, read from the store if not in host memory.
 
         Blocking (disk reads); the caller runs it in a worker thread. Under the name's lock, so that
@@ -248,7 +249,9 @@ class AdapterRegistry:
                 start = time.perf_counter()
                 try:
                     # validated in full when it entered the store (upload or first scan)
-                    weights = load_lora(self.store.folder(name), self.spec, self.max_rank, check_values=False)
+                    weights = load_adapter(
+                        self.store.folder(name), self.spec, self.max_rank, check_values=False
+                    )
                 except InvalidAdapter as exc:
                     raise AdapterLoadFailed(
                         f"adapter {name!r} in the store could not be loaded: {exc.message}", param="adapter"
@@ -258,7 +261,7 @@ class AdapterRegistry:
                 self.metrics.adapter_load_seconds.labels(tier="host").observe(time.perf_counter() - start)
         return info, weights
 
-    def _host_add(self, info: AdapterInfo, adapter: LoraAdapter) -> None:
+    def _host_add(self, info: AdapterInfo, adapter: Adapter) -> None:
         with self._guard:
             info.weights = adapter
             self._host[info.uid] = info

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from app.adapters.lora import LoraAdapter
+from app.adapters.kinds import Adapter
 from app.adapters.registry import AdapterInfo
 from app.config import Settings
 from app.engine.generation_lane import GenerationLane
@@ -117,7 +117,7 @@ class Engine:
             raise
 
     async def classify(
-        self, adapter: AdapterInfo, inputs: list[list[int]], weights: LoraAdapter | None = None
+        self, adapter: AdapterInfo, inputs: list[list[int]], weights: Adapter | None = None
     ) -> list[list[float]]:
         work = ClassifyWork(adapter=adapter, weights=_weights(adapter, weights), inputs=inputs)
         self._submit(work)
@@ -128,7 +128,7 @@ class Engine:
         adapter: AdapterInfo | None,
         prompt: list[int],
         params: SamplingParams,
-        weights: LoraAdapter | None = None,
+        weights: Adapter | None = None,
     ) -> GenerationResult:
         w = _weights(adapter, weights) if adapter else None
         work = GenerateWork(adapter=adapter, weights=w, prompt=prompt, params=params)
@@ -141,7 +141,7 @@ class Engine:
         prompt: list[int],
         params: SamplingParams,
         sink: Callable[[StreamDelta], None],
-        weights: LoraAdapter | None = None,
+        weights: Adapter | None = None,
     ) -> GenerateWork:
         """Queue a streamed generation; deltas go to ``sink`` (called on the engine thread)."""
         w = _weights(adapter, weights) if adapter else None
@@ -235,7 +235,7 @@ class Engine:
     def _queued_uids(self) -> set[int]:
         return {w.adapter.uid for w in self._classify} | {w.adapter.uid for w in self.gen.queue if w.adapter}
 
-    def _admit(self, adapter: AdapterInfo, weights: LoraAdapter, keep: set[int]) -> int | None:
+    def _admit(self, adapter: AdapterInfo, weights: Adapter, keep: set[int]) -> int | None:
         """The slot of a waiting request's adapter, loading it now; None: no room yet, keep waiting."""
         spare = frozenset() if adapter.uid in self.slots else frozenset(self._queued_uids())
         try:
@@ -309,7 +309,7 @@ class Engine:
                 w.sink(StreamDelta(text="", error=exc.message))
 
 
-def _weights(adapter: AdapterInfo, weights: LoraAdapter | None) -> LoraAdapter:
+def _weights(adapter: AdapterInfo, weights: Adapter | None) -> Adapter:
     w = weights if weights is not None else adapter.weights
     if w is None:
         raise EngineFailure(f"adapter {adapter.name!r} is not loaded in host memory")

@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from app.adapters.lora import LoraAdapter
+from app.adapters.kinds import Adapter
 from app.adapters.registry import AdapterInfo
 from app.config import Settings
 from app.engine.generation import Decode, GenerationBatch, mergeable
@@ -24,7 +24,7 @@ from app.models.lora import BASE_SLOT
 log = logging.getLogger(__name__)
 
 # the slot of a waiting request's adapter (loading it now), or None while there is no room
-Admit = Callable[[AdapterInfo, LoraAdapter, set[int]], int | None]
+Admit = Callable[[AdapterInfo, Adapter, set[int]], int | None]
 
 
 class GenerationLane:

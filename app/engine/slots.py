@@ -15,7 +15,8 @@ from collections import OrderedDict
 
 import torch
 
-from app.adapters.lora import LoraAdapter
+from app.adapters.bottleneck import BottleneckAdapter
+from app.adapters.kinds import Adapter
 from app.adapters.registry import AdapterInfo
 from app.metrics import Metrics
 from app.models.lora import MultiLoraLinear
@@ -74,7 +75,7 @@ class DeviceSlots:
         return self._lru.get(uid)
 
     def acquire(
-        self, info: AdapterInfo, weights: LoraAdapter, keep: set[int], spare: frozenset[int] = frozenset()
+        self, info: AdapterInfo, weights: Adapter, keep: set[int], spare: frozenset[int] = frozenset()
     ) -> int:
         """Slot of ``info``, loading ``weights`` if needed.
 
@@ -103,19 +104,25 @@ class DeviceSlots:
         for victim in victims:
             # the first victim's slot is reused: its layers that the new adapter overwrites anyway
             # are not cleared first
-            keep_layers = frozenset(weights.weights) if slot is None else frozenset()
+            keep_layers = weights.modules if slot is None and weights.kind == "lora" else frozenset()
             slot = slot or self._lru[victim]
             self.unload(victim, keep_layers)
             self.metrics.adapter_evictions.labels(tier="device").inc()
         return self._load(info, weights, slot)
 
-    def _load(self, info: AdapterInfo, weights: LoraAdapter, slot: int | None = None) -> int:
+    def _load(self, info: AdapterInfo, weights: Adapter, slot: int | None = None) -> int:
         start = time.perf_counter()
         if slot is None:
             used = set(self._lru.values())
             slot = next(s for s in range(1, self.capacity + 1) if s not in used)
-        for module, (a, b, scale) in weights.weights.items():
-            self.layers[module].set_slot(slot, a, b, self.capacity + 1, scale)
+        if isinstance(weights, BottleneckAdapter):
+            for module, block in weights.blocks.items():
+                self.layers[module].set_bottleneck(
+                    slot, block, weights.activation, weights.alpha, self.capacity + 1
+                )
+        else:
+            for module, (a, b, scale) in weights.weights.items():
+                self.layers[module].set_slot(slot, a, b, self.capacity + 1, scale)
         if weights.head_weight is not None:
             bias = weights.head_bias.to(self.device, self.dtype) if weights.head_bias is not None else None
             self.heads[slot] = (weights.head_weight.to(self.device, self.dtype), bias)
@@ -134,15 +141,15 @@ class DeviceSlots:
     def unload(self, uid: int, keep_layers: frozenset[str] = frozenset()) -> None:
         """Free the slot of ``uid`` (the bank memory is returned by the next :meth:`compact`).
 
-        ``keep_layers``: layers left as they are because the next adapter in this slot overwrites them.
+        ``keep_layers``: layers whose LoRA weights are left as they are because the next adapter in this
+        slot overwrites them.
         """
         slot = self._lru.pop(uid, None)
         if slot is None:
             return
         info = self._infos.pop(uid)
         for name, layer in self.layers.items():
-            if name not in keep_layers:
-                layer.clear_slot(slot)
+            layer.clear_slot(slot, keep_lora=name in keep_layers)
         self.heads.pop(slot, None)
         info.on_device = False
         self._dirty = True  # gauges and bank sizes are updated by compact()

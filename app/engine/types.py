@@ -8,7 +8,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from app.adapters.lora import LoraAdapter
+from app.adapters.kinds import Adapter
 from app.adapters.registry import AdapterInfo
 
 
@@ -25,7 +25,7 @@ class SamplingParams:
 @dataclass
 class ClassifyWork:
     adapter: AdapterInfo
-    weights: LoraAdapter  # held until the work is done: host eviction cannot take them away
+    weights: Adapter  # held until the work is done: host eviction cannot take them away
     inputs: list[list[int]]  # token ids per input text
     future: Future[list[list[float]]] = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -52,7 +52,7 @@ class StreamDelta:
 @dataclass
 class GenerateWork:
     adapter: AdapterInfo | None  # None = the bare base model
-    weights: LoraAdapter | None
+    weights: Adapter | None
     prompt: list[int]
     params: SamplingParams
     future: Future[GenerationResult] = field(default_factory=Future)

@@ -12,43 +12,18 @@ so no layer needs a host sync to find its rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-BASE_SLOT = 0
+from app.models.bottleneck import BottleneckBank
+from app.models.routing import BASE_SLOT, Routing, RoutingContext
 
-
-@dataclass
-class Routing:
-    """Slots of the rows of the batch now running (set by the engine before each forward)."""
-
-    slots: list[int]  # [batch] adapter slot per row, 0 = base
-    index: torch.Tensor | None = None  # [batch] the same slots as a device tensor (mixed batches)
-    single: int | None = None  # the one slot every row shares, if any
-    max_slot: int = 0
-    # set for decode steps: the gathered per-row weights are reused while the key stays the same
-    reuse_key: int | None = None
-
-    @classmethod
-    def build(cls, slots: list[int], device: torch.device, reuse_key: int | None = None) -> Routing:
-        distinct = set(slots)
-        if len(distinct) == 1:
-            return cls(slots=slots, single=slots[0])
-        index = torch.tensor(slots, dtype=torch.long, device=device)
-        return cls(slots=slots, index=index, max_slot=max(slots), reuse_key=reuse_key)
-
-
-class RoutingContext:
-    """Shared by all wrapped layers of one model; holds the routing of the running forward."""
-
-    def __init__(self) -> None:
-        self.routing: Routing | None = None
+__all__ = ["BASE_SLOT", "MultiLoraLinear", "Routing", "RoutingContext", "wrap_linear_layers"]
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus per-row LoRA deltas gathered from stacked slot banks."""
+    """A frozen ``nn.Linear`` plus, per row, the LoRA delta of its slot and the bottleneck module of
+    its slot applied to the output (each from stacked slot banks; a row's adapter has one kind)."""
 
     def __init__(self, base: nn.Linear, ctx: RoutingContext) -> None:
         super().__init__()
@@ -57,6 +32,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_A: torch.Tensor | None = None  # [slots, r, in]
         self.lora_B: torch.Tensor | None = None  # [slots, out, r]
         self.ranks: dict[int, int] = {}  # slot -> rank, for the slots with weights in this layer
+        self.bottleneck: BottleneckBank | None = None  # bottleneck modules following this layer
         # per-row weights gathered for the running decode batch:
         # as (key, A^T [batch, in, r], B^T [batch, r, out])
         self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
@@ -72,25 +48,33 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         routing = self.ctx.routing
-        if routing is None or not self.ranks or self.lora_A is None or self.lora_B is None:
+        if routing is None:
             return out
+        if self.ranks:
+            self._add_lora(x, out, routing)
+        if self.bottleneck:
+            self.bottleneck.apply(out, routing)
+        return out
+
+    def _add_lora(self, x: torch.Tensor, out: torch.Tensor, routing: Routing) -> None:
+        if self.lora_A is None or self.lora_B is None:
+            return
         # the deltas are accumulated into the base output in place (addmm/baddbmm with beta=1):
         # a separate delta tensor plus an add would cost two more passes over the output
         if routing.single is not None:
             if routing.single not in self.ranks:
-                return out
+                return
             a, b = self.lora_A[routing.single], self.lora_B[routing.single]
             h = nn.functional.linear(x, a)  # [..., r]
             out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t())
-            return out
+            return
         assert routing.index is not None
         if self.ranks.keys().isdisjoint(routing.slots):
-            return out
+            return
         rows = x.shape[0]
         a_t, b_t = self._per_row_weights(routing)
         h = torch.bmm(x.reshape(rows, -1, x.shape[-1]), a_t)  # [batch, tokens, r]
         out.view(rows, -1, out.shape[-1]).baddbmm_(h, b_t)
-        return out
 
     def _per_row_weights(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's A^T [batch, in, r] and B^T [batch, r, out]; kept across decode steps of one batch."""
@@ -117,9 +101,24 @@ class MultiLoraLinear(nn.Module):
 
     @property
     def nbytes(self) -> int:
+        total = self.bottleneck.nbytes if self.bottleneck is not None else 0
         if self.lora_A is None or self.lora_B is None:
-            return 0
-        return (self.lora_A.numel() + self.lora_B.numel()) * self.lora_A.element_size()
+            return total
+        return total + (self.lora_A.numel() + self.lora_B.numel()) * self.lora_A.element_size()
+
+    def set_bottleneck(
+        self,
+        slot: int,
+        weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        activation: str,
+        scale: float,
+        max_slots: int,
+    ) -> None:
+        """Write one bottleneck module that follows this layer's output into ``slot``."""
+        if self.bottleneck is None:
+            w = self.base.weight
+            self.bottleneck = BottleneckBank(self.out_features, w.device, w.dtype)
+        self.bottleneck.set_slot(slot, weights, activation, scale, min(max_slots, _round_up(slot + 1)))
 
     def _resize(self, slots: int, rank: int) -> None:
         """Reallocate the banks as [slots, rank, ...], keeping the weights of the active slots."""
@@ -158,7 +157,14 @@ class MultiLoraLinear(nn.Module):
         self.ranks[slot] = rank
         self._forget_gathered()
 
-    def clear_slot(self, slot: int) -> None:
+    def clear_slot(self, slot: int, keep_lora: bool = False) -> None:
+        """Zero ``slot`` (``keep_lora``: leave its LoRA weights, which the next adapter overwrites)."""
+        if self.bottleneck is not None:
+            self.bottleneck.clear_slot(slot)
+            if not self.bottleneck:
+                self.bottleneck = None  # free the bank when no adapter uses it
+        if keep_lora:
+            return
         self._forget_gathered()
         rank = self.ranks.pop(slot, None)
         if rank is not None and self.lora_A is not None and self.lora_B is not None:
@@ -169,6 +175,8 @@ class MultiLoraLinear(nn.Module):
 
     def move_slot(self, src: int, dst: int) -> None:
         """Move the weights of slot ``src`` to the free slot ``dst`` (compaction)."""
+        if self.bottleneck is not None:
+            self.bottleneck.move_slot(src, dst)
         rank = self.ranks.pop(src, None)
         if rank is None or self.lora_A is None or self.lora_B is None:
             return
@@ -181,6 +189,8 @@ class MultiLoraLinear(nn.Module):
 
     def fit(self) -> None:
         """Shrink the banks to the slots and the rank still in use (frees the memory)."""
+        if self.bottleneck is not None:
+            self.bottleneck.fit(_round_up(max(self.bottleneck.sizes) + 1))
         if self.lora_A is None or not self.ranks:
             return
         slots = min(self.lora_A.shape[0], _round_up(max(self.ranks) + 1))
@@ -208,6 +218,7 @@ def wrap_linear_layers(model: nn.Module, ctx: RoutingContext) -> dict[str, Multi
             mod.ctx = ctx
             mod.ranks.clear()
             mod.lora_A = mod.lora_B = None
+            mod.bottleneck = None
             mod._gathered = None
             wrapped[name] = mod
         elif isinstance(mod, nn.Linear) and name and not name.endswith(".base"):

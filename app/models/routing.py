@@ -1,0 +1,36 @@
+"""Which adapter slot each row of the running forward uses: set once per forward, read by every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BASE_SLOT = 0
+
+
+@dataclass
+class Routing:
+    """Slots of the rows of the batch now running (set by the engine before each forward)."""
+
+    slots: list[int]  # [batch] adapter slot per row, 0 = base
+    index: torch.Tensor | None = None  # [batch] the same slots as a device tensor (mixed batches)
+    single: int | None = None  # the one slot every row shares, if any
+    max_slot: int = 0
+    # set for decode steps: the gathered per-row weights are reused while the key stays the same
+    reuse_key: int | None = None
+
+    @classmethod
+    def build(cls, slots: list[int], device: torch.device, reuse_key: int | None = None) -> Routing:
+        distinct = set(slots)
+        if len(distinct) == 1:
+            return cls(slots=slots, single=slots[0])
+        index = torch.tensor(slots, dtype=torch.long, device=device)
+        return cls(slots=slots, index=index, max_slot=max(slots), reuse_key=reuse_key)
+
+
+class RoutingContext:
+    """Shared by all wrapped layers of one model; holds the routing of the running forward."""
+
+    def __init__(self) -> None:
+        self.routing: Routing | None = None
