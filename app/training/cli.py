@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 # task-dependent defaults: a fresh classification head learns faster than a chat style
 _DEFAULT_LR = {"classify": 5e-4, "generate": 2e-4}
+_BOTTLENECK_LR = 1e-3  # the up projection starts at zero; bottleneck modules want a larger step
 
 
 def add_train_parser(sub: Any) -> None:
@@ -22,7 +23,7 @@ def add_train_parser(sub: Any) -> None:
         help="train a LoRA adapter on a CSV/JSONL file",
         description=(
             "Train a LoRA adapter with PEFT on the configured base model (ADAPTERSERVE_BASE_MODEL) and "
-            "write a store-ready folder: PEFT files, labels.json (classify) and metrics.json."
+            "write a store-ready folder: adapter files, labels.json (classify) and metrics.json."
         ),
     )
     p.add_argument("--task", choices=["classify", "generate"], required=True)
@@ -38,6 +39,21 @@ def add_train_parser(sub: Any) -> None:
     g.add_argument("--response-column", default="response")
     g.add_argument("--messages-column", default="messages", help="chat messages (list of role/content)")
     g.add_argument("--system", help="system message added to conversations that have none")
+    k = p.add_argument_group("adapter kind")
+    k.add_argument(
+        "--kind", choices=["lora", "bottleneck"], default="lora", help="LoRA (PEFT) or a bottleneck adapter"
+    )
+    k.add_argument(
+        "--placement",
+        choices=["attention", "ffn", "both", "houlsby", "pfeiffer"],
+        default="ffn",
+        help="bottleneck: after the attention and/or feed-forward output (houlsby = both, pfeiffer = ffn)",
+    )
+    k.add_argument(
+        "--bottleneck-size", type=int, help="bottleneck width (default: hidden / reduction factor)"
+    )
+    k.add_argument("--reduction-factor", type=float, default=16.0, help="bottleneck: hidden / width")
+    k.add_argument("--activation", choices=["relu", "gelu", "silu", "tanh"], default="relu")
     h = p.add_argument_group("LoRA and optimisation")
     h.add_argument("--rank", type=int, default=8)
     h.add_argument("--alpha", type=float, default=16.0)
@@ -88,12 +104,17 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         response_column=args.response_column,
         messages_column=args.messages_column,
         system=args.system,
+        kind=args.kind,
+        placement=args.placement,
+        bottleneck_size=args.bottleneck_size,
+        reduction_factor=args.reduction_factor,
+        activation=args.activation,
         rank=args.rank,
         alpha=args.alpha,
         target_modules=args.target_modules,
         dropout=args.dropout,
         epochs=args.epochs,
-        lr=args.lr if args.lr is not None else _DEFAULT_LR[args.task],
+        lr=args.lr if args.lr is not None else _default_lr(args.kind, args.task),
         batch_size=args.batch_size,
         max_length=args.max_length,
         max_steps=args.max_steps,
@@ -119,6 +140,10 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _default_lr(kind: str, task: str) -> float:
+    return _BOTTLENECK_LR if kind == "bottleneck" else _DEFAULT_LR[task]
 
 
 def _install(folder: Path, name: str, settings: Settings) -> dict[str, Any]:

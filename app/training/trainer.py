@@ -1,5 +1,6 @@
-"""``adapterserve train``: fit a LoRA adapter with PEFT on the configured base model and write a
-store-ready folder (PEFT files, ``labels.json``, ``metrics.json``)."""
+"""``adapterserve train``: fit a LoRA adapter (with PEFT) or a bottleneck adapter (our modules) on
+the configured base model and write a store-ready folder (adapter files, ``labels.json``,
+``metrics.json``)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from transformers.utils import logging as hf_logging
 from app.adapters.lora import LABELS_FILE
 from app.models.base import resolve_device, resolve_model_path
 from app.training import data as D
+from app.training.bottleneck import BottleneckConfig, BottleneckModel, get_bottleneck_model
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,15 @@ class TrainOptions:
     response_column: str = "response"
     messages_column: str = "messages"
     system: str | None = None
+    kind: Literal["lora", "bottleneck"] = "lora"
     rank: int = 8
     alpha: float = 16.0
     target_modules: str = "all-linear"
     dropout: float = 0.05
+    placement: str = "ffn"  # bottleneck: attention / ffn (pfeiffer) / both (houlsby)
+    bottleneck_size: int | None = None  # bottleneck: None = hidden size // reduction_factor
+    reduction_factor: float = 16.0
+    activation: str = "relu"
     epochs: int = 2
     lr: float = 5e-4
     batch_size: int = 16
@@ -70,7 +77,7 @@ class TrainOptions:
 
 @dataclass
 class TrainResult:
-    model: PeftModel  # the trained model, in eval mode
+    model: PeftModel | BottleneckModel  # the trained model, in eval mode
     tokenizer: PreTrainedTokenizerBase
     labels: list[str] | None
     metrics: dict[str, Any]
@@ -214,6 +221,18 @@ def _load_model(opts: TrainOptions, path: Path, labels: list[str] | None, pad_id
         model.config.pad_token_id = pad_id
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if opts.kind == "bottleneck":
+        bottleneck = BottleneckConfig(
+            task=opts.task,
+            placement=opts.placement,
+            bottleneck_size=opts.bottleneck_size,
+            reduction_factor=opts.reduction_factor,
+            activation=opts.activation,
+        )
+        try:
+            return get_bottleneck_model(model, bottleneck)
+        except ValueError as exc:
+            raise D.DataError(f"bottleneck options: {exc}") from exc
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS if opts.task == "classify" else TaskType.CAUSAL_LM,
         r=opts.rank,
@@ -256,7 +275,7 @@ def train(opts: TrainOptions) -> TrainResult:
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opts.lr)
     sched = get_linear_schedule_with_warmup(optim, max(1, total // 16), total)
     print(
-        f"training a {opts.task} adapter on {model_id}: {len(split.train.input_ids)} examples, "
+        f"training a {opts.task} {opts.kind} adapter on {model_id}: {len(split.train.input_ids)} examples, "
         f"{total} steps, {trainable:,} trainable parameters, device {dev}"
     )
     rng = random.Random(opts.seed)
@@ -312,7 +331,11 @@ def train(opts: TrainOptions) -> TrainResult:
 
 
 def _save(
-    model: PeftModel, output: Path, model_id: str, labels: list[str] | None, metrics: dict[str, Any]
+    model: PeftModel | BottleneckModel,
+    output: Path,
+    model_id: str,
+    labels: list[str] | None,
+    metrics: dict[str, Any],
 ) -> None:
     """Write the folder next to ``output`` first, then move it into place (never half-written)."""
     output = output.resolve()

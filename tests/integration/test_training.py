@@ -265,3 +265,66 @@ def test_chat_examples_take_the_loss_on_assistant_turns_only(base_model: BaseMod
     assert learned.replace("\n", "") == "Try another USB port.<|im_end|>Then change the batteries.<|im_end|>"
     short = encode_chat(tok, [conv], max_length=20)  # the cut leaves no assistant token
     assert short.dropped == 1 and short.truncated == 1 and not short.input_ids
+
+
+def test_bottleneck_training_serves_the_trained_predictions(
+    topic_csv: Path, qa_jsonl: Path, tmp_path: Path, client: TestClient, base_model: BaseModel
+) -> None:
+    # classification: Houlsby placement (attention and feed-forward) and a fresh head
+    result = train(
+        _opts(
+            "classify",
+            topic_csv,
+            tmp_path / "bn-cls",
+            kind="bottleneck",
+            placement="houlsby",
+            bottleneck_size=8,
+        )
+    )
+    config = json.loads((tmp_path / "bn-cls" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "BOTTLENECK" and config["placement"] == "both"
+    meta = install_into_store(tmp_path / "bn-cls", "bn-topics", tmp_path / "store", base_model.spec, 64)
+    assert (
+        meta["kind"] == "bottleneck" and meta["rank"] == 8 and meta["labels"] == ["business", "sport", "tech"]
+    )
+    resp = client.post(
+        "/admin/adapters",
+        headers=admin_headers(),
+        data={"name": "bn-topics"},
+        files={"file": ("a.tar.gz", _tar(tmp_path / "bn-cls"), "application/gzip")},
+    )
+    assert resp.status_code == 201, resp.text
+    served = client.post("/classify", json={"adapter": "bn-topics", "inputs": HELD_OUT}).json()["results"]
+    model, tok, labels = result.model, result.tokenizer, result.labels
+    assert labels is not None
+    with torch.no_grad():
+        for text, row in zip(HELD_OUT, served, strict=True):
+            probs = torch.softmax(model(**tok(text, return_tensors="pt")).logits[0].float(), -1)
+            with model.disable_adapter():
+                head_only = torch.softmax(model(**tok(text, return_tensors="pt")).logits[0].float(), -1)
+            got = torch.tensor([row["scores"][name] for name in labels])
+            assert torch.allclose(got, probs, atol=1e-4), (got, probs)
+            assert not torch.allclose(probs, head_only, atol=1e-3)  # the trained modules matter
+
+    # generation: Pfeiffer placement (feed-forward only)
+    result = train(_opts("generate", qa_jsonl, tmp_path / "bn-gen", kind="bottleneck", reduction_factor=32))
+    resp = client.post(
+        "/admin/adapters",
+        headers=admin_headers(),
+        data={"name": "bn-support"},
+        files={"file": ("a.tar.gz", _tar(tmp_path / "bn-gen"), "application/gzip")},
+    )
+    assert resp.status_code == 201 and resp.json()["rank"] == base_model.spec.hidden_size // 32, resp.text
+    messages = [{"role": "user", "content": "My printer is not working."}]
+    text = client.post(
+        "/generate", json={"adapter": "bn-support", "messages": messages, "max_new_tokens": 12}
+    ).json()["text"]
+    tok, model = result.tokenizer, result.model
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+        with model.disable_adapter():
+            plain = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert text == tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert not torch.equal(out, plain), "three steps at lr 1e-2 must change the greedy output"
