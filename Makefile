@@ -50,6 +50,9 @@ demo-adapters: model demo-data  ## retrain the adapters in adapters_store/ (abou
 		--val-fraction 0.2 --max-length 48 --epochs 4 --lr 1e-3 --into-store
 	$(TRAIN) --task generate --data $(DEMO_DATA)/support.jsonl --name support-bot --output build/support-bot \
 		--val-fraction 0.1 --max-length 128 --epochs 8 --lr 1e-3 --into-store
+	$(TRAIN) --task classify --kind bottleneck --placement pfeiffer --data $(DEMO_DATA)/chat-topic.csv \
+		--name chat-topic-bottleneck --output build/chat-topic-bottleneck \
+		--val-fraction 0.2 --max-length 48 --epochs 4 --lr 1e-3 --into-store
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

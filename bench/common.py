@@ -78,3 +78,41 @@ def timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> floa
         fn()
     sync()
     return time.perf_counter() - start
+
+
+def save_bottlenecks(
+    out: Path, n: int, hidden: int, num_layers: int, task: str, labels: list[str] | None = None
+) -> list[Path]:
+    """Write ``n`` Houlsby bottleneck adapters (attention and feed-forward, reduction factor 16)
+    with random weights as store-ready folders ``b0..b{n-1}``."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    size = hidden // 16
+    folders = []
+    for a in range(n):
+        tensors: dict[str, torch.Tensor] = {}
+        for i in range(num_layers):
+            for place in ("attention", "ffn"):
+                p = f"layers.{i}.{place}"
+                tensors[f"{p}.down.weight"] = torch.randn(size, hidden, generator=g) * 0.02
+                tensors[f"{p}.down.bias"] = torch.zeros(size)
+                tensors[f"{p}.up.weight"] = torch.randn(hidden, size, generator=g) * 0.02
+                tensors[f"{p}.up.bias"] = torch.zeros(hidden)
+        config = {
+            "peft_type": "BOTTLENECK",
+            "task_type": "SEQ_CLS" if task == "classify" else "CAUSAL_LM",
+            "placement": "houlsby",
+            "bottleneck_size": size,
+            "activation": "relu",
+        }
+        if labels:
+            tensors["score.weight"] = torch.randn(len(labels), hidden, generator=g) * 0.02
+        folder = out / f"b{a}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        if labels:
+            (folder / "labels.json").write_text(json.dumps(labels))
+        folders.append(folder)
+    return folders

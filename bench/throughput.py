@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from app.adapters.lora import load_lora
+from app.adapters.kinds import load_adapter
 from app.adapters.registry import AdapterInfo
 from app.config import Settings
 from app.engine.engine import Engine
@@ -29,10 +29,12 @@ from app.engine.types import SamplingParams
 from app.memory import keep_freed_memory
 from app.metrics import Metrics
 from app.models.base import BaseModel, load_base_model
-from bench.common import PROMPT, TEXT, make_peft, save_adapters, timed
+from bench.common import PROMPT, TEXT, make_peft, save_adapters, save_bottlenecks, timed
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 COUNTS = [1, 16, 64]
+BN_16 = "this engine, 16 bottleneck adapters (Houlsby)"
+MIXED_KINDS = "this engine, 8 LoRA + 8 bottleneck adapters"
 
 
 def _sync(device: torch.device) -> None:
@@ -169,7 +171,7 @@ class Bench:
 
     # --- driver -----------------------------------------------------------------------------
     def infos(self, folders: list[Path]) -> list[AdapterInfo]:
-        return [AdapterInfo.from_adapter(f.name, load_lora(f, self.base.spec, 64)) for f in folders]
+        return [AdapterInfo.from_adapter(f.name, load_adapter(f, self.base.spec, 64)) for f in folders]
 
     def run_engine(self, out: Path) -> dict[str, dict[str, float]]:
         """This engine only (its thread is the only one computing in this process)."""
@@ -180,6 +182,18 @@ class Bench:
         for k in COUNTS:
             cls[f"this engine, {k} adapters"] = self.engine_classify(cls_infos[:k])
             gen[f"this engine, {k} adapters"] = self.engine_generate(list(gen_infos[:k]))
+        # bottleneck adapters (Houlsby, reduction 16), alone and mixed with LoRA in every batch
+        hidden, layers = self.base.spec.hidden_size, self.base.model.config.num_hidden_layers
+        bn_cls = self.infos(save_bottlenecks(out / "bn-cls", 16, hidden, layers, "classify", LABELS))
+        bn_gen = self.infos(save_bottlenecks(out / "bn-gen", 16, hidden, layers, "generate"))
+        cls[BN_16] = self.engine_classify(bn_cls)
+        gen[BN_16] = self.engine_generate(list(bn_gen))
+        cls[MIXED_KINDS] = self.engine_classify(
+            [x for p in zip(cls_infos[:8], bn_cls[:8], strict=True) for x in p]
+        )
+        gen[MIXED_KINDS] = self.engine_generate(
+            [x for p in zip(gen_infos[:8], bn_gen[:8], strict=True) for x in p]
+        )
         self.engine.stop()
         return {"classify": cls, "generate": gen}
 
