@@ -159,9 +159,13 @@ def test_stop_strings_and_token_prompts(oa: openai.OpenAI, tok: PreTrainedTokeni
     assert by_ids.choices[0].text == text
 
 
-def test_models_list(oa: openai.OpenAI, uploaded: dict[str, RefAdapter], base_id: str) -> None:
+def test_models_list(
+    oa: openai.OpenAI, client: TestClient, uploaded: dict[str, RefAdapter], base_id: str
+) -> None:
     models = {m.id: m for m in oa.models.list()}
-    generation = {n for n, r in uploaded.items() if r.task == "generate"}
+    stored = client.get("/v1/adapters").json()["adapters"]
+    generation = {a["name"] for a in stored if a["task"] == "generate"}
+    assert {n for n, r in uploaded.items() if r.task == "generate"} <= generation
     assert set(models) == {base_id, *generation}  # classification adapters cannot chat
     for name in generation:
         assert models[name].model_extra is not None and models[name].model_extra["parent"] == base_id

@@ -111,3 +111,48 @@ def test_model_id_strips_quantization_suffix() -> None:
 
     assert model_id_for(Path("SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct"
     assert model_id_for(Path("/models/my-model")) == "my-model"
+
+
+def test_bottleneck_config_sites_sizes_and_refusals() -> None:
+    from app.adapters.bottleneck import check_bottleneck_config, sites
+    from app.errors import InvalidAdapter
+    from app.models.base import BaseSpec
+
+    shapes = {}
+    for i in range(2):
+        shapes[f"model.layers.{i}.self_attn.o_proj"] = (64, 64)
+        shapes[f"model.layers.{i}.mlp.down_proj"] = (64, 256)
+        shapes[f"model.layers.{i}.mlp.up_proj"] = (256, 64)
+    spec = BaseSpec(model_id="tiny", hidden_size=64, vocab_size=10, linear_shapes=shapes)
+    assert sites(spec) == {
+        "attention": {0: "model.layers.0.self_attn.o_proj", 1: "model.layers.1.self_attn.o_proj"},
+        "ffn": {0: "model.layers.0.mlp.down_proj", 1: "model.layers.1.mlp.down_proj"},
+    }
+    cfg = {
+        "peft_type": "BOTTLENECK",
+        "task_type": "CAUSAL_LM",
+        "placement": "houlsby",
+        "reduction_factor": 16,
+    }
+    got = check_bottleneck_config(cfg, spec)
+    assert got["places"] == ("attention", "ffn") and got["size"] == 4 and got["layers"] == [0, 1]
+    assert got["activation"] == "relu" and got["scaling"] == 1.0 and got["task"] == "generate"
+    pfeiffer = check_bottleneck_config(
+        {**cfg, "placement": "pfeiffer", "bottleneck_size": 8, "layers": [1]}, spec
+    )
+    assert pfeiffer["places"] == ("ffn",) and pfeiffer["size"] == 8 and pfeiffer["layers"] == [1]
+    for bad, param in [
+        ({"placement": "middle"}, "placement"),
+        ({"bottleneck_size": 65}, "bottleneck_size"),
+        ({"bottleneck_size": 0}, "bottleneck_size"),
+        ({"reduction_factor": 0.5}, "reduction_factor"),
+        ({"activation": "sigmoid"}, "activation"),
+        ({"layers": [2]}, "layers"),
+        ({"layers": [0, 0]}, "layers"),
+        ({"scaling": "big"}, "scaling"),
+        ({"task_type": None}, "task_type"),
+        ({"mh_adapter": True}, "mh_adapter"),
+    ]:
+        with pytest.raises(InvalidAdapter) as exc:
+            check_bottleneck_config({**cfg, **bad}, spec)
+        assert exc.value.param == param, bad
