@@ -52,7 +52,7 @@ def main() -> None:
     def step_ms(slot_of: list[int]) -> float:
         params = SamplingParams(max_new_tokens=args.steps + 10, ignore_eos=True)
         works = [
-            (GenerateWork(adapter=None, prompt=p, params=params), s)
+            (GenerateWork(adapter=None, weights=None, prompt=p, params=params), s)
             for p, s in zip(prompts, slot_of, strict=True)
         ]
         batch = GenerationBatch.start(runner, works)
