@@ -1,10 +1,11 @@
-"""The ``adapterserve`` command: ``serve``, ``prepare-model`` and ``train``."""
+"""The ``adapterserve`` command: ``serve``, ``prepare-model``, ``train`` and ``import-adapterhub``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -47,6 +48,46 @@ def prepare_model(settings: Settings) -> None:
     print(f"base model {model_id} ready at {path}")
 
 
+def import_adapterhub(args: argparse.Namespace, settings: Settings) -> int:
+    """Convert an AdapterHub bottleneck adapter; optionally install it into the store."""
+    from app.adapters.adapterhub import convert_adapterhub
+    from app.adapters.store import check_name
+    from app.errors import InvalidAdapter
+    from app.models.base import read_spec
+    from app.training.publish import install_into_store
+
+    name = args.name or args.source.name
+    output: Path = args.output or Path("trained") / name
+    try:
+        check_name(name)
+        spec = read_spec(settings.base_model, settings.cache_dir)
+        adapter = convert_adapterhub(args.source, output, spec)
+        print(
+            f"converted {args.source} -> {output}: bottleneck size {adapter.rank}, "
+            f"places {adapter.target_modules}, {len(adapter.blocks)} modules, activation {adapter.activation}"
+        )
+        if args.into_store:
+            meta = install_into_store(output, name, settings.store, spec, settings.max_lora_rank)
+            print(f"installed {name} version {meta['version']} into {settings.store}")
+    except InvalidAdapter as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_import_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "import-adapterhub",
+        help="convert a bottleneck adapter saved by AdapterHub `adapters` (safetensors) to the served format",
+    )
+    p.add_argument(
+        "source", type=Path, help="folder written by model.save_adapter(..., use_safetensors=True)"
+    )
+    p.add_argument("--name", help="adapter name (default: the source folder's name)")
+    p.add_argument("--output", type=Path, help="output folder (default: trained/<name>)")
+    p.add_argument("--into-store", action="store_true", help="install into the store (ADAPTERSERVE_STORE)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="adapterserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,7 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     from app.training.cli import add_train_parser, run_train
 
     add_train_parser(sub)
+    _add_import_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "import-adapterhub":
+        sys.exit(import_adapterhub(args, _settings(argparse.Namespace())))
     if args.command == "train":
         logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
         sys.exit(run_train(args, _settings(argparse.Namespace())))

@@ -203,9 +203,7 @@ def check_bottleneck_config(config: dict[str, Any], spec: BaseSpec) -> dict[str,
     }
 
 
-def load_bottleneck(
-    folder: Path, spec: BaseSpec, max_size: int, check_values: bool = True
-) -> BottleneckAdapter:
+def load_bottleneck(folder: Path, spec: BaseSpec, check_values: bool = True) -> BottleneckAdapter:
     """Parse and fully validate a bottleneck adapter folder; raise :class:`InvalidAdapter` naming the
     problem (every tensor's name, shape, dtype and, unless ``check_values`` is off, finiteness)."""
     cfg = check_bottleneck_config(read_config(folder), spec)

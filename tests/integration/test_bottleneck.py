@@ -21,10 +21,11 @@ from app.adapters.kinds import load_adapter
 from app.adapters.registry import AdapterInfo
 from app.engine.runner import Runner
 from app.engine.slots import DeviceSlots
-from app.models.base import BaseModel, load_base_model
-from app.models.lora import BASE_SLOT, RoutingContext, wrap_linear_layers
+from app.models.base import BaseModel
+from app.models.lora import BASE_SLOT
 from tests.conftest import CACHE_DIR, admin_headers, snapshot
 from tests.helpers.bottleneck_ref import BottleneckRef, make_bottleneck, reference_model
+from tests.helpers.harness import last_logits, wrapped_model
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GENERATE_PROMPTS, RefAdapter, zip_folder
 
 LABELS = ["negative", "positive", "neutral"]
@@ -131,27 +132,7 @@ def test_generation_equals_the_reference(
 
 @pytest.fixture(scope="module")
 def wrapped(base_path: Path) -> tuple[BaseModel, Runner, DeviceSlots]:
-    base = load_base_model(str(base_path), CACHE_DIR, "cpu", "float32")
-    ctx = RoutingContext()
-    layers = wrap_linear_layers(base.model, ctx)
-    return base, Runner(base, ctx), DeviceSlots(layers, 8, base.device, base.dtype)
-
-
-def _forward(base: BaseModel, runner: Runner, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
-    """Last-token logits [rows, vocab] of right-padded rows run in one forward."""
-    width = max(len(ids) for _, ids in rows)
-    ids = torch.full((len(rows), width), runner.pad_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (_, toks) in enumerate(rows):
-        ids[i, : len(toks)] = torch.tensor(toks)
-        mask[i, : len(toks)] = 1
-    runner.set_routing([slot for slot, _ in rows])
-    try:
-        with torch.inference_mode():
-            logits = base.model(input_ids=ids, attention_mask=mask).logits
-    finally:
-        runner.ctx.routing = None
-    return torch.stack([logits[i, len(toks) - 1] for i, (_, toks) in enumerate(rows)])
+    return wrapped_model(base_path, CACHE_DIR, 8)
 
 
 def test_mixed_batch_of_lora_bottleneck_and_base_rows_equals_each_alone(
@@ -173,9 +154,9 @@ def test_mixed_batch_of_lora_bottleneck_and_base_rows_equals_each_alone(
     prompts = [GENERATE_PROMPTS[0], GENERATE_PROMPTS[1], GENERATE_PROMPTS[0], GENERATE_PROMPTS[1], "Hello"]
     order = [ids[1], ids[0], ids[2], BASE_SLOT, ids[1]]  # gelu and silu modules, LoRA and the base
     rows = [(s, tok(p)["input_ids"]) for s, p in zip(order, prompts, strict=True)]
-    mixed = _forward(base, runner, rows)
+    mixed = last_logits(base, runner, rows)
     for i, row in enumerate(rows):
-        alone = _forward(base, runner, [row])[0]
+        alone = last_logits(base, runner, [row])[0]
         assert (mixed[i] - alone).abs().max().item() <= 1e-4, f"row {i}"
     for i, name in ((0, "bn-gen"), (2, "bn-attn")):  # and the bottleneck rows equal the reference
         model = reference_model(base_path, bottlenecks[name])

@@ -14,36 +14,17 @@ from app.engine.slots import DeviceSlots
 from app.models.base import BaseModel, load_base_model
 from app.models.lora import BASE_SLOT, RoutingContext, wrap_linear_layers
 from tests.conftest import CACHE_DIR
+from tests.helpers.harness import last_logits, wrapped_model
 from tests.helpers.peft_ref import GENERATE_PROMPTS, RefAdapter
 
 
 @pytest.fixture(scope="module")
 def wrapped(base_path: Path) -> tuple[BaseModel, Runner, DeviceSlots]:
-    base = load_base_model(str(base_path), CACHE_DIR, "cpu", "float32")
-    ctx = RoutingContext()
-    layers = wrap_linear_layers(base.model, ctx)
-    return base, Runner(base, ctx), DeviceSlots(layers, 4, base.device, base.dtype)
+    return wrapped_model(base_path, CACHE_DIR, 4)
 
 
 def _info(base: BaseModel, ref: RefAdapter) -> AdapterInfo:
     return AdapterInfo.from_adapter(ref.name, load_lora(ref.folder, base.spec, 64))
-
-
-def _last_logits(base: BaseModel, runner: Runner, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
-    """Last-token logits [rows, vocab] of right-padded rows run in one forward."""
-    width = max(len(ids) for _, ids in rows)
-    ids = torch.full((len(rows), width), runner.pad_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (_, toks) in enumerate(rows):
-        ids[i, : len(toks)] = torch.tensor(toks)
-        mask[i, : len(toks)] = 1
-    runner.set_routing([slot for slot, _ in rows])
-    try:
-        with torch.inference_mode():
-            logits = base.model(input_ids=ids, attention_mask=mask).logits
-    finally:
-        runner.ctx.routing = None
-    return torch.stack([logits[i, len(toks) - 1] for i, (_, toks) in enumerate(rows)])
 
 
 def test_mixed_generation_batch_equals_rows_alone_and_peft(
@@ -57,9 +38,9 @@ def test_mixed_generation_batch_equals_rows_alone_and_peft(
     tok = base.tokenizer
     prompts = [GENERATE_PROMPTS[0], GENERATE_PROMPTS[1], GENERATE_PROMPTS[0], "Hello there, how"]
     rows = [(s, tok(p)["input_ids"]) for s, p in zip([*slot_ids, BASE_SLOT], prompts, strict=True)]
-    mixed = _last_logits(base, runner, rows)
+    mixed = last_logits(base, runner, rows)
     for i, row in enumerate(rows):
-        alone = _last_logits(base, runner, [row])[0]
+        alone = last_logits(base, runner, [row])[0]
         assert (mixed[i] - alone).abs().max().item() <= 1e-4, f"row {i}"
     for i, ref in enumerate(refs):  # and each adapter row equals PeftModel's logits
         expected = ref.last_logits[prompts[i]]

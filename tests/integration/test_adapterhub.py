@@ -1,0 +1,146 @@
+"""Importing AdapterHub `adapters` bottleneck adapters: the served outputs equal the library's own.
+
+The fixture ``tests/fixtures/adapterhub-houlsby`` was written by `adapters` 1.3.0 (transformers
+4.57, which cannot share this project's environment): a ``DoubleSeqBnConfig`` (Houlsby) adapter on
+the default base with random weights, ``leave_out`` layers 4-29, swish, scaling 1.5, saved with
+``use_safetensors=True``; beside it, the library's last-token logits and greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file
+
+from app.adapters.adapterhub import convert_adapterhub
+from app.adapters.kinds import load_adapter
+from app.adapters.registry import AdapterInfo
+from app.cli import main
+from app.errors import InvalidAdapter
+from app.models.base import BaseModel
+from tests.conftest import CACHE_DIR, admin_headers
+from tests.helpers.harness import last_logits, wrapped_model
+from tests.helpers.peft_ref import zip_folder
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "adapterhub-houlsby"
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[list[str], list[list[int]], torch.Tensor]:
+    meta = json.loads((FIXTURE / "reference.json").read_text())
+    logits = load_file(str(FIXTURE / "reference_logits.safetensors"))["logits"]
+    return meta["prompts"], meta["greedy_token_ids"], logits
+
+
+@pytest.fixture(scope="module")
+def converted(base_model: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("hub") / "hub-houlsby"
+    adapter = convert_adapterhub(FIXTURE, out, base_model.spec)
+    assert adapter.kind == "bottleneck" and adapter.target_modules == ["attention", "ffn"]
+    assert adapter.rank == 9 and adapter.activation == "silu" and adapter.alpha == 1.5
+    assert len(adapter.blocks) == 8  # layers 0-3, attention and feed-forward
+    return out
+
+
+def test_imported_logits_equal_the_adapters_library(
+    converted: Path,
+    base_model: BaseModel,
+    base_path: Path,
+    reference: tuple[list[str], list[list[int]], torch.Tensor],
+) -> None:
+    prompts, _, expected = reference
+    base, runner, slots = wrapped_model(base_path, CACHE_DIR, 2)
+    info = AdapterInfo.from_adapter("hub", load_adapter(converted, base.spec, 64))
+    slot = slots.acquire(info, info.weights, {info.uid})  # type: ignore[arg-type]
+    tok = base.tokenizer
+    rows = [(slot, tok(p)["input_ids"]) for p in prompts]
+    got = last_logits(base, runner, rows)
+    assert (got - expected).abs().max().item() <= 1e-4
+    bare = last_logits(base, runner, [(0, ids) for _, ids in rows])
+    assert (bare - expected).abs().max().item() > 0.5  # the adapter changes the output a lot
+
+
+def test_imported_adapter_serves_the_librarys_greedy_tokens(
+    converted: Path,
+    client: TestClient,
+    base_model: BaseModel,
+    reference: tuple[list[str], list[list[int]], torch.Tensor],
+) -> None:
+    resp = client.post(
+        "/admin/adapters",
+        headers=admin_headers(),
+        data={"name": "hub-houlsby"},
+        files={"file": ("a.zip", zip_folder(converted), "application/zip")},
+    )
+    assert resp.status_code == 201, resp.text
+    prompts, greedy, _ = reference
+    for prompt, ids in zip(prompts, greedy, strict=True):
+        body = {"adapter": "hub-houlsby", "prompt": prompt, "max_new_tokens": len(ids)}
+        out = client.post("/generate", json=body).json()
+        assert out["text"] == base_model.tokenizer.decode(ids) and out["usage"]["completion_tokens"] == len(
+            ids
+        )
+
+
+def test_cli_imports_into_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "store"
+    monkeypatch.setenv("ADAPTERSERVE_STORE", str(store))
+    argv = [
+        "import-adapterhub",
+        str(FIXTURE),
+        "--name",
+        "hub",
+        "--output",
+        str(tmp_path / "out"),
+        "--into-store",
+    ]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    meta = json.loads((store / "hub" / "adapterserve.json").read_text())
+    assert (
+        meta["kind"] == "bottleneck"
+        and meta["version"] == 1
+        and meta["target_modules"] == ["attention", "ffn"]
+    )
+
+
+def _hub_copy(tmp_path: Path, **config: object) -> Path:
+    folder = tmp_path / "hub-copy"
+    shutil.copytree(FIXTURE, folder)
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    saved["config"].update(config)
+    (folder / "adapter_config.json").write_text(json.dumps(saved))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"original_ln_before": True}, "residual stream"),
+        ({"use_gating": True}, "use_gating"),
+        ({"ln_after": True}, "ln_after"),
+        ({"non_linearity": "leakyrelu"}, "non_linearity"),
+        ({"scaling": "learned"}, "scaling"),
+    ],
+)
+def test_unsupported_adapterhub_configs_are_refused(
+    change: dict[str, object], needle: str, tmp_path: Path, base_model: BaseModel
+) -> None:
+    with pytest.raises(InvalidAdapter) as exc:
+        convert_adapterhub(_hub_copy(tmp_path, **change), tmp_path / "out", base_model.spec)
+    assert needle in exc.value.message
+
+
+def test_pickle_checkpoints_are_refused(tmp_path: Path, base_model: BaseModel) -> None:
+    folder = _hub_copy(tmp_path)
+    (folder / "adapter.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_adapter.bin")
+    with pytest.raises(InvalidAdapter) as exc:
+        convert_adapterhub(folder, tmp_path / "out", base_model.spec)
+    assert "pickle" in exc.value.message and not (tmp_path / "out" / "adapter_model.safetensors").exists()
