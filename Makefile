@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install model serve test lint typecheck unit clean demo-data demo-adapters
+.PHONY: install model serve test lint typecheck unit clean demo-data demo-adapters prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,8 @@ serve: model  ## start the service on 127.0.0.1:8000 with the adapters in adapte
 	$(BIN)/adapterserve serve
 
 lint: install
-	$(BIN)/ruff check app tests bench scripts
-	$(BIN)/ruff format --check app tests bench scripts
+	$(BIN)/ruff check app tests bench scripts deploy
+	$(BIN)/ruff format --check app tests bench scripts deploy
 
 typecheck: install
 	$(BIN)/mypy app
@@ -32,7 +32,16 @@ typecheck: install
 unit: install
 	$(BIN)/pytest -q tests/unit
 
-test: lint typecheck model  ## everything CI runs
+prometheus:  ## the Prometheus server and promtool the monitoring tests run (Debian package)
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends prometheus >/dev/null; }; }
+	@# the package's own service is not needed: the tests start their own server
+	@command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null && \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO systemctl stop prometheus; } || true
+
+test: lint typecheck model prometheus  ## everything CI runs
 	$(BIN)/pytest -q
 
 # --- demo adapters: real data from PyPI packages, trained on this machine's CPU -------------

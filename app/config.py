@@ -58,6 +58,10 @@ class Settings(BaseSettings):
         description="comma-separated inference keys required on /v1/*, /classify and /generate; unset = open",
     )
 
+    max_adapter_labels: int = Field(
+        100, ge=1, description="adapters with their own metric series; the rest are reported as 'other'"
+    )
+
     # --- batching and backpressure ----------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, description="rows per forward pass")
     max_batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")

@@ -60,7 +60,8 @@ def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
 def create_app(settings: Settings | None = None, base: BaseModel | None = None) -> FastAPI:
     """Build the app. ``base`` lets a caller reuse an already loaded base model (tests, benchmarks)."""
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = Metrics(settings.max_adapter_labels)
+    metrics.queue_capacity.set(settings.max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

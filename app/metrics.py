@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TIERS = ("host", "device")
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
 
@@ -75,11 +76,26 @@ class Metrics:
             ["tier"],
             registry=r,
         )
+        self.adapter_load_failures = Counter(
+            "adapterserve_adapter_load_failures_total",
+            "stored adapters that could not be read or validated when a request needed them",
+            registry=r,
+        )
+        self.queue_capacity = Gauge(
+            "adapterserve_queue_capacity", "queued requests accepted before 503 (MAX_QUEUE)", registry=r
+        )
         self.adapter_bank_bytes = Gauge(
             "adapterserve_adapter_bank_bytes",
             "device memory allocated for the adapter slot banks (ranks padded per layer)",
             registry=r,
         )
+
+        for tier in TIERS:  # every tier's series exists from the start (rates read 0, not "no data")
+            for family in (self.adapter_loads, self.adapter_evictions, self.adapters_resident):
+                family.labels(tier=tier)
+            self.adapter_resident_bytes.labels(tier=tier)
+        for task in ("classify", "generate"):
+            self.batch_size.labels(task=task)
 
     def adapter_label(self, adapter: AdapterInfo | str | None) -> str:
         """A bounded ``adapter`` label: the first N names seen keep their own series, the rest 'other'."""

@@ -253,6 +253,7 @@ class AdapterRegistry:
                         self.store.folder(name), self.spec, self.max_rank, check_values=False
                     )
                 except InvalidAdapter as exc:
+                    self.metrics.adapter_load_failures.inc()
                     raise AdapterLoadFailed(
                         f"adapter {name!r} in the store could not be loaded: {exc.message}", param="adapter"
                     ) from exc

@@ -1,0 +1,199 @@
+"""The adapterserve Grafana dashboard, generated with grafanalib.
+
+    .venv/bin/python deploy/grafana/dashboard.py > deploy/grafana/dashboards/adapterserve.json
+
+Every panel's PromQL is in ``PANELS`` (also read by the test that evaluates it against a real
+Prometheus). ``$__rate_interval`` is Grafana's rate window; ``$adapter`` filters by adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from grafanalib._gen import DashboardEncoder
+from grafanalib.core import (
+    Dashboard,
+    GridPos,
+    Target,
+    Template,
+    Templating,
+    TimeSeries,
+)
+
+DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
+RATE = "$__rate_interval"
+REQ = "adapterserve_requests_total"
+INFERENCE = "/classify|/generate|/v1/chat/completions|/v1/completions"
+ADAPTER = 'adapter=~"$adapter"'
+
+
+def _q(le: str, metric: str, by: str = "", filt: str = "") -> str:
+    group = f"le, {by}" if by else "le"
+    return f"histogram_quantile({le}, sum by ({group}) (rate({metric}_bucket{{{filt}}}[{RATE}])))"
+
+
+# title -> (unit, [(legend, expr)], description)
+PANELS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
+    "Request rate by endpoint": (
+        "reqps",
+        [("{{endpoint}}", f"sum by (endpoint) (rate({REQ}[{RATE}]))")],
+        "HTTP requests per second on every route (/metrics excluded).",
+    ),
+    "Request rate by adapter": (
+        "reqps",
+        [("{{adapter}}", f'sum by (adapter) (rate({REQ}{{endpoint=~"{INFERENCE}", {ADAPTER}}}[{RATE}]))')],
+        "Inference requests per second per adapter (base = no adapter, other = beyond the label limit).",
+    ),
+    "Error ratio by endpoint (5xx)": (
+        "percentunit",
+        [
+            (
+                "{{endpoint}}",
+                f'(sum by (endpoint) (rate({REQ}{{status=~"5.."}}[{RATE}])) '
+                f"or sum by (endpoint) (rate({REQ}[{RATE}])) * 0) "
+                f"/ sum by (endpoint) (rate({REQ}[{RATE}]))",
+            )
+        ],
+        "Share of requests answered 5xx (queue full 503, deadline 504, engine errors 500).",
+    ),
+    "Client errors by adapter (4xx)": (
+        "reqps",
+        [
+            (
+                "{{adapter}} {{status}}",
+                f'sum by (adapter, status) (rate({REQ}{{status=~"4..", {ADAPTER}}}[{RATE}]))',
+            )
+        ],
+        "Refused requests per second: unknown adapter, task mismatch, invalid input, auth.",
+    ),
+    "Latency p50 / p95 / p99 by endpoint": (
+        "s",
+        [
+            (
+                f"p{int(float(q) * 100)} {{{{endpoint}}}}",
+                _q(q, "adapterserve_request_duration_seconds", "endpoint"),
+            )
+            for q in ("0.5", "0.95", "0.99")
+        ],
+        "Request latency quantiles from the request-duration histogram.",
+    ),
+    "Time to first token": (
+        "s",
+        [
+            (f"p{int(float(q) * 100)}", _q(q, "adapterserve_time_to_first_token_seconds"))
+            for q in ("0.5", "0.99")
+        ],
+        "Queueing + prefill until a generation's first token.",
+    ),
+    "Time per output token": (
+        "s",
+        [
+            (f"p{int(float(q) * 100)}", _q(q, "adapterserve_time_per_output_token_seconds"))
+            for q in ("0.5", "0.99")
+        ],
+        "Decode time per generated token after the first.",
+    ),
+    "Generated tokens/s by adapter": (
+        "short",
+        [
+            (
+                "{{adapter}}",
+                f"sum by (adapter) (rate(adapterserve_generated_tokens_total{{{ADAPTER}}}[{RATE}]))",
+            )
+        ],
+        "Tokens generated per second.",
+    ),
+    "Queue depth": (
+        "short",
+        [("queued", "adapterserve_queue_depth"), ("capacity", "adapterserve_queue_capacity")],
+        "Requests waiting for the engine, against MAX_QUEUE (503 beyond it).",
+    ),
+    "Batch size by task": (
+        "short",
+        [
+            ("p50 {{task}}", _q("0.5", "adapterserve_batch_size", "task")),
+            (
+                "mean {{task}}",
+                f"sum by (task) (rate(adapterserve_batch_size_sum[{RATE}])) "
+                f"/ sum by (task) (rate(adapterserve_batch_size_count[{RATE}]))",
+            ),
+        ],
+        "Rows per forward pass (classification batches, generation steps).",
+    ),
+    "Adapters resident by tier": (
+        "short",
+        [("{{tier}}", "adapterserve_adapters_resident")],
+        "Adapters in the store, in host memory and in device slots.",
+    ),
+    "Adapter bytes by tier": (
+        "bytes",
+        [
+            ("{{tier}}", "adapterserve_adapter_resident_bytes"),
+            ("slot banks", "adapterserve_adapter_bank_bytes"),
+        ],
+        "Adapter weights per tier, and the device memory of the slot banks.",
+    ),
+    "Adapter loads and evictions": (
+        "ops",
+        [
+            ("loads {{tier}}", f"sum by (tier) (rate(adapterserve_adapter_loads_total[{RATE}]))"),
+            ("evictions {{tier}}", f"sum by (tier) (rate(adapterserve_adapter_evictions_total[{RATE}]))"),
+            ("load failures", f"sum(rate(adapterserve_adapter_load_failures_total[{RATE}]))"),
+        ],
+        "Loads into host memory and device slots, LRU evictions, and stored adapters that failed to load.",
+    ),
+    "Adapter load time p99 by tier": (
+        "s",
+        [("{{tier}}", _q("0.99", "adapterserve_adapter_load_seconds", "tier"))],
+        "Host: read + validate from the store; device: copy into the slot banks.",
+    ),
+}
+
+
+def dashboard() -> Dashboard:
+    panels = []
+    for i, (title, (unit, queries, description)) in enumerate(PANELS.items()):
+        targets = [
+            Target(expr=expr, legendFormat=legend, refId=chr(ord("A") + j), datasource=DATASOURCE)
+            for j, (legend, expr) in enumerate(queries)
+        ]
+        panels.append(
+            TimeSeries(
+                title=title,
+                description=description,
+                dataSource=DATASOURCE,
+                targets=targets,
+                unit=unit,
+                gridPos=GridPos(h=8, w=12, x=12 * (i % 2), y=8 * (i // 2)),
+            )
+        )
+    adapters = Template(
+        name="adapter",
+        label="adapter",
+        query="label_values(adapterserve_requests_total, adapter)",
+        dataSource=DATASOURCE,
+        includeAll=True,
+        multi=True,
+        allValue=".*",
+        default="All",
+        refresh=2,
+    )
+    return Dashboard(
+        title="adapterserve",
+        uid="adapterserve",
+        description="Requests, latency, generation, queueing and adapter tiers of adapterserve",
+        tags=["adapterserve"],
+        timezone="browser",
+        refresh="10s",
+        panels=panels,
+        templating=Templating(list=[adapters]),
+    ).auto_panel_ids()
+
+
+def render() -> str:
+    return json.dumps(dashboard().to_json_data(), cls=DashboardEncoder, indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())

@@ -1,0 +1,63 @@
+"""Deployment files: Kubernetes manifests against the Kubernetes schemas, the Grafana dashboard in
+sync with its generator, the Prometheus config and rules through promtool."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from types import ModuleType
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[2]
+K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+K8S_VERSION = "1.33.0"
+
+
+def dashboard_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("dashboard", ROOT / "deploy" / "grafana" / "dashboard.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", K8S, ids=lambda p: p.name)
+def test_kubernetes_manifests_validate_against_the_schemas(path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on any schema error
+
+
+def test_the_kinds_the_deployment_needs_are_there() -> None:
+    kinds = {yaml.safe_load(p.read_text())["kind"] for p in K8S}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PersistentVolumeClaim", "Ingress"} <= kinds
+    deployment = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "preStop" in container["lifecycle"]
+
+
+def test_dashboard_json_is_the_generators_output() -> None:
+    committed = (ROOT / "deploy" / "grafana" / "dashboards" / "adapterserve.json").read_text()
+    assert committed == dashboard_module().render(), "run: python deploy/grafana/dashboard.py > ...json"
+    panels = json.loads(committed)["panels"]
+    assert len(panels) == len(dashboard_module().PANELS) and all(p["targets"] for p in panels)
+
+
+def test_promtool_checks_the_config_and_rules(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: apt-get install prometheus (make test does it)"
+    for args in (["check", "config"], ["check", "rules"]):
+        target = "prometheus.yml" if args[1] == "config" else "rules.yml"
+        proc = subprocess.run(
+            [promtool, *args, str(ROOT / "deploy" / "prometheus" / target)], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
