@@ -119,6 +119,7 @@ def test_dashboard_and_alert_expressions_evaluate_with_data(
     time.sleep(1.5)
     up = _query(prometheus, 'up{job="adapterserve"}')
     assert up and up[0]["value"][1] == "1"
+    assert not _query(prometheus, 'adapterserve_requests_total{endpoint="/metrics"}')  # scrapes not counted
 
     for title, (_, queries, _) in dashboard_module().PANELS.items():
         for legend, expr in queries:

@@ -156,3 +156,14 @@ def test_bottleneck_config_sites_sizes_and_refusals() -> None:
         with pytest.raises(InvalidAdapter) as exc:
             check_bottleneck_config({**cfg, **bad}, spec)
         assert exc.value.param == param, bad
+
+
+def test_adapter_metric_label_is_bounded_and_tier_series_exist() -> None:
+    from app.metrics import Metrics
+
+    m = Metrics(max_adapter_labels=2)
+    assert [m.adapter_label(n) for n in ("a", "b", "c", "a", None)] == ["a", "b", "other", "a", "base"]
+    text = m.render().decode()
+    for tier in ("host", "device"):
+        assert f'adapterserve_adapter_evictions_total{{tier="{tier}"}} 0.0' in text
+    assert "adapterserve_adapter_load_failures_total 0.0" in text
