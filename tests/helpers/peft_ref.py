@@ -116,3 +116,12 @@ def peft_greedy(base_path: Path, folder: Path | None, input_ids: list[int], max_
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
         )
     return [int(t) for t in out[0, len(input_ids) :]]
+
+
+def zip_files(files: dict[str, bytes]) -> bytes:
+    """A zip archive of the given file names and contents."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()

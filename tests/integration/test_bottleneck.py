@@ -4,9 +4,7 @@ bottleneck and base adapters in one batch equal each row alone, invalid uploads 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from app.models.lora import BASE_SLOT
 from tests.conftest import CACHE_DIR, admin_headers, snapshot
 from tests.helpers.bottleneck_ref import BottleneckRef, make_bottleneck, reference_model
 from tests.helpers.harness import last_logits, wrapped_model
-from tests.helpers.peft_ref import CLASSIFY_TEXTS, GENERATE_PROMPTS, RefAdapter, zip_folder
+from tests.helpers.peft_ref import CLASSIFY_TEXTS, GENERATE_PROMPTS, RefAdapter, zip_files, zip_folder
 
 LABELS = ["negative", "positive", "neutral"]
 
@@ -191,14 +189,6 @@ def test_concurrent_decoding_of_mixed_kinds_equals_each_alone(
     assert together == alone
 
 
-def _zip(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
 def _variant(ref: BottleneckRef, config: dict[str, Any] | None = None, tensors: Any = None) -> bytes:
     cfg = {**ref.config, **(config or {})}
     ts = dict(ref.tensors)
@@ -209,7 +199,7 @@ def _variant(ref: BottleneckRef, config: dict[str, Any] | None = None, tensors: 
     files = {"adapter_config.json": json.dumps(cfg).encode(), "adapter_model.safetensors": buf.read_bytes()}
     if ref.labels:
         files["labels.json"] = json.dumps(ref.labels).encode()
-    return _zip(files)
+    return zip_files(files)
 
 
 def _set(key: str, value: torch.Tensor) -> Any:

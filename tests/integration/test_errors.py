@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import admin_headers, snapshot
-from tests.helpers.peft_ref import RefAdapter, zip_folder
+from tests.helpers.peft_ref import RefAdapter, zip_files, zip_folder
 
 
 def _upload(client: TestClient, name: str, data: bytes, filename: str = "a.zip", headers: Any = None) -> Any:
@@ -26,14 +25,6 @@ def _upload(client: TestClient, name: str, data: bytes, filename: str = "a.zip",
         data={"name": name},
         files={"file": (filename, data, "application/octet-stream")},
     )
-
-
-def _zip(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -128,8 +119,8 @@ def test_bad_weights_are_rejected_and_store_unchanged(
     change, message = BAD_WEIGHTS[case]
     folder = uploaded["gen-qv-r8"].folder
     files = {**_files(folder), "adapter_model.safetensors": _tensors_bytes(folder, change)}
-    _expect(_upload(client, "gen-qv-r8", _zip(files)), 400, "invalid_adapter", message)
-    _expect(_upload(client, f"new-{case}", _zip(files)), 400, "invalid_adapter", message)
+    _expect(_upload(client, "gen-qv-r8", zip_files(files)), 400, "invalid_adapter", message)
+    _expect(_upload(client, f"new-{case}", zip_files(files)), 400, "invalid_adapter", message)
     assert snapshot(store_dir) == store_before
     assert client.get(f"/v1/adapters/new-{case}").status_code == 404
 
@@ -157,7 +148,7 @@ def test_unsupported_configs_name_the_field(
 ) -> None:
     folder = uploaded["gen-qv-r8"].folder
     files = {**_files(folder), "adapter_config.json": _with_config(folder, **config)}
-    err = _expect(_upload(client, "gen-qv-r8", _zip(files)), 400, "invalid_adapter")
+    err = _expect(_upload(client, "gen-qv-r8", zip_files(files)), 400, "invalid_adapter")
     if param:
         assert err["param"] == param and param in err["message"]
     assert snapshot(store_dir) == store_before
@@ -166,21 +157,21 @@ def test_unsupported_configs_name_the_field(
 ARCHIVES: dict[str, tuple[Callable[[Path], bytes], str]] = {
     "not-an-archive": (lambda f: b"this is not an archive at all" * 10, "zip"),
     "truncated-zip": (lambda f: zip_folder(f)[:500], "corrupt"),
-    "pickle": (lambda f: _zip({**_files(f), "adapter_model.bin": b"\x80\x04K\x01."}), "pickle"),
-    "path-traversal": (lambda f: _zip({**_files(f), "../evil.json": b"{}"}), ".."),
-    "absolute-path": (lambda f: _zip({**_files(f), "/etc/evil.json": b"{}"}), "absolute"),
-    "unexpected-file": (lambda f: _zip({**_files(f), "run.sh": b"echo hi"}), "unexpected"),
+    "pickle": (lambda f: zip_files({**_files(f), "adapter_model.bin": b"\x80\x04K\x01."}), "pickle"),
+    "path-traversal": (lambda f: zip_files({**_files(f), "../evil.json": b"{}"}), ".."),
+    "absolute-path": (lambda f: zip_files({**_files(f), "/etc/evil.json": b"{}"}), "absolute"),
+    "unexpected-file": (lambda f: zip_files({**_files(f), "run.sh": b"echo hi"}), "unexpected"),
     "missing-weights": (
-        lambda f: _zip({"adapter_config.json": (f / "adapter_config.json").read_bytes()}),
+        lambda f: zip_files({"adapter_config.json": (f / "adapter_config.json").read_bytes()}),
         "missing",
     ),
     "missing-config": (
-        lambda f: _zip({"adapter_model.safetensors": (f / "adapter_model.safetensors").read_bytes()}),
+        lambda f: zip_files({"adapter_model.safetensors": (f / "adapter_model.safetensors").read_bytes()}),
         "missing",
     ),
-    "bad-json": (lambda f: _zip({**_files(f), "adapter_config.json": b"{not json"}), "json"),
+    "bad-json": (lambda f: zip_files({**_files(f), "adapter_config.json": b"{not json"}), "json"),
     "garbage-safetensors": (
-        lambda f: _zip({**_files(f), "adapter_model.safetensors": b"\x00" * 64}),
+        lambda f: zip_files({**_files(f), "adapter_model.safetensors": b"\x00" * 64}),
         "safetensors",
     ),
     "tar-symlink": (lambda f: _tar_with_symlink(f), "link"),
@@ -227,7 +218,7 @@ def test_labels_must_match_the_head(
 ) -> None:
     folder = uploaded["cls-4"].folder
     files = {**_files(folder), "labels.json": json.dumps(["a", "b"]).encode()}
-    _expect(_upload(client, "cls-4", _zip(files)), 400, "invalid_adapter", "labels")
+    _expect(_upload(client, "cls-4", zip_files(files)), 400, "invalid_adapter", "labels")
     assert snapshot(store_dir) == store_before
 
 
