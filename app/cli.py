@@ -37,7 +37,12 @@ def serve(settings: Settings) -> None:
     from app.main import create_app
 
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's own messages go through the configured (JSON) handler
+        access_log=False,  # the service logs each request itself, with its request id
     )
 
 
@@ -107,9 +112,9 @@ def main(argv: list[str] | None = None) -> None:
         logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
         sys.exit(run_train(args, _settings(argparse.Namespace())))
     settings = _settings(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from app.logs import configure
+
+    configure(settings.log_level, settings.log_format)
     {"serve": serve, "prepare-model": prepare_model}[args.command](settings)
 
 

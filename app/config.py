@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(8000, ge=1, le=65535, description="listen port")
     log_level: str = Field("info", description="log level")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object per line (request logs carry the request id); text"
+    )
     admin_token: SecretStr | None = Field(
         None, description="bearer token of the admin routes; unset = admin routes off"
     )

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
-from starlette.routing import Match
 
 from app import __version__
 from app.adapters.archive import ArchiveLimits
@@ -19,6 +18,7 @@ from app.api import adapters, admin, health, inference, openai
 from app.config import Settings
 from app.engine.engine import Engine
 from app.errors import register_error_handlers
+from app.logs import REQUEST_ID_HEADER, log_request, request_id
 from app.metrics import Metrics
 from app.models.base import BaseModel, load_base_model
 from app.openai_service import OpenAIService
@@ -29,32 +29,40 @@ _UNMEASURED = {"/metrics"}
 
 
 def _route_path(request: Request) -> str:
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match == Match.FULL:
-            return str(getattr(route, "path", request.url.path))
-    return "unmatched"
+    """The matched route's template (``/v1/adapters/{name}``), known once routing ran: a bounded
+    ``endpoint`` label whatever the path; ``unmatched`` for paths no route serves."""
+    route = request.scope.get("route")
+    return str(getattr(route, "path", "unmatched"))
 
 
 def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
+    """Per request: the request id (``X-Request-ID`` in and out), metrics and the request log."""
+
     @app.middleware("http")
     async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        endpoint = _route_path(request)
-        if endpoint in _UNMEASURED:
-            return await call_next(request)
+        rid = request_id(request.headers.get(REQUEST_ID_HEADER))
+        request.state.request_id = rid
+        if request.url.path in _UNMEASURED:
+            response = await call_next(request)
+            response.headers[REQUEST_ID_HEADER] = rid
+            return response
         start = time.perf_counter()
         status = 500
         try:
             response = await call_next(request)
             status = response.status_code
+            response.headers[REQUEST_ID_HEADER] = rid
             return response
         finally:
+            endpoint = _route_path(request)
             adapter = getattr(request.state, "adapter", None)
             registry: AdapterRegistry | None = getattr(request.app.state, "registry", None)
             known = adapter is not None and registry is not None and adapter in registry
             label = metrics.adapter_label(adapter) if (known or adapter is None) else "unknown"
+            elapsed = time.perf_counter() - start
             metrics.requests.labels(endpoint=endpoint, adapter=label, status=str(status)).inc()
-            metrics.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+            metrics.request_duration.labels(endpoint=endpoint).observe(elapsed)
+            log_request(rid, request.method, endpoint, status, adapter, elapsed)
 
 
 def create_app(settings: Settings | None = None, base: BaseModel | None = None) -> FastAPI:
