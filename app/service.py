@@ -103,9 +103,13 @@ class InferenceService:
         ids: list[int] = self.tokenizer(text)["input_ids"]
         if not ids:
             raise InvalidRequest(f"{param} encodes to no tokens", param=param)
+        return self._within_limit(ids, param)
+
+    def _within_limit(self, ids: list[int], param: str) -> list[int]:
+        """``ids`` when they fit MAX_INPUT_TOKENS, else a 422 naming ``param``."""
         if len(ids) > self.settings.max_input_tokens:
             raise InvalidRequest(
-                f"{param} has {len(ids)} tokens; the limit is {self.settings.max_input_tokens}", param=param
+                f"{param}: {len(ids)} tokens; the limit is {self.settings.max_input_tokens}", param=param
             )
         return ids
 
@@ -278,11 +282,7 @@ class InferenceService:
             raise InvalidRequest("prompt has no tokens", param="prompt")
         if any(not 0 <= i < vocab for i in ids):
             raise InvalidRequest(f"prompt token ids must lie in [0, {vocab})", param="prompt")
-        if len(ids) > self.settings.max_input_tokens:
-            raise InvalidRequest(
-                f"prompt has {len(ids)} tokens; the limit is {self.settings.max_input_tokens}", param="prompt"
-            )
-        return list(ids)
+        return self._within_limit(list(ids), "prompt")
 
     def _encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -296,9 +296,4 @@ class InferenceService:
                 f"the chat template rejected these messages: {exc}", param="messages"
             ) from exc
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > self.settings.max_input_tokens:
-            raise InvalidRequest(
-                f"messages have {len(ids)} tokens; the limit is {self.settings.max_input_tokens}",
-                param="messages",
-            )
-        return ids
+        return self._within_limit(ids, "messages")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -109,12 +110,7 @@ def uploaded(client: TestClient, ref_adapters: dict[str, RefAdapter]) -> dict[st
     from tests.helpers.peft_ref import zip_folder
 
     for name, ref in ref_adapters.items():
-        resp = client.post(
-            "/admin/adapters",
-            headers=admin_headers(),
-            data={"name": name},
-            files={"file": (f"{name}.zip", zip_folder(ref.folder), "application/zip")},
-        )
+        resp = upload_archive(client, name, zip_folder(ref.folder), f"{name}.zip")
         assert resp.status_code == 201, resp.text
     return ref_adapters
 
@@ -147,6 +143,17 @@ def live_url(client: TestClient) -> Iterator[str]:
 
 def admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def upload_archive(client: TestClient, name: str, data: bytes, filename: str = "a.zip") -> Any:
+    """POST an adapter archive (zip or tar.gz bytes) to the admin endpoint; return the response."""
+    kind = "application/gzip" if filename.endswith(".gz") else "application/zip"
+    return client.post(
+        "/admin/adapters",
+        headers=admin_headers(),
+        data={"name": name},
+        files={"file": (filename, data, kind)},
+    )
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -21,6 +21,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
+
 from app.adapters.archive import PICKLE_SUFFIXES
 from app.adapters.bottleneck import PEFT_TYPE, BottleneckAdapter, load_bottleneck
 from app.adapters.lora import CONFIG_FILE, WEIGHTS_FILE, load_tensors
@@ -124,8 +126,6 @@ def convert_adapterhub(source: Path, output: Path, spec: BaseSpec) -> Bottleneck
         "layers": sorted(layers),
         **fields,
     }
-    from safetensors.torch import save_file
-
     output.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(output / WEIGHTS_FILE))
     (output / CONFIG_FILE).write_text(json.dumps(config, indent=2))

@@ -23,7 +23,7 @@ from app.adapters.registry import AdapterInfo
 from app.cli import main
 from app.errors import InvalidAdapter
 from app.models.base import BaseModel
-from tests.conftest import CACHE_DIR, admin_headers
+from tests.conftest import CACHE_DIR, upload_archive
 from tests.helpers.harness import last_logits, wrapped_model
 from tests.helpers.peft_ref import zip_folder
 
@@ -71,12 +71,7 @@ def test_imported_adapter_serves_the_librarys_greedy_tokens(
     base_model: BaseModel,
     reference: tuple[list[str], list[list[int]], torch.Tensor],
 ) -> None:
-    resp = client.post(
-        "/admin/adapters",
-        headers=admin_headers(),
-        data={"name": "hub-houlsby"},
-        files={"file": ("a.zip", zip_folder(converted), "application/zip")},
-    )
+    resp = upload_archive(client, "hub-houlsby", zip_folder(converted), "a.zip")
     assert resp.status_code == 201, resp.text
     prompts, greedy, _ = reference
     for prompt, ids in zip(prompts, greedy, strict=True):

@@ -21,7 +21,7 @@ from app.engine.runner import Runner
 from app.engine.slots import DeviceSlots
 from app.models.base import BaseModel
 from app.models.lora import BASE_SLOT
-from tests.conftest import CACHE_DIR, admin_headers, snapshot
+from tests.conftest import CACHE_DIR, snapshot, upload_archive
 from tests.helpers.bottleneck_ref import BottleneckRef, make_bottleneck, reference_model
 from tests.helpers.harness import last_logits, wrapped_model
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GENERATE_PROMPTS, RefAdapter, zip_files, zip_folder
@@ -69,12 +69,7 @@ def served(
     client: TestClient, bottlenecks: dict[str, BottleneckRef], uploaded: dict[str, RefAdapter]
 ) -> dict[str, BottleneckRef]:
     for name, ref in bottlenecks.items():
-        resp = client.post(
-            "/admin/adapters",
-            headers=admin_headers(),
-            data={"name": name},
-            files={"file": (f"{name}.zip", zip_folder(ref.folder), "application/zip")},
-        )
+        resp = upload_archive(client, name, zip_folder(ref.folder), f"{name}.zip")
         assert resp.status_code == 201, resp.text
         body = resp.json()
         assert body["kind"] == "bottleneck" and body["rank"] == ref.config["bottleneck_size"]
@@ -234,12 +229,7 @@ def test_invalid_bottleneck_uploads_are_400_and_change_nothing(
     }
     before = snapshot(store_dir)
     for case, (data, needle) in cases.items():
-        resp = client.post(
-            "/admin/adapters",
-            headers=admin_headers(),
-            data={"name": f"bad-{case}"},
-            files={"file": ("a.zip", data, "application/zip")},
-        )
+        resp = upload_archive(client, f"bad-{case}", data)
         assert resp.status_code == 400, (case, resp.text)
         err = resp.json()["error"]
         assert err["type"] == "invalid_adapter" and needle in err["message"], (case, err)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from tests.conftest import admin_headers
+from tests.conftest import upload_archive
 from tests.deploy.test_manifests import ROOT, dashboard_module
 from tests.helpers.peft_ref import GENERATE_PROMPTS, RefAdapter, zip_folder
 
@@ -107,12 +107,7 @@ def test_dashboard_and_alert_expressions_evaluate_with_data(
 ) -> None:
     for round_ in range(2):  # rates need two scrapes with traffic between them
         archive = zip_folder(uploaded["gen-qv-r8"].folder)
-        resp = client.post(
-            "/admin/adapters",
-            headers=admin_headers(),
-            data={"name": f"prom-gen-{round_}"},
-            files={"file": ("a.zip", archive, "application/zip")},
-        )
+        resp = upload_archive(client, f"prom-gen-{round_}", archive)
         assert resp.status_code == 201, resp.text
         _traffic(client, round_)
         time.sleep(2.5)

@@ -16,7 +16,7 @@ from app.cli import main
 from app.models.base import BaseModel
 from app.training.publish import install_into_store, upload
 from app.training.trainer import TrainOptions, train
-from tests.conftest import ADMIN_TOKEN, CACHE_DIR, admin_headers
+from tests.conftest import ADMIN_TOKEN, CACHE_DIR, upload_archive
 
 TOPICS = {
     "sport": [
@@ -143,12 +143,7 @@ def test_generate_training_serves_the_trained_text(
     store = tmp_path / "store"
     meta = install_into_store(tmp_path / "gen", "support", store, base_model.spec, 64)
     assert meta["task"] == "generate" and meta["version"] == 1
-    resp = client.post(
-        "/admin/adapters",
-        headers=admin_headers(),
-        data={"name": "trained-support"},
-        files={"file": ("a.tar.gz", _tar(tmp_path / "gen"), "application/gzip")},
-    )
+    resp = upload_archive(client, "trained-support", _tar(tmp_path / "gen"), "a.tar.gz")
     assert resp.status_code == 201, resp.text
     messages = [{"role": "user", "content": "My printer is not working."}]
     served = client.post(
@@ -287,12 +282,7 @@ def test_bottleneck_training_serves_the_trained_predictions(
     assert (
         meta["kind"] == "bottleneck" and meta["rank"] == 8 and meta["labels"] == ["business", "sport", "tech"]
     )
-    resp = client.post(
-        "/admin/adapters",
-        headers=admin_headers(),
-        data={"name": "bn-topics"},
-        files={"file": ("a.tar.gz", _tar(tmp_path / "bn-cls"), "application/gzip")},
-    )
+    resp = upload_archive(client, "bn-topics", _tar(tmp_path / "bn-cls"), "a.tar.gz")
     assert resp.status_code == 201, resp.text
     served = client.post("/classify", json={"adapter": "bn-topics", "inputs": HELD_OUT}).json()["results"]
     model, tok, labels = result.model, result.tokenizer, result.labels
@@ -308,12 +298,7 @@ def test_bottleneck_training_serves_the_trained_predictions(
 
     # generation: Pfeiffer placement (feed-forward only)
     result = train(_opts("generate", qa_jsonl, tmp_path / "bn-gen", kind="bottleneck", reduction_factor=32))
-    resp = client.post(
-        "/admin/adapters",
-        headers=admin_headers(),
-        data={"name": "bn-support"},
-        files={"file": ("a.tar.gz", _tar(tmp_path / "bn-gen"), "application/gzip")},
-    )
+    resp = upload_archive(client, "bn-support", _tar(tmp_path / "bn-gen"), "a.tar.gz")
     assert resp.status_code == 201 and resp.json()["rank"] == base_model.spec.hidden_size // 32, resp.text
     messages = [{"role": "user", "content": "My printer is not working."}]
     text = client.post(
