@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install model serve test lint typecheck unit clean demo-data demo-adapters prometheus
+.PHONY: install model serve test lint typecheck unit fuzz clean demo-data demo-adapters prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,12 @@ prometheus:  ## the Prometheus server and promtool the monitoring tests run (Deb
 	@command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null && \
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO systemctl stop prometheus; } || true
 
-test: lint typecheck model prometheus  ## everything CI runs
+test: lint typecheck model prometheus  ## everything CI runs (the fuzzing with a few examples per route)
 	$(BIN)/pytest -q
+
+FUZZ_EXAMPLES ?= 500
+fuzz: model  ## a long schema-driven fuzzing run: FUZZ_EXAMPLES random requests per route
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 $(BIN)/pytest -q tests/fuzz
 
 # --- demo adapters: real data from PyPI packages, trained on this machine's CPU -------------
 DEMO_DATA := data

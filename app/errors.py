@@ -201,6 +201,9 @@ def register_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # a body FastAPI could not parse (bad encoding): a validation error
+            message = f"the request body could not be parsed: {exc.detail}"
+            return _respond("invalid_request", message, None, 422, openai(request))
         type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _respond(type_, str(exc.detail), None, exc.status_code, openai(request), exc.headers)
 

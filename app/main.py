@@ -15,9 +15,10 @@ from app.adapters.archive import ArchiveLimits
 from app.adapters.registry import AdapterRegistry
 from app.adapters.store import FilesystemStore
 from app.api import adapters, admin, health, inference, openai
+from app.api.responses import drop_validation_422
 from app.config import Settings
 from app.engine.engine import Engine
-from app.errors import register_error_handlers
+from app.errors import is_openai_path, register_error_handlers
 from app.logs import REQUEST_ID_HEADER, log_request, request_id
 from app.metrics import Metrics
 from app.models.base import BaseModel, load_base_model
@@ -123,6 +124,8 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
     app.state.metrics = metrics
     app.state.engine = app.state.registry = app.state.service = app.state.openai = None
     register_error_handlers(app)
+    openapi = app.openapi
+    app.openapi = lambda: drop_validation_422(openapi(), is_openai_path)  # type: ignore[method-assign]
     _install_request_metrics(app, metrics)
     for module in (inference, openai, adapters, admin, health):
         app.include_router(module.router)

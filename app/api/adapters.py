@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.deps import ApiKeyDep, RegistryDep
+from app.api.responses import READ, error_responses
 from app.api.schemas import AdapterList, AdapterOut
 
-router = APIRouter(tags=["adapters"], dependencies=[ApiKeyDep])
+router = APIRouter(tags=["adapters"], dependencies=[ApiKeyDep], responses=error_responses(READ))
 
 
 @router.get("/v1/adapters", response_model=AdapterList)

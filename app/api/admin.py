@@ -10,11 +10,12 @@ from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 
 from app.api.deps import AdminDep, RegistryDep, SettingsDep
+from app.api.responses import ADMIN, error_responses
 from app.api.schemas import AdapterOut
 from app.errors import InvalidRequest, UploadTooLarge
 from app.service import load_on_device
 
-router = APIRouter(tags=["admin"], dependencies=[AdminDep])
+router = APIRouter(tags=["admin"], dependencies=[AdminDep], responses=error_responses(ADMIN))
 
 _MULTIPART_OVERHEAD = 64 * 1024
 _UPLOAD_SCHEMA = {

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
 router = APIRouter(tags=["health"])
 
@@ -15,7 +18,21 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    model: str | None
+
+
+_READY: dict[int | str, dict[str, Any]] = {
+    200: {"model": Readiness, "description": "ready"},
+    503: {"model": Readiness, "description": "starting, shutting down or the engine failed"},
+}
+_METRICS: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}
+}
+
+
+@router.get("/readyz", response_model=Readiness, responses=_READY)
 async def readyz(request: Request) -> JSONResponse:
     """The base model is loaded and the engine is running."""
     engine = getattr(request.app.state, "engine", None)
@@ -27,7 +44,7 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses=_METRICS)
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

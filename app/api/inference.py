@@ -6,9 +6,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import ApiKeyDep, ServiceDep
+from app.api.responses import INFERENCE, error_responses
 from app.api.schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
 
-router = APIRouter(tags=["inference"], dependencies=[ApiKeyDep])
+router = APIRouter(tags=["inference"], dependencies=[ApiKeyDep], responses=error_responses(INFERENCE))
 
 
 @router.post("/classify", response_model=ClassifyResponse)

@@ -17,9 +17,12 @@ from app.api.openai_schemas import (
     ModelCard,
     ModelList,
 )
+from app.api.responses import OPENAI, error_responses
 from app.openai_service import OpenAIService
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKeyDep])
+router = APIRouter(
+    prefix="/v1", tags=["openai"], dependencies=[ApiKeyDep], responses=error_responses(OPENAI, openai=True)
+)
 _SSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"}
 }
