@@ -71,12 +71,21 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(8192, ge=64, description="padded tokens per classification forward")
     max_prefill_tokens: int = Field(2048, ge=64, description="padded prompt tokens per prefill forward")
     max_queue: int = Field(256, ge=1, description="queued requests before 503")
+    max_consecutive_failures: int = Field(
+        3,
+        ge=1,
+        description="failed forwards in a row after which the device counts as broken: the engine stops, "
+        "/readyz answers 503 (a single failure fails only its batch)",
+    )
     request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline (504)")
 
     # --- request and upload limits ----------------------------------------------------------
     max_new_tokens: int = Field(512, ge=1, description="cap on max_new_tokens per request")
     max_input_tokens: int = Field(2048, ge=8, description="longer inputs are rejected (422)")
     max_inputs_per_request: int = Field(64, ge=1, description="texts per /classify call")
+    max_streams: int = Field(
+        64, ge=1, description="streamed requests (SSE) open at once; more are answered 503 with Retry-After"
+    )
     max_choices: int = Field(
         8, ge=1, description="completions per OpenAI request (n × prompts), each a row in the batch"
     )

@@ -63,6 +63,10 @@ class QueueFull(AdapterServeError):
     type = "queue_full"
 
 
+class TooManyStreams(AdapterServeError):
+    type = "too_many_streams"
+
+
 class DeadlineExceeded(AdapterServeError):
     type = "deadline_exceeded"
 
@@ -98,6 +102,7 @@ STATUS: dict[type[AdapterServeError], int] = {
     EngineFailure: 500,
     AdapterLoadFailed: 500,
     QueueFull: 503,
+    TooManyStreams: 503,
     NotReady: 503,
     DeadlineExceeded: 504,
 }

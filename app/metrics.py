@@ -84,6 +84,12 @@ class Metrics:
         self.queue_capacity = Gauge(
             "adapterserve_queue_capacity", "queued requests accepted before 503 (MAX_QUEUE)", registry=r
         )
+        self.forward_failures = Counter(
+            "adapterserve_forward_failures_total",
+            "forward batches that failed (their requests were answered 500)",
+            ["task"],
+            registry=r,
+        )
         self.adapter_bank_bytes = Gauge(
             "adapterserve_adapter_bank_bytes",
             "device memory allocated for the adapter slot banks (ranks padded per layer)",
@@ -96,6 +102,8 @@ class Metrics:
             self.adapter_resident_bytes.labels(tier=tier)
         for task in ("classify", "generate"):
             self.batch_size.labels(task=task)
+        for task in ("classify", "prefill", "generate"):
+            self.forward_failures.labels(task=task)
 
     def adapter_label(self, adapter: AdapterInfo | str | None) -> str:
         """A bounded ``adapter`` label: the first N names seen keep their own series, the rest 'other'."""

@@ -26,7 +26,14 @@ from app.api.schemas import (
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.types import GenerateWork, GenerationResult, SamplingParams, StreamDelta
-from app.errors import AdapterServeError, DeadlineExceeded, EngineFailure, InvalidRequest, error_body
+from app.errors import (
+    AdapterServeError,
+    DeadlineExceeded,
+    EngineFailure,
+    InvalidRequest,
+    TooManyStreams,
+    error_body,
+)
 
 DEFAULT_NEW_TOKENS = 128
 
@@ -98,6 +105,14 @@ class InferenceService:
         self.registry = registry
         self.engine = engine
         self.tokenizer = tokenizer
+        self._streams: list[list[GenerateWork]] = []  # the rows of each open stream
+
+    def open_stream_count(self) -> int:
+        """Streams still generating (a stream ends when its rows finish, fail or are cancelled)."""
+        self._streams = [
+            ws for ws in self._streams if any(not w.cancelled and not w.future.done() for w in ws)
+        ]
+        return len(self._streams)
 
     def _encode(self, text: str, param: str) -> list[int]:
         ids: list[int] = self.tokenizer(text)["input_ids"]
@@ -202,6 +217,10 @@ class InferenceService:
         """Queue streamed generations (errors raise before any byte is sent) and return their deltas,
         each tagged with its index in ``gens``, as they come. The iterator raises
         :class:`DeadlineExceeded` or :class:`EngineFailure`; leaving it early cancels the rest."""
+        if self.open_stream_count() >= self.settings.max_streams:
+            raise TooManyStreams(
+                f"{self.settings.max_streams} streams are open (MAX_STREAMS); retry shortly", param="stream"
+            )
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[tuple[int, StreamDelta]] = asyncio.Queue()
 
@@ -222,6 +241,7 @@ class InferenceService:
             for work in works:
                 work.cancelled = True
             raise
+        self._streams.append(works)
         return self._deltas(works, deltas)
 
     async def _deltas(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +116,9 @@ def uploaded(client: TestClient, ref_adapters: dict[str, RefAdapter]) -> dict[st
     return ref_adapters
 
 
-@pytest.fixture(scope="session")
-def live_url(client: TestClient) -> Iterator[str]:
-    """The same app served by uvicorn on loopback (real HTTP: disconnects, concurrency)."""
+@contextmanager
+def serve_live(app: Any) -> Iterator[str]:
+    """Serve an app whose lifespan already runs (inside a TestClient) with uvicorn on loopback."""
     import socket
     import threading
     import time
@@ -128,7 +129,7 @@ def live_url(client: TestClient) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(client.app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -136,9 +137,18 @@ def live_url(client: TestClient) -> Iterator[str]:
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def live_url(client: TestClient) -> Iterator[str]:
+    """The same app served by uvicorn on loopback (real HTTP: disconnects, concurrency)."""
+    with serve_live(client.app) as url:
+        yield url
 
 
 def admin_headers() -> dict[str, str]:

@@ -62,7 +62,7 @@ class Engine:
             byte_budget=settings.device_adapter_bytes(base.device),
             metrics=metrics,
         )
-        self.runner = Runner(base, self.ctx)
+        self.runner = Runner(base, self.ctx, settings.max_consecutive_failures, metrics.forward_failures)
         self._inbox: queue.Queue[Work] = queue.Queue()
         self._classify: deque[ClassifyWork] = deque()
         self.gen = GenerationLane(self.runner, settings, metrics, self._decode, self._admit)
@@ -281,11 +281,13 @@ class Engine:
             batch = [(slot, ids) for w, slot in works for ids in w.inputs]
             self.metrics.batch_size.labels(task="classify").observe(len(batch))
             probs = self.runner.classify(batch, self.slots.heads)
-        except Exception:
+        except Exception as exc:
             log.exception("classification batch failed")
             for w, _ in works:
                 w.future.set_exception(EngineFailure("the classification batch failed; see the server log"))
+            self.runner.health.failed(exc, "classify")  # raises when the device is broken
             return
+        self.runner.health.succeeded()
         start = 0
         for w, _ in works:
             w.future.set_result(probs[start : start + len(w.inputs)])

@@ -71,11 +71,13 @@ class GenerationLane:
         self.metrics.batch_size.labels(task="generate").observe(len(running))
         try:
             finished = running.step(self._decode)
-        except Exception:
+        except Exception as exc:
             log.exception("generation step failed")
             fail_rows([row.work for row in running.rows], "the generation batch failed")
             self.running = None
+            self.runner.health.failed(exc, "generate")  # raises when the device is broken
             return
+        self.runner.health.succeeded()
         self._finish(finished)
         if not running.rows:
             self.running = None
@@ -118,11 +120,13 @@ class GenerationLane:
         assert batch is not None
         try:
             finished = batch.prefill_chunk(self.settings.max_prefill_tokens, self._decode)
-        except Exception:
+        except Exception as exc:
             log.exception("prefill failed")
             fail_rows([row.work for row in batch.rows], "the prefill batch failed")
             self.prefill = None
+            self.runner.health.failed(exc, "prefill")  # raises when the device is broken
             return
+        self.runner.health.succeeded()
         if finished is None:
             return
         self.prefill = None

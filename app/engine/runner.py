@@ -1,8 +1,13 @@
-"""The model runner: routing of rows to adapter slots, and the classification forward."""
+"""The model runner: routing of rows to adapter slots, the classification forward, and the count
+of failed forwards that tells a failing batch (its requests fail, serving goes on) from a broken
+device (the engine stops and /readyz turns false)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
+from prometheus_client import Counter
 
 from app.models.base import BaseModel
 from app.models.lora import Routing, RoutingContext
@@ -15,11 +20,46 @@ def last_non_pad_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return (positions * non_pad).argmax(-1)
 
 
+log = logging.getLogger(__name__)
+
+
+class DeviceBroken(RuntimeError):
+    """Forwards keep failing: the engine cannot serve any more (unrecoverable)."""
+
+
+class ForwardHealth:
+    """Consecutive failed forwards. A failure fails only its batch; ``limit`` failures in a row (no
+    forward succeeding in between) mean the device itself is broken, which stops the engine."""
+
+    def __init__(self, limit: int, device: torch.device, counter: Counter | None = None) -> None:
+        self.limit = limit
+        self.device = device
+        self.counter = counter  # adapterserve_forward_failures_total{task}
+        self.failures = 0
+
+    def succeeded(self) -> None:
+        self.failures = 0
+
+    def failed(self, exc: BaseException, task: str) -> None:
+        """Record a failed forward; raise :class:`DeviceBroken` when it is the ``limit``-th in a row."""
+        self.failures += 1
+        if self.counter is not None:
+            self.counter.labels(task=task).inc()
+        if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed batch's activations go back to the allocator
+        if self.failures >= self.limit:
+            raise DeviceBroken(f"{self.failures} forwards failed in a row; the last: {exc!r}") from exc
+        log.warning("forward failed (%d in a row of %d allowed)", self.failures, self.limit)
+
+
 class Runner:
     """Owns the model on the engine thread and runs batched forwards for any mix of slots."""
 
-    def __init__(self, base: BaseModel, ctx: RoutingContext) -> None:
+    def __init__(
+        self, base: BaseModel, ctx: RoutingContext, failure_limit: int = 3, failures: Counter | None = None
+    ) -> None:
         self.base = base
+        self.health = ForwardHealth(failure_limit, base.device, failures)
         self.ctx = ctx
         self.model = base.model
         self.device = base.device

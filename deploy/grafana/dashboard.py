@@ -121,6 +121,12 @@ PANELS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
         ],
         "Rows per forward pass (classification batches, generation steps).",
     ),
+    "Failed forwards by task": (
+        "ops",
+        [("{{task}}", f"sum by (task) (rate(adapterserve_forward_failures_total[{RATE}]))")],
+        "Forward batches that failed (their requests got 500; serving goes on). "
+        "MAX_CONSECUTIVE_FAILURES in a row stop the engine and turn /readyz false.",
+    ),
     "Adapters resident by tier": (
         "short",
         [("{{tier}}", "adapterserve_adapters_resident")],
