@@ -166,6 +166,15 @@ def upload_archive(client: TestClient, name: str, data: bytes, filename: str = "
     )
 
 
+def expect_error(resp: Any, status: int, type_: str, contains: str = "") -> dict[str, Any]:
+    """Assert an error response: status, ``error.type`` and a message containing ``contains``."""
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["type"] == type_, err
+    assert contains.lower() in err["message"].lower(), err
+    return err  # type: ignore[no-any-return]
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` with its sha256 (to assert a store is unchanged)."""
     return {

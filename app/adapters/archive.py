@@ -38,6 +38,11 @@ def _check_name(raw: str) -> PurePosixPath:
 
 def _plan(names: list[str]) -> dict[str, str]:
     """Map archive member names to file names in the adapter folder (one optional top folder)."""
+    seen: set[str] = set()
+    for n in names:  # the same member name twice: which one counts would be up to the extractor
+        if n in seen:
+            raise InvalidAdapter(f"archive holds {n!r} twice", param="file")
+        seen.add(n)
     paths = {n: _check_name(n) for n in names}
     tops = {p.parts[0] for p in paths.values() if len(p.parts) > 1}
     strip = len(tops) == 1 and all(len(p.parts) == 2 for p in paths.values())

@@ -20,14 +20,14 @@ from typing import Any
 
 from app.errors import AdapterNotFound, InvalidRequest
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # the whole name (fullmatch)
 META_FILE = "adapterserve.json"
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name) or ".." in name:
+    if not NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidRequest(
             "adapter name must be 1-64 characters of letters, digits, '.', '_' or '-', starting with "
             "a letter or digit",
@@ -81,7 +81,7 @@ class FilesystemStore(AdapterStore):
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if p.is_dir() and NAME_RE.match(p.name) and not p.name.startswith(".")
+            if p.is_dir() and NAME_RE.fullmatch(p.name) and not p.name.startswith(".")
         )
 
     def folder(self, name: str) -> Path:

@@ -44,7 +44,7 @@ def test_recover_cleans_temp_and_restores_interrupted_replace(tmp_path: Path) ->
     assert (tmp_path / "a" / "adapter_config.json").read_text() == "v1"
 
 
-@pytest.mark.parametrize("bad", ["", ".x", "../a", "a/b", "a b", "x" * 65, "-a"])
+@pytest.mark.parametrize("bad", ["", ".x", "../a", "a/b", "a b", "x" * 65, "-a", "a\n", "a\x00"])
 def test_check_name_rejects(bad: str) -> None:
     with pytest.raises(InvalidRequest):
         check_name(bad)
