@@ -13,12 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,17 +25,12 @@ import torch
 from app.config import Settings
 from app.models.base import resolve_model_path
 from bench.common import PROMPT, TEXT, make_peft, save_adapters
+from bench.server import running_server
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _make_store(n: int, rank: int) -> Path:
+def make_store(n: int, rank: int) -> Path:
     path, _ = resolve_model_path("", Settings().cache_dir)
     tmp = Path(tempfile.mkdtemp(prefix="adapterserve-load-"))
     store = tmp / "store"
@@ -52,7 +43,7 @@ def _make_store(n: int, rank: int) -> Path:
     return store
 
 
-def _pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     values = sorted(values)
@@ -118,29 +109,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args()
 
-    store = _make_store(args.adapters, args.rank)
-    port = _free_port()
-    env = {
-        **os.environ,
-        "ADAPTERSERVE_STORE": str(store),
-        "ADAPTERSERVE_PORT": str(port),
-        "ADAPTERSERVE_LOG_LEVEL": "warning",
-    }
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    store = make_store(args.adapters, args.rank)
+    with running_server(store) as (_, url):
         out = asyncio.run(_run(url, args))
-    finally:
-        server.terminate()
-        server.wait(30)
     elapsed = out["elapsed"][0]
     ok = sum(1 for s in out["status"] if s == 200)
     print(
@@ -160,7 +131,7 @@ def main() -> None:
     ):
         v = out[key]
         mean = statistics.fmean(v) if v else float("nan")
-        print(f"| {name} | {_pct(v, 0.5):.3f} | {_pct(v, 0.95):.3f} | {_pct(v, 0.99):.3f} | {mean:.3f} |")
+        print(f"| {name} | {pct(v, 0.5):.3f} | {pct(v, 0.95):.3f} | {pct(v, 0.99):.3f} | {mean:.3f} |")
 
 
 if __name__ == "__main__":
