@@ -32,18 +32,32 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT: then stop admitting (503, readiness false), let running requests
+    finish for up to SHUTDOWN_GRACE_S, stop the engine, exit 0."""
     import uvicorn
 
     from app.main import create_app
 
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn re-raises the signal after its graceful shutdown (exit status -15); a drained
+            # shutdown is this service's normal end, so it exits 0. A second signal forces the exit.
+            app.state.draining = True
+            self.force_exit = self.should_exit
+            self.should_exit = True
+
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         log_config=None,  # uvicorn's own messages go through the configured (JSON) handler
         access_log=False,  # the service logs each request itself, with its request id
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
+    DrainingServer(config).run()
 
 
 def prepare_model(settings: Settings) -> None:

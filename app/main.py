@@ -18,7 +18,7 @@ from app.api import adapters, admin, health, inference, openai
 from app.api.responses import drop_validation_422
 from app.config import Settings
 from app.engine.engine import Engine
-from app.errors import is_openai_path, register_error_handlers
+from app.errors import NotReady, is_openai_path, register_error_handlers, to_response
 from app.logs import REQUEST_ID_HEADER, log_request, request_id
 from app.metrics import Metrics
 from app.models.base import BaseModel, load_base_model
@@ -27,6 +27,7 @@ from app.service import InferenceService, load_on_device
 
 log = logging.getLogger(__name__)
 _UNMEASURED = {"/metrics"}
+_ALWAYS_OPEN = {"/metrics", "/healthz", "/readyz"}
 
 
 def _route_path(request: Request) -> str:
@@ -43,6 +44,11 @@ def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
     async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         rid = request_id(request.headers.get(REQUEST_ID_HEADER))
         request.state.request_id = rid
+        if app.state.draining and request.url.path not in _ALWAYS_OPEN:  # shutting down: admit nothing
+            message = "the server is shutting down; retry on another replica"
+            response: Response = to_response(NotReady(message), is_openai_path(request.url.path))
+            response.headers[REQUEST_ID_HEADER] = rid
+            return response
         if request.url.path in _UNMEASURED:
             response = await call_next(request)
             response.headers[REQUEST_ID_HEADER] = rid
@@ -117,11 +123,12 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
             yield
         finally:
             app.state.service = app.state.openai = None
-            await asyncio.to_thread(engine.stop)
+            await asyncio.to_thread(engine.stop, settings.shutdown_grace_s)
 
     app = FastAPI(title="adapterserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.draining = False  # set on SIGTERM (app.cli): new requests get 503, readiness fails
     app.state.engine = app.state.registry = app.state.service = app.state.openai = None
     register_error_handlers(app)
     openapi = app.openapi

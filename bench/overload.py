@@ -157,7 +157,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=60.0, help="seconds of arrivals per round at most")
     p.add_argument("--rounds", type=int, default=2, help="open-loop rounds (memory is compared across them)")
     p.add_argument("--saturation-seconds", type=float, default=15.0)
-    p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients measuring saturation")
+    p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients measuring saturation")
     p.add_argument("--adapters", type=int, default=4, help="adapters per task")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=8)

@@ -36,7 +36,7 @@ _METRICS: dict[int | str, dict[str, Any]] = {
 async def readyz(request: Request) -> JSONResponse:
     """The base model is loaded and the engine is running."""
     engine = getattr(request.app.state, "engine", None)
-    ready = engine is not None and engine.running
+    ready = engine is not None and engine.running and not request.app.state.draining
     body = {
         "status": "ready" if ready else "not_ready",
         "model": getattr(request.app.state, "model_id", None),
