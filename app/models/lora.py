@@ -138,22 +138,26 @@ class MultiLoraLinear(nn.Module):
         """Write one adapter's weights (``a`` [r, in], ``b`` [out, r], on any device and of any float
         dtype: the copy converts) into a slot, with the LoRA scaling folded into B on the way."""
         rank = a.shape[0]
-        cur_slots = 0 if self.lora_A is None else self.lora_A.shape[0]
-        cur_rank = 0 if self.lora_A is None else self.lora_A.shape[1]
-        if slot >= cur_slots or rank > cur_rank:  # grow in chunks: few reallocations, little slack
+        bank_a, bank_b = self.lora_A, self.lora_B
+        if bank_a is None or slot >= bank_a.shape[0] or rank > bank_a.shape[1]:
+            cur_slots, cur_rank = (0, 0) if bank_a is None else bank_a.shape[:2]
+            # grow in chunks: few reallocations, little slack
             self._resize(min(max_slots, max(cur_slots, _round_up(slot + 1))), max(cur_rank, rank))
-        assert self.lora_A is not None and self.lora_B is not None
+            bank_a, bank_b = self.lora_A, self.lora_B
+        assert bank_a is not None and bank_b is not None
+        dst_a, dst_b = bank_a[slot], bank_b[slot]  # [bank rank, in], [out, bank rank]
         old = self.ranks.get(slot, 0)
         if old > rank:  # overwriting a larger rank: clear what the copy below does not cover
-            self.lora_A[slot, rank:old].zero_()
-            self.lora_B[slot, :, rank:old].zero_()
-        self.lora_A[slot, :rank].copy_(a)
-        dst = self.lora_B[slot, :, :rank]
-        if b.device == dst.device and b.dtype == dst.dtype:
-            torch.mul(b, scale, out=dst)  # copy and scale in one pass
+            dst_a[rank:old].zero_()
+            dst_b[:, rank:old].zero_()
+        if rank != dst_a.shape[0]:
+            dst_a, dst_b = dst_a[:rank], dst_b[:, :rank]
+        dst_a.copy_(a)
+        if b.device == dst_b.device and b.dtype == dst_b.dtype:
+            torch.mul(b, scale, out=dst_b)  # copy and scale in one pass
         else:  # convert first, then scale in the bank's dtype
-            dst.copy_(b)
-            dst.mul_(scale)
+            dst_b.copy_(b)
+            dst_b.mul_(scale)
         self.ranks[slot] = rank
         self._forget_gathered()
 
