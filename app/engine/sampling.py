@@ -21,6 +21,7 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_p, order = torch.sort(probs, descending=True)
     cumulative = torch.cumsum(sorted_p, dim=-1)
     drop = cumulative - sorted_p >= top_p  # keep tokens until the mass before them reaches top_p
+    drop[..., 0] = False  # the most likely token always stays (a tiny top_p rounds to 0 in float32)
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     filtered = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return filtered / filtered.sum()

@@ -69,6 +69,9 @@ def test_top_p_keeps_smallest_set_reaching_mass() -> None:
     out = top_p_filter(probs, 0.7)
     assert out.tolist() == pytest.approx([0.625, 0.375, 0.0, 0.0])
     assert top_p_filter(probs, 1.0) is probs
+    # a top_p below float32's smallest value (found by fuzzing) keeps the most likely token only
+    for tiny in (5e-324, 1e-50, 1e-12):
+        assert top_p_filter(probs, tiny).tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_select_tokens_greedy_and_seeded() -> None:
