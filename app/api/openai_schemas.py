@@ -15,11 +15,11 @@ MAX_STOP = 8
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as documented: no "5" or true for 5
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")  # image_url, input_audio...: refused below with a message
+    model_config = ConfigDict(extra="allow", strict=True)  # image_url, input_audio...: refused below
 
     type: str
     text: str | None = None

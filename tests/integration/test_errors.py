@@ -50,6 +50,11 @@ def test_task_mismatch_is_409(client: TestClient, uploaded: dict[str, RefAdapter
         ("/generate", {"prompt": "x", "max_new_tokens": 0}),
         ("/generate", {"prompt": "x", "max_new_tokens": 100000}),
         ("/generate", {"messages": [{"role": "robot", "content": "y"}]}),
+        # JSON types as the schema states them (found by the fuzzing): no coercion
+        ("/generate", {"prompt": "x", "seed": True}),
+        ("/generate", {"prompt": "x", "max_new_tokens": "5"}),
+        ("/generate", {"prompt": "x", "stream": "false"}),
+        ("/classify", {"adapter": "cls-4", "inputs": "x", "top_k": 1.0}),
     ],
 )
 def test_invalid_bodies_are_422(
