@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+# below this temperature sampling is greedy (its limit); dividing logits by a tinier one overflows
+MIN_TEMPERATURE = 1e-5
+
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
@@ -34,7 +37,7 @@ def select_tokens(
     greedy = logits.argmax(dim=-1)
     chosen = greedy.tolist()
     for row, temp in enumerate(temperatures):
-        if temp <= 0:
+        if temp < MIN_TEMPERATURE:
             continue
         probs = torch.softmax(logits[row].float() / temp, dim=-1)
         probs = top_p_filter(probs, top_ps[row])

@@ -78,6 +78,8 @@ def test_select_tokens_greedy_and_seeded() -> None:
     logits = torch.tensor([[0.0, 5.0, 1.0], [1.0, 1.0, 1.2]])
     gens = [make_generator(7, torch.device("cpu")) for _ in range(2)]
     assert select_tokens(logits, [0.0, 0.0], [1.0, 1.0], gens) == [1, 2]
+    # a temperature too small to divide by (found by fuzzing) is greedy, its limit
+    assert select_tokens(logits, [5e-324, 1e-9], [5e-324, 1.0], gens) == [1, 2]
     a = [
         select_tokens(logits, [1.0, 1.0], [1.0, 1.0], [make_generator(3, torch.device("cpu"))] * 2)
         for _ in range(2)
