@@ -5,11 +5,12 @@
 Starts ``adapterserve serve`` on loopback with a small queue and a temporary store of rank-16
 all-linear adapters. Phase 1 measures saturation: a closed loop of ``--concurrency`` clients
 sending mixed requests (classification, and generation of ``--new-tokens`` tokens) to random
-adapters. Phase 2 sends ``--requests`` requests (at most ``--max-seconds``) in an open loop at
-``--factor`` times that rate, ``--rounds`` times. It prints per round the answers by status, the
-latency percentiles of the admitted requests and the server's resident memory (stable memory: the
-rounds end at about the same RSS, whatever the first peak was); the exit status is 1 when
-any answer was a 5xx other than 503, or a 503 came without Retry-After.
+adapters, answers counted over its second half. Phase 2 sends ``--requests`` requests (at most
+``--max-seconds``) in an open loop at ``--factor`` times that rate, ``--rounds`` times. It prints
+per round the answers by status, the latency percentiles of the admitted requests and the
+server's resident memory (stable memory: the rounds end at about the same RSS, whatever the first
+peak was); the exit status is 1 when any answer was a 5xx other than 503, or a 503 came without
+Retry-After.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from bench.server import rss_bytes, running_server
 class Tally:
     statuses: Counter[int] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)  # admitted (200) requests
+    done_at: list[float] = field(default_factory=list)  # when each admitted request was answered
     missing_retry_after: int = 0
     errors: list[str] = field(default_factory=list)  # 5xx other than 503, transport errors
 
@@ -56,7 +58,8 @@ async def _one(http: httpx.AsyncClient, rng: random.Random, args: argparse.Names
         return
     tally.statuses[resp.status_code] += 1
     if resp.status_code == 200:
-        tally.latencies.append(time.perf_counter() - start)
+        tally.done_at.append(time.perf_counter())
+        tally.latencies.append(tally.done_at[-1] - start)
     elif resp.status_code == 503:
         tally.missing_retry_after += "retry-after" not in resp.headers
     elif resp.status_code >= 500:
@@ -64,19 +67,21 @@ async def _one(http: httpx.AsyncClient, rng: random.Random, args: argparse.Names
 
 
 async def saturation(url: str, args: argparse.Namespace) -> float:
-    """Answered requests per second with ``concurrency`` clients always waiting on an answer."""
+    """Answered requests per second with ``concurrency`` clients always waiting on an answer, counted
+    over the second half of the run (the first half fills the batches and loads the adapters)."""
     tally = Tally()
     rng = random.Random(1)
     async with httpx.AsyncClient(base_url=url, timeout=300) as http:
-        stop = time.perf_counter() + args.saturation_seconds
+        start = time.perf_counter()
+        half, stop = start + args.saturation_seconds / 2, start + args.saturation_seconds
 
         async def client() -> None:
             while time.perf_counter() < stop:
                 await _one(http, rng, args, tally)
 
-        start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(args.concurrency)))
-        return tally.ok / (time.perf_counter() - start)
+        counted = [t for t in tally.done_at if half <= t <= stop]
+        return len(counted) / (stop - half)
 
 
 async def open_loop(url: str, rate: float, args: argparse.Namespace) -> tuple[Tally, float]:
@@ -156,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=400, help="requests per open-loop round at most")
     p.add_argument("--max-seconds", type=float, default=60.0, help="seconds of arrivals per round at most")
     p.add_argument("--rounds", type=int, default=2, help="open-loop rounds (memory is compared across them)")
-    p.add_argument("--saturation-seconds", type=float, default=15.0)
+    p.add_argument("--saturation-seconds", type=float, default=20.0, help="closed loop (second half counted)")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients measuring saturation")
     p.add_argument("--adapters", type=int, default=4, help="adapters per task")
     p.add_argument("--rank", type=int, default=16)

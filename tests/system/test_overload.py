@@ -10,7 +10,8 @@ from bench.overload import parser, run
 def test_twice_the_saturation_rate_is_shed_with_503_and_memory_is_stable() -> None:
     args = parser().parse_args(
         [
-            "--saturation-seconds", "5",
+            "--saturation-seconds", "12",
+            "--concurrency", "16",
             "--requests", "120",
             "--max-seconds", "20",
             "--rounds", "2",
