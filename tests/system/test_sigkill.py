@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,12 +21,7 @@ from tests.helpers.peft_ref import CLASSIFY_TEXTS, GEN_TOKENS, GENERATE_PROMPTS,
 
 KINDS = ("cls-4", "gen-qv-r8")  # uploaded in turns under new names
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-@contextmanager
-def _server(store: Path, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    with running_server(store, log, admin_token=ADMIN_TOKEN, device="cpu", log_level="info") as server:
-        yield server
+SERVER = {"admin_token": ADMIN_TOKEN, "device": "cpu", "log_level": "info"}  # ADAPTERSERVE_* values
 
 
 @dataclass
@@ -121,7 +112,7 @@ def test_sigkill_during_uploads_deletes_and_traffic_loses_nothing_acknowledged(
     log = store.parent / f"server-{kill_after_s}.log"
     archives = {kind: zip_folder(ref_adapters[kind].folder) for kind in KINDS}
     ledger = Ledger()
-    with _server(store, log) as (proc, url):
+    with running_server(store, log, **SERVER) as (proc, url):
         with httpx.Client(timeout=60) as http:  # two adapters that exist before the crash
             for i, kind in enumerate(KINDS):
                 ledger.kind_of[f"base{i}"] = kind
@@ -142,7 +133,7 @@ def test_sigkill_during_uploads_deletes_and_traffic_loses_nothing_acknowledged(
             w.join(60)
     assert not ledger.server_errors, ledger.server_errors
 
-    with _server(store, log) as (_, url):
+    with running_server(store, log, **SERVER) as (_, url):
         names = {a["name"] for a in httpx.get(f"{url}/v1/adapters").json()["adapters"]}
         must = ledger.uploaded - ledger.deleted - ledger.cut
         must_not = ledger.deleted | (set(ledger.kind_of) - ledger.uploaded - ledger.cut)
