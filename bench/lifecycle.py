@@ -76,9 +76,9 @@ def _pct(values: list[float], q: float) -> float:
 
 # --- 1. cold loads ----------------------------------------------------------------------------
 def cold_loads(base: BaseModel, tmp: Path, repeats: int) -> None:
-    """Two regimes: a fresh process whose host tier keeps every adapter read (each read needs new
-    memory), and the steady state of a server with more adapters than its host tier holds (the LRU
-    evicts one adapter per load and the freed memory is reused)."""
+    """Two regimes: a fresh process whose host tier keeps every adapter read, and the steady state
+    of a server with more adapters than its host tier holds (the LRU evicts one adapter per load).
+    The slowest load of each row includes growing the slot banks for the first adapter of a rank."""
     ctx = RoutingContext()
     slots = DeviceSlots(wrap_linear_layers(base.model, ctx), 4, base.device, base.dtype)
     print(

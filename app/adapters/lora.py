@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from app.adapters.files import read_float_tensors
 from app.errors import InvalidAdapter
 from app.models.base import BaseSpec
 
@@ -149,58 +149,6 @@ def read_labels(folder: Path, num_labels: int) -> list[str]:
             param=LABELS_FILE,
         )
     return labels
-
-
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-_MAX_HEADER = 100 << 20
-
-
-def read_float_tensors(path: Path) -> dict[str, torch.Tensor] | None:
-    """Read a safetensors file of float tensors with one ``read`` into one buffer; the tensors are
-    views of it. ``None`` when the file holds anything else (the library then reads it and names
-    the problem).
-
-    Why not ``safetensors.load_file``: it maps the file and every page touched later faults,
-    which made a cold adapter load several times slower than one plain read from the page cache.
-    """
-    with path.open("rb", buffering=0) as fh:
-        size = os.fstat(fh.fileno()).st_size
-        buf = torch.empty(size, dtype=torch.uint8)
-        if size < 8 or fh.readinto(buf.numpy().data) != size:
-            return None
-    n = int.from_bytes(buf[:8].numpy().tobytes(), "little")
-    if n > min(_MAX_HEADER, size - 8):
-        return None
-    try:
-        header = json.loads(buf[8 : 8 + n].numpy().tobytes())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(header, dict):
-        return None
-    base, end = 8 + n, size - 8 - n
-    typed: dict[torch.dtype, torch.Tensor] = {}  # the whole buffer viewed once per dtype
-    tensors: dict[str, torch.Tensor] = {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = _ST_DTYPES[entry["dtype"]]
-            shape = [int(d) for d in entry["shape"]]
-            start, stop = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            return None
-        itemsize = _ITEMSIZE[dtype]
-        count = math.prod(shape)
-        if not 0 <= start <= stop <= end or stop - start != count * itemsize:
-            return None
-        if (base + start) % itemsize:  # misaligned for a typed view: copy this one
-            tensors[key] = buf[base + start : base + stop].clone().view(dtype).view(shape)
-            continue
-        if dtype not in typed:
-            typed[dtype] = buf[: size - size % itemsize].view(dtype)
-        tensors[key] = typed[dtype][(base + start) // itemsize : (base + stop) // itemsize].view(shape)
-    return tensors
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

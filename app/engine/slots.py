@@ -19,7 +19,7 @@ from app.adapters.bottleneck import BottleneckAdapter
 from app.adapters.kinds import Adapter
 from app.adapters.registry import AdapterInfo
 from app.metrics import Metrics
-from app.models.lora import MultiLoraLinear
+from app.models.lora import MultiLoraLinear, write_lora
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,12 @@ class DeviceSlots:
                     slot, block, weights.activation, weights.alpha, self.capacity + 1
                 )
         else:
-            for module, (a, b, scale) in weights.weights.items():
-                self.layers[module].set_slot(slot, a, b, self.capacity + 1, scale)
+            write_lora(
+                [
+                    (*self.layers[module].slot_views(slot, a.shape[0], self.capacity + 1), a, b, scale)
+                    for module, (a, b, scale) in weights.weights.items()
+                ]
+            )
         if weights.head_weight is not None:
             bias = weights.head_bias.to(self.device, self.dtype) if weights.head_bias is not None else None
             self.heads[slot] = (weights.head_weight.to(self.device, self.dtype), bias)

@@ -12,13 +12,22 @@ so no layer needs a host sync to find its rows.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch import nn
 
 from app.models.bottleneck import BottleneckBank
 from app.models.routing import BASE_SLOT, Routing, RoutingContext
 
-__all__ = ["BASE_SLOT", "MultiLoraLinear", "Routing", "RoutingContext", "wrap_linear_layers"]
+__all__ = [
+    "BASE_SLOT",
+    "MultiLoraLinear",
+    "Routing",
+    "RoutingContext",
+    "wrap_linear_layers",
+    "write_lora",
+]
 
 
 class MultiLoraLinear(nn.Module):
@@ -132,12 +141,9 @@ class MultiLoraLinear(nn.Module):
         self.lora_A, self.lora_B = a, b
         self._forget_gathered()
 
-    def set_slot(
-        self, slot: int, a: torch.Tensor, b: torch.Tensor, max_slots: int, scale: float = 1.0
-    ) -> None:
-        """Write one adapter's weights (``a`` [r, in], ``b`` [out, r], on any device and of any float
-        dtype: the copy converts) into a slot, with the LoRA scaling folded into B on the way."""
-        rank = a.shape[0]
+    def slot_views(self, slot: int, rank: int, max_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make ``slot`` hold a rank-``rank`` adapter and return its A [rank, in] and B [out, rank]
+        views for :func:`write_lora` to fill (the banks grow when needed)."""
         bank_a, bank_b = self.lora_A, self.lora_B
         if bank_a is None or slot >= bank_a.shape[0] or rank > bank_a.shape[1]:
             cur_slots, cur_rank = (0, 0) if bank_a is None else bank_a.shape[:2]
@@ -145,21 +151,20 @@ class MultiLoraLinear(nn.Module):
             self._resize(min(max_slots, max(cur_slots, _round_up(slot + 1))), max(cur_rank, rank))
             bank_a, bank_b = self.lora_A, self.lora_B
         assert bank_a is not None and bank_b is not None
-        dst_a, dst_b = bank_a[slot], bank_b[slot]  # [bank rank, in], [out, bank rank]
         old = self.ranks.get(slot, 0)
-        if old > rank:  # overwriting a larger rank: clear what the copy below does not cover
-            dst_a[rank:old].zero_()
-            dst_b[:, rank:old].zero_()
-        if rank != dst_a.shape[0]:
-            dst_a, dst_b = dst_a[:rank], dst_b[:, :rank]
-        dst_a.copy_(a)
-        if b.device == dst_b.device and b.dtype == dst_b.dtype:
-            torch.mul(b, scale, out=dst_b)  # copy and scale in one pass
-        else:  # convert first, then scale in the bank's dtype
-            dst_b.copy_(b)
-            dst_b.mul_(scale)
+        if old > rank:  # overwriting a larger rank: clear what the copy does not cover
+            bank_a[slot, rank:old].zero_()
+            bank_b[slot, :, rank:old].zero_()
         self.ranks[slot] = rank
         self._forget_gathered()
+        return bank_a[slot, :rank], bank_b[slot, :, :rank]
+
+    def set_slot(
+        self, slot: int, a: torch.Tensor, b: torch.Tensor, max_slots: int, scale: float = 1.0
+    ) -> None:
+        """Write one adapter's weights (``a`` [r, in], ``b`` [out, r]) into a slot."""
+        dst_a, dst_b = self.slot_views(slot, a.shape[0], max_slots)
+        write_lora([(dst_a, dst_b, a, b, scale)])
 
     def clear_slot(self, slot: int, keep_lora: bool = False) -> None:
         """Zero ``slot`` (``keep_lora``: leave its LoRA weights, which the next adapter overwrites)."""
@@ -204,6 +209,42 @@ class MultiLoraLinear(nn.Module):
 
 
 _SLOT_CHUNK = 4
+_copier: ThreadPoolExecutor | None = None
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor], inference: bool) -> None:
+    with torch.inference_mode(inference):  # the caller's mode (banks may be inference tensors)
+        torch._foreach_copy_(dst, src)
+
+
+def write_lora(writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]]) -> None:
+    """Copy LoRA weights into slot views: each ``(dst_a, dst_b, a, b, scale)`` gets ``dst_a = a`` and
+    ``dst_b = b * scale``, converting device and dtype on the way.
+
+    One adapter is hundreds of small tensors, so the per-tensor overhead is most of the cost: the
+    copies of A are one batched call, and on CPU they run in a helper thread while this one scales
+    B (a load runs between forwards, when the engine's cores are otherwise idle).
+    """
+    global _copier
+    dst_a = [w[0] for w in writes]
+    src_a = [w[2] for w in writes]
+    pending = None
+    if len(writes) > 1 and dst_a[0].device.type == "cpu":
+        if _copier is None:
+            _copier = ThreadPoolExecutor(1, thread_name_prefix="lora-copy")
+        pending = _copier.submit(_copy_all, dst_a, src_a, torch.is_inference_mode_enabled())
+    else:
+        torch._foreach_copy_(dst_a, src_a)
+    try:
+        for _, dst_b, _, b, scale in writes:
+            if b.device == dst_b.device and b.dtype == dst_b.dtype:
+                torch.mul(b, scale, out=dst_b)  # copy and scale in one pass
+            else:  # convert first, then scale in the bank's dtype
+                dst_b.copy_(b)
+                dst_b.mul_(scale)
+    finally:
+        if pending is not None:
+            pending.result()
 
 
 def _round_up(slots: int) -> int:
