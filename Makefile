@@ -27,7 +27,7 @@ lint: install
 	$(BIN)/ruff format --check app tests bench scripts deploy
 
 typecheck: install
-	$(BIN)/mypy app
+	$(BIN)/mypy app bench
 
 unit: install
 	$(BIN)/pytest -q tests/unit

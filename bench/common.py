@@ -55,7 +55,7 @@ def make_peft(
 
 def save_adapters(peft_model: PeftModel, out: Path, n: int, labels: list[str] | None = None) -> list[Path]:
     """Write each adapter as its own store-ready PEFT folder."""
-    peft_model.save_pretrained(out)  # one sub-folder per named adapter
+    peft_model.save_pretrained(str(out))  # one sub-folder per named adapter
     folders = []
     for i in range(n):
         src = out / f"a{i}"

@@ -10,6 +10,7 @@ the bytes of adapter weights one mixed step must read, which bound (c) from belo
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,8 +45,10 @@ def main() -> None:
     ctx = RoutingContext()
     runner = Runner(base, ctx)
     slots = DeviceSlots(wrap_linear_layers(base.model, ctx), args.rows, base.device, base.dtype)
-    infos = [AdapterInfo.from_adapter(f.name, load_lora(f, base.spec, 64)) for f in folders]
-    slot_ids = [slots.acquire(i, i.weights, {x.uid for x in infos}) for i in infos]
+    adapters = [load_lora(f, base.spec, 64) for f in folders]
+    infos = [AdapterInfo.from_adapter(f.name, a) for f, a in zip(folders, adapters, strict=True)]
+    slot_ids = [slots.acquire(i, a, {x.uid for x in infos}) for i, a in zip(infos, adapters, strict=True)]
+    shutil.rmtree(tmp, ignore_errors=True)  # the weights are in the slots now
     tok = base.tokenizer
     prompts = [tok(f"{i} {PROMPT}")["input_ids"] for i in range(args.rows)]
 
@@ -69,7 +72,7 @@ def main() -> None:
     base_ms = step_ms([BASE_SLOT] * args.rows)
     single_ms = step_ms([slot_ids[0]] * args.rows)
     mixed_ms = step_ms(slot_ids)
-    adapter_bytes = sum(a.numel() * 4 + b.numel() * 4 for a, b, _ in infos[0].weights.weights.values())
+    adapter_bytes = sum(a.numel() * 4 + b.numel() * 4 for a, b, _ in adapters[0].weights.values())
     probe = torch.randn(adapter_bytes * args.rows // 4)
     probe.sum()
     start = time.perf_counter()

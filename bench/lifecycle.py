@@ -155,7 +155,7 @@ def zipf_run(
 ) -> dict[str, Any]:
     settings = Settings(
         store=store,
-        admin_token=TOKEN,  # type: ignore[arg-type]
+        admin_token=TOKEN,
         max_device_adapters=slots,
         max_host_adapter_bytes=host_bytes,
         max_device_adapter_bytes=host_bytes,

@@ -14,10 +14,12 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -50,7 +52,7 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def _classify(http: httpx.AsyncClient, adapter: str, out: dict[str, list]) -> None:  # type: ignore[type-arg]
+async def _classify(http: httpx.AsyncClient, adapter: str, out: dict[str, list[Any]]) -> None:
     start = time.perf_counter()
     resp = await http.post("/classify", json={"adapter": adapter, "inputs": [TEXT]})
     out["status"].append(resp.status_code)
@@ -58,7 +60,7 @@ async def _classify(http: httpx.AsyncClient, adapter: str, out: dict[str, list])
         out["cls_latency"].append(time.perf_counter() - start)
 
 
-async def _generate(http: httpx.AsyncClient, adapter: str, tokens: int, out: dict[str, list]) -> None:  # type: ignore[type-arg]
+async def _generate(http: httpx.AsyncClient, adapter: str, tokens: int, out: dict[str, list[Any]]) -> None:
     start = time.perf_counter()
     body = {"adapter": adapter, "prompt": PROMPT, "max_new_tokens": tokens, "stream": True}
     first: float | None = None
@@ -80,8 +82,8 @@ async def _generate(http: httpx.AsyncClient, adapter: str, tokens: int, out: dic
         out["ttft"].append(first)
 
 
-async def _run(url: str, args: argparse.Namespace) -> dict[str, list]:  # type: ignore[type-arg]
-    out: dict[str, list] = {k: [] for k in ("status", "cls_latency", "gen_latency", "ttft", "tokens")}  # type: ignore[type-arg]
+async def _run(url: str, args: argparse.Namespace) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {k: [] for k in ("status", "cls_latency", "gen_latency", "ttft", "tokens")}
     rng = random.Random(0)
     tasks = []
     async with httpx.AsyncClient(base_url=url, timeout=300) as http:
@@ -110,8 +112,11 @@ def main() -> None:
     args = parser.parse_args()
 
     store = make_store(args.adapters, args.rank)
-    with running_server(store) as (_, url):
-        out = asyncio.run(_run(url, args))
+    try:
+        with running_server(store) as (_, url):
+            out = asyncio.run(_run(url, args))
+    finally:
+        shutil.rmtree(store.parent, ignore_errors=True)
     elapsed = out["elapsed"][0]
     ok = sum(1 for s in out["status"] if s == 200)
     print(

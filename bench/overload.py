@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ async def saturation(url: str, args: argparse.Namespace) -> float:
 async def open_loop(url: str, rate: float, args: argparse.Namespace) -> tuple[Tally, float]:
     tally = Tally()
     rng = random.Random(2)
-    tasks = []
+    tasks: list[asyncio.Task[None]] = []
     async with httpx.AsyncClient(
         base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)
     ) as http:
@@ -143,7 +144,16 @@ class Report:
 
 
 def run(args: argparse.Namespace, store: Path | None = None) -> Report:
+    made = store is None
     store = store or make_store(args.adapters, args.rank)
+    try:
+        return _run(args, store)
+    finally:
+        if made:
+            shutil.rmtree(store.parent, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, store: Path) -> Report:
     with running_server(store, max_queue=str(args.max_queue), device=args.device) as (proc, url):
         sat = asyncio.run(saturation(url, args))
         rss = [rss_bytes(proc.pid)]

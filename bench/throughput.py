@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,7 +59,7 @@ class Bench:
         self.texts = [f"{i}. {TEXT}" for i in range(args.batch)]
         if args.part == "hf":
             plain = AutoModelForCausalLM.from_pretrained(self.base.path, dtype=self.dtype)
-            self.plain = plain.to(self.device).eval()
+            self.plain = plain.to(self.device).eval()  # type: ignore[arg-type]
         else:
             settings = Settings(
                 max_device_adapters=64,
@@ -244,7 +245,7 @@ def _part(args: argparse.Namespace, part: str, out: Path) -> dict[str, dict[str,
     for key in ("device", "dtype", "rank", "batch", "gen_requests", "new_tokens", "repeats"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -272,8 +273,11 @@ def main() -> None:
         f"generate requests={args.gen_requests} x {args.new_tokens} tokens, repeats={args.repeats}",
         flush=True,
     )
-    hf = _part(args, "hf", out)  # also writes the adapters the engine loads
-    engine = _part(args, "engine", out)
+    try:
+        hf = _part(args, "hf", out)  # also writes the adapters the engine loads
+        engine = _part(args, "engine", out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     print_table({**hf["classify"], **engine["classify"]}, {**hf["generate"], **engine["generate"]})
 
 
