@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +65,6 @@ def save_adapters(peft_model: PeftModel, out: Path, n: int, labels: list[str] | 
             (dst / "labels.json").write_text(json.dumps(labels))
         folders.append(dst)
     return folders
-
-
-def timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
-    """Seconds for ``repeats`` calls of ``fn`` after one warm-up call."""
-    fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def save_bottlenecks(

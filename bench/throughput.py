@@ -2,7 +2,9 @@
 
     python -m bench.throughput [--device auto] [--repeats 3]
 
-Prints one markdown table; every ratio is against the bare base measured in the same run.
+Prints one markdown table; every ratio is against the bare base measured in the same run, in the
+same process and in turns with the configuration (round r of every configuration before round
+r + 1 of any), so that this machine's drift over the minutes of a run weighs on all alike.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +33,15 @@ from app.engine.types import SamplingParams
 from app.memory import keep_freed_memory
 from app.metrics import Metrics
 from app.models.base import BaseModel, load_base_model
-from bench.common import PROMPT, TEXT, make_peft, save_adapters, save_bottlenecks, timed
+from bench.common import PROMPT, TEXT, make_peft, save_adapters, save_bottlenecks
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 COUNTS = [1, 16, 64]
 BN_16 = "this engine, 16 bottleneck adapters (Houlsby)"
+BARE_ENGINE = "bare base (this engine's process, no adapter)"
+BARE_HF = "bare base (HF forward)"
+SWAP_16 = "HF PEFT swapping the adapter per request, 16 adapters"
+Round = Callable[[int], int]  # one round of a configuration: round index -> texts or tokens done
 MIXED_KINDS = "this engine, 8 LoRA + 8 bottleneck adapters"
 
 
@@ -62,7 +69,8 @@ class Bench:
             self.plain = plain.to(self.device).eval()  # type: ignore[arg-type]
         else:
             settings = Settings(
-                max_device_adapters=64,
+                max_device_adapters=256,  # every configuration's adapters stay resident: no
+                # load inside a timed round, although the configurations run in turns
                 max_batch_size=max(args.batch, args.gen_requests),
                 max_queue=100_000,
                 max_batch_wait_ms=2,
@@ -74,169 +82,184 @@ class Bench:
     def sync(self) -> None:
         _sync(self.device)
 
-    # --- classification ---------------------------------------------------------------------
-    def bare_classify(self) -> float:
+    # --- one round of each configuration (returns the texts or tokens it processed) --------
+    def bare_classify(self, model: Any) -> Round:
+        """The backbone forward plus a pooled linear head: what a classification costs without LoRA."""
         enc = _padded(self.tok, self.texts, "right", self.device)
-        head = torch.randn(len(LABELS), self.plain.config.hidden_size, device=self.device, dtype=self.dtype)
+        head = torch.randn(len(LABELS), model.config.hidden_size, device=self.device, dtype=self.dtype)
 
         @torch.inference_mode()
-        def run() -> None:
-            hidden = self.plain.model(**enc).last_hidden_state
+        def run(r: int) -> int:
+            hidden = model.model(**enc).last_hidden_state
             pooled = hidden[
                 torch.arange(hidden.shape[0]), last_non_pad_index(enc["input_ids"], self.tok.pad_token_id)
             ]
             torch.softmax((pooled @ head.T).float(), -1).cpu()
+            return self.args.batch
 
-        return self.args.batch * self.args.repeats / timed(run, self.args.repeats, self.sync)
+        return run
 
-    def engine_classify(self, infos: list[AdapterInfo]) -> float:
+    def engine_classify(self, infos: list[AdapterInfo]) -> Round:
         ids = [self.tok(t)["input_ids"] for t in self.texts]
         batch, k = self.args.batch, len(infos)
 
-        async def one_round(r: int) -> None:
+        async def one_round(r: int) -> int:
             await asyncio.gather(
                 *(self.engine.classify(infos[(r * batch + i) % k], [ids[i]]) for i in range(batch))
             )
+            return batch
 
-        asyncio.run(one_round(0))  # warm-up: adapters resident
-        asyncio.run(one_round(1))
-        start = time.perf_counter()
-        for r in range(self.args.repeats):
-            asyncio.run(one_round(r))
-        return batch * self.args.repeats / (time.perf_counter() - start)
+        return lambda r: asyncio.run(one_round(r))
 
-    def peft_classify(self, peft: Any, k: int, swap: bool) -> float:
+    def peft_classify(self, peft: Any, k: int, swap: bool) -> Round:
         enc = _padded(self.tok, self.texts, "right", self.device)
         names = [f"a{i % k}" for i in range(self.args.batch)]
 
         @torch.inference_mode()
-        def mixed() -> None:
+        def mixed(r: int) -> int:
             peft(**enc, adapter_names=names).logits.float().softmax(-1).cpu()
+            return self.args.batch
 
         @torch.inference_mode()
-        def swapped() -> None:
+        def swapped(r: int) -> int:
             for name in dict.fromkeys(names):
                 idx = [i for i, n in enumerate(names) if n == name]
                 peft.set_adapter(name)
                 sub = _padded(self.tok, [self.texts[i] for i in idx], "right", self.device)
                 peft(**sub).logits.float().softmax(-1).cpu()
+            return self.args.batch
 
-        return (
-            self.args.batch
-            * self.args.repeats
-            / timed(swapped if swap else mixed, self.args.repeats, self.sync)
-        )
+        return swapped if swap else mixed
 
-    # --- generation -------------------------------------------------------------------------
-    def _gen_params(self) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.args.new_tokens, ignore_eos=True)
-
-    def engine_generate(self, infos: list[AdapterInfo | None]) -> float:
+    def engine_generate(self, infos: list[AdapterInfo | None]) -> Round:
         prompts = [self.tok(f"{i} {PROMPT}")["input_ids"] for i in range(self.args.gen_requests)]
         n, k = self.args.gen_requests, len(infos)
+        params = SamplingParams(max_new_tokens=self.args.new_tokens, ignore_eos=True)
 
         async def one_round(r: int) -> int:
             results = await asyncio.gather(
-                *(
-                    self.engine.generate(infos[(r * n + i) % k], prompts[i], self._gen_params())
-                    for i in range(n)
-                )
+                *(self.engine.generate(infos[(r * n + i) % k], prompts[i], params) for i in range(n))
             )
             return sum(len(res.token_ids) for res in results)
 
-        asyncio.run(one_round(0))
-        start = time.perf_counter()
-        tokens = sum(asyncio.run(one_round(r)) for r in range(self.args.repeats))
-        return tokens / (time.perf_counter() - start)
+        return lambda r: asyncio.run(one_round(r))
 
-    def hf_generate(self, model: Any, names: list[str] | None, swap: bool = False) -> float:
+    def hf_generate(self, model: Any, names: list[str] | None, swap: bool = False) -> Round:
         prompts = [f"{i} {PROMPT}" for i in range(self.args.gen_requests)]
         new = self.args.new_tokens
         kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=self.tok.pad_token_id)
 
         @torch.inference_mode()
-        def batched() -> None:
+        def batched(r: int) -> int:
             enc = _padded(self.tok, prompts, "left", self.device)
             extra = {"adapter_names": names} if names else {}
             model.generate(**enc, **kw, **extra)
+            return len(prompts) * new
 
         @torch.inference_mode()
-        def swapped() -> None:
+        def swapped(r: int) -> int:
             assert names is not None
             for prompt, name in zip(prompts, names, strict=True):
                 model.set_adapter(name)
                 model.generate(**_padded(self.tok, [prompt], "left", self.device), **kw)
+            return len(prompts) * new
 
-        fn = swapped if swap else batched
-        return len(prompts) * new * self.args.repeats / timed(fn, self.args.repeats, self.sync)
+        return swapped if swap else batched
 
     # --- driver -----------------------------------------------------------------------------
     def infos(self, folders: list[Path]) -> list[AdapterInfo]:
         return [AdapterInfo.from_adapter(f.name, load_adapter(f, self.base.spec, 64)) for f in folders]
 
     def run_engine(self, out: Path) -> dict[str, dict[str, float]]:
-        """This engine only (its thread is the only one computing in this process)."""
+        """This engine, and the bare base on the same (wrapped, adapter-free) model, in turns."""
         cls_infos = self.infos(sorted((out / "cls-store").iterdir(), key=_index))
         gen_infos = self.infos(sorted((out / "gen-store").iterdir(), key=_index))
-        cls: dict[str, float] = {}
-        gen: dict[str, float] = {"bare base (this engine, no adapter)": self.engine_generate([None])}
-        for k in COUNTS:
-            cls[f"this engine, {k} adapters"] = self.engine_classify(cls_infos[:k])
-            gen[f"this engine, {k} adapters"] = self.engine_generate(list(gen_infos[:k]))
-        # bottleneck adapters (Houlsby, reduction 16), alone and mixed with LoRA in every batch
         hidden, layers = self.base.spec.hidden_size, self.base.model.config.num_hidden_layers
         bn_cls = self.infos(save_bottlenecks(out / "bn-cls", 16, hidden, layers, "classify", LABELS))
         bn_gen = self.infos(save_bottlenecks(out / "bn-gen", 16, hidden, layers, "generate"))
-        cls[BN_16] = self.engine_classify(bn_cls)
-        gen[BN_16] = self.engine_generate(list(bn_gen))
-        cls[MIXED_KINDS] = self.engine_classify(
-            [x for p in zip(cls_infos[:8], bn_cls[:8], strict=True) for x in p]
-        )
-        gen[MIXED_KINDS] = self.engine_generate(
-            [x for p in zip(gen_infos[:8], bn_gen[:8], strict=True) for x in p]
-        )
+        mixed_cls = [x for p in zip(cls_infos[:8], bn_cls[:8], strict=True) for x in p]
+        mixed_gen = [x for p in zip(gen_infos[:8], bn_gen[:8], strict=True) for x in p]
+        cls_rounds = {BARE_ENGINE: self.bare_classify(self.base.model)}  # the engine is idle meanwhile
+        gen_rounds = {BARE_ENGINE: self.engine_generate([None])}
+        for k in COUNTS:
+            cls_rounds[f"this engine, {k} adapters"] = self.engine_classify(cls_infos[:k])
+            gen_rounds[f"this engine, {k} adapters"] = self.engine_generate(list(gen_infos[:k]))
+        cls_rounds[BN_16] = self.engine_classify(bn_cls)
+        gen_rounds[BN_16] = self.engine_generate(list(bn_gen))
+        cls_rounds[MIXED_KINDS] = self.engine_classify(mixed_cls)
+        gen_rounds[MIXED_KINDS] = self.engine_generate(list(mixed_gen))
+        result = {
+            "classify": in_turns(cls_rounds, self.args.repeats, self.sync),
+            "generate": in_turns(gen_rounds, self.args.repeats, self.sync),
+        }
         self.engine.stop()
-        return {"classify": cls, "generate": gen}
+        return result
 
     def run_hf(self, out: Path) -> dict[str, dict[str, float]]:
-        """The bare base and HF PEFT, on the main thread of their own process."""
+        """The bare base and HF PEFT, on the main thread of their own process, in turns."""
         a = self.args
         n = max(COUNTS)
-        cls: dict[str, float] = {"bare base (HF forward)": self.bare_classify()}
-        gen: dict[str, float] = {"bare base (HF generate)": self.hf_generate(self.plain, None)}
         peft_cls = make_peft(self.base.path, "classify", n, a.rank, self.dtype, self.device)
         if not (out / "cls-store").exists():
             save_adapters(peft_cls, out / "cls", n, LABELS)
+        cls_rounds = {BARE_HF: self.bare_classify(self.plain)}
         for k in (16, 64):
-            cls[f"HF PEFT mixed batch, {k} adapters"] = self.peft_classify(peft_cls, k, swap=False)
-        cls["HF PEFT swapping per request, 16 adapters"] = self.peft_classify(peft_cls, 16, swap=True)
-        del peft_cls
+            cls_rounds[f"HF PEFT mixed batch, {k} adapters"] = self.peft_classify(peft_cls, k, swap=False)
+        cls_rounds[SWAP_16] = self.peft_classify(peft_cls, 16, swap=True)
+        cls = in_turns(cls_rounds, a.repeats, self.sync)
+        del peft_cls, cls_rounds
         peft_gen = make_peft(self.base.path, "generate", n, a.rank, self.dtype, self.device)
         if not (out / "gen-store").exists():
             save_adapters(peft_gen, out / "gen", n)
+        gen_rounds = {"bare base (HF generate)": self.hf_generate(self.plain, None)}
         for k in (16, 64):
             names = [f"a{i % k}" for i in range(a.gen_requests)]
-            gen[f"HF PEFT mixed batch, {k} adapters"] = self.hf_generate(peft_gen, names)
-        gen["HF PEFT swapping per request, 16 adapters"] = self.hf_generate(
-            peft_gen, [f"a{i % 16}" for i in range(a.gen_requests)], swap=True
-        )
-        return {"classify": cls, "generate": gen}
+            gen_rounds[f"HF PEFT mixed batch, {k} adapters"] = self.hf_generate(peft_gen, names)
+        gen_rounds[SWAP_16] = self.hf_generate(peft_gen, [f"a{i % 16}" for i in range(a.gen_requests)], True)
+        return {"classify": cls, "generate": in_turns(gen_rounds, a.repeats, self.sync)}
+
+
+def in_turns(rounds: dict[str, Round], repeats: int, sync: Callable[[], None]) -> dict[str, float]:
+    """Texts or tokens per second of each configuration, measured in turns: round r of every
+    configuration runs before round r + 1 of any, so that the machine's drift over the minutes a
+    run takes weighs on all of them alike (each one is warmed up first)."""
+    items = dict.fromkeys(rounds, 0)
+    seconds = dict.fromkeys(rounds, 0.0)
+    for fn in rounds.values():
+        fn(0)
+    for r in range(1, repeats + 1):
+        for name, fn in rounds.items():
+            sync()
+            start = time.perf_counter()
+            items[name] += fn(r)
+            sync()
+            seconds[name] += time.perf_counter() - start
+    return {name: items[name] / seconds[name] for name in rounds}
 
 
 def _index(path: Path) -> int:
     return int(path.name[1:])
 
 
-def print_table(cls: dict[str, float], gen: dict[str, float]) -> None:
-    cls_base = cls["bare base (HF forward)"]
-    gen_base = max(gen["bare base (HF generate)"], gen["bare base (this engine, no adapter)"])
+def print_table(hf: dict[str, dict[str, float]], engine: dict[str, dict[str, float]]) -> None:
+    """One row per configuration; each ratio is against the bare base measured in turns with it in
+    the same process (the engine's rows: the same model without adapters; HF PEFT's rows: the plain
+    HF model)."""
+    bases = {"classify": (BARE_ENGINE, BARE_HF), "generate": (BARE_ENGINE, "bare base (HF generate)")}
     print("\n| configuration | classify texts/s | vs base | generate tokens/s | vs base |")
     print("|---|---:|---:|---:|---:|")
-    for name in dict.fromkeys([*cls, *gen]):
-        c = f"{cls[name]:.1f} | {cls[name] / cls_base:.2f}x" if name in cls else "– | –"
-        g = f"{gen[name]:.1f} | {gen[name] / gen_base:.2f}x" if name in gen else "– | –"
-        print(f"| {name} | {c} | {g} |")
-    print("\n(generation ratios are against the faster of the two bare-base measurements)")
+    for part, figures in (("engine", engine), ("hf", hf)):
+        names = dict.fromkeys([*figures["classify"], *figures["generate"]])
+        for name in names:
+            cells = []
+            for task in ("classify", "generate"):
+                values = figures[task]
+                base = values[bases[task][0 if part == "engine" else 1]]
+                cell = f"{values[name]:.1f} | {values[name] / base:.2f}x" if name in values else "– | –"
+                cells.append(cell)
+            print(f"| {name} | {' | '.join(cells)} |")
+    hf_gen, engine_gen = hf["generate"]["bare base (HF generate)"], engine["generate"][BARE_ENGINE]
+    print(f"\nHF generate against this engine without adapters (two processes): {hf_gen / engine_gen:.2f}x")
 
 
 def _part(args: argparse.Namespace, part: str, out: Path) -> dict[str, dict[str, float]]:
@@ -278,7 +301,7 @@ def main() -> None:
         engine = _part(args, "engine", out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    print_table({**hf["classify"], **engine["classify"]}, {**hf["generate"], **engine["generate"]})
+    print_table(hf, engine)
 
 
 if __name__ == "__main__":
