@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,18 @@ BN_16 = "this engine, 16 bottleneck adapters (Houlsby)"
 BARE_ENGINE = "bare base (this engine's process, no adapter)"
 BARE_HF = "bare base (HF forward)"
 SWAP_16 = "HF PEFT swapping the adapter per request, 16 adapters"
-Round = Callable[[int], int]  # one round of a configuration: round index -> texts or tokens done
+
+
+@dataclass
+class Config:
+    """One configuration to measure: ``run(r)`` does round ``r`` and returns the texts or tokens it
+    processed; ``warmup`` rounds come first (an engine configuration: until each of its adapters
+    has been used once, so that no adapter load falls into a timed round)."""
+
+    run: Callable[[int], int]
+    warmup: int = 1
+
+
 MIXED_KINDS = "this engine, 8 LoRA + 8 bottleneck adapters"
 
 
@@ -83,7 +95,7 @@ class Bench:
         _sync(self.device)
 
     # --- one round of each configuration (returns the texts or tokens it processed) --------
-    def bare_classify(self, model: Any) -> Round:
+    def bare_classify(self, model: Any) -> Config:
         """The backbone forward plus a pooled linear head: what a classification costs without LoRA."""
         enc = _padded(self.tok, self.texts, "right", self.device)
         head = torch.randn(len(LABELS), model.config.hidden_size, device=self.device, dtype=self.dtype)
@@ -97,9 +109,9 @@ class Bench:
             torch.softmax((pooled @ head.T).float(), -1).cpu()
             return self.args.batch
 
-        return run
+        return Config(run)
 
-    def engine_classify(self, infos: list[AdapterInfo]) -> Round:
+    def engine_classify(self, infos: list[AdapterInfo]) -> Config:
         ids = [self.tok(t)["input_ids"] for t in self.texts]
         batch, k = self.args.batch, len(infos)
 
@@ -109,9 +121,9 @@ class Bench:
             )
             return batch
 
-        return lambda r: asyncio.run(one_round(r))
+        return Config(lambda r: asyncio.run(one_round(r)), warmup=-(-k // batch))
 
-    def peft_classify(self, peft: Any, k: int, swap: bool) -> Round:
+    def peft_classify(self, peft: Any, k: int, swap: bool) -> Config:
         enc = _padded(self.tok, self.texts, "right", self.device)
         names = [f"a{i % k}" for i in range(self.args.batch)]
 
@@ -129,9 +141,9 @@ class Bench:
                 peft(**sub).logits.float().softmax(-1).cpu()
             return self.args.batch
 
-        return swapped if swap else mixed
+        return Config(swapped if swap else mixed)
 
-    def engine_generate(self, infos: list[AdapterInfo | None]) -> Round:
+    def engine_generate(self, infos: list[AdapterInfo | None]) -> Config:
         prompts = [self.tok(f"{i} {PROMPT}")["input_ids"] for i in range(self.args.gen_requests)]
         n, k = self.args.gen_requests, len(infos)
         params = SamplingParams(max_new_tokens=self.args.new_tokens, ignore_eos=True)
@@ -142,9 +154,9 @@ class Bench:
             )
             return sum(len(res.token_ids) for res in results)
 
-        return lambda r: asyncio.run(one_round(r))
+        return Config(lambda r: asyncio.run(one_round(r)), warmup=-(-k // n))
 
-    def hf_generate(self, model: Any, names: list[str] | None, swap: bool = False) -> Round:
+    def hf_generate(self, model: Any, names: list[str] | None, swap: bool = False) -> Config:
         prompts = [f"{i} {PROMPT}" for i in range(self.args.gen_requests)]
         new = self.args.new_tokens
         kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=self.tok.pad_token_id)
@@ -164,7 +176,7 @@ class Bench:
                 model.generate(**_padded(self.tok, [prompt], "left", self.device), **kw)
             return len(prompts) * new
 
-        return swapped if swap else batched
+        return Config(swapped if swap else batched)
 
     # --- driver -----------------------------------------------------------------------------
     def infos(self, folders: list[Path]) -> list[AdapterInfo]:
@@ -179,18 +191,18 @@ class Bench:
         bn_gen = self.infos(save_bottlenecks(out / "bn-gen", 16, hidden, layers, "generate"))
         mixed_cls = [x for p in zip(cls_infos[:8], bn_cls[:8], strict=True) for x in p]
         mixed_gen = [x for p in zip(gen_infos[:8], bn_gen[:8], strict=True) for x in p]
-        cls_rounds = {BARE_ENGINE: self.bare_classify(self.base.model)}  # the engine is idle meanwhile
-        gen_rounds = {BARE_ENGINE: self.engine_generate([None])}
+        cls_configs = {BARE_ENGINE: self.bare_classify(self.base.model)}  # the engine is idle meanwhile
+        gen_configs = {BARE_ENGINE: self.engine_generate([None])}
         for k in COUNTS:
-            cls_rounds[f"this engine, {k} adapters"] = self.engine_classify(cls_infos[:k])
-            gen_rounds[f"this engine, {k} adapters"] = self.engine_generate(list(gen_infos[:k]))
-        cls_rounds[BN_16] = self.engine_classify(bn_cls)
-        gen_rounds[BN_16] = self.engine_generate(list(bn_gen))
-        cls_rounds[MIXED_KINDS] = self.engine_classify(mixed_cls)
-        gen_rounds[MIXED_KINDS] = self.engine_generate(list(mixed_gen))
+            cls_configs[f"this engine, {k} adapters"] = self.engine_classify(cls_infos[:k])
+            gen_configs[f"this engine, {k} adapters"] = self.engine_generate(list(gen_infos[:k]))
+        cls_configs[BN_16] = self.engine_classify(bn_cls)
+        gen_configs[BN_16] = self.engine_generate(list(bn_gen))
+        cls_configs[MIXED_KINDS] = self.engine_classify(mixed_cls)
+        gen_configs[MIXED_KINDS] = self.engine_generate(list(mixed_gen))
         result = {
-            "classify": in_turns(cls_rounds, self.args.repeats, self.sync),
-            "generate": in_turns(gen_rounds, self.args.repeats, self.sync),
+            "classify": in_turns(cls_configs, self.args.repeats, self.sync),
+            "generate": in_turns(gen_configs, self.args.repeats, self.sync),
         }
         self.engine.stop()
         return result
@@ -202,39 +214,40 @@ class Bench:
         peft_cls = make_peft(self.base.path, "classify", n, a.rank, self.dtype, self.device)
         if not (out / "cls-store").exists():
             save_adapters(peft_cls, out / "cls", n, LABELS)
-        cls_rounds = {BARE_HF: self.bare_classify(self.plain)}
+        cls_configs = {BARE_HF: self.bare_classify(self.plain)}
         for k in (16, 64):
-            cls_rounds[f"HF PEFT mixed batch, {k} adapters"] = self.peft_classify(peft_cls, k, swap=False)
-        cls_rounds[SWAP_16] = self.peft_classify(peft_cls, 16, swap=True)
-        cls = in_turns(cls_rounds, a.repeats, self.sync)
-        del peft_cls, cls_rounds
+            cls_configs[f"HF PEFT mixed batch, {k} adapters"] = self.peft_classify(peft_cls, k, swap=False)
+        cls_configs[SWAP_16] = self.peft_classify(peft_cls, 16, swap=True)
+        cls = in_turns(cls_configs, a.repeats, self.sync)
+        del peft_cls, cls_configs
         peft_gen = make_peft(self.base.path, "generate", n, a.rank, self.dtype, self.device)
         if not (out / "gen-store").exists():
             save_adapters(peft_gen, out / "gen", n)
-        gen_rounds = {"bare base (HF generate)": self.hf_generate(self.plain, None)}
+        gen_configs = {"bare base (HF generate)": self.hf_generate(self.plain, None)}
         for k in (16, 64):
             names = [f"a{i % k}" for i in range(a.gen_requests)]
-            gen_rounds[f"HF PEFT mixed batch, {k} adapters"] = self.hf_generate(peft_gen, names)
-        gen_rounds[SWAP_16] = self.hf_generate(peft_gen, [f"a{i % 16}" for i in range(a.gen_requests)], True)
-        return {"classify": cls, "generate": in_turns(gen_rounds, a.repeats, self.sync)}
+            gen_configs[f"HF PEFT mixed batch, {k} adapters"] = self.hf_generate(peft_gen, names)
+        gen_configs[SWAP_16] = self.hf_generate(peft_gen, [f"a{i % 16}" for i in range(a.gen_requests)], True)
+        return {"classify": cls, "generate": in_turns(gen_configs, a.repeats, self.sync)}
 
 
-def in_turns(rounds: dict[str, Round], repeats: int, sync: Callable[[], None]) -> dict[str, float]:
-    """Texts or tokens per second of each configuration, measured in turns: round r of every
-    configuration runs before round r + 1 of any, so that the machine's drift over the minutes a
-    run takes weighs on all of them alike (each one is warmed up first)."""
-    items = dict.fromkeys(rounds, 0)
-    seconds = dict.fromkeys(rounds, 0.0)
-    for fn in rounds.values():
-        fn(0)
-    for r in range(1, repeats + 1):
-        for name, fn in rounds.items():
+def in_turns(configs: dict[str, Config], repeats: int, sync: Callable[[], None]) -> dict[str, float]:
+    """Texts or tokens per second of each configuration, measured in turns: timed round i of every
+    configuration runs before timed round i + 1 of any, so that the machine's drift over the
+    minutes a run takes weighs on all of them alike."""
+    items = dict.fromkeys(configs, 0)
+    seconds = dict.fromkeys(configs, 0.0)
+    for config in configs.values():
+        for r in range(config.warmup):
+            config.run(r)
+    for i in range(repeats):
+        for name, config in configs.items():
             sync()
             start = time.perf_counter()
-            items[name] += fn(r)
+            items[name] += config.run(config.warmup + i)
             sync()
             seconds[name] += time.perf_counter() - start
-    return {name: items[name] / seconds[name] for name in rounds}
+    return {name: items[name] / seconds[name] for name in configs}
 
 
 def _index(path: Path) -> int:

@@ -127,7 +127,8 @@ class MultiLoraLinear(nn.Module):
         if self.bottleneck is None:
             w = self.base.weight
             self.bottleneck = BottleneckBank(self.out_features, w.device, w.dtype)
-        self.bottleneck.set_slot(slot, weights, activation, scale, min(max_slots, _round_up(slot + 1)))
+        room = _grown(self.bottleneck.down.shape[0], slot, max_slots)
+        self.bottleneck.set_slot(slot, weights, activation, scale, room)
 
     def _resize(self, slots: int, rank: int) -> None:
         """Reallocate the banks as [slots, rank, ...], keeping the weights of the active slots."""
@@ -147,8 +148,7 @@ class MultiLoraLinear(nn.Module):
         bank_a, bank_b = self.lora_A, self.lora_B
         if bank_a is None or slot >= bank_a.shape[0] or rank > bank_a.shape[1]:
             cur_slots, cur_rank = (0, 0) if bank_a is None else bank_a.shape[:2]
-            # grow in chunks: few reallocations, little slack
-            self._resize(min(max_slots, max(cur_slots, _round_up(slot + 1))), max(cur_rank, rank))
+            self._resize(_grown(cur_slots, slot, max_slots), max(cur_rank, rank))
             bank_a, bank_b = self.lora_A, self.lora_B
         assert bank_a is not None and bank_b is not None
         old = self.ranks.get(slot, 0)
@@ -249,6 +249,13 @@ def write_lora(writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
 
 def _round_up(slots: int) -> int:
     return -(-slots // _SLOT_CHUNK) * _SLOT_CHUNK
+
+
+def _grown(current: int, slot: int, max_slots: int) -> int:
+    """Room of a bank that must hold ``slot``: at least half again its current room (a growth copies
+    every resident adapter, so loading n adapters one by one copies O(n) adapters, not O(n^2)),
+    in chunks of a few slots, never above ``max_slots``."""
+    return max(current, min(max_slots, max(_round_up(slot + 1), _round_up(current * 3 // 2))))
 
 
 def wrap_linear_layers(model: nn.Module, ctx: RoutingContext) -> dict[str, MultiLoraLinear]:
