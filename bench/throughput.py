@@ -194,8 +194,9 @@ class Bench:
         cls_configs = {BARE_ENGINE: self.bare_classify(self.base.model)}  # the engine is idle meanwhile
         gen_configs = {BARE_ENGINE: self.engine_generate([None])}
         for k in COUNTS:
-            cls_configs[f"this engine, {k} adapters"] = self.engine_classify(cls_infos[:k])
-            gen_configs[f"this engine, {k} adapters"] = self.engine_generate(list(gen_infos[:k]))
+            name = f"this engine, {k} adapter{'s' if k > 1 else ''}"
+            cls_configs[name] = self.engine_classify(cls_infos[:k])
+            gen_configs[name] = self.engine_generate(list(gen_infos[:k]))
         cls_configs[BN_16] = self.engine_classify(bn_cls)
         gen_configs[BN_16] = self.engine_generate(list(bn_gen))
         cls_configs[MIXED_KINDS] = self.engine_classify(mixed_cls)
