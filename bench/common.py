@@ -51,6 +51,13 @@ def make_peft(
     return peft_model
 
 
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
 def save_adapters(peft_model: PeftModel, out: Path, n: int, labels: list[str] | None = None) -> list[Path]:
     """Write each adapter as its own store-ready PEFT folder."""
     peft_model.save_pretrained(str(out))  # one sub-folder per named adapter

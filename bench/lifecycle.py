@@ -39,7 +39,7 @@ from app.main import create_app
 from app.memory import keep_freed_memory
 from app.models.base import BaseModel, load_base_model
 from app.models.lora import RoutingContext, wrap_linear_layers
-from bench.common import make_peft, save_adapters
+from bench.common import make_peft, pct, save_adapters
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 TOKEN = "bench-admin-token"
@@ -67,11 +67,6 @@ def _variants(template: Path, out: Path, names: list[str]) -> None:
             for k, v in tensors.items()
         }
         save_file(fresh, str(folder / "adapter_model.safetensors"))
-
-
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 # --- 1. cold loads ----------------------------------------------------------------------------
@@ -113,7 +108,7 @@ def cold_loads(base: BaseModel, tmp: Path, repeats: int) -> None:
                 host.append((t1 - t0) * 1000)
                 device.append((t2 - t1) * 1000)
                 total.append((t2 - t0) * 1000)
-            row = [f"{_pct(v, 0.5):.1f} / {_pct(v, 0.99):.1f}" for v in (host, device, total)]
+            row = [f"{pct(v, 0.5):.1f} / {pct(v, 0.99):.1f}" for v in (host, device, total)]
             print(f"| rank {rank} all-linear | {size / 1e6:.1f} | {regime} | {' | '.join(row)} |", flush=True)
             for info in slots.lru_order():
                 slots.unload(info.uid)
@@ -216,8 +211,8 @@ def zipf_run(
     device_loads -= ops // 2 if churn is not None else 0  # each churned version is used once
     return {
         "throughput": requests / elapsed,
-        "p50": _pct(latencies, 0.5) * 1000,
-        "p99": _pct(latencies, 0.99) * 1000,
+        "p50": pct(latencies, 0.5) * 1000,
+        "p99": pct(latencies, 0.99) * 1000,
         "device": 1 - device_loads / requests,  # served from a resident slot
         "host": (device_loads - host_loads) / requests,  # copied from host memory
         "store": host_loads / requests,  # read from the store first

@@ -26,7 +26,7 @@ import torch
 
 from app.config import Settings
 from app.models.base import resolve_model_path
-from bench.common import PROMPT, TEXT, make_peft, save_adapters
+from bench.common import PROMPT, TEXT, make_peft, pct, save_adapters
 from bench.server import running_server
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
@@ -43,13 +43,6 @@ def make_store(n: int, rank: int) -> Path:
             folder.rename(store / f"{task[:3]}-{folder.name}")
         del peft
     return store
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 async def _classify(http: httpx.AsyncClient, adapter: str, out: dict[str, list[Any]]) -> None:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import PROMPT, TEXT
-from bench.load import make_store, pct
+from bench.common import PROMPT, TEXT, pct
+from bench.load import make_store
 from bench.server import rss_bytes, running_server
 
 

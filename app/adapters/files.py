@@ -16,15 +16,12 @@ and a mapping then faults with SIGBUS, so files there are read into memory.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from functools import cache
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 # Filesystems whose files are mapped; every other type (nfs, cifs, fuse, ceph, 9p, ...) is read.
 LOCAL_FILESYSTEMS = frozenset(
@@ -115,8 +112,5 @@ def read_float_tensors(path: Path) -> dict[str, torch.Tensor] | None:
             continue
         if dtype not in typed:
             typed[dtype] = buf[: size - size % itemsize].view(dtype)
-        strides = [1] * len(shape)  # contiguous (one op per tensor: loads read hundreds of them)
-        for i in range(len(shape) - 1, 0, -1):
-            strides[i - 1] = strides[i] * shape[i]
-        tensors[key] = typed[dtype].as_strided(shape, strides, (base + start) // itemsize)
+        tensors[key] = typed[dtype][(base + start) // itemsize : (base + stop) // itemsize].view(shape)
     return tensors

@@ -159,13 +159,6 @@ class MultiLoraLinear(nn.Module):
         self._forget_gathered()
         return bank_a[slot, :rank], bank_b[slot, :, :rank]
 
-    def set_slot(
-        self, slot: int, a: torch.Tensor, b: torch.Tensor, max_slots: int, scale: float = 1.0
-    ) -> None:
-        """Write one adapter's weights (``a`` [r, in], ``b`` [out, r]) into a slot."""
-        dst_a, dst_b = self.slot_views(slot, a.shape[0], max_slots)
-        write_lora([(dst_a, dst_b, a, b, scale)])
-
     def clear_slot(self, slot: int, keep_lora: bool = False) -> None:
         """Zero ``slot`` (``keep_lora``: leave its LoRA weights, which the next adapter overwrites)."""
         if self.bottleneck is not None:
