@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import tempfile
+import shutil
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
@@ -37,17 +37,14 @@ _UPLOAD_SCHEMA = {
 }
 
 
-def _spool(upload: UploadFile, limit: int) -> Path:
-    """Copy the uploaded file to a private temporary file, enforcing the size limit."""
-    fd, name = tempfile.mkstemp(prefix="adapterserve-upload-")
-    path = Path(name)
+def _spool(upload: UploadFile, limit: int, folder: Path) -> Path:
+    """Copy the uploaded file into ``folder``, enforcing the size limit."""
+    path = folder / "upload"
     size = 0
-    with open(fd, "wb") as out:
+    with path.open("wb") as out:
         while chunk := upload.file.read(1 << 20):
             size += len(chunk)
             if size > limit:
-                out.close()
-                path.unlink(missing_ok=True)
                 raise UploadTooLarge(f"upload exceeds the limit of {limit} bytes", param="file")
             out.write(chunk)
     return path
@@ -70,11 +67,14 @@ async def upload_adapter(request: Request, registry: RegistryDep, settings: Sett
     if not isinstance(upload, UploadFile):
         raise InvalidRequest("form field 'file' (a .zip or .tar.gz archive) is required", param="file")
     request.state.adapter = name
-    archive = await asyncio.to_thread(_spool, upload, limit)
+    # the archive is spooled into a staging folder of the store: removed when the request ends
+    # (also when the client goes away), and by the store's recovery after a crash
+    staging = registry.store.staging_folder()
     try:
+        archive = await asyncio.to_thread(_spool, upload, limit, staging)
         info = await asyncio.to_thread(registry.upload, name, archive)
     finally:
-        archive.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         await form.close()
     return AdapterOut(**info.describe())
 

@@ -106,9 +106,14 @@ def _check_serves(url: str, name: str, kind: str, refs: dict[str, RefAdapter]) -
 
 @pytest.mark.parametrize("kill_after_s", [1.0, 3.0])
 def test_sigkill_during_uploads_deletes_and_traffic_loses_nothing_acknowledged(
-    ref_adapters: dict[str, RefAdapter], tmp_path_factory: pytest.TempPathFactory, kill_after_s: float
+    ref_adapters: dict[str, RefAdapter],
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    kill_after_s: float,
 ) -> None:
     store = tmp_path_factory.mktemp("killed-store")
+    scratch = tmp_path_factory.mktemp("server-tmpdir")  # the servers' TMPDIR
+    monkeypatch.setenv("TMPDIR", str(scratch))
     log = store.parent / f"server-{kill_after_s}.log"
     archives = {kind: zip_folder(ref_adapters[kind].folder) for kind in KINDS}
     ledger = Ledger()
@@ -143,6 +148,8 @@ def test_sigkill_during_uploads_deletes_and_traffic_loses_nothing_acknowledged(
             _check_serves(url, name, ledger.kind_of[name], ref_adapters)
     leftovers = [p.name for p in store.iterdir() if p.name.startswith(".")]
     assert not leftovers, f"temporary folders survived the restart: {leftovers}"
+    spooled = [p.name for p in scratch.iterdir()]
+    assert not spooled, f"temporary files left behind: {spooled}"
     print(
         f"\nkill after {kill_after_s} s: {len(ledger.uploaded)} uploads acknowledged, "
         f"{len(ledger.deleted)} deletes, {len(ledger.cut)} cut off by the kill, "
