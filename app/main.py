@@ -24,6 +24,7 @@ from app.metrics import Metrics
 from app.models.base import BaseModel, load_base_model
 from app.openai_service import OpenAIService
 from app.service import InferenceService, load_on_device
+from app.threads import ReleasingExecutor
 
 log = logging.getLogger(__name__)
 _UNMEASURED = {"/metrics"}
@@ -80,6 +81,10 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # helper threads give their OpenMP teams back after each job (app/threads.py)
+        asyncio.get_running_loop().set_default_executor(
+            ReleasingExecutor(thread_name_prefix="adapterserve-io")
+        )
         model = base
         if model is None:
             model = await asyncio.to_thread(

@@ -1,10 +1,11 @@
 """Throughput of mixed-adapter batches: bare base vs this engine vs HF PEFT (mixed batch, swapping).
 
-    python -m bench.throughput [--device auto] [--repeats 3]
+    python -m bench.throughput [--device auto] [--repeats 6]
 
 Prints one markdown table; every ratio is against the bare base measured in the same run, in the
 same process and in turns with the configuration (round r of every configuration before round
-r + 1 of any), so that this machine's drift over the minutes of a run weighs on all alike.
+r + 1 of any), so that this machine's drift over the minutes of a run weighs on all alike: the
+median over the turns of the configuration's rate divided by the base's rate in the same turn.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -34,6 +36,7 @@ from app.engine.types import SamplingParams
 from app.memory import keep_freed_memory
 from app.metrics import Metrics
 from app.models.base import BaseModel, load_base_model
+from app.threads import release_omp_threads
 from bench.common import PROMPT, TEXT, make_peft, save_adapters, save_bottlenecks
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
@@ -42,6 +45,7 @@ BN_16 = "this engine, 16 bottleneck adapters (Houlsby)"
 BARE_ENGINE = "bare base (this engine's process, no adapter)"
 BARE_HF = "bare base (HF forward)"
 SWAP_16 = "HF PEFT swapping the adapter per request, 16 adapters"
+T = TypeVar("T")
 
 
 @dataclass
@@ -107,6 +111,8 @@ class Bench:
                 torch.arange(hidden.shape[0]), last_non_pad_index(enc["input_ids"], self.tok.pad_token_id)
             ]
             torch.softmax((pooled @ head.T).float(), -1).cpu()
+            if self.args.part == "engine":  # as every helper thread of the server does
+                release_omp_threads()
             return self.args.batch
 
         return Config(run)
@@ -134,12 +140,14 @@ class Bench:
 
         @torch.inference_mode()
         def swapped(r: int) -> int:
-            for name in dict.fromkeys(names):
+            done = 0
+            for name in _share(list(dict.fromkeys(names)), r):
                 idx = [i for i, n in enumerate(names) if n == name]
                 peft.set_adapter(name)
                 sub = _padded(self.tok, [self.texts[i] for i in idx], "right", self.device)
                 peft(**sub).logits.float().softmax(-1).cpu()
-            return self.args.batch
+                done += len(idx)
+            return done
 
         return Config(swapped if swap else mixed)
 
@@ -171,10 +179,11 @@ class Bench:
         @torch.inference_mode()
         def swapped(r: int) -> int:
             assert names is not None
-            for prompt, name in zip(prompts, names, strict=True):
+            pairs = _share(list(zip(prompts, names, strict=True)), r)
+            for prompt, name in pairs:
                 model.set_adapter(name)
                 model.generate(**_padded(self.tok, [prompt], "left", self.device), **kw)
-            return len(prompts) * new
+            return len(pairs) * new
 
         return Config(swapped if swap else batched)
 
@@ -182,7 +191,7 @@ class Bench:
     def infos(self, folders: list[Path]) -> list[AdapterInfo]:
         return [AdapterInfo.from_adapter(f.name, load_adapter(f, self.base.spec, 64)) for f in folders]
 
-    def run_engine(self, out: Path) -> dict[str, dict[str, float]]:
+    def run_engine(self, out: Path) -> dict[str, dict[str, list[float]]]:
         """This engine, and the bare base on the same (wrapped, adapter-free) model, in turns."""
         cls_infos = self.infos(sorted((out / "cls-store").iterdir(), key=_index))
         gen_infos = self.infos(sorted((out / "gen-store").iterdir(), key=_index))
@@ -208,7 +217,7 @@ class Bench:
         self.engine.stop()
         return result
 
-    def run_hf(self, out: Path) -> dict[str, dict[str, float]]:
+    def run_hf(self, out: Path) -> dict[str, dict[str, list[float]]]:
         """The bare base and HF PEFT, on the main thread of their own process, in turns."""
         a = self.args
         n = max(COUNTS)
@@ -232,51 +241,68 @@ class Bench:
         return {"classify": cls, "generate": in_turns(gen_configs, a.repeats, self.sync)}
 
 
-def in_turns(configs: dict[str, Config], repeats: int, sync: Callable[[], None]) -> dict[str, float]:
-    """Texts or tokens per second of each configuration, measured in turns: timed round i of every
-    configuration runs before timed round i + 1 of any, so that the machine's drift over the
-    minutes a run takes weighs on all of them alike."""
-    items = dict.fromkeys(configs, 0)
-    seconds = dict.fromkeys(configs, 0.0)
+def in_turns(configs: dict[str, Config], repeats: int, sync: Callable[[], None]) -> dict[str, list[float]]:
+    """Texts or tokens per second of each configuration in each of ``repeats`` turns. In a turn every
+    configuration runs one timed round, starting with a different one each turn, so that the
+    machine's drift over the minutes a run takes weighs on all of them alike."""
+    rates: dict[str, list[float]] = {name: [] for name in configs}
     for config in configs.values():
         for r in range(config.warmup):
             config.run(r)
+    names = list(configs)
     for i in range(repeats):
-        for name, config in configs.items():
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            config = configs[name]
             sync()
             start = time.perf_counter()
-            items[name] += config.run(config.warmup + i)
+            items = config.run(config.warmup + i)
             sync()
-            seconds[name] += time.perf_counter() - start
-    return {name: items[name] / seconds[name] for name in configs}
+            rates[name].append(items / (time.perf_counter() - start))
+    return rates
+
+
+def _share(items: list[T], r: int, parts: int = 4) -> list[T]:
+    """The ``r``-th of ``parts`` equal shares of ``items``, in rotation. Swapping runs one adapter's
+    requests after another's, so its rate does not depend on how many run in a round: a share keeps
+    its slow rounds about as long as the other configurations' rounds."""
+    size = -(-len(items) // parts)
+    start = (r % parts) * size
+    return items[start : start + size]
 
 
 def _index(path: Path) -> int:
     return int(path.name[1:])
 
 
-def print_table(hf: dict[str, dict[str, float]], engine: dict[str, dict[str, float]]) -> None:
-    """One row per configuration; each ratio is against the bare base measured in turns with it in
-    the same process (the engine's rows: the same model without adapters; HF PEFT's rows: the plain
-    HF model)."""
+def print_table(hf: dict[str, dict[str, list[float]]], engine: dict[str, dict[str, list[float]]]) -> None:
+    """One row per configuration: its median rate over the turns, and the median over the turns of
+    its rate against the bare base in the same turn (the engine's rows: the same model without
+    adapters; HF PEFT's rows: the plain HF model), with the lowest and highest of those ratios."""
     bases = {"classify": (BARE_ENGINE, BARE_HF), "generate": (BARE_ENGINE, "bare base (HF generate)")}
-    print("\n| configuration | classify texts/s | vs base | generate tokens/s | vs base |")
+    ratio = "vs base (turns: min-max)"
+    print(f"\n| configuration | classify texts/s | {ratio} | generate tokens/s | {ratio} |")
     print("|---|---:|---:|---:|---:|")
     for part, figures in (("engine", engine), ("hf", hf)):
         names = dict.fromkeys([*figures["classify"], *figures["generate"]])
         for name in names:
             cells = []
             for task in ("classify", "generate"):
-                values = figures[task]
-                base = values[bases[task][0 if part == "engine" else 1]]
-                cell = f"{values[name]:.1f} | {values[name] / base:.2f}x" if name in values else "– | –"
-                cells.append(cell)
+                rates = figures[task]
+                if name not in rates:
+                    cells.append("– | –")
+                    continue
+                base = rates[bases[task][0 if part == "engine" else 1]]
+                ratios = [x / b for x, b in zip(rates[name], base, strict=True)]
+                spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+                rate = statistics.median(rates[name])
+                cells.append(f"{rate:.1f} | {statistics.median(ratios):.2f}x ({spread})")
             print(f"| {name} | {' | '.join(cells)} |")
-    hf_gen, engine_gen = hf["generate"]["bare base (HF generate)"], engine["generate"][BARE_ENGINE]
+    hf_gen = statistics.median(hf["generate"]["bare base (HF generate)"])
+    engine_gen = statistics.median(engine["generate"][BARE_ENGINE])
     print(f"\nHF generate against this engine without adapters (two processes): {hf_gen / engine_gen:.2f}x")
 
 
-def _part(args: argparse.Namespace, part: str, out: Path) -> dict[str, dict[str, float]]:
+def _part(args: argparse.Namespace, part: str, out: Path) -> dict[str, dict[str, list[float]]]:
     """Run one part in a fresh process: two threads computing in one process slow each other down."""
     cmd = [sys.executable, "-m", "bench.throughput", "--part", part, "--out", str(out)]
     for key in ("device", "dtype", "rank", "batch", "gen_requests", "new_tokens", "repeats"):
@@ -293,7 +319,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="classification rows per batch")
     parser.add_argument("--gen-requests", type=int, default=16, help="concurrent generation requests")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6, help="turns (timed rounds per configuration)")
     parser.add_argument("--part", choices=["hf", "engine"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

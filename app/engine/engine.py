@@ -37,6 +37,7 @@ from app.memory import keep_freed_memory
 from app.metrics import Metrics
 from app.models.base import BaseModel
 from app.models.lora import RoutingContext, wrap_linear_layers
+from app.threads import release_omp_threads
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,6 +74,9 @@ class Engine:
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
+        # the OpenMP team of the thread that loaded the model would slow every op of the engine
+        # thread down (app/threads.py)
+        release_omp_threads()
         self._thread = threading.Thread(target=self._loop, name="adapterserve-engine", daemon=True)
         self._thread.start()
 
@@ -161,9 +165,14 @@ class Engine:
 
     # --- engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
+        released = True  # whether this thread's OpenMP team was given back since the last work
         try:
             while not self._stop.is_set() or self._busy():
-                self._drain_inbox(block=not self._busy())
+                busy = self._busy()
+                if not busy and not released:  # idle: other threads may compute meanwhile
+                    release_omp_threads()
+                released = not busy
+                self._drain_inbox(block=not busy)
                 self._housekeeping()
                 self._run_classify_batch()
                 self.gen.step()

@@ -19,6 +19,7 @@ from torch import nn
 
 from app.models.bottleneck import BottleneckBank
 from app.models.routing import BASE_SLOT, Routing, RoutingContext
+from app.threads import releasing
 
 __all__ = [
     "BASE_SLOT",
@@ -225,7 +226,7 @@ def write_lora(writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     if len(writes) > 1 and dst_a[0].device.type == "cpu":
         if _copier is None:
             _copier = ThreadPoolExecutor(1, thread_name_prefix="lora-copy")
-        pending = _copier.submit(_copy_all, dst_a, src_a, torch.is_inference_mode_enabled())
+        pending = _copier.submit(releasing(_copy_all), dst_a, src_a, torch.is_inference_mode_enabled())
     else:
         torch._foreach_copy_(dst_a, src_a)
     try:
