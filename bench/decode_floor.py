@@ -3,14 +3,16 @@
     python -m bench.decode_floor [--rows 16] [--rank 16]
 
 Measures, on the engine's own generation batch, one decode step with (a) no adapter, (b) one
-adapter for every row and (c) a distinct adapter per row; then the machine's read bandwidth and
-the bytes of adapter weights one mixed step must read, which bound (c) from below.
+adapter for every row and (c) a distinct adapter per row (in turns; medians); then the machine's
+read bandwidth and the bytes of adapter weights one mixed step must read, which bound (c) from
+below.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +37,8 @@ def main() -> None:
     )
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=5, help="decode steps per timed round")
+    parser.add_argument("--turns", type=int, default=6)
     args = parser.parse_args()
     base = load_base_model("", Settings().cache_dir, "cpu", "float32")
     tmp = Path(tempfile.mkdtemp(prefix="adapterserve-floor-"))
@@ -52,26 +55,33 @@ def main() -> None:
     tok = base.tokenizer
     prompts = [tok(f"{i} {PROMPT}")["input_ids"] for i in range(args.rows)]
 
-    def step_ms(slot_of: list[int]) -> float:
-        params = SamplingParams(max_new_tokens=args.steps + 10, ignore_eos=True)
+    def decoder(slot_of: list[int]) -> GenerationBatch:
+        params = SamplingParams(max_new_tokens=args.steps * args.turns + 10, ignore_eos=True)
         works = [
             (GenerateWork(adapter=None, weights=None, prompt=p, params=params), s)
             for p, s in zip(prompts, slot_of, strict=True)
         ]
         batch = GenerationBatch.start(runner, works)
-        decode = lambda ids: str(tok.decode(ids))  # noqa: E731
         while batch.prefill_chunk(4096, decode) is None:
             pass
         for _ in range(3):
             batch.step(decode)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            batch.step(decode)
-        return (time.perf_counter() - start) / args.steps * 1000
+        return batch
 
-    base_ms = step_ms([BASE_SLOT] * args.rows)
-    single_ms = step_ms([slot_ids[0]] * args.rows)
-    mixed_ms = step_ms(slot_ids)
+    decode = lambda ids: str(tok.decode(ids))  # noqa: E731
+    configs = {
+        "no adapter": decoder([BASE_SLOT] * args.rows),
+        "one adapter for all rows": decoder([slot_ids[0]] * args.rows),
+        f"{args.rows} distinct adapters": decoder(slot_ids),
+    }
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(args.turns):  # in turns: the machine's drift weighs on all alike
+        for name, batch in configs.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                batch.step(decode)
+            times[name].append((time.perf_counter() - start) / args.steps * 1000)
+    base_ms, single_ms, mixed_ms = (statistics.median(t) for t in times.values())
     adapter_bytes = sum(a.numel() * 4 + b.numel() * 4 for a, b, _ in adapters[0].weights.values())
     probe = torch.randn(adapter_bytes * args.rows // 4)
     probe.sum()
