@@ -34,9 +34,9 @@ _OMP_PAUSE_SOFT = 1
 @functools.cache
 def _pause() -> Callable[[int], int] | None:
     """libgomp's ``omp_pause_resource_all`` as loaded by torch, or None (another OpenMP runtime)."""
-    for candidate in (Path(torch.__file__).parent / "lib" / "libgomp.so.1", Path("libgomp.so.1")):
+    for candidate in (str(Path(torch.__file__).parent / "lib" / "libgomp.so.1"), "libgomp.so.1"):
         try:
-            lib = ctypes.CDLL(str(candidate) if candidate.is_absolute() else candidate.name)
+            lib = ctypes.CDLL(candidate)
         except OSError:
             continue
         fn = getattr(lib, "omp_pause_resource_all", None)

@@ -45,6 +45,7 @@ BN_16 = "this engine, 16 bottleneck adapters (Houlsby)"
 BARE_ENGINE = "bare base (this engine's process, no adapter)"
 BARE_HF = "bare base (HF forward)"
 SWAP_16 = "HF PEFT swapping the adapter per request, 16 adapters"
+MIXED_KINDS = "this engine, 8 LoRA + 8 bottleneck adapters"
 T = TypeVar("T")
 
 
@@ -56,9 +57,6 @@ class Config:
 
     run: Callable[[int], int]
     warmup: int = 1
-
-
-MIXED_KINDS = "this engine, 8 LoRA + 8 bottleneck adapters"
 
 
 def _sync(device: torch.device) -> None:

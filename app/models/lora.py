@@ -12,14 +12,12 @@ so no layer needs a host sync to find its rows.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 from torch import nn
 
 from app.models.bottleneck import BottleneckBank
 from app.models.routing import BASE_SLOT, Routing, RoutingContext
-from app.threads import releasing
+from app.threads import ReleasingExecutor
 
 __all__ = [
     "BASE_SLOT",
@@ -203,7 +201,7 @@ class MultiLoraLinear(nn.Module):
 
 
 _SLOT_CHUNK = 4
-_copier: ThreadPoolExecutor | None = None
+_copier: ReleasingExecutor | None = None
 
 
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor], inference: bool) -> None:
@@ -225,8 +223,8 @@ def write_lora(writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     pending = None
     if len(writes) > 1 and dst_a[0].device.type == "cpu":
         if _copier is None:
-            _copier = ThreadPoolExecutor(1, thread_name_prefix="lora-copy")
-        pending = _copier.submit(releasing(_copy_all), dst_a, src_a, torch.is_inference_mode_enabled())
+            _copier = ReleasingExecutor(1, thread_name_prefix="lora-copy")
+        pending = _copier.submit(_copy_all, dst_a, src_a, torch.is_inference_mode_enabled())
     else:
         torch._foreach_copy_(dst_a, src_a)
     try:
