@@ -61,7 +61,7 @@ def serve(settings: Settings) -> None:
 
 
 def prepare_model(settings: Settings) -> None:
-    from app.models.base import resolve_model_path
+    from app.models.base_lm import resolve_model_path
 
     path, model_id = resolve_model_path(settings.base_model, settings.cache_dir)
     print(f"base model {model_id} ready at {path}")
@@ -72,7 +72,7 @@ def import_adapterhub(args: argparse.Namespace, settings: Settings) -> int:
     from app.adapters.adapterhub import convert_adapterhub
     from app.adapters.store import check_name
     from app.errors import InvalidAdapter
-    from app.models.base import read_spec
+    from app.models.base_lm import read_spec
     from app.training.publish import install_into_store
 
     name = args.name or args.source.name

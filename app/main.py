@@ -21,7 +21,7 @@ from app.engine.engine import Engine
 from app.errors import NotReady, is_openai_path, register_error_handlers, to_response
 from app.logs import REQUEST_ID_HEADER, log_request, request_id
 from app.metrics import Metrics
-from app.models.base import BaseModel, load_base_model
+from app.models.base_lm import BaseLM, load_base_model
 from app.openai_service import OpenAIService
 from app.service import InferenceService, load_on_device
 from app.threads import ReleasingExecutor
@@ -73,7 +73,7 @@ def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
             log_request(rid, request.method, endpoint, status, adapter, elapsed)
 
 
-def create_app(settings: Settings | None = None, base: BaseModel | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> FastAPI:
     """Build the app. ``base`` lets a caller reuse an already loaded base model (tests, benchmarks)."""
     settings = settings or Settings()
     metrics = Metrics(settings.max_adapter_labels)

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from app.adapters.lora import load_lora
+from app.adapters.lora_format import load_lora
 from app.adapters.registry import AdapterInfo
 from app.config import Settings
 from app.engine.generation import GenerationBatch
 from app.engine.runner import Runner
 from app.engine.slots import DeviceSlots
 from app.engine.types import GenerateWork, SamplingParams
-from app.models.base import load_base_model
-from app.models.lora import BASE_SLOT, RoutingContext, wrap_linear_layers
+from app.models.base_lm import load_base_model
+from app.models.multi_lora import BASE_SLOT, RoutingContext, wrap_linear_layers
 from bench.common import PROMPT, make_peft, save_adapters
 
 

@@ -37,8 +37,8 @@ from app.config import Settings
 from app.engine.slots import DeviceSlots
 from app.main import create_app
 from app.memory import keep_freed_memory
-from app.models.base import BaseModel, load_base_model
-from app.models.lora import RoutingContext, wrap_linear_layers
+from app.models.base_lm import BaseLM, load_base_model
+from app.models.multi_lora import RoutingContext, wrap_linear_layers
 from bench.common import make_peft, pct, save_adapters
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
@@ -46,7 +46,7 @@ TOKEN = "bench-admin-token"
 TEXT = "Shares of the carmaker rose sharply after it reported record quarterly profits."
 
 
-def _template(base: BaseModel, tmp: Path, task: str, rank: int) -> Path:
+def _template(base: BaseLM, tmp: Path, task: str, rank: int) -> Path:
     peft = make_peft(base.path, task, 1, rank, torch.float32, torch.device("cpu"))
     folders = save_adapters(peft, tmp / f"{task}-r{rank}", 1, LABELS if task == "classify" else None)
     return folders[0]
@@ -70,7 +70,7 @@ def _variants(template: Path, out: Path, names: list[str]) -> None:
 
 
 # --- 1. cold loads ----------------------------------------------------------------------------
-def cold_loads(base: BaseModel, tmp: Path, repeats: int) -> None:
+def cold_loads(base: BaseLM, tmp: Path, repeats: int) -> None:
     """Two regimes: a fresh process whose host tier keeps every adapter read, and the steady state
     of a server with more adapters than its host tier holds (the LRU evicts one adapter per load).
     The slowest load of each row includes growing the slot banks for the first adapter of a rank."""
@@ -139,7 +139,7 @@ def _zip(folder: Path) -> bytes:
 
 
 def zipf_run(
-    base: BaseModel,
+    base: BaseLM,
     store: Path,
     n: int,
     requests: int,

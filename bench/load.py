@@ -25,7 +25,7 @@ import httpx
 import torch
 
 from app.config import Settings
-from app.models.base import resolve_model_path
+from app.models.base_lm import resolve_model_path
 from bench.common import PROMPT, TEXT, make_peft, pct, save_adapters
 from bench.server import running_server
 

@@ -35,7 +35,7 @@ from app.engine.runner import last_non_pad_index
 from app.engine.types import SamplingParams
 from app.memory import keep_freed_memory
 from app.metrics import Metrics
-from app.models.base import BaseModel, load_base_model
+from app.models.base_lm import BaseLM, load_base_model
 from app.threads import release_omp_threads
 from bench.common import PROMPT, TEXT, make_peft, save_adapters, save_bottlenecks
 
@@ -74,7 +74,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.cache_dir = Settings().cache_dir
-        self.base: BaseModel = load_base_model("", self.cache_dir, args.device, args.dtype)
+        self.base: BaseLM = load_base_model("", self.cache_dir, args.device, args.dtype)
         self.device, self.dtype = self.base.device, self.base.dtype
         self.tok = self.base.tokenizer
         self.texts = [f"{i}. {TEXT}" for i in range(args.batch)]

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from app.models.base import BaseModel, load_base_model, resolve_model_path
+from app.models.base_lm import BaseLM, load_base_model, resolve_model_path
 from tests.helpers.peft_ref import RefAdapter, make_adapter
 
 ADMIN_TOKEN = "test-admin-token"
@@ -27,7 +27,7 @@ def base_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def base_model(base_path: Path) -> BaseModel:
+def base_model(base_path: Path) -> BaseLM:
     return load_base_model(str(base_path), CACHE_DIR, "cpu", "float32")
 
 
@@ -91,7 +91,7 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def client(base_model: BaseModel, store_dir: Path) -> Iterator[TestClient]:
+def client(base_model: BaseLM, store_dir: Path) -> Iterator[TestClient]:
     settings = Settings(
         store=store_dir,
         admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]

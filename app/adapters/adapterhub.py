@@ -24,10 +24,10 @@ from typing import Any
 from safetensors.torch import save_file
 
 from app.adapters.archive import PICKLE_SUFFIXES
-from app.adapters.bottleneck import PEFT_TYPE, BottleneckAdapter, load_bottleneck
-from app.adapters.lora import CONFIG_FILE, WEIGHTS_FILE, load_tensors
+from app.adapters.bottleneck_format import PEFT_TYPE, BottleneckAdapter, load_bottleneck
+from app.adapters.lora_format import CONFIG_FILE, WEIGHTS_FILE, load_tensors
 from app.errors import InvalidAdapter
-from app.models.base import BaseSpec
+from app.models.base_lm import BaseSpec
 
 HUB_WEIGHTS = "adapter.safetensors"
 _ACTIVATIONS = {"relu": "relu", "swish": "silu", "silu": "silu", "gelu": "gelu", "tanh": "tanh"}

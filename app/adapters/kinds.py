@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.adapters.bottleneck import PEFT_TYPE as BOTTLENECK_TYPE
-from app.adapters.bottleneck import BottleneckAdapter, load_bottleneck
-from app.adapters.lora import LoraAdapter, load_lora, read_config
-from app.models.base import BaseSpec
+from app.adapters.bottleneck_format import PEFT_TYPE as BOTTLENECK_TYPE
+from app.adapters.bottleneck_format import BottleneckAdapter, load_bottleneck
+from app.adapters.lora_format import LoraAdapter, load_lora, read_config
+from app.models.base_lm import BaseSpec
 
 Adapter = LoraAdapter | BottleneckAdapter
 

@@ -23,11 +23,11 @@ from typing import Any, Literal
 
 from app.adapters.archive import ArchiveLimits, extract_archive
 from app.adapters.kinds import Adapter, load_adapter
-from app.adapters.lora import WEIGHTS_FILE, file_sha256
+from app.adapters.lora_format import WEIGHTS_FILE, file_sha256
 from app.adapters.store import AdapterStore, check_name
 from app.errors import AdapterLoadFailed, AdapterNotFound, Conflict, InvalidAdapter, TaskMismatch
 from app.metrics import Metrics
-from app.models.base import BaseSpec
+from app.models.base_lm import BaseSpec
 
 log = logging.getLogger(__name__)
 _uids = itertools.count(1)

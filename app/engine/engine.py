@@ -35,8 +35,8 @@ from app.engine.types import (
 from app.errors import DeadlineExceeded, EngineFailure, NotReady, QueueFull
 from app.memory import keep_freed_memory
 from app.metrics import Metrics
-from app.models.base import BaseModel
-from app.models.lora import RoutingContext, wrap_linear_layers
+from app.models.base_lm import BaseLM
+from app.models.multi_lora import RoutingContext, wrap_linear_layers
 from app.threads import release_omp_threads
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ _IDLE_WAIT_S = 0.05
 class Engine:
     """Accepts classification/generation work from any thread and runs it batched on its own thread."""
 
-    def __init__(self, base: BaseModel, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, base: BaseLM, settings: Settings, metrics: Metrics) -> None:
         self.base = base
         self.settings = settings
         self.metrics = metrics

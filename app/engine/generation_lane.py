@@ -19,7 +19,7 @@ from app.engine.runner import Runner
 from app.engine.types import GenerateWork, GenerationResult, StreamDelta
 from app.errors import EngineFailure
 from app.metrics import Metrics
-from app.models.lora import BASE_SLOT
+from app.models.multi_lora import BASE_SLOT
 
 log = logging.getLogger(__name__)
 

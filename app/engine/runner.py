@@ -9,8 +9,8 @@ import logging
 import torch
 from prometheus_client import Counter
 
-from app.models.base import BaseModel
-from app.models.lora import Routing, RoutingContext
+from app.models.base_lm import BaseLM
+from app.models.multi_lora import Routing, RoutingContext
 
 
 def last_non_pad_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -56,7 +56,7 @@ class Runner:
     """Owns the model on the engine thread and runs batched forwards for any mix of slots."""
 
     def __init__(
-        self, base: BaseModel, ctx: RoutingContext, failure_limit: int = 3, failures: Counter | None = None
+        self, base: BaseLM, ctx: RoutingContext, failure_limit: int = 3, failures: Counter | None = None
     ) -> None:
         self.base = base
         self.health = ForwardHealth(failure_limit, base.device, failures)

@@ -15,11 +15,11 @@ from collections import OrderedDict
 
 import torch
 
-from app.adapters.bottleneck import BottleneckAdapter
+from app.adapters.bottleneck_format import BottleneckAdapter
 from app.adapters.kinds import Adapter
 from app.adapters.registry import AdapterInfo
 from app.metrics import Metrics
-from app.models.lora import MultiLoraLinear, write_lora
+from app.models.multi_lora import MultiLoraLinear, write_lora
 
 log = logging.getLogger(__name__)
 

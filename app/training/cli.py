@@ -147,7 +147,7 @@ def _default_lr(kind: str, task: str) -> float:
 
 
 def _install(folder: Path, name: str, settings: Settings) -> dict[str, Any]:
-    from app.models.base import read_spec
+    from app.models.base_lm import read_spec
     from app.training.publish import install_into_store
 
     spec = read_spec(settings.base_model, settings.cache_dir)

@@ -13,7 +13,7 @@ import httpx
 from app.adapters.archive import ALLOWED_FILES
 from app.adapters.registry import install_validated
 from app.adapters.store import FilesystemStore
-from app.models.base import BaseSpec
+from app.models.base_lm import BaseSpec
 
 
 class PublishError(RuntimeError):

@@ -29,10 +29,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from app.adapters.lora import LABELS_FILE
-from app.models.base import resolve_device, resolve_model_path
+from app.adapters.lora_format import LABELS_FILE
+from app.models.base_lm import resolve_device, resolve_model_path
 from app.training import data as D
-from app.training.bottleneck import BottleneckConfig, BottleneckModel, get_bottleneck_model
+from app.training.bottleneck_modules import BottleneckConfig, BottleneckModel, get_bottleneck_model
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ import torch
 
 from app.engine.runner import Runner
 from app.engine.slots import DeviceSlots
-from app.models.base import BaseModel, load_base_model
-from app.models.lora import RoutingContext, wrap_linear_layers
+from app.models.base_lm import BaseLM, load_base_model
+from app.models.multi_lora import RoutingContext, wrap_linear_layers
 
 
-def wrapped_model(base_path: Path, cache_dir: Path, slots: int) -> tuple[BaseModel, Runner, DeviceSlots]:
+def wrapped_model(base_path: Path, cache_dir: Path, slots: int) -> tuple[BaseLM, Runner, DeviceSlots]:
     """A fresh base model with its linear layers wrapped, a runner and device slots for it."""
     base = load_base_model(str(base_path), cache_dir, "cpu", "float32")
     ctx = RoutingContext()
@@ -20,7 +20,7 @@ def wrapped_model(base_path: Path, cache_dir: Path, slots: int) -> tuple[BaseMod
     return base, Runner(base, ctx), DeviceSlots(layers, slots, base.device, base.dtype)
 
 
-def last_logits(base: BaseModel, runner: Runner, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
+def last_logits(base: BaseLM, runner: Runner, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
     """Last-token logits [rows, vocab] of right-padded rows (slot, token ids) run in one forward."""
     width = max(len(ids) for _, ids in rows)
     ids = torch.full((len(rows), width), runner.pad_id)

@@ -22,7 +22,7 @@ from app.adapters.kinds import load_adapter
 from app.adapters.registry import AdapterInfo
 from app.cli import main
 from app.errors import InvalidAdapter
-from app.models.base import BaseModel
+from app.models.base_lm import BaseLM
 from tests.conftest import CACHE_DIR, upload_archive
 from tests.helpers.harness import last_logits, wrapped_model
 from tests.helpers.peft_ref import zip_folder
@@ -38,7 +38,7 @@ def reference() -> tuple[list[str], list[list[int]], torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def converted(base_model: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def converted(base_model: BaseLM, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("hub") / "hub-houlsby"
     adapter = convert_adapterhub(FIXTURE, out, base_model.spec)
     assert adapter.kind == "bottleneck" and adapter.target_modules == ["attention", "ffn"]
@@ -49,7 +49,7 @@ def converted(base_model: BaseModel, tmp_path_factory: pytest.TempPathFactory) -
 
 def test_imported_logits_equal_the_adapters_library(
     converted: Path,
-    base_model: BaseModel,
+    base_model: BaseLM,
     base_path: Path,
     reference: tuple[list[str], list[list[int]], torch.Tensor],
 ) -> None:
@@ -68,7 +68,7 @@ def test_imported_logits_equal_the_adapters_library(
 def test_imported_adapter_serves_the_librarys_greedy_tokens(
     converted: Path,
     client: TestClient,
-    base_model: BaseModel,
+    base_model: BaseLM,
     reference: tuple[list[str], list[list[int]], torch.Tensor],
 ) -> None:
     resp = upload_archive(client, "hub-houlsby", zip_folder(converted), "a.zip")
@@ -125,14 +125,14 @@ def _hub_copy(tmp_path: Path, **config: object) -> Path:
     ],
 )
 def test_unsupported_adapterhub_configs_are_refused(
-    change: dict[str, object], needle: str, tmp_path: Path, base_model: BaseModel
+    change: dict[str, object], needle: str, tmp_path: Path, base_model: BaseLM
 ) -> None:
     with pytest.raises(InvalidAdapter) as exc:
         convert_adapterhub(_hub_copy(tmp_path, **change), tmp_path / "out", base_model.spec)
     assert needle in exc.value.message
 
 
-def test_pickle_checkpoints_are_refused(tmp_path: Path, base_model: BaseModel) -> None:
+def test_pickle_checkpoints_are_refused(tmp_path: Path, base_model: BaseLM) -> None:
     folder = _hub_copy(tmp_path)
     (folder / "adapter.safetensors").unlink()
     torch.save({"x": torch.zeros(1)}, folder / "pytorch_adapter.bin")

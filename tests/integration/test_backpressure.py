@@ -15,7 +15,7 @@ from app.config import Settings
 from app.engine.types import SamplingParams
 from app.errors import NotReady
 from app.main import create_app
-from app.models.base import load_base_model
+from app.models.base_lm import load_base_model
 from tests.conftest import CACHE_DIR
 from tests.helpers.peft_ref import GENERATE_PROMPTS, RefAdapter
 

@@ -19,8 +19,8 @@ from app.adapters.kinds import load_adapter
 from app.adapters.registry import AdapterInfo
 from app.engine.runner import Runner
 from app.engine.slots import DeviceSlots
-from app.models.base import BaseModel
-from app.models.lora import BASE_SLOT
+from app.models.base_lm import BaseLM
+from app.models.multi_lora import BASE_SLOT
 from tests.conftest import CACHE_DIR, snapshot, upload_archive
 from tests.helpers.bottleneck_ref import BottleneckRef, make_bottleneck, reference_model
 from tests.helpers.harness import last_logits, wrapped_model
@@ -30,7 +30,7 @@ LABELS = ["negative", "positive", "neutral"]
 
 
 @pytest.fixture(scope="module")
-def bottlenecks(base_model: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, BottleneckRef]:
+def bottlenecks(base_model: BaseLM, tmp_path_factory: pytest.TempPathFactory) -> dict[str, BottleneckRef]:
     hidden, n = base_model.spec.hidden_size, base_model.model.config.num_hidden_layers
     out = tmp_path_factory.mktemp("bottlenecks")
     refs = [
@@ -124,12 +124,12 @@ def test_generation_equals_the_reference(
 
 
 @pytest.fixture(scope="module")
-def wrapped(base_path: Path) -> tuple[BaseModel, Runner, DeviceSlots]:
+def wrapped(base_path: Path) -> tuple[BaseLM, Runner, DeviceSlots]:
     return wrapped_model(base_path, CACHE_DIR, 8)
 
 
 def test_mixed_batch_of_lora_bottleneck_and_base_rows_equals_each_alone(
-    wrapped: tuple[BaseModel, Runner, DeviceSlots],
+    wrapped: tuple[BaseLM, Runner, DeviceSlots],
     bottlenecks: dict[str, BottleneckRef],
     ref_adapters: dict[str, RefAdapter],
     base_path: Path,

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.engine.generation import GenerationBatch
 from app.main import create_app
-from app.models.base import load_base_model
+from app.models.base_lm import load_base_model
 from tests.conftest import CACHE_DIR, serve_live
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GENERATE_PROMPTS, RefAdapter
 

@@ -7,28 +7,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.adapters.lora import load_lora
+from app.adapters.lora_format import load_lora
 from app.adapters.registry import AdapterInfo
 from app.engine.runner import Runner
 from app.engine.slots import DeviceSlots
-from app.models.base import BaseModel, load_base_model
-from app.models.lora import BASE_SLOT, RoutingContext, wrap_linear_layers
+from app.models.base_lm import BaseLM, load_base_model
+from app.models.multi_lora import BASE_SLOT, RoutingContext, wrap_linear_layers
 from tests.conftest import CACHE_DIR
 from tests.helpers.harness import last_logits, wrapped_model
 from tests.helpers.peft_ref import GENERATE_PROMPTS, RefAdapter
 
 
 @pytest.fixture(scope="module")
-def wrapped(base_path: Path) -> tuple[BaseModel, Runner, DeviceSlots]:
+def wrapped(base_path: Path) -> tuple[BaseLM, Runner, DeviceSlots]:
     return wrapped_model(base_path, CACHE_DIR, 4)
 
 
-def _info(base: BaseModel, ref: RefAdapter) -> AdapterInfo:
+def _info(base: BaseLM, ref: RefAdapter) -> AdapterInfo:
     return AdapterInfo.from_adapter(ref.name, load_lora(ref.folder, base.spec, 64))
 
 
 def test_mixed_generation_batch_equals_rows_alone_and_peft(
-    wrapped: tuple[BaseModel, Runner, DeviceSlots], ref_adapters: dict[str, RefAdapter]
+    wrapped: tuple[BaseLM, Runner, DeviceSlots], ref_adapters: dict[str, RefAdapter]
 ) -> None:
     base, runner, slots = wrapped
     refs = [ref_adapters[n] for n in ("gen-qv-r8", "gen-all-rslora", "gen-pattern")]
@@ -55,7 +55,7 @@ def test_mixed_generation_batch_equals_rows_alone_and_peft(
 
 
 def test_mixed_classification_batch_equals_rows_alone(
-    wrapped: tuple[BaseModel, Runner, DeviceSlots], ref_adapters: dict[str, RefAdapter]
+    wrapped: tuple[BaseLM, Runner, DeviceSlots], ref_adapters: dict[str, RefAdapter]
 ) -> None:
     base, runner, slots = wrapped
     refs = [ref_adapters["cls-4"], ref_adapters["cls-pattern"]]
@@ -72,7 +72,7 @@ def test_mixed_classification_batch_equals_rows_alone(
 
 
 def test_unload_frees_the_slot_and_zeroes_banks(
-    wrapped: tuple[BaseModel, Runner, DeviceSlots], ref_adapters: dict[str, RefAdapter]
+    wrapped: tuple[BaseLM, Runner, DeviceSlots], ref_adapters: dict[str, RefAdapter]
 ) -> None:
     base, _runner, slots = wrapped
     info = _info(base, ref_adapters["gen-qv-r8"])
@@ -85,7 +85,7 @@ def test_unload_frees_the_slot_and_zeroes_banks(
 
 
 def test_unload_and_compaction_free_device_memory_and_keep_results(
-    wrapped: tuple[BaseModel, Runner, DeviceSlots], ref_adapters: dict[str, RefAdapter]
+    wrapped: tuple[BaseLM, Runner, DeviceSlots], ref_adapters: dict[str, RefAdapter]
 ) -> None:
     """Unloading returns the bank memory (compaction moves the survivor down); outputs stay exact."""
     base, runner, slots = wrapped

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from app.config import Settings
 from app.main import create_app
-from app.models.base import load_base_model
+from app.models.base_lm import load_base_model
 from tests.conftest import CACHE_DIR
 from tests.helpers.peft_ref import GEN_TOKENS, GENERATE_PROMPTS, RefAdapter, peft_greedy
 

@@ -18,7 +18,7 @@ from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.types import GenerationResult, SamplingParams
 from app.main import create_app
-from app.models.base import load_base_model
+from app.models.base_lm import load_base_model
 from tests.conftest import ADMIN_TOKEN, CACHE_DIR, admin_headers
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GEN_TOKENS, GENERATE_PROMPTS, RefAdapter, zip_folder
 
@@ -241,7 +241,7 @@ def test_host_tier_keeps_its_byte_budget_in_lru_order_and_keeps_pinned(
     base_model: Any, ref_adapters: dict[str, RefAdapter], tmp_path: Path
 ) -> None:
     from app.adapters.archive import ArchiveLimits
-    from app.adapters.lora import load_lora
+    from app.adapters.lora_format import load_lora
     from app.adapters.registry import AdapterRegistry
     from app.adapters.store import FilesystemStore
     from app.metrics import Metrics

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
 from app.cli import main
-from app.models.base import BaseModel
+from app.models.base_lm import BaseLM
 from app.training.publish import install_into_store, upload
 from app.training.trainer import TrainOptions, train
 from tests.conftest import ADMIN_TOKEN, CACHE_DIR, upload_archive
@@ -133,7 +133,7 @@ def test_classify_training_serves_the_trained_predictions(
 
 
 def test_generate_training_serves_the_trained_text(
-    qa_jsonl: Path, tmp_path: Path, client: TestClient, base_model: BaseModel
+    qa_jsonl: Path, tmp_path: Path, client: TestClient, base_model: BaseLM
 ) -> None:
     result = train(_opts("generate", qa_jsonl, tmp_path / "gen", val_fraction=0.25))
     metrics = result.metrics
@@ -243,7 +243,7 @@ def test_bad_data_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], topi
     assert "--target-modules 'qq_proj'" in err
 
 
-def test_chat_examples_take_the_loss_on_assistant_turns_only(base_model: BaseModel) -> None:
+def test_chat_examples_take_the_loss_on_assistant_turns_only(base_model: BaseLM) -> None:
     from app.training.data import encode_chat
 
     tok = base_model.tokenizer
@@ -263,7 +263,7 @@ def test_chat_examples_take_the_loss_on_assistant_turns_only(base_model: BaseMod
 
 
 def test_bottleneck_training_serves_the_trained_predictions(
-    topic_csv: Path, qa_jsonl: Path, tmp_path: Path, client: TestClient, base_model: BaseModel
+    topic_csv: Path, qa_jsonl: Path, tmp_path: Path, client: TestClient, base_model: BaseLM
 ) -> None:
     # classification: Houlsby placement (attention and feed-forward) and a fresh head
     result = train(

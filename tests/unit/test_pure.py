@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.adapters.lora import check_config, pattern_key
+from app.adapters.lora_format import check_config, pattern_key
 from app.engine.runner import last_non_pad_index
 from app.engine.sampling import find_stop, make_generator, select_tokens, top_p_filter
 from app.errors import (
@@ -19,8 +19,8 @@ from app.errors import (
     status_of,
     to_response,
 )
-from app.models.base import model_id_for
-from app.models.lora import Routing
+from app.models.base_lm import model_id_for
+from app.models.multi_lora import Routing
 
 
 @pytest.mark.parametrize(
@@ -119,9 +119,9 @@ def test_model_id_strips_quantization_suffix() -> None:
 
 
 def test_bottleneck_config_sites_sizes_and_refusals() -> None:
-    from app.adapters.bottleneck import check_bottleneck_config, sites
+    from app.adapters.bottleneck_format import check_bottleneck_config, sites
     from app.errors import InvalidAdapter
-    from app.models.base import BaseSpec
+    from app.models.base_lm import BaseSpec
 
     shapes = {}
     for i in range(2):

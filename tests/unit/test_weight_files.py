@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from app.adapters import files
-from app.models.lora import MultiLoraLinear, RoutingContext, write_lora
+from app.models.multi_lora import MultiLoraLinear, RoutingContext, write_lora
 
 MOUNTINFO = """\
 22 27 0:21 / /proc rw,relatime - proc proc rw

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from app.models.bottleneck import BottleneckBank
+from app.models.bottleneck_bank import BottleneckBank
 from app.models.routing import BASE_SLOT, Routing, RoutingContext
 from app.threads import ReleasingExecutor
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from app.adapters.files import read_float_tensors
 from app.errors import InvalidAdapter
-from app.models.base import BaseSpec
+from app.models.base_lm import BaseSpec
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -3,7 +3,7 @@
 ``get_bottleneck_model(model, config)`` freezes the base, attaches one small residual MLP after the
 attention and/or feed-forward output layer of every block (forward hooks: the base's modules stay
 as they are), leaves a classification head trainable, and ``save_pretrained`` writes the folder
-format that the server reads (see :mod:`app.adapters.bottleneck`).
+format that the server reads (see :mod:`app.adapters.bottleneck_format`).
 
 Why not AdapterHub's ``adapters`` library: its releases pin transformers 4.x, while this project
 pins transformers 5; the modules are a few lines, and the served format is ours either way.
@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from app.adapters.bottleneck import PEFT_TYPE, PLACEMENTS, sites
-from app.adapters.lora import CONFIG_FILE, WEIGHTS_FILE
-from app.models.base import spec_of
-from app.models.bottleneck import ACTIVATION_FNS
+from app.adapters.bottleneck_format import PEFT_TYPE, PLACEMENTS, sites
+from app.adapters.lora_format import CONFIG_FILE, WEIGHTS_FILE
+from app.models.base_lm import spec_of
+from app.models.bottleneck_bank import ACTIVATION_FNS
 
 
 @dataclass

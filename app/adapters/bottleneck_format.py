@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from app.adapters.lora import (
+from app.adapters.lora_format import (
     CONFIG_FILE,
     TASKS,
     WEIGHTS_FILE,
@@ -40,7 +40,7 @@ from app.adapters.lora import (
     read_head,
 )
 from app.errors import InvalidAdapter
-from app.models.base import BaseSpec
+from app.models.base_lm import BaseSpec
 
 PEFT_TYPE = "BOTTLENECK"
 PLACES = ("attention", "ffn")

@@ -39,7 +39,7 @@ class BaseSpec:
 
 
 @dataclass
-class BaseModel:
+class BaseLM:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     spec: BaseSpec
@@ -148,7 +148,7 @@ def read_spec(base_model: str, cache_dir: Path) -> BaseSpec:
     return spec_of(skeleton, model_id)
 
 
-def load_base_model(base_model: str, cache_dir: Path, device: str, dtype: str) -> BaseModel:
+def load_base_model(base_model: str, cache_dir: Path, device: str, dtype: str) -> BaseLM:
     """Load the frozen base model (eval mode, no gradients) on the resolved device and dtype."""
     path, model_id = resolve_model_path(base_model, cache_dir)
     dev = resolve_device(device)
@@ -162,4 +162,4 @@ def load_base_model(base_model: str, cache_dir: Path, device: str, dtype: str) -
         tokenizer.pad_token = tokenizer.eos_token
     spec = spec_of(model, model_id)
     log.info("base model %s loaded from %s on %s (%s)", model_id, path, dev, dt)
-    return BaseModel(model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt, path=path)
+    return BaseLM(model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt, path=path)
