@@ -14,7 +14,9 @@ from dataclasses import replace
 from typing import Any
 
 from app.adapters.registry import AdapterRegistry
-from app.api.openai_schemas import (
+from app.engine.types import GenerationResult, StreamDelta
+from app.errors import AdapterNotFound, AdapterServeError, InvalidRequest, openai_error_body, status_of
+from app.protocol.openai import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -26,8 +28,6 @@ from app.api.openai_schemas import (
     ModelList,
     Usage,
 )
-from app.engine.types import GenerationResult, StreamDelta
-from app.errors import AdapterNotFound, AdapterServeError, InvalidRequest, openai_error_body, status_of
 from app.service import Generation, GenerationInput, InferenceService, sse
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature 0 for greedy decoding

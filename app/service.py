@@ -14,15 +14,6 @@ from transformers import PreTrainedTokenizerBase
 
 from app.adapters.kinds import Adapter
 from app.adapters.registry import AdapterInfo, AdapterRegistry
-from app.api.schemas import (
-    ClassifyRequest,
-    ClassifyResponse,
-    ClassifyResult,
-    ClassifyUsage,
-    GenerateRequest,
-    GenerateResponse,
-    GenerateUsage,
-)
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.types import GenerateWork, GenerationResult, SamplingParams, StreamDelta
@@ -33,6 +24,15 @@ from app.errors import (
     InvalidRequest,
     TooManyStreams,
     error_body,
+)
+from app.protocol.native import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyResult,
+    ClassifyUsage,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateUsage,
 )
 
 DEFAULT_NEW_TOKENS = 128

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from app.api.deps import ApiKeyDep, RegistryDep
 from app.api.responses import READ, error_responses
-from app.api.schemas import AdapterList, AdapterOut
+from app.protocol.native import AdapterList, AdapterOut
 
 router = APIRouter(tags=["adapters"], dependencies=[ApiKeyDep], responses=error_responses(READ))
 

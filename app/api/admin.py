@@ -11,8 +11,8 @@ from starlette.datastructures import UploadFile
 
 from app.api.deps import AdminDep, RegistryDep, SettingsDep
 from app.api.responses import ADMIN, error_responses
-from app.api.schemas import AdapterOut
 from app.errors import InvalidRequest, UploadTooLarge
+from app.protocol.native import AdapterOut
 from app.service import load_on_device
 
 router = APIRouter(tags=["admin"], dependencies=[AdminDep], responses=error_responses(ADMIN))

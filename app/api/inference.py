@@ -7,7 +7,7 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import ApiKeyDep, ServiceDep
 from app.api.responses import INFERENCE, error_responses
-from app.api.schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
+from app.protocol.native import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKeyDep], responses=error_responses(INFERENCE))
 

@@ -9,7 +9,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import ApiKeyDep, state
-from app.api.openai_schemas import (
+from app.api.responses import OPENAI, error_responses
+from app.openai_service import OpenAIService
+from app.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
@@ -17,8 +19,6 @@ from app.api.openai_schemas import (
     ModelCard,
     ModelList,
 )
-from app.api.responses import OPENAI, error_responses
-from app.openai_service import OpenAIService
 
 router = APIRouter(
     prefix="/v1", tags=["openai"], dependencies=[ApiKeyDep], responses=error_responses(OPENAI, openai=True)

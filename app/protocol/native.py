@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+MAX_STOP = 8  # stop strings per request (native and OpenAI routes)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as documented: no "5" or true for 5
@@ -73,8 +75,8 @@ class GenerateRequest(_Strict):
             raise ValueError("messages must not be empty")
         if self.prompt is not None and not self.prompt:
             raise ValueError("prompt must not be empty")
-        if len(self.stop_list) > 8 or any(not s for s in self.stop_list):
-            raise ValueError("stop takes at most 8 non-empty strings")
+        if len(self.stop_list) > MAX_STOP or any(not s for s in self.stop_list):
+            raise ValueError(f"stop takes at most {MAX_STOP} non-empty strings")
         return self
 
     @property

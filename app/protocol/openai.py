@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_STOP = 8
+from app.protocol.native import MAX_STOP
 
 
 class _Strict(BaseModel):

@@ -1,0 +1,1 @@
+"""Wire schemas of the HTTP API, shared by the routes (app.api) and the serving layer."""
