@@ -37,7 +37,9 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from app.main import create_app
+    from app.platform import tune_process
 
+    tune_process(keep_freed=settings.keep_freed_memory)
     app = create_app(settings)
 
     class DrainingServer(uvicorn.Server):

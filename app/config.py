@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank accepted")
 
     keep_freed_memory: bool = Field(
-        True, description="keep freed memory mapped for reuse (glibc malloc thresholds; see app/memory.py)"
+        True, description="keep freed memory mapped for reuse (glibc malloc thresholds; see app/platform.py)"
     )
 
     # --- server -----------------------------------------------------------------------------

@@ -89,6 +89,18 @@ class Conflict(AdapterServeError):
     type = "conflict"
 
 
+class DeviceBusy(AdapterServeError):
+    """No device slot can be freed now: every resident adapter is in use or pinned (transient)."""
+
+    type = "device_busy"
+
+
+class PinFailed(AdapterServeError):
+    """The adapter to pin cannot be loaded from the store (its files are damaged); re-upload it."""
+
+    type = "pin_failed"
+
+
 STATUS: dict[type[AdapterServeError], int] = {
     InvalidRequest: 422,
     InvalidAdapter: 400,
@@ -98,6 +110,8 @@ STATUS: dict[type[AdapterServeError], int] = {
     AdapterNotFound: 404,
     TaskMismatch: 409,
     Conflict: 409,
+    PinFailed: 409,
+    DeviceBusy: 503,
     UploadTooLarge: 413,
     EngineFailure: 500,
     AdapterLoadFailed: 500,

@@ -23,8 +23,8 @@ from app.logs import REQUEST_ID_HEADER, log_request, request_id
 from app.metrics import Metrics
 from app.models.base_lm import BaseLM, load_base_model
 from app.openai_service import OpenAIService
-from app.service import InferenceService, load_on_device
-from app.threads import ReleasingExecutor
+from app.platform import ReleasingExecutor
+from app.service import InferenceService, load_on_device, pin
 
 log = logging.getLogger(__name__)
 _UNMEASURED = {"/metrics"}
@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # helper threads give their OpenMP teams back after each job (app/threads.py)
+        # helper threads give their OpenMP teams back after each job (app/platform.py)
         asyncio.get_running_loop().set_default_executor(
             ReleasingExecutor(thread_name_prefix="adapterserve-io")
         )
@@ -113,9 +113,13 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
                 )
         engine = Engine(model, settings, metrics)
         registry.on_retire = engine.retire
+        registry.device_uids = engine.device_uids
         engine.start()
-        for name in dict.fromkeys([*settings.pin_names, *settings.preload_names]):
-            await load_on_device(registry, engine, name)
+        for name in settings.pin_names:
+            await pin(registry, engine, name, limit=settings.max_device_adapters - 1)
+        for name in settings.preload_names:
+            if name not in settings.pin_names:
+                await load_on_device(registry, engine, name)
         app.state.model_id = model.spec.model_id
         app.state.registry = registry
         app.state.engine = engine

@@ -14,14 +14,16 @@ from transformers import PreTrainedTokenizerBase
 
 from app.adapters.kinds import Adapter
 from app.adapters.registry import AdapterInfo, AdapterRegistry
+from app.adapters.version import AdapterVersion
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.types import GenerateWork, GenerationResult, SamplingParams, StreamDelta
 from app.errors import (
+    AdapterLoadFailed,
     AdapterServeError,
     DeadlineExceeded,
-    EngineFailure,
     InvalidRequest,
+    PinFailed,
     TooManyStreams,
     error_body,
 )
@@ -36,6 +38,7 @@ from app.protocol.native import (
 )
 
 DEFAULT_NEW_TOKENS = 128
+STREAM_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,10 @@ class Generation:
     prompt_ids: list[int]
     params: SamplingParams
 
+    @property
+    def version(self) -> AdapterVersion | None:
+        return self.info.handle if self.info is not None else None
+
 
 def sse(payload: dict[str, Any]) -> str:
     """One server-sent event carrying a JSON payload."""
@@ -85,7 +92,29 @@ def sse(payload: dict[str, Any]) -> str:
 async def load_on_device(registry: AdapterRegistry, engine: Engine, name: str) -> AdapterInfo:
     """Bring the current version of ``name`` into host memory and a device slot now."""
     info, weights = await asyncio.to_thread(registry.load, name)
-    await engine.command("load", (info, weights))
+    await engine.load(info.handle, weights)
+    return info
+
+
+async def pin(registry: AdapterRegistry, engine: Engine, name: str, limit: int) -> AdapterInfo:
+    """Pin ``name``: load it into a device slot now and keep it in host and device memory.
+
+    The pin is recorded only once the adapter is loaded: when the store's files cannot be read
+    (:class:`PinFailed`, 409) or no slot can be freed (:class:`DeviceBusy`, 503), nothing changes.
+    """
+    registry.check_pin(name, limit)
+    try:
+        info, weights = await asyncio.to_thread(registry.load, name)
+    except AdapterLoadFailed as exc:
+        raise PinFailed(f"cannot pin: {exc.message}; upload the adapter again", param="name") from exc
+    await engine.pin(info.handle, weights)
+    return registry.set_pinned(name, True)
+
+
+async def unpin(registry: AdapterRegistry, engine: Engine, name: str) -> AdapterInfo:
+    """Unpin ``name``: it stays resident until least recently used."""
+    info = registry.set_pinned(name, False)
+    await engine.unpin(name)
     return info
 
 
@@ -151,7 +180,7 @@ class InferenceService:
         ids = await asyncio.to_thread(lambda: [self._encode(t, "inputs") for t in texts])
         info, weights = await self.adapter(req.adapter, "classify")
         self.registry.touch(info)
-        probs = await self.engine.classify(info, ids, weights)
+        probs = await self.engine.classify(info.handle, ids, weights)
         labels = info.labels
         results = []
         for row in probs:
@@ -204,7 +233,7 @@ class InferenceService:
     async def run(self, gens: list[Generation]) -> list[GenerationResult]:
         """Run generations concurrently (they share the engine's batches); one failure cancels all."""
         tasks = [
-            asyncio.ensure_future(self.engine.generate(g.info, g.prompt_ids, g.params, g.weights))
+            asyncio.ensure_future(self.engine.generate(g.version, g.prompt_ids, g.params, g.weights))
             for g in gens
         ]
         try:
@@ -235,7 +264,7 @@ class InferenceService:
         try:
             for i, g in enumerate(gens):
                 works.append(
-                    self.engine.submit_stream(g.info, g.prompt_ids, g.params, sink_for(i), g.weights)
+                    self.engine.submit_stream(g.version, g.prompt_ids, g.params, sink_for(i), g.weights)
                 )
         except BaseException:
             for work in works:
@@ -248,7 +277,9 @@ class InferenceService:
         self, works: list[GenerateWork], deltas: asyncio.Queue[tuple[int, StreamDelta]]
     ) -> AsyncIterator[tuple[int, StreamDelta]]:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.request_timeout_s
+        # the engine ends each row at its deadline (with its tokens, or a 504 error event); this
+        # later one only guards against an engine step that never returns
+        deadline = loop.time() + self.settings.request_timeout_s + STREAM_GRACE_S
         pending = len(works)
         try:
             while pending:
@@ -259,7 +290,7 @@ class InferenceService:
                         f"request did not finish within {self.settings.request_timeout_s:g} s"
                     ) from exc
                 if delta.error is not None:
-                    raise EngineFailure(delta.error)
+                    raise delta.error
                 if delta.result is not None:
                     pending -= 1
                 yield index, delta

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from app.adapters.lora_format import load_lora
-from app.adapters.registry import AdapterInfo
 from app.config import Settings
 from app.engine.generation import GenerationBatch
 from app.engine.runner import Runner
@@ -29,6 +28,7 @@ from app.engine.types import GenerateWork, SamplingParams
 from app.models.base_lm import load_base_model
 from app.models.multi_lora import BASE_SLOT, RoutingContext, wrap_linear_layers
 from bench.common import PROMPT, make_peft, save_adapters
+from tests.helpers.versions import held
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
     runner = Runner(base, ctx)
     slots = DeviceSlots(wrap_linear_layers(base.model, ctx), args.rows, base.device, base.dtype)
     adapters = [load_lora(f, base.spec, 64) for f in folders]
-    infos = [AdapterInfo.from_adapter(f.name, a) for f, a in zip(folders, adapters, strict=True)]
+    infos = [held(f.name, a) for f, a in zip(folders, adapters, strict=True)]
     slot_ids = [slots.acquire(i, a, {x.uid for x in infos}) for i, a in zip(infos, adapters, strict=True)]
     shutil.rmtree(tmp, ignore_errors=True)  # the weights are in the slots now
     tok = base.tokenizer
@@ -61,11 +61,11 @@ def main() -> None:
             (GenerateWork(adapter=None, weights=None, prompt=p, params=params), s)
             for p, s in zip(prompts, slot_of, strict=True)
         ]
-        batch = GenerationBatch.start(runner, works)
-        while batch.prefill_chunk(4096, decode) is None:
+        batch = GenerationBatch.start(runner, works, decode)
+        while batch.prefill_chunk(4096) is None:
             pass
         for _ in range(3):
-            batch.step(decode)
+            batch.step()
         return batch
 
     decode = lambda ids: str(tok.decode(ids))  # noqa: E731
@@ -79,7 +79,7 @@ def main() -> None:
         for name, batch in configs.items():
             start = time.perf_counter()
             for _ in range(args.steps):
-                batch.step(decode)
+                batch.step()
             times[name].append((time.perf_counter() - start) / args.steps * 1000)
     base_ms, single_ms, mixed_ms = (statistics.median(t) for t in times.values())
     adapter_bytes = sum(a.numel() * 4 + b.numel() * 4 for a, b, _ in adapters[0].weights.values())

@@ -36,9 +36,9 @@ from app.adapters.store import FilesystemStore
 from app.config import Settings
 from app.engine.slots import DeviceSlots
 from app.main import create_app
-from app.memory import keep_freed_memory
 from app.models.base_lm import BaseLM, load_base_model
 from app.models.multi_lora import RoutingContext, wrap_linear_layers
+from app.platform import keep_freed_memory
 from bench.common import make_peft, pct, save_adapters
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
@@ -101,7 +101,7 @@ def cold_loads(base: BaseLM, tmp: Path, repeats: int) -> None:
                 t0 = time.perf_counter()
                 info, weights = registry.load(name)
                 t1 = time.perf_counter()
-                slots.acquire(info, weights, set())
+                slots.acquire(info.handle, weights, set())
                 if base.device.type == "cuda":
                     torch.cuda.synchronize(base.device)
                 t2 = time.perf_counter()
@@ -110,8 +110,8 @@ def cold_loads(base: BaseLM, tmp: Path, repeats: int) -> None:
                 total.append((t2 - t0) * 1000)
             row = [f"{pct(v, 0.5):.1f} / {pct(v, 0.99):.1f}" for v in (host, device, total)]
             print(f"| rank {rank} all-linear | {size / 1e6:.1f} | {regime} | {' | '.join(row)} |", flush=True)
-            for info in slots.lru_order():
-                slots.unload(info.uid)
+            for version in slots.lru_order():
+                slots.unload(version.uid)
             slots.compact()
             del registry, weights
 

@@ -28,16 +28,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from app.adapters.kinds import load_adapter
-from app.adapters.registry import AdapterInfo
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.runner import last_non_pad_index
 from app.engine.types import SamplingParams
-from app.memory import keep_freed_memory
 from app.metrics import Metrics
 from app.models.base_lm import BaseLM, load_base_model
-from app.threads import release_omp_threads
+from app.platform import keep_freed_memory, release_omp_threads
 from bench.common import PROMPT, TEXT, make_peft, save_adapters, save_bottlenecks
+from tests.helpers.versions import HeldVersion, held
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 COUNTS = [1, 16, 64]
@@ -115,14 +114,18 @@ class Bench:
 
         return Config(run)
 
-    def engine_classify(self, infos: list[AdapterInfo]) -> Config:
+    async def _classify(self, v: HeldVersion, ids: list[int]) -> list[list[float]]:
+        return await self.engine.classify(v, [ids], v.weights)
+
+    async def _generate(self, v: HeldVersion | None, prompt: list[int], params: SamplingParams) -> Any:
+        return await self.engine.generate(v, prompt, params, v.weights if v is not None else None)
+
+    def engine_classify(self, infos: list[HeldVersion]) -> Config:
         ids = [self.tok(t)["input_ids"] for t in self.texts]
         batch, k = self.args.batch, len(infos)
 
         async def one_round(r: int) -> int:
-            await asyncio.gather(
-                *(self.engine.classify(infos[(r * batch + i) % k], [ids[i]]) for i in range(batch))
-            )
+            await asyncio.gather(*(self._classify(infos[(r * batch + i) % k], ids[i]) for i in range(batch)))
             return batch
 
         return Config(lambda r: asyncio.run(one_round(r)), warmup=-(-k // batch))
@@ -149,14 +152,14 @@ class Bench:
 
         return Config(swapped if swap else mixed)
 
-    def engine_generate(self, infos: list[AdapterInfo | None]) -> Config:
+    def engine_generate(self, infos: list[HeldVersion | None]) -> Config:
         prompts = [self.tok(f"{i} {PROMPT}")["input_ids"] for i in range(self.args.gen_requests)]
         n, k = self.args.gen_requests, len(infos)
         params = SamplingParams(max_new_tokens=self.args.new_tokens, ignore_eos=True)
 
         async def one_round(r: int) -> int:
             results = await asyncio.gather(
-                *(self.engine.generate(infos[(r * n + i) % k], prompts[i], params) for i in range(n))
+                *(self._generate(infos[(r * n + i) % k], prompts[i], params) for i in range(n))
             )
             return sum(len(res.token_ids) for res in results)
 
@@ -186,8 +189,8 @@ class Bench:
         return Config(swapped if swap else batched)
 
     # --- driver -----------------------------------------------------------------------------
-    def infos(self, folders: list[Path]) -> list[AdapterInfo]:
-        return [AdapterInfo.from_adapter(f.name, load_adapter(f, self.base.spec, 64)) for f in folders]
+    def infos(self, folders: list[Path]) -> list[HeldVersion]:
+        return [held(f.name, load_adapter(f, self.base.spec, 64)) for f in folders]
 
     def run_engine(self, out: Path) -> dict[str, dict[str, list[float]]]:
         """This engine, and the bare base on the same (wrapped, adapter-free) model, in turns."""

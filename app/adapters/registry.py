@@ -10,7 +10,7 @@ lock and different names proceed in parallel.
 
 from __future__ import annotations
 
-import itertools
+import difflib
 import logging
 import shutil
 import threading
@@ -25,18 +25,20 @@ from app.adapters.archive import ArchiveLimits, extract_archive
 from app.adapters.kinds import Adapter, load_adapter
 from app.adapters.lora_format import WEIGHTS_FILE, file_sha256
 from app.adapters.store import AdapterStore, check_name
+from app.adapters.version import AdapterVersion
 from app.errors import AdapterLoadFailed, AdapterNotFound, Conflict, InvalidAdapter, TaskMismatch
 from app.metrics import Metrics
 from app.models.base_lm import BaseSpec
 
 log = logging.getLogger(__name__)
-_uids = itertools.count(1)
 _SUMMARY_KEYS = ("task", "kind", "rank", "alpha", "target_modules", "labels", "num_params", "size_bytes")
 
 
 @dataclass
 class AdapterInfo:
-    """One version of one adapter. ``uid`` is unique per version in this process."""
+    """The registry's record of the current version of one adapter (API side; the engine gets the
+    immutable :attr:`handle`). Written only by the registry under the name's lock, except the usage
+    counters, which :meth:`AdapterRegistry.touch` bumps."""
 
     name: str
     version: int
@@ -50,33 +52,29 @@ class AdapterInfo:
     size_bytes: int  # bytes of the validated weights in memory
     sha256: str
     kind: Literal["lora", "bottleneck"] = "lora"
-    uid: int = field(default_factory=lambda: next(_uids))
     weights: Adapter | None = field(default=None, repr=False)  # set while in the host tier
-    on_device: bool = False  # set by the engine's device slots
     pinned: bool = False
     last_used: float | None = None
     request_count: int = 0
+    handle: AdapterVersion = field(init=False, repr=False)
 
-    @classmethod
-    def from_adapter(
-        cls, name: str, adapter: Adapter, version: int = 1, created_at: float = 0.0, sha256: str = ""
-    ) -> AdapterInfo:
-        return cls(
-            name=name,
-            version=version,
-            created_at=created_at,
-            sha256=sha256,
-            weights=adapter,
-            **summarize(adapter),
+    def __post_init__(self) -> None:
+        self.handle = AdapterVersion(
+            name=self.name,
+            version=self.version,
+            task=self.task,
+            kind=self.kind,
+            labels=tuple(self.labels),
+            size_bytes=self.size_bytes,
         )
 
     @property
-    def tier(self) -> Literal["store", "host", "device"]:
-        if self.on_device:
-            return "device"
-        return "host" if self.weights is not None else "store"
+    def uid(self) -> int:
+        return self.handle.uid
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, on_device: bool = False) -> dict[str, Any]:
+        """The public description; ``on_device``: whether the engine reports this version resident."""
+        tier = "device" if on_device else "host" if self.weights is not None else "store"
         return {
             "name": self.name,
             "task": self.task,
@@ -90,7 +88,7 @@ class AdapterInfo:
             "sha256": self.sha256,
             "version": self.version,
             "created_at": self.created_at,
-            "tier": self.tier,
+            "tier": tier,
             "pinned": self.pinned,
             "last_used": self.last_used,
             "request_count": self.request_count,
@@ -154,7 +152,9 @@ class AdapterRegistry:
         self._guard = threading.Lock()  # protects the host LRU and the lock table
         self._host: OrderedDict[int, AdapterInfo] = OrderedDict()  # least recently used first
         self._host_bytes = 0
-        self.on_retire: Callable[[AdapterInfo], None] = lambda info: None
+        # wired to the engine by the app: versions replaced or deleted, and the versions it holds
+        self.on_retire: Callable[[AdapterVersion], None] = lambda version: None
+        self.device_uids: Callable[[], frozenset[int]] = frozenset
 
     def _lock(self, name: str) -> threading.Lock:
         with self._guard:
@@ -210,8 +210,16 @@ class AdapterRegistry:
     def get(self, name: str) -> AdapterInfo:
         info = self._infos.get(name)
         if info is None:
-            raise AdapterNotFound(f"adapter {name!r} not found", param="adapter")
+            close = difflib.get_close_matches(name, list(self._infos), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise AdapterNotFound(
+                f"adapter {name!r} not found{hint} (GET /v1/adapters lists them)", param="adapter"
+            )
         return info
+
+    def describe(self, info: AdapterInfo) -> dict[str, Any]:
+        """``info``'s public description, its tier as the engine reports it now."""
+        return info.describe(on_device=info.uid in self.device_uids())
 
     def for_task(self, name: str, task: Literal["classify", "generate"]) -> AdapterInfo:
         info = self.get(name)
@@ -333,7 +341,7 @@ class AdapterRegistry:
             self._host_add(info, adapter)
         self._update_store_gauges()
         if old is not None:
-            self.on_retire(old)
+            self.on_retire(old.handle)
         log.info("adapter %s version %d installed (%s, rank %d)", name, info.version, info.task, adapter.rank)
         return info
 
@@ -342,21 +350,28 @@ class AdapterRegistry:
             info = self.get(name)
             self.store.delete(name)
             del self._infos[name]
+            self.pinned.discard(name)
             with self._guard:
                 self._host_remove(info)
         self._update_store_gauges()
-        self.on_retire(info)
+        self.on_retire(info.handle)
         log.info("adapter %s deleted", name)
 
-    def set_pinned(self, name: str, pinned: bool, limit: int) -> AdapterInfo:
-        """Pin (never evicted from host or device) or unpin ``name``; at most ``limit`` pinned names."""
+    def check_pin(self, name: str, limit: int) -> AdapterInfo:
+        """``name``'s record if it may be pinned: at most ``limit`` names are pinned (409 otherwise)."""
+        info = self.get(name)
+        if name not in self.pinned and len(self.pinned) >= limit:
+            raise Conflict(
+                f"at most {limit} adapters can be pinned (MAX_DEVICE_ADAPTERS - 1); unpin one first",
+                param="name",
+            )
+        return info
+
+    def set_pinned(self, name: str, pinned: bool) -> AdapterInfo:
+        """Record ``name`` as pinned (never evicted from host memory) or not; the engine keeps the
+        device side of the pin (see :meth:`app.engine.engine.Engine.pin`)."""
         with self._lock(name):
             info = self.get(name)
-            if pinned and name not in self.pinned and len(self.pinned) >= limit:
-                raise Conflict(
-                    f"at most {limit} adapters can be pinned (MAX_DEVICE_ADAPTERS - 1); unpin one first",
-                    param="name",
-                )
             (self.pinned.add if pinned else self.pinned.discard)(name)
             info.pinned = pinned
         return info

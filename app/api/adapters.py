@@ -14,10 +14,10 @@ router = APIRouter(tags=["adapters"], dependencies=[ApiKeyDep], responses=error_
 @router.get("/v1/adapters", response_model=AdapterList)
 async def list_adapters(registry: RegistryDep) -> AdapterList:
     """Every adapter in the store with its task, rank, version and residency."""
-    return AdapterList(adapters=[AdapterOut(**info.describe()) for info in registry.list()])
+    return AdapterList(adapters=[AdapterOut(**registry.describe(info)) for info in registry.list()])
 
 
 @router.get("/v1/adapters/{name}", response_model=AdapterOut)
 async def get_adapter(name: str, registry: RegistryDep) -> AdapterOut:
     """One adapter's metadata."""
-    return AdapterOut(**registry.get(name).describe())
+    return AdapterOut(**registry.describe(registry.get(name)))

@@ -9,11 +9,11 @@ from pathlib import Path
 from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 
-from app.api.deps import AdminDep, RegistryDep, SettingsDep
+from app.api.deps import AdminDep, EngineDep, RegistryDep, SettingsDep
 from app.api.responses import ADMIN, error_responses
 from app.errors import InvalidRequest, UploadTooLarge
 from app.protocol.native import AdapterOut
-from app.service import load_on_device
+from app.service import pin, unpin
 
 router = APIRouter(tags=["admin"], dependencies=[AdminDep], responses=error_responses(ADMIN))
 
@@ -76,29 +76,29 @@ async def upload_adapter(request: Request, registry: RegistryDep, settings: Sett
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         await form.close()
-    return AdapterOut(**info.describe())
+    return AdapterOut(**registry.describe(info))
 
 
 @router.put("/admin/adapters/{name}/pin", response_model=AdapterOut)
 async def pin_adapter(
-    name: str, request: Request, registry: RegistryDep, settings: SettingsDep
+    name: str, registry: RegistryDep, engine: EngineDep, settings: SettingsDep
 ) -> AdapterOut:
-    """Pin an adapter: loaded into a device slot now and never evicted from host or device memory."""
-    request.state.adapter = name
-    info = registry.set_pinned(name, True, limit=settings.max_device_adapters - 1)
-    await load_on_device(registry, request.app.state.engine, name)
-    return AdapterOut(**registry.get(info.name).describe())
+    """Pin an adapter: loaded into a device slot now and never evicted from host or device memory.
+    Fails with nothing changed: 409 when too many are pinned or its stored files cannot be loaded,
+    503 (Retry-After) when every device slot is in use by running requests or pinned."""
+    info = await pin(registry, engine, name, limit=settings.max_device_adapters - 1)
+    return AdapterOut(**registry.describe(info))
 
 
 @router.delete("/admin/adapters/{name}/pin", response_model=AdapterOut)
-async def unpin_adapter(name: str, request: Request, registry: RegistryDep) -> AdapterOut:
+async def unpin_adapter(name: str, registry: RegistryDep, engine: EngineDep) -> AdapterOut:
     """Unpin an adapter: it stays resident until least recently used."""
-    request.state.adapter = name
-    return AdapterOut(**registry.set_pinned(name, False, limit=0).describe())
+    return AdapterOut(**registry.describe(await unpin(registry, engine, name)))
 
 
 @router.delete("/admin/adapters/{name}", status_code=204)
-async def delete_adapter(name: str, registry: RegistryDep) -> Response:
+async def delete_adapter(name: str, registry: RegistryDep, engine: EngineDep) -> Response:
     """Delete an adapter; requests already running on it finish."""
     await asyncio.to_thread(registry.delete, name)
+    await engine.unpin(name)
     return Response(status_code=204)

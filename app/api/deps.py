@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from app.adapters.registry import AdapterRegistry
 from app.config import Settings
+from app.engine.engine import Engine
 from app.errors import AdminDisabled, Forbidden, NotReady, Unauthorized
 from app.service import InferenceService
 
@@ -34,9 +35,14 @@ def get_service(request: Request) -> InferenceService:
     return state(request, "service")  # type: ignore[return-value]
 
 
+def get_engine(request: Request) -> Engine:
+    return state(request, "engine")  # type: ignore[return-value]
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
 ServiceDep = Annotated[InferenceService, Depends(get_service)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
 def _bearer(request: Request) -> str | None:

@@ -1,8 +1,11 @@
 """The engine loop: one thread owns the model; the API side awaits futures.
 
-Each iteration applies pending commands (device loads, retired versions), unloads and compacts
-adapter slots, then runs one classification batch and one step of the generation lane
-(:mod:`app.engine.generation_lane`). Adapter slots are only changed here, between forwards.
+The engine is a loop over two lanes of the same shape (:class:`ClassificationLane`,
+:class:`GenerationLane`: a queue, ``expire``, ``step``). Each iteration applies pending commands
+(typed: load, pin, unpin, retire an adapter version), unloads and compacts adapter slots, ends the
+work whose deadline passed, then steps each lane once: a classification forward, a prefill chunk
+and a decode step. Adapter slots are only changed here, between forwards; the lanes reach them
+through an :class:`Admission` made for their step.
 """
 
 from __future__ import annotations
@@ -12,36 +15,42 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from app.adapters.kinds import Adapter
-from app.adapters.registry import AdapterInfo
+from app.adapters.version import AdapterVersion
 from app.config import Settings
+from app.engine.classification_lane import ClassificationLane
 from app.engine.generation_lane import GenerationLane
 from app.engine.runner import Runner
-from app.engine.slots import DeviceSlots, SlotsExhausted
+from app.engine.slots import Admission, DeviceSlots, SlotsExhausted
 from app.engine.types import (
     ClassifyWork,
     Command,
     GenerateWork,
     GenerationResult,
+    LoadAdapter,
+    PinAdapter,
+    RetireAdapter,
     SamplingParams,
     StreamDelta,
+    StreamSink,
+    UnpinAdapter,
     Work,
 )
-from app.errors import DeadlineExceeded, EngineFailure, NotReady, QueueFull
-from app.memory import keep_freed_memory
+from app.errors import AdapterServeError, DeadlineExceeded, DeviceBusy, EngineFailure, NotReady, QueueFull
 from app.metrics import Metrics
 from app.models.base_lm import BaseLM
 from app.models.multi_lora import RoutingContext, wrap_linear_layers
-from app.threads import release_omp_threads
+from app.platform import release_omp_threads
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_WAIT_S = 0.05
+# the API side waits this much longer than a request's deadline: the engine itself ends the work
+# at its deadline (with the tokens produced so far) after at most one more step
+_DEADLINE_GRACE_S = 30.0
 
 
 class Engine:
@@ -51,8 +60,6 @@ class Engine:
         self.base = base
         self.settings = settings
         self.metrics = metrics
-        if settings.keep_freed_memory:
-            keep_freed_memory()
         self.ctx = RoutingContext()
         self.layers = wrap_linear_layers(base.model, self.ctx)
         self.slots = DeviceSlots(
@@ -64,9 +71,10 @@ class Engine:
             metrics=metrics,
         )
         self.runner = Runner(base, self.ctx, settings.max_consecutive_failures, metrics.forward_failures)
-        self._inbox: queue.Queue[Work] = queue.Queue()
-        self._classify: deque[ClassifyWork] = deque()
-        self.gen = GenerationLane(self.runner, settings, metrics, self._decode, self._admit)
+        self._inbox: queue.Queue[Work | Command] = queue.Queue()
+        self.classification = ClassificationLane(self.runner, settings, metrics)
+        self.gen = GenerationLane(self.runner, settings, metrics, self._decode)
+        self.lanes: tuple[ClassificationLane, GenerationLane] = (self.classification, self.gen)
         self._retired: set[int] = set()  # replaced or deleted versions, unloaded once unused
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -75,7 +83,7 @@ class Engine:
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
         # the OpenMP team of the thread that loaded the model would slow every op of the engine
-        # thread down (app/threads.py)
+        # thread down (app/platform.py)
         release_omp_threads()
         self._thread = threading.Thread(target=self._loop, name="adapterserve-engine", daemon=True)
         self._thread.start()
@@ -84,6 +92,7 @@ class Engine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.slots.close()
 
     @property
     def running(self) -> bool:
@@ -97,21 +106,29 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return self._inbox.qsize() + len(self._classify) + len(self.gen.queue)
+        return self._inbox.qsize() + sum(len(lane.queue) for lane in self.lanes)
+
+    def device_uids(self) -> frozenset[int]:
+        """Adapter versions resident in device slots now (a snapshot, for any thread)."""
+        return self.slots.resident
 
     # --- API side ---------------------------------------------------------------------------
-    def _submit(self, work: Work) -> None:
+    def _submit(self, item: Work | Command) -> None:
         if not self.running or self._stop.is_set():
             raise NotReady("the engine is not running (starting or shutting down)")
-        if not isinstance(work, Command) and self.queue_depth >= self.settings.max_queue:
-            raise QueueFull(f"the request queue is full ({self.settings.max_queue}); retry shortly")
-        self._inbox.put(work)
+        if isinstance(item, ClassifyWork | GenerateWork):
+            if self.queue_depth >= self.settings.max_queue:
+                raise QueueFull(f"the request queue is full ({self.settings.max_queue}); retry shortly")
+            item.deadline = time.monotonic() + self.settings.request_timeout_s
+        self._inbox.put(item)
         self.metrics.queue_depth.set(self.queue_depth)
 
-    async def _await(self, work: ClassifyWork | GenerateWork, fut: Future[T]) -> T:
+    async def _await(self, work: Work, fut: Future[T]) -> T:
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), self.settings.request_timeout_s)
-        except TimeoutError as exc:
+            return await asyncio.wait_for(
+                asyncio.wrap_future(fut), self.settings.request_timeout_s + _DEADLINE_GRACE_S
+            )
+        except TimeoutError as exc:  # the engine did not end the work at its deadline (a stuck step)
             work.cancelled = True
             raise DeadlineExceeded(
                 f"request did not finish within {self.settings.request_timeout_s:g} s"
@@ -121,47 +138,55 @@ class Engine:
             raise
 
     async def classify(
-        self, adapter: AdapterInfo, inputs: list[list[int]], weights: Adapter | None = None
+        self, adapter: AdapterVersion, inputs: list[list[int]], weights: Adapter
     ) -> list[list[float]]:
-        work = ClassifyWork(adapter=adapter, weights=_weights(adapter, weights), inputs=inputs)
+        work = ClassifyWork(adapter=adapter, weights=weights, inputs=inputs)
         self._submit(work)
         return await self._await(work, work.future)
 
     async def generate(
         self,
-        adapter: AdapterInfo | None,
+        adapter: AdapterVersion | None,
         prompt: list[int],
         params: SamplingParams,
         weights: Adapter | None = None,
     ) -> GenerationResult:
-        w = _weights(adapter, weights) if adapter else None
-        work = GenerateWork(adapter=adapter, weights=w, prompt=prompt, params=params)
+        work = GenerateWork(adapter=adapter, weights=weights, prompt=prompt, params=params)
         self._submit(work)
         return await self._await(work, work.future)
 
     def submit_stream(
         self,
-        adapter: AdapterInfo | None,
+        adapter: AdapterVersion | None,
         prompt: list[int],
         params: SamplingParams,
-        sink: Callable[[StreamDelta], None],
+        sink: StreamSink,
         weights: Adapter | None = None,
     ) -> GenerateWork:
         """Queue a streamed generation; deltas go to ``sink`` (called on the engine thread)."""
-        w = _weights(adapter, weights) if adapter else None
-        work = GenerateWork(adapter=adapter, weights=w, prompt=prompt, params=params, sink=sink)
+        work = GenerateWork(adapter=adapter, weights=weights, prompt=prompt, params=params, sink=sink)
         self._submit(work)
         return work
 
-    async def command(self, action: str, arg: Any = None) -> None:
-        cmd = Command(action=action, arg=arg)
+    async def _command(self, cmd: Command) -> None:
         self._submit(cmd)
         await asyncio.wrap_future(cmd.future)
 
-    def retire(self, info: AdapterInfo) -> None:
-        """Free the slot of an adapter version that was replaced or deleted, once unused (thread-safe)."""
+    async def load(self, version: AdapterVersion, weights: Adapter) -> None:
+        """Bring ``version`` into a device slot now (raises :class:`DeviceBusy` when none can be freed)."""
+        await self._command(LoadAdapter(version, weights))
+
+    async def pin(self, version: AdapterVersion, weights: Adapter) -> None:
+        """Load ``version`` and keep its name's resident versions from eviction; unchanged on failure."""
+        await self._command(PinAdapter(version, weights))
+
+    async def unpin(self, name: str) -> None:
+        await self._command(UnpinAdapter(name))
+
+    def retire(self, version: AdapterVersion) -> None:
+        """Free the slot of a version that was replaced or deleted, once unused (thread-safe)."""
         if self.running:
-            self._inbox.put(Command(action="retire", arg=info.uid))
+            self._inbox.put(RetireAdapter(version.uid))
 
     # --- engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -174,8 +199,11 @@ class Engine:
                 released = not busy
                 self._drain_inbox(block=not busy)
                 self._housekeeping()
-                self._run_classify_batch()
-                self.gen.step()
+                now = time.monotonic()
+                for lane in self.lanes:
+                    lane.expire(now)
+                for lane in self.lanes:
+                    lane.step(self._admission())
                 self.metrics.queue_depth.set(self.queue_depth)
         except BaseException as exc:  # an unrecoverable engine error: fail everything, stop
             log.exception("engine loop failed")
@@ -183,7 +211,14 @@ class Engine:
             self._fail_all(EngineFailure("the inference engine failed; see the server log"))
 
     def _busy(self) -> bool:
-        return bool(self._classify or self.gen.busy() or not self._inbox.empty())
+        return any(lane.busy() for lane in self.lanes) or not self._inbox.empty()
+
+    def _admission(self) -> Admission:
+        keep: set[int] = set().union(*(lane.resident_uids() for lane in self.lanes))
+        return Admission(self.slots, keep, self._queued_uids)
+
+    def _queued_uids(self) -> frozenset[int]:
+        return frozenset().union(*(lane.queued_uids() for lane in self.lanes))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -198,21 +233,22 @@ class Engine:
                 item = self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if len(self._classify) + len(self.gen.queue) >= self.settings.max_batch_size:
+            if sum(len(lane.queue) for lane in self.lanes) >= self.settings.max_batch_size:
                 self._accept(item)
                 return
 
-    def _accept(self, item: Work) -> None:
-        if isinstance(item, ClassifyWork):
-            self._classify.append(item)
-        elif isinstance(item, GenerateWork):
-            self.gen.queue.append(item)
-        else:
-            self._apply(item)
+    def _accept(self, item: Work | Command) -> None:
+        match item:
+            case ClassifyWork():
+                self.classification.queue.append(item)
+            case GenerateWork():
+                self.gen.queue.append(item)
+            case _:
+                self._apply(item)
 
     def _busy_uids(self) -> set[int]:
         """Adapter versions that queued or running work still needs in their slots."""
-        return self._queued_uids() | self.gen.resident_uids()
+        return set(self._queued_uids()).union(*(lane.resident_uids() for lane in self.lanes))
 
     def _housekeeping(self) -> None:
         """Unload retired versions nobody uses any more; compact the slot banks after unloads."""
@@ -229,99 +265,40 @@ class Engine:
 
     def _apply(self, cmd: Command) -> None:
         try:
-            if cmd.action == "load":
-                info, weights = cmd.arg
-                self.slots.acquire(info, weights, keep=self._busy_uids())
-            elif cmd.action == "retire":
-                if cmd.arg in self.slots:
-                    self._retired.add(cmd.arg)
-            else:
-                raise ValueError(f"unknown engine command {cmd.action!r}")
+            match cmd:
+                case LoadAdapter(version, weights):
+                    self._acquire(version, weights)
+                case PinAdapter(version, weights):
+                    self._acquire(version, weights)
+                    self.slots.pinned = self.slots.pinned | {version.name}
+                case UnpinAdapter(name):
+                    self.slots.pinned = self.slots.pinned - {name}
+                case RetireAdapter(uid):
+                    if uid in self.slots:
+                        self._retired.add(uid)
             cmd.future.set_result(None)
         except Exception as exc:
             cmd.future.set_exception(exc)
 
-    def _queued_uids(self) -> set[int]:
-        return {w.adapter.uid for w in self._classify} | {w.adapter.uid for w in self.gen.queue if w.adapter}
-
-    def _admit(self, adapter: AdapterInfo, weights: Adapter, keep: set[int]) -> int | None:
-        """The slot of a waiting request's adapter, loading it now; None: no room yet, keep waiting."""
-        spare = frozenset() if adapter.uid in self.slots else frozenset(self._queued_uids())
+    def _acquire(self, version: AdapterVersion, weights: Adapter) -> None:
         try:
-            slot = self.slots.acquire(adapter, weights, keep, spare)
-        except SlotsExhausted:
-            return None
-        keep.add(adapter.uid)
-        return slot
-
-    def _run_classify_batch(self) -> None:
-        """One forward over the waiting classification requests that fit (FIFO: a request whose
-        adapter has no room yet stops the batch, so that it is first in line for the next one)."""
-        works: list[tuple[ClassifyWork, int]] = []
-        rows = width = 0
-        keep = self.gen.resident_uids()
-        while self._classify:
-            work = self._classify[0]
-            if work.cancelled:
-                self._classify.popleft()
-                continue
-            new_width = max(width, *(len(ids) for ids in work.inputs))
-            too_big = rows + len(work.inputs) > self.settings.max_batch_size or (
-                new_width * (rows + len(work.inputs)) > self.settings.max_batch_tokens
-            )
-            if works and too_big:
-                break
-            try:
-                slot = self._admit(work.adapter, work.weights, keep)
-            except Exception:
-                log.exception("loading adapter %s failed", work.adapter.name)
-                self._classify.popleft()
-                work.future.set_exception(EngineFailure("loading the adapter failed; see the server log"))
-                continue
-            if slot is None:
-                break
-            self._classify.popleft()
-            works.append((work, slot))
-            rows += len(work.inputs)
-            width = new_width
-        if not works:
-            return
-        try:
-            batch = [(slot, ids) for w, slot in works for ids in w.inputs]
-            self.metrics.batch_size.labels(task="classify").observe(len(batch))
-            probs = self.runner.classify(batch, self.slots.heads)
-        except Exception as exc:
-            log.exception("classification batch failed")
-            for w, _ in works:
-                w.future.set_exception(EngineFailure("the classification batch failed; see the server log"))
-            self.runner.health.failed(exc, "classify")  # raises when the device is broken
-            return
-        self.runner.health.succeeded()
-        start = 0
-        for w, _ in works:
-            w.future.set_result(probs[start : start + len(w.inputs)])
-            start += len(w.inputs)
+            self.slots.acquire(version, weights, keep=self._busy_uids())
+        except SlotsExhausted as exc:
+            raise DeviceBusy(
+                f"no device slot can be freed for adapter {version.name!r} now: every resident adapter "
+                "is in use or pinned; retry shortly",
+                param="name",
+            ) from exc
 
     def _decode(self, tokens: list[int]) -> str:
         return str(self.base.tokenizer.decode(tokens, skip_special_tokens=True))
 
-    def _fail_all(self, exc: EngineFailure) -> None:
-        pending: list[ClassifyWork | GenerateWork] = [*self._classify, *self.gen.queue]
-        for batch in self.gen.batches():
-            pending += [row.work for row in batch.rows]
+    def _fail_all(self, exc: AdapterServeError) -> None:
+        for lane in self.lanes:
+            lane.fail_all(exc)
         while not self._inbox.empty():
             item = self._inbox.get_nowait()
-            if not isinstance(item, Command):
-                pending.append(item)
-        for w in pending:
-            if not w.future.done():
-                w.future.set_exception(exc)
-            if isinstance(w, GenerateWork) and w.sink is not None:
-                w.sink(StreamDelta(text="", error=exc.message))
-
-
-def _weights(adapter: AdapterInfo, weights: Adapter | None) -> Adapter:
-    w = weights if weights is not None else adapter.weights
-    if w is None:
-        raise EngineFailure(f"adapter {adapter.name!r} is not loaded in host memory")
-    return w
+            if not item.future.done():
+                item.future.set_exception(exc)
+            if isinstance(item, GenerateWork) and item.sink is not None:
+                item.sink(StreamDelta(text="", error=exc))

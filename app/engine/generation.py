@@ -3,8 +3,9 @@
 A :class:`GenerationBatch` holds left-padded rows over one KV cache. New requests are prefilled
 in a batch of their own, in chunks of a bounded number of tokens interleaved with the decode steps
 of the running batch; the last chunk samples their first token, and the batch is then merged into
-the running one by left-padding the shorter cache. Rows that finish or are cancelled are dropped
-from the cache at once, and leading columns that no row needs any more are trimmed.
+the running one by left-padding the shorter cache. Rows that finish, are cancelled or reach their
+deadline are dropped from the cache at once, and leading columns that no row needs any more are
+trimmed. The cache operations themselves live in :mod:`app.engine.kv_cache`.
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import cast
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from app.engine import kv_cache
+from app.engine.detokenize import Decode, IncrementalDetokenizer
 from app.engine.runner import Runner
 from app.engine.sampling import find_stop, make_generator, select_tokens
-from app.engine.types import GenerateWork, GenerationResult, StreamDelta
+from app.engine.types import FinishReason, GenerateWork, GenerationResult, StreamDelta
 
-Decode = Callable[[list[int]], str]
+Finished = list[tuple[GenerateWork, GenerationResult]]
 _compositions = itertools.count(1)
 
 
@@ -32,42 +33,25 @@ class _Row:
     work: GenerateWork
     slot: int
     generator: torch.Generator
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
+    detok: IncrementalDetokenizer
+    text: str = ""  # the output so far (cut at a stop string when one is found)
     emitted: int = 0  # characters of ``text`` already streamed
 
-
-def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    if n == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _layers(cache: DynamicCache) -> list[DynamicLayer]:
-    return cast(list[DynamicLayer], cache.layers)
-
-
-def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    assert layer.keys is not None and layer.values is not None
-    return layer.keys, layer.values
-
-
-def mergeable(cache: DynamicCache) -> bool:
-    """Only plain full-attention dynamic layers can be left-padded and concatenated."""
-    return all(type(layer) is DynamicLayer for layer in cache.layers) and not any(
-        isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers
-    )
+    @property
+    def tokens(self) -> list[int]:
+        return self.detok.tokens
 
 
 class GenerationBatch:
     """Rows generating together; see the module docstring for the invariants."""
 
-    def __init__(self, runner: Runner, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+    def __init__(
+        self, runner: Runner, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, decode: Decode
+    ) -> None:
         self.runner = runner
         self.rows = rows
         self.cache = cache
+        self.decode = decode
         self.mask = mask  # [batch, cached tokens + 1]: 1 where a row has a real token
         self.positions = torch.empty(0)  # [batch, 1] position of each row's next input token
         self.next_ids = torch.empty(0)  # [batch, 1] each row's next input token
@@ -79,22 +63,27 @@ class GenerationBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def prefilling(self) -> bool:
+        return self._prompt is not None
+
     # --- prefill ----------------------------------------------------------------------------
     @classmethod
-    def start(cls, runner: Runner, works: list[tuple[GenerateWork, int]]) -> GenerationBatch:
+    def start(cls, runner: Runner, works: list[tuple[GenerateWork, int]], decode: Decode) -> GenerationBatch:
         """A batch of new rows whose prompts still have to be prefilled (see :meth:`prefill_chunk`)."""
         dev = runner.device
-        rows = [_Row(w, slot, make_generator(w.params.seed, dev)) for w, slot in works]
+        rows = [
+            _Row(w, slot, make_generator(w.params.seed, dev), IncrementalDetokenizer(decode))
+            for w, slot in works
+        ]
         # left padding: every row's next token is at the end
         ids, mask = runner.pad([w.prompt for w, _ in works], left=True)
-        batch = cls(runner, rows, DynamicCache(config=runner.model.config), mask)
+        batch = cls(runner, rows, kv_cache.new_cache(runner.model.config), mask, decode)
         batch._prompt = (ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
         return batch
 
     @torch.inference_mode()
-    def prefill_chunk(
-        self, max_tokens: int, decode: Decode
-    ) -> list[tuple[GenerateWork, GenerationResult]] | None:
+    def prefill_chunk(self, max_tokens: int) -> Finished | None:
         """Prefill the next chunk of at most ``max_tokens`` padded tokens.
 
         Returns None while the prompts are not complete; after the last chunk, the rows have their
@@ -110,19 +99,17 @@ class GenerationBatch:
             self._run(ids[:, begin:end], positions[:, begin:end])
             return None
         self._prompt = None
-        return self._forward(ids[:, begin:], positions[:, begin:], decode)
+        return self._forward(ids[:, begin:], positions[:, begin:])
 
     # --- decode -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, decode: Decode) -> list[tuple[GenerateWork, GenerationResult]]:
+    def step(self) -> Finished:
         """One decode step for every row; return the rows that finished."""
         if self._composition is None:  # rows joined or left: gather per-row adapter weights anew
             self._composition = next(_compositions)
-        return self._forward(self.next_ids, self.positions, decode, self._composition)
+        return self._forward(self.next_ids, self.positions, self._composition)
 
-    def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, decode: Decode, reuse_key: int | None = None
-    ) -> list[tuple[GenerateWork, GenerationResult]]:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, reuse_key: int | None = None) -> Finished:
         r = self.runner
         logits = self._run(ids, positions, reuse_key)
         chosen = select_tokens(
@@ -132,12 +119,12 @@ class GenerationBatch:
             [row.generator for row in self.rows],
         )
         now = time.monotonic()
-        finished: list[tuple[GenerateWork, GenerationResult]] = []
+        finished: Finished = []
         keep: list[int] = []
         for i, (row, tok) in enumerate(zip(self.rows, chosen, strict=True)):
             if row.work.first_token_at is None:
                 row.work.first_token_at = now
-            result = self._advance(row, tok, decode)
+            result = self._advance(row, tok)
             if result is not None:
                 finished.append((row.work, result))
             elif not row.work.cancelled:
@@ -166,47 +153,49 @@ class GenerationBatch:
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
 
-    def _advance(self, row: _Row, tok: int, decode: Decode) -> GenerationResult | None:
+    def _advance(self, row: _Row, tok: int) -> GenerationResult | None:
         params = row.work.params
         result: GenerationResult | None = None
         if tok in self.runner.eos_ids and not params.ignore_eos:
-            result = self._result(row, "stop")
+            row.detok.flush()
+            row.text = row.detok.text
+            result = _result(row, "stop")
         else:
-            row.tokens.append(tok)
-            row.text = decode(row.tokens)
-            cut = find_stop(row.text, params.stop)
+            searched = max(0, len(row.text) - max((len(s) for s in params.stop), default=0) + 1)
+            row.detok.add(tok)
+            if len(row.tokens) >= params.max_new_tokens:
+                row.detok.flush()
+            row.text = row.detok.text
+            cut = find_stop(row.text, params.stop, searched)
             if cut >= 0:
                 row.text = row.text[:cut]
-                result = self._result(row, "stop")
+                result = _result(row, "stop")
             elif len(row.tokens) >= params.max_new_tokens:
-                result = self._result(row, "length")
+                result = _result(row, "length")
         if row.work.sink is not None:
-            self._emit(row, result)
+            _emit(row, result)
         return result
 
-    @staticmethod
-    def _emit(row: _Row, result: GenerationResult | None) -> None:
-        """Stream the text that can no longer change (held back: a possible stop-string prefix)."""
-        assert row.work.sink is not None
-        if result is not None:
-            safe = len(row.text)
-        else:
-            hold = max((len(s) - 1 for s in row.work.params.stop), default=0)
-            safe = len(row.text) - hold
-            while safe > row.emitted and row.text[safe - 1] == "\ufffd":  # an incomplete character
-                safe -= 1
-        if safe > row.emitted or result is not None:
-            row.work.sink(StreamDelta(text=row.text[row.emitted : max(safe, row.emitted)], result=result))
-            row.emitted = max(safe, row.emitted)
-
-    @staticmethod
-    def _result(row: _Row, reason: str) -> GenerationResult:
-        return GenerationResult(
-            text=row.text,
-            token_ids=list(row.tokens),
-            finish_reason="stop" if reason == "stop" else "length",
-            prompt_tokens=len(row.work.prompt),
-        )
+    # --- deadlines --------------------------------------------------------------------------
+    def cut_off(self, now: float) -> Finished:
+        """End the rows whose deadline passed with the text they have (``finish_reason`` timeout)."""
+        expired = [
+            i for i, row in enumerate(self.rows) if row.work.deadline <= now and not row.work.cancelled
+        ]
+        if not expired:
+            return []
+        finished: Finished = []
+        for i in expired:
+            row = self.rows[i]
+            row.detok.flush()
+            row.text = row.detok.text
+            result = _result(row, "timeout")
+            if row.work.sink is not None:
+                _emit(row, result)
+            finished.append((row.work, result))
+        gone = set(expired)
+        self.keep([i for i in range(len(self.rows)) if i not in gone])
+        return finished
 
     # --- batch composition ------------------------------------------------------------------
     def keep(self, indices: list[int]) -> None:
@@ -218,7 +207,7 @@ class GenerationBatch:
         if not indices:
             return
         index = torch.tensor(indices, dtype=torch.long, device=self.runner.device)
-        self.cache.batch_select_indices(index)
+        kv_cache.select_rows(self.cache, index)
         self.mask = self.mask.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         self.next_ids = self.next_ids.index_select(0, index)
@@ -235,33 +224,47 @@ class GenerationBatch:
 
     def _trim(self) -> None:
         """Drop leading cache columns that are padding for every row."""
-        if self._prompt is not None or not mergeable(
-            self.cache
-        ):  # sliding-window caches keep their own length
+        if self._prompt is not None or not kv_cache.mergeable(self.cache):  # sliding windows keep theirs
             return
-        used = self.mask[:, :-1].any(dim=0).nonzero()
-        start = int(used[0].item()) if used.numel() else self.mask.shape[1] - 1
-        if start == 0:
-            return
-        for layer in _layers(self.cache):
-            keys, values = _kv(layer)
-            layer.keys, layer.values = keys[:, :, start:], values[:, :, start:]
-        self.mask = self.mask[:, start:]
+        start = kv_cache.unused_leading_columns(self.mask)
+        if start:
+            kv_cache.trim_left(self.cache, start)
+            self.mask = self.mask[:, start:]
 
     def extend(self, other: GenerationBatch) -> None:
         """Merge the rows of a freshly prefilled batch into this running one."""
         if not other.rows:
             return
         mine, theirs = self.mask.shape[1], other.mask.shape[1]
+        kv_cache.merge_left_padded(self.cache, mine, other.cache, theirs)
         width = max(mine, theirs)
-        for a, b in zip(_layers(self.cache), _layers(other.cache), strict=True):
-            (ak, av), (bk, bv) = _kv(a), _kv(b)
-            a.keys = torch.cat([_pad_left(ak, width - mine, 2), _pad_left(bk, width - theirs, 2)])
-            a.values = torch.cat([_pad_left(av, width - mine, 2), _pad_left(bv, width - theirs, 2)])
         self.mask = torch.cat(
-            [_pad_left(self.mask, width - mine, 1), _pad_left(other.mask, width - theirs, 1)]
+            [kv_cache.pad_left(self.mask, width - mine, 1), kv_cache.pad_left(other.mask, width - theirs, 1)]
         )
         self.positions = torch.cat([self.positions, other.positions])
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
         self.rows += other.rows
         self._composition = None
+
+
+def _result(row: _Row, reason: FinishReason) -> GenerationResult:
+    return GenerationResult(
+        text=row.text,
+        token_ids=list(row.tokens),
+        finish_reason=reason,
+        prompt_tokens=len(row.work.prompt),
+    )
+
+
+def _emit(row: _Row, result: GenerationResult | None) -> None:
+    """Stream the text that can no longer change (held back: a possible stop-string prefix)."""
+    sink: Callable[[StreamDelta], None] | None = row.work.sink
+    assert sink is not None
+    if result is not None:
+        safe = len(row.text)
+    else:
+        hold = max((len(s) - 1 for s in row.work.params.stop), default=0)
+        safe = len(row.text) - hold
+    if safe > row.emitted or result is not None:
+        sink(StreamDelta(text=row.text[row.emitted : max(safe, row.emitted)], result=result))
+        row.emitted = max(safe, row.emitted)

@@ -1,4 +1,4 @@
-"""Continuous batching of generation requests, driven by the engine thread.
+"""The generation lane: continuous batching of generation requests, driven by the engine thread.
 
 Each :meth:`GenerationLane.step` runs one prefill chunk for waiting requests (when the running
 batch has room) and then one decode step of the running batch; prefilled rows join it at once.
@@ -9,41 +9,44 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 
-from app.adapters.kinds import Adapter
-from app.adapters.registry import AdapterInfo
 from app.config import Settings
-from app.engine.generation import Decode, GenerationBatch, mergeable
+from app.engine import kv_cache
+from app.engine.detokenize import Decode
+from app.engine.generation import Finished, GenerationBatch
 from app.engine.runner import Runner
-from app.engine.types import GenerateWork, GenerationResult, StreamDelta
-from app.errors import EngineFailure
+from app.engine.slots import Admission
+from app.engine.types import GenerateWork, StreamDelta
+from app.errors import AdapterServeError, DeadlineExceeded, EngineFailure
 from app.metrics import Metrics
 from app.models.multi_lora import BASE_SLOT
 
 log = logging.getLogger(__name__)
 
-# the slot of a waiting request's adapter (loading it now), or None while there is no room
-Admit = Callable[[AdapterInfo, Adapter, set[int]], int | None]
+
+def prefill_fits(rows: int, width: int, prompt: int, max_tokens: int) -> bool:
+    """Whether a prompt of ``prompt`` tokens joins a prefill batch of ``rows`` rows padded to
+    ``width``: the first row always does, later ones while rows × widest ≤ ``max_tokens``."""
+    return rows == 0 or max(width, prompt) * (rows + 1) <= max_tokens
 
 
 class GenerationLane:
     """The generation queue, the batch being prefilled and the running (decoding) batch."""
 
-    def __init__(
-        self, runner: Runner, settings: Settings, metrics: Metrics, decode: Decode, admit: Admit
-    ) -> None:
+    def __init__(self, runner: Runner, settings: Settings, metrics: Metrics, decode: Decode) -> None:
         self.runner = runner
         self.settings = settings
         self.metrics = metrics
         self._decode = decode
-        self._admit = admit
         self.queue: deque[GenerateWork] = deque()
         self.running: GenerationBatch | None = None  # the decoding rows
         self.prefill: GenerationBatch | None = None  # new rows whose prompts are being prefilled
 
     def batches(self) -> list[GenerationBatch]:
         return [b for b in (self.running, self.prefill) if b is not None]
+
+    def queued_uids(self) -> set[int]:
+        return {w.adapter.uid for w in self.queue if w.adapter}
 
     def resident_uids(self) -> set[int]:
         """Adapter versions of the rows generating now (their slots must stay)."""
@@ -52,17 +55,40 @@ class GenerationLane:
     def busy(self) -> bool:
         return bool(self.queue or self.running or self.prefill)
 
-    def step(self) -> None:
+    def expire(self, now: float) -> None:
+        """Deadlines: waiting and prefilling requests have no tokens yet (504); running rows end
+        with the tokens they have (``finish_reason`` timeout)."""
+        late = DeadlineExceeded(f"request did not finish within {self.settings.request_timeout_s:g} s")
+        if any(w.deadline <= now for w in self.queue):
+            fail_rows([w for w in self.queue if w.deadline <= now], late)
+            self.queue = deque(w for w in self.queue if w.deadline > now)
+        if self.prefill is not None:
+            expired = [row.work for row in self.prefill.rows if row.work.deadline <= now]
+            fail_rows(expired, late)
+            for work in expired:
+                work.cancelled = True  # dropped when the prefill completes
+        if self.running is not None:
+            self._finish(self.running.cut_off(now))
+            if not self.running.rows:
+                self.running = None
+
+    def fail_all(self, exc: AdapterServeError) -> None:
+        works = list(self.queue) + [row.work for b in self.batches() for row in b.rows]
+        self.queue.clear()
+        self.running = self.prefill = None
+        fail_rows(works, exc)
+
+    def step(self, admission: Admission) -> None:
         """One prefill chunk for waiting requests (if any), then one decode step of the running batch."""
         running = self.running
         if running is not None:
             running.drop_cancelled()
             if not running.rows:
                 running = self.running = None
-        if self.prefill is None and self.queue and (running is None or mergeable(running.cache)):
+        if self.prefill is None and self.queue and (running is None or kv_cache.mergeable(running.cache)):
             room = self.settings.max_batch_size - (len(running) if running else 0)
             if room > 0:
-                self.prefill = self._start_prefill(room)
+                self.prefill = self._start_prefill(room, admission)
         if self.prefill is not None:
             self._advance_prefill()
         running = self.running
@@ -70,10 +96,13 @@ class GenerationLane:
             return
         self.metrics.batch_size.labels(task="generate").observe(len(running))
         try:
-            finished = running.step(self._decode)
+            finished = running.step()
         except Exception as exc:
             log.exception("generation step failed")
-            fail_rows([row.work for row in running.rows], "the generation batch failed")
+            fail_rows(
+                [row.work for row in running.rows],
+                EngineFailure("the generation batch failed; see the server log"),
+            )
             self.running = None
             self.runner.health.failed(exc, "generate")  # raises when the device is broken
             return
@@ -82,9 +111,8 @@ class GenerationLane:
         if not running.rows:
             self.running = None
 
-    def _start_prefill(self, room: int) -> GenerationBatch | None:
+    def _start_prefill(self, room: int, admission: Admission) -> GenerationBatch | None:
         """Take up to ``room`` waiting requests (FIFO), as device room and the prefill budget allow."""
-        keep = self.resident_uids()
         pairs: list[tuple[GenerateWork, int]] = []
         width = 0
         while self.queue and len(pairs) < room:
@@ -92,37 +120,40 @@ class GenerationLane:
             if work.cancelled:
                 self.queue.popleft()
                 continue
-            new_width = max(width, len(work.prompt))
-            if pairs and new_width * (len(pairs) + 1) > self.settings.max_prefill_tokens:
+            if not prefill_fits(len(pairs), width, len(work.prompt), self.settings.max_prefill_tokens):
                 break
             slot: int | None = BASE_SLOT
-            if work.adapter is not None and work.weights is not None:
+            if work.adapter is not None:
+                assert work.weights is not None, "an adapter's work carries its weights"
                 try:
-                    slot = self._admit(work.adapter, work.weights, keep)
+                    slot = admission.admit(work.adapter, work.weights)
                 except Exception:
                     log.exception("loading adapter %s failed", work.adapter.name)
                     self.queue.popleft()
-                    fail_rows([work], "loading the adapter failed")
+                    fail_rows([work], EngineFailure("loading the adapter failed; see the server log"))
                     continue
             if slot is None:
                 break
             self.queue.popleft()
             pairs.append((work, slot))
-            width = new_width
+            width = max(width, len(work.prompt))
         if not pairs:
             return None
         self.metrics.batch_size.labels(task="prefill").observe(len(pairs))
-        return GenerationBatch.start(self.runner, pairs)
+        return GenerationBatch.start(self.runner, pairs, self._decode)
 
     def _advance_prefill(self) -> None:
         """One chunk of the prefill; when it completes, its rows join the running batch."""
         batch = self.prefill
         assert batch is not None
         try:
-            finished = batch.prefill_chunk(self.settings.max_prefill_tokens, self._decode)
+            finished = batch.prefill_chunk(self.settings.max_prefill_tokens)
         except Exception as exc:
             log.exception("prefill failed")
-            fail_rows([row.work for row in batch.rows], "the prefill batch failed")
+            fail_rows(
+                [row.work for row in batch.rows],
+                EngineFailure("the prefill batch failed; see the server log"),
+            )
             self.prefill = None
             self.runner.health.failed(exc, "prefill")  # raises when the device is broken
             return
@@ -131,6 +162,7 @@ class GenerationLane:
             return
         self.prefill = None
         self._finish(finished)
+        batch.drop_cancelled()
         if not batch.rows:
             return
         if self.running is None:
@@ -138,24 +170,26 @@ class GenerationLane:
         else:
             self.running.extend(batch)
 
-    def _finish(self, finished: list[tuple[GenerateWork, GenerationResult]]) -> None:
+    def _finish(self, finished: Finished) -> None:
         now = time.monotonic()
         m = self.metrics
         for work, result in finished:
             if not work.future.done():
                 work.future.set_result(result)
             n = len(result.token_ids)
-            m.generated_tokens.labels(adapter=m.adapter_label(work.adapter)).inc(n)
+            m.generated_tokens.labels(
+                adapter=m.adapter_label(work.adapter.name if work.adapter else None)
+            ).inc(n)
             if work.first_token_at is not None:
                 m.time_to_first_token.observe(work.first_token_at - work.enqueued_at)
                 if n > 1:
                     m.time_per_output_token.observe((now - work.first_token_at) / (n - 1))
 
 
-def fail_rows(works: list[GenerateWork], message: str) -> None:
+def fail_rows(works: list[GenerateWork], exc: AdapterServeError) -> None:
     """Fail these requests (streams get an error event)."""
     for work in works:
         if not work.future.done():
-            work.future.set_exception(EngineFailure(f"{message}; see the server log"))
-        if work.sink is not None:
-            work.sink(StreamDelta(text="", error=f"{message}; see the server log"))
+            work.future.set_exception(exc)
+            if work.sink is not None:
+                work.sink(StreamDelta(text="", error=exc))

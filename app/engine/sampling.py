@@ -45,7 +45,7 @@ def select_tokens(
     return [int(t) for t in chosen]
 
 
-def find_stop(text: str, stops: tuple[str, ...]) -> int:
-    """Index where the earliest stop string starts in ``text``, or -1."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+def find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int:
+    """Index where the earliest stop string starts in ``text`` (at ``start`` or later), or -1."""
+    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
     return min(hits) if hits else -1

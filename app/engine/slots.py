@@ -1,10 +1,12 @@
 """The device tier: which adapter versions are resident in the LoRA slot banks, with LRU eviction.
 
-Owned by the engine thread. Capacity is a slot count and a byte budget (the adapters' own bytes).
-An adapter that queued or running work needs (``keep``) or that is pinned is never evicted; when
-nothing can be evicted, :meth:`DeviceSlots.acquire` raises :class:`SlotsExhausted` and the work
-waits. :meth:`compact` (called between steps) moves adapters into the holes left by unloads and
-shrinks the banks, so that unloading frees device memory for real.
+Owned by the engine thread (its only writer). Capacity is a slot count and a byte budget (the
+adapters' own bytes). An adapter that queued or running work needs (``keep``) or whose name is
+pinned is never evicted; when nothing can be evicted, :meth:`DeviceSlots.acquire` raises
+:class:`SlotsExhausted` and the work waits. Other threads read only :attr:`DeviceSlots.resident`,
+a frozen set of uids replaced (never mutated) after each change. :meth:`compact` (called between
+steps) moves adapters into the holes left by unloads and shrinks the banks, so that unloading
+frees device memory for real.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
 from app.adapters.bottleneck_format import BottleneckAdapter
 from app.adapters.kinds import Adapter
-from app.adapters.registry import AdapterInfo
+from app.adapters.version import AdapterVersion
 from app.metrics import Metrics
 from app.models.multi_lora import MultiLoraLinear, write_lora
+from app.platform import ReleasingExecutor
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +51,17 @@ class DeviceSlots:
         self.dtype = dtype
         self.metrics = metrics or Metrics()
         self._lru: OrderedDict[int, int] = OrderedDict()  # uid -> slot, least recently used first
-        self._infos: dict[int, AdapterInfo] = {}
+        self._versions: dict[int, AdapterVersion] = {}
         self.heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # slot -> (W [L, H], b)
+        self.pinned: frozenset[str] = frozenset()  # adapter names whose resident versions stay
+        self.resident: frozenset[int] = frozenset()  # uids, for other threads (replaced, not mutated)
         self._dirty = False  # an unload left a hole or slack for compact()
+        # LoRA A copies run beside the B scaling on CPU (see write_lora); one thread, this object's
+        self._copier = ReleasingExecutor(1, thread_name_prefix="lora-copy") if device.type == "cpu" else None
+
+    def close(self) -> None:
+        if self._copier is not None:
+            self._copier.shutdown(wait=False)
 
     def __contains__(self, uid: int) -> bool:
         return uid in self._lru
@@ -59,7 +71,7 @@ class DeviceSlots:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(info.size_bytes for info in self._infos.values())
+        return sum(v.size_bytes for v in self._versions.values())
 
     @property
     def bank_bytes(self) -> int:
@@ -67,15 +79,15 @@ class DeviceSlots:
             w.numel() * w.element_size() for w, _ in self.heads.values()
         )
 
-    def lru_order(self) -> list[AdapterInfo]:
+    def lru_order(self) -> list[AdapterVersion]:
         """Resident adapters, least recently used first."""
-        return [self._infos[uid] for uid in self._lru]
+        return [self._versions[uid] for uid in self._lru]
 
     def slot_of(self, uid: int) -> int | None:
         return self._lru.get(uid)
 
     def acquire(
-        self, info: AdapterInfo, weights: Adapter, keep: set[int], spare: frozenset[int] = frozenset()
+        self, info: AdapterVersion, weights: Adapter, keep: set[int], spare: frozenset[int] = frozenset()
     ) -> int:
         """Slot of ``info``, loading ``weights`` if needed.
 
@@ -89,13 +101,13 @@ class DeviceSlots:
         size, budget = info.size_bytes, self.byte_budget
         count, total = len(self._lru), self.resident_bytes
         victims: list[int] = []  # planned first: a load that cannot fit must not evict anything
-        candidates = [u for u in self._lru if u not in keep and not self._infos[u].pinned]
+        candidates = [u for u in self._lru if u not in keep and self._versions[u].name not in self.pinned]
         candidates.sort(key=lambda u: u in spare)  # stable: LRU order within each group
         for uid in candidates:
             if count < self.capacity and (budget is None or total + size <= budget):
                 break
             victims.append(uid)
-            count, total = count - 1, total - self._infos[uid].size_bytes
+            count, total = count - 1, total - self._versions[uid].size_bytes
         if count >= self.capacity or (budget is not None and total + size > budget):
             raise SlotsExhausted(
                 f"no device room for adapter {info.name!r}: every resident adapter is in use or pinned"
@@ -110,7 +122,7 @@ class DeviceSlots:
             self.metrics.adapter_evictions.labels(tier="device").inc()
         return self._load(info, weights, slot)
 
-    def _load(self, info: AdapterInfo, weights: Adapter, slot: int | None = None) -> int:
+    def _load(self, info: AdapterVersion, weights: Adapter, slot: int | None = None) -> int:
         start = time.perf_counter()
         if slot is None:
             used = set(self._lru.values())
@@ -125,7 +137,8 @@ class DeviceSlots:
                 [
                     (*self.layers[module].slot_views(slot, a.shape[0], self.capacity + 1), a, b, scale)
                     for module, (a, b, scale) in weights.weights.items()
-                ]
+                ],
+                self._copier,
             )
         if weights.head_weight is not None:
             bias = weights.head_bias.to(self.device, self.dtype) if weights.head_bias is not None else None
@@ -133,8 +146,8 @@ class DeviceSlots:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the load time below is the copy's, not the launch's
         self._lru[info.uid] = slot
-        self._infos[info.uid] = info
-        info.on_device = True
+        self._versions[info.uid] = info
+        self.resident = frozenset(self._lru)
         m = self.metrics
         m.adapter_loads.labels(tier="device").inc()
         m.adapter_load_seconds.labels(tier="device").observe(time.perf_counter() - start)
@@ -151,11 +164,11 @@ class DeviceSlots:
         slot = self._lru.pop(uid, None)
         if slot is None:
             return
-        info = self._infos.pop(uid)
+        info = self._versions.pop(uid)
+        self.resident = frozenset(self._lru)
         for name, layer in self.layers.items():
             layer.clear_slot(slot, keep_lora=name in keep_layers)
         self.heads.pop(slot, None)
-        info.on_device = False
         self._dirty = True  # gauges and bank sizes are updated by compact()
         log.debug("adapter %s v%d unloaded from slot %d", info.name, info.version, slot)
 
@@ -192,3 +205,24 @@ class DeviceSlots:
         m.adapters_resident.labels(tier="device").set(len(self._lru))
         m.adapter_resident_bytes.labels(tier="device").set(self.resident_bytes)
         m.adapter_bank_bytes.set(self.bank_bytes)
+
+
+class Admission:
+    """One lane step's access to the device slots: adapters of the lanes' running rows (``keep``) are
+    never evicted; those that queued work waits for (``wanted``, computed only when a load needs it)
+    only when nothing else is left."""
+
+    def __init__(self, slots: DeviceSlots, keep: set[int], wanted: Callable[[], frozenset[int]]) -> None:
+        self.slots = slots
+        self.keep = keep
+        self._wanted = wanted
+
+    def admit(self, version: AdapterVersion, weights: Adapter) -> int | None:
+        """The slot of a waiting request's adapter, loading it now; None: no room yet, keep waiting."""
+        spare = frozenset() if version.uid in self.slots else self._wanted()
+        try:
+            slot = self.slots.acquire(version, weights, self.keep, spare)
+        except SlotsExhausted:
+            return None
+        self.keep.add(version.uid)
+        return slot

@@ -1,4 +1,9 @@
-"""Work items passed from the API side to the engine thread, and their results."""
+"""What passes between the API side and the engine thread: work items, commands and results.
+
+Work and commands are put into the engine's inbox by any thread; from then on only the engine
+thread writes them, except ``cancelled``, which the API side sets when its client goes away (the
+engine drops the row at its next step).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from app.adapters.kinds import Adapter
-from app.adapters.registry import AdapterInfo
+from app.adapters.version import AdapterVersion
+from app.errors import AdapterServeError
+
+FinishReason = Literal["stop", "length", "timeout"]
 
 
 @dataclass(frozen=True)
@@ -24,11 +32,11 @@ class SamplingParams:
 
 @dataclass
 class ClassifyWork:
-    adapter: AdapterInfo
+    adapter: AdapterVersion
     weights: Adapter  # held until the work is done: host eviction cannot take them away
     inputs: list[list[int]]  # token ids per input text
+    deadline: float = float("inf")  # time.monotonic() after which it fails with 504
     future: Future[list[list[float]]] = field(default_factory=Future)
-    enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
 
 
@@ -36,39 +44,72 @@ class ClassifyWork:
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason  # "timeout": cut off by the request deadline after these tokens
     prompt_tokens: int
 
 
 @dataclass(frozen=True)
 class StreamDelta:
-    """New text of a streamed generation; the last one carries the result."""
+    """New text of a streamed generation; the last one carries the result (or the error)."""
 
     text: str
     result: GenerationResult | None = None
-    error: str | None = None
+    error: AdapterServeError | None = None
+
+
+StreamSink = Callable[[StreamDelta], None]
 
 
 @dataclass
 class GenerateWork:
-    adapter: AdapterInfo | None  # None = the bare base model
-    weights: Adapter | None
+    adapter: AdapterVersion | None  # None = the bare base model
+    weights: Adapter | None  # set exactly when ``adapter`` is
     prompt: list[int]
     params: SamplingParams
+    deadline: float = float("inf")  # time.monotonic(): then it ends with the tokens it has (or 504)
     future: Future[GenerationResult] = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
-    sink: Callable[[StreamDelta], None] | None = None  # thread-safe; set for streamed requests
+    sink: StreamSink | None = None  # thread-safe; set for streamed requests
     first_token_at: float | None = None
 
+    def __post_init__(self) -> None:
+        assert (self.adapter is None) == (self.weights is None), "an adapter comes with its weights"
 
+
+# --- commands: changes to engine state, applied between forwards ------------------------------
 @dataclass
-class Command:
-    """A change to engine state (unload an adapter...) applied between forwards."""
+class LoadAdapter:
+    """Bring a version into a device slot now (preloading)."""
 
-    action: str
-    arg: Any = None
+    version: AdapterVersion
+    weights: Adapter
     future: Future[None] = field(default_factory=Future)
 
 
-Work = ClassifyWork | GenerateWork | Command
+@dataclass
+class PinAdapter:
+    """Load a version and keep every resident version of its name from eviction; on failure
+    (no slot can be freed) nothing changes."""
+
+    version: AdapterVersion
+    weights: Adapter
+    future: Future[None] = field(default_factory=Future)
+
+
+@dataclass
+class UnpinAdapter:
+    name: str
+    future: Future[None] = field(default_factory=Future)
+
+
+@dataclass
+class RetireAdapter:
+    """A replaced or deleted version: its slot is freed once no queued or running work uses it."""
+
+    uid: int
+    future: Future[None] = field(default_factory=Future)
+
+
+Command = LoadAdapter | PinAdapter | UnpinAdapter | RetireAdapter
+Work = ClassifyWork | GenerateWork

@@ -12,12 +12,13 @@ so no layer needs a host sync to find its rows.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 import torch
 from torch import nn
 
 from app.models.bottleneck_bank import BottleneckBank
 from app.models.routing import BASE_SLOT, Routing, RoutingContext
-from app.threads import ReleasingExecutor
 
 __all__ = [
     "BASE_SLOT",
@@ -201,7 +202,6 @@ class MultiLoraLinear(nn.Module):
 
 
 _SLOT_CHUNK = 4
-_copier: ReleasingExecutor | None = None
 
 
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor], inference: bool) -> None:
@@ -209,22 +209,23 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor], inference: bool)
         torch._foreach_copy_(dst, src)
 
 
-def write_lora(writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]]) -> None:
+def write_lora(
+    writes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]],
+    copier: Executor | None = None,
+) -> None:
     """Copy LoRA weights into slot views: each ``(dst_a, dst_b, a, b, scale)`` gets ``dst_a = a`` and
     ``dst_b = b * scale``, converting device and dtype on the way.
 
     One adapter is hundreds of small tensors, so the per-tensor overhead is most of the cost: the
     copies of A are one batched call, and on CPU they run in a helper thread while this one scales
-    B (a load runs between forwards, when the engine's cores are otherwise idle).
+    B (a load runs between forwards, when the engine's cores are otherwise idle): ``copier``, a
+    one-thread executor owned by the caller (see :class:`app.platform.ReleasingExecutor`).
     """
-    global _copier
     dst_a = [w[0] for w in writes]
     src_a = [w[2] for w in writes]
     pending = None
-    if len(writes) > 1 and dst_a[0].device.type == "cpu":
-        if _copier is None:
-            _copier = ReleasingExecutor(1, thread_name_prefix="lora-copy")
-        pending = _copier.submit(_copy_all, dst_a, src_a, torch.is_inference_mode_enabled())
+    if copier is not None and len(writes) > 1 and dst_a[0].device.type == "cpu":
+        pending = copier.submit(_copy_all, dst_a, src_a, torch.is_inference_mode_enabled())
     else:
         torch._foreach_copy_(dst_a, src_a)
     try:

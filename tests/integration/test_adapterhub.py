@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 
 from app.adapters.adapterhub import convert_adapterhub
 from app.adapters.kinds import load_adapter
-from app.adapters.registry import AdapterInfo
 from app.cli import main
 from app.errors import InvalidAdapter
 from app.models.base_lm import BaseLM
 from tests.conftest import CACHE_DIR, upload_archive
 from tests.helpers.harness import last_logits, wrapped_model
 from tests.helpers.peft_ref import zip_folder
+from tests.helpers.versions import held
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "adapterhub-houlsby"
 
@@ -55,7 +55,7 @@ def test_imported_logits_equal_the_adapters_library(
 ) -> None:
     prompts, _, expected = reference
     base, runner, slots = wrapped_model(base_path, CACHE_DIR, 2)
-    info = AdapterInfo.from_adapter("hub", load_adapter(converted, base.spec, 64))
+    info = held("hub", load_adapter(converted, base.spec, 64))
     slot = slots.acquire(info, info.weights, {info.uid})  # type: ignore[arg-type]
     tok = base.tokenizer
     rows = [(slot, tok(p)["input_ids"]) for p in prompts]

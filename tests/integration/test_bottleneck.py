@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from app.adapters.kinds import load_adapter
-from app.adapters.registry import AdapterInfo
 from app.engine.runner import Runner
 from app.engine.slots import DeviceSlots
 from app.models.base_lm import BaseLM
@@ -25,6 +24,7 @@ from tests.conftest import CACHE_DIR, snapshot, upload_archive
 from tests.helpers.bottleneck_ref import BottleneckRef, make_bottleneck, reference_model
 from tests.helpers.harness import last_logits, wrapped_model
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GENERATE_PROMPTS, RefAdapter, zip_files, zip_folder
+from tests.helpers.versions import held
 
 LABELS = ["negative", "positive", "neutral"]
 
@@ -140,7 +140,7 @@ def test_mixed_batch_of_lora_bottleneck_and_base_rows_equals_each_alone(
         bottlenecks["bn-gen"].folder,
         bottlenecks["bn-attn"].folder,
     ]
-    infos = [AdapterInfo.from_adapter(f.name, load_adapter(f, base.spec, 64)) for f in folders]
+    infos = [held(f.name, load_adapter(f, base.spec, 64)) for f in folders]
     keep = {i.uid for i in infos}
     ids = [slots.acquire(i, i.weights, keep) for i in infos]  # type: ignore[arg-type]
     tok = base.tokenizer

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from app.adapters.lora_format import load_lora
-from app.adapters.registry import AdapterInfo
 from app.engine.runner import Runner
 from app.engine.slots import DeviceSlots
 from app.models.base_lm import BaseLM, load_base_model
@@ -16,6 +15,7 @@ from app.models.multi_lora import BASE_SLOT, RoutingContext, wrap_linear_layers
 from tests.conftest import CACHE_DIR
 from tests.helpers.harness import last_logits, wrapped_model
 from tests.helpers.peft_ref import GENERATE_PROMPTS, RefAdapter
+from tests.helpers.versions import HeldVersion, held
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,8 @@ def wrapped(base_path: Path) -> tuple[BaseLM, Runner, DeviceSlots]:
     return wrapped_model(base_path, CACHE_DIR, 4)
 
 
-def _info(base: BaseLM, ref: RefAdapter) -> AdapterInfo:
-    return AdapterInfo.from_adapter(ref.name, load_lora(ref.folder, base.spec, 64))
+def _info(base: BaseLM, ref: RefAdapter) -> HeldVersion:
+    return held(ref.name, load_lora(ref.folder, base.spec, 64))
 
 
 def test_mixed_generation_batch_equals_rows_alone_and_peft(
@@ -81,7 +81,7 @@ def test_unload_frees_the_slot_and_zeroes_banks(
     assert slot in layer.ranks
     slots.unload(info.uid)
     assert info.uid not in slots and slot not in layer.ranks
-    assert info.tier == "host"
+    assert info.uid not in slots.resident
 
 
 def test_unload_and_compaction_free_device_memory_and_keep_results(

@@ -255,12 +255,13 @@ def test_host_tier_keeps_its_byte_budget_in_lru_order_and_keeps_pinned(
         FilesystemStore(tmp_path), base_model.spec, 64, ArchiveLimits(16, 1 << 30), 2 * size, metrics=metrics
     )
     registry.scan()
-    registry.set_pinned("a", True, limit=1)
+    registry.check_pin("a", limit=1)
+    registry.set_pinned("a", True)
     # two fit and "a" is pinned: c evicts b, b evicts c, d evicts b (the LRU unpinned one each time)
     for name in ("a", "b", "c", "b", "d"):
         info, weights = registry.load(name)
-        assert weights is not None and info.tier == "host"
-    tiers = {i.name: i.tier for i in registry.list()}
+        assert weights is not None and registry.describe(info)["tier"] == "host"
+    tiers = {i.name: registry.describe(i)["tier"] for i in registry.list()}
     assert tiers == {"a": "host", "b": "store", "c": "store", "d": "host"}
     assert metrics.adapter_evictions.labels(tier="host")._value.get() == 3
     assert metrics.adapter_resident_bytes.labels(tier="host")._value.get() == 2 * size

@@ -1,4 +1,4 @@
-"""The OpenMP team hand-back that keeps the engine thread's parallel ops fast (app/threads.py)."""
+"""The OpenMP team hand-back that keeps the engine thread's parallel ops fast (app/platform.py)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from app import threads
+from app import platform as threads
 
 
 def test_torch_s_libgomp_is_found_so_teams_are_given_back() -> None:
     bundled = (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists()  # Linux wheels
     assert threads._pause() is not None or not bundled
-
-
-def _record(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    released = _record(monkeypatch)
-    return released
 
 
 def test_release_is_harmless_with_and_without_a_team() -> None:

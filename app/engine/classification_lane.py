@@ -1,0 +1,118 @@
+"""The classification lane: waiting classification requests, run as batched forwards.
+
+Each :meth:`ClassificationLane.step` runs one forward over the waiting requests that fit the batch
+budgets, in FIFO order: a request whose adapter has no device room yet stops the batch, so that it
+is first in line for the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import torch
+
+from app.config import Settings
+from app.engine.runner import Runner
+from app.engine.slots import Admission
+from app.engine.types import ClassifyWork
+from app.errors import AdapterServeError, DeadlineExceeded, EngineFailure
+from app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+Heads = dict[int, tuple[torch.Tensor, torch.Tensor | None]]  # slot -> classification head (W, b)
+
+
+def fits(rows: int, width: int, new_rows: int, new_width: int, max_rows: int, max_tokens: int) -> bool:
+    """Whether ``new_rows`` inputs of up to ``new_width`` tokens join a batch of ``rows`` rows padded
+    to ``width``: at most ``max_rows`` rows and ``max_tokens`` padded tokens (rows × widest)."""
+    total, widest = rows + new_rows, max(width, new_width)
+    return total <= max_rows and total * widest <= max_tokens
+
+
+class ClassificationLane:
+    """Waiting classification requests; a step is one batched forward (engine thread only)."""
+
+    def __init__(self, runner: Runner, settings: Settings, metrics: Metrics) -> None:
+        self.runner = runner
+        self.settings = settings
+        self.metrics = metrics
+        self.queue: deque[ClassifyWork] = deque()
+
+    def busy(self) -> bool:
+        return bool(self.queue)
+
+    def queued_uids(self) -> set[int]:
+        return {w.adapter.uid for w in self.queue}
+
+    def resident_uids(self) -> set[int]:
+        """Nothing outlives a step here: a batch runs to the end within one."""
+        return set()
+
+    def expire(self, now: float) -> None:
+        """Fail the waiting requests whose deadline passed (they produced nothing: 504)."""
+        if any(w.deadline <= now for w in self.queue):
+            for w in [w for w in self.queue if w.deadline <= now]:
+                _fail(
+                    w,
+                    DeadlineExceeded(f"request did not finish within {self.settings.request_timeout_s:g} s"),
+                )
+            self.queue = deque(w for w in self.queue if w.deadline > now)
+
+    def fail_all(self, exc: AdapterServeError) -> None:
+        while self.queue:
+            _fail(self.queue.popleft(), exc)
+
+    def step(self, admission: Admission) -> None:
+        """One forward over the waiting requests that fit (see the module docstring)."""
+        works: list[tuple[ClassifyWork, int]] = []
+        rows = width = 0
+        s = self.settings
+        while self.queue:
+            work = self.queue[0]
+            if work.cancelled:
+                self.queue.popleft()
+                continue
+            new_width = max(len(ids) for ids in work.inputs)
+            if works and not fits(
+                rows, width, len(work.inputs), new_width, s.max_batch_size, s.max_batch_tokens
+            ):
+                break
+            try:
+                slot = admission.admit(work.adapter, work.weights)
+            except Exception:
+                log.exception("loading adapter %s failed", work.adapter.name)
+                self.queue.popleft()
+                _fail(work, EngineFailure("loading the adapter failed; see the server log"))
+                continue
+            if slot is None:
+                break
+            self.queue.popleft()
+            works.append((work, slot))
+            rows += len(work.inputs)
+            width = max(width, new_width)
+        if works:
+            self._run(works, admission.slots.heads)
+
+    def _run(self, works: list[tuple[ClassifyWork, int]], heads: Heads) -> None:
+        try:
+            batch = [(slot, ids) for w, slot in works for ids in w.inputs]
+            self.metrics.batch_size.labels(task="classify").observe(len(batch))
+            probs = self.runner.classify(batch, heads)
+        except Exception as exc:
+            log.exception("classification batch failed")
+            for w, _ in works:
+                _fail(w, EngineFailure("the classification batch failed; see the server log"))
+            self.runner.health.failed(exc, "classify")  # raises when the device is broken
+            return
+        self.runner.health.succeeded()
+        start = 0
+        for w, _ in works:
+            if not w.future.done():
+                w.future.set_result(probs[start : start + len(w.inputs)])
+            start += len(w.inputs)
+
+
+def _fail(work: ClassifyWork, exc: AdapterServeError) -> None:
+    if not work.future.done():
+        work.future.set_exception(exc)
