@@ -1,4 +1,5 @@
-"""The ``adapterserve`` command: ``serve``, ``prepare-model``, ``train`` and ``import-adapterhub``."""
+"""The ``adapterserve`` command: ``serve``, ``prepare-model``, ``train``, ``upload`` and
+``import-adapterhub``."""
 
 from __future__ import annotations
 
@@ -16,8 +17,14 @@ from app.config import Settings
 def _add_settings_options(parser: argparse.ArgumentParser) -> None:
     """One ``--name`` option per settings field; unset options fall back to the environment."""
     for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "" if default in (None, "") else f" (default: {default})"
         parser.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, default=None, help=field.description, metavar="VALUE"
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=None,
+            help=f"{field.description}{shown}; env ADAPTERSERVE_{name.upper()}".replace("%", "%%"),
+            metavar="VALUE",
         )
 
 
@@ -72,10 +79,10 @@ def prepare_model(settings: Settings) -> None:
 def import_adapterhub(args: argparse.Namespace, settings: Settings) -> int:
     """Convert an AdapterHub bottleneck adapter; optionally install it into the store."""
     from app.adapters.adapterhub import convert_adapterhub
+    from app.adapters.publish import install_into_store
     from app.adapters.store import check_name
     from app.errors import InvalidAdapter
     from app.models.base_lm import read_spec
-    from app.training.publish import install_into_store
 
     name = args.name or args.source.name
     output: Path = args.output or Path("trained") / name
@@ -94,6 +101,44 @@ def import_adapterhub(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     return 0
+
+
+def upload_folder(args: argparse.Namespace) -> int:
+    """Pack an adapter folder (one written by ``adapterserve train``, PEFT's ``save_pretrained`` or
+    copied out of a store) and upload it to a running server."""
+    import os
+
+    from app.adapters.publish import PublishError, upload
+
+    token = args.admin_token or os.environ.get("ADAPTERSERVE_ADMIN_TOKEN")
+    if not token:
+        print("error: give --admin-token or set ADAPTERSERVE_ADMIN_TOKEN", file=sys.stderr)
+        return 2
+    if not (args.folder / "adapter_config.json").is_file():
+        print(f"error: {args.folder} is not an adapter folder (no adapter_config.json)", file=sys.stderr)
+        return 2
+    name = args.name or args.folder.resolve().name
+    try:
+        out = upload(args.folder, name, args.url, token)
+    except PublishError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"uploaded {name} version {out['version']} ({out['task']}, {out['kind']}) to {args.url}")
+    return 0
+
+
+def _add_upload_parser(sub: Any) -> None:
+    from app.training.cli import DefaultsHelpFormatter
+
+    p = sub.add_parser(
+        "upload",
+        help="pack an adapter folder and upload it to a running server (POST /admin/adapters)",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    p.add_argument("folder", type=Path, help="adapter folder (adapter_config.json, weights, labels.json...)")
+    p.add_argument("--name", help="adapter name (default: the folder's name)")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    p.add_argument("--admin-token", help="admin token (default: ADAPTERSERVE_ADMIN_TOKEN)")
 
 
 def _add_import_parser(sub: Any) -> None:
@@ -120,8 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     from app.training.cli import add_train_parser, run_train
 
     add_train_parser(sub)
+    _add_upload_parser(sub)
     _add_import_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "upload":
+        sys.exit(upload_folder(args))
     if args.command == "import-adapterhub":
         sys.exit(import_adapterhub(args, _settings(argparse.Namespace())))
     if args.command == "train":

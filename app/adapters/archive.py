@@ -15,6 +15,9 @@ from app.errors import InvalidAdapter
 ALLOWED_FILES = frozenset(
     {"adapter_config.json", "adapter_model.safetensors", "labels.json", "metrics.json", "README.md"}
 )
+# left out of the extraction: the server's own metadata (a folder copied out of a store or written
+# by ``adapterserve train --into-store``; the server writes it anew at install) and hidden files
+IGNORED_FILES = frozenset({"adapterserve.json"})
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 IGNORED_PREFIXES = ("__MACOSX/",)
 _CHUNK = 1 << 20
@@ -37,25 +40,30 @@ def _check_name(raw: str) -> PurePosixPath:
 
 
 def _plan(names: list[str]) -> dict[str, str]:
-    """Map archive member names to file names in the adapter folder (one optional top folder)."""
+    """Map archive member names to file names in the adapter folder.
+
+    The files may sit at the top of the archive or all in one folder at any depth (``tar czf
+    a.tar.gz adapters_store/chat-topic`` works as well as ``tar czf a.tar.gz -C folder .``).
+    Returns only the members to extract: ignored and hidden files are left out.
+    """
     seen: set[str] = set()
     for n in names:  # the same member name twice: which one counts would be up to the extractor
         if n in seen:
             raise InvalidAdapter(f"archive holds {n!r} twice", param="file")
         seen.add(n)
     paths = {n: _check_name(n) for n in names}
-    tops = {p.parts[0] for p in paths.values() if len(p.parts) > 1}
-    strip = len(tops) == 1 and all(len(p.parts) == 2 for p in paths.values())
+    parents = {p.parent for p in paths.values()}
     plan: dict[str, str] = {}
     for raw, path in paths.items():
-        parts = path.parts[1:] if strip else path.parts
-        if len(parts) != 1:
+        if len(parents) > 1:
             raise InvalidAdapter(
                 f"archive member {raw!r} is nested; put the adapter files at the top of the archive "
-                "(or in one folder)",
+                "(or all in one folder)",
                 param="file",
             )
-        fname = parts[0]
+        fname = path.name
+        if fname in IGNORED_FILES or fname.startswith("."):
+            continue
         if fname.lower().endswith(PICKLE_SUFFIXES):
             raise InvalidAdapter(
                 f"{fname}: pickle checkpoints are not accepted; save the adapter with safetensors "
@@ -98,8 +106,9 @@ def _extract_zip(data: Path, dest: Path, limits: ArchiveLimits) -> None:
         plan = _plan([i.filename for i in infos])
         budget = [limits.max_total_bytes]
         for info in infos:
-            with zf.open(info) as src:
-                _copy_limited(src, dest / plan[info.filename], budget)
+            if info.filename in plan:
+                with zf.open(info) as src:
+                    _copy_limited(src, dest / plan[info.filename], budget)
 
 
 def _extract_tar(data: Path, dest: Path, limits: ArchiveLimits) -> None:
@@ -121,6 +130,8 @@ def _extract_tar(data: Path, dest: Path, limits: ArchiveLimits) -> None:
         plan = _plan([m.name for m in members])
         budget = [limits.max_total_bytes]
         for m in members:
+            if m.name not in plan:
+                continue
             src = tf.extractfile(m)
             if src is None:
                 raise InvalidAdapter(f"archive member {m.name!r} cannot be read", param="file")

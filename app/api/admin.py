@@ -57,6 +57,14 @@ async def upload_adapter(request: Request, registry: RegistryDep, settings: Sett
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD:
         raise UploadTooLarge(f"upload of {length} bytes exceeds the limit of {limit} bytes", param="file")
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise InvalidRequest(
+            f"this route takes a multipart/form-data body with fields 'name' and 'file' (a .zip or "
+            f".tar.gz of the adapter folder), not {content_type or 'a body without Content-Type'}; "
+            "e.g. curl -F name=my-adapter -F file=@my-adapter.tar.gz, or adapterserve upload FOLDER --name N",
+            param="file",
+        )
     try:
         form = await request.form(max_files=1, max_fields=4)
     except Exception as exc:  # malformed multipart bodies

@@ -17,6 +17,16 @@ _DEFAULT_LR = {"classify": 5e-4, "generate": 2e-4}
 _BOTTLENECK_LR = 1e-3  # the up projection starts at zero; bottleneck modules want a larger step
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default (where it has one and the help does not say it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_train_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "train",
@@ -25,18 +35,19 @@ def add_train_parser(sub: Any) -> None:
             "Train a LoRA adapter with PEFT on the configured base model (ADAPTERSERVE_BASE_MODEL) and "
             "write a store-ready folder: adapter files, labels.json (classify) and metrics.json."
         ),
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--task", choices=["classify", "generate"], required=True)
+    p.add_argument("--task", choices=["classify", "generate"], required=True, help="what the adapter does")
     p.add_argument("--data", type=Path, required=True, help=".csv or .jsonl training file")
     p.add_argument("--output", type=Path, help="output folder (default: trained/<name>)")
     p.add_argument("--name", help="adapter name (default: the output folder's name)")
     p.add_argument("--val-data", type=Path, help="validation file (default: hold out --val-fraction)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held out when no --val-data (0 = none)")
     g = p.add_argument_group("columns")
-    g.add_argument("--text-column", default="text")
-    g.add_argument("--label-column", default="label")
-    g.add_argument("--prompt-column", default="prompt")
-    g.add_argument("--response-column", default="response")
+    g.add_argument("--text-column", default="text", help="classify: the text column")
+    g.add_argument("--label-column", default="label", help="classify: the label column")
+    g.add_argument("--prompt-column", default="prompt", help="generate: the prompt column")
+    g.add_argument("--response-column", default="response", help="generate: the response column")
     g.add_argument("--messages-column", default="messages", help="chat messages (list of role/content)")
     g.add_argument("--system", help="system message added to conversations that have none")
     k = p.add_argument_group("adapter kind")
@@ -55,17 +66,17 @@ def add_train_parser(sub: Any) -> None:
     k.add_argument("--reduction-factor", type=float, default=16.0, help="bottleneck: hidden / width")
     k.add_argument("--activation", choices=["relu", "gelu", "silu", "tanh"], default="relu")
     h = p.add_argument_group("LoRA and optimisation")
-    h.add_argument("--rank", type=int, default=8)
-    h.add_argument("--alpha", type=float, default=16.0)
+    h.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    h.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
     h.add_argument("--target-modules", default="all-linear", help="comma-separated names or all-linear")
-    h.add_argument("--dropout", type=float, default=0.05)
-    h.add_argument("--epochs", type=int, default=2)
+    h.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout while training")
+    h.add_argument("--epochs", type=int, default=2, help="passes over the training data")
     h.add_argument("--lr", type=float, help="learning rate (default: 5e-4 classify, 2e-4 generate)")
-    h.add_argument("--batch-size", type=int, default=16)
+    h.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step")
     h.add_argument("--max-length", type=int, default=256, help="longer examples are truncated (reported)")
     h.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    h.add_argument("--seed", type=int, default=0)
-    h.add_argument("--device", default="auto")
+    h.add_argument("--seed", type=int, default=0, help="random seed (data order, initialisation)")
+    h.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     o = p.add_argument_group("hand-over")
     o.add_argument("--upload", metavar="URL", help="upload to a running server, e.g. http://127.0.0.1:8000")
     o.add_argument("--admin-token", help="admin token for --upload (default: ADAPTERSERVE_ADMIN_TOKEN)")
@@ -76,10 +87,10 @@ def add_train_parser(sub: Any) -> None:
 
 def run_train(args: argparse.Namespace, settings: Settings) -> int:
     """Train, then upload or install; return the process exit status (2 = bad data or options)."""
+    from app.adapters.publish import PublishError, upload
     from app.adapters.store import check_name
     from app.errors import InvalidAdapter
     from app.training.data import DataError
-    from app.training.publish import PublishError, upload
     from app.training.trainer import TrainOptions, train
 
     name = args.name or (args.output.name if args.output else args.data.stem)
@@ -147,8 +158,8 @@ def _default_lr(kind: str, task: str) -> float:
 
 
 def _install(folder: Path, name: str, settings: Settings) -> dict[str, Any]:
+    from app.adapters.publish import install_into_store
     from app.models.base_lm import read_spec
-    from app.training.publish import install_into_store
 
     spec = read_spec(settings.base_model, settings.cache_dir)
     return install_into_store(folder, name, settings.store, spec, settings.max_lora_rank)

@@ -9,6 +9,7 @@ import logging
 import math
 import random
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,7 +26,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedTokenizerBase,
-    get_linear_schedule_with_warmup,
 )
 from transformers.utils import logging as hf_logging
 
@@ -37,6 +37,18 @@ from app.training.bottleneck_modules import BottleneckConfig, BottleneckModel, g
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+FEW_STEPS = 20  # fewer optimizer steps than this: warn that the run will learn little
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier of optimizer step ``step`` (0-based) of ``total``: a linear warm-up
+    over ``warmup`` steps that starts above zero (the first step already learns), then a linear
+    decay that ends above zero at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 _HEADS = ("lm_head", "score", "classifier")
 
 
@@ -273,7 +285,15 @@ def train(opts: TrainOptions) -> TrainResult:
     if opts.max_steps is not None:
         total = min(total, opts.max_steps)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opts.lr)
-    sched = get_linear_schedule_with_warmup(optim, max(1, total // 16), total)
+    warmup = max(1, total // 16)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: lr_factor(i, warmup, total))
+    if total < FEW_STEPS:
+        print(
+            f"warning: only {total} optimizer steps ({len(split.train.input_ids)} examples, batch size "
+            f"{opts.batch_size}, {opts.epochs} epochs): the adapter will learn little; add examples, "
+            "raise --epochs or lower --batch-size",
+            file=sys.stderr,
+        )
     print(
         f"training a {opts.task} {opts.kind} adapter on {model_id}: {len(split.train.input_ids)} examples, "
         f"{total} steps, {trainable:,} trainable parameters, device {dev}"

@@ -154,7 +154,11 @@ ARCHIVES: dict[str, tuple[Callable[[Path], bytes], int, str]] = {
     "windows-path": (lambda f: zip_files({**_files(f), "C:\\evil.json": b"{}"}), 400, "absolute"),
     "backslash-traversal": (lambda f: zip_files({**_files(f), "..\\evil.json": b"{}"}), 400, ".."),
     "unexpected-file": (lambda f: zip_files({**_files(f), "run.sh": b"echo hi"}), 400, "unexpected"),
-    "nested-folder": (lambda f: zip_files({f"a/b/{n}": d for n, d in _files(f).items()}), 400, "nested"),
+    "nested-folder": (
+        lambda f: zip_files({f"a/{i}/{n}": d for i, (n, d) in enumerate(_files(f).items())}),
+        400,
+        "nested",
+    ),
     "duplicate-member": (_duplicate, 400, "twice"),
     "too-many-members": (_many_members, 400, "at most 16"),
     "zip-bomb": (_zip_bomb, 400, "uncompressed size"),

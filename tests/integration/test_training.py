@@ -12,9 +12,9 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
+from app.adapters.publish import install_into_store, upload
 from app.cli import main
 from app.models.base_lm import BaseLM
-from app.training.publish import install_into_store, upload
 from app.training.trainer import TrainOptions, train
 from tests.conftest import ADMIN_TOKEN, CACHE_DIR, upload_archive
 
@@ -162,7 +162,7 @@ def test_generate_training_serves_the_trained_text(
 
 
 def _tar(folder: Path) -> bytes:
-    from app.training.publish import archive_bytes
+    from app.adapters.publish import archive_bytes
 
     return archive_bytes(folder)
 
