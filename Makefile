@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install model serve test lint typecheck unit fuzz clean demo-data demo-adapters prometheus
+.PHONY: install model serve test test-fast lint typecheck unit fuzz clean demo-data demo-adapters prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ typecheck: install
 
 unit: install
 	$(BIN)/pytest -q tests/unit
+
+test-fast: install  ## lint and every test that loads no model (seconds; the inner loop)
+	$(BIN)/ruff check app tests bench scripts deploy
+	$(BIN)/pytest -q -m "not model and not prometheus"
 
 prometheus:  ## the Prometheus server and promtool the monitoring tests run (Debian package)
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \

@@ -193,13 +193,40 @@ def _validation_param(exc: RequestValidationError) -> str | None:
     return ".".join(loc) or None
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+_NOT_AN_OBJECT = {"model_attributes_type", "dict_type", "model_type"}
+
+
+def _json_position(body: object, pos: object) -> str:
+    """``at line L, column C`` of a JSON decode error at character ``pos`` of ``body``."""
+    if not isinstance(pos, int):
+        return ""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    if not isinstance(text, str):
+        return f" at character {pos + 1}"
+    line = text.count("\n", 0, pos) + 1
+    column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    return f" at line {line}, column {column} (character {pos + 1})"
+
+
+def _validation_message(exc: RequestValidationError, content_type: str) -> str:
     parts = []
     for err in exc.errors()[:5]:
+        loc_parts = tuple(err.get("loc", ()))
         if err.get("type") == "json_invalid":
-            return f"the request body is not valid JSON: {err.get('ctx', {}).get('error', 'decode error')}"
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+            where = _json_position(getattr(exc, "body", None), loc_parts[1] if len(loc_parts) > 1 else None)
+            reason = err.get("ctx", {}).get("error", "decode error")
+            return f"the request body is not valid JSON: {reason}{where}"
+        if err.get("type") in _NOT_AN_OBJECT and loc_parts == ("body",):
+            if "json" not in content_type:
+                sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+                return f"send the request body as JSON with Content-Type: application/json (got {sent})"
+            return "the request body must be a JSON object"
+        msg = str(err.get("msg", ""))
+        for prefix in _PYDANTIC_PREFIXES:
+            msg = msg.removeprefix(prefix)
+        loc = ".".join(str(p) for p in loc_parts if p != "body")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts) or "invalid request"
 
 
@@ -215,7 +242,8 @@ def register_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc), _validation_param(exc)
+        content_type = request.headers.get("content-type", "")
+        message, param = _validation_message(exc, content_type), _validation_param(exc)
         return _respond("invalid_request", message, param, 422, openai(request))
 
     @app.exception_handler(StarletteHTTPException)

@@ -29,6 +29,9 @@ from app.service import InferenceService, load_on_device, pin
 log = logging.getLogger(__name__)
 _UNMEASURED = {"/metrics"}
 _ALWAYS_OPEN = {"/metrics", "/healthz", "/readyz"}
+# the routes whose requests run on an adapter: only their requests carry an ``adapter`` label
+# (other routes get the empty value, which PromQL treats as no label)
+INFERENCE_ROUTES = frozenset({"/classify", "/generate", "/v1/completions", "/v1/chat/completions"})
 
 
 def _route_path(request: Request) -> str:
@@ -64,13 +67,19 @@ def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
         finally:
             endpoint = _route_path(request)
             adapter = getattr(request.state, "adapter", None)
-            registry: AdapterRegistry | None = getattr(request.app.state, "registry", None)
-            known = adapter is not None and registry is not None and adapter in registry
-            label = metrics.adapter_label(adapter) if (known or adapter is None) else "unknown"
+            label = _adapter_label(request, metrics, adapter) if endpoint in INFERENCE_ROUTES else ""
             elapsed = time.perf_counter() - start
             metrics.requests.labels(endpoint=endpoint, adapter=label, status=str(status)).inc()
             metrics.request_duration.labels(endpoint=endpoint).observe(elapsed)
             log_request(rid, request.method, endpoint, status, adapter, elapsed)
+
+
+def _adapter_label(request: Request, metrics: Metrics, adapter: str | None) -> str:
+    """The bounded ``adapter`` label of an inference request: its adapter, ``base``, or ``unknown``
+    for a name the store does not hold (404s must not create a series per made-up name)."""
+    registry: AdapterRegistry | None = getattr(request.app.state, "registry", None)
+    known = adapter is not None and registry is not None and adapter in registry
+    return metrics.adapter_label(adapter) if (known or adapter is None) else "unknown"
 
 
 def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> FastAPI:

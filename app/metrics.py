@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 if TYPE_CHECKING:
     from app.adapters.registry import AdapterInfo
@@ -20,6 +27,9 @@ class Metrics:
     """Metric objects with the ``adapterserve_`` prefix, registered in a private registry."""
 
     def __init__(self, max_adapter_labels: int = 100) -> None:
+        # no ``*_created`` series: they double the exposition and no dashboard or rule reads them
+        # (a process-wide switch of prometheus-client; this service has one metrics registry)
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         self.max_adapter_labels = max_adapter_labels
         self._adapter_labels: set[str] = set()

@@ -18,6 +18,17 @@ from tests.helpers.peft_ref import RefAdapter, make_adapter
 
 ADMIN_TOKEN = "test-admin-token"
 CACHE_DIR = Settings().cache_dir
+# the tiers: tests under these folders load the base model (make test); the rest run in seconds
+# without it (make test-fast)
+MODEL_DIRS = ("integration", "system", "fuzz")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(f"/tests/{d}/" in str(item.path) for d in MODEL_DIRS):
+            item.add_marker(pytest.mark.model)
+        if "/tests/integration/test_prometheus.py" in str(item.path):
+            item.add_marker(pytest.mark.prometheus)
 
 
 @pytest.fixture(scope="session")

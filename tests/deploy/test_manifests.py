@@ -52,6 +52,7 @@ def test_dashboard_json_is_the_generators_output() -> None:
     assert len(panels) == len(dashboard_module().PANELS) and all(p["targets"] for p in panels)
 
 
+@pytest.mark.prometheus
 def test_promtool_checks_the_config_and_rules(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: apt-get install prometheus (make test does it)"

@@ -52,9 +52,11 @@ def test_queue_full_is_503_with_retry_after_and_nothing_else_breaks(
 
 
 def test_deadline_is_504(small_client: TestClient) -> None:
+    """A deadline that passes before the request produced a token: 504 (with tokens: see
+    test_deadline_cutoff.py)."""
     engine = small_client.app.state.engine  # type: ignore[attr-defined]
     old = engine.settings.request_timeout_s
-    engine.settings.request_timeout_s = 0.05
+    engine.settings.request_timeout_s = 0.0005
     try:
         resp = small_client.post("/generate", json={"prompt": "Tell me a story.", "max_new_tokens": 60})
     finally:
