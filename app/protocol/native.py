@@ -92,7 +92,10 @@ class GenerateUsage(BaseModel):
 class GenerateResponse(BaseModel):
     adapter: str | None
     text: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "timeout"] = Field(
+        description="stop: EOS or a stop string; length: max_new_tokens; timeout: cut off by the request "
+        "deadline (REQUEST_TIMEOUT_S), the text is what was generated until then"
+    )
     usage: GenerateUsage
 
 

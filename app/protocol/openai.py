@@ -176,7 +176,8 @@ class CompletionRequest(_Sampling):
 
 
 # --- responses --------------------------------------------------------------------------------
-FinishReason = Literal["stop", "length"]
+# "timeout": cut off by the request deadline (REQUEST_TIMEOUT_S); the text is what was generated until then
+FinishReason = Literal["stop", "length", "timeout"]
 
 
 class Usage(BaseModel):
