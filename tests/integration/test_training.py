@@ -176,6 +176,16 @@ def test_training_is_deterministic_with_a_seed(topic_csv: Path, tmp_path: Path) 
     assert a.metrics["epochs"][0]["train_loss"] == b.metrics["epochs"][0]["train_loss"]
 
 
+def test_the_first_optimizer_step_changes_the_weights(qa_jsonl: Path, tmp_path: Path) -> None:
+    """One step at the default learning rate: LoRA's B starts at zero, so it must move off zero
+    (a warm-up that starts at learning rate 0 left it there)."""
+    result = train(_opts("generate", qa_jsonl, tmp_path / "one", max_steps=1, lr=2e-4))
+    assert result.metrics["steps"] == 1
+    weights = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    b = [w for k, w in weights.items() if "lora_B" in k]
+    assert b and all(float(w.abs().max()) > 0 for w in b)
+
+
 def test_cli_trains_and_uploads(topic_csv: Path, tmp_path: Path, client: TestClient, live_url: str) -> None:
     argv = ["train", "--task", "classify", "--data", str(topic_csv), "--output", str(tmp_path / "cli")]
     argv += ["--name", "cli-topics", "--max-steps", "1", "--batch-size", "4", "--max-length", "32"]
