@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,19 @@ def serve(settings: Settings) -> None:
     tune_process(keep_freed=settings.keep_freed_memory)
     app = create_app(settings)
 
+    grace = settings.shutdown_grace_s
+    margin = min(2.0, grace / 2)
+
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             # uvicorn re-raises the signal after its graceful shutdown (exit status -15); a drained
             # shutdown is this service's normal end, so it exits 0. A second signal forces the exit.
+            if not self.should_exit:
+                # shortly before uvicorn would cancel what still runs (a 500 and a traceback per
+                # request), the engine ends it: generations return their text so far, the rest 503
+                timer = threading.Timer(grace - margin, _cut_off, args=(app,))
+                timer.daemon = True
+                timer.start()
             app.state.draining = True
             self.force_exit = self.should_exit
             self.should_exit = True
@@ -67,6 +77,12 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
     DrainingServer(config).run()
+
+
+def _cut_off(app: Any) -> None:
+    engine = getattr(app.state, "engine", None)
+    if engine is not None:
+        engine.cut_off_all()
 
 
 def prepare_model(settings: Settings) -> None:

@@ -70,6 +70,10 @@ class TooManyStreams(AdapterServeError):
 class DeadlineExceeded(AdapterServeError):
     type = "deadline_exceeded"
 
+    @classmethod
+    def after(cls, seconds: float) -> DeadlineExceeded:
+        return cls(f"request did not finish within {seconds:g} s (REQUEST_TIMEOUT_S)")
+
 
 class EngineFailure(AdapterServeError):
     type = "engine_error"

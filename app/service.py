@@ -286,9 +286,7 @@ class InferenceService:
                 try:
                     index, delta = await asyncio.wait_for(deltas.get(), max(0.0, deadline - loop.time()))
                 except TimeoutError as exc:
-                    raise DeadlineExceeded(
-                        f"request did not finish within {self.settings.request_timeout_s:g} s"
-                    ) from exc
+                    raise DeadlineExceeded.after(self.settings.request_timeout_s) from exc
                 if delta.error is not None:
                     raise delta.error
                 if delta.result is not None:

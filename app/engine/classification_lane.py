@@ -39,6 +39,9 @@ class ClassificationLane:
         self.metrics = metrics
         self.queue: deque[ClassifyWork] = deque()
 
+    def queued(self) -> int:
+        return len(self.queue)
+
     def busy(self) -> bool:
         return bool(self.queue)
 
@@ -49,14 +52,15 @@ class ClassificationLane:
         """Nothing outlives a step here: a batch runs to the end within one."""
         return set()
 
-    def expire(self, now: float) -> None:
-        """Fail the waiting requests whose deadline passed (they produced nothing: 504)."""
+    def works(self) -> list[ClassifyWork]:
+        return list(self.queue)
+
+    def expire(self, now: float, error: AdapterServeError | None = None) -> None:
+        """Fail the waiting requests whose deadline passed (they produced nothing: 504, or ``error``)."""
         if any(w.deadline <= now for w in self.queue):
+            late = error or DeadlineExceeded.after(self.settings.request_timeout_s)
             for w in [w for w in self.queue if w.deadline <= now]:
-                _fail(
-                    w,
-                    DeadlineExceeded(f"request did not finish within {self.settings.request_timeout_s:g} s"),
-                )
+                _fail(w, late)
             self.queue = deque(w for w in self.queue if w.deadline > now)
 
     def fail_all(self, exc: AdapterServeError) -> None:

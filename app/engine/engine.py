@@ -28,8 +28,10 @@ from app.engine.slots import Admission, DeviceSlots, SlotsExhausted
 from app.engine.types import (
     ClassifyWork,
     Command,
+    CutOffAll,
     GenerateWork,
     GenerationResult,
+    Lane,
     LoadAdapter,
     PinAdapter,
     RetireAdapter,
@@ -74,7 +76,7 @@ class Engine:
         self._inbox: queue.Queue[Work | Command] = queue.Queue()
         self.classification = ClassificationLane(self.runner, settings, metrics)
         self.gen = GenerationLane(self.runner, settings, metrics, self._decode)
-        self.lanes: tuple[ClassificationLane, GenerationLane] = (self.classification, self.gen)
+        self.lanes: tuple[Lane, ...] = (self.classification, self.gen)
         self._retired: set[int] = set()  # replaced or deleted versions, unloaded once unused
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -106,7 +108,7 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return self._inbox.qsize() + sum(len(lane.queue) for lane in self.lanes)
+        return self._inbox.qsize() + sum(lane.queued() for lane in self.lanes)
 
     def device_uids(self) -> frozenset[int]:
         """Adapter versions resident in device slots now (a snapshot, for any thread)."""
@@ -130,9 +132,7 @@ class Engine:
             )
         except TimeoutError as exc:  # the engine did not end the work at its deadline (a stuck step)
             work.cancelled = True
-            raise DeadlineExceeded(
-                f"request did not finish within {self.settings.request_timeout_s:g} s"
-            ) from exc
+            raise DeadlineExceeded.after(self.settings.request_timeout_s) from exc
         except asyncio.CancelledError:
             work.cancelled = True
             raise
@@ -182,6 +182,12 @@ class Engine:
 
     async def unpin(self, name: str) -> None:
         await self._command(UnpinAdapter(name))
+
+    def cut_off_all(self) -> None:
+        """End every queued and running request now (thread-safe; the shutdown grace ran out):
+        running generations return what they generated (``finish_reason`` timeout), the rest 503."""
+        if self.running:
+            self._inbox.put(CutOffAll())
 
     def retire(self, version: AdapterVersion) -> None:
         """Free the slot of a version that was replaced or deleted, once unused (thread-safe)."""
@@ -233,7 +239,7 @@ class Engine:
                 item = self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if sum(len(lane.queue) for lane in self.lanes) >= self.settings.max_batch_size:
+            if sum(lane.queued() for lane in self.lanes) >= self.settings.max_batch_size:
                 self._accept(item)
                 return
 
@@ -276,9 +282,25 @@ class Engine:
                 case RetireAdapter(uid):
                     if uid in self.slots:
                         self._retired.add(uid)
+                case CutOffAll():
+                    self._cut_off_all()
             cmd.future.set_result(None)
         except Exception as exc:
             cmd.future.set_exception(exc)
+
+    def _cut_off_all(self) -> None:
+        while not self._inbox.empty():  # work that arrived with this command joins the queues first
+            item = self._inbox.get_nowait()
+            if isinstance(item, ClassifyWork | GenerateWork):
+                self._accept(item)
+            elif not item.future.done():
+                item.future.set_exception(NotReady("the server is shutting down"))
+        gone = NotReady("the server shut down before this request ran; retry on another replica")
+        now = time.monotonic()
+        for lane in self.lanes:
+            for work in lane.works():
+                work.deadline = now
+            lane.expire(now, gone)
 
     def _acquire(self, version: AdapterVersion, weights: Adapter) -> None:
         try:

@@ -52,13 +52,19 @@ class GenerationLane:
         """Adapter versions of the rows generating now (their slots must stay)."""
         return {row.work.adapter.uid for b in self.batches() for row in b.rows if row.work.adapter}
 
+    def queued(self) -> int:
+        return len(self.queue)
+
     def busy(self) -> bool:
         return bool(self.queue or self.running or self.prefill)
 
-    def expire(self, now: float) -> None:
-        """Deadlines: waiting and prefilling requests have no tokens yet (504); running rows end
-        with the tokens they have (``finish_reason`` timeout)."""
-        late = DeadlineExceeded(f"request did not finish within {self.settings.request_timeout_s:g} s")
+    def works(self) -> list[GenerateWork]:
+        return list(self.queue) + [row.work for b in self.batches() for row in b.rows]
+
+    def expire(self, now: float, error: AdapterServeError | None = None) -> None:
+        """Deadlines: waiting and prefilling requests have no tokens yet (504, or ``error``); running
+        rows end with the tokens they have (``finish_reason`` timeout)."""
+        late = error or DeadlineExceeded.after(self.settings.request_timeout_s)
         if any(w.deadline <= now for w in self.queue):
             fail_rows([w for w in self.queue if w.deadline <= now], late)
             self.queue = deque(w for w in self.queue if w.deadline > now)
@@ -73,7 +79,7 @@ class GenerationLane:
                 self.running = None
 
     def fail_all(self, exc: AdapterServeError) -> None:
-        works = list(self.queue) + [row.work for b in self.batches() for row in b.rows]
+        works = self.works()
         self.queue.clear()
         self.running = self.prefill = None
         fail_rows(works, exc)

@@ -11,11 +11,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from app.adapters.kinds import Adapter
 from app.adapters.version import AdapterVersion
 from app.errors import AdapterServeError
+
+if TYPE_CHECKING:
+    from app.engine.slots import Admission
 
 FinishReason = Literal["stop", "length", "timeout"]
 
@@ -111,5 +114,32 @@ class RetireAdapter:
     future: Future[None] = field(default_factory=Future)
 
 
-Command = LoadAdapter | PinAdapter | UnpinAdapter | RetireAdapter
+@dataclass
+class CutOffAll:
+    """Shutting down: end every request now, running ones with the tokens they have."""
+
+    future: Future[None] = field(default_factory=Future)
+
+
+Command = LoadAdapter | PinAdapter | UnpinAdapter | RetireAdapter | CutOffAll
 Work = ClassifyWork | GenerateWork
+
+
+class Lane(Protocol):
+    """What the engine loop needs of a lane (classification and generation have the same shape)."""
+
+    def busy(self) -> bool: ...
+
+    def queued(self) -> int: ...
+
+    def step(self, admission: Admission) -> None: ...
+
+    def works(self) -> list[ClassifyWork] | list[GenerateWork]: ...
+
+    def queued_uids(self) -> set[int]: ...
+
+    def resident_uids(self) -> set[int]: ...
+
+    def expire(self, now: float, error: AdapterServeError | None = None) -> None: ...
+
+    def fail_all(self, exc: AdapterServeError) -> None: ...

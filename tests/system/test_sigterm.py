@@ -1,6 +1,7 @@
 """Graceful shutdown of the real process: on SIGTERM, requests already running finish with their
 full answer, nothing new is admitted, and the process exits 0; a request longer than the grace
-period is cut off at its end and the process still exits 0 in time."""
+period is cut off at its end (with the text it has: finish_reason timeout, no traceback in the log)
+and the process still exits 0 in time."""
 
 from __future__ import annotations
 
@@ -87,5 +88,11 @@ def test_a_request_longer_than_the_grace_period_is_cut_and_the_process_exits_0(
         assert proc.wait(60) == 0
         took = time.monotonic() - start
         thread.join(60)
-    assert "resp" not in out or out["resp"].status_code != 200, out["resp"].text[-300:]
+    resp = out["resp"]
+    assert resp.status_code == 200, resp.text[-300:]
+    result = resp.json()
+    assert result["finish_reason"] == "timeout" and 0 < result["usage"]["completion_tokens"] < 500
+    assert result["text"]
     assert took < 30, f"exit took {took:.1f} s with a grace period of 2 s"
+    log = (tmp_path / "log").read_text()
+    assert "Traceback" not in log and '"level": "error"' not in log, log[-2000:]
