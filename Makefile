@@ -19,7 +19,7 @@ install: $(STAMP)
 model: install  ## convert the default base model to safetensors once (cached)
 	$(BIN)/adapterserve prepare-model
 
-serve: model  ## start the service on 127.0.0.1:8000 with the adapters in adapters_store/
+serve: install  ## start the service on 127.0.0.1:8000 with the adapters in adapters_store/ (the first start converts the base model once)
 	$(BIN)/adapterserve serve
 
 lint: install
