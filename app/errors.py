@@ -224,6 +224,8 @@ def _validation_message(exc: RequestValidationError, content_type: str) -> str:
         if err.get("type") in _NOT_AN_OBJECT and loc_parts == ("body",):
             if "json" not in content_type:
                 sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+                if content_type.startswith("application/x-www-form-urlencoded"):
+                    sent += ", curl's default for -d: add -H 'Content-Type: application/json'"
                 return f"send the request body as JSON with Content-Type: application/json (got {sent})"
             return "the request body must be a JSON object"
         msg = str(err.get("msg", ""))

@@ -48,8 +48,9 @@ class OpenAIService:
 
     def _check_adapter(self, name: str) -> None:
         if name not in self.registry:
+            hint = self.registry.did_you_mean(name, (self.model_id,))
             raise AdapterNotFound(
-                f"the model {name!r} is neither an adapter nor the base model {self.model_id!r} "
+                f"the model {name!r} is neither an adapter nor the base model {self.model_id!r}{hint} "
                 "(GET /v1/models lists them)",
                 param="model",
             )

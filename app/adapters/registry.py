@@ -210,12 +210,16 @@ class AdapterRegistry:
     def get(self, name: str) -> AdapterInfo:
         info = self._infos.get(name)
         if info is None:
-            close = difflib.get_close_matches(name, list(self._infos), n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise AdapterNotFound(
-                f"adapter {name!r} not found{hint} (GET /v1/adapters lists them)", param="adapter"
+                f"adapter {name!r} not found{self.did_you_mean(name)} (GET /v1/adapters lists them)",
+                param="adapter",
             )
         return info
+
+    def did_you_mean(self, name: str, extra: tuple[str, ...] = ()) -> str:
+        """``; did you mean 'x'?`` for the adapter names (and ``extra``) closest to ``name``, or ''."""
+        close = difflib.get_close_matches(name, [*self._infos, *extra], n=3, cutoff=0.6)
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
     def describe(self, info: AdapterInfo) -> dict[str, Any]:
         """``info``'s public description, its tier as the engine reports it now."""

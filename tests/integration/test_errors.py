@@ -19,6 +19,29 @@ def test_unknown_adapter_is_404(client: TestClient, uploaded: dict[str, RefAdapt
     _expect(client.delete("/admin/adapters/nope", headers=admin_headers()), 404, "adapter_not_found")
 
 
+def test_a_near_miss_gets_a_suggestion(client: TestClient, uploaded: dict[str, RefAdapter]) -> None:
+    err = _expect(
+        client.post("/classify", json={"adapter": "cls-44", "inputs": ["x"]}), 404, "adapter_not_found"
+    )
+    assert "did you mean 'cls-4'" in err["message"]
+    oa = client.post("/v1/completions", json={"model": "gen-qv-r9", "prompt": "x", "max_tokens": 1})
+    assert oa.status_code == 404 and "did you mean 'gen-qv-r8'" in oa.json()["error"]["message"]
+
+
+def test_json_sent_to_the_upload_route_is_told_about_multipart(client: TestClient) -> None:
+    err = _expect(
+        client.post("/admin/adapters", headers=admin_headers(), json={"name": "x"}), 422, "invalid_request"
+    )
+    assert "multipart/form-data" in err["message"] and "adapterserve upload" in err["message"]
+
+
+def test_a_body_without_content_type_is_told_to_send_json(client: TestClient) -> None:
+    form = {"content-type": "application/x-www-form-urlencoded"}  # what curl -d sends
+    resp = client.post("/classify", content=b'{"adapter": "cls-4", "inputs": "x"}', headers=form)
+    err = _expect(resp, 422, "invalid_request", "add -H 'Content-Type: application/json'")
+    assert "valid dictionary" not in err["message"]
+
+
 def test_task_mismatch_is_409(client: TestClient, uploaded: dict[str, RefAdapter]) -> None:
     err = _expect(
         client.post("/classify", json={"adapter": "gen-qv-r8", "inputs": ["x"]}),
