@@ -104,8 +104,6 @@ class ReleasingExecutor(ThreadPoolExecutor):
 
 
 # --- freed memory --------------------------------------------------------------------------
-
-
 def keep_freed_memory() -> bool:
     """Tune glibc's malloc (no-op elsewhere); return whether it applied."""
     name = ctypes.util.find_library("c")

@@ -325,7 +325,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
-    keep_freed_memory()  # for the baselines as well as the engine (which sets it itself)
+    keep_freed_memory()  # for the baselines as well as the engine (as `adapterserve serve` does)
     if args.part:
         bench = Bench(args)
         result = bench.run_hf(args.out) if args.part == "hf" else bench.run_engine(args.out)

@@ -55,7 +55,9 @@ def test_a_store_folder_uploads_as_is(
     _same(_scores(client, "cls-4-cli"), original)
 
 
-def test_a_trained_folder_uploads_as_is(client: TestClient, live_url: str, tmp_path: Path) -> None:
+def test_a_trained_folder_uploads_as_is(
+    client: TestClient, live_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = tmp_path / "topics.csv"
     rows = ["text,label"] + [f"match {i} won by the home side,sport" for i in range(6)]
     rows += [f"shares fell {i} percent today,business" for i in range(6)]
@@ -65,6 +67,7 @@ def test_a_trained_folder_uploads_as_is(client: TestClient, live_url: str, tmp_p
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--max-steps", "2", "--batch-size", "4", "--rank", "2", "--device", "cpu"])
     assert exc.value.code == 0
+    assert "warning: only 2 optimizer steps" in capsys.readouterr().err  # a run that learns little
     assert (out / "metrics.json").is_file()
     done = _cli_upload(out, "trained-orig", live_url)
     assert done.returncode == 0, done.stderr
