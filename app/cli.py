@@ -45,8 +45,14 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from app.main import create_app
+    from app.models.base_lm import check_base
+    from app.models.surface import UnsupportedBase
     from app.platform import tune_process
 
+    try:
+        check_base(settings.base_model, settings.cache_dir)
+    except (UnsupportedBase, RuntimeError) as exc:
+        sys.exit(f"error: {getattr(exc, 'message', exc)}")
     tune_process(keep_freed=settings.keep_freed_memory)
     app = create_app(settings)
 
@@ -86,10 +92,15 @@ def _cut_off(app: Any) -> None:
 
 
 def prepare_model(settings: Settings) -> None:
-    from app.models.base_lm import resolve_model_path
+    from app.models.base_lm import check_base, resolve_model_path
+    from app.models.surface import UnsupportedBase
 
     path, model_id = resolve_model_path(settings.base_model, settings.cache_dir)
-    print(f"base model {model_id} ready at {path}")
+    try:
+        surface = check_base(settings.base_model, settings.cache_dir)
+    except UnsupportedBase as exc:
+        sys.exit(f"error: {exc.message}")
+    print(f"base model {model_id} ({surface.family}, {surface.kind}) ready at {path}")
 
 
 def import_adapterhub(args: argparse.Namespace, settings: Settings) -> int:

