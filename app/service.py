@@ -16,7 +16,7 @@ from app.adapters.kinds import Adapter
 from app.adapters.registry import AdapterInfo, AdapterRegistry
 from app.adapters.version import AdapterVersion
 from app.config import Settings
-from app.engine.engine import Engine
+from app.engine.engine import DEADLINE_GRACE_S, Engine
 from app.engine.types import GenerateWork, GenerationResult, SamplingParams, StreamDelta
 from app.errors import (
     AdapterLoadFailed,
@@ -38,7 +38,6 @@ from app.protocol.native import (
 )
 
 DEFAULT_NEW_TOKENS = 128
-STREAM_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -279,7 +278,7 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         # the engine ends each row at its deadline (with its tokens, or a 504 error event); this
         # later one only guards against an engine step that never returns
-        deadline = loop.time() + self.settings.request_timeout_s + STREAM_GRACE_S
+        deadline = loop.time() + self.settings.request_timeout_s + DEADLINE_GRACE_S
         pending = len(works)
         try:
             while pending:

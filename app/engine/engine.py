@@ -50,9 +50,9 @@ from app.platform import release_omp_threads
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_WAIT_S = 0.05
-# the API side waits this much longer than a request's deadline: the engine itself ends the work
-# at its deadline (with the tokens produced so far) after at most one more step
-_DEADLINE_GRACE_S = 30.0
+# the API side (futures and streams) waits this much longer than a request's deadline: the engine
+# itself ends the work at its deadline (with the tokens produced so far) after at most one more step
+DEADLINE_GRACE_S = 30.0
 
 
 class Engine:
@@ -128,7 +128,7 @@ class Engine:
     async def _await(self, work: Work, fut: Future[T]) -> T:
         try:
             return await asyncio.wait_for(
-                asyncio.wrap_future(fut), self.settings.request_timeout_s + _DEADLINE_GRACE_S
+                asyncio.wrap_future(fut), self.settings.request_timeout_s + DEADLINE_GRACE_S
             )
         except TimeoutError as exc:  # the engine did not end the work at its deadline (a stuck step)
             work.cancelled = True

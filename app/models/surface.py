@@ -78,15 +78,7 @@ SURFACES: dict[str, ModelSurface] = {
         _decoder("qwen2"),
         _decoder("qwen3"),
         _decoder("phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
-        ModelSurface(
-            family="gemma3_text",
-            kind="decoder",
-            lora_targets=_LLAMA_LIKE,
-            attention_output="self_attn.o_proj",
-            ffn_output="mlp.down_proj",
-            pooling="last",
-            can_generate=True,
-        ),
+        _decoder("gemma3_text"),
         ModelSurface(
             family="gpt2",
             kind="decoder",
