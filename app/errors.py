@@ -79,6 +79,12 @@ class EngineFailure(AdapterServeError):
     type = "engine_error"
 
 
+class GenerationUnsupported(AdapterServeError):
+    """The served base model is an encoder: it classifies, it cannot generate."""
+
+    type = "generation_unsupported"
+
+
 class NotReady(AdapterServeError):
     type = "not_ready"
 
@@ -108,6 +114,7 @@ class PinFailed(AdapterServeError):
 STATUS: dict[type[AdapterServeError], int] = {
     InvalidRequest: 422,
     InvalidAdapter: 400,
+    GenerationUnsupported: 400,
     Unauthorized: 401,
     Forbidden: 403,
     AdminDisabled: 403,

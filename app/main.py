@@ -132,8 +132,14 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
         app.state.model_id = model.spec.model_id
         app.state.registry = registry
         app.state.engine = engine
+        cannot_generate = (
+            ""
+            if model.surface.can_generate
+            else f"the base model {model.spec.model_id!r} ({model.surface.family}) is an encoder: it "
+            "serves POST /classify only, it cannot generate text"
+        )
         app.state.service = service = InferenceService(
-            settings, registry, engine, model.tokenizer, model.spec.max_context
+            settings, registry, engine, model.tokenizer, model.spec.max_context, cannot_generate
         )
         app.state.openai = OpenAIService(service, registry, model.spec.model_id)
         log.info("adapterserve ready: %d adapters in %s", len(registry.list()), settings.store)

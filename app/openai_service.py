@@ -57,6 +57,8 @@ class OpenAIService:
 
     # --- models -----------------------------------------------------------------------------
     def models(self) -> ModelList:
+        if self.service.cannot_generate:  # an encoder base: no model here can generate
+            return ModelList(data=[])
         cards = [ModelCard(id=self.model_id, created=self.created, root=self.model_id)]
         for info in self.registry.list():
             if info.task == "generate":

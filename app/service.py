@@ -22,6 +22,7 @@ from app.errors import (
     AdapterLoadFailed,
     AdapterServeError,
     DeadlineExceeded,
+    GenerationUnsupported,
     InvalidRequest,
     PinFailed,
     TooManyStreams,
@@ -127,8 +128,10 @@ class InferenceService:
         engine: Engine,
         tokenizer: PreTrainedTokenizerBase,
         max_context: int | None = None,
+        cannot_generate: str = "",
     ) -> None:
         self.max_context = max_context  # prompt + new tokens must fit the base model's positions
+        self.cannot_generate = cannot_generate  # why the base cannot generate ("" when it can)
         self.settings = settings
         self.registry = registry
         self.engine = engine
@@ -193,6 +196,8 @@ class InferenceService:
 
     async def prepare(self, spec: GenerationInput) -> Generation:
         """Check and tokenize one generation request; 4xx errors raise here, before any work is queued."""
+        if self.cannot_generate:
+            raise GenerationUnsupported(self.cannot_generate)
         if spec.adapter is not None:
             self.registry.for_task(spec.adapter, "generate")  # 404/409 before any other check
         cap = self.settings.max_new_tokens

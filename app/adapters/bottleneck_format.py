@@ -17,7 +17,10 @@ Folder format (the same file names as a PEFT folder)::
                                 "layers": null (all) | [0, 1, ...]}
     adapter_model.safetensors  layers.<i>.<attention|ffn>.down.weight [size, hidden], .down.bias [size]
                                layers.<i>.<attention|ffn>.up.weight [hidden, size],   .up.bias [hidden]
-                               score.weight [labels, hidden], score.bias [labels]   (SEQ_CLS only)
+                               the family's head, named as PEFT saves it (SEQ_CLS only): decoders
+                               score.weight [labels, hidden], .bias; BERT classifier.weight, .bias
+                               (and optionally bert.pooler.dense.*); RoBERTa classifier.dense.*,
+                               classifier.out_proj.* (see app.models.surface)
     labels.json                optional, as for LoRA
 """
 
@@ -41,6 +44,7 @@ from app.adapters.lora_format import (
 )
 from app.errors import InvalidAdapter
 from app.models.base_lm import BaseSpec
+from app.models.heads import Head
 
 PEFT_TYPE = "BOTTLENECK"
 PLACES = ("attention", "ffn")
@@ -53,11 +57,6 @@ PLACEMENTS: dict[str, tuple[str, ...]] = {
 }
 # every activation maps 0 to 0, so that rows of other adapters (zero weights in a slot) get no change
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
-# the linear layer whose output each place follows, per architecture family (suffix after layers.<i>.)
-_SITES: dict[str, tuple[str, ...]] = {
-    "attention": ("self_attn.o_proj", "self_attn.out_proj", "attn.out_proj", "attention.o_proj"),
-    "ffn": ("mlp.down_proj", "mlp.fc2", "feed_forward.w2", "mlp.dense_4h_to_h"),
-}
 _KEY = re.compile(r"layers\.(\d+)\.(attention|ffn)\.(down|up)\.(weight|bias)")
 _CONFIG_KEYS = {
     "peft_type",
@@ -89,8 +88,7 @@ class BottleneckAdapter:
     activation: str
     # base module name (the linear whose output the module follows) -> its weights
     blocks: dict[str, BottleneckWeights] = field(repr=False)
-    head_weight: torch.Tensor | None = field(default=None, repr=False)
-    head_bias: torch.Tensor | None = field(default=None, repr=False)
+    head: Head = field(default=(), repr=False)
     num_params: int = 0
 
     @property
@@ -100,20 +98,21 @@ class BottleneckAdapter:
     @property
     def nbytes(self) -> int:
         total = sum(t.numel() * t.element_size() for block in self.blocks.values() for t in block)
-        if self.head_weight is not None:
-            total += self.head_weight.numel() * self.head_weight.element_size()
-        return total
+        return total + sum(layer.nbytes for layer in self.head)
 
 
 def sites(spec: BaseSpec) -> dict[str, dict[int, str]]:
     """For each place, layer index -> the base's linear layer whose output the module follows."""
+    surface = spec.surface
+    suffixes = {"attention": surface.attention_output, "ffn": surface.ffn_output}
     found: dict[str, dict[int, str]] = {place: {} for place in PLACES}
+    pattern = re.compile(rf"(?:^|\.){re.escape(surface.blocks)}\.(\d+)\.(.+)$")
     for name, (out_f, _) in spec.linear_shapes.items():
-        m = re.search(r"(?:^|\.)layers\.(\d+)\.(.+)$", name)
+        m = pattern.search(name)
         if m is None or out_f != spec.hidden_size:
             continue
-        for place, suffixes in _SITES.items():
-            if m.group(2) in suffixes:
+        for place, suffix in suffixes.items():
+            if m.group(2) == suffix:
                 found[place][int(m.group(1))] = name
     return found
 
@@ -138,6 +137,12 @@ def check_bottleneck_config(config: dict[str, Any], spec: BaseSpec) -> dict[str,
     if task_type not in TASKS:
         raise InvalidAdapter(
             f"task_type must be one of {sorted(TASKS)}, got {task_type!r}", param="task_type"
+        )
+    if TASKS[task_type] == "generate" and not spec.surface.can_generate:
+        raise InvalidAdapter(
+            f"the base model ({spec.family}, an encoder) cannot generate; it serves classification "
+            "adapters (task_type SEQ_CLS) only",
+            param="task_type",
         )
     placement = config.get("placement")
     if placement not in PLACEMENTS:
@@ -209,7 +214,11 @@ def load_bottleneck(folder: Path, spec: BaseSpec, check_values: bool = True) -> 
     cfg = check_bottleneck_config(read_config(folder), spec)
     size, hidden = cfg["size"], spec.hidden_size
     tensors = load_tensors(folder / WEIGHTS_FILE)
-    head = {k.split(".", 1)[1]: t for k, t in tensors.items() if k in ("score.weight", "score.bias")}
+    head_keys = {f"{m}.{part}" for m in spec.surface.head_modules for part in ("weight", "bias")}
+    head: dict[str, dict[str, torch.Tensor]] = {}
+    for key in head_keys & set(tensors):
+        module, _, part = key.rpartition(".")
+        head.setdefault(module, {})[part] = tensors[key]
     expected = {
         f"layers.{i}.{place}.{part}"
         for i in cfg["layers"]
@@ -217,7 +226,7 @@ def load_bottleneck(folder: Path, spec: BaseSpec, check_values: bool = True) -> 
         for part in ("down.weight", "down.bias", "up.weight", "up.bias")
     }
     for key in tensors:
-        if key not in expected and key not in ("score.weight", "score.bias"):
+        if key not in expected and key not in head_keys:
             hint = "" if _KEY.fullmatch(key) else " (see the bottleneck folder format)"
             raise InvalidAdapter(
                 f"unexpected tensor {key!r} for placement {cfg['places']} on layers {cfg['layers']}{hint}",
@@ -247,11 +256,11 @@ def load_bottleneck(folder: Path, spec: BaseSpec, check_values: bool = True) -> 
                 num_params += tensors[key].numel()
             blocks[where[place][i]] = (parts[0], parts[1], parts[2], parts[3])
 
-    head_weight = head_bias = None
+    head_layers: Head = ()
     labels: list[str] = []
     if cfg["task"] == "classify":
-        head_weight, head_bias, labels = read_head(head, spec, folder, "score")
-        num_params += head_weight.numel() + (head_bias.numel() if head_bias is not None else 0)
+        head_layers, labels = read_head(head, spec, folder)
+        num_params += sum(layer.numel for layer in head_layers)
     elif head:
         raise InvalidAdapter("a CAUSAL_LM adapter must not carry a classification head", param=WEIGHTS_FILE)
     return BottleneckAdapter(
@@ -262,7 +271,6 @@ def load_bottleneck(folder: Path, spec: BaseSpec, check_values: bool = True) -> 
         labels=labels,
         activation=cfg["activation"],
         blocks=blocks,
-        head_weight=head_weight,
-        head_bias=head_bias,
+        head=head_layers,
         num_params=num_params,
     )

@@ -17,19 +17,18 @@ from safetensors.torch import load_file
 from app.adapters.files import read_float_tensors
 from app.errors import InvalidAdapter
 from app.models.base_lm import BaseSpec
+from app.models.heads import Head, HeadLayer, num_labels
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LABELS_FILE = "labels.json"
 PREFIX = "base_model.model."
 TASKS: dict[str, Literal["classify", "generate"]] = {"SEQ_CLS": "classify", "CAUSAL_LM": "generate"}
-HEAD_MODULES = ("score", "classifier")
 _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
 # Config fields whose non-default value asks for something this server does not apply.
 _UNSUPPORTED: dict[str, str] = {
     "use_dora": "DoRA (use_dora) is not supported; train without use_dora",
-    "fan_in_fan_out": "fan_in_fan_out layers (Conv1D bases) are not supported",
     "lora_bias": "lora_bias is not supported",
     "use_qalora": "QALoRA (use_qalora) is not supported",
     "layer_replication": "layer_replication is not supported",
@@ -58,8 +57,7 @@ class LoraAdapter:
     labels: list[str]
     # module name -> (A [r, in], B [out, r], scaling), tensors as stored in the file
     weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(repr=False)
-    head_weight: torch.Tensor | None = field(default=None, repr=False)  # [labels, hidden]
-    head_bias: torch.Tensor | None = field(default=None, repr=False)  # [labels]
+    head: Head = field(default=(), repr=False)  # classify: the family's head layers
     num_params: int = 0
 
     @property
@@ -72,9 +70,7 @@ class LoraAdapter:
         total = sum(
             a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in self.weights.values()
         )
-        if self.head_weight is not None:
-            total += self.head_weight.numel() * self.head_weight.element_size()
-        return total
+        return total + sum(layer.nbytes for layer in self.head)
 
 
 def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
@@ -98,7 +94,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def check_config(config: dict[str, Any]) -> Literal["classify", "generate"] | None:
+def check_config(config: dict[str, Any], spec: BaseSpec) -> Literal["classify", "generate"] | None:
     """Reject configurations the server cannot apply faithfully; return the task (None: not stated)."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
@@ -111,6 +107,13 @@ def check_config(config: dict[str, Any]) -> Literal["classify", "generate"] | No
     for key, message in _UNSUPPORTED.items():
         if config.get(key):
             raise InvalidAdapter(message, param=key)
+    if config.get("fan_in_fan_out") and not spec.surface.conv1d:
+        # PEFT sets it for Conv1D layers ([in, out] weights, GPT-2); lora_A and lora_B are stored
+        # the same way either way, so on other bases it means the adapter was made for another one
+        raise InvalidAdapter(
+            f"fan_in_fan_out is for Conv1D layers (GPT-2); the {spec.family} base has linear layers",
+            param="fan_in_fan_out",
+        )
     if config.get("bias", "none") != "none":
         raise InvalidAdapter(f"bias must be 'none', got {config.get('bias')!r}", param="bias")
     for key in ("r", "lora_alpha"):
@@ -180,27 +183,44 @@ def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], values: boo
 
 
 def read_head(
-    head: dict[str, torch.Tensor], spec: BaseSpec, folder: Path, name: str
-) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
-    """Validate a classification head (``weight`` [labels, hidden], optional ``bias``) and read its
-    labels; return them as float32 (the head runs in float32 on every device)."""
-    if "weight" not in head:
-        raise InvalidAdapter(
-            f"a classification adapter needs the head {name}.weight (for PEFT: modules_to_save)",
-            param=WEIGHTS_FILE,
-        )
-    weight = head["weight"]
-    num_labels = weight.shape[0] if weight.dim() == 2 else 0
-    if num_labels < 1:
-        raise InvalidAdapter(
-            "the classification head must be a 2-D [labels, hidden] matrix", param=WEIGHTS_FILE
-        )
-    check_tensor(f"{name}.weight", weight, (num_labels, spec.hidden_size))
-    bias = None
-    if "bias" in head:
-        check_tensor(f"{name}.bias", head["bias"], (num_labels,))
-        bias = head["bias"].float()
-    return weight.float().contiguous(), bias, read_labels(folder, num_labels)
+    parts: dict[str, dict[str, torch.Tensor]], spec: BaseSpec, folder: Path, prefix: str = ""
+) -> tuple[Head, list[str]]:
+    """The family's classification head from an adapter's tensors (module -> {"weight", "bias"}),
+    validated, and its labels. The last layer ([labels, in]) is required; an earlier layer the
+    adapter does not carry runs as the base's own module (BERT's pooler). Tensors stay as read."""
+    layers: list[HeadLayer] = []
+    surface = spec.surface
+    for i, (module, activation) in enumerate(surface.head):
+        got = parts.get(module, {})
+        last = i == len(surface.head) - 1
+        base_shape = spec.linear_shapes.get(module)
+        if "weight" not in got:
+            if last or base_shape is None or got:
+                raise InvalidAdapter(
+                    f"a classification adapter needs the head {prefix}{module}.weight "
+                    "(for PEFT: modules_to_save)",
+                    param=WEIGHTS_FILE,
+                )
+            layers.append(HeadLayer(module, None, None, activation))
+            continue
+        weight = got["weight"]
+        if last:
+            rows = weight.shape[0] if weight.dim() == 2 else 0
+            if rows < 1:
+                raise InvalidAdapter(
+                    f"the classification head {prefix}{module}.weight must be a 2-D [labels, hidden] matrix",
+                    param=WEIGHTS_FILE,
+                )
+            shape = (rows, base_shape[1] if base_shape else spec.hidden_size)
+        else:
+            shape = base_shape or (spec.hidden_size, spec.hidden_size)
+        check_tensor(f"{prefix}{module}.weight", weight, shape)
+        bias = got.get("bias")
+        if bias is not None:
+            check_tensor(f"{prefix}{module}.bias", bias, (shape[0],))
+        layers.append(HeadLayer(module, weight, bias, activation))
+    head = tuple(layers)
+    return head, read_labels(folder, num_labels(head))
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -228,23 +248,25 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
     validated when they entered the store; names, shapes and dtypes are always checked.
     """
     config = read_config(folder)
-    task = check_config(config)
+    task = check_config(config, spec)
+    surface = spec.surface
     weights_path = folder / WEIGHTS_FILE
     tensors = load_tensors(weights_path)
     rank_pattern: dict[str, Any] = config.get("rank_pattern") or {}
     alpha_pattern: dict[str, Any] = config.get("alpha_pattern") or {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    head: dict[str, torch.Tensor] = {}
+    head: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         module, part = _split_key(key)
-        if module in HEAD_MODULES and part in ("weight", "bias"):
-            head[part] = tensor
+        if module in surface.head_modules and part in ("weight", "bias"):
+            head.setdefault(module, {})[part] = tensor
         elif part in ("lora_A.weight", "lora_B.weight"):
             parts.setdefault(module, {})[part] = tensor
         elif part in ("weight", "bias"):
             raise InvalidAdapter(
                 f"tensor {key!r} is a full copy of module {module!r} (modules_to_save); only the "
-                "classification head 'score' of a SEQ_CLS adapter is supported",
+                f"classification head of a SEQ_CLS adapter ({', '.join(surface.head_modules)}) is "
+                "supported",
                 param=WEIGHTS_FILE,
             )
         else:
@@ -252,12 +274,18 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
     if not parts:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA weights", param=WEIGHTS_FILE)
     if task is None:  # a LoraConfig without task_type: a classification head makes it a classifier
-        task = "classify" if "weight" in head else "generate"
+        task = "classify" if head else "generate"
+    if task == "generate" and not surface.can_generate:
+        raise InvalidAdapter(
+            f"the base model ({spec.family}, an encoder) cannot generate; it serves classification "
+            "adapters (task_type SEQ_CLS) only",
+            param="task_type",
+        )
 
     weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     max_r, num_params = 0, 0
     for module, pair in sorted(parts.items()):
-        if module not in spec.linear_shapes or module in HEAD_MODULES:
+        if module not in spec.linear_shapes or module in head or module in surface.head_modules[-1:]:
             raise InvalidAdapter(
                 f"LoRA target {module!r} is not a linear layer of the base model", param=WEIGHTS_FILE
             )
@@ -279,11 +307,11 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
         max_r = max(max_r, r)
         num_params += a.numel() + b.numel()
 
-    head_weight = head_bias = None
+    head_layers: Head = ()
     labels: list[str] = []
     if task == "classify":
-        head_weight, head_bias, labels = read_head(head, spec, folder, f"{PREFIX}score")
-        num_params += head_weight.numel()
+        head_layers, labels = read_head(head, spec, folder, PREFIX)
+        num_params += sum(layer.numel for layer in head_layers)
     elif head:
         raise InvalidAdapter("a CAUSAL_LM adapter must not carry a classification head", param=WEIGHTS_FILE)
 
@@ -294,8 +322,7 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
         target_modules=sorted({m.rpartition(".")[2] for m in weights}),
         labels=labels,
         weights=weights,
-        head_weight=head_weight,
-        head_bias=head_bias,
+        head=head_layers,
         num_params=num_params,
     )
 

@@ -10,17 +10,16 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-import torch
-
 from app.config import Settings
 from app.engine.runner import Runner
 from app.engine.slots import Admission
 from app.engine.types import ClassifyWork
 from app.errors import AdapterServeError, DeadlineExceeded, EngineFailure
 from app.metrics import Metrics
+from app.models.heads import Head
 
 log = logging.getLogger(__name__)
-Heads = dict[int, tuple[torch.Tensor, torch.Tensor | None]]  # slot -> classification head (W, b)
+Heads = dict[int, Head]  # slot -> classification head layers
 
 
 def fits(rows: int, width: int, new_rows: int, new_width: int, max_rows: int, max_tokens: int) -> bool:

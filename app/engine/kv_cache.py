@@ -3,7 +3,13 @@
 The generation batches keep their rows left-padded over one transformers ``DynamicCache``
 (tensors ``[batch, heads, tokens, head_dim]`` per layer). Rows leave (select), leading columns that
 only padding uses are dropped (trim), and a freshly prefilled batch joins a running one (merge with
-left padding). These reach into transformers' cache layers (``layer.keys`` / ``layer.values``), so
+left padding).
+
+Sliding-window layers (Gemma 3) keep only the last ``window - 1`` token columns and count every
+column they have seen (``cumulative_length``, which places the window in the attention mask). Left
+padding changes only columns before a row's first token, so the same operations hold for them: a
+trim or merge moves the count with the full layers and keeps the last ``min(count, window - 1)``
+columns. These reach into transformers' cache layers (``layer.keys`` / ``layer.values``), so
 a transformers upgrade that changes them breaks this module and its tests, nothing else.
 """
 
@@ -13,7 +19,7 @@ from typing import cast
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 SEQ_DIM = 2  # the token axis of a layer's key and value tensors
 
@@ -24,9 +30,21 @@ def new_cache(config: PretrainedConfig) -> DynamicCache:
 
 
 def mergeable(cache: DynamicCache) -> bool:
-    """Whether rows can join this cache by left padding: only plain full-attention dynamic layers
-    (a sliding-window layer keeps a window of its own length, which padding would shift)."""
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    """Whether rows can join this cache by left padding: full-attention and sliding-window dynamic
+    layers (not recording their past for a rollback); other layer kinds make a batch run alone."""
+    return all(
+        type(layer) is DynamicLayer
+        or (
+            type(layer) is DynamicSlidingWindowLayer
+            and not cast(DynamicSlidingWindowLayer, layer).record_past
+        )
+        for layer in cache.layers
+    )
+
+
+def _window_columns(layer: DynamicSlidingWindowLayer, seen: int) -> int:
+    """How many columns a sliding layer that has seen ``seen`` columns keeps."""
+    return min(seen, layer.sliding_window - 1)
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:
@@ -58,7 +76,15 @@ def trim_left(cache: DynamicCache, start: int) -> None:
         return
     for layer in _layers(cache):
         keys, values = _kv(layer)
-        layer.keys, layer.values = keys[:, :, start:], values[:, :, start:]
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.cumulative_length -= start
+            keep = _window_columns(layer, layer.cumulative_length)
+            layer.keys, layer.values = (
+                keys[:, :, keys.shape[2] - keep :],
+                values[:, :, values.shape[2] - keep :],
+            )
+        else:
+            layer.keys, layer.values = keys[:, :, start:], values[:, :, start:]
 
 
 def merge_left_padded(into: DynamicCache, width: int, other: DynamicCache, other_width: int) -> None:
@@ -67,12 +93,16 @@ def merge_left_padded(into: DynamicCache, width: int, other: DynamicCache, other
     target = max(width, other_width)
     for a, b in zip(_layers(into), _layers(other), strict=True):
         (ak, av), (bk, bv) = _kv(a), _kv(b)
-        a.keys = torch.cat(
-            [pad_left(ak, target - width, SEQ_DIM), pad_left(bk, target - other_width, SEQ_DIM)]
-        )
-        a.values = torch.cat(
-            [pad_left(av, target - width, SEQ_DIM), pad_left(bv, target - other_width, SEQ_DIM)]
-        )
+        if isinstance(a, DynamicSlidingWindowLayer):
+            assert isinstance(b, DynamicSlidingWindowLayer)
+            seen = a.cumulative_length + target - width  # the same count for both after padding
+            keep = _window_columns(a, seen)
+            pad_a, pad_b = keep - ak.shape[SEQ_DIM], keep - bk.shape[SEQ_DIM]
+            a.cumulative_length = seen
+        else:
+            pad_a, pad_b = target - width, target - other_width
+        a.keys = torch.cat([pad_left(ak, pad_a, SEQ_DIM), pad_left(bk, pad_b, SEQ_DIM)])
+        a.values = torch.cat([pad_left(av, pad_a, SEQ_DIM), pad_left(bv, pad_b, SEQ_DIM)])
 
 
 def unused_leading_columns(mask: torch.Tensor) -> int:

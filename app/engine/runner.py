@@ -10,6 +10,7 @@ import torch
 from prometheus_client import Counter
 
 from app.models.base_lm import BaseLM
+from app.models.heads import Head, activate
 from app.models.multi_lora import Routing, RoutingContext
 
 
@@ -63,9 +64,11 @@ class Runner:
         self.ctx = ctx
         self.model = base.model
         self.device = base.device
+        self.surface = base.surface
         tok = base.tokenizer
         self.pad_id: int = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        eos = base.model.generation_config.eos_token_id
+        generation_config = getattr(base.model, "generation_config", None)
+        eos = generation_config.eos_token_id if generation_config is not None else None
         eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.eos_ids: set[int] = {int(e) for e in [*eos_ids, tok.eos_token_id] if e is not None}
 
@@ -84,23 +87,38 @@ class Runner:
         self.ctx.routing = Routing.build(slots, self.device, reuse_key)
 
     @torch.inference_mode()
-    def classify(
-        self, rows: list[tuple[int, list[int]]], heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
-    ) -> list[list[float]]:
-        """Class probabilities for each (slot, token ids) row; one forward for the whole batch."""
+    def classify(self, rows: list[tuple[int, list[int]]], heads: dict[int, Head]) -> list[list[float]]:
+        """Class probabilities for each (slot, token ids) row; one forward for the whole batch, then
+        each slot's head on its rows' pooled states (the family's pooling: last token or [CLS])."""
         ids, mask = self.pad([toks for _, toks in rows], left=False)  # right padding, as in training
         self.set_routing([slot for slot, _ in rows])
         try:
             hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            if self.surface.pooling == "first":
+                pooled = hidden[:, 0]
+            else:
+                pooled = hidden[
+                    torch.arange(len(rows), device=self.device), last_non_pad_index(ids, self.pad_id)
+                ]
+            out: list[list[float]] = [[] for _ in rows]
+            for slot in {slot for slot, _ in rows}:
+                idx = [i for i, (s, _) in enumerate(rows) if s == slot]
+                logits = self._head(heads[slot], slot, pooled[idx])
+                probs = torch.softmax(logits.float(), dim=-1).cpu().tolist()
+                for i, p in zip(idx, probs, strict=True):
+                    out[i] = p
         finally:
             self.ctx.routing = None
-        pooled = hidden[torch.arange(len(rows), device=self.device), last_non_pad_index(ids, self.pad_id)]
-        out: list[list[float]] = [[] for _ in rows]
-        for slot in {slot for slot, _ in rows}:
-            idx = [i for i, (s, _) in enumerate(rows) if s == slot]
-            weight, bias = heads[slot]
-            logits = torch.nn.functional.linear(pooled[idx], weight, bias)
-            probs = torch.softmax(logits.float(), dim=-1).cpu().tolist()
-            for i, p in zip(idx, probs, strict=True):
-                out[i] = p
         return out
+
+    def _head(self, head: Head, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """The logits of one slot's rows: its head layers (a layer without weights is the base's own
+        module, run with this slot's routing: LoRA on BERT's pooler applies)."""
+        for layer in head:
+            if layer.weight is None:
+                self.set_routing([slot] * x.shape[0])
+                x = self.model.get_submodule(layer.module)(x)
+            else:
+                x = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            x = activate(x, layer.activation)
+        return x

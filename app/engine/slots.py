@@ -22,6 +22,7 @@ from app.adapters.bottleneck_format import BottleneckAdapter
 from app.adapters.kinds import Adapter
 from app.adapters.version import AdapterVersion
 from app.metrics import Metrics
+from app.models.heads import Head, head_nbytes
 from app.models.multi_lora import MultiLoraLinear, write_lora
 from app.platform import ReleasingExecutor
 
@@ -52,7 +53,7 @@ class DeviceSlots:
         self.metrics = metrics or Metrics()
         self._lru: OrderedDict[int, int] = OrderedDict()  # uid -> slot, least recently used first
         self._versions: dict[int, AdapterVersion] = {}
-        self.heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # slot -> (W [L, H], b)
+        self.heads: dict[int, Head] = {}  # slot -> classification head layers on the device
         self.pinned: frozenset[str] = frozenset()  # adapter names whose resident versions stay
         self.resident: frozenset[int] = frozenset()  # uids, for other threads (replaced, not mutated)
         self._dirty = False  # an unload left a hole or slack for compact()
@@ -76,7 +77,7 @@ class DeviceSlots:
     @property
     def bank_bytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers.values()) + sum(
-            w.numel() * w.element_size() for w, _ in self.heads.values()
+            head_nbytes(head) for head in self.heads.values()
         )
 
     def lru_order(self) -> list[AdapterVersion]:
@@ -140,9 +141,8 @@ class DeviceSlots:
                 ],
                 self._copier,
             )
-        if weights.head_weight is not None:
-            bias = weights.head_bias.to(self.device, self.dtype) if weights.head_bias is not None else None
-            self.heads[slot] = (weights.head_weight.to(self.device, self.dtype), bias)
+        if weights.head:
+            self.heads[slot] = tuple(layer.to(self.device, self.dtype) for layer in weights.head)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the load time below is the copy's, not the launch's
         self._lru[info.uid] = slot

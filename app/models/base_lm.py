@@ -9,16 +9,19 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import Conv1D
 
 from app.models.surface import ModelSurface, surface_for
 
@@ -37,7 +40,13 @@ class BaseSpec:
     hidden_size: int
     vocab_size: int
     max_context: int | None = None  # positions the model was trained for, when its config says
-    linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (out, in)
+    # linear (and Conv1D) layers: name -> (out, in)
+    linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    family: str = "llama"  # the config's model_type (see app.models.surface)
+
+    @property
+    def surface(self) -> ModelSurface:
+        return surface_for(self.family)
 
 
 @dataclass
@@ -124,11 +133,13 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    return {
-        name: (mod.out_features, mod.in_features)
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear)
-    }
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            shapes[name] = (mod.out_features, mod.in_features)
+        elif isinstance(mod, Conv1D):  # weight [in, out]
+            shapes[name] = (int(mod.weight.shape[1]), int(mod.weight.shape[0]))
+    return shapes
 
 
 def spec_of(model: PreTrainedModel, model_id: str) -> BaseSpec:
@@ -139,7 +150,14 @@ def spec_of(model: PreTrainedModel, model_id: str) -> BaseSpec:
         vocab_size=int(config.vocab_size),
         max_context=getattr(config, "max_position_embeddings", None),
         linear_shapes=linear_shapes(model),
+        family=str(config.model_type),
     )
+
+
+def model_class(surface: ModelSurface) -> Any:
+    """Decoders load with their LM head (generation; classification heads come with adapters),
+    encoders as sequence classifiers (the module names PEFT saves for them, the pooler of BERT)."""
+    return AutoModelForCausalLM if surface.can_generate else AutoModelForSequenceClassification
 
 
 def check_base(base_model: str, cache_dir: Path) -> ModelSurface:
@@ -153,9 +171,9 @@ def read_spec(base_model: str, cache_dir: Path) -> BaseSpec:
     """The base model's spec without loading its weights (a model skeleton on the meta device)."""
     path, model_id = resolve_model_path(base_model, cache_dir)
     config = AutoConfig.from_pretrained(path)
-    surface_for(str(config.model_type))
+    surface = surface_for(str(config.model_type))
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = model_class(surface).from_config(config)
     return spec_of(skeleton, model_id)
 
 
@@ -166,8 +184,20 @@ def load_base_model(base_model: str, cache_dir: Path, device: str, dtype: str) -
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
-    model.to(dev)  # type: ignore[arg-type]
+    # weights the folder lacks (an encoder's pooler or head) get the same values on every start
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, info = model_class(surface).from_pretrained(path, dtype=dt, output_loading_info=True)
+    backbone = f"{model.base_model_prefix}."  # weights outside it are the (unused) default head
+    missing = [k for k in info.get("missing_keys", ()) if k.startswith(backbone)]
+    if missing:
+        log.warning(
+            "the base folder lacks %d weights (%s...), initialised with a fixed seed; adapters trained "
+            "on another copy should carry them (PEFT: modules_to_save)",
+            len(missing),
+            ", ".join(sorted(missing)[:3]),
+        )
+    model.to(dev)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:

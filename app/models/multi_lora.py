@@ -16,6 +16,7 @@ from concurrent.futures import Executor
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from app.models.bottleneck_bank import BottleneckBank
 from app.models.routing import BASE_SLOT, Routing, RoutingContext
@@ -31,13 +32,18 @@ __all__ = [
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus, per row, the LoRA delta of its slot and the bottleneck module of
-    its slot applied to the output (each from stacked slot banks; a row's adapter has one kind)."""
+    """A frozen ``nn.Linear`` (or GPT-2's ``Conv1D``, the same map with its weight stored [in, out])
+    plus, per row, the LoRA delta of its slot and the bottleneck module of its slot applied to the
+    output (each from stacked slot banks; a row's adapter has one kind)."""
 
-    def __init__(self, base: nn.Linear, ctx: RoutingContext) -> None:
+    def __init__(self, base: nn.Linear | Conv1D, ctx: RoutingContext) -> None:
         super().__init__()
         self.base = base
         self.ctx = ctx
+        if isinstance(base, Conv1D):
+            self._in, self._out = int(base.weight.shape[0]), int(base.weight.shape[1])
+        else:
+            self._in, self._out = base.in_features, base.out_features
         self.lora_A: torch.Tensor | None = None  # [slots, r, in]
         self.lora_B: torch.Tensor | None = None  # [slots, out, r]
         self.ranks: dict[int, int] = {}  # slot -> rank, for the slots with weights in this layer
@@ -48,11 +54,11 @@ class MultiLoraLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return self._in
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self._out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -252,7 +258,7 @@ def _grown(current: int, slot: int, max_slots: int) -> int:
 
 
 def wrap_linear_layers(model: nn.Module, ctx: RoutingContext) -> dict[str, MultiLoraLinear]:
-    """Replace every ``nn.Linear`` of ``model`` by a :class:`MultiLoraLinear`.
+    """Replace every ``nn.Linear`` (and ``Conv1D``) of ``model`` by a :class:`MultiLoraLinear`.
 
     A model wrapped before (by an earlier engine on the same base) is taken over: its layers get
     the new routing context and empty banks.
@@ -266,7 +272,7 @@ def wrap_linear_layers(model: nn.Module, ctx: RoutingContext) -> dict[str, Multi
             mod.bottleneck = None
             mod._gathered = None
             wrapped[name] = mod
-        elif isinstance(mod, nn.Linear) and name and not name.endswith(".base"):
+        elif isinstance(mod, nn.Linear | Conv1D) and name and not name.endswith(".base"):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             layer = MultiLoraLinear(mod, ctx)

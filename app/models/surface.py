@@ -1,10 +1,10 @@
 """What the server knows of each base-model family, in one place (as vLLM's model registry and
 PEFT's target-module mapping do): which modules adapters may target, where bottleneck modules sit,
-how a sequence is pooled for classification and whether the base can generate.
+how a sequence is pooled for classification, the classification head PEFT saves for the family,
+whether the base can generate and how its weights load.
 
 A base whose family is not listed here is refused at start, with the list of the families that
-are; ``served`` says which families the engine serves today, the others are refused with the
-reason (``why_not``) instead of being served wrongly.
+are.
 """
 
 from __future__ import annotations
@@ -29,13 +29,22 @@ class ModelSurface:
     kind: Literal["decoder", "encoder"]
     # linear modules adapters may target (suffixes of module names, as PEFT's target_modules)
     lora_targets: tuple[str, ...]
-    # the linear layers whose output a bottleneck module follows (suffix after ``layers.<i>.``)
+    # the layers whose output a bottleneck module follows, before the residual add (and, in
+    # post-LayerNorm blocks, before the LayerNorm): names after the block prefix ``<blocks>.<i>.``
     attention_output: str
     ffn_output: str
-    pooling: Literal["last", "first"]  # last non-pad token (decoders), [CLS] (encoders)
+    pooling: Literal["last", "first"]  # last non-pad token (decoders), [CLS] / <s> (encoders)
+    # the classification head as PEFT saves it (modules_to_save): module names, each followed by an
+    # activation (None after the last one, which maps to the labels). Layers an adapter does not
+    # carry run as the base's own module (BERT's pooler).
+    head: tuple[tuple[str, str | None], ...]
     can_generate: bool
-    served: bool = True
-    why_not: str = ""  # why a listed family is not served yet
+    blocks: str = "layers"  # the container of the transformer blocks (``layers``, ``layer``, ``h``)
+    conv1d: bool = False  # projections are transformers' Conv1D ([in, out] weights: fan_in_fan_out)
+
+    @property
+    def head_modules(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.head)
 
 
 _LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -49,26 +58,29 @@ def _decoder(family: str, targets: tuple[str, ...] = _LLAMA_LIKE) -> ModelSurfac
         attention_output="self_attn.o_proj",
         ffn_output="mlp.down_proj",
         pooling="last",
+        head=(("score", None),),
         can_generate=True,
     )
 
 
-def _encoder(family: str, targets: tuple[str, ...], attention: str, ffn: str) -> ModelSurface:
+_BERT_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+def _encoder(family: str, head: tuple[tuple[str, str | None], ...]) -> ModelSurface:
     return ModelSurface(
         family=family,
         kind="encoder",
-        lora_targets=targets,
-        attention_output=attention,
-        ffn_output=ffn,
+        lora_targets=_BERT_TARGETS,
+        attention_output="attention.output.dense",
+        ffn_output="output.dense",
         pooling="first",
+        head=head,
         can_generate=False,
-        served=False,
-        why_not="encoder bases (pooled [CLS] classification, post-LayerNorm bottleneck sites) are not "
-        "served yet; use a decoder base",
+        blocks="layer",
     )
 
 
-_BERT_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+_ROBERTA_HEAD = (("classifier.dense", "tanh"), ("classifier.out_proj", None))
 
 SURFACES: dict[str, ModelSurface] = {
     s.family: s
@@ -86,42 +98,42 @@ SURFACES: dict[str, ModelSurface] = {
             attention_output="attn.c_proj",
             ffn_output="mlp.c_proj",
             pooling="last",
+            head=(("score", None),),
             can_generate=True,
-            served=False,
-            why_not="GPT-2's attention and MLP are Conv1D layers, which the multi-adapter layers do not "
-            "wrap yet",
+            blocks="h",
+            conv1d=True,
         ),
-        _encoder("bert", _BERT_TARGETS, "attention.output.dense", "output.dense"),
-        _encoder("roberta", _BERT_TARGETS, "attention.output.dense", "output.dense"),
-        _encoder("xlm-roberta", _BERT_TARGETS, "attention.output.dense", "output.dense"),
-        _encoder(
-            "distilbert",
-            ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
-            "attention.out_lin",
-            "ffn.lin2",
+        _encoder("bert", (("bert.pooler.dense", "tanh"), ("classifier", None))),
+        _encoder("roberta", _ROBERTA_HEAD),
+        _encoder("xlm-roberta", _ROBERTA_HEAD),
+        _encoder("electra", (("classifier.dense", "gelu"), ("classifier.out_proj", None))),
+        ModelSurface(
+            family="distilbert",
+            kind="encoder",
+            lora_targets=("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
+            attention_output="attention.out_lin",
+            ffn_output="ffn.lin2",
+            pooling="first",
+            head=(("pre_classifier", "relu"), ("classifier", None)),
+            can_generate=False,
+            blocks="layer",
         ),
     )
 }
 
 
 def served_families() -> list[str]:
-    return sorted(f for f, s in SURFACES.items() if s.served)
+    return sorted(SURFACES)
 
 
 def surface_for(model_type: str) -> ModelSurface:
     """The surface of a base whose config says ``model_type``; :class:`UnsupportedBase` when the
-    server does not know the family or cannot serve it yet (the message lists what it serves)."""
-    families = ", ".join(served_families())
+    server does not know the family (the message lists the families it serves)."""
     surface = SURFACES.get(model_type)
     if surface is None:
         raise UnsupportedBase(
-            f"base models of the family {model_type!r} are not supported; supported: {families}",
-            param="base_model",
-        )
-    if not surface.served:
-        raise UnsupportedBase(
-            f"base models of the family {model_type!r} cannot be served: {surface.why_not} "
-            f"(served: {families})",
+            f"base models of the family {model_type!r} are not supported; supported: "
+            f"{', '.join(served_families())}",
             param="base_model",
         )
     return surface

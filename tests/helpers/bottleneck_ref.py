@@ -17,6 +17,16 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 SITES = {"attention": "self_attn.o_proj", "ffn": "mlp.down_proj"}
+# where Houlsby/Pfeiffer modules sit in other families (after the attention output and the
+# feed-forward output projections; in BERT-style post-LayerNorm blocks before the LayerNorm)
+FAMILY_SITES = {
+    "gpt2": {"attention": "attn.c_proj", "ffn": "mlp.c_proj"},
+    "bert": {"attention": "attention.output.dense", "ffn": "output.dense"},
+    "roberta": {"attention": "attention.output.dense", "ffn": "output.dense"},
+    "xlm-roberta": {"attention": "attention.output.dense", "ffn": "output.dense"},
+    "electra": {"attention": "attention.output.dense", "ffn": "output.dense"},
+    "distilbert": {"attention": "attention.out_lin", "ffn": "ffn.lin2"},
+}
 PLACES = {"attention": ["attention"], "ffn": ["ffn"], "both": ["attention", "ffn"]}
 ACTS = {"relu": torch.relu, "gelu": nn.functional.gelu, "silu": nn.functional.silu, "tanh": torch.tanh}
 
@@ -45,8 +55,10 @@ def make_bottleneck(
     layers: list[int] | None = None,
     labels: list[str] | None = None,
     std: float = 0.05,
+    head: dict[str, tuple[int, int] | tuple[int]] | None = None,
 ) -> BottleneckRef:
-    """Write a bottleneck adapter folder with random non-zero weights (and a head for classify)."""
+    """Write a bottleneck adapter folder with random non-zero weights (and a head for classify:
+    ``score`` [labels, hidden] with a bias, or the tensors and shapes ``head`` names)."""
     g = torch.Generator().manual_seed(seed)
     config: dict[str, Any] = {
         "peft_type": "BOTTLENECK",
@@ -65,7 +77,10 @@ def make_bottleneck(
             tensors[f"{p}.down.bias"] = torch.randn(size, generator=g) * std
             tensors[f"{p}.up.weight"] = torch.randn(hidden, size, generator=g) * std
             tensors[f"{p}.up.bias"] = torch.randn(hidden, generator=g) * std
-    if task == "classify":
+    if task == "classify" and head is not None:
+        for key, shape in head.items():
+            tensors[key] = torch.randn(*shape, generator=g) * 0.1
+    elif task == "classify":
         assert labels
         tensors["score.weight"] = torch.randn(len(labels), hidden, generator=g) * 0.03
         tensors["score.bias"] = torch.randn(len(labels), generator=g) * 0.1
@@ -89,12 +104,16 @@ def reference_model(base_path: Path, ref: BottleneckRef) -> nn.Module:
     if ref.task == "classify":
         model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=len(ref.labels))
         model.config.pad_token_id = AutoTokenizer.from_pretrained(base_path).pad_token_id
+        head = {k: v for k, v in ref.tensors.items() if not k.startswith("layers.")}
         with torch.no_grad():
-            model.score = nn.Linear(model.config.hidden_size, len(ref.labels), bias=True)
-            model.score.weight.copy_(ref.tensors["score.weight"])
-            model.score.bias.copy_(ref.tensors["score.bias"])
+            if "score.bias" in head:
+                model.score = nn.Linear(model.config.hidden_size, len(ref.labels), bias=True)
+            result = model.load_state_dict(head, strict=False)
+            assert not result.unexpected_keys, result.unexpected_keys
     else:
         model = AutoModelForCausalLM.from_pretrained(base_path)
+    sites = FAMILY_SITES.get(model.config.model_type, SITES)
+    blocks = _blocks(model)
     act = ACTS[ref.config["activation"]]
     scaling = ref.config["scaling"]
     keys = {k.rsplit(".", 2)[0] for k in ref.tensors if k.startswith("layers.")}
@@ -113,5 +132,18 @@ def reference_model(base_path: Path, ref: BottleneckRef) -> nn.Module:
         ) -> torch.Tensor:
             return out + scaling * up(act(down(out)))
 
-        model.model.layers[int(i)].get_submodule(SITES[place]).register_forward_hook(hook)
+        blocks[int(i)].get_submodule(sites[place]).register_forward_hook(hook)
     return model.eval()
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a stock transformers model, in order."""
+    base = model.base_model
+    for path in ("layers", "h", "encoder.layer", "transformer.layer"):
+        try:
+            blocks = base.get_submodule(path)
+        except AttributeError:
+            continue
+        assert isinstance(blocks, nn.ModuleList)
+        return blocks
+    raise AssertionError(f"no transformer blocks found in {type(model).__name__}")

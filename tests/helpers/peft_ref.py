@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
+from peft.utils import ModulesToSaveWrapper
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 CLASSIFY_TEXTS = [
@@ -58,8 +59,10 @@ def make_adapter(
         cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, init_lora_weights=False, **lora)
     peft_model = get_peft_model(model, cfg)
     if task == "classify":  # a visible head: random, not the near-zero default
-        head = peft_model.base_model.model.score.modules_to_save["default"]
-        torch.nn.init.normal_(head.weight, std=0.03)
+        for wrapper in [m for m in peft_model.modules() if isinstance(m, ModulesToSaveWrapper)]:
+            for layer in wrapper.modules_to_save["default"].modules():
+                if isinstance(layer, torch.nn.Linear):
+                    torch.nn.init.normal_(layer.weight, std=0.1 if layer.out_features > 8 else 0.03)
     peft_model.eval()
     peft_model.save_pretrained(folder)
     ref = RefAdapter(name=name, folder=folder, task=task)

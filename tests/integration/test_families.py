@@ -1,119 +1,258 @@
-"""The Llama-shaped decoder families the model surface serves, on tiny randomly initialised configs
-(2 layers, hidden 64; the default base's tokenizer): PEFT adapters made here, uploaded through the
-admin route; /generate greedy text equals PeftModel's generate and /classify scores PeftModel's
-softmax (≤ 1e-4)."""
+"""Every served base family on a tiny randomly initialised config (2 layers, hidden 64): PEFT LoRA
+adapters on every linear target (fused projections, GPT-2's Conv1D, BERT's pooler) and Houlsby
+bottleneck adapters, made here and uploaded through the admin route. /classify scores equal PEFT's
+(or the reference's) softmax within 1e-4, /generate greedy text equals PEFT's generate, streamed
+equals non-streamed, mixed batches equal each row alone, and encoders refuse generation."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    Gemma3TextConfig,
-    MistralConfig,
-    Phi3Config,
-    PretrainedConfig,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from app.adapters.bottleneck_format import load_bottleneck
+from app.adapters.lora_format import load_lora
 from app.config import Settings
 from app.main import create_app
-from tests.conftest import ADMIN_TOKEN, upload_archive
-from tests.helpers.peft_ref import CLASSIFY_TEXTS, GENERATE_PROMPTS, RefAdapter, make_adapter, zip_folder
-
-SMALL: dict[str, Any] = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+from app.models.multi_lora import BASE_SLOT
+from tests.conftest import ADMIN_TOKEN, CACHE_DIR, expect_error, serve_live, upload_archive
+from tests.helpers.bottleneck_ref import BottleneckRef
+from tests.helpers.families import (
+    DECODERS,
+    ENCODERS,
+    LABELS,
+    bottleneck_probs,
+    bottleneck_texts,
+    make_family_adapters,
+    tiny_base,
 )
+from tests.helpers.harness import last_logits, wrapped_model
+from tests.helpers.peft_ref import CLASSIFY_TEXTS, GEN_TOKENS, GENERATE_PROMPTS, RefAdapter, zip_folder
+from tests.helpers.versions import held
 
 
-def _configs(vocab: int, ids: dict[str, int]) -> dict[str, PretrainedConfig]:
-    kv = dict(num_key_value_heads=2, vocab_size=vocab, **ids)
-    return {
-        "qwen2": Qwen2Config(**SMALL, **kv),
-        "qwen3": Qwen3Config(**SMALL, head_dim=16, **kv),
-        "mistral": MistralConfig(**SMALL, **kv),
-        "phi3": Phi3Config(**SMALL, num_key_value_heads=4, vocab_size=vocab, **ids),
-        "gemma3_text": Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=8, **kv),
-    }
-
-
-@pytest.fixture(scope="module", params=["qwen2", "qwen3", "mistral", "phi3", "gemma3_text"])
-def family(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+@dataclass
+class Family:
+    name: str
+    base: Path
+    client: TestClient
+    probs: dict[str, list[list[float]]]  # classification adapter -> reference softmax per text
+    texts: dict[str | None, dict[str, str]]  # generation adapter (None: base) -> prompt -> text
+    refs: dict[str, RefAdapter | BottleneckRef]
 
 
 @pytest.fixture(scope="module")
-def tiny(
-    family: str, base_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[TestClient, dict[str, RefAdapter]]]:
-    tok = AutoTokenizer.from_pretrained(base_path)
-    ids = {
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.eos_token_id,
-    }
-    config = _configs(len(tok), ids)[family]
-    folder = tmp_path_factory.mktemp(f"tiny-{family}")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    adapters_dir = tmp_path_factory.mktemp(f"tiny-{family}-adapters")
-    refs = {
-        "gen": make_adapter(
-            folder, adapters_dir, "gen", "generate", seed=1, r=4, lora_alpha=8, target_modules="all-linear"
-        ),
-        "cls": make_adapter(
-            folder,
-            adapters_dir,
-            "cls",
-            "classify",
-            seed=2,
-            num_labels=3,
-            r=4,
-            lora_alpha=8,
-            target_modules="all-linear",
-        ),
-    }
+def families(base_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Family]]:
+    """Each family's tiny base, adapters and server, made once for every test that asks for it."""
+    made: dict[str, Family] = {}
+    with ExitStack() as stack:
+
+        def get(name: str) -> Family:
+            if name not in made:
+                made[name] = _make(name, base_path, tmp_path_factory, stack)
+            return made[name]
+
+        yield get
+
+
+@pytest.fixture(params=DECODERS + ENCODERS)
+def family(request: pytest.FixtureRequest, families: Callable[[str], Family]) -> Family:
+    return families(str(request.param))
+
+
+@pytest.fixture(params=DECODERS)
+def decoder(request: pytest.FixtureRequest, families: Callable[[str], Family]) -> Family:
+    return families(str(request.param))
+
+
+@pytest.fixture(params=ENCODERS)
+def encoder(request: pytest.FixtureRequest, families: Callable[[str], Family]) -> Family:
+    return families(str(request.param))
+
+
+def _make(name: str, base_path: Path, tmp: pytest.TempPathFactory, stack: ExitStack) -> Family:
+    base = tiny_base(name, base_path, tmp.mktemp(f"tiny-{name}"))
+    refs = make_family_adapters(name, base, tmp.mktemp(f"tiny-{name}-adapters"))
+    probs: dict[str, list[list[float]]] = {}
+    texts: dict[str | None, dict[str, str]] = {}
+    for key, ref in refs.items():
+        if isinstance(ref, BottleneckRef):
+            if ref.task == "classify":
+                probs[key] = bottleneck_probs(base, ref)
+            else:
+                texts[key] = bottleneck_texts(base, ref)
+        elif ref.task == "classify":
+            probs[key] = ref.probs
+        else:
+            texts[key] = ref.texts
+    if name in DECODERS:
+        texts[None] = _bare_texts(base)
     settings = Settings(
-        base_model=str(folder),
-        store=tmp_path_factory.mktemp(f"tiny-{family}-store"),
-        admin_token=ADMIN_TOKEN,
+        base_model=str(base),
+        store=tmp.mktemp(f"tiny-{name}-store"),
+        admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
         device="cpu",
-        dtype="float32",  # type: ignore[arg-type]
+        dtype="float32",
+        max_new_tokens=256,
     )
-    with TestClient(create_app(settings)) as client:
-        for name, ref in refs.items():
-            resp = upload_archive(client, name, zip_folder(ref.folder))
-            assert resp.status_code == 201, resp.text
-        yield client, refs
+    client = stack.enter_context(TestClient(create_app(settings)))
+    for key, ref in refs.items():
+        resp = upload_archive(client, key, zip_folder(ref.folder))
+        assert resp.status_code == 201, resp.text
+    return Family(name, base, client, probs, texts, refs)
 
 
-def test_generation_equals_peft(tiny: tuple[TestClient, dict[str, RefAdapter]]) -> None:
-    client, refs = tiny
-    for prompt in GENERATE_PROMPTS:
-        body = {"adapter": "gen", "prompt": prompt, "max_new_tokens": 10}
-        resp = client.post("/generate", json=body)
+def _bare_texts(base: Path) -> dict[str, str]:
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    texts = {}
+    with torch.inference_mode():
+        for prompt in GENERATE_PROMPTS:
+            enc = tok(prompt, return_tensors="pt")
+            out = model.generate(**enc, max_new_tokens=GEN_TOKENS, do_sample=False)
+            texts[prompt] = tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    return texts
+
+
+def test_classification_equals_the_reference(family: Family) -> None:
+    for adapter, expected in family.probs.items():
+        resp = family.client.post("/classify", json={"adapter": adapter, "inputs": CLASSIFY_TEXTS})
         assert resp.status_code == 200, resp.text
-        text = resp.json()["text"]
-        assert text and text == refs["gen"].texts[prompt]
-        events = client.post("/generate", json={**body, "stream": True}).text.splitlines()
-        deltas = [json.loads(e[len("data: ") :]) for e in events if e.startswith("data: {")]
-        assert "".join(d["text"] for d in deltas) == text
+        for result, want in zip(resp.json()["results"], expected, strict=True):
+            got = [result["scores"][label] for label in LABELS]
+            assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-4, (adapter, got, want)
 
 
-def test_classification_equals_peft(tiny: tuple[TestClient, dict[str, RefAdapter]]) -> None:
-    client, refs = tiny
-    resp = client.post("/classify", json={"adapter": "cls", "inputs": CLASSIFY_TEXTS})
-    assert resp.status_code == 200, resp.text
-    for result, expected in zip(resp.json()["results"], refs["cls"].probs, strict=True):
-        got = [result["scores"][f"LABEL_{i}"] for i in range(3)]
-        assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= 1e-4
+def test_generation_equals_the_reference_streamed_or_not(decoder: Family) -> None:
+    family = decoder
+    for adapter, expected in family.texts.items():
+        for prompt in GENERATE_PROMPTS:
+            body = {"adapter": adapter, "prompt": prompt, "max_new_tokens": GEN_TOKENS}
+            resp = family.client.post("/generate", json=body)
+            assert resp.status_code == 200, resp.text
+            text = resp.json()["text"]
+            assert text == expected[prompt], (adapter, prompt)
+            events = family.client.post("/generate", json={**body, "stream": True}).text.splitlines()
+            deltas = [json.loads(e[len("data: ") :]) for e in events if e.startswith("data: {")]
+            assert "".join(d["text"] for d in deltas) == text
+
+
+def test_mixed_batches_equal_each_row_alone(family: Family) -> None:
+    base, runner, slots = wrapped_model(family.base, CACHE_DIR, 4)
+    tok = base.tokenizer
+
+    def version(key: str) -> int:
+        ref = family.refs[key]
+        weights = (
+            load_bottleneck(ref.folder, base.spec)
+            if isinstance(ref, BottleneckRef)
+            else load_lora(ref.folder, base.spec, 64)
+        )
+        info = held(key, weights)
+        return slots.acquire(info, info.weights, set())
+
+    cls, cls_bn = version("cls"), version("cls-bn")
+    rows = [(s, tok(t)["input_ids"]) for s, t in zip([cls, cls_bn, cls_bn], CLASSIFY_TEXTS, strict=True)]
+    mixed = runner.classify(rows, slots.heads)
+    for i, row in enumerate(rows):
+        alone = runner.classify([row], slots.heads)[0]
+        assert max(abs(a - b) for a, b in zip(mixed[i], alone, strict=True)) <= 1e-5
+    if family.name in ENCODERS:
+        return
+    gen, gen_bn = version("gen"), version("gen-bn")
+    prompts = [*GENERATE_PROMPTS, GENERATE_PROMPTS[0]]
+    rows = [(s, tok(p)["input_ids"]) for s, p in zip([gen, gen_bn, BASE_SLOT], prompts, strict=True)]
+    together = last_logits(base, runner, rows)
+    for i, row in enumerate(rows):
+        assert (together[i] - last_logits(base, runner, [row])[0]).abs().max().item() <= 1e-4, f"row {i}"
+
+
+def _generate_batches(client: TestClient) -> tuple[float, float]:
+    """(forwards, rows) of generation batches so far, from the batch-size histogram."""
+    text = client.get("/metrics").text
+    count = total = 0.0
+    for line in text.splitlines():
+        if line.startswith('adapterserve_batch_size_count{task="generate"}'):
+            count = float(line.split()[-1])
+        elif line.startswith('adapterserve_batch_size_sum{task="generate"}'):
+            total = float(line.split()[-1])
+    return count, total
+
+
+def test_a_request_arriving_during_a_generation_joins_its_batch(decoder: Family) -> None:
+    """A short request sent while a long one decodes finishes first (it was admitted into the
+    running batch, not queued behind it), and neither output changes."""
+    family = decoder
+    client = family.client
+    long_body = {"prompt": GENERATE_PROMPTS[1], "max_new_tokens": 200}
+    alone = client.post("/generate", json=long_body).json()
+    assert alone["finish_reason"] == "length", "the base stopped early; pick another prompt"
+    short = {"adapter": "gen", "prompt": GENERATE_PROMPTS[0], "max_new_tokens": GEN_TOKENS}
+    before = _generate_batches(client)
+    with serve_live(client.app) as url:
+        started, events = threading.Event(), []
+
+        def stream() -> None:
+            with httpx.stream("POST", f"{url}/generate", json={**long_body, "stream": True}, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        events.append((time.monotonic(), json.loads(line[len("data: ") :])))
+                        started.set()
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        assert started.wait(30)
+        resp = httpx.post(f"{url}/generate", json=short, timeout=60)
+        short_done = time.monotonic()
+        thread.join(60)
+    assert resp.status_code == 200 and resp.json()["text"] == family.texts["gen"][GENERATE_PROMPTS[0]]
+    assert "".join(e["text"] for _, e in events) == alone["text"]
+    assert events[-1][0] > short_done, "the short request waited for the long one to finish"
+    forwards, rows = (a - b for a, b in zip(_generate_batches(client), before, strict=True))
+    assert rows > forwards, "no generation step ran the two requests together"
+
+
+def test_encoders_refuse_generation(encoder: Family) -> None:
+    family = encoder
+    client = family.client
+    err = expect_error(
+        client.post("/generate", json={"prompt": "Hello"}), 400, "generation_unsupported", "encoder"
+    )
+    assert family.name in err["message"]
+    resp = client.post(
+        "/v1/chat/completions", json={"model": "cls", "messages": [{"role": "user", "content": "Hi"}]}
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "generation_unsupported", resp.text
+    assert client.get("/v1/models").json()["data"] == []
+
+
+def test_async_concurrent_classification_of_two_adapters(family: Family) -> None:
+    """Concurrent requests for both classification adapters over real HTTP: each equals its reference."""
+
+    async def post_all(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            return await asyncio.gather(
+                *(
+                    http.post("/classify", json={"adapter": a, "inputs": CLASSIFY_TEXTS})
+                    for a in ["cls", "cls-bn"] * 3
+                )
+            )
+
+    with serve_live(family.client.app) as url:
+        resps = asyncio.run(post_all(url))
+    for resp, adapter in zip(resps, ["cls", "cls-bn"] * 3, strict=True):
+        assert resp.status_code == 200, resp.text
+        for result, want in zip(resp.json()["results"], family.probs[adapter], strict=True):
+            got = [result["scores"][label] for label in LABELS]
+            assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-4

@@ -11,6 +11,7 @@ from app.adapters.lora_format import load_lora
 from app.engine.runner import Runner
 from app.engine.slots import DeviceSlots
 from app.models.base_lm import BaseLM, load_base_model
+from app.models.heads import head_nbytes
 from app.models.multi_lora import BASE_SLOT, RoutingContext, wrap_linear_layers
 from tests.conftest import CACHE_DIR
 from tests.helpers.harness import last_logits, wrapped_model
@@ -108,8 +109,8 @@ def test_unload_and_compaction_free_device_memory_and_keep_results(
     # what is left is exactly the survivor's banks: 4 slots (one allocation chunk) at its ranks
     expected = (
         sum(4 * a.shape[0] * (a.shape[1] + b.shape[0]) * 4 for a, b, _ in survivor.weights.weights.values())
-        + survivor.weights.head_weight.numel() * 4
-    )  # type: ignore[union-attr]
+        + head_nbytes(survivor.weights.head)
+    )
     assert slots.bank_bytes == expected < full
     after = runner.classify([(1, ids)], slots.heads)
     # the banks now pad to rank 8 instead of 16: a different matmul shape may round differently

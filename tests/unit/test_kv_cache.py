@@ -67,8 +67,45 @@ def test_pad_left() -> None:
     assert kv_cache.pad_left(t, 0, 1) is t
 
 
-def test_only_full_attention_dynamic_layers_are_mergeable() -> None:
+def test_dynamic_and_sliding_layers_are_mergeable_but_not_past_recording_ones() -> None:
     cache, _ = cache_of(1, 2, 6)
     assert kv_cache.mergeable(cache)
     cache.layers.append(DynamicSlidingWindowLayer(sliding_window=4))
+    assert kv_cache.mergeable(cache)
+    cache.layers[-1].activate_past_recording()
     assert not kv_cache.mergeable(cache)
+
+
+def sliding_cache(k: torch.Tensor, window: int) -> DynamicCache:
+    """A one-layer sliding-window cache that has seen the columns of ``k`` (as a model writes it)."""
+    cache = DynamicCache()
+    cache.layers = [DynamicSlidingWindowLayer(sliding_window=window)]
+    cache.update(k, k * 2, 0)
+    return cache
+
+
+def assert_same_layer(got: DynamicCache, want: DynamicCache) -> None:
+    a, b = got.layers[0], want.layers[0]
+    assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert a.cumulative_length == b.cumulative_length
+    assert a.get_mask_sizes(1) == b.get_mask_sizes(1)
+
+
+def test_sliding_layers_merge_and_trim_as_if_they_had_seen_the_padded_rows() -> None:
+    gen = torch.Generator().manual_seed(7)
+    for window in (4, 16):  # the window cut some columns already / none yet
+        ka = torch.randn(2, HEADS, 5, DIM, generator=gen)
+        kb = torch.randn(3, HEADS, 3, DIM, generator=gen)
+        merged = sliding_cache(ka, window)
+        kv_cache.merge_left_padded(merged, 5, sliding_cache(kb, window), 3)
+        want = sliding_cache(torch.cat([ka, kv_cache.pad_left(kb, 2, 2)]), window)
+        assert_same_layer(merged, want)
+        # the shorter one running, the longer one joining
+        merged = sliding_cache(kb, window)
+        kv_cache.merge_left_padded(merged, 3, sliding_cache(ka, window), 5)
+        assert_same_layer(merged, sliding_cache(torch.cat([kv_cache.pad_left(kb, 2, 2), ka]), window))
+        # trimming leading padding: as if those columns had never been there
+        padded = torch.cat([torch.zeros(2, HEADS, 3, DIM), ka], dim=2)
+        trimmed = sliding_cache(padded, window)
+        kv_cache.trim_left(trimmed, 3)
+        assert_same_layer(trimmed, sliding_cache(ka, window))

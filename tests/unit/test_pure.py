@@ -19,7 +19,7 @@ from app.errors import (
     status_of,
     to_response,
 )
-from app.models.base_lm import model_id_for
+from app.models.base_lm import BaseSpec, model_id_for
 from app.models.multi_lora import Routing
 
 
@@ -44,18 +44,28 @@ def _cfg(**kw: object) -> dict[str, object]:
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, **kw}
 
 
+LLAMA = BaseSpec("tiny", hidden_size=8, vocab_size=10)
+GPT2 = BaseSpec("tiny", hidden_size=8, vocab_size=10, family="gpt2")
+
+
 def test_check_config_maps_tasks_and_rejects_unsupported() -> None:
-    assert check_config(_cfg()) == "generate"
-    assert check_config(_cfg(task_type="SEQ_CLS")) == "classify"
-    assert check_config(_cfg(task_type=None)) is None  # inferred from the weights
-    for field, value in [("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 2]])]:
+    assert check_config(_cfg(), LLAMA) == "generate"
+    assert check_config(_cfg(task_type="SEQ_CLS"), LLAMA) == "classify"
+    assert check_config(_cfg(task_type=None), LLAMA) is None  # inferred from the weights
+    for field, value in [
+        ("use_dora", True),
+        ("lora_bias", True),
+        ("layer_replication", [[0, 2]]),
+        ("fan_in_fan_out", True),  # Conv1D layers only
+    ]:
         with pytest.raises(InvalidAdapter) as exc:
-            check_config(_cfg(**{field: value}))
+            check_config(_cfg(**{field: value}), LLAMA)
         assert exc.value.param == field
+    assert check_config(_cfg(fan_in_fan_out=True), GPT2) == "generate"
     with pytest.raises(InvalidAdapter, match="rank_pattern"):
-        check_config(_cfg(rank_pattern={"q_proj": "x"}))
+        check_config(_cfg(rank_pattern={"q_proj": "x"}), LLAMA)
     with pytest.raises(InvalidAdapter, match="invalid pattern"):
-        check_config(_cfg(alpha_pattern={"(": 2}))
+        check_config(_cfg(alpha_pattern={"(": 2}), LLAMA)
 
 
 def test_find_stop_returns_earliest() -> None:
