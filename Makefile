@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install model serve test test-fast lint typecheck unit fuzz clean demo-data demo-adapters prometheus
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

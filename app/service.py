@@ -180,6 +180,11 @@ class InferenceService:
                 param="inputs",
             )
         ids = await asyncio.to_thread(lambda: [self._encode(t, "inputs") for t in texts])
+        longest = max((len(i) for i in ids), default=0)
+        if self.max_context is not None and longest > self.max_context:
+            raise InvalidRequest(
+                f"inputs: {longest} tokens; the base model reads at most {self.max_context}", param="inputs"
+            )
         info, weights = await self.adapter(req.adapter, "classify")
         self.registry.touch(info)
         probs = await self.engine.classify(info.handle, ids, weights)

@@ -144,11 +144,14 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def spec_of(model: PreTrainedModel, model_id: str) -> BaseSpec:
     config = model.config
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None:
+        positions -= surface_for(str(config.model_type)).reserved_positions
     return BaseSpec(
         model_id=model_id,
         hidden_size=int(config.hidden_size),
         vocab_size=int(config.vocab_size),
-        max_context=getattr(config, "max_position_embeddings", None),
+        max_context=positions,
         linear_shapes=linear_shapes(model),
         family=str(config.model_type),
     )

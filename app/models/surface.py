@@ -41,6 +41,7 @@ class ModelSurface:
     can_generate: bool
     blocks: str = "layers"  # the container of the transformer blocks (``layers``, ``layer``, ``h``)
     conv1d: bool = False  # projections are transformers' Conv1D ([in, out] weights: fan_in_fan_out)
+    reserved_positions: int = 0  # position ids a sequence cannot use (RoBERTa counts from pad + 1)
 
     @property
     def head_modules(self) -> tuple[str, ...]:
@@ -66,7 +67,7 @@ def _decoder(family: str, targets: tuple[str, ...] = _LLAMA_LIKE) -> ModelSurfac
 _BERT_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
 
-def _encoder(family: str, head: tuple[tuple[str, str | None], ...]) -> ModelSurface:
+def _encoder(family: str, head: tuple[tuple[str, str | None], ...], reserved: int = 0) -> ModelSurface:
     return ModelSurface(
         family=family,
         kind="encoder",
@@ -77,6 +78,7 @@ def _encoder(family: str, head: tuple[tuple[str, str | None], ...]) -> ModelSurf
         head=head,
         can_generate=False,
         blocks="layer",
+        reserved_positions=reserved,
     )
 
 
@@ -104,8 +106,8 @@ SURFACES: dict[str, ModelSurface] = {
             conv1d=True,
         ),
         _encoder("bert", (("bert.pooler.dense", "tanh"), ("classifier", None))),
-        _encoder("roberta", _ROBERTA_HEAD),
-        _encoder("xlm-roberta", _ROBERTA_HEAD),
+        _encoder("roberta", _ROBERTA_HEAD, reserved=2),
+        _encoder("xlm-roberta", _ROBERTA_HEAD, reserved=2),
         _encoder("electra", (("classifier.dense", "gelu"), ("classifier.out_proj", None))),
         ModelSurface(
             family="distilbert",

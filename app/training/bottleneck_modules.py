@@ -27,6 +27,7 @@ from app.adapters.bottleneck_format import PEFT_TYPE, PLACEMENTS, sites
 from app.adapters.lora_format import CONFIG_FILE, WEIGHTS_FILE
 from app.models.base_lm import spec_of
 from app.models.bottleneck_bank import ACTIVATION_FNS
+from app.models.surface import surface_for
 
 
 @dataclass
@@ -80,11 +81,16 @@ class BottleneckModel(nn.Module):
                 raise ValueError(f"the base model has no {place} output layer for a bottleneck module")
         for p in model.parameters():
             p.requires_grad_(False)
-        head = getattr(model, "score", None)
+        # the family's head layers outside the base (BERT's pooler stays the base's), trained with it
+        backbone = f"{model.base_model_prefix}."
+        self.head = [
+            m for m in surface_for(str(model.config.model_type)).head_modules if not m.startswith(backbone)
+        ]
         if config.task == "classify":
-            if not isinstance(head, nn.Linear):
-                raise ValueError("a classification model with a linear `score` head is needed")
-            head.requires_grad_(True)
+            for name in self.head:
+                if not isinstance(model.get_submodule(name), nn.Linear):
+                    raise ValueError(f"a classification model with a linear {name!r} head layer is needed")
+                model.get_submodule(name).requires_grad_(True)
         self.adapters = nn.ModuleDict()
         layers = sorted(set.intersection(*(set(where[p]) for p in places)))
         for i in layers:
@@ -142,10 +148,9 @@ class BottleneckModel(nn.Module):
                 )
                 tensors[f"layers.{i}.{place}.{part}.bias"] = linear.bias.detach().float().cpu().contiguous()
         if self.config.task == "classify":
-            head: nn.Linear = self.model.score  # type: ignore[assignment]
-            tensors["score.weight"] = head.weight.detach().float().cpu().contiguous()
-            if head.bias is not None:
-                tensors["score.bias"] = head.bias.detach().float().cpu().contiguous()
+            for name in self.head:
+                for part, tensor in self.model.get_submodule(name).named_parameters():
+                    tensors[f"{name}.{part}"] = tensor.detach().float().cpu().contiguous()
         save_file(tensors, str(folder / WEIGHTS_FILE))
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 

@@ -22,15 +22,18 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
 
 from app.adapters.lora_format import LABELS_FILE
 from app.models.base_lm import resolve_device, resolve_model_path
+from app.models.surface import surface_for
 from app.training import data as D
 from app.training.bottleneck_modules import BottleneckConfig, BottleneckModel, get_bottleneck_model
 
@@ -47,9 +50,6 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
-
-
-_HEADS = ("lm_head", "score", "classifier")
 
 
 @dataclass
@@ -132,16 +132,12 @@ def _prepare(opts: TrainOptions, tok: PreTrainedTokenizerBase) -> _Split:
     return _Split(enc_train, enc_val, None, {"train": len(convs), "val": len(val_convs or [])})
 
 
-def _target_modules(model: nn.Module, spec: str) -> list[str]:
-    """``all-linear`` = every linear layer name of the transformer blocks (never the output head)."""
+def _target_modules(model: PreTrainedModel, spec: str) -> list[str]:
+    """``all-linear`` = the linear layers of the transformer blocks the family's surface names
+    (fused and Conv1D projections included; never a head or BERT's pooler)."""
     if spec != "all-linear":
         return [m.strip() for m in spec.split(",") if m.strip()]
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] not in _HEADS
-    }
-    return sorted(names)
+    return list(surface_for(str(model.config.model_type)).lora_targets)
 
 
 def _batches(lengths: list[int], batch_size: int, rng: random.Random) -> Iterator[list[int]]:
@@ -266,6 +262,9 @@ def train(opts: TrainOptions) -> TrainResult:
     torch.manual_seed(opts.seed)
     hf_logging.set_verbosity_error()  # the fresh classification head is expected, not news
     path, model_id = resolve_model_path(opts.base_model, opts.cache_dir)
+    surface = surface_for(str(AutoConfig.from_pretrained(path).model_type))
+    if opts.task == "generate" and not surface.can_generate:
+        raise D.DataError(f"the base model ({surface.family}) is an encoder: it trains --task classify only")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -109,6 +110,8 @@ def make_family_adapters(family: str, base: Path, out: Path) -> dict[str, RefAda
     """LoRA (PEFT, every target) and Houlsby bottleneck adapters with reference outputs: for
     classification on every family, for generation on decoders."""
     targets = LORA_TARGETS.get(family, "all-linear")
+    config = AutoConfig.from_pretrained(base)
+    hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
     refs: dict[str, RefAdapter | BottleneckRef] = {
         "cls": make_adapter(
             base, out, "cls", "classify", seed=2, labels=LABELS, r=4, lora_alpha=8, target_modules=targets
@@ -119,8 +122,8 @@ def make_family_adapters(family: str, base: Path, out: Path) -> dict[str, RefAda
         out,
         "cls-bn",
         "classify",
-        64,
-        2,
+        hidden,
+        layers,
         seed=3,
         placement="both",
         size=16,
@@ -134,7 +137,16 @@ def make_family_adapters(family: str, base: Path, out: Path) -> dict[str, RefAda
             base, out, "gen", "generate", seed=1, r=4, lora_alpha=8, target_modules=targets
         )
         refs["gen-bn"] = make_bottleneck(
-            out, "gen-bn", "generate", 64, 2, seed=4, placement="both", size=16, activation="relu", std=0.1
+            out,
+            "gen-bn",
+            "generate",
+            hidden,
+            layers,
+            seed=4,
+            placement="both",
+            size=16,
+            activation="relu",
+            std=0.1,
         )
     return refs
 

@@ -107,10 +107,9 @@ def test_unload_and_compaction_free_device_memory_and_keep_results(
     assert slots.compact() == {3: 1}
     assert slots.slot_of(survivor.uid) == 1
     # what is left is exactly the survivor's banks: 4 slots (one allocation chunk) at its ranks
-    expected = (
-        sum(4 * a.shape[0] * (a.shape[1] + b.shape[0]) * 4 for a, b, _ in survivor.weights.weights.values())
-        + head_nbytes(survivor.weights.head)
-    )
+    expected = sum(
+        4 * a.shape[0] * (a.shape[1] + b.shape[0]) * 4 for a, b, _ in survivor.weights.weights.values()
+    ) + head_nbytes(survivor.weights.head)
     assert slots.bank_bytes == expected < full
     after = runner.classify([(1, ids)], slots.heads)
     # the banks now pad to rank 8 instead of 16: a different matmul shape may round differently

@@ -1,0 +1,167 @@
+"""A real encoder base: all-MiniLM-L6-v2 (BERT, 6 layers, from a PyPI package). PEFT LoRA adapters
+(every linear target, BERT's pooler included) and Houlsby bottleneck adapters made here match the
+reference softmax through /classify, alone and concurrently; `adapterserve train` trains LoRA and
+bottleneck classifiers on it that the server then serves with the trained model's scores."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
+from app.training.data import DataError
+from app.training.trainer import TrainOptions, train
+from tests.conftest import ADMIN_TOKEN, CACHE_DIR, expect_error, serve_live, upload_archive
+from tests.helpers.bottleneck_ref import BottleneckRef
+from tests.helpers.families import LABELS, bottleneck_probs, encoder_tokenizer_path, make_family_adapters
+from tests.helpers.peft_ref import CLASSIFY_TEXTS, zip_folder
+
+TOPICS = {
+    "business": ["Shares rose after the quarterly results.", "The bank cut interest rates.",
+                 "Investors sold their bonds.", "The merger created a retail giant."],
+    "sport": ["The striker scored a late winner.", "She won the tennis final in straight sets.",
+              "The team lost the derby at home.", "He ran the marathon in record time."],
+    "tech": ["The new phone has a faster chip.", "A software update fixed the bug.",
+             "The startup released an open-source database.", "Engineers built a quantum computer."],
+}  # fmt: skip
+HELD_OUT = [
+    "Markets fell as oil prices climbed.",
+    "The goalkeeper saved a penalty.",
+    "The laptop ships with more memory.",
+]
+
+
+@dataclass
+class Served:
+    client: TestClient
+    probs: dict[str, list[list[float]]]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Path:
+    return encoder_tokenizer_path()  # the package's folder holds weights and tokenizer
+
+
+@pytest.fixture(scope="module")
+def served(minilm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    refs = make_family_adapters("bert", minilm, tmp_path_factory.mktemp("minilm-adapters"))
+    probs = {
+        key: bottleneck_probs(minilm, ref) if isinstance(ref, BottleneckRef) else ref.probs
+        for key, ref in refs.items()
+    }
+    settings = Settings(
+        base_model=str(minilm),
+        store=tmp_path_factory.mktemp("minilm-store"),
+        admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
+        device="cpu",
+        dtype="float32",
+    )
+    with TestClient(create_app(settings)) as client:
+        for key, ref in refs.items():
+            resp = upload_archive(client, key, zip_folder(ref.folder))
+            assert resp.status_code == 201, resp.text
+        yield Served(client, probs)
+
+
+def _close(result: dict[str, object], want: list[float]) -> bool:
+    scores = result["scores"]
+    assert isinstance(scores, dict)
+    return max(abs(scores[label] - p) for label, p in zip(LABELS, want, strict=True)) <= 1e-4
+
+
+def test_peft_lora_and_houlsby_bottleneck_match_the_reference(served: Served) -> None:
+    for adapter, expected in served.probs.items():
+        resp = served.client.post("/classify", json={"adapter": adapter, "inputs": CLASSIFY_TEXTS})
+        assert resp.status_code == 200, resp.text
+        results = resp.json()["results"]
+        assert all(_close(r, w) for r, w in zip(results, expected, strict=True)), adapter
+        assert max(max(w) for w in expected) > 0.4  # the adapters move the scores off uniform
+
+
+def test_concurrent_requests_for_both_kinds_match_the_reference(served: Served) -> None:
+    async def post_all(url: str, adapters: list[str]) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            return await asyncio.gather(
+                *(http.post("/classify", json={"adapter": a, "inputs": CLASSIFY_TEXTS}) for a in adapters)
+            )
+
+    adapters = ["cls", "cls-bn"] * 4
+    with serve_live(served.client.app) as url:
+        resps = asyncio.run(post_all(url, adapters))
+    for resp, adapter in zip(resps, adapters, strict=True):
+        assert resp.status_code == 200, resp.text
+        assert all(_close(r, w) for r, w in zip(resp.json()["results"], served.probs[adapter], strict=True))
+
+
+def test_generation_is_refused_naming_the_base(served: Served) -> None:
+    err = expect_error(served.client.post("/generate", json={"prompt": "Hi"}), 400, "generation_unsupported")
+    assert "'model'" in err["message"] and "bert" in err["message"]  # the folder's name, the family
+
+
+def test_input_longer_than_the_encoder_positions_is_a_clear_422(served: Served) -> None:
+    long = "word " * 600  # more tokens than BERT's 512 positions
+    expect_error(
+        served.client.post("/classify", json={"adapter": "cls", "inputs": [long]}),
+        422,
+        "invalid_request",
+        "512",
+    )
+
+
+@pytest.fixture(scope="module")
+def topics_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("topics") / "topics.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows([t, label] for label, texts in TOPICS.items() for t in texts)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["lora", "bottleneck"])
+def test_training_on_the_encoder_serves_the_trained_scores(
+    kind: str, minilm: Path, topics_csv: Path, served: Served, tmp_path: Path
+) -> None:
+    opts = TrainOptions(
+        task="classify",
+        data=topics_csv,
+        output=tmp_path / kind,
+        kind=kind,  # type: ignore[arg-type]
+        placement="houlsby",
+        val_fraction=0,
+        batch_size=4,
+        max_steps=3,
+        lr=1e-2,
+        base_model=str(minilm),
+        cache_dir=CACHE_DIR,
+        device="cpu",
+    )
+    result = train(opts)
+    assert json.loads((tmp_path / kind / "labels.json").read_text()) == sorted(TOPICS)
+    resp = upload_archive(served.client, f"trained-{kind}", zip_folder(tmp_path / kind))
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["kind"] == kind
+    results = served.client.post("/classify", json={"adapter": f"trained-{kind}", "inputs": HELD_OUT}).json()
+    model, tok, labels = result.model, result.tokenizer, result.labels
+    assert labels is not None
+    with torch.no_grad():
+        for text, row in zip(HELD_OUT, results["results"], strict=True):
+            probs = torch.softmax(model(**tok(text, return_tensors="pt")).logits[0].float(), -1)
+            got = torch.tensor([row["scores"][name] for name in labels])
+            assert torch.allclose(got, probs, atol=1e-4), (got, probs)
+
+
+def test_an_encoder_does_not_train_generation(minilm: Path, topics_csv: Path, tmp_path: Path) -> None:
+    opts = TrainOptions(task="generate", data=topics_csv, output=tmp_path / "x", base_model=str(minilm))
+    with pytest.raises(DataError, match="encoder"):
+        train(opts)
