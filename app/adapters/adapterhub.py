@@ -2,16 +2,22 @@
 
 ``model.save_adapter(folder, name, use_safetensors=True)`` writes ``adapter_config.json`` (the
 library's ``BnConfig`` under ``"config"``) and ``adapter.safetensors`` with keys
-``model.layers.<i>.<attention|output>_adapters.adapters.<name>.adapter_<down.0|up>.<weight|bias>``.
+``model.layers.<i>.<attention|output>_adapters.adapters.<name>.adapter_<down.0|up>.<weight|bias>``
+(decoders) or ``bert.encoder.layer.<i>.<attention.output|output>.adapters.<name>...`` (BERT-style
+encoders); ``with_head=True`` adds ``head_config.json`` and ``model_head.safetensors``.
 
 Only what the served format computes exactly is accepted: modules on the attention and/or
-feed-forward output ``h`` with ``h + scaling * up(act(down(h)))`` before the base's residual add —
-for a pre-norm base that is ``original_ln_before: false`` (``double_seq_bn`` / Houlsby does this),
-no adapter layer norms, gating, parallel or PHM variants. The Pfeiffer preset ``seq_bn`` sets
-``original_ln_before: true``, which feeds the residual stream ``x + h`` into the module instead;
-it is refused with a message saying so. Pickle checkpoints (``pytorch_adapter.bin``) are refused.
-Generation (causal LM) adapters only: AdapterHub's prediction heads are multi-layer modules that
-the served classification head (one linear layer) does not express.
+feed-forward output ``h`` with ``h + scaling * up(act(down(h)))`` before the base's residual add
+(and, in post-LayerNorm encoders, before the LayerNorm) — ``original_ln_before: false``
+(``double_seq_bn`` / Houlsby does this), no adapter layer norms, gating, parallel or PHM variants.
+The Pfeiffer preset ``seq_bn`` sets ``original_ln_before: true``, which feeds the residual stream
+``x + h`` into the module instead; it is refused with a message saying so. Pickle checkpoints
+(``pytorch_adapter.bin``) are refused.
+
+A ``classification`` head (``layers: 2``, on the first token: ``use_pooler: false``) is the served
+head of BERT- and RoBERTa-style encoders when its activation is the family's: its first linear
+layer becomes BERT's pooler (or RoBERTa's ``classifier.dense``), its second the classifier; the
+labels come from its ``label2id``. Other heads are refused.
 """
 
 from __future__ import annotations
@@ -25,17 +31,26 @@ from safetensors.torch import save_file
 
 from app.adapters.archive import PICKLE_SUFFIXES
 from app.adapters.bottleneck_format import PEFT_TYPE, BottleneckAdapter, load_bottleneck
-from app.adapters.lora_format import CONFIG_FILE, WEIGHTS_FILE, load_tensors
+from app.adapters.lora_format import CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE, load_tensors
 from app.errors import InvalidAdapter
 from app.models.base_lm import BaseSpec
 
 HUB_WEIGHTS = "adapter.safetensors"
+HUB_HEAD_CONFIG = "head_config.json"
+HUB_HEAD_WEIGHTS = "model_head.safetensors"
 _ACTIVATIONS = {"relu": "relu", "swish": "silu", "silu": "silu", "gelu": "gelu", "tanh": "tanh"}
-_PLACES = {"attention_adapters": "attention", "output_adapters": "ffn"}
+_PLACES = {
+    "attention_adapters.adapters": "attention",
+    "output_adapters.adapters": "ffn",
+    "attention.output.adapters": "attention",
+    "output.adapters": "ffn",
+}
 _KEY = re.compile(
-    r"(?:.*\.)?layers\.(\d+)\.(attention_adapters|output_adapters)\.adapters\.[^.]+\."
-    r"adapter_(down\.0|up)\.(weight|bias)"
+    r"(?:.*\.)?(?:layers|layer)\.(\d+)\."
+    r"(attention_adapters\.adapters|output_adapters\.adapters|attention\.output\.adapters|output\.adapters)"
+    r"\.[^.]+\.adapter_(down\.0|up)\.(weight|bias)"
 )
+_HEAD_KEY = re.compile(r"heads\.[^.]+\.(\d+)\.(weight|bias)")
 # BnConfig fields that must hold these values for the served computation to be exact
 _REQUIRED: dict[str, Any] = {
     "original_ln_before": False,
@@ -119,9 +134,13 @@ def convert_adapterhub(source: Path, output: Path, spec: BaseSpec) -> Bottleneck
     if not tensors:
         raise InvalidAdapter(f"{HUB_WEIGHTS} holds no bottleneck modules", param=HUB_WEIGHTS)
     size = next(t.shape[0] for k, t in tensors.items() if k.endswith("down.weight"))
+    labels = None
+    if (source / HUB_HEAD_CONFIG).is_file():
+        head, labels = _hub_head(source, spec)
+        tensors.update(head)
     config = {
         "peft_type": PEFT_TYPE,
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if labels else "CAUSAL_LM",
         "bottleneck_size": int(size),
         "layers": sorted(layers),
         **fields,
@@ -129,9 +148,59 @@ def convert_adapterhub(source: Path, output: Path, spec: BaseSpec) -> Bottleneck
     output.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(output / WEIGHTS_FILE))
     (output / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    if labels:
+        (output / LABELS_FILE).write_text(json.dumps(labels))
     try:
         return load_bottleneck(output, spec)
     except InvalidAdapter:
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
+        for name in (WEIGHTS_FILE, CONFIG_FILE, LABELS_FILE):
             (output / name).unlink(missing_ok=True)
         raise
+
+
+def _hub_head(source: Path, spec: BaseSpec) -> tuple[dict[str, Any], list[str]]:
+    """The served head tensors and labels of an AdapterHub ``classification`` head (see above)."""
+    try:
+        saved = json.loads((source / HUB_HEAD_CONFIG).read_text())
+        config = saved["config"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InvalidAdapter(f"{HUB_HEAD_CONFIG} is not an AdapterHub head config: {exc}") from exc
+    surface = spec.surface
+    served = [(module, act) for module, act in surface.head]
+    if (
+        config.get("head_type") != "classification"
+        or config.get("layers") != 2
+        or config.get("use_pooler")
+        or len(served) != 2
+        or config.get("activation_function") != served[0][1]
+        or not config.get("bias", True)
+    ):
+        raise InvalidAdapter(
+            f"the head ({config.get('head_type')}, {config.get('layers')} layers, activation "
+            f"{config.get('activation_function')}, use_pooler {config.get('use_pooler')}) is not the served "
+            f"head of a {surface.family} base: a classification head of 2 layers with activation "
+            f"{served[0][1]} on the first token (use_pooler false)",
+            param=HUB_HEAD_CONFIG,
+        )
+    label2id = config.get("label2id") or {}
+    labels = [name for name, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
+    if sorted(label2id.values()) != list(range(config.get("num_labels", 0))):
+        labels = [f"LABEL_{i}" for i in range(int(config.get("num_labels", 0)))]
+    layers: dict[str, str] = {}
+    tensors: dict[str, Any] = {}
+    for key, tensor in load_tensors(source / HUB_HEAD_WEIGHTS).items():
+        m = _HEAD_KEY.fullmatch(key)
+        if m is None:
+            raise InvalidAdapter(f"unexpected tensor {key!r} in {HUB_HEAD_WEIGHTS}", param=HUB_HEAD_WEIGHTS)
+        layers.setdefault(m.group(1), "")
+        tensors[f"{m.group(1)}.{m.group(2)}"] = tensor
+    order = sorted(layers, key=int)  # the Linear layers of the head's Sequential, in order
+    if len(order) != 2:
+        raise InvalidAdapter(f"{HUB_HEAD_WEIGHTS} holds {len(order)} linear layers; 2 are needed")
+    head = {
+        f"{module}.{part}": tensors[f"{index}.{part}"].contiguous()
+        for (module, _), index in zip(served, order, strict=True)
+        for part in ("weight", "bias")
+        if f"{index}.{part}" in tensors
+    }
+    return head, labels

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,11 @@ from safetensors.torch import load_file
 from app.adapters.adapterhub import convert_adapterhub
 from app.adapters.kinds import load_adapter
 from app.cli import main
+from app.config import Settings
 from app.errors import InvalidAdapter
-from app.models.base_lm import BaseLM
-from tests.conftest import CACHE_DIR, upload_archive
+from app.main import create_app
+from app.models.base_lm import BaseLM, read_spec
+from tests.conftest import ADMIN_TOKEN, CACHE_DIR, upload_archive
 from tests.helpers.harness import last_logits, wrapped_model
 from tests.helpers.peft_ref import zip_folder
 from tests.helpers.versions import held
@@ -139,3 +142,49 @@ def test_pickle_checkpoints_are_refused(tmp_path: Path, base_model: BaseLM) -> N
     with pytest.raises(InvalidAdapter) as exc:
         convert_adapterhub(folder, tmp_path / "out", base_model.spec)
     assert "pickle" in exc.value.message and not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+BERT_FIXTURE = Path(__file__).parents[1] / "fixtures" / "adapterhub-bert-houlsby"
+
+
+@pytest.fixture(scope="module")
+def minilm_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    settings = Settings(
+        base_model="all-minilm-l6-v2",
+        store=tmp_path_factory.mktemp("minilm-store"),
+        admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
+        device="cpu",
+        dtype="float32",
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_bert_houlsby_adapter_and_head_classify_as_the_library_does(
+    tmp_path: Path, minilm_client: TestClient
+) -> None:
+    """The BERT fixture: a DoubleSeqBnConfig adapter (swish, scaling 1.5, layer 5 left out) with a
+    2-layer classification head, written by `adapters` 1.3.0 on all-MiniLM-L6-v2 with the library's
+    class probabilities (scripts/make_adapterhub_bert_fixture.py)."""
+    reference = json.loads((BERT_FIXTURE / "reference.json").read_text())
+    spec = read_spec("all-minilm-l6-v2", CACHE_DIR)
+    adapter = convert_adapterhub(BERT_FIXTURE, tmp_path / "out", spec)
+    assert adapter.task == "classify" and adapter.labels == reference["labels"]
+    assert adapter.target_modules == ["attention", "ffn"] and len(adapter.blocks) == 10  # 5 layers x 2
+    resp = upload_archive(minilm_client, "hub-sentiment", zip_folder(tmp_path / "out"))
+    assert resp.status_code == 201, resp.text
+    resp = minilm_client.post("/classify", json={"adapter": "hub-sentiment", "inputs": reference["texts"]})
+    assert resp.status_code == 200, resp.text
+    for result, want in zip(resp.json()["results"], reference["probs"], strict=True):
+        got = [result["scores"][label] for label in reference["labels"]]
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-4, (got, want)
+
+
+def test_a_head_the_family_does_not_serve_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "hub-bert"
+    shutil.copytree(BERT_FIXTURE, folder)
+    saved = json.loads((folder / "head_config.json").read_text())
+    saved["config"]["use_pooler"] = True
+    (folder / "head_config.json").write_text(json.dumps(saved))
+    with pytest.raises(InvalidAdapter, match="use_pooler"):
+        convert_adapterhub(folder, tmp_path / "out", read_spec("all-minilm-l6-v2", CACHE_DIR))
