@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from tests.helpers.families import (
     tiny_base,
 )
 from tests.helpers.harness import last_logits, wrapped_model
+from tests.helpers.joining import assert_joins_running_batch
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GEN_TOKENS, GENERATE_PROMPTS, RefAdapter, zip_folder
 from tests.helpers.versions import held
 
@@ -178,49 +177,13 @@ def test_mixed_batches_equal_each_row_alone(family: Family) -> None:
         assert (together[i] - last_logits(base, runner, [row])[0]).abs().max().item() <= 1e-4, f"row {i}"
 
 
-def _generate_batches(client: TestClient) -> tuple[float, float]:
-    """(forwards, rows) of generation batches so far, from the batch-size histogram."""
-    text = client.get("/metrics").text
-    count = total = 0.0
-    for line in text.splitlines():
-        if line.startswith('adapterserve_batch_size_count{task="generate"}'):
-            count = float(line.split()[-1])
-        elif line.startswith('adapterserve_batch_size_sum{task="generate"}'):
-            total = float(line.split()[-1])
-    return count, total
-
-
 def test_a_request_arriving_during_a_generation_joins_its_batch(decoder: Family) -> None:
     """A short request sent while a long one decodes finishes first (it was admitted into the
     running batch, not queued behind it), and neither output changes."""
-    family = decoder
-    client = family.client
-    long_body = {"prompt": GENERATE_PROMPTS[1], "max_new_tokens": 200}
-    alone = client.post("/generate", json=long_body).json()
-    assert alone["finish_reason"] == "length", "the base stopped early; pick another prompt"
     short = {"adapter": "gen", "prompt": GENERATE_PROMPTS[0], "max_new_tokens": GEN_TOKENS}
-    before = _generate_batches(client)
-    with serve_live(client.app) as url:
-        started, events = threading.Event(), []
-
-        def stream() -> None:
-            with httpx.stream("POST", f"{url}/generate", json={**long_body, "stream": True}, timeout=60) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: {"):
-                        events.append((time.monotonic(), json.loads(line[len("data: ") :])))
-                        started.set()
-
-        thread = threading.Thread(target=stream)
-        thread.start()
-        assert started.wait(30)
-        resp = httpx.post(f"{url}/generate", json=short, timeout=60)
-        short_done = time.monotonic()
-        thread.join(60)
-    assert resp.status_code == 200 and resp.json()["text"] == family.texts["gen"][GENERATE_PROMPTS[0]]
-    assert "".join(e["text"] for _, e in events) == alone["text"]
-    assert events[-1][0] > short_done, "the short request waited for the long one to finish"
-    forwards, rows = (a - b for a, b in zip(_generate_batches(client), before, strict=True))
-    assert rows > forwards, "no generation step ran the two requests together"
+    assert_joins_running_batch(
+        decoder.client, GENERATE_PROMPTS[1], short, decoder.texts["gen"][GENERATE_PROMPTS[0]]
+    )
 
 
 def test_encoders_refuse_generation(encoder: Family) -> None:
