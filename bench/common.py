@@ -33,7 +33,8 @@ def make_peft(
         model: Any = AutoModelForSequenceClassification.from_pretrained(
             base_path, num_labels=num_labels, dtype=dtype
         )
-        model.config.pad_token_id = model.config.eos_token_id
+        if model.config.pad_token_id is None:  # decoders: pad with EOS (encoders have a pad token)
+            model.config.pad_token_id = model.config.eos_token_id
         task_type = TaskType.SEQ_CLS
     else:
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
@@ -75,10 +76,16 @@ def save_adapters(peft_model: PeftModel, out: Path, n: int, labels: list[str] | 
 
 
 def save_bottlenecks(
-    out: Path, n: int, hidden: int, num_layers: int, task: str, labels: list[str] | None = None
+    out: Path,
+    n: int,
+    hidden: int,
+    num_layers: int,
+    task: str,
+    labels: list[str] | None = None,
+    head: str = "score",
 ) -> list[Path]:
     """Write ``n`` Houlsby bottleneck adapters (attention and feed-forward, reduction factor 16)
-    with random weights as store-ready folders ``b0..b{n-1}``."""
+    with random weights as store-ready folders ``b0..b{n-1}`` (``head``: the classifier's name)."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(1)
@@ -101,7 +108,7 @@ def save_bottlenecks(
             "activation": "relu",
         }
         if labels:
-            tensors["score.weight"] = torch.randn(len(labels), hidden, generator=g) * 0.02
+            tensors[f"{head}.weight"] = torch.randn(len(labels), hidden, generator=g) * 0.02
         folder = out / f"b{a}"
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(folder / "adapter_model.safetensors"))

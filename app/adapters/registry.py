@@ -121,7 +121,11 @@ def install_validated(
     adapter = load_adapter(staged, spec, max_rank)
     if check is not None:
         check(adapter)
-    summary = {**summarize(adapter), "sha256": file_sha256(staged / WEIGHTS_FILE)}
+    summary = {
+        **summarize(adapter),
+        "sha256": file_sha256(staged / WEIGHTS_FILE),
+        "base_model": spec.model_id,
+    }
     return adapter, store.install(name, staged, summary)
 
 
@@ -165,6 +169,10 @@ class AdapterRegistry:
         """List the store (metadata only); adapters without a complete summary are validated once."""
         self.store.recover()
         for name in self.store.names():
+            made_for = self.store.meta(name).get("base_model", self.spec.model_id)
+            if made_for != self.spec.model_id:  # a store shared by servers of several bases
+                log.info("adapter %s in the store is for the base model %s, not this one", name, made_for)
+                continue
             try:
                 self._infos[name] = self._read_meta(name)
             except InvalidAdapter as exc:
@@ -177,7 +185,12 @@ class AdapterRegistry:
         if not all(k in meta for k in (*_SUMMARY_KEYS, "sha256")):  # placed by hand: validate once
             folder = self.store.folder(name)
             adapter = load_adapter(folder, self.spec, self.max_rank)
-            meta = {**meta, **summarize(adapter), "sha256": file_sha256(folder / WEIGHTS_FILE)}
+            meta = {
+                **meta,
+                **summarize(adapter),
+                "sha256": file_sha256(folder / WEIGHTS_FILE),
+                "base_model": self.spec.model_id,
+            }
             meta.setdefault("version", 1)
             meta.setdefault("created_at", folder.stat().st_mtime)
             self.store.write_meta(name, meta)

@@ -12,6 +12,7 @@ from prometheus_client import Counter
 from app.models.base_lm import BaseLM
 from app.models.heads import Head, activate
 from app.models.multi_lora import Routing, RoutingContext
+from app.models.routing import runs_of
 
 
 def last_non_pad_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -89,7 +90,16 @@ class Runner:
     @torch.inference_mode()
     def classify(self, rows: list[tuple[int, list[int]]], heads: dict[int, Head]) -> list[list[float]]:
         """Class probabilities for each (slot, token ids) row; one forward for the whole batch, then
-        each slot's head on its rows' pooled states (the family's pooling: last token or [CLS])."""
+        each slot's head on its rows' pooled states (the family's pooling: last token or [CLS]).
+        The rows run grouped by slot: each head then reads one contiguous slice."""
+        order = sorted(range(len(rows)), key=lambda i: rows[i][0])
+        probs = self._classify([rows[i] for i in order], heads)
+        out: list[list[float]] = [[] for _ in rows]
+        for i, p in zip(order, probs, strict=True):
+            out[i] = p
+        return out
+
+    def _classify(self, rows: list[tuple[int, list[int]]], heads: dict[int, Head]) -> list[list[float]]:
         ids, mask = self.pad([toks for _, toks in rows], left=False)  # right padding, as in training
         self.set_routing([slot for slot, _ in rows])
         try:
@@ -100,15 +110,20 @@ class Runner:
                 pooled = hidden[
                     torch.arange(len(rows), device=self.device), last_non_pad_index(ids, self.pad_id)
                 ]
-            out: list[list[float]] = [[] for _ in rows]
-            for slot in {slot for slot, _ in rows}:
-                idx = [i for i, (s, _) in enumerate(rows) if s == slot]
-                logits = self._head(heads[slot], slot, pooled[idx])
-                probs = torch.softmax(logits.float(), dim=-1).cpu().tolist()
-                for i, p in zip(idx, probs, strict=True):
-                    out[i] = p
+            runs = runs_of([slot for slot, _ in rows])
+            probs = [
+                torch.softmax(self._head(heads[slot], slot, pooled[start:end]).float(), dim=-1)
+                for slot, start, end in runs
+            ]
         finally:
             self.ctx.routing = None
+        flat = torch.cat([p.reshape(-1) for p in probs]).cpu().tolist()  # one device sync
+        out: list[list[float]] = []
+        at = 0
+        for p in probs:
+            labels = p.shape[-1]
+            out += [flat[i : i + labels] for i in range(at, at + p.numel(), labels)]
+            at += p.numel()
         return out
 
     def _head(self, head: Head, slot: int, x: torch.Tensor) -> torch.Tensor:

@@ -52,14 +52,7 @@ class BottleneckBank:
     def apply(self, out: torch.Tensor, routing: Routing) -> None:
         """Add each row's ``up(act(down(out)))`` to ``out`` [batch, tokens, features] in place."""
         if routing.single is not None:
-            slot = routing.single
-            size = self.sizes.get(slot)
-            if size is None:
-                return
-            flat = out.view(-1, self.features)
-            z = nn.functional.linear(flat, self.down[slot, :size], self.down_b[slot, :size])
-            flat.addmm_(ACTIVATION_FNS[self.acts[slot]](z), self.up[slot, :, :size].t())
-            flat.add_(self.up_b[slot])
+            self._apply_slot(out, routing.single)
             return
         if self.sizes.keys().isdisjoint(routing.slots):
             return
@@ -68,6 +61,16 @@ class BottleneckBank:
         y = out.view(rows, -1, self.features)
         z = torch.baddbmm(down_b, y, down_t)  # [batch, tokens, size]
         y.baddbmm_(self._activate(z, routing), up_t).add_(up_b)
+
+    def _apply_slot(self, out: torch.Tensor, slot: int) -> None:
+        """Add slot ``slot``'s module output to every row of ``out`` (contiguous) in place."""
+        size = self.sizes.get(slot)
+        if size is None:
+            return
+        flat = out.view(-1, self.features)
+        z = nn.functional.linear(flat, self.down[slot, :size], self.down_b[slot, :size])
+        flat.addmm_(ACTIVATION_FNS[self.acts[slot]](z), self.up[slot, :, :size].t())
+        flat.add_(self.up_b[slot])
 
     def _activate(self, z: torch.Tensor, routing: Routing) -> torch.Tensor:
         acts = {self.acts[s] for s in routing.slots if s in self.acts}

@@ -77,19 +77,23 @@ class MultiLoraLinear(nn.Module):
         # the deltas are accumulated into the base output in place (addmm/baddbmm with beta=1):
         # a separate delta tensor plus an add would cost two more passes over the output
         if routing.single is not None:
-            if routing.single not in self.ranks:
-                return
-            a, b = self.lora_A[routing.single], self.lora_B[routing.single]
-            h = nn.functional.linear(x, a)  # [..., r]
-            out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t())
+            self._add_slot(x, out, routing.single)
             return
-        assert routing.index is not None
         if self.ranks.keys().isdisjoint(routing.slots):
             return
+        assert routing.index is not None
         rows = x.shape[0]
         a_t, b_t = self._per_row_weights(routing)
         h = torch.bmm(x.reshape(rows, -1, x.shape[-1]), a_t)  # [batch, tokens, r]
         out.view(rows, -1, out.shape[-1]).baddbmm_(h, b_t)
+
+    def _add_slot(self, x: torch.Tensor, out: torch.Tensor, slot: int) -> None:
+        """Add slot ``slot``'s delta to every row of ``out`` (contiguous) in place."""
+        rank = self.ranks.get(slot)
+        if rank is None or self.lora_A is None or self.lora_B is None:
+            return
+        h = nn.functional.linear(x, self.lora_A[slot, :rank])  # [..., r]
+        out.view(-1, out.shape[-1]).addmm_(h.view(-1, rank), self.lora_B[slot, :, :rank].t())
 
     def _per_row_weights(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's A^T [batch, in, r] and B^T [batch, r, out]; kept across decode steps of one batch."""

@@ -19,7 +19,6 @@ class Routing:
     max_slot: int = 0
     # set for decode steps: the gathered per-row weights are reused while the key stays the same
     reuse_key: int | None = None
-
     @classmethod
     def build(cls, slots: list[int], device: torch.device, reuse_key: int | None = None) -> Routing:
         distinct = set(slots)
@@ -27,6 +26,17 @@ class Routing:
             return cls(slots=slots, single=slots[0])
         index = torch.tensor(slots, dtype=torch.long, device=device)
         return cls(slots=slots, index=index, max_slot=max(slots), reuse_key=reuse_key)
+
+
+def runs_of(slots: list[int]) -> tuple[tuple[int, int, int], ...]:
+    """The runs of equal consecutive slots as (slot, start, end)."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[start]:
+            runs.append((slots[start], start, i))
+            start = i
+    return tuple(runs)
 
 
 class RoutingContext:

@@ -81,11 +81,8 @@ class BottleneckModel(nn.Module):
                 raise ValueError(f"the base model has no {place} output layer for a bottleneck module")
         for p in model.parameters():
             p.requires_grad_(False)
-        # the family's head layers outside the base (BERT's pooler stays the base's), trained with it
-        backbone = f"{model.base_model_prefix}."
-        self.head = [
-            m for m in surface_for(str(model.config.model_type)).head_modules if not m.startswith(backbone)
-        ]
+        # the family's head layers (BERT's pooler included: trained, and saved with the adapter)
+        self.head = list(surface_for(str(model.config.model_type)).head_modules)
         if config.task == "classify":
             for name in self.head:
                 if not isinstance(model.get_submodule(name), nn.Linear):

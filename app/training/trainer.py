@@ -241,8 +241,13 @@ def _load_model(opts: TrainOptions, path: Path, labels: list[str] | None, pad_id
             return get_bottleneck_model(model, bottleneck)
         except ValueError as exc:
             raise D.DataError(f"bottleneck options: {exc}") from exc
+    # PEFT trains (and saves) "classifier" / "score" modules; the family's other head layers
+    # (BERT's pooler) are trained and saved with them, so that the adapter carries its whole head
+    head = surface_for(str(model.config.model_type)).head_modules
+    extra = [m for m in head if not {"classifier", "score"} & set(m.split("."))]
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS if opts.task == "classify" else TaskType.CAUSAL_LM,
+        modules_to_save=extra if opts.task == "classify" and extra else None,
         r=opts.rank,
         lora_alpha=opts.alpha,  # type: ignore[arg-type]  # PEFT accepts any number
         lora_dropout=opts.dropout,

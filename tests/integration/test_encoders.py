@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from safetensors import safe_open
 
 from app.config import Settings
 from app.main import create_app
@@ -198,6 +200,10 @@ def test_training_on_the_encoder_serves_the_trained_scores(
     )
     result = train(opts)
     assert json.loads((tmp_path / kind / "labels.json").read_text()) == sorted(TOPICS)
+    saved = safe_open(str(tmp_path / kind / "adapter_model.safetensors"), "pt").keys()
+    prefix = "base_model.model." if kind == "lora" else ""
+    # the adapter carries its whole head: BERT's pooler is trained and saved with the classifier
+    assert {f"{prefix}bert.pooler.dense.weight", f"{prefix}classifier.weight"} <= set(saved)
     resp = upload_archive(minilm_client, f"trained-{kind}", zip_folder(tmp_path / kind))
     assert resp.status_code == 201, resp.text
     assert resp.json()["kind"] == kind
@@ -215,3 +221,18 @@ def test_an_encoder_does_not_train_generation(minilm: Path, topics_csv: Path, tm
     opts = TrainOptions(task="generate", data=topics_csv, output=tmp_path / "x", base_model=str(minilm))
     with pytest.raises(DataError, match="encoder"):
         train(opts)
+
+
+def test_a_store_shared_with_another_base_lists_only_this_bases_adapters(
+    minilm: Path, tmp_path: Path
+) -> None:
+    """The repository's demo store holds adapters for the default decoder; an encoder server on the
+    same store skips them (their metadata names their base) and serves its own."""
+    store = tmp_path / "store"
+    demo = Path(__file__).parents[2] / "adapters_store"
+    for name in ("bbc-topic", "support-bot"):
+        shutil.copytree(demo / name, store / name)
+    settings = Settings(base_model=str(minilm), store=store, admin_token=ADMIN_TOKEN, device="cpu")  # type: ignore[arg-type]
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/adapters").json()["adapters"] == []
+        assert client.post("/classify", json={"adapter": "bbc-topic", "inputs": ["x"]}).status_code == 404
