@@ -98,7 +98,10 @@ def drug_reviews(out_dir: Path) -> dict[str, int]:
         for split in ("Train", "Test"):
             text = zf.read(f"drugsCom{split}.tsv").decode("utf-8")
             rows = [
-                {"text": " ".join(html.unescape(r["review"]).strip().strip('"').split()), "label": r["rating"]}
+                {
+                    "text": " ".join(html.unescape(r["review"]).strip().strip('"').split()),
+                    "label": r["rating"],
+                }
                 for r in csv.DictReader(io.StringIO(text), delimiter="\t")
             ]
             path = out_dir / f"drug-reviews-{split.lower()}.csv"

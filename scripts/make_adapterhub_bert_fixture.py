@@ -32,7 +32,9 @@ torch.manual_seed(0)
 model = AutoAdapterModel.from_pretrained(base)
 cfg = DoubleSeqBnConfig(reduction_factor=12, leave_out=[5], non_linearity="swish", scaling=1.5)
 model.add_adapter("sentiment", config=cfg)
-model.add_classification_head("sentiment", num_labels=3, id2label={0: "negative", 1: "neutral", 2: "positive"})
+model.add_classification_head(
+    "sentiment", num_labels=3, id2label={0: "negative", 1: "neutral", 2: "positive"}
+)
 with torch.no_grad():
     for n, p in model.named_parameters():
         if "adapters.sentiment" in n:

@@ -35,7 +35,8 @@ class OpenAIErrorResponse(BaseModel):
 
 
 _WHY = {
-    400: "invalid parameters (OpenAI routes) or an adapter that cannot be served",
+    400: "invalid parameters (OpenAI routes), an adapter that cannot be served, or generation asked of "
+    "an encoder base",
     401: "missing or invalid bearer token or API key",
     403: "wrong admin token, or admin routes disabled",
     404: "adapter or model not found",
@@ -48,7 +49,7 @@ _WHY = {
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
 
-INFERENCE = (401, 404, 409, 422, 500, 503, 504)
+INFERENCE = (400, 401, 404, 409, 422, 500, 503, 504)
 OPENAI = (400, 401, 404, 409, 500, 503, 504)
 READ = (401, 404, 503)
 ADMIN = (400, 401, 403, 404, 409, 413, 422, 500, 503)

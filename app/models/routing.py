@@ -19,6 +19,7 @@ class Routing:
     max_slot: int = 0
     # set for decode steps: the gathered per-row weights are reused while the key stays the same
     reuse_key: int | None = None
+
     @classmethod
     def build(cls, slots: list[int], device: torch.device, reuse_key: int | None = None) -> Routing:
         distinct = set(slots)
