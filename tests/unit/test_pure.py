@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -127,6 +129,15 @@ def test_model_id_strips_quantization_suffix() -> None:
 
     assert model_id_for(Path("SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct"
     assert model_id_for(Path("/models/my-model")) == "my-model"
+    assert model_id_for(Path("e5-small-q4.bin")) == "e5-small-q4"
+
+
+def test_a_missing_base_names_the_packaged_ones(tmp_path: Path) -> None:
+    from app.models.sources import PACKAGED, resolve_model_path
+
+    with pytest.raises(RuntimeError, match="not found") as exc:
+        resolve_model_path(str(tmp_path / "nowhere"), tmp_path)
+    assert all(name in str(exc.value) for name in PACKAGED)
 
 
 def test_bottleneck_config_sites_sizes_and_refusals() -> None:
