@@ -77,6 +77,11 @@ demo-adapters: model demo-data  ## retrain the adapters in adapters_store/ (abou
 	$(TRAIN) --task classify --kind bottleneck --placement pfeiffer --data $(DEMO_DATA)/chat-topic.csv \
 		--name chat-topic-bottleneck --output build/chat-topic-bottleneck \
 		--val-fraction 0.2 --max-length 48 --epochs 4 --lr 1e-3 --into-store
+	# the encoder demo: a Houlsby bottleneck on all-MiniLM-L6-v2, reported on the held-out test file
+	ADAPTERSERVE_BASE_MODEL=all-minilm-l6-v2 $(TRAIN) --task classify --kind bottleneck --placement houlsby \
+		--data $(DEMO_DATA)/drug-reviews-train.csv --val-data $(DEMO_DATA)/drug-reviews-test.csv \
+		--name drug-review-sentiment --output build/drug-review-sentiment \
+		--max-length 128 --epochs 6 --lr 2e-3 --into-store
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -324,10 +324,23 @@ class AdapterRegistry:
         self._update_host_gauges()
 
     # --- changes ----------------------------------------------------------------------------
+    def _check_same_base(self, name: str) -> None:
+        """A name the store holds for another base model is not replaced from this server."""
+        if name in self._infos or name not in self.store.names():
+            return
+        made_for = self.store.meta(name).get("base_model")
+        if made_for is not None and made_for != self.spec.model_id:
+            raise Conflict(
+                f"the store's adapter {name!r} belongs to the base model {made_for!r}; this server "
+                f"runs {self.spec.model_id!r}: choose another name",
+                param="name",
+            )
+
     def upload(self, name: str, archive: Path) -> AdapterInfo:
         """Validate an archive fully, then install it atomically as the next version of ``name``."""
         check_name(name)
         with self._lock(name):
+            self._check_same_base(name)
             staged = self.store.staging_folder()
             try:
                 extract_archive(archive, staged, self.limits)

@@ -26,7 +26,7 @@ from app.main import create_app
 from app.models.base_lm import resolve_model_path
 from app.training.data import DataError
 from app.training.trainer import TrainOptions, train
-from tests.conftest import ADMIN_TOKEN, CACHE_DIR, expect_error, serve_live, upload_archive
+from tests.conftest import ADMIN_TOKEN, CACHE_DIR, expect_error, serve_live, snapshot, upload_archive
 from tests.helpers.bottleneck_ref import BottleneckRef
 from tests.helpers.families import LABELS, bottleneck_probs, encoder_tokenizer_path, make_family_adapters
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, zip_folder
@@ -233,6 +233,11 @@ def test_a_store_shared_with_another_base_lists_only_this_bases_adapters(
     for name in ("bbc-topic", "support-bot"):
         shutil.copytree(demo / name, store / name)
     settings = Settings(base_model=str(minilm), store=store, admin_token=ADMIN_TOKEN, device="cpu")  # type: ignore[arg-type]
+    before = snapshot(store)
     with TestClient(create_app(settings)) as client:
         assert client.get("/v1/adapters").json()["adapters"] == []
         assert client.post("/classify", json={"adapter": "bbc-topic", "inputs": ["x"]}).status_code == 404
+        # the other base's adapter is not replaced from this server
+        resp = upload_archive(client, "bbc-topic", zip_folder(demo / "bbc-topic"))
+        expect_error(resp, 409, "conflict", "SmolLM2-135M-Instruct")
+    assert snapshot(store) == before
