@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
 
 from app.models.sources import resolve_model_path
 from app.models.surface import ModelSurface, surface_for
@@ -123,9 +124,14 @@ def load_base_model(base_model: str, cache_dir: Path, device: str, dtype: str) -
     dt = resolve_dtype(dtype, dev)
     tokenizer = AutoTokenizer.from_pretrained(path)
     # weights the folder lacks (an encoder's pooler or head) get the same values on every start
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model, info = model_class(surface).from_pretrained(path, dtype=dt, output_loading_info=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its report of the unused default head: the warning below says more
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, info = model_class(surface).from_pretrained(path, dtype=dt, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     backbone = f"{model.base_model_prefix}."  # weights outside it are the (unused) default head
     missing = [k for k in info.get("missing_keys", ()) if k.startswith(backbone)]
     if missing:
