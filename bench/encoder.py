@@ -97,18 +97,20 @@ class Part:
             return Config(lambda r: asyncio.run(one_round(r)), warmup=-(-len(adapters) // batch))
 
         spec = self.base.spec
-        lora = infos(sorted((out / "cls-store").iterdir(), key=lambda p: int(p.name[1:])))
         layers = int(self.base.model.config.num_hidden_layers)
         head = self.base.surface.head_modules[-1]
         bn = infos(save_bottlenecks(out / "bn", ADAPTERS, spec.hidden_size, layers, "classify", LABELS, head))
-        configs = {
-            BARE_ENGINE: self.bare(self.base.model, release=True),
-            f"this engine, {ADAPTERS} LoRA adapters": classify(lora),
-            f"this engine, {ADAPTERS} bottleneck adapters (Houlsby)": classify(bn),
-            f"this engine, {ADAPTERS // 2} LoRA + {ADAPTERS // 2} bottleneck": classify(
+        configs = {BARE_ENGINE: self.bare(self.base.model, release=True)}
+        lora: list[HeldVersion] = []
+        for rank in self.args.ranks:
+            lora = infos(sorted((out / f"r{rank}-store").iterdir(), key=lambda p: int(p.name[1:])))
+            configs[f"this engine, {ADAPTERS} LoRA adapters r={rank}"] = classify(lora)
+        configs[f"this engine, {ADAPTERS} bottleneck adapters (Houlsby)"] = classify(bn)
+        configs[f"this engine, {ADAPTERS // 2} LoRA r={self.args.ranks[-1]} + {ADAPTERS // 2} bottleneck"] = (
+            classify(
                 [x for pair in zip(lora[: ADAPTERS // 2], bn[: ADAPTERS // 2], strict=True) for x in pair]
-            ),
-        }
+            )
+        )
         try:
             return in_turns(configs, self.args.repeats, self.sync)
         finally:
@@ -141,8 +143,9 @@ async def _one(engine: Engine, v: HeldVersion, ids: list[int]) -> list[list[floa
 
 def _part(args: argparse.Namespace, part: str, out: Path) -> dict[str, list[float]]:
     cmd = [sys.executable, "-m", "bench.encoder", "--part", part, "--out", str(out)]
-    for key in ("base", "device", "dtype", "rank", "batch", "repeats"):
+    for key in ("base", "device", "dtype", "batch", "repeats"):
         cmd += [f"--{key}", str(getattr(args, key))]
+    cmd += ["--ranks", ",".join(map(str, args.ranks))]
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -166,7 +169,9 @@ def main() -> None:
     parser.add_argument("--base", default="all-minilm-l6-v2")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--ranks", type=lambda v: [int(x) for x in v.split(",")], default=[8, 16], help="LoRA ranks"
+    )
     parser.add_argument("--batch", type=int, default=32, help="texts per batch")
     parser.add_argument("--repeats", type=int, default=8, help="turns (timed rounds per configuration)")
     parser.add_argument("--part", choices=["hf", "engine"], help=argparse.SUPPRESS)
@@ -180,7 +185,7 @@ def main() -> None:
         return
     out = Path(tempfile.mkdtemp(prefix="adapterserve-bench-"))
     print(
-        f"base={args.base} device={args.device} dtype={args.dtype} rank={args.rank} batch={args.batch} "
+        f"base={args.base} device={args.device} dtype={args.dtype} ranks={args.ranks} batch={args.batch} "
         f"texts of {len(TEXT.split())} words, repeats={args.repeats}",
         flush=True,
     )
