@@ -145,6 +145,10 @@ def test_generation_equals_the_reference_streamed_or_not(decoder: Family) -> Non
             events = family.client.post("/generate", json={**body, "stream": True}).text.splitlines()
             deltas = [json.loads(e[len("data: ") :]) for e in events if e.startswith("data: {")]
             assert "".join(d["text"] for d in deltas) == text
+            if adapter is not None:  # the OpenAI route, with the adapter as the model
+                completion = {"model": adapter, "prompt": prompt, "max_tokens": GEN_TOKENS, "temperature": 0}
+                resp = family.client.post("/v1/completions", json=completion)
+                assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == text, resp.text
 
 
 def test_mixed_batches_equal_each_row_alone(family: Family) -> None:
