@@ -106,9 +106,11 @@ def encoder_head_shapes(base: Path, family: str) -> dict[str, tuple[int, int] | 
     return shapes
 
 
-def make_family_adapters(family: str, base: Path, out: Path) -> dict[str, RefAdapter | BottleneckRef]:
-    """LoRA (PEFT, every target) and Houlsby bottleneck adapters with reference outputs: for
-    classification on every family, for generation on decoders."""
+def make_family_adapters(
+    family: str, base: Path, out: Path, bottleneck: bool = True
+) -> dict[str, RefAdapter | BottleneckRef]:
+    """LoRA (PEFT, every target) and (``bottleneck``) Houlsby bottleneck adapters with reference
+    outputs: for classification on every family, for generation on decoders."""
     targets = LORA_TARGETS.get(family, "all-linear")
     config = AutoConfig.from_pretrained(base)
     hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
@@ -118,36 +120,17 @@ def make_family_adapters(family: str, base: Path, out: Path) -> dict[str, RefAda
         ),
     }
     head = encoder_head_shapes(base, family) if family in ENCODERS else None
-    refs["cls-bn"] = make_bottleneck(
-        out,
-        "cls-bn",
-        "classify",
-        hidden,
-        layers,
-        seed=3,
-        placement="both",
-        size=16,
-        activation="gelu",
-        labels=LABELS,
-        std=0.1,
-        head=head,
-    )
+    shape = dict(hidden=hidden, num_layers=layers, placement="both", size=16, std=0.1)
+    if bottleneck:
+        refs["cls-bn"] = make_bottleneck(
+            out, "cls-bn", "classify", seed=3, activation="gelu", labels=LABELS, head=head, **shape
+        )
     if family in DECODERS:
         refs["gen"] = make_adapter(
             base, out, "gen", "generate", seed=1, r=4, lora_alpha=8, target_modules=targets
         )
-        refs["gen-bn"] = make_bottleneck(
-            out,
-            "gen-bn",
-            "generate",
-            hidden,
-            layers,
-            seed=4,
-            placement="both",
-            size=16,
-            activation="relu",
-            std=0.1,
-        )
+        if bottleneck:
+            refs["gen-bn"] = make_bottleneck(out, "gen-bn", "generate", seed=4, activation="relu", **shape)
     return refs
 
 
