@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 
 from app.adapters.archive import ALLOWED_FILES
-from app.adapters.registry import install_validated
 from app.adapters.store import FilesystemStore
+from app.adapters.summary import install_validated
 from app.models.base_lm import BaseSpec
 
 

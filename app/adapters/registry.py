@@ -25,13 +25,13 @@ from app.adapters.archive import ArchiveLimits, extract_archive
 from app.adapters.kinds import Adapter, load_adapter
 from app.adapters.lora_format import WEIGHTS_FILE, file_sha256
 from app.adapters.store import AdapterStore, check_name
+from app.adapters.summary import SUMMARY_KEYS, install_validated, summarize
 from app.adapters.version import AdapterVersion
 from app.errors import AdapterLoadFailed, AdapterNotFound, Conflict, InvalidAdapter, TaskMismatch
 from app.metrics import Metrics
 from app.models.base_lm import BaseSpec
 
 log = logging.getLogger(__name__)
-_SUMMARY_KEYS = ("task", "kind", "rank", "alpha", "target_modules", "labels", "num_params", "size_bytes")
 
 
 @dataclass
@@ -95,40 +95,6 @@ class AdapterInfo:
         }
 
 
-def summarize(adapter: Adapter) -> dict[str, Any]:
-    return {
-        "task": adapter.task,
-        "kind": adapter.kind,
-        "rank": adapter.rank,
-        "alpha": adapter.alpha,
-        "target_modules": adapter.target_modules,
-        "labels": adapter.labels,
-        "num_params": adapter.num_params,
-        "size_bytes": adapter.nbytes,
-    }
-
-
-def install_validated(
-    store: AdapterStore,
-    name: str,
-    staged: Path,
-    spec: BaseSpec,
-    max_rank: int,
-    check: Callable[[Adapter], None] | None = None,
-) -> tuple[Adapter, dict[str, Any]]:
-    """Validate a staged adapter folder completely, then install it as the next version of ``name``
-    (the folder becomes the version); return the adapter and the stored metadata."""
-    adapter = load_adapter(staged, spec, max_rank)
-    if check is not None:
-        check(adapter)
-    summary = {
-        **summarize(adapter),
-        "sha256": file_sha256(staged / WEIGHTS_FILE),
-        "base_model": spec.model_id,
-    }
-    return adapter, store.install(name, staged, summary)
-
-
 class AdapterRegistry:
     """Maps names to the current :class:`AdapterInfo` and keeps the host tier within its budget."""
 
@@ -182,7 +148,7 @@ class AdapterRegistry:
     def _read_meta(self, name: str) -> AdapterInfo:
         """Metadata of a store adapter; its weights stay on disk until first used."""
         meta = self.store.meta(name)
-        if not all(k in meta for k in (*_SUMMARY_KEYS, "sha256")):  # placed by hand: validate once
+        if not all(k in meta for k in (*SUMMARY_KEYS, "sha256")):  # placed by hand: validate once
             folder = self.store.folder(name)
             adapter = load_adapter(folder, self.spec, self.max_rank)
             meta = {
@@ -201,7 +167,7 @@ class AdapterRegistry:
             created_at=float(meta["created_at"]),
             sha256=str(meta["sha256"]),
             pinned=name in self.pinned,
-            **{k: meta[k] for k in _SUMMARY_KEYS},
+            **{k: meta[k] for k in SUMMARY_KEYS},
         )
         return info
 

@@ -1,7 +1,7 @@
 """A second real decoder family: Gemma 3 270M (sliding-window layers, 262k vocabulary), assembled
 from its PyPI packages and converted once. PEFT LoRA adapters (every linear target) made here:
-/generate greedy text equals PeftModel's, /classify scores its softmax within 1e-4, and a request that arrives while a generation runs joins the running batch
-with both outputs unchanged."""
+/generate greedy text equals PeftModel's, /classify scores its softmax within 1e-4, and a request
+that arrives while a generation runs joins the running batch with both outputs unchanged."""
 
 from __future__ import annotations
 

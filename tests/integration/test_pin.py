@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.adapters.lora_format import WEIGHTS_FILE
-from app.adapters.registry import install_validated
 from app.adapters.store import FilesystemStore
+from app.adapters.summary import install_validated
 from app.config import Settings
 from app.main import create_app
 from app.models.base_lm import load_base_model
