@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 # task-dependent defaults: a fresh classification head learns faster than a chat style
 _DEFAULT_LR = {"classify": 5e-4, "generate": 2e-4}
 _BOTTLENECK_LR = 1e-3  # the up projection starts at zero; bottleneck modules want a larger step
+# small encoders (all-MiniLM-L6-v2: 22.7 M parameters) train a fresh pooler and classifier with the
+# adapter: measured on 600 reviews, 6 epochs at 2e-3 (a minute each on 2 cores) lifted macro-F1
+# from 0.26 (the majority class) to 0.48-0.49 for LoRA and bottleneck alike; lower rates or fewer
+# epochs stayed near the majority class
+_ENCODER_LR, _ENCODER_EPOCHS = 2e-3, 6
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -70,8 +75,14 @@ def add_train_parser(sub: Any) -> None:
     h.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
     h.add_argument("--target-modules", default="all-linear", help="comma-separated names or all-linear")
     h.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout while training")
-    h.add_argument("--epochs", type=int, default=2, help="passes over the training data")
-    h.add_argument("--lr", type=float, help="learning rate (default: 5e-4 classify, 2e-4 generate)")
+    h.add_argument(
+        "--epochs", type=int, help="passes over the training data (default: 2; 6 on an encoder base)"
+    )
+    h.add_argument(
+        "--lr",
+        type=float,
+        help="learning rate (default: 5e-4 classify, 2e-4 generate, 1e-3 bottleneck; 2e-3 on encoders)",
+    )
     h.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step")
     h.add_argument("--max-length", type=int, default=256, help="longer examples are truncated (reported)")
     h.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
@@ -103,6 +114,14 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     if args.upload and not token:
         print("error: --upload needs --admin-token or ADAPTERSERVE_ADMIN_TOKEN", file=sys.stderr)
         return 2
+    from app.models.base_lm import check_base
+    from app.models.surface import UnsupportedBase
+
+    try:
+        encoder = check_base(settings.base_model, settings.cache_dir).kind == "encoder"
+    except UnsupportedBase as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     opts = TrainOptions(
         task=args.task,
         data=args.data,
@@ -124,8 +143,10 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         alpha=args.alpha,
         target_modules=args.target_modules,
         dropout=args.dropout,
-        epochs=args.epochs,
-        lr=args.lr if args.lr is not None else _default_lr(args.kind, args.task),
+        epochs=args.epochs if args.epochs is not None else (_ENCODER_EPOCHS if encoder else 2),
+        lr=args.lr
+        if args.lr is not None
+        else (_ENCODER_LR if encoder else _default_lr(args.kind, args.task)),
         batch_size=args.batch_size,
         max_length=args.max_length,
         max_steps=args.max_steps,
