@@ -118,21 +118,20 @@ class Part:
 
     def hf(self, out: Path) -> dict[str, list[float]]:
         a = self.args
-        peft = make_peft(self.base.path, "classify", ADAPTERS, a.rank, self.dtype, self.device, len(LABELS))
-        save_adapters(peft, out / "cls", ADAPTERS, LABELS)
         plain = AutoModelForSequenceClassification.from_pretrained(self.base.path, dtype=self.dtype)
         plain = plain.to(self.device).eval()
         names = [f"a{i % ADAPTERS}" for i in range(a.batch)]
+        configs = {BARE_HF: self.bare(plain, release=False)}
+        for rank in a.ranks:
+            peft = make_peft(self.base.path, "classify", ADAPTERS, rank, self.dtype, self.device, len(LABELS))
+            save_adapters(peft, out / f"r{rank}", ADAPTERS, LABELS)
 
-        @torch.inference_mode()
-        def mixed(r: int) -> int:
-            peft(**self.enc, adapter_names=names).logits.float().softmax(-1).cpu()
-            return a.batch
+            @torch.inference_mode()
+            def mixed(r: int, peft: Any = peft) -> int:
+                peft(**self.enc, adapter_names=names).logits.float().softmax(-1).cpu()
+                return a.batch
 
-        configs = {
-            BARE_HF: self.bare(plain, release=False),
-            f"HF PEFT mixed batch, {ADAPTERS} adapters": Config(mixed),
-        }
+            configs[f"HF PEFT mixed batch, {ADAPTERS} LoRA adapters r={rank}"] = Config(mixed)
         return in_turns(configs, a.repeats, self.sync)
 
 
