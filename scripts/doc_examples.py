@@ -6,7 +6,11 @@ block are replaced with what it printed (JSON bodies are re-printed compactly, l
 ``...``). Start a server first, e.g.
 
     ADAPTERSERVE_ADMIN_TOKEN=secret ADAPTERSERVE_STORE=/tmp/docs-store .venv/bin/adapterserve serve
+    ADAPTERSERVE_BASE_MODEL=all-minilm-l6-v2 ADAPTERSERVE_PORT=8002 .venv/bin/adapterserve serve
     .venv/bin/python scripts/doc_examples.py README.md docs/*.md
+
+(the second server, on the encoder base and the repository's store, answers the examples on
+port 8002; docs/api.md's API-key example needs its own server on port 8001, see there).
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def test_train_and_upload_help_show_defaults(capsys: pytest.CaptureFixture[str])
         "--rank RANK LoRA rank (default: 8)",
         "(default: 16)",
         "(default: 0.05)",
-        "(default: 2)",
+        "(default: 2; 6 on an encoder base)",
         "(default: http://127.0.0.1:8000)",
     ):
         assert shown in out, shown
