@@ -81,8 +81,14 @@ async def saturation(url: str, args: argparse.Namespace) -> float:
                 await _one(http, rng, args, tally)
 
         await asyncio.gather(*(client() for _ in range(args.concurrency)))
+        end = time.perf_counter()
         counted = [t for t in tally.done_at if half <= t <= stop]
-        return len(counted) / (stop - half)
+        if counted:
+            return len(counted) / (stop - half)
+        # slow requests (long generations on a slow machine) may all end outside the window
+        if not tally.done_at:
+            raise RuntimeError("no request was answered while measuring the saturation rate")
+        return len(tally.done_at) / (end - start)
 
 
 async def open_loop(url: str, rate: float, args: argparse.Namespace) -> tuple[Tally, float]:

@@ -1,16 +1,18 @@
-"""Overload through real HTTP (bench/overload.py, bounded): at twice the measured saturation rate
-nothing fails with 500, the excess is answered 503 with Retry-After, and the server's memory ends
-the second round where it ended the first."""
+"""Overload through real HTTP (bench/overload.py, bounded): at three times the measured saturation
+rate nothing fails with 500, the excess is answered 503 with Retry-After, and the server's memory
+ends the second round where it ended the first. (Three, not two: the short closed-loop estimate of
+saturation came out at half the open loop's goodput on a noisy run, and twice it then shed nothing.)"""
 
 from __future__ import annotations
 
 from bench.overload import parser, run
 
 
-def test_twice_the_saturation_rate_is_shed_with_503_and_memory_is_stable() -> None:
+def test_three_times_the_saturation_rate_is_shed_with_503_and_memory_is_stable() -> None:
     args = parser().parse_args(
         [
-            "--saturation-seconds", "12",
+            "--saturation-seconds", "20",
+            "--factor", "3",
             "--concurrency", "16",
             "--requests", "120",
             "--max-seconds", "20",
