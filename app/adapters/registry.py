@@ -11,6 +11,7 @@ lock and different names proceed in parallel.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import shutil
 import threading
@@ -23,7 +24,7 @@ from typing import Any, Literal
 
 from app.adapters.archive import ArchiveLimits, extract_archive
 from app.adapters.kinds import Adapter, load_adapter
-from app.adapters.lora_format import WEIGHTS_FILE, file_sha256
+from app.adapters.lora_format import CONFIG_FILE, WEIGHTS_FILE, file_sha256
 from app.adapters.store import AdapterStore, check_name
 from app.adapters.summary import SUMMARY_KEYS, install_validated, summarize
 from app.adapters.version import AdapterVersion
@@ -142,8 +143,30 @@ class AdapterRegistry:
             try:
                 self._infos[name] = self._read_meta(name)
             except InvalidAdapter as exc:
-                log.warning("skipping adapter %s in the store: %s", name, exc.message)
+                other = self._made_for(name)
+                if other is not None and not self._is_this_base(other):
+                    log.info("adapter %s in the store is for the base model %s, not this one", name, other)
+                else:
+                    log.warning("skipping adapter %s in the store: %s", name, exc.message)
         self._update_store_gauges()
+
+    def _made_for(self, name: str) -> str | None:
+        """The base model a store adapter names: its metadata's, else (placed by hand, never
+        validated here) the last part of PEFT's ``base_model_name_or_path``."""
+        made_for = self.store.meta(name).get("base_model")
+        if made_for is not None:
+            return str(made_for)
+        try:
+            config = json.loads((self.store.folder(name) / CONFIG_FILE).read_text())
+            hint = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+        except (OSError, ValueError):
+            return None
+        if not isinstance(hint, str):
+            return None
+        return Path(hint.rstrip("/")).name or None
+
+    def _is_this_base(self, model: str) -> bool:
+        return model.casefold() == self.spec.model_id.casefold()
 
     def _read_meta(self, name: str) -> AdapterInfo:
         """Metadata of a store adapter; its weights stay on disk until first used."""
@@ -294,8 +317,8 @@ class AdapterRegistry:
         """A name the store holds for another base model is not replaced from this server."""
         if name in self._infos or name not in self.store.names():
             return
-        made_for = self.store.meta(name).get("base_model")
-        if made_for is not None and made_for != self.spec.model_id:
+        made_for = self._made_for(name)
+        if made_for is not None and not self._is_this_base(made_for):
             raise Conflict(
                 f"the store's adapter {name!r} belongs to the base model {made_for!r}; this server "
                 f"runs {self.spec.model_id!r}: choose another name",

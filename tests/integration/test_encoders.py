@@ -227,11 +227,11 @@ def test_a_store_shared_with_another_base_lists_only_this_bases_adapters(
     minilm: Path, tmp_path: Path
 ) -> None:
     """The repository's demo store holds adapters for the default decoder; an encoder server on the
-    same store skips them (their metadata names their base) and serves its own."""
+    same store skips them (their PEFT config names their base) and serves its own."""
     store = tmp_path / "store"
     demo = Path(__file__).parents[2] / "adapters_store"
-    for name in ("bbc-topic", "support-bot"):
-        shutil.copytree(demo / name, store / name)
+    for name in ("bbc-topic", "support-bot"):  # as a fresh checkout has them: no metadata yet
+        shutil.copytree(demo / name, store / name, ignore=shutil.ignore_patterns("adapterserve.json"))
     settings = Settings(base_model=str(minilm), store=store, admin_token=ADMIN_TOKEN, device="cpu")  # type: ignore[arg-type]
     before = snapshot(store)
     with TestClient(create_app(settings)) as client:
