@@ -61,39 +61,40 @@ class MultiLoraLinear(nn.Module):
         return self._out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         routing = self.ctx.routing
         if routing is None:
-            return out
-        if self.ranks:
-            self._add_lora(x, out, routing)
+            return self.base(x)
+        if not self.ranks or self.ranks.keys().isdisjoint(routing.slots):
+            out = self.base(x)
+        else:
+            out = self._with_lora(x, routing)
         if self.bottleneck:
             self.bottleneck.apply(out, routing)
         return out
 
-    def _add_lora(self, x: torch.Tensor, out: torch.Tensor, routing: Routing) -> None:
-        if self.lora_A is None or self.lora_B is None:
-            return
-        # the deltas are accumulated into the base output in place (addmm/baddbmm with beta=1):
-        # a separate delta tensor plus an add would cost two more passes over the output
+    def _with_lora(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Base output plus each row's LoRA delta. The deltas come first (over the broadcast bias)
+        and the base GEMM accumulates into them in place (addmm, beta=1): adding the deltas after
+        the base would cost one more pass over the output."""
+        assert self.lora_A is not None and self.lora_B is not None
+        width, bias = x.shape[-1], self.base.bias
+        flat = x.reshape(-1, width)
         if routing.single is not None:
-            self._add_slot(x, out, routing.single)
-            return
-        if self.ranks.keys().isdisjoint(routing.slots):
-            return
-        assert routing.index is not None
-        rows = x.shape[0]
-        a_t, b_t = self._per_row_weights(routing)
-        h = torch.bmm(x.reshape(rows, -1, x.shape[-1]), a_t)  # [batch, tokens, r]
-        out.view(rows, -1, out.shape[-1]).baddbmm_(h, b_t)
-
-    def _add_slot(self, x: torch.Tensor, out: torch.Tensor, slot: int) -> None:
-        """Add slot ``slot``'s delta to every row of ``out`` (contiguous) in place."""
-        rank = self.ranks.get(slot)
-        if rank is None or self.lora_A is None or self.lora_B is None:
-            return
-        h = nn.functional.linear(x, self.lora_A[slot, :rank])  # [..., r]
-        out.view(-1, out.shape[-1]).addmm_(h.view(-1, rank), self.lora_B[slot, :, :rank].t())
+            rank = self.ranks[routing.single]
+            h = nn.functional.linear(flat, self.lora_A[routing.single, :rank])  # [tokens, r]
+            b = self.lora_B[routing.single, :, :rank].t()
+            out = torch.mm(h, b) if bias is None else torch.addmm(bias, h, b)
+        else:
+            rows = x.shape[0]
+            a_t, b_t = self._per_row_weights(routing)
+            h = torch.bmm(flat.view(rows, -1, width), a_t)  # [batch, tokens, r]
+            if bias is None:
+                out = torch.bmm(h, b_t)
+            else:
+                out = torch.baddbmm(bias.expand(rows, h.shape[1], self._out), h, b_t)
+        weight = self.base.weight  # Conv1D stores it [in, out], Linear [out, in]
+        out = out.view(-1, self._out).addmm_(flat, weight if isinstance(self.base, Conv1D) else weight.t())
+        return out.view(*x.shape[:-1], self._out)
 
     def _per_row_weights(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's A^T [batch, in, r] and B^T [batch, r, out]; kept across decode steps of one batch."""
