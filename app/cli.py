@@ -122,8 +122,8 @@ def import_adapterhub(args: argparse.Namespace, settings: Settings) -> int:
             f"places {adapter.target_modules}, {len(adapter.blocks)} modules, activation {adapter.activation}"
         )
         if args.into_store:
-            meta = install_into_store(output, name, settings.store, spec, settings.max_lora_rank)
-            print(f"installed {name} version {meta['version']} into {settings.store}")
+            manifest = install_into_store(output, name, settings, spec)
+            print(f"installed {name} version {manifest.version} into {settings.store}")
     except InvalidAdapter as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,7 +33,23 @@ class Settings(BaseSettings):
     )
 
     # --- adapter store and cache ------------------------------------------------------------
-    store: Path = Field(Path("adapters_store"), description="adapter store folder")
+    store: str = Field(
+        "adapters_store",
+        description="the adapter store every replica shares: a folder (a shared volume for several "
+        "replicas) or s3://bucket/prefix (credentials, region and endpoint from the AWS_* variables)",
+    )
+    store_sync_interval_s: float = Field(
+        1.0, gt=0, le=60, description="how often each replica adopts changes made through the others"
+    )
+    store_reclaim_grace_s: float = Field(
+        600.0,
+        ge=0,
+        description="files of replaced or deleted versions are removed this long after (requests "
+        "still reading them finish first)",
+    )
+    store_cache_bytes: int = Field(
+        2 << 30, ge=1 << 20, description="local disk cache of an S3 store's files (LRU)"
+    )
     preload: str = Field("", description="comma-separated adapter names loaded at start")
     pin: str = Field("", description="comma-separated adapter names never evicted from host or device")
     max_device_adapters: int = Field(32, ge=1, description="adapter slots resident on the device")
@@ -97,6 +113,11 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="largest admin upload")
     max_archive_members: int = Field(16, ge=1, description="files in one uploaded archive")
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, Path) else value
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Settings:

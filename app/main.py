@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request, Response
 from app import __version__
 from app.adapters.archive import ArchiveLimits
 from app.adapters.registry import AdapterRegistry
-from app.adapters.store import FilesystemStore
+from app.adapters.store import open_store
 from app.api import adapters, admin, health, inference, openai
 from app.api.responses import drop_validation_422
 from app.config import Settings
@@ -32,6 +32,7 @@ _ALWAYS_OPEN = {"/metrics", "/healthz", "/readyz"}
 # the routes whose requests run on an adapter: only their requests carry an ``adapter`` label
 # (other routes get the empty value, which PromQL treats as no label)
 INFERENCE_ROUTES = frozenset({"/classify", "/generate", "/v1/completions", "/v1/chat/completions"})
+RECLAIM_EVERY_S = 60.0  # how often a replica looks for superseded files to remove
 
 
 def _route_path(request: Request) -> str:
@@ -82,6 +83,22 @@ def _adapter_label(request: Request, metrics: Metrics, adapter: str | None) -> s
     return metrics.adapter_label(adapter) if (known or adapter is None) else "unknown"
 
 
+async def keep_in_sync(registry: AdapterRegistry, settings: Settings, metrics: Metrics) -> None:
+    """Adopt the store's changes every ``STORE_SYNC_INTERVAL_S``; reclaim superseded files now and
+    then. A failed sync (the store unreachable) is logged and counted; the next one retries."""
+    reclaimed_at = time.monotonic()
+    while True:
+        await asyncio.sleep(settings.store_sync_interval_s)
+        try:
+            await asyncio.to_thread(registry.sync)
+            if time.monotonic() - reclaimed_at > RECLAIM_EVERY_S:
+                reclaimed_at = time.monotonic()
+                await asyncio.to_thread(registry.store.reclaim, settings.store_reclaim_grace_s)
+        except Exception:  # any failure of the store: keep serving what is known
+            metrics.store_sync_errors.inc()
+            log.exception("sync with the adapter store %s failed", settings.store)
+
+
 def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> FastAPI:
     """Build the app. ``base`` lets a caller reuse an already loaded base model (tests, benchmarks)."""
     settings = settings or Settings()
@@ -99,7 +116,7 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
             model = await asyncio.to_thread(
                 load_base_model, settings.base_model, settings.cache_dir, settings.device, settings.dtype
             )
-        store = FilesystemStore(settings.store)
+        store = await asyncio.to_thread(open_store, settings)
         limits = ArchiveLimits(
             max_members=settings.max_archive_members, max_total_bytes=2 * settings.max_upload_bytes
         )
@@ -142,10 +159,12 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
             settings, registry, engine, model.tokenizer, model.spec.max_context, cannot_generate
         )
         app.state.openai = OpenAIService(service, registry, model.spec.model_id)
+        syncing = asyncio.create_task(keep_in_sync(registry, settings, metrics))
         log.info("adapterserve ready: %d adapters in %s", len(registry.list()), settings.store)
         try:
             yield
         finally:
+            syncing.cancel()
             app.state.service = app.state.openai = None
             await asyncio.to_thread(engine.stop, settings.shutdown_grace_s)
 

@@ -106,6 +106,27 @@ class Metrics:
             registry=r,
         )
 
+        self.store_last_sync = Gauge(
+            "adapterserve_store_last_sync_timestamp_seconds",
+            "when this replica last completed a sync with the adapter store (unix time)",
+            registry=r,
+        )
+        self.store_sync_seconds = Histogram(
+            "adapterserve_store_sync_seconds",
+            "duration of one sync with the adapter store",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.store_sync_errors = Counter(
+            "adapterserve_store_sync_errors", "syncs with the adapter store that failed", registry=r
+        )
+        self.store_generation = Gauge(
+            "adapterserve_store_generation",
+            "sum of the store versions (deletions included) this replica has seen; equal on every "
+            "replica once they agree",
+            registry=r,
+        )
+
         for tier in TIERS:  # every tier's series exists from the start (rates read 0, not "no data")
             for family in (self.adapter_loads, self.adapter_evictions, self.adapters_resident):
                 family.labels(tier=tier)

@@ -46,7 +46,8 @@ class OpenAIService:
         """The adapter a ``model`` field names (None: the bare base model)."""
         return None if model == self.model_id else model
 
-    def _check_adapter(self, name: str) -> None:
+    async def _check_adapter(self, name: str) -> None:
+        await self.registry.lookup(name)
         if name not in self.registry:
             hint = self.registry.did_you_mean(name, (self.model_id,))
             raise AdapterNotFound(
@@ -69,7 +70,9 @@ class OpenAIService:
                 )
         return ModelList(data=cards)
 
-    def model(self, model: str) -> ModelCard:
+    async def model(self, model: str) -> ModelCard:
+        if model != self.model_id:
+            await self.registry.lookup(model)
         for card in self.models().data:
             if card.id == model:
                 return card
@@ -91,7 +94,7 @@ class OpenAIService:
     async def _choices(self, inputs: list[GenerationInput], n: int) -> tuple[list[Generation], int]:
         """Every prompt's ``n`` choices as generations (index = prompt * n + choice); prompt tokens."""
         if inputs[0].adapter is not None:
-            self._check_adapter(inputs[0].adapter)
+            await self._check_adapter(inputs[0].adapter)
         limit = self.service.settings.max_choices
         if len(inputs) * n > limit:
             raise InvalidRequest(f"{len(inputs) * n} choices (prompts × n); at most {limit}", param="n")

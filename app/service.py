@@ -102,6 +102,7 @@ async def pin(registry: AdapterRegistry, engine: Engine, name: str, limit: int) 
     The pin is recorded only once the adapter is loaded: when the store's files cannot be read
     (:class:`PinFailed`, 409) or no slot can be freed (:class:`DeviceBusy`, 503), nothing changes.
     """
+    await registry.lookup(name)
     registry.check_pin(name, limit)
     try:
         info, weights = await asyncio.to_thread(registry.load, name)
@@ -113,6 +114,7 @@ async def pin(registry: AdapterRegistry, engine: Engine, name: str, limit: int) 
 
 async def unpin(registry: AdapterRegistry, engine: Engine, name: str) -> AdapterInfo:
     """Unpin ``name``: it stays resident until least recently used."""
+    await registry.lookup(name)
     info = registry.set_pinned(name, False)
     await engine.unpin(name)
     return info
@@ -172,6 +174,7 @@ class InferenceService:
         return await asyncio.to_thread(self.registry.load, name, task)
 
     async def classify(self, req: ClassifyRequest) -> ClassifyResponse:
+        await self.registry.lookup(req.adapter)
         self.registry.for_task(req.adapter, "classify")  # 404/409 before any other check
         texts = req.texts
         if len(texts) > self.settings.max_inputs_per_request:
@@ -204,6 +207,7 @@ class InferenceService:
         if self.cannot_generate:
             raise GenerationUnsupported(self.cannot_generate)
         if spec.adapter is not None:
+            await self.registry.lookup(spec.adapter)
             self.registry.for_task(spec.adapter, "generate")  # 404/409 before any other check
         cap = self.settings.max_new_tokens
         if spec.max_new_tokens is not None and spec.max_new_tokens > cap:

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from app.adapters.archive import ArchiveLimits
 from app.adapters.registry import AdapterRegistry
-from app.adapters.store import FilesystemStore
+from app.adapters.store import folder_store
 from app.config import Settings
 from app.engine.slots import DeviceSlots
 from app.main import create_app
@@ -87,7 +87,7 @@ def cold_loads(base: BaseLM, tmp: Path, repeats: int) -> None:
         size = sum(f.stat().st_size for f in (store / f"r{rank}-0").iterdir())
         for regime, budget in (("keeps all (fresh memory)", None), ("holds 4, LRU (steady state)", 4 * size)):
             registry = AdapterRegistry(
-                FilesystemStore(store), base.spec, 64, ArchiveLimits(16, 1 << 30), host_budget=budget
+                folder_store(store), base.spec, 64, ArchiveLimits(16, 1 << 30), host_budget=budget
             )
             registry.scan()
             names = [info.name for info in registry.list()]

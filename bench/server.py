@@ -22,7 +22,7 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(
-    store: Path, log: Path | None = None, **settings: str
+    store: Path | str, log: Path | None = None, **settings: str
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """Start the server on ``store`` (``settings``: ADAPTERSERVE_* values by field name) and yield
     the process and its URL once /readyz answers 200; the process is killed on exit if still alive."""

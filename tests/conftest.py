@@ -15,6 +15,7 @@ from app.config import Settings
 from app.main import create_app
 from app.models.base_lm import BaseLM, load_base_model, resolve_model_path
 from tests.helpers.peft_ref import RefAdapter, make_adapter
+from tests.helpers.s3 import s3_server
 
 ADMIN_TOKEN = "test-admin-token"
 CACHE_DIR = Settings().cache_dir
@@ -193,3 +194,10 @@ def snapshot(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+@pytest.fixture(scope="session")
+def s3_env() -> Iterator[dict[str, str]]:
+    """A real S3-API server for the session (tests/helpers/s3.py); its ``AWS_*`` environment."""
+    with s3_server() as env:
+        yield env

@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 
 from app.adapters.archive import ALLOWED_FILES
-from app.adapters.store import FilesystemStore
+from app.adapters.store import Manifest, open_store
 from app.adapters.summary import install_validated
+from app.config import Settings
 from app.models.base_lm import BaseSpec
 
 
@@ -49,21 +50,16 @@ def upload(folder: Path, name: str, url: str, token: str, timeout_s: float = 120
     return result
 
 
-def install_into_store(
-    folder: Path, name: str, store_root: Path, spec: BaseSpec, max_rank: int
-) -> dict[str, Any]:
-    """Validate the folder as the server would and install it as the next version of ``name``.
-
-    A server already running on that store sees it after its next start; use :func:`upload` to
-    reach a running server.
-    """
-    store = FilesystemStore(store_root)
+def install_into_store(folder: Path, name: str, settings: Settings, spec: BaseSpec) -> Manifest:
+    """Validate the folder as the server would and install it as the next version of ``name`` in
+    the store ``settings`` name; servers running on that store adopt it within their sync interval."""
+    store = open_store(settings)
     staged = store.staging_folder()
     try:
         for f in folder.iterdir():
             if f.is_file() and f.name in ALLOWED_FILES:
                 shutil.copyfile(f, staged / f.name)
-        return install_validated(store, name, staged, spec, max_rank)[1]
+        return install_validated(store, name, staged, spec, settings.max_lora_rank)[1]
     finally:
         if staged.exists():
             shutil.rmtree(staged, ignore_errors=True)

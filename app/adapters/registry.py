@@ -1,99 +1,52 @@
-"""The registry of adapters: metadata of every adapter in the store and the host-memory tier.
+"""The registry of adapters: this replica's view of the store and the host-memory tier.
 
-Tiers: the store (disk) holds every adapter; the host tier holds validated weights of the most
-recently used ones within a byte budget (LRU); the device tier (the engine's slots) holds what the
-forward passes read. Listing the store needs no weights: the metadata written at upload time
-(``adapterserve.json``) is enough. Weights are read on first use, by the request that needs them,
-off the engine thread; changes to one name (upload, delete, load) are serialized by a per-name
-lock and different names proceed in parallel.
+Tiers: the store (shared by every replica) holds every adapter; the host tier holds validated
+weights of the most recently used versions within a byte budget (LRU); the device tier (the
+engine's slots) holds what the forward passes read. Listing the store needs no weights: each
+version's manifest carries its summary. The registry converges on the store: :meth:`sync` runs
+every few hundred milliseconds and adopts new versions and deletions made through any replica, and
+a name this replica does not know is looked up in the store before a 404 (:meth:`refresh`).
+Weights are read on first use, by the request that needs them, off the engine thread; changes to
+one name (upload, delete, sync, load) are serialized by a per-name lock and different names
+proceed in parallel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import json
 import logging
 import shutil
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from app.adapters.archive import ArchiveLimits, extract_archive
+from app.adapters.host_tier import HostTier
+from app.adapters.info import AdapterInfo
 from app.adapters.kinds import Adapter, load_adapter
 from app.adapters.lora_format import CONFIG_FILE, WEIGHTS_FILE, file_sha256
-from app.adapters.store import AdapterStore, check_name
+from app.adapters.objects import MissingObject
+from app.adapters.store import AdapterStore, Manifest, check_name
 from app.adapters.summary import SUMMARY_KEYS, install_validated, summarize
 from app.adapters.version import AdapterVersion
-from app.errors import AdapterLoadFailed, AdapterNotFound, Conflict, InvalidAdapter, TaskMismatch
+from app.errors import (
+    AdapterLoadFailed,
+    AdapterNotFound,
+    Conflict,
+    InvalidAdapter,
+    InvalidRequest,
+    TaskMismatch,
+)
 from app.metrics import Metrics
 from app.models.base_lm import BaseSpec
 
+__all__ = ["AdapterInfo", "AdapterRegistry"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AdapterInfo:
-    """The registry's record of the current version of one adapter (API side; the engine gets the
-    immutable :attr:`handle`). Written only by the registry under the name's lock, except the usage
-    counters, which :meth:`AdapterRegistry.touch` bumps."""
-
-    name: str
-    version: int
-    created_at: float
-    task: Literal["classify", "generate"]
-    rank: int
-    alpha: float
-    target_modules: list[str]
-    labels: list[str]
-    num_params: int
-    size_bytes: int  # bytes of the validated weights in memory
-    sha256: str
-    kind: Literal["lora", "bottleneck"] = "lora"
-    weights: Adapter | None = field(default=None, repr=False)  # set while in the host tier
-    pinned: bool = False
-    last_used: float | None = None
-    request_count: int = 0
-    handle: AdapterVersion = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.handle = AdapterVersion(
-            name=self.name,
-            version=self.version,
-            task=self.task,
-            kind=self.kind,
-            labels=tuple(self.labels),
-            size_bytes=self.size_bytes,
-        )
-
-    @property
-    def uid(self) -> int:
-        return self.handle.uid
-
-    def describe(self, on_device: bool = False) -> dict[str, Any]:
-        """The public description; ``on_device``: whether the engine reports this version resident."""
-        tier = "device" if on_device else "host" if self.weights is not None else "store"
-        return {
-            "name": self.name,
-            "task": self.task,
-            "kind": self.kind,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "target_modules": self.target_modules,
-            "labels": self.labels or None,
-            "num_params": self.num_params,
-            "size_bytes": self.size_bytes,
-            "sha256": self.sha256,
-            "version": self.version,
-            "created_at": self.created_at,
-            "tier": tier,
-            "pinned": self.pinned,
-            "last_used": self.last_used,
-            "request_count": self.request_count,
-        }
 
 
 class AdapterRegistry:
@@ -118,11 +71,12 @@ class AdapterRegistry:
         self.device_budget = device_budget if device_budget is not None else 1 << 62
         self.metrics = metrics or Metrics()
         self.pinned: set[str] = set(pinned or ())
+        self.host = HostTier(self.host_budget, self.metrics)
         self._infos: dict[str, AdapterInfo] = {}
+        self._skipped: dict[str, int] = {}  # name -> store version not served here (other base, invalid)
         self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()  # protects the host LRU and the lock table
-        self._host: OrderedDict[int, AdapterInfo] = OrderedDict()  # least recently used first
-        self._host_bytes = 0
+        self._guard = threading.Lock()  # protects the lock table
+        self.synced_at: float | None = None  # when the last sync with the store completed
         # wired to the engine by the app: versions replaced or deleted, and the versions it holds
         self.on_retire: Callable[[AdapterVersion], None] = lambda version: None
         self.device_uids: Callable[[], frozenset[int]] = frozenset
@@ -131,35 +85,97 @@ class AdapterRegistry:
         with self._guard:
             return self._locks.setdefault(name, threading.Lock())
 
-    # --- listing ----------------------------------------------------------------------------
+    # --- converging on the store ------------------------------------------------------------
     def scan(self) -> None:
-        """List the store (metadata only); adapters without a complete summary are validated once."""
+        """The first sync at start (adapters placed by hand are validated once, here)."""
         self.store.recover()
-        for name in self.store.names():
-            made_for = self.store.meta(name).get("base_model", self.spec.model_id)
-            if made_for != self.spec.model_id:  # a store shared by servers of several bases
-                log.info("adapter %s in the store is for the base model %s, not this one", name, made_for)
-                continue
-            try:
-                self._infos[name] = self._read_meta(name)
-            except InvalidAdapter as exc:
-                other = self._made_for(name)
-                if other is not None and not self._is_this_base(other):
-                    log.info("adapter %s in the store is for the base model %s, not this one", name, other)
-                else:
-                    log.warning("skipping adapter %s in the store: %s", name, exc.message)
-        self._update_store_gauges()
+        self.sync()
 
-    def _made_for(self, name: str) -> str | None:
-        """The base model a store adapter names: its metadata's, else (placed by hand, never
-        validated here) the last part of PEFT's ``base_model_name_or_path``."""
-        made_for = self.store.meta(name).get("base_model")
+    def sync(self) -> None:
+        """Adopt every change the store holds that this replica has not seen: new versions (from
+        any replica, or placed by hand) and deletions. Idempotent; any thread."""
+        start = time.perf_counter()
+        state = self.store.state()
+        for name in sorted({*state, *self._infos}):
+            self._apply(name, state.get(name))
+        self.synced_at = time.time()
+        m = self.metrics
+        m.store_last_sync.set(self.synced_at)
+        m.store_sync_seconds.observe(time.perf_counter() - start)
+        m.store_generation.set(sum(manifest.version for manifest in state.values()))
+
+    async def lookup(self, name: str) -> None:
+        """Before a request about ``name`` answers 404 here: look in the store (a worker thread)."""
+        if name not in self._infos:
+            await asyncio.to_thread(self.refresh, name)
+
+    def refresh(self, name: str) -> None:
+        """Look ``name`` up in the store now (a request names an adapter this replica has not seen
+        yet: one uploaded through another replica a moment ago must not answer 404)."""
+        try:
+            check_name(name)
+        except InvalidRequest:
+            return
+        self._apply(name, self.store.current(name))
+
+    def _apply(self, name: str, manifest: Manifest | None) -> None:
+        with self._lock(name):
+            known = self._infos.get(name)
+            if manifest is None or manifest.deleted:
+                self._skipped.pop(name, None)
+                if known is not None:
+                    self._forget(known)
+                    log.info("adapter %s deleted in the store", name)
+                return
+            if known is not None and known.version >= manifest.version:
+                return
+            if self._skipped.get(name) == manifest.version:
+                return
+            try:
+                info = self._info_of(manifest)
+            except (InvalidAdapter, AdapterLoadFailed) as exc:
+                log.warning(
+                    "skipping adapter %s version %d in the store: %s", name, manifest.version, exc.message
+                )
+                info = None
+            if info is None:
+                self._skipped[name] = manifest.version
+                if known is not None:  # its new version is not for this server
+                    self._forget(known)
+                return
+            self._install(info, known)
+            log.info("adapter %s version %d from the store", name, info.version)
+
+    def _install(self, info: AdapterInfo, old: AdapterInfo | None, weights: Adapter | None = None) -> None:
+        """Make ``info`` the current version of its name (under the name's lock)."""
+        self._infos[info.name] = info
+        self._skipped.pop(info.name, None)
+        if old is not None:
+            self.host.remove(old)
+        if weights is not None:
+            self.host.add(info, weights)
+        self._update_store_gauges()
+        if old is not None:
+            self.on_retire(old.handle)
+
+    def _forget(self, info: AdapterInfo) -> None:
+        """Drop ``info``'s name (under the name's lock); requests holding it finish on it."""
+        del self._infos[info.name]
+        self.pinned.discard(info.name)
+        self.host.remove(info)
+        self._update_store_gauges()
+        self.on_retire(info.handle)
+
+    def _made_for(self, manifest: Manifest) -> str | None:
+        """The base model a version names: its summary's, else (placed by hand, never validated
+        here) the last part of PEFT's ``base_model_name_or_path``."""
+        made_for = manifest.meta.get("base_model")
         if made_for is not None:
             return str(made_for)
         try:
-            config = json.loads((self.store.folder(name) / CONFIG_FILE).read_text())
+            config = json.loads(self.store.objects.get(f"{manifest.prefix}{CONFIG_FILE}"))
             hint = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-        except (OSError, ValueError):
+        except (MissingObject, ValueError):
             return None
         if not isinstance(hint, str):
             return None
@@ -168,31 +184,43 @@ class AdapterRegistry:
     def _is_this_base(self, model: str) -> bool:
         return model.casefold() == self.spec.model_id.casefold()
 
-    def _read_meta(self, name: str) -> AdapterInfo:
-        """Metadata of a store adapter; its weights stay on disk until first used."""
-        meta = self.store.meta(name)
+    def _info_of(self, manifest: Manifest) -> AdapterInfo | None:
+        """The record of a store version; None when it is another base model's."""
+        meta = manifest.meta
+        made_for = meta.get("base_model", self.spec.model_id)
+        if not self._is_this_base(str(made_for)):
+            log.info("adapter %s in the store is for the base model %s", manifest.name, made_for)
+            return None
         if not all(k in meta for k in (*SUMMARY_KEYS, "sha256")):  # placed by hand: validate once
-            folder = self.store.folder(name)
-            adapter = load_adapter(folder, self.spec, self.max_rank)
+            folder = self.store.folder(manifest)
+            try:
+                adapter = load_adapter(folder, self.spec, self.max_rank)
+            except InvalidAdapter:
+                other = self._made_for(manifest)
+                if other is not None and not self._is_this_base(other):
+                    log.info("adapter %s in the store is for the base model %s", manifest.name, other)
+                    return None
+                raise
             meta = {
                 **meta,
                 **summarize(adapter),
                 "sha256": file_sha256(folder / WEIGHTS_FILE),
                 "base_model": self.spec.model_id,
+                "version": manifest.version,
+                "created_at": manifest.created_at or folder.stat().st_mtime,
             }
-            meta.setdefault("version", 1)
-            meta.setdefault("created_at", folder.stat().st_mtime)
-            self.store.write_meta(name, meta)
+            if manifest.hand_placed:
+                manifest = self.store.write_summary(manifest, meta)
         self._check_budget(int(meta["size_bytes"]))
-        info = AdapterInfo(
-            name=name,
-            version=int(meta["version"]),
-            created_at=float(meta["created_at"]),
+        return AdapterInfo(
+            name=manifest.name,
+            version=manifest.version,
+            created_at=float(meta.get("created_at", manifest.created_at)),
             sha256=str(meta["sha256"]),
-            pinned=name in self.pinned,
+            pinned=manifest.name in self.pinned,
+            manifest=manifest,
             **{k: meta[k] for k in SUMMARY_KEYS},
         )
-        return info
 
     def _check_budget(self, size: int) -> None:
         budget = min(self.host_budget, self.device_budget)
@@ -203,6 +231,7 @@ class AdapterRegistry:
                 param="file",
             )
 
+    # --- listing ----------------------------------------------------------------------------
     def __contains__(self, name: object) -> bool:
         return name in self._infos
 
@@ -237,19 +266,14 @@ class AdapterRegistry:
     # --- host tier --------------------------------------------------------------------------
     def cached(self, info: AdapterInfo) -> Adapter | None:
         """The host weights of ``info`` if resident (marks them recently used)."""
-        weights = info.weights
-        if weights is not None:
-            with self._guard:
-                if info.uid in self._host:
-                    self._host.move_to_end(info.uid)
-        return weights
+        return self.host.get(info)
 
     def load(
         self, name: str, task: Literal["classify", "generate"] | None = None
     ) -> tuple[AdapterInfo, Adapter]:
         """The current version of ``name`` and its weights, read from the store if not in host memory.
 
-        Blocking (disk reads); the caller runs it in a worker thread. Under the name's lock, so that
+        Blocking (store reads); the caller runs it in a worker thread. Under the name's lock, so that
         the files read always belong to the version returned.
         """
         info = self.for_task(name, task) if task else self.get(name)
@@ -261,63 +285,36 @@ class AdapterRegistry:
             weights = self.cached(info)
             if weights is None:
                 start = time.perf_counter()
+                assert info.manifest is not None
                 try:
                     # validated in full when it entered the store (upload or first scan)
-                    weights = load_adapter(
-                        self.store.folder(name), self.spec, self.max_rank, check_values=False
-                    )
-                except InvalidAdapter as exc:
+                    folder = self.store.folder(info.manifest)
+                    weights = load_adapter(folder, self.spec, self.max_rank, check_values=False)
+                except (InvalidAdapter, AdapterLoadFailed) as exc:
                     self.metrics.adapter_load_failures.inc()
                     raise AdapterLoadFailed(
                         f"adapter {name!r} in the store could not be loaded: {exc.message}", param="adapter"
                     ) from exc
-                self._host_add(info, weights)
+                self.host.add(info, weights)
                 self.metrics.adapter_loads.labels(tier="host").inc()
                 self.metrics.adapter_load_seconds.labels(tier="host").observe(time.perf_counter() - start)
         return info, weights
 
-    def _host_add(self, info: AdapterInfo, adapter: Adapter) -> None:
-        with self._guard:
-            info.weights = adapter
-            self._host[info.uid] = info
-            self._host_bytes += info.size_bytes
-            self._evict_host(keep=info.uid)
-        self._update_host_gauges()
-
-    def _host_remove(self, info: AdapterInfo) -> None:
-        """Drop the registry's reference (requests that hold the weights keep them until they finish)."""
-        if self._host.pop(info.uid, None) is not None:
-            self._host_bytes -= info.size_bytes
-            info.weights = None
-
-    def _evict_host(self, keep: int) -> None:
-        for uid in list(self._host):
-            if self._host_bytes <= self.host_budget:
-                return
-            info = self._host[uid]
-            if uid == keep or info.pinned:
-                continue
-            self._host_remove(info)
-            self.metrics.adapter_evictions.labels(tier="host").inc()
-            log.debug("adapter %s v%d evicted from host memory", info.name, info.version)
-
-    def _update_host_gauges(self) -> None:
-        self.metrics.adapters_resident.labels(tier="host").set(len(self._host))
-        self.metrics.adapter_resident_bytes.labels(tier="host").set(self._host_bytes)
-
     def _update_store_gauges(self) -> None:
-        """After the set of adapters changed (scan, upload, delete); not on the request path."""
+        """After the set of adapters changed (sync, upload, delete); not on the request path."""
         m = self.metrics
         m.adapters_resident.labels(tier="store").set(len(self._infos))
         m.adapter_resident_bytes.labels(tier="store").set(sum(i.size_bytes for i in self._infos.values()))
-        self._update_host_gauges()
 
     # --- changes ----------------------------------------------------------------------------
     def _check_same_base(self, name: str) -> None:
         """A name the store holds for another base model is not replaced from this server."""
-        if name in self._infos or name not in self.store.names():
+        if name in self._infos:
             return
-        made_for = self._made_for(name)
+        current = self.store.current(name)
+        if current is None or current.deleted:
+            return
+        made_for = self._made_for(current)
         if made_for is not None and not self._is_this_base(made_for):
             raise Conflict(
                 f"the store's adapter {name!r} belongs to the base model {made_for!r}; this server "
@@ -333,7 +330,7 @@ class AdapterRegistry:
             staged = self.store.staging_folder()
             try:
                 extract_archive(archive, staged, self.limits)
-                adapter, meta = install_validated(
+                adapter, manifest = install_validated(
                     self.store,
                     name,
                     staged,
@@ -346,21 +343,14 @@ class AdapterRegistry:
                     shutil.rmtree(staged, ignore_errors=True)
             info = AdapterInfo(
                 name=name,
-                version=meta["version"],
-                created_at=meta["created_at"],
-                sha256=meta["sha256"],
+                version=manifest.version,
+                created_at=manifest.created_at,
+                sha256=manifest.meta["sha256"],
                 pinned=name in self.pinned,
+                manifest=manifest,
                 **summarize(adapter),
             )
-            old = self._infos.get(name)
-            self._infos[name] = info
-            with self._guard:
-                if old is not None:
-                    self._host_remove(old)
-            self._host_add(info, adapter)
-        self._update_store_gauges()
-        if old is not None:
-            self.on_retire(old.handle)
+            self._install(info, self._infos.get(name), adapter)
         log.info("adapter %s version %d installed (%s, rank %d)", name, info.version, info.task, adapter.rank)
         return info
 
@@ -368,12 +358,7 @@ class AdapterRegistry:
         with self._lock(name):
             info = self.get(name)
             self.store.delete(name)
-            del self._infos[name]
-            self.pinned.discard(name)
-            with self._guard:
-                self._host_remove(info)
-        self._update_store_gauges()
-        self.on_retire(info.handle)
+            self._forget(info)
         log.info("adapter %s deleted", name)
 
     def check_pin(self, name: str, limit: int) -> AdapterInfo:

@@ -8,7 +8,7 @@ from typing import Any
 
 from app.adapters.kinds import Adapter, load_adapter
 from app.adapters.lora_format import WEIGHTS_FILE, file_sha256
-from app.adapters.store import AdapterStore
+from app.adapters.store import AdapterStore, Manifest
 from app.models.base_lm import BaseSpec
 
 SUMMARY_KEYS = ("task", "kind", "rank", "alpha", "target_modules", "labels", "num_params", "size_bytes")
@@ -34,9 +34,9 @@ def install_validated(
     spec: BaseSpec,
     max_rank: int,
     check: Callable[[Adapter], None] | None = None,
-) -> tuple[Adapter, dict[str, Any]]:
+) -> tuple[Adapter, Manifest]:
     """Validate a staged adapter folder completely, then install it as the next version of ``name``
-    (the folder becomes the version); return the adapter and the stored metadata."""
+    (the folder becomes the version); return the adapter and the version's manifest."""
     adapter = load_adapter(staged, spec, max_rank)
     if check is not None:
         check(adapter)

@@ -20,4 +20,5 @@ async def list_adapters(registry: RegistryDep) -> AdapterList:
 @router.get("/v1/adapters/{name}", response_model=AdapterOut)
 async def get_adapter(name: str, registry: RegistryDep) -> AdapterOut:
     """One adapter's metadata."""
+    await registry.lookup(name)
     return AdapterOut(**registry.describe(registry.get(name)))

@@ -107,6 +107,7 @@ async def unpin_adapter(name: str, registry: RegistryDep, engine: EngineDep) -> 
 @router.delete("/admin/adapters/{name}", status_code=204)
 async def delete_adapter(name: str, registry: RegistryDep, engine: EngineDep) -> Response:
     """Delete an adapter; requests already running on it finish."""
+    await registry.lookup(name)
     await asyncio.to_thread(registry.delete, name)
     await engine.unpin(name)
     return Response(status_code=204)

@@ -68,4 +68,4 @@ async def list_models(openai: OpenAIDep) -> ModelList:
 @router.get("/models/{model}", response_model=ModelCard)
 async def get_model(model: str, openai: OpenAIDep) -> ModelCard:
     """One model of the list."""
-    return openai.model(model)
+    return await openai.model(model)

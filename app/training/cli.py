@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from app.adapters.store import Manifest
     from app.config import Settings
 
 # task-dependent defaults: a fresh classification head learns faster than a chat style
@@ -166,8 +167,8 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
             out = upload(opts.output, name, args.upload, token or "")
             print(f"uploaded {name} version {out['version']} to {args.upload}")
         if args.into_store:
-            meta = _install(opts.output, name, settings)
-            print(f"installed {name} version {meta['version']} into {settings.store}")
+            manifest = _install(opts.output, name, settings)
+            print(f"installed {name} version {manifest.version} into {settings.store}")
     except (PublishError, InvalidAdapter) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 1
@@ -178,9 +179,9 @@ def _default_lr(kind: str, task: str) -> float:
     return _BOTTLENECK_LR if kind == "bottleneck" else _DEFAULT_LR[task]
 
 
-def _install(folder: Path, name: str, settings: Settings) -> dict[str, Any]:
+def _install(folder: Path, name: str, settings: Settings) -> Manifest:
     from app.adapters.publish import install_into_store
     from app.models.base_lm import read_spec
 
     spec = read_spec(settings.base_model, settings.cache_dir)
-    return install_into_store(folder, name, settings.store, spec, settings.max_lora_rank)
+    return install_into_store(folder, name, settings, spec)

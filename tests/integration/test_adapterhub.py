@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from app.adapters.adapterhub import convert_adapterhub
 from app.adapters.kinds import load_adapter
+from app.adapters.store import folder_store
 from app.cli import main
 from app.config import Settings
 from app.errors import InvalidAdapter
@@ -100,12 +101,9 @@ def test_cli_imports_into_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 0
-    meta = json.loads((store / "hub" / "adapterserve.json").read_text())
-    assert (
-        meta["kind"] == "bottleneck"
-        and meta["version"] == 1
-        and meta["target_modules"] == ["attention", "ffn"]
-    )
+    installed = folder_store(store).current("hub")
+    assert installed is not None and installed.version == 1
+    assert installed.meta["kind"] == "bottleneck" and installed.meta["target_modules"] == ["attention", "ffn"]
 
 
 def _hub_copy(tmp_path: Path, **config: object) -> Path:

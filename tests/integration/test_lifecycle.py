@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from app.adapters.store import folder_store
 from app.config import Settings
 from app.main import create_app
 from tests.conftest import admin_headers, snapshot
@@ -41,13 +42,15 @@ def test_upload_tar_gz_with_top_folder_versions_and_delete(
     assert {"cls-copy", *uploaded} <= set(listed)
     assert listed["cls-copy"]["request_count"] >= 1 and listed["cls-copy"]["last_used"] is not None
     assert listed["cls-copy"]["tier"] == "device"
-    before = {k: v for k, v in snapshot(store_dir).items() if not k.startswith("cls-copy/")}
+    before = {k: v for k, v in snapshot(store_dir).items() if "/cls-copy/" not in f"/{k}"}
     resp = client.delete("/admin/adapters/cls-copy", headers=admin_headers())
     assert resp.status_code == 204
     assert client.get("/v1/adapters/cls-copy").status_code == 404
     assert client.post("/classify", json={"adapter": "cls-copy", "inputs": ["x"]}).status_code == 404
-    assert not (store_dir / "cls-copy").exists()
-    assert snapshot(store_dir) == before
+    deleted = folder_store(store_dir).current("cls-copy")  # a tombstone: the store's newest word
+    assert deleted is not None and deleted.deleted
+    # the other adapters' files are untouched
+    assert {k: v for k, v in snapshot(store_dir).items() if "/cls-copy/" not in f"/{k}"} == before
     assert not [p for p in store_dir.iterdir() if p.name.startswith(".")]
 
 
@@ -79,10 +82,9 @@ def test_store_survives_restart(
     """Adapters written by uploads are plain PEFT folders that a new registry reads back."""
     from app.adapters.archive import ArchiveLimits
     from app.adapters.registry import AdapterRegistry
-    from app.adapters.store import FilesystemStore
 
     spec = client.app.state.registry.spec  # type: ignore[attr-defined]
-    registry = AdapterRegistry(FilesystemStore(store_dir), spec, 64, ArchiveLimits(16, 1 << 30))
+    registry = AdapterRegistry(folder_store(store_dir), spec, 64, ArchiveLimits(16, 1 << 30))
     registry.scan()
     assert set(uploaded) <= {i.name for i in registry.list()}
     assert registry.get("cls-4").labels == uploaded["cls-4"].labels

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.adapters.lora_format import WEIGHTS_FILE
-from app.adapters.store import FilesystemStore
+from app.adapters.store import folder_store
 from app.adapters.summary import install_validated
 from app.config import Settings
 from app.main import create_app
@@ -31,14 +31,16 @@ def two_slots(
 ) -> Iterator[TestClient]:
     store_dir = tmp_path_factory.mktemp("pin-store")
     base = load_base_model(str(base_path), CACHE_DIR, "cpu", "float32")
-    store = FilesystemStore(store_dir)
+    store = folder_store(store_dir)
     for name in (*BUSY, OTHER, "damaged"):
         staged = store.staging_folder()
         source = ref_adapters[OTHER if name == "damaged" else name].folder
         for f in source.iterdir():
             shutil.copyfile(f, staged / f.name)
         install_validated(store, name, staged, base.spec, 64)
-    weights = store_dir / "damaged" / WEIGHTS_FILE  # listed from its metadata, unreadable when loaded
+    damaged = store.current("damaged")
+    assert damaged is not None
+    weights = store.folder(damaged) / WEIGHTS_FILE  # listed from its manifest, unreadable when loaded
     weights.write_bytes(weights.read_bytes()[:1000])
     settings = Settings(
         store=store_dir,

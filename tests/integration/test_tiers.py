@@ -243,7 +243,7 @@ def test_host_tier_keeps_its_byte_budget_in_lru_order_and_keeps_pinned(
     from app.adapters.archive import ArchiveLimits
     from app.adapters.lora_format import load_lora
     from app.adapters.registry import AdapterRegistry
-    from app.adapters.store import FilesystemStore
+    from app.adapters.store import folder_store
     from app.metrics import Metrics
 
     folder = ref_adapters["gen-pattern"].folder
@@ -252,7 +252,7 @@ def test_host_tier_keeps_its_byte_budget_in_lru_order_and_keeps_pinned(
         shutil.copytree(folder, tmp_path / name)
     metrics = Metrics()
     registry = AdapterRegistry(
-        FilesystemStore(tmp_path), base_model.spec, 64, ArchiveLimits(16, 1 << 30), 2 * size, metrics=metrics
+        folder_store(tmp_path), base_model.spec, 64, ArchiveLimits(16, 1 << 30), 2 * size, metrics=metrics
     )
     registry.scan()
     registry.check_pin("a", limit=1)

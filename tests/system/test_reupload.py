@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.adapters.store import folder_store
 from app.cli import main
 from tests.conftest import ADMIN_TOKEN, upload_archive
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, RefAdapter
@@ -43,8 +44,10 @@ def _same(a: list[dict[str, float]], b: list[dict[str, float]]) -> None:
 def test_a_store_folder_uploads_as_is(
     client: TestClient, uploaded: dict[str, RefAdapter], store_dir: Path, live_url: str, tmp_path: Path
 ) -> None:
-    folder = store_dir / "cls-4"
-    assert (folder / "adapterserve.json").is_file()  # the server's own metadata travels along
+    store = folder_store(store_dir)
+    current = store.current("cls-4")
+    assert current is not None
+    folder = store.folder(current)  # the files of the version the server serves
     resp = upload_archive(client, "cls-4-copy", _tar(folder, tmp_path / "a.tar.gz"), "a.tar.gz")
     assert resp.status_code == 201, resp.text
     done = _cli_upload(folder, "cls-4-cli", live_url)

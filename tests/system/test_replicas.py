@@ -1,0 +1,169 @@
+"""Three real server processes on one store, for each backend (a folder, and an S3 server over
+HTTP): a change made through any replica reaches every replica within the bound, running
+generations finish on the version they started with, concurrent uploads of one name all land."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.adapters.objects import open_objects
+from app.adapters.store import AdapterStore
+from bench.server import running_server
+from tests.conftest import ADMIN_TOKEN
+from tests.helpers.peft_ref import CLASSIFY_TEXTS, GENERATE_PROMPTS, RefAdapter, zip_folder
+from tests.helpers.s3 import aws_env, new_bucket
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+SYNC_S = 0.5  # each replica's sync interval here; the bound asserted below is the documented default
+BOUND_S = 2.0
+LONG = 48  # new tokens of the generations that run across a replace or a delete
+
+
+@contextmanager
+def fleet(store: str, logs: Path, env: dict[str, str]) -> Iterator[list[str]]:
+    """Three ``adapterserve serve`` processes on ``store``; yields their URLs."""
+    settings = {
+        "admin_token": ADMIN_TOKEN,
+        "device": "cpu",
+        "store_sync_interval_s": str(SYNC_S),
+        "max_new_tokens": "256",
+    }
+    with aws_env(env), ExitStack() as stack:
+        urls = [
+            stack.enter_context(running_server(store, logs / f"replica-{i}.log", **settings))[1]  # type: ignore[arg-type]
+            for i in range(3)
+        ]
+        yield urls
+
+
+def _upload(url: str, name: str, folder: Path) -> httpx.Response:
+    files = {"file": (f"{name}.zip", zip_folder(folder), "application/zip")}
+    return httpx.post(f"{url}/admin/adapters", headers=ADMIN, data={"name": name}, files=files, timeout=120)
+
+
+def _scores(url: str, name: str) -> list[dict[str, float]] | int:
+    resp = httpx.post(f"{url}/classify", json={"adapter": name, "inputs": CLASSIFY_TEXTS}, timeout=60)
+    return [r["scores"] for r in resp.json()["results"]] if resp.status_code == 200 else resp.status_code
+
+
+def _generate(url: str, name: str, tokens: int) -> dict[str, Any]:
+    body = {"adapter": name, "prompt": GENERATE_PROMPTS[1], "max_new_tokens": tokens}
+    resp = httpx.post(f"{url}/generate", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json())
+
+
+def _version(url: str, name: str) -> int | None:
+    resp = httpx.get(f"{url}/v1/adapters/{name}", timeout=10)
+    return int(resp.json()["version"]) if resp.status_code == 200 else None
+
+
+def _within(bound: float, check: Callable[[], bool]) -> float:
+    """Seconds until ``check()`` holds; fails past ``bound``."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start <= bound, f"not converged within {bound} s"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def _close(a: list[dict[str, float]] | int, ref: RefAdapter) -> bool:
+    return not isinstance(a, int) and all(
+        abs(row[label] - p) <= 1e-4
+        for row, probs in zip(a, ref.probs, strict=True)
+        for label, p in zip(ref.labels, probs, strict=True)
+    )
+
+
+def _during_a_generation(url: str, expected: str, change: Callable[[], httpx.Response]) -> None:
+    """Run a generation of adapter ``talk`` on ``url`` and make ``change`` while it runs; the
+    generation's text must be ``expected`` (its version's)."""
+    got: dict[str, Any] = {}
+    running = threading.Thread(target=lambda: got.update(_generate(url, "talk", LONG)))
+    running.start()
+    time.sleep(0.3)  # under way
+    assert change().status_code in (201, 204)
+    running.join(120)
+    assert got["text"] == expected
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, str]]:
+    if request.param == "filesystem":
+        return str(tmp_path / "store"), {}
+    env: dict[str, str] = request.getfixturevalue("s3_env")
+    return new_bucket(env), env
+
+
+def test_three_replicas_converge_on_one_store(
+    store_url: tuple[str, dict[str, str]], ref_adapters: dict[str, RefAdapter], tmp_path: Path
+) -> None:
+    store, env = store_url
+    refs = ref_adapters
+    lags: dict[str, float] = {}
+    with fleet(store, tmp_path, env) as (a, b, c):
+        # upload on A: B answers at once (a miss looks in the store), C lists it within the bound
+        assert _upload(a, "shared", refs["cls-4"].folder).status_code == 201
+        assert _close(_scores(b, "shared"), refs["cls-4"])
+        lags["upload"] = _within(BOUND_S, lambda: _version(c, "shared") == 1)
+        assert _close(_scores(c, "shared"), refs["cls-4"])
+
+        # replace on B: all three serve the new version, exactly as a fresh upload of its files
+        assert _upload(b, "shared", refs["cls-pattern"].folder).json()["version"] == 2
+        assert _upload(a, "fresh", refs["cls-pattern"].folder).status_code == 201
+        lags["replace"] = _within(BOUND_S, lambda: all(_version(u, "shared") == 2 for u in (a, b, c)))
+        for url in (a, b, c):
+            assert _scores(url, "shared") == _scores(url, "fresh")
+            assert _close(_scores(url, "shared"), refs["cls-pattern"])
+
+        # delete on C: A and B answer 404 and list nothing of it within the bound
+        assert httpx.delete(f"{c}/admin/adapters/shared", headers=ADMIN).status_code == 204
+        lags["delete"] = _within(
+            BOUND_S,
+            lambda: all(
+                _scores(u, "shared") == 404
+                and "shared" not in {x["name"] for x in httpx.get(f"{u}/v1/adapters").json()["adapters"]}
+                for u in (a, b)
+            ),
+        )
+
+        # a generation running on A across a replace (through B) and a delete (through C)
+        # finishes on the version it started with
+        assert _upload(a, "talk", refs["gen-qv-r8"].folder).status_code == 201
+        expected = _generate(a, "talk", LONG)
+        assert expected["usage"]["completion_tokens"] == LONG
+        _during_a_generation(a, expected["text"], lambda: _upload(b, "talk", refs["gen-all-rslora"].folder))
+        assert _upload(a, "talk", refs["gen-qv-r8"].folder).json()["version"] == 3
+        _during_a_generation(
+            a, expected["text"], lambda: httpx.delete(f"{c}/admin/adapters/talk", headers=ADMIN)
+        )
+        lags["delete-after-run"] = _within(BOUND_S, lambda: _version(a, "talk") is None)
+
+        # concurrent uploads of one name through A and B: both acknowledged, one current version
+        answers: dict[str, httpx.Response] = {}
+        racers = [
+            threading.Thread(target=lambda u=u, r=r: answers.update({u: _upload(u, "race", refs[r].folder)}))
+            for u, r in ((a, "cls-4"), (b, "cls-pattern"))
+        ]
+        for t in racers:
+            t.start()
+        for t in racers:
+            t.join(120)
+        versions = sorted(r.json()["version"] for r in answers.values())
+        assert [r.status_code for r in answers.values()] == [201, 201] and versions[0] != versions[1]
+        winner = "cls-4" if answers[a].json()["version"] == versions[1] else "cls-pattern"
+        lags["race"] = _within(BOUND_S, lambda: all(_version(u, "race") == versions[1] for u in (a, b, c)))
+        for url in (a, b, c):
+            assert _close(_scores(url, "race"), refs[winner])
+    with aws_env(env):
+        recorded = AdapterStore(open_objects(store), tmp_path / "check")._listing()[0]["race"]
+    assert set(versions) <= set(recorded)  # both acknowledged versions are in the store's history
+    print(f"\nconvergence on {store.split(':')[0]}: " + ", ".join(f"{k} {v:.2f} s" for k, v in lags.items()))
