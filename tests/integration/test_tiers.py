@@ -207,7 +207,7 @@ def test_concurrent_uploads_of_one_name_end_consistent(
     last_src, last = max(results, key=lambda r: r[1]["version"])
     listed = app_client.get("/v1/adapters/race").json()
     assert listed["version"] == 8 and listed["sha256"] == last["sha256"]
-    store: Path = app_client.app.state.settings.store  # type: ignore[attr-defined]
+    store = Path(app_client.app.state.settings.store)  # type: ignore[attr-defined]
     assert sorted(p.name for p in store.iterdir() if p.name.startswith(".")) == []  # no leftovers
     _use_as(app_client, "race", ref_adapters[last_src])
 

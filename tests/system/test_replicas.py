@@ -166,4 +166,5 @@ def test_three_replicas_converge_on_one_store(
     with aws_env(env):
         recorded = AdapterStore(open_objects(store), tmp_path / "check")._listing()[0]["race"]
     assert set(versions) <= set(recorded)  # both acknowledged versions are in the store's history
-    print(f"\nconvergence on {store.split(':')[0]}: " + ", ".join(f"{k} {v:.2f} s" for k, v in lags.items()))
+    backend = "s3" if store.startswith("s3://") else "filesystem"
+    print(f"\nconvergence on {backend}: " + ", ".join(f"{k} {v:.2f} s" for k, v in lags.items()))
