@@ -348,16 +348,19 @@ class AdapterStore:
                 total -= size
 
     def recover(self) -> None:
-        """Filesystem stores: remove the staging folders of processes that died (another replica's
-        may be an upload in progress), and finish a replacement of the folder layout before
-        versions (``.old-<name>``) that a crash interrupted."""
-        if not isinstance(self.objects, FilesystemObjects):
+        """Remove the staging folders of processes that died (another replica's may be an upload in
+        progress); on a filesystem store, finish a replacement of the folder layout before versions
+        (``.old-<name>``) that a crash interrupted."""
+        local = isinstance(self.objects, FilesystemObjects)
+        root = (
+            self.objects.root if isinstance(self.objects, FilesystemObjects) else self.cache_dir / "staging"
+        )
+        if not root.is_dir():
             return
-        root = self.objects.root
         for path in root.iterdir():
             if path.name.startswith(_TMP_PREFIX) and _abandoned(path):
                 shutil.rmtree(path, ignore_errors=True)
-            elif path.name.startswith(_OLD_PREFIX):
+            elif local and path.name.startswith(_OLD_PREFIX):
                 name = path.name[len(_OLD_PREFIX) :]
                 if (root / name).is_dir():
                     shutil.rmtree(path, ignore_errors=True)

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from bench.server import running_server
 from tests.conftest import ADMIN_TOKEN
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GEN_TOKENS, GENERATE_PROMPTS, RefAdapter, zip_folder
+from tests.helpers.s3 import new_bucket
 
 KINDS = ("cls-4", "gen-qv-r8")  # uploaded in turns under new names
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -104,17 +106,25 @@ def _check_serves(url: str, name: str, kind: str, refs: dict[str, RefAdapter]) -
         assert resp.json()["text"] == ref.texts[GENERATE_PROMPTS[0]], name
 
 
-@pytest.mark.parametrize("kill_after_s", [1.0, 3.0])
+@pytest.mark.parametrize(("backend", "kill_after_s"), [("filesystem", 1.0), ("filesystem", 3.0), ("s3", 2.0)])
 def test_sigkill_during_uploads_deletes_and_traffic_loses_nothing_acknowledged(
     ref_adapters: dict[str, RefAdapter],
     tmp_path_factory: pytest.TempPathFactory,
     monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    backend: str,
     kill_after_s: float,
 ) -> None:
-    store = tmp_path_factory.mktemp("killed-store")
+    folder = tmp_path_factory.mktemp("killed-store")
+    store: Path | str = folder
+    if backend == "s3":
+        env: dict[str, str] = request.getfixturevalue("s3_env")
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        store = new_bucket(env)
     scratch = tmp_path_factory.mktemp("server-tmpdir")  # the servers' TMPDIR
     monkeypatch.setenv("TMPDIR", str(scratch))
-    log = store.parent / f"server-{kill_after_s}.log"
+    log = folder.parent / f"server-{backend}-{kill_after_s}.log"
     archives = {kind: zip_folder(ref_adapters[kind].folder) for kind in KINDS}
     ledger = Ledger()
     with running_server(store, log, **SERVER) as (proc, url):
@@ -146,12 +156,13 @@ def test_sigkill_during_uploads_deletes_and_traffic_loses_nothing_acknowledged(
         assert not names & must_not, f"deleted or refused adapters present: {sorted(names & must_not)}"
         for name in sorted(names):  # whatever is there is whole: it serves its exact outputs
             _check_serves(url, name, ledger.kind_of[name], ref_adapters)
-    leftovers = [p.name for p in store.iterdir() if p.name.startswith(".")]
-    assert not leftovers, f"temporary folders survived the restart: {leftovers}"
+    if backend == "filesystem":
+        leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".")]
+        assert not leftovers, f"temporary folders survived the restart: {leftovers}"
     spooled = [p.name for p in scratch.iterdir()]
     assert not spooled, f"temporary files left behind: {spooled}"
     print(
-        f"\nkill after {kill_after_s} s: {len(ledger.uploaded)} uploads acknowledged, "
+        f"\n{backend}, kill after {kill_after_s} s: {len(ledger.uploaded)} uploads acknowledged, "
         f"{len(ledger.deleted)} deletes, {len(ledger.cut)} cut off by the kill, "
         f"{ledger.served} inference answers; {len(names)} adapters after restart"
     )
