@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install model serve test test-fast lint typecheck unit fuzz clean demo-data demo-adapters prometheus
+.PHONY: install model serve test test-fast lint typecheck unit fuzz clean demo-data demo-adapters prometheus nginx
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,7 @@ unit: install
 
 test-fast: install  ## lint and every test that loads no model (seconds; the inner loop)
 	$(BIN)/ruff check app tests bench scripts deploy
-	$(BIN)/pytest -q -m "not model and not prometheus"
+	$(BIN)/pytest -q -m "not model and not prometheus and not nginx"
 
 prometheus:  ## the Prometheus server and promtool the monitoring tests run (Debian package)
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
@@ -51,7 +51,16 @@ prometheus:  ## the Prometheus server and promtool the monitoring tests run (Deb
 	@command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null && \
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO systemctl stop prometheus; } || true
 
-test: lint typecheck model prometheus  ## everything CI runs (the fuzzing with a few examples per route)
+nginx:  ## the nginx the affinity-routing tests put in front of three replicas (Debian package)
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y --no-install-recommends nginx >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends nginx >/dev/null; }; }
+	@# the package's own service is not needed: the tests start their own nginx
+	@command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null && \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO systemctl stop nginx; } || true
+
+test: lint typecheck model prometheus nginx  ## everything CI runs (the fuzzing with a few examples per route)
 	$(BIN)/pytest -q
 
 FUZZ_EXAMPLES ?= 500

@@ -26,8 +26,9 @@ def make_peft(
     dtype: torch.dtype,
     device: torch.device,
     num_labels: int = 5,
+    target_modules: str | list[str] = "all-linear",
 ) -> PeftModel:
-    """A PeftModel holding ``n`` rank-``rank`` all-linear LoRA adapters ``a0..a{n-1}`` with random weights."""
+    """A PeftModel holding ``n`` rank-``rank`` LoRA adapters ``a0..a{n-1}`` with random weights."""
     torch.manual_seed(0)
     if task == "classify":
         model: Any = AutoModelForSequenceClassification.from_pretrained(
@@ -40,7 +41,11 @@ def make_peft(
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
         task_type = TaskType.CAUSAL_LM
     cfg = LoraConfig(
-        task_type=task_type, r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False
+        task_type=task_type,
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=target_modules,
+        init_lora_weights=False,
     )
     peft_model = get_peft_model(model.to(device), cfg, adapter_name="a0")
     for i in range(1, n):

@@ -28,6 +28,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any(f"/tests/{d}/" in str(item.path) for d in MODEL_DIRS):
             item.add_marker(pytest.mark.model)
+        if "/tests/system/test_affinity.py" in str(item.path):
+            item.add_marker(pytest.mark.nginx)
         if "/tests/integration/test_prometheus.py" in str(item.path):
             item.add_marker(pytest.mark.prometheus)
 
