@@ -149,6 +149,27 @@ PANELS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
         ],
         "Loads into host memory and device slots, LRU evictions, and stored adapters that failed to load.",
     ),
+    "Store sync lag by replica": (
+        "s",
+        [
+            ("{{instance}}", "time() - adapterserve_store_last_sync_timestamp_seconds"),
+            ("sync p99 {{instance}}", _q("0.99", "adapterserve_store_sync_seconds", "instance")),
+        ],
+        "Seconds since each replica last adopted the store's changes (about STORE_SYNC_INTERVAL_S when "
+        "healthy; growing when the store is unreachable), and how long one sync takes.",
+    ),
+    "Store versions by replica": (
+        "short",
+        [
+            ("{{instance}}", "adapterserve_store_generation"),
+            (
+                "sync errors {{instance}}",
+                f"sum by (instance) (rate(adapterserve_store_sync_errors_total[{RATE}]))",
+            ),
+        ],
+        "Sum of the store versions each replica has seen: the lines meet when every replica agrees "
+        "on the store; failed syncs per second.",
+    ),
     "Adapter load time p99 by tier": (
         "s",
         [("{{tier}}", _q("0.99", "adapterserve_adapter_load_seconds", "tier"))],

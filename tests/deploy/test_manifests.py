@@ -37,12 +37,31 @@ def test_kubernetes_manifests_validate_against_the_schemas(path: Path) -> None:
 
 def test_the_kinds_the_deployment_needs_are_there() -> None:
     kinds = {yaml.safe_load(p.read_text())["kind"] for p in K8S}
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PersistentVolumeClaim", "Ingress"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PersistentVolumeClaim",
+        "Ingress",
+        "ConfigMap",
+    } <= kinds
     deployment = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert "preStop" in container["lifecycle"]
+    # the store URL from the ConfigMap, S3 credentials from an optional Secret
+    env = {e["name"]: e for e in container["env"]}
+    assert env["ADAPTERSERVE_STORE"]["valueFrom"]["configMapKeyRef"]["key"] == "store"
+    assert {"name": "adapterserve-s3", "optional": True} in [e["secretRef"] for e in container["envFrom"]]
+    config = yaml.safe_load((ROOT / "deploy" / "k8s" / "configmap.yaml").read_text())
+    assert set(config["data"]) >= {"store", "store-sync-interval-s"}
+    # routing: ingress-nginx hashes on the X-Adapter header
+    ingress = yaml.safe_load((ROOT / "deploy" / "k8s" / "ingress.yaml").read_text())
+    assert (
+        ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"]
+        == "$http_x_adapter"
+    )
 
 
 def test_dashboard_json_is_the_generators_output() -> None:
