@@ -24,7 +24,7 @@ from app.metrics import Metrics
 from app.models.base_lm import BaseLM, load_base_model
 from app.openai_service import OpenAIService
 from app.platform import ReleasingExecutor
-from app.service import InferenceService, load_on_device, pin
+from app.service import InferenceService, follow_fleet_pins, load_on_device, pin
 
 log = logging.getLogger(__name__)
 _UNMEASURED = {"/metrics"}
@@ -83,14 +83,19 @@ def _adapter_label(request: Request, metrics: Metrics, adapter: str | None) -> s
     return metrics.adapter_label(adapter) if (known or adapter is None) else "unknown"
 
 
-async def keep_in_sync(registry: AdapterRegistry, settings: Settings, metrics: Metrics) -> None:
-    """Adopt the store's changes every ``STORE_SYNC_INTERVAL_S``; reclaim superseded files now and
-    then. A failed sync (the store unreachable) is logged and counted; the next one retries."""
+async def keep_in_sync(
+    registry: AdapterRegistry, engine: Engine, settings: Settings, metrics: Metrics
+) -> None:
+    """Adopt the store's changes every ``STORE_SYNC_INTERVAL_S`` (versions, deletions, fleet-wide
+    pins); reclaim superseded files now and then. A failed sync (the store unreachable) is logged
+    and counted; the next one retries."""
     reclaimed_at = time.monotonic()
+    keep = set(settings.pin_names)
     while True:
         await asyncio.sleep(settings.store_sync_interval_s)
         try:
             await asyncio.to_thread(registry.sync)
+            await follow_fleet_pins(registry, engine, keep, settings.max_device_adapters - 1)
             if time.monotonic() - reclaimed_at > RECLAIM_EVERY_S:
                 reclaimed_at = time.monotonic()
                 await asyncio.to_thread(registry.store.reclaim, settings.store_reclaim_grace_s)
@@ -159,7 +164,7 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
             settings, registry, engine, model.tokenizer, model.spec.max_context, cannot_generate
         )
         app.state.openai = OpenAIService(service, registry, model.spec.model_id)
-        syncing = asyncio.create_task(keep_in_sync(registry, settings, metrics))
+        syncing = asyncio.create_task(keep_in_sync(registry, engine, settings, metrics))
         log.info("adapterserve ready: %d adapters in %s", len(registry.list()), settings.store)
         try:
             yield

@@ -358,6 +358,8 @@ class AdapterRegistry:
         with self._lock(name):
             info = self.get(name)
             self.store.delete(name)
+            if name in self.store.pins:
+                self.store.set_pin(name, False)
             self._forget(info)
         log.info("adapter %s deleted", name)
 

@@ -6,6 +6,7 @@ Layout (keys under the store's root)::
     _versions/<name>/0000000003.json   one manifest per version, created exclusively: the store
                                         allocates version numbers, never a replica's memory
     _blobs/<name>/<id>/<file>           the files of one uploaded version, written before its manifest
+    _pins/<name>                        the adapter is pinned on every replica
     <name>/<file>                       an adapter placed by hand (a PEFT folder): version 1, or the
                                         version its ``adapterserve.json`` names
 
@@ -22,7 +23,6 @@ the sha256 its manifest records), so the host tier always reads local files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.adapters.file_cache import FileCache, sha256_of
 from app.adapters.objects import FilesystemObjects, MissingObject, Objects, fsync_dir, open_objects
 from app.config import Settings
 from app.errors import AdapterLoadFailed, InvalidRequest
@@ -45,6 +46,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # the whole name (full
 META_FILE = "adapterserve.json"  # summary of a hand-placed adapter, written on its first scan
 VERSIONS = "_versions"
 BLOBS = "_blobs"
+PINS = "_pins"
 _MANIFEST_RE = re.compile(r"(\d{10})\.json")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
@@ -58,14 +60,6 @@ def check_name(name: str) -> str:
             param="name",
         )
     return name
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -120,6 +114,8 @@ class AdapterStore:
         self.cache_bytes = cache_bytes
         self._manifests: dict[tuple[str, int], Manifest] = {}  # immutable once written: cached
         self._placed: dict[str, Manifest] = {}  # hand-placed folders with a summary
+        self._cache = FileCache(objects, cache_dir / "store", cache_bytes)
+        self.pins: frozenset[str] = frozenset()  # names pinned fleet-wide, as of the last state()
 
     @property
     def url(self) -> str:
@@ -138,9 +134,11 @@ class AdapterStore:
         return cached
 
     def _listing(self, prefix: str = "") -> tuple[dict[str, list[int]], set[str]]:
-        """Manifest version numbers per name, and the names with a hand-placed folder."""
+        """Manifest version numbers per name, and the names with a hand-placed folder (a listing of
+        the whole store also refreshes :attr:`pins`)."""
         versions: dict[str, list[int]] = {}
         placed: set[str] = set()
+        pins: set[str] = set()
         for key in self.objects.list(prefix):
             parts = key.split("/")
             if parts[0] == VERSIONS and len(parts) == 3 and NAME_RE.fullmatch(parts[1]):
@@ -149,6 +147,10 @@ class AdapterStore:
                     versions.setdefault(parts[1], []).append(int(match.group(1)))
             elif len(parts) == 2 and parts[1] == "adapter_config.json" and NAME_RE.fullmatch(parts[0]):
                 placed.add(parts[0])
+            elif parts[0] == PINS and len(parts) == 2 and NAME_RE.fullmatch(parts[1]):
+                pins.add(parts[1])
+        if not prefix:
+            self.pins = frozenset(pins)
         return versions, placed
 
     def _hand_placed(self, name: str) -> Manifest:
@@ -208,7 +210,7 @@ class AdapterStore:
                     param="adapter",
                 )
             return local
-        return self._cached_copy(manifest)
+        return self._cache.folder(manifest)
 
     # --- writing ----------------------------------------------------------------------------
     def staging_folder(self) -> Path:
@@ -227,7 +229,7 @@ class AdapterStore:
     def install(self, name: str, staged: Path, meta: dict[str, Any]) -> Manifest:
         """Make the files of ``staged`` the next version of ``name``; return its manifest."""
         check_name(name)
-        files = {f.name: _sha256(f) for f in sorted(staged.iterdir()) if f.is_file()}
+        files = {f.name: sha256_of(f) for f in sorted(staged.iterdir()) if f.is_file()}
         blob = f"{BLOBS}/{name}/{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:12]}"
         if isinstance(self.objects, FilesystemObjects):
             target = self.objects.root.joinpath(*blob.split("/"))
@@ -254,6 +256,14 @@ class AdapterStore:
                 self._manifests[(name, manifest.version)] = manifest
                 return manifest
             log.info("version %d of %s was taken by another writer; retrying", manifest.version, name)
+
+    def set_pin(self, name: str, pinned: bool) -> None:
+        """Record ``name`` as pinned on every replica (``_pins/<name>``), or not."""
+        key = f"{PINS}/{check_name(name)}"
+        if pinned:
+            self.objects.put(key, json.dumps({"pinned_at": time.time()}).encode())
+        else:
+            self.objects.delete(key)
 
     def write_summary(self, manifest: Manifest, meta: dict[str, Any]) -> Manifest:
         """Record the summary of a hand-placed adapter beside its files (spares a re-validation)."""
@@ -297,55 +307,6 @@ class AdapterStore:
             self._placed = {n: m for n, m in self._placed.items() if m.prefix not in doomed}
             log.info("reclaimed %d files of superseded adapter versions", removed)
         return removed
-
-    # --- local cache of remote files --------------------------------------------------------
-    def _cached_copy(self, manifest: Manifest) -> Path:
-        """The version's files in the local cache, downloaded and checked on first use."""
-        digest = hashlib.sha256(f"{self.url}|{manifest.prefix}".encode()).hexdigest()[:24]
-        folder = self.cache_dir / "store" / digest
-        if folder.is_dir():
-            os.utime(folder)  # recently used
-            return folder
-        files = manifest.files or {k.rsplit("/", 1)[-1]: "" for k in self.objects.list(manifest.prefix)}
-        tmp = folder.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}")
-        tmp.mkdir(parents=True)
-        try:
-            for file, sha in files.items():
-                if "/" in file or file == META_FILE:
-                    continue
-                self.objects.download(f"{manifest.prefix}{file}", tmp / file)
-                if sha and _sha256(tmp / file) != sha:
-                    raise AdapterLoadFailed(
-                        f"adapter {manifest.name!r} version {manifest.version}: {file} does not match "
-                        "the sha256 its manifest records",
-                        param="adapter",
-                    )
-            os.replace(tmp, folder)
-        except MissingObject as exc:
-            raise AdapterLoadFailed(
-                f"adapter {manifest.name!r} version {manifest.version}: its files are gone from the store",
-                param="adapter",
-            ) from exc
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self._trim_cache(keep=folder)
-        return folder
-
-    def _trim_cache(self, keep: Path) -> None:
-        root = self.cache_dir / "store"
-        entries = []
-        for entry in root.iterdir():
-            if entry.name.startswith(_TMP_PREFIX) or not entry.is_dir():
-                continue
-            size = sum(f.stat().st_size for f in entry.iterdir())
-            entries.append((entry.stat().st_mtime, size, entry))
-        total = sum(size for _, size, _ in entries)
-        for _, size, entry in sorted(entries, key=lambda e: e[0]):
-            if total <= self.cache_bytes:
-                break
-            if entry != keep:
-                shutil.rmtree(entry, ignore_errors=True)
-                total -= size
 
     def recover(self) -> None:
         """Remove the staging folders of processes that died (another replica's may be an upload in

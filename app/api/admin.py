@@ -91,17 +91,18 @@ async def upload_adapter(request: Request, registry: RegistryDep, settings: Sett
 async def pin_adapter(
     name: str, registry: RegistryDep, engine: EngineDep, settings: SettingsDep
 ) -> AdapterOut:
-    """Pin an adapter: loaded into a device slot now and never evicted from host or device memory.
-    Fails with nothing changed: 409 when too many are pinned or its stored files cannot be loaded,
+    """Pin an adapter on every replica (recorded in the store; the others follow within their sync
+    interval): loaded into a device slot now and never evicted from host or device memory. Here it
+    fails with nothing changed: 409 when too many are pinned or its stored files cannot be loaded,
     503 (Retry-After) when every device slot is in use by running requests or pinned."""
-    info = await pin(registry, engine, name, limit=settings.max_device_adapters - 1)
+    info = await pin(registry, engine, name, limit=settings.max_device_adapters - 1, fleet=True)
     return AdapterOut(**registry.describe(info))
 
 
 @router.delete("/admin/adapters/{name}/pin", response_model=AdapterOut)
 async def unpin_adapter(name: str, registry: RegistryDep, engine: EngineDep) -> AdapterOut:
-    """Unpin an adapter: it stays resident until least recently used."""
-    return AdapterOut(**registry.describe(await unpin(registry, engine, name)))
+    """Unpin an adapter on every replica: it stays resident until least recently used."""
+    return AdapterOut(**registry.describe(await unpin(registry, engine, name, fleet=True)))
 
 
 @router.delete("/admin/adapters/{name}", status_code=204)

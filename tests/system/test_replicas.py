@@ -66,6 +66,11 @@ def _version(url: str, name: str) -> int | None:
     return int(resp.json()["version"]) if resp.status_code == 200 else None
 
 
+def _pinned(url: str, name: str) -> bool:
+    resp = httpx.get(f"{url}/v1/adapters/{name}", timeout=10).json()
+    return bool(resp["pinned"]) and resp["tier"] == "device"
+
+
 def _within(bound: float, check: Callable[[], bool]) -> float:
     """Seconds until ``check()`` holds; fails past ``bound``."""
     start = time.monotonic()
@@ -115,6 +120,12 @@ def test_three_replicas_converge_on_one_store(
         assert _close(_scores(b, "shared"), refs["cls-4"])
         lags["upload"] = _within(BOUND_S, lambda: _version(c, "shared") == 1)
         assert _close(_scores(c, "shared"), refs["cls-4"])
+
+        # a pin made through A holds on every replica; an unpin through C releases it everywhere
+        assert httpx.put(f"{a}/admin/adapters/shared/pin", headers=ADMIN).json()["pinned"] is True
+        lags["pin"] = _within(BOUND_S, lambda: all(_pinned(u, "shared") for u in (b, c)))
+        assert httpx.delete(f"{c}/admin/adapters/shared/pin", headers=ADMIN).json()["pinned"] is False
+        lags["unpin"] = _within(BOUND_S, lambda: not any(_pinned(u, "shared") for u in (a, b)))
 
         # replace on B: all three serve the new version, exactly as a fresh upload of its files
         assert _upload(b, "shared", refs["cls-pattern"].folder).json()["version"] == 2
