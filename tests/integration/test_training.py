@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from app.adapters.publish import install_into_store, upload
 from app.cli import main
+from app.config import Settings
 from app.models.base_lm import BaseLM
 from app.training.trainer import TrainOptions, train
 from tests.conftest import ADMIN_TOKEN, CACHE_DIR, upload_archive
@@ -141,8 +142,8 @@ def test_generate_training_serves_the_trained_text(
     assert not (tmp_path / "gen" / "labels.json").exists()
 
     store = tmp_path / "store"
-    meta = install_into_store(tmp_path / "gen", "support", store, base_model.spec, 64)
-    assert meta["task"] == "generate" and meta["version"] == 1
+    installed = install_into_store(tmp_path / "gen", "support", Settings(store=store), base_model.spec)
+    assert installed.meta["task"] == "generate" and installed.version == 1
     resp = upload_archive(client, "trained-support", _tar(tmp_path / "gen"), "a.tar.gz")
     assert resp.status_code == 201, resp.text
     messages = [{"role": "user", "content": "My printer is not working."}]
@@ -288,7 +289,9 @@ def test_bottleneck_training_serves_the_trained_predictions(
     )
     config = json.loads((tmp_path / "bn-cls" / "adapter_config.json").read_text())
     assert config["peft_type"] == "BOTTLENECK" and config["placement"] == "both"
-    meta = install_into_store(tmp_path / "bn-cls", "bn-topics", tmp_path / "store", base_model.spec, 64)
+    meta = install_into_store(
+        tmp_path / "bn-cls", "bn-topics", Settings(store=tmp_path / "store"), base_model.spec
+    ).meta
     assert (
         meta["kind"] == "bottleneck" and meta["rank"] == 8 and meta["labels"] == ["business", "sport", "tech"]
     )

@@ -19,10 +19,10 @@ import pytest
 from bench.affinity import Fleet, fleet, make_archive, nginx, run_workload, upload_copies, zipf_names
 from tests.helpers.families import tiny_base
 
-ADAPTERS = 24
-REQUESTS = 160
+ADAPTERS = 60
+REQUESTS = 240
 CLIENTS = 4
-SLOTS = 4
+SLOTS = 6
 
 
 @pytest.fixture(scope="module")
