@@ -85,6 +85,12 @@ class GenerationUnsupported(AdapterServeError):
     type = "generation_unsupported"
 
 
+class IncompatibleMembers(AdapterServeError):
+    """The adapters of an ensemble cannot be combined (different label sets)."""
+
+    type = "incompatible_members"
+
+
 class NotReady(AdapterServeError):
     type = "not_ready"
 
@@ -115,6 +121,7 @@ STATUS: dict[type[AdapterServeError], int] = {
     InvalidRequest: 422,
     InvalidAdapter: 400,
     GenerationUnsupported: 400,
+    IncompatibleMembers: 400,
     Unauthorized: 401,
     Forbidden: 403,
     AdminDisabled: 403,

@@ -19,6 +19,7 @@ from app.adapters.version import AdapterVersion
 from app.config import Settings
 from app.engine.engine import DEADLINE_GRACE_S, Engine
 from app.engine.types import GenerateWork, GenerationResult, SamplingParams, StreamDelta
+from app.ensembles import classification_results, shared_labels
 from app.errors import (
     AdapterLoadFailed,
     AdapterServeError,
@@ -32,7 +33,6 @@ from app.errors import (
 from app.protocol.native import (
     ClassifyRequest,
     ClassifyResponse,
-    ClassifyResult,
     ClassifyUsage,
     GenerateRequest,
     GenerateResponse,
@@ -206,8 +206,12 @@ class InferenceService:
         return await asyncio.to_thread(self.registry.load, name, task)
 
     async def classify(self, req: ClassifyRequest) -> ClassifyResponse:
-        await self.registry.lookup(req.adapter)
-        self.registry.for_task(req.adapter, "classify")  # 404/409 before any other check
+        """One adapter, or an ensemble: every member runs its own rows of the same batches (the
+        requests are queued together) and the members' probabilities are combined per input."""
+        members = req.members
+        for member in members:  # 404/409/400 before any other check
+            await self.registry.lookup(member.name)
+        shared_labels([(m.name, self.registry.for_task(m.name, "classify").labels) for m in members])
         texts = req.texts
         if len(texts) > self.settings.max_inputs_per_request:
             raise InvalidRequest(
@@ -220,18 +224,22 @@ class InferenceService:
             raise InvalidRequest(
                 f"inputs: {longest} tokens; the base model reads at most {self.max_context}", param="inputs"
             )
-        info, weights = await self.adapter(req.adapter, "classify")
-        self.registry.touch(info)
-        probs = await self.engine.classify(info.handle, ids, weights)
-        labels = info.labels
-        results = []
-        for row in probs:
-            ranked = sorted(zip(labels, row, strict=True), key=lambda x: x[1], reverse=True)
-            if req.top_k is not None:
-                ranked = ranked[: req.top_k]
-            results.append(ClassifyResult(label=ranked[0][0], score=ranked[0][1], scores=dict(ranked)))
+        held = [await self.adapter(member.name, "classify") for member in members]
+        for info, _ in held:
+            self.registry.touch(info)
+        probs = await asyncio.gather(
+            *(self.engine.classify(info.handle, ids, weights) for info, weights in held)
+        )
+        results = classification_results(
+            [(info.name, info.labels) for info, _ in held],
+            probs,
+            [member.weight for member in members],
+            req.combine if req.adapters else "mean",
+            req.top_k,
+            req.return_members and req.adapters is not None,
+        )
         return ClassifyResponse(
-            adapter=info.name, results=results, usage=ClassifyUsage(input_tokens=sum(len(i) for i in ids))
+            adapter=req.target, results=results, usage=ClassifyUsage(input_tokens=sum(len(i) for i in ids))
         )
 
     async def prepare(self, spec: GenerationInput) -> Generation:

@@ -12,10 +12,12 @@ from app.protocol.native import ClassifyRequest, ClassifyResponse, GenerateReque
 router = APIRouter(tags=["inference"], dependencies=[ApiKeyDep], responses=error_responses(INFERENCE))
 
 
-@router.post("/classify", response_model=ClassifyResponse)
+@router.post("/classify", response_model=ClassifyResponse, response_model_exclude_none=True)
 async def classify(req: ClassifyRequest, service: ServiceDep, request: Request) -> ClassifyResponse:
-    """Classify one or more texts with a classification adapter."""
-    request.state.adapter = req.adapter
+    """Classify one or more texts with a classification adapter, or with an ensemble of them
+    (`adapters`: every member runs its own rows of the same batches; `combine` says how their
+    probabilities are combined)."""
+    request.state.adapter = req.target
     return await service.classify(req)
 
 

@@ -7,14 +7,33 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 8  # stop strings per request (native and OpenAI routes)
+MAX_MEMBERS = 8  # adapters in one classification ensemble
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as documented: no "5" or true for 5
 
 
+class EnsembleMember(_Strict):
+    name: str = Field(description="a classification adapter")
+    weight: float = Field(1.0, gt=0, description="its weight in the ensemble")
+
+
 class ClassifyRequest(_Strict):
-    adapter: str = Field(description="name of a classification adapter")
+    adapter: str | None = Field(None, description="name of a classification adapter")
+    adapters: list[str | EnsembleMember] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_MEMBERS,
+        description="an ensemble instead of `adapter`: names, or {name, weight} objects; every "
+        "member runs as its own rows of the same batch",
+    )
+    combine: Literal["mean", "vote", "logits"] = Field(
+        "mean",
+        description="ensembles: weighted mean of the probabilities, weighted majority vote (ties to "
+        "the higher mean probability), or weighted mean of the logits then softmax",
+    )
+    return_members: bool = Field(False, description="ensembles: add each member's own result")
     inputs: str | list[str] = Field(description="one text or a list of texts")
     top_k: int | None = Field(None, ge=1, description="return only the k best labels in `scores`")
 
@@ -28,15 +47,46 @@ class ClassifyRequest(_Strict):
             raise ValueError("inputs must be non-empty strings")
         return v
 
+    @model_validator(mode="after")
+    def _one_target(self) -> ClassifyRequest:
+        if (self.adapter is None) == (self.adapters is None):
+            raise ValueError("give exactly one of `adapter` (a name) or `adapters` (an ensemble)")
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError("an ensemble names each adapter once (weights say how much it counts)")
+        return self
+
+    @property
+    def members(self) -> list[EnsembleMember]:
+        """The adapters asked for, with their weights (one member of weight 1 for `adapter`)."""
+        if self.adapters is None:
+            return [EnsembleMember(name=self.adapter or "")]
+        return [m if isinstance(m, EnsembleMember) else EnsembleMember(name=m) for m in self.adapters]
+
+    @property
+    def target(self) -> str:
+        """The adapter, or the ensemble's members joined by '+' (its name in responses and metrics)."""
+        return self.adapter if self.adapter is not None else "+".join(m.name for m in self.members)
+
     @property
     def texts(self) -> list[str]:
         return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+
+class MemberResult(BaseModel):
+    adapter: str
+    label: str
+    score: float
+    scores: dict[str, float]
 
 
 class ClassifyResult(BaseModel):
     label: str
     score: float
     scores: dict[str, float]
+    members: list[MemberResult] | None = Field(
+        None, description="each member's own result (ensembles with return_members)"
+    )
 
 
 class ClassifyUsage(BaseModel):
@@ -44,7 +94,7 @@ class ClassifyUsage(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
-    adapter: str
+    adapter: str = Field(description="the adapter, or an ensemble's members joined by '+'")
     results: list[ClassifyResult]
     usage: ClassifyUsage
 
