@@ -1,9 +1,12 @@
-"""Accuracy and macro-F1 of a served classification adapter on a labelled CSV, through HTTP.
+"""Accuracy and macro-F1 of a served classification adapter (or an ensemble) on a labelled CSV,
+through HTTP.
 
     python scripts/eval_classifier.py --url http://127.0.0.1:8000 --adapter NAME --data test.csv
+    python scripts/eval_classifier.py --adapter a,b --combine mean --data all.csv --held-out 0.2
 
-The CSV has `text` and `label` columns (as `adapterserve train` reads them); also printed: the
-majority-class baseline on the same file.
+The CSV has `text` and `label` columns (as `adapterserve train` reads them); `--held-out F` scores
+only the split that `adapterserve train --val-fraction F` (seed 0) held out of the same file. Also
+printed: the majority-class baseline on the same rows. A comma-separated `--adapter` is an ensemble.
 """
 
 from __future__ import annotations
@@ -33,14 +36,26 @@ def main() -> None:
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--combine", default="mean", choices=["mean", "vote", "logits"])
+    parser.add_argument("--held-out", type=float, default=None, help="the trainer's validation fraction")
     args = parser.parse_args()
     with open(args.data, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     texts, gold = [r["text"] for r in rows], [r["label"] for r in rows]
+    if args.held_out:
+        from pathlib import Path
+
+        from app.training.data import classify_examples, stratified_split
+
+        data = classify_examples(Path(args.data), "text", "label")  # as the trainer read it
+        held = stratified_split(data, args.held_out, seed=0)[1]
+        texts, gold = held.texts, held.labels
+    names = args.adapter.split(",")
+    target = {"adapter": names[0]} if len(names) == 1 else {"adapters": names, "combine": args.combine}
     pred: list[str] = []
     with httpx.Client(base_url=args.url, timeout=600) as http:
         for i in range(0, len(texts), args.batch):
-            resp = http.post("/classify", json={"adapter": args.adapter, "inputs": texts[i : i + args.batch]})
+            resp = http.post("/classify", json={**target, "inputs": texts[i : i + args.batch]})
             resp.raise_for_status()
             pred += [r["label"] for r in resp.json()["results"]]
     labels = sorted(set(gold))
