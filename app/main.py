@@ -24,7 +24,8 @@ from app.metrics import Metrics
 from app.models.base_lm import BaseLM, load_base_model
 from app.openai_service import OpenAIService
 from app.platform import ReleasingExecutor
-from app.service import InferenceService, follow_fleet_pins, load_on_device, pin
+from app.residency import follow_fleet_pins, load_on_device, pin
+from app.service import InferenceService
 
 log = logging.getLogger(__name__)
 _UNMEASURED = {"/metrics"}

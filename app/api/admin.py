@@ -13,7 +13,7 @@ from app.api.deps import AdminDep, EngineDep, RegistryDep, SettingsDep
 from app.api.responses import ADMIN, error_responses
 from app.errors import InvalidRequest, UploadTooLarge
 from app.protocol.native import AdapterOut
-from app.service import pin, unpin
+from app.residency import pin, unpin
 
 router = APIRouter(tags=["admin"], dependencies=[AdminDep], responses=error_responses(ADMIN))
 

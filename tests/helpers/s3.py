@@ -4,7 +4,6 @@ started as its own process on a free loopback port."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,13 @@ from contextlib import contextmanager
 
 import httpx
 
+from bench.server import free_port
+
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "adapterserve-test",
     "AWS_SECRET_ACCESS_KEY": "adapterserve-test-secret",
     "AWS_REGION": "us-east-1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
