@@ -117,14 +117,6 @@ class AdapterStore:
         self._cache = FileCache(objects, cache_dir / "store", cache_bytes)
         self.pins: frozenset[str] = frozenset()  # names pinned fleet-wide, as of the last state()
 
-    @property
-    def url(self) -> str:
-        return self.objects.url
-
-    @property
-    def local(self) -> bool:
-        return isinstance(self.objects, FilesystemObjects)
-
     # --- reading ----------------------------------------------------------------------------
     def _manifest(self, name: str, version: int) -> Manifest:
         cached = self._manifests.get((name, version))
