@@ -16,6 +16,7 @@ from app.adapters.registry import AdapterRegistry
 from app.adapters.store import open_store
 from app.api import adapters, admin, health, inference, openai
 from app.api.responses import drop_validation_422
+from app.compositions import Compositions
 from app.config import Settings
 from app.engine.engine import Engine
 from app.errors import NotReady, is_openai_path, register_error_handlers, to_response
@@ -73,6 +74,11 @@ def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
             elapsed = time.perf_counter() - start
             metrics.requests.labels(endpoint=endpoint, adapter=label, status=str(status)).inc()
             metrics.request_duration.labels(endpoint=endpoint).observe(elapsed)
+            composition = _composition_label(request, label, adapter)
+            if composition is not None:
+                metrics.composition_duration.labels(endpoint=endpoint, composition=composition).observe(
+                    elapsed
+                )
             log_request(rid, request.method, endpoint, status, adapter, elapsed)
 
 
@@ -80,22 +86,42 @@ def _adapter_label(request: Request, metrics: Metrics, adapter: str | None) -> s
     """The bounded ``adapter`` label of an inference request: its adapter, ``base``, or ``unknown``
     for a name the store does not hold (404s must not create a series per made-up name)."""
     registry: AdapterRegistry | None = getattr(request.app.state, "registry", None)
-    known = adapter is not None and registry is not None and adapter in registry
+    compositions: Compositions | None = getattr(request.app.state, "compositions", None)
+    known = adapter is not None and (
+        (registry is not None and adapter in registry)
+        or (compositions is not None and compositions.get(adapter) is not None)
+    )
     return metrics.adapter_label(adapter) if (known or adapter is None) else "unknown"
 
 
+def _composition_label(request: Request, label: str, adapter: str | None) -> str | None:
+    """The ``composition`` label of a request that used one: a named composition's (bounded) label,
+    'ad-hoc' for one given in the request (members joined by '+'), None otherwise."""
+    if adapter is None:
+        return None
+    if "+" in adapter:  # adapter names have no '+'
+        return "ad-hoc"
+    compositions: Compositions | None = getattr(request.app.state, "compositions", None)
+    return label if compositions is not None and compositions.get(adapter) is not None else None
+
+
 async def keep_in_sync(
-    registry: AdapterRegistry, engine: Engine, settings: Settings, metrics: Metrics
+    registry: AdapterRegistry,
+    compositions: Compositions,
+    engine: Engine,
+    settings: Settings,
+    metrics: Metrics,
 ) -> None:
     """Adopt the store's changes every ``STORE_SYNC_INTERVAL_S`` (versions, deletions, fleet-wide
-    pins); reclaim superseded files now and then. A failed sync (the store unreachable) is logged
-    and counted; the next one retries."""
+    pins, named compositions); reclaim superseded files now and then. A failed sync (the store
+    unreachable) is logged and counted; the next one retries."""
     reclaimed_at = time.monotonic()
     keep = set(settings.pin_names)
     while True:
         await asyncio.sleep(settings.store_sync_interval_s)
         try:
             await asyncio.to_thread(registry.sync)
+            compositions.sync()
             await follow_fleet_pins(registry, engine, keep, settings.max_device_adapters - 1)
             if time.monotonic() - reclaimed_at > RECLAIM_EVERY_S:
                 reclaimed_at = time.monotonic()
@@ -136,7 +162,9 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
             metrics=metrics,
             pinned=settings.pin_names,
         )
+        compositions = Compositions(registry)
         await asyncio.to_thread(registry.scan)
+        compositions.sync()
         for option, names in (("PRELOAD", settings.preload_names), ("PIN", settings.pin_names)):
             missing = [name for name in names if name not in registry]
             if missing:
@@ -162,10 +190,11 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
             "serves POST /classify only, it cannot generate text"
         )
         app.state.service = service = InferenceService(
-            settings, registry, engine, model.tokenizer, model.spec.max_context, cannot_generate
+            settings, registry, engine, model.tokenizer, model.spec.max_context, cannot_generate, compositions
         )
+        app.state.compositions = compositions
         app.state.openai = OpenAIService(service, registry, model.spec.model_id)
-        syncing = asyncio.create_task(keep_in_sync(registry, engine, settings, metrics))
+        syncing = asyncio.create_task(keep_in_sync(registry, compositions, engine, settings, metrics))
         log.info("adapterserve ready: %d adapters in %s", len(registry.list()), settings.store)
         try:
             yield
@@ -179,6 +208,7 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
     app.state.metrics = metrics
     app.state.draining = False  # set on SIGTERM (app.cli): new requests get 503, readiness fails
     app.state.engine = app.state.registry = app.state.service = app.state.openai = None
+    app.state.compositions = None
     register_error_handlers(app)
     openapi = app.openapi
     app.openapi = lambda: drop_validation_422(openapi(), is_openai_path)  # type: ignore[method-assign]

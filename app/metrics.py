@@ -106,6 +106,25 @@ class Metrics:
             registry=r,
         )
 
+        self.adapter_merges = Counter(
+            "adapterserve_adapter_merges_total",
+            "merged adapters computed (a composition's first use, or after a member changed)",
+            registry=r,
+        )
+        self.adapter_merge_seconds = Histogram(
+            "adapterserve_adapter_merge_seconds",
+            "time to merge a composition's LoRA members into one adapter",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.composition_duration = Histogram(
+            "adapterserve_composition_request_duration_seconds",
+            "latency of requests that use a composition (named: its name; by request: 'ad-hoc')",
+            ["endpoint", "composition"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
         self.store_last_sync = Gauge(
             "adapterserve_store_last_sync_timestamp_seconds",
             "when this replica last completed a sync with the adapter store (unix time)",

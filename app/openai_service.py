@@ -47,6 +47,8 @@ class OpenAIService:
         return None if model == self.model_id else model
 
     async def _check_adapter(self, name: str) -> None:
+        if await self.service.compositions.lookup(name) is not None:
+            return
         await self.registry.lookup(name)
         if name not in self.registry:
             hint = self.registry.did_you_mean(name, (self.model_id,))
@@ -68,10 +70,18 @@ class OpenAIService:
                         id=info.name, created=int(info.created_at), parent=self.model_id, root=info.name
                     )
                 )
+        compositions = self.service.compositions
+        for comp in compositions.all():
+            if compositions.describe(comp)["task"] == "generate":
+                cards.append(
+                    ModelCard(
+                        id=comp.label, created=int(comp.created_at), parent=self.model_id, root=comp.label
+                    )
+                )
         return ModelList(data=cards)
 
     async def model(self, model: str) -> ModelCard:
-        if model != self.model_id:
+        if model != self.model_id and await self.service.compositions.lookup(model) is None:
             await self.registry.lookup(model)
         for card in self.models().data:
             if card.id == model:

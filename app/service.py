@@ -16,15 +16,18 @@ from transformers import PreTrainedTokenizerBase
 from app.adapters.kinds import Adapter
 from app.adapters.registry import AdapterInfo, AdapterRegistry
 from app.adapters.version import AdapterVersion
+from app.compositions import METHODS, Composition, Compositions
 from app.config import Settings
 from app.engine.engine import DEADLINE_GRACE_S, Engine
-from app.engine.types import GenerateWork, GenerationResult, SamplingParams, StreamDelta
+from app.engine.types import GenerateWork, GenerationResult, Member, SamplingParams, StreamDelta
 from app.ensembles import classification_results, shared_labels
 from app.errors import (
     AdapterServeError,
     DeadlineExceeded,
     GenerationUnsupported,
+    IncompatibleMembers,
     InvalidRequest,
+    TaskMismatch,
     TooManyStreams,
     error_body,
 )
@@ -35,17 +38,21 @@ from app.protocol.native import (
     GenerateRequest,
     GenerateResponse,
     GenerateUsage,
+    member_list,
 )
 
 log = logging.getLogger(__name__)
 DEFAULT_NEW_TOKENS = 128
+Task = Literal["classify", "generate"]
+Held = list[tuple[AdapterInfo, Adapter]]
 
 
 @dataclass(frozen=True)
 class GenerationInput:
     """One generation as any API asks for it: exactly one of prompt, messages or prompt_ids."""
 
-    adapter: str | None
+    adapter: str | None  # an adapter or a named composition (None: the bare base)
+    composition: Composition | None = None  # by request (``adapters``) instead of ``adapter``
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     prompt_ids: list[int] | None = None
@@ -58,8 +65,13 @@ class GenerationInput:
 
     @classmethod
     def of(cls, req: GenerateRequest) -> GenerationInput:
+        comp = None
+        if req.adapters is not None:
+            members = tuple((m.name, m.weight) for m in member_list(req.adapters, None))
+            comp = Composition(members, req.merge, req.density)
         return cls(
             adapter=req.adapter,
+            composition=comp,
             prompt=req.prompt,
             messages=[m.model_dump() for m in req.messages] if req.messages is not None else None,
             max_new_tokens=req.max_new_tokens,
@@ -78,6 +90,8 @@ class Generation:
     weights: Adapter | None
     prompt_ids: list[int]
     params: SamplingParams
+    members: tuple[Member, ...] = ()  # ensemble generation (then no ``info``)
+    label: str | None = None  # the composition's, for metrics
 
     @property
     def version(self) -> AdapterVersion | None:
@@ -100,11 +114,13 @@ class InferenceService:
         tokenizer: PreTrainedTokenizerBase,
         max_context: int | None = None,
         cannot_generate: str = "",
+        compositions: Compositions | None = None,
     ) -> None:
         self.max_context = max_context  # prompt + new tokens must fit the base model's positions
         self.cannot_generate = cannot_generate  # why the base cannot generate ("" when it can)
         self.settings = settings
         self.registry = registry
+        self.compositions = compositions or Compositions(registry)
         self.engine = engine
         self.tokenizer = tokenizer
         self._streams: list[list[GenerateWork]] = []  # the rows of each open stream
@@ -142,13 +158,68 @@ class InferenceService:
             return info, weights
         return await asyncio.to_thread(self.registry.load, name, task)
 
+    async def composition(self, name: str | None, adhoc: Composition | None = None) -> Composition | None:
+        """The composition a request uses: its own (``adapters``), or the named one ``name`` is;
+        None for a plain adapter (or the bare base)."""
+        if adhoc is not None or name is None:
+            return adhoc
+        return await self.compositions.lookup(name)
+
+    async def check(self, comp: Composition, task: Task | None = None) -> Task:
+        """404/409/400 before any work: the members exist, serve one task that the method serves,
+        and (classification) share their labels. Returns the task."""
+        for name in comp.names:
+            await self.registry.lookup(name)
+            if self.compositions.get(name) is not None:
+                raise IncompatibleMembers(
+                    f"{name!r} is a composition: members are adapters", param="adapters"
+                )
+        infos = [self.registry.get(name) for name in comp.names]
+        tasks = {info.task for info in infos}
+        if len(tasks) > 1:
+            raise IncompatibleMembers(
+                "a composition's members serve one task: " + ", ".join(f"{i.name} ({i.task})" for i in infos),
+                param="adapters",
+            )
+        (own,) = tasks
+        if task is not None and own != task:
+            endpoint = "/classify" if own == "classify" else "/generate"
+            raise TaskMismatch(f"{comp.label!r} is a {own} composition; use {endpoint}", param="adapter")
+        if comp.method not in METHODS[own]:
+            raise IncompatibleMembers(
+                f"{comp.method!r} does not combine {own} adapters; use one of {', '.join(METHODS[own])}",
+                param="method",
+            )
+        if own == "classify":
+            shared_labels([(i.name, i.labels) for i in infos])
+        rows = min(self.settings.max_batch_size, self.settings.max_device_adapters)
+        if comp.method == "average" and len(infos) > rows:
+            raise IncompatibleMembers(
+                f"ensemble generation runs every member as a row of one batch, each in a device slot: "
+                f"at most {rows} members here (MAX_BATCH_SIZE, MAX_DEVICE_ADAPTERS)",
+                param="adapters",
+            )
+        return own
+
+    async def held(self, comp: Composition, task: Task) -> Held:
+        """The members' current versions with their weights; a merge's one merged adapter."""
+        held = [await self.adapter(name, task) for name in comp.names]
+        if comp.merges:
+            return [await asyncio.to_thread(self.compositions.merged, comp, held)]
+        return held
+
     async def classify(self, req: ClassifyRequest) -> ClassifyResponse:
-        """One adapter, or an ensemble: every member runs its own rows of the same batches (the
-        requests are queued together) and the members' probabilities are combined per input."""
-        members = req.members
-        for member in members:  # 404/409/400 before any other check
-            await self.registry.lookup(member.name)
-        shared_labels([(m.name, self.registry.for_task(m.name, "classify").labels) for m in members])
+        """One adapter, an ensemble (every member runs its own rows of the same batches and the
+        members' probabilities are combined per input) or a merged adapter."""
+        adhoc = None
+        if req.adapters is not None:
+            adhoc = Composition(tuple((m.name, m.weight) for m in req.members), req.method, req.density)  # type: ignore[arg-type]
+        comp = await self.composition(req.adapter, adhoc)
+        if comp is not None:
+            await self.check(comp, "classify")
+        else:
+            await self.registry.lookup(req.target)  # 404/409 before any other check
+            self.registry.for_task(req.target, "classify")
         texts = req.texts
         if len(texts) > self.settings.max_inputs_per_request:
             raise InvalidRequest(
@@ -161,7 +232,12 @@ class InferenceService:
             raise InvalidRequest(
                 f"inputs: {longest} tokens; the base model reads at most {self.max_context}", param="inputs"
             )
-        held = [await self.adapter(member.name, "classify") for member in members]
+        if comp is None:
+            held, shares, method = [await self.adapter(req.target, "classify")], [1.0], "mean"
+        else:
+            held = await self.held(comp, "classify")
+            shares = [1.0] if comp.merges else comp.weights
+            method = "mean" if comp.merges else comp.method
         for info, _ in held:
             self.registry.touch(info)
         probs = await asyncio.gather(
@@ -170,10 +246,10 @@ class InferenceService:
         results = classification_results(
             [(info.name, info.labels) for info, _ in held],
             probs,
-            [member.weight for member in members],
-            req.combine if req.adapters else "mean",
+            shares,
+            method,  # type: ignore[arg-type]
             req.top_k,
-            req.return_members and req.adapters is not None,
+            req.return_members and comp is not None and not comp.merges,
         )
         return ClassifyResponse(
             adapter=req.target, results=results, usage=ClassifyUsage(input_tokens=sum(len(i) for i in ids))
@@ -183,7 +259,10 @@ class InferenceService:
         """Check and tokenize one generation request; 4xx errors raise here, before any work is queued."""
         if self.cannot_generate:
             raise GenerationUnsupported(self.cannot_generate)
-        if spec.adapter is not None:
+        comp = await self.composition(spec.adapter, spec.composition)
+        if comp is not None:
+            await self.check(comp, "generate")
+        elif spec.adapter is not None:
             await self.registry.lookup(spec.adapter)
             self.registry.for_task(spec.adapter, "generate")  # 404/409 before any other check
         cap = self.settings.max_new_tokens
@@ -214,16 +293,28 @@ class InferenceService:
             seed=spec.seed,
             stop=spec.stop,
         )
-        info, weights = None, None
-        if spec.adapter is not None:
-            info, weights = await self.adapter(spec.adapter, "generate")
-            self.registry.touch(info)
+        if comp is not None:
+            held = await self.held(comp, "generate")
+            for info, _ in held:
+                self.registry.touch(info)
+            if comp.merges:
+                return Generation(*held[0], prompt_ids, params, label=comp.label)
+            members = tuple(
+                Member(info.handle, weights, w) for (info, weights), w in zip(held, comp.weights, strict=True)
+            )
+            return Generation(None, None, prompt_ids, params, members, comp.label)
+        if spec.adapter is None:
+            return Generation(None, None, prompt_ids, params)
+        info, weights = await self.adapter(spec.adapter, "generate")
+        self.registry.touch(info)
         return Generation(info, weights, prompt_ids, params)
 
     async def run(self, gens: list[Generation]) -> list[GenerationResult]:
         """Run generations concurrently (they share the engine's batches); one failure cancels all."""
         tasks = [
-            asyncio.ensure_future(self.engine.generate(g.version, g.prompt_ids, g.params, g.weights))
+            asyncio.ensure_future(
+                self.engine.generate(g.version, g.prompt_ids, g.params, g.weights, g.members, g.label)
+            )
             for g in gens
         ]
         try:
@@ -254,7 +345,9 @@ class InferenceService:
         try:
             for i, g in enumerate(gens):
                 works.append(
-                    self.engine.submit_stream(g.version, g.prompt_ids, g.params, sink_for(i), g.weights)
+                    self.engine.submit_stream(
+                        g.version, g.prompt_ids, g.params, sink_for(i), g.weights, g.members, g.label
+                    )
                 )
         except BaseException:
             for work in works:
@@ -289,7 +382,7 @@ class InferenceService:
     async def generate(self, req: GenerateRequest) -> GenerateResponse:
         (result,) = await self.run([await self.prepare(GenerationInput.of(req))])
         return GenerateResponse(
-            adapter=req.adapter,
+            adapter=req.target,
             text=result.text,
             finish_reason=result.finish_reason,
             usage=GenerateUsage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids)),

@@ -58,7 +58,7 @@ def main() -> None:
     def decoder(slot_of: list[int]) -> GenerationBatch:
         params = SamplingParams(max_new_tokens=args.steps * args.turns + 10, ignore_eos=True)
         works = [
-            (GenerateWork(adapter=None, weights=None, prompt=p, params=params), s)
+            (GenerateWork(adapter=None, weights=None, prompt=p, params=params), [s])
             for p, s in zip(prompts, slot_of, strict=True)
         ]
         batch = GenerationBatch.start(runner, works, decode)

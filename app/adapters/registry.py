@@ -80,6 +80,8 @@ class AdapterRegistry:
         # wired to the engine by the app: versions replaced or deleted, and the versions it holds
         self.on_retire: Callable[[AdapterVersion], None] = lambda version: None
         self.device_uids: Callable[[], frozenset[int]] = frozenset
+        # asked before an upload or delete of a name (compositions refuse those that break them)
+        self.guard: Callable[[str, Literal["upload", "delete"]], None] = lambda name, change: None
 
     def _lock(self, name: str) -> threading.Lock:
         with self._guard:
@@ -238,6 +240,9 @@ class AdapterRegistry:
     def list(self) -> list[AdapterInfo]:
         return [self._infos[n] for n in sorted(self._infos)]
 
+    def find(self, name: str) -> AdapterInfo | None:
+        return self._infos.get(name)
+
     def get(self, name: str) -> AdapterInfo:
         info = self._infos.get(name)
         if info is None:
@@ -326,6 +331,7 @@ class AdapterRegistry:
         """Validate an archive fully, then install it atomically as the next version of ``name``."""
         check_name(name)
         with self._lock(name):
+            self.guard(name, "upload")
             self._check_same_base(name)
             staged = self.store.staging_folder()
             try:
@@ -357,6 +363,7 @@ class AdapterRegistry:
     def delete(self, name: str) -> None:
         with self._lock(name):
             info = self.get(name)
+            self.guard(name, "delete")
             self.store.delete(name)
             if name in self.store.pins:
                 self.store.set_pin(name, False)

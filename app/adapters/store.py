@@ -7,6 +7,9 @@ Layout (keys under the store's root)::
                                         allocates version numbers, never a replica's memory
     _blobs/<name>/<id>/<file>           the files of one uploaded version, written before its manifest
     _pins/<name>                        the adapter is pinned on every replica
+    _compositions/<name>/0000000002.json  one record per version of a named composition (adapters
+                                        combined; see :mod:`app.compositions`), created exclusively
+                                        like manifests; a deletion is a record too
     <name>/<file>                       an adapter placed by hand (a PEFT folder): version 1, or the
                                         version its ``adapterserve.json`` names
 
@@ -47,6 +50,7 @@ META_FILE = "adapterserve.json"  # summary of a hand-placed adapter, written on 
 VERSIONS = "_versions"
 BLOBS = "_blobs"
 PINS = "_pins"
+COMPOSITIONS = "_compositions"
 _MANIFEST_RE = re.compile(r"(\d{10})\.json")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
@@ -116,6 +120,9 @@ class AdapterStore:
         self._placed: dict[str, Manifest] = {}  # hand-placed folders with a summary
         self._cache = FileCache(objects, cache_dir / "store", cache_bytes)
         self.pins: frozenset[str] = frozenset()  # names pinned fleet-wide, as of the last state()
+        # named compositions' record versions, as of the last state()
+        self.composition_versions: dict[str, list[int]] = {}
+        self._records: dict[tuple[str, int], dict[str, Any]] = {}  # immutable once written: cached
 
     # --- reading ----------------------------------------------------------------------------
     def _manifest(self, name: str, version: int) -> Manifest:
@@ -131,6 +138,7 @@ class AdapterStore:
         versions: dict[str, list[int]] = {}
         placed: set[str] = set()
         pins: set[str] = set()
+        compositions: dict[str, list[int]] = {}
         for key in self.objects.list(prefix):
             parts = key.split("/")
             if parts[0] == VERSIONS and len(parts) == 3 and NAME_RE.fullmatch(parts[1]):
@@ -141,8 +149,13 @@ class AdapterStore:
                 placed.add(parts[0])
             elif parts[0] == PINS and len(parts) == 2 and NAME_RE.fullmatch(parts[1]):
                 pins.add(parts[1])
+            elif parts[0] == COMPOSITIONS and len(parts) == 3 and NAME_RE.fullmatch(parts[1]):
+                match = _MANIFEST_RE.fullmatch(parts[2])
+                if match:
+                    compositions.setdefault(parts[1], []).append(int(match.group(1)))
         if not prefix:
             self.pins = frozenset(pins)
+            self.composition_versions = compositions
         return versions, placed
 
     def _hand_placed(self, name: str) -> Manifest:
@@ -256,6 +269,34 @@ class AdapterStore:
             self.objects.put(key, json.dumps({"pinned_at": time.time()}).encode())
         else:
             self.objects.delete(key)
+
+    # --- named compositions (records; their meaning is app.compositions') ----------------------
+    def composition_record(self, name: str, version: int) -> dict[str, Any]:
+        cached = self._records.get((name, version))
+        if cached is None:
+            raw = json.loads(self.objects.get(f"{COMPOSITIONS}/{name}/{version:010d}.json"))
+            cached = self._records[(name, version)] = raw if isinstance(raw, dict) else {}
+        return {**cached, "version": version}
+
+    def composition(self, name: str) -> dict[str, Any] | None:
+        """``name``'s current composition record read from the store now (None: never existed)."""
+        check_name(name)
+        versions = [
+            int(m.group(1))
+            for key in self.objects.list(f"{COMPOSITIONS}/{name}/")
+            if (m := _MANIFEST_RE.fullmatch(key.rpartition("/")[2]))
+        ]
+        return self.composition_record(name, max(versions)) if versions else None
+
+    def commit_composition(self, name: str, record: dict[str, Any]) -> int:
+        """Record the next version of composition ``name`` (``{"deleted": true}`` deletes it)."""
+        while True:
+            current = self.composition(name)
+            version = current["version"] + 1 if current else 1
+            if self.objects.create(f"{COMPOSITIONS}/{name}/{version:010d}.json", json.dumps(record).encode()):
+                self._records[(name, version)] = record
+                return version
+            log.info("version %d of composition %s was taken by another writer; retrying", version, name)
 
     def write_summary(self, manifest: Manifest, meta: dict[str, Any]) -> Manifest:
         """Record the summary of a hand-placed adapter beside its files (spares a re-validation)."""

@@ -1,4 +1,4 @@
-"""Admin routes: upload (POST /admin/adapters) and delete (DELETE /admin/adapters/{name})."""
+"""Admin routes: adapters (upload, pin, delete) and named compositions (create, list, delete)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from pathlib import Path
 from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 
-from app.api.deps import AdminDep, EngineDep, RegistryDep, SettingsDep
+from app.adapters.store import check_name
+from app.api.deps import AdminDep, EngineDep, RegistryDep, ServiceDep, SettingsDep
 from app.api.responses import ADMIN, error_responses
-from app.errors import InvalidRequest, UploadTooLarge
-from app.protocol.native import AdapterOut
+from app.compositions import Composition
+from app.errors import AdapterNotFound, Conflict, InvalidRequest, UploadTooLarge
+from app.protocol.native import AdapterOut, CompositionIn, CompositionOut, member_list
 from app.residency import pin, unpin
 
 router = APIRouter(tags=["admin"], dependencies=[AdminDep], responses=error_responses(ADMIN))
@@ -111,4 +113,43 @@ async def delete_adapter(name: str, registry: RegistryDep, engine: EngineDep) ->
     await registry.lookup(name)
     await asyncio.to_thread(registry.delete, name)
     await engine.unpin(name)
+    return Response(status_code=204)
+
+
+@router.post("/admin/compositions", status_code=201, response_model=CompositionOut)
+async def create_composition(body: CompositionIn, service: ServiceDep) -> CompositionOut:
+    """Name a composition of adapters (an existing name gets a new version); it is checked as a
+    request using it would be (members, task, labels; a merge is computed now) and recorded in the
+    store, so every replica serves it."""
+    check_name(body.name)
+    members = tuple((m.name, m.weight) for m in member_list(body.members, None))
+    comp = Composition(members, body.method, body.density, name=body.name)
+    if service.registry.find(body.name) is not None:
+        raise Conflict(f"{body.name!r} is an adapter's name; a composition needs its own", param="name")
+    task = await service.check(comp)
+    await service.held(comp, task)
+    saved = await asyncio.to_thread(service.compositions.save, comp)
+    return CompositionOut(**service.compositions.describe(saved))
+
+
+@router.get("/admin/compositions", response_model=list[CompositionOut])
+async def list_compositions(service: ServiceDep) -> list[CompositionOut]:
+    """Every named composition."""
+    return [CompositionOut(**service.compositions.describe(c)) for c in service.compositions.all()]
+
+
+@router.get("/admin/compositions/{name}", response_model=CompositionOut)
+async def get_composition(name: str, service: ServiceDep) -> CompositionOut:
+    """One named composition."""
+    comp = await service.compositions.lookup(name)
+    if comp is None:
+        raise AdapterNotFound(f"composition {name!r} not found", param="name")
+    return CompositionOut(**service.compositions.describe(comp))
+
+
+@router.delete("/admin/compositions/{name}", status_code=204)
+async def delete_composition(name: str, service: ServiceDep) -> Response:
+    """Delete a named composition; its members stay."""
+    await service.compositions.lookup(name)
+    await asyncio.to_thread(service.compositions.delete, name)
     return Response(status_code=204)

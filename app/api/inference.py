@@ -30,7 +30,7 @@ async def generate(
     req: GenerateRequest, service: ServiceDep, request: Request
 ) -> GenerateResponse | StreamingResponse:
     """Generate text from a prompt or chat messages, with a generation adapter or the bare base."""
-    request.state.adapter = req.adapter
+    request.state.adapter = req.target
     if req.stream:
         events = await service.stream(req)
         return StreamingResponse(

@@ -33,6 +33,7 @@ from app.engine.types import (
     GenerationResult,
     Lane,
     LoadAdapter,
+    Member,
     PinAdapter,
     RetireAdapter,
     SamplingParams,
@@ -150,8 +151,11 @@ class Engine:
         prompt: list[int],
         params: SamplingParams,
         weights: Adapter | None = None,
+        members: tuple[Member, ...] = (),
+        label: str | None = None,
     ) -> GenerationResult:
-        work = GenerateWork(adapter=adapter, weights=weights, prompt=prompt, params=params)
+        """Generate with ``adapter`` (None: the bare base), or with an ensemble of ``members``."""
+        work = GenerateWork(adapter, weights, prompt, params, members=members, label=label)
         self._submit(work)
         return await self._await(work, work.future)
 
@@ -162,9 +166,11 @@ class Engine:
         params: SamplingParams,
         sink: StreamSink,
         weights: Adapter | None = None,
+        members: tuple[Member, ...] = (),
+        label: str | None = None,
     ) -> GenerateWork:
         """Queue a streamed generation; deltas go to ``sink`` (called on the engine thread)."""
-        work = GenerateWork(adapter=adapter, weights=weights, prompt=prompt, params=params, sink=sink)
+        work = GenerateWork(adapter, weights, prompt, params, sink=sink, members=members, label=label)
         self._submit(work)
         return work
 

@@ -36,6 +36,11 @@ class _Row:
     detok: IncrementalDetokenizer
     text: str = ""  # the output so far (cut at a stop string when one is found)
     emitted: int = 0  # characters of ``text`` already streamed
+    uid: int | None = None  # the adapter version in ``slot``
+    # ensemble generation: the member rows follow the first (lead) row of their request, which
+    # samples from the weighted mean of the members' distributions and alone holds the output
+    lead: _Row | None = None  # None: this row leads (every row of a plain request does)
+    weight: float = 1.0
 
     @property
     def tokens(self) -> list[int]:
@@ -69,15 +74,25 @@ class GenerationBatch:
 
     # --- prefill ----------------------------------------------------------------------------
     @classmethod
-    def start(cls, runner: Runner, works: list[tuple[GenerateWork, int]], decode: Decode) -> GenerationBatch:
-        """A batch of new rows whose prompts still have to be prefilled (see :meth:`prefill_chunk`)."""
+    def start(
+        cls, runner: Runner, works: list[tuple[GenerateWork, list[int]]], decode: Decode
+    ) -> GenerationBatch:
+        """A batch of new rows whose prompts still have to be prefilled (see :meth:`prefill_chunk`);
+        each request comes with the slots of its rows (one, or one per ensemble member)."""
         dev = runner.device
-        rows = [
-            _Row(w, slot, make_generator(w.params.seed, dev), IncrementalDetokenizer(decode))
-            for w, slot in works
-        ]
+        rows: list[_Row] = []
+        for w, slots in works:
+            lead: _Row | None = None
+            for (version, _, weight), slot in zip(w.rows, slots, strict=True):
+                uid = version.uid if version is not None else None
+                if lead is None:
+                    gen, detok = make_generator(w.params.seed, dev), IncrementalDetokenizer(decode)
+                    lead = _Row(w, slot, gen, detok, uid=uid, weight=weight)
+                    rows.append(lead)
+                else:
+                    rows.append(_Row(w, slot, lead.generator, lead.detok, uid=uid, lead=lead, weight=weight))
         # left padding: every row's next token is at the end
-        ids, mask = runner.pad([w.prompt for w, _ in works], left=True)
+        ids, mask = runner.pad([row.work.prompt for row in rows], left=True)
         batch = cls(runner, rows, kv_cache.new_cache(runner.model.config), mask, decode)
         batch._prompt = (ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
         return batch
@@ -112,25 +127,32 @@ class GenerationBatch:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, reuse_key: int | None = None) -> Finished:
         r = self.runner
         logits = self._run(ids, positions, reuse_key)
+        leads = [row for row in self.rows if row.lead is None]
+        if len(leads) < len(self.rows):
+            logits = self._mixtures(logits)
         chosen = select_tokens(
             logits,
-            [row.work.params.temperature for row in self.rows],
-            [row.work.params.top_p for row in self.rows],
-            [row.generator for row in self.rows],
+            [row.work.params.temperature for row in leads],
+            [row.work.params.top_p for row in leads],
+            [row.generator for row in leads],
         )
         now = time.monotonic()
         finished: Finished = []
-        keep: list[int] = []
-        for i, (row, tok) in enumerate(zip(self.rows, chosen, strict=True)):
+        token: dict[int, int] = {}  # id(lead row) -> its token
+        going: set[int] = set()  # id(lead row) of the requests that continue
+        for row, tok in zip(leads, chosen, strict=True):
+            token[id(row)] = tok
             if row.work.first_token_at is None:
                 row.work.first_token_at = now
             result = self._advance(row, tok)
             if result is not None:
                 finished.append((row.work, result))
             elif not row.work.cancelled:
-                keep.append(i)
+                going.add(id(row))
+        keep = [i for i, row in enumerate(self.rows) if id(row.lead or row) in going]
         self.positions = positions[:, -1:] + 1
-        self.next_ids = torch.tensor(chosen, dtype=torch.long, device=r.device).unsqueeze(1)
+        tokens = [token[id(row.lead or row)] for row in self.rows]
+        self.next_ids = torch.tensor(tokens, dtype=torch.long, device=r.device).unsqueeze(1)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         self.keep(keep)
         return finished
@@ -152,6 +174,24 @@ class GenerationBatch:
             r.ctx.routing = None
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
+
+    def _mixtures(self, logits: torch.Tensor) -> torch.Tensor:
+        """One row of logits per lead row [leads, vocab]: a plain request's own, an ensemble's the
+        log of the weighted mean of its members' next-token distributions."""
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            groups.setdefault(id(row.lead or row), []).append(i)
+        out = []
+        for members in groups.values():
+            if len(members) == 1:
+                out.append(logits[members[0]].float())
+                continue
+            index = torch.tensor(members, device=logits.device)
+            weights = torch.tensor([self.rows[i].weight for i in members], device=logits.device)
+            probs = torch.softmax(logits.index_select(0, index).float(), dim=-1)
+            mean = (weights.unsqueeze(1) * probs).sum(0) / weights.sum()
+            out.append(mean.log())
+        return torch.stack(out)
 
     def _advance(self, row: _Row, tok: int) -> GenerationResult | None:
         params = row.work.params
@@ -187,6 +227,8 @@ class GenerationBatch:
         finished: Finished = []
         for i in expired:
             row = self.rows[i]
+            if row.lead is not None:  # an ensemble member: its lead row answers
+                continue
             row.detok.flush()
             row.text = row.detok.text
             result = _result(row, "timeout")

@@ -24,10 +24,11 @@ from app.models.multi_lora import BASE_SLOT
 log = logging.getLogger(__name__)
 
 
-def prefill_fits(rows: int, width: int, prompt: int, max_tokens: int) -> bool:
-    """Whether a prompt of ``prompt`` tokens joins a prefill batch of ``rows`` rows padded to
-    ``width``: the first row always does, later ones while rows × widest ≤ ``max_tokens``."""
-    return rows == 0 or max(width, prompt) * (rows + 1) <= max_tokens
+def prefill_fits(rows: int, width: int, prompt: int, max_tokens: int, need: int = 1) -> bool:
+    """Whether a prompt of ``prompt`` tokens (``need`` rows: an ensemble's members) joins a prefill
+    batch of ``rows`` rows padded to ``width``: the first request always does, later ones while
+    rows × widest ≤ ``max_tokens``."""
+    return rows == 0 or max(width, prompt) * (rows + need) <= max_tokens
 
 
 class GenerationLane:
@@ -46,11 +47,11 @@ class GenerationLane:
         return [b for b in (self.running, self.prefill) if b is not None]
 
     def queued_uids(self) -> set[int]:
-        return {w.adapter.uid for w in self.queue if w.adapter}
+        return {uid for w in self.queue for uid in w.uids}
 
     def resident_uids(self) -> set[int]:
         """Adapter versions of the rows generating now (their slots must stay)."""
-        return {row.work.adapter.uid for b in self.batches() for row in b.rows if row.work.adapter}
+        return {row.uid for b in self.batches() for row in b.rows if row.uid is not None}
 
     def queued(self) -> int:
         return len(self.queue)
@@ -119,33 +120,42 @@ class GenerationLane:
 
     def _start_prefill(self, room: int, admission: Admission) -> GenerationBatch | None:
         """Take up to ``room`` waiting requests (FIFO), as device room and the prefill budget allow."""
-        pairs: list[tuple[GenerateWork, int]] = []
-        width = 0
-        while self.queue and len(pairs) < room:
+        pairs: list[tuple[GenerateWork, list[int]]] = []
+        width = rows = 0
+        while self.queue:
             work = self.queue[0]
             if work.cancelled:
                 self.queue.popleft()
                 continue
-            if not prefill_fits(len(pairs), width, len(work.prompt), self.settings.max_prefill_tokens):
+            need = len(work.rows)
+            if rows + need > room:  # (the API side bounds an ensemble by MAX_BATCH_SIZE)
                 break
-            slot: int | None = BASE_SLOT
-            if work.adapter is not None:
-                assert work.weights is not None, "an adapter's work carries its weights"
-                try:
-                    slot = admission.admit(work.adapter, work.weights)
-                except Exception:
-                    log.exception("loading adapter %s failed", work.adapter.name)
-                    self.queue.popleft()
-                    fail_rows([work], EngineFailure("loading the adapter failed; see the server log"))
+            if not prefill_fits(rows, width, len(work.prompt), self.settings.max_prefill_tokens, need):
+                break
+            slots: list[int | None] = []
+            for version, weights, _ in work.rows:
+                if version is None:
+                    slots.append(BASE_SLOT)
                     continue
-            if slot is None:
+                assert weights is not None, "an adapter's work carries its weights"
+                try:
+                    slots.append(admission.admit(version, weights))
+                except Exception:
+                    log.exception("loading adapter %s failed", version.name)
+                    slots = []
+                    break
+            if not slots:
+                self.queue.popleft()
+                fail_rows([work], EngineFailure("loading the adapter failed; see the server log"))
+                continue
+            if None in slots:
                 break
             self.queue.popleft()
-            pairs.append((work, slot))
-            width = max(width, len(work.prompt))
+            pairs.append((work, [s for s in slots if s is not None]))
+            width, rows = max(width, len(work.prompt)), rows + need
         if not pairs:
             return None
-        self.metrics.batch_size.labels(task="prefill").observe(len(pairs))
+        self.metrics.batch_size.labels(task="prefill").observe(rows)
         return GenerationBatch.start(self.runner, pairs, self._decode)
 
     def _advance_prefill(self) -> None:
@@ -183,9 +193,7 @@ class GenerationLane:
             if not work.future.done():
                 work.future.set_result(result)
             n = len(result.token_ids)
-            m.generated_tokens.labels(
-                adapter=m.adapter_label(work.adapter.name if work.adapter else None)
-            ).inc(n)
+            m.generated_tokens.labels(adapter=m.adapter_label(work.metric_name)).inc(n)
             if work.first_token_at is not None:
                 m.time_to_first_token.observe(work.first_token_at - work.enqueued_at)
                 if n > 1:

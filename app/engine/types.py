@@ -63,12 +63,25 @@ class StreamDelta:
 StreamSink = Callable[[StreamDelta], None]
 
 
+@dataclass(frozen=True)
+class Member:
+    """One member of an ensemble generation: the adapter of its rows and its weight in the mean."""
+
+    version: AdapterVersion
+    weights: Adapter
+    weight: float
+
+
 @dataclass
 class GenerateWork:
-    adapter: AdapterVersion | None  # None = the bare base model
+    adapter: AdapterVersion | None  # None = the bare base model (or an ensemble: ``members``)
     weights: Adapter | None  # set exactly when ``adapter`` is
     prompt: list[int]
     params: SamplingParams
+    # ensemble generation: one row per member, each token sampled from their weighted mean
+    # distribution and fed to every member's row
+    members: tuple[Member, ...] = ()
+    label: str | None = None  # a composition's name for metrics (else the adapter's)
     deadline: float = float("inf")  # time.monotonic(): then it ends with the tokens it has (or 504)
     future: Future[GenerationResult] = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -78,6 +91,25 @@ class GenerateWork:
 
     def __post_init__(self) -> None:
         assert (self.adapter is None) == (self.weights is None), "an adapter comes with its weights"
+        assert not (self.adapter and self.members), "one adapter or an ensemble's members"
+
+    @property
+    def uids(self) -> list[int]:
+        """The adapter versions its rows need in device slots."""
+        if self.members:
+            return [m.version.uid for m in self.members]
+        return [self.adapter.uid] if self.adapter is not None else []
+
+    @property
+    def rows(self) -> list[tuple[AdapterVersion | None, Adapter | None, float]]:
+        """Its rows' (adapter, weights, weight in the mean): one, or one per ensemble member."""
+        if self.members:
+            return [(m.version, m.weights, m.weight) for m in self.members]
+        return [(self.adapter, self.weights, 1.0)]
+
+    @property
+    def metric_name(self) -> str | None:
+        return self.label or (self.adapter.name if self.adapter else None)
 
 
 # --- commands: changes to engine state, applied between forwards ------------------------------

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 8  # stop strings per request (native and OpenAI routes)
-MAX_MEMBERS = 8  # adapters in one classification ensemble
+MAX_MEMBERS = 8  # adapters in one composition
+MergeMethod = Literal["cat", "linear", "ties"]
+GenerateMerge = Literal["cat", "linear", "ties", "average"]
+CompositionMethod = Literal["mean", "vote", "logits", "cat", "linear", "ties", "average"]
 
 
 class _Strict(BaseModel):
@@ -15,24 +19,59 @@ class _Strict(BaseModel):
 
 
 class EnsembleMember(_Strict):
-    name: str = Field(description="a classification adapter")
-    weight: float = Field(1.0, gt=0, description="its weight in the ensemble")
+    name: str = Field(description="an adapter")
+    weight: float = Field(
+        1.0, description="its weight: positive; merges (cat, linear, ties) also take negative weights"
+    )
+
+    @field_validator("weight")
+    @classmethod
+    def _usable(cls, v: float) -> float:
+        if not math.isfinite(v) or v == 0:
+            raise ValueError("a member's weight must be a finite non-zero number")
+        return v
+
+
+Members = list[str | EnsembleMember]
+_MEMBERS_FIELD = Field(
+    None,
+    min_length=1,
+    max_length=MAX_MEMBERS,
+    description="a composition instead of `adapter`: names, or {name, weight} objects",
+)
+_DENSITY_FIELD = Field(1.0, gt=0, le=1, description="ties: the share of each member's values kept")
+
+
+def member_list(adapters: Members | None, single: str | None) -> list[EnsembleMember]:
+    """The members asked for (one member of weight 1 for a single ``single`` adapter)."""
+    if adapters is None:
+        return [EnsembleMember(name=single or "")]
+    return [m if isinstance(m, EnsembleMember) else EnsembleMember(name=m) for m in adapters]
+
+
+def check_members(members: list[EnsembleMember], method: str) -> None:
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise ValueError("a composition names each adapter once (weights say how much it counts)")
+    if method not in ("cat", "linear", "ties") and any(m.weight < 0 for m in members):
+        raise ValueError(f"{method}: members' weights must be positive (only merges take negative ones)")
 
 
 class ClassifyRequest(_Strict):
     adapter: str | None = Field(None, description="name of a classification adapter")
-    adapters: list[str | EnsembleMember] | None = Field(
-        None,
-        min_length=1,
-        max_length=MAX_MEMBERS,
-        description="an ensemble instead of `adapter`: names, or {name, weight} objects; every "
-        "member runs as its own rows of the same batch",
-    )
+    adapters: Members | None = _MEMBERS_FIELD
     combine: Literal["mean", "vote", "logits"] = Field(
         "mean",
         description="ensembles: weighted mean of the probabilities, weighted majority vote (ties to "
-        "the higher mean probability), or weighted mean of the logits then softmax",
+        "the higher mean probability), or weighted mean of the logits then softmax; every member "
+        "runs as its own rows of the same batch",
     )
+    merge: MergeMethod | None = Field(
+        None,
+        description="instead of an ensemble, one adapter merged from the members' LoRA weights (PEFT's "
+        "add_weighted_adapter: cat = the exact weighted sum of the deltas, linear, ties)",
+    )
+    density: float = _DENSITY_FIELD
     return_members: bool = Field(False, description="ensembles: add each member's own result")
     inputs: str | list[str] = Field(description="one text or a list of texts")
     top_k: int | None = Field(None, ge=1, description="return only the k best labels in `scores`")
@@ -50,22 +89,28 @@ class ClassifyRequest(_Strict):
     @model_validator(mode="after")
     def _one_target(self) -> ClassifyRequest:
         if (self.adapter is None) == (self.adapters is None):
-            raise ValueError("give exactly one of `adapter` (a name) or `adapters` (an ensemble)")
-        names = [m.name for m in self.members]
-        if len(set(names)) != len(names):
-            raise ValueError("an ensemble names each adapter once (weights say how much it counts)")
+            raise ValueError("give exactly one of `adapter` (a name) or `adapters` (a composition)")
+        if self.merge is not None and ("combine" in self.model_fields_set or self.return_members):
+            raise ValueError(
+                "`merge` serves one merged adapter: `combine` and `return_members` are for ensembles"
+            )
+        if self.adapters is None and (self.merge is not None or "combine" in self.model_fields_set):
+            raise ValueError("`combine` and `merge` apply to `adapters` (a composition)")
+        check_members(self.members, self.method)
         return self
+
+    @property
+    def method(self) -> str:
+        return self.merge or self.combine
 
     @property
     def members(self) -> list[EnsembleMember]:
         """The adapters asked for, with their weights (one member of weight 1 for `adapter`)."""
-        if self.adapters is None:
-            return [EnsembleMember(name=self.adapter or "")]
-        return [m if isinstance(m, EnsembleMember) else EnsembleMember(name=m) for m in self.adapters]
+        return member_list(self.adapters, self.adapter)
 
     @property
     def target(self) -> str:
-        """The adapter, or the ensemble's members joined by '+' (its name in responses and metrics)."""
+        """The adapter, or the composition's members joined by '+' (its name in responses)."""
         return self.adapter if self.adapter is not None else "+".join(m.name for m in self.members)
 
     @property
@@ -94,7 +139,7 @@ class ClassifyUsage(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
-    adapter: str = Field(description="the adapter, or an ensemble's members joined by '+'")
+    adapter: str = Field(description="the adapter or named composition, or the members joined by '+'")
     results: list[ClassifyResult]
     usage: ClassifyUsage
 
@@ -105,7 +150,17 @@ class Message(_Strict):
 
 
 class GenerateRequest(_Strict):
-    adapter: str | None = Field(None, description="generation adapter; null = the bare base model")
+    adapter: str | None = Field(
+        None, description="generation adapter or named composition; null = the bare base model"
+    )
+    adapters: Members | None = _MEMBERS_FIELD
+    merge: GenerateMerge = Field(
+        "average",
+        description="with `adapters`: average = ensemble generation (every member runs as its own "
+        "rows; each token is sampled from the weighted mean of their next-token distributions), or "
+        "one adapter merged from the members' LoRA weights (cat, linear, ties)",
+    )
+    density: float = _DENSITY_FIELD
     prompt: str | None = Field(None, description="raw prompt (no chat template)")
     messages: list[Message] | None = Field(None, description="chat messages; the chat template is applied")
     max_new_tokens: int | None = Field(
@@ -127,7 +182,20 @@ class GenerateRequest(_Strict):
             raise ValueError("prompt must not be empty")
         if len(self.stop_list) > MAX_STOP or any(not s for s in self.stop_list):
             raise ValueError(f"stop takes at most {MAX_STOP} non-empty strings")
+        if self.adapter is not None and self.adapters is not None:
+            raise ValueError("give at most one of `adapter` (a name) or `adapters` (a composition)")
+        if self.adapters is None and "merge" in self.model_fields_set:
+            raise ValueError("`merge` applies to `adapters` (a composition)")
+        if self.adapters is not None:
+            check_members(member_list(self.adapters, None), self.merge)
         return self
+
+    @property
+    def target(self) -> str | None:
+        """The adapter, the composition's members joined by '+', or None (the bare base)."""
+        if self.adapters is None:
+            return self.adapter
+        return "+".join(m.name for m in member_list(self.adapters, None))
 
     @property
     def stop_list(self) -> list[str]:
@@ -140,7 +208,7 @@ class GenerateUsage(BaseModel):
 
 
 class GenerateResponse(BaseModel):
-    adapter: str | None
+    adapter: str | None = Field(description="as in `ClassifyResponse`; null: the bare base model")
     text: str
     finish_reason: Literal["stop", "length", "timeout"] = Field(
         description="stop: EOS or a stop string; length: max_new_tokens; timeout: cut off by the request "
@@ -168,5 +236,41 @@ class AdapterOut(BaseModel):
     request_count: int
 
 
+class CompositionIn(_Strict):
+    name: str = Field(description="the composition's name: used wherever an adapter name is")
+    members: Members = Field(min_length=1, max_length=MAX_MEMBERS, description="names or {name, weight}")
+    method: CompositionMethod = Field(
+        description="classification: mean, vote, logits (ensembles) or cat, linear, ties (merges); "
+        "generation: average (ensemble generation) or cat, linear, ties"
+    )
+    density: float = _DENSITY_FIELD
+
+    @model_validator(mode="after")
+    def _valid(self) -> CompositionIn:
+        check_members(member_list(self.members, None), self.method)
+        return self
+
+
+class MemberOut(BaseModel):
+    name: str
+    weight: float
+    version: int | None = Field(description="the member's current version (null: it is gone)")
+
+
+class CompositionOut(BaseModel):
+    name: str
+    kind: Literal["composition"] = "composition"
+    task: Literal["classify", "generate"] | None = Field(description="null: a member is gone")
+    method: CompositionMethod
+    density: float
+    members: list[MemberOut]
+    labels: list[str] | None
+    version: int
+    created_at: float
+
+
 class AdapterList(BaseModel):
     adapters: list[AdapterOut]
+    compositions: list[CompositionOut] = Field(
+        default_factory=list, description="named compositions (used by name like adapters)"
+    )
