@@ -175,10 +175,14 @@ class InferenceService:
                     f"{name!r} is a composition: members are adapters", param="adapters"
                 )
         infos = [self.registry.get(name) for name in comp.names]
+        wrong = [info for info in infos if task is not None and info.task != task]
+        if wrong and comp.name is None:
+            self.registry.for_task(wrong[0].name, task)  # type: ignore[arg-type]
         tasks = {info.task for info in infos}
         if len(tasks) > 1:
             raise IncompatibleMembers(
-                "a composition's members serve one task: " + ", ".join(f"{i.name} ({i.task})" for i in infos),
+                "a composition's members serve one task: "
+                + ", ".join(f"{i.name} ({i.task})" for i in infos),
                 param="adapters",
             )
         (own,) = tasks

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.conftest import admin_headers, expect_error, upload_archive
+from tests.helpers.bottleneck_ref import make_bottleneck
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GENERATE_PROMPTS, RefAdapter, make_adapter, zip_folder
 
 LABELS = ["business", "sport", "tech", "politics"]  # cls-4's
@@ -45,8 +46,11 @@ def extra(
             target_modules=["q_proj", "v_proj", "gate_proj"],
         ),
     }  # fmt: skip
-    for name, ref in made.items():
-        assert upload_archive(client, name, zip_folder(ref.folder), f"{name}.zip").status_code == 201
+    bn = make_bottleneck(
+        out, "mrg-bn", "classify", hidden=576, num_layers=30, seed=23, size=16, labels=LABELS
+    )
+    for name, folder in [*((n, r.folder) for n, r in made.items()), ("mrg-bn", bn.folder)]:
+        assert upload_archive(client, name, zip_folder(folder), f"{name}.zip").status_code == 201
     return {**uploaded, **made}
 
 
@@ -204,10 +208,14 @@ def test_ensemble_generation_equals_the_averaged_distributions(
 
 
 def test_composition_errors(client: TestClient, extra: dict[str, RefAdapter]) -> None:
-    bn_free = [{"name": "cls-4"}, {"name": "gen-qv-r8"}]
-    expect_error(
-        client.post("/classify", json={"adapters": bn_free, "inputs": "x"}), 400, "incompatible_members"
-    )
+    mixed = [{"name": "cls-4"}, {"name": "gen-qv-r8"}]
+    resp = client.post("/classify", json={"adapters": mixed, "inputs": "x"})
+    expect_error(resp, 409, "adapter_task_mismatch", "gen-qv-r8")
+    with_bn = {"adapters": ["cls-4", "mrg-bn"], "merge": "linear", "inputs": "x"}
+    resp = client.post("/classify", json=with_bn)
+    expect_error(resp, 400, "incompatible_members", "only LoRA adapters merge")
+    ensemble = client.post("/classify", json={**with_bn, "merge": None})  # an ensemble takes any kinds
+    assert ensemble.status_code == 200, ensemble.text
     expect_error(
         client.post(
             "/generate", json={"adapters": ["gen-qv-r8", "gen-pattern"], "merge": "linear", "prompt": "x"}
