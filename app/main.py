@@ -83,8 +83,11 @@ def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
 
 
 def _adapter_label(request: Request, metrics: Metrics, adapter: str | None) -> str:
-    """The bounded ``adapter`` label of an inference request: its adapter, ``base``, or ``unknown``
-    for a name the store does not hold (404s must not create a series per made-up name)."""
+    """The bounded ``adapter`` label of an inference request: its adapter or named composition,
+    ``base``, ``ad-hoc`` for a composition given in the request, or ``unknown`` for a name the
+    store does not hold (404s must not create a series per made-up name)."""
+    if adapter is not None and "+" in adapter:  # adapter names have no '+'
+        return "ad-hoc"
     registry: AdapterRegistry | None = getattr(request.app.state, "registry", None)
     compositions: Compositions | None = getattr(request.app.state, "compositions", None)
     known = adapter is not None and (

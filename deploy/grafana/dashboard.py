@@ -146,8 +146,33 @@ PANELS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
             ("loads {{tier}}", f"sum by (tier) (rate(adapterserve_adapter_loads_total[{RATE}]))"),
             ("evictions {{tier}}", f"sum by (tier) (rate(adapterserve_adapter_evictions_total[{RATE}]))"),
             ("load failures", f"sum(rate(adapterserve_adapter_load_failures_total[{RATE}]))"),
+            ("merges", f"sum(rate(adapterserve_adapter_merges_total[{RATE}]))"),
         ],
-        "Loads into host memory and device slots, LRU evictions, and stored adapters that failed to load.",
+        "Loads into host memory and device slots, LRU evictions, stored adapters that failed to load, "
+        "and merged adapters computed (a merge composition's first use, or after a member changed).",
+    ),
+    "Composition requests and latency": (
+        "reqps",
+        [
+            (
+                "{{composition}} {{endpoint}}",
+                "sum by (composition, endpoint) "
+                f"(rate(adapterserve_composition_request_duration_seconds_count[{RATE}]))",
+            ),
+        ],
+        "Requests per second that use a composition: a named one by its name, one given in the "
+        "request (`adapters`) as ad-hoc. Their latency is the next panel.",
+    ),
+    "Composition latency p95": (
+        "s",
+        [
+            (
+                "{{composition}}",
+                _q("0.95", "adapterserve_composition_request_duration_seconds", "composition"),
+            )
+        ],
+        "An ensemble of K members runs K rows per input or per generated token; a merge costs one "
+        "adapter's rows once merged.",
     ),
     "Store sync lag by replica": (
         "s",

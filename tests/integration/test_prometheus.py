@@ -86,6 +86,10 @@ def _traffic(client: TestClient, round_: int) -> None:
         assert resp.status_code == 200 and resp.read()
     chat = {"model": "gen-qv-r8", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
     assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    pair = ["gen-qv-r8", f"prom-gen-{round_}"]
+    for merge in ("average", "cat"):  # compositions: an ensemble and a merge
+        body = {"adapters": pair, "merge": merge, "prompt": GENERATE_PROMPTS[0], "max_new_tokens": 2}
+        assert client.post("/generate", json=body).status_code == 200
     assert client.post("/classify", json={"adapter": "no-such", "inputs": "x"}).status_code == 404
     assert client.post("/generate", json={"prompt": ""}).status_code == 422
 
