@@ -101,7 +101,8 @@ def main() -> None:
         f"{args.repeats} turns, {base.device} {str(base.dtype).removeprefix('torch.')}\n"
     )
     print(
-        "| configuration | tokens/s | time vs one adapter (turns: min-max) | time vs a plain adapter of its rank |"
+        "| configuration | tokens/s | time vs one adapter (turns: min-max) "
+        "| time vs a plain adapter of its rank |"
     )
     print("|---|---:|---:|---:|")
     for name, values in rates.items():
