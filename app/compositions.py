@@ -32,10 +32,13 @@ from app.adapters.merging import MERGE_METHODS, merge_lora
 from app.adapters.registry import AdapterRegistry
 from app.adapters.store import check_name
 from app.adapters.summary import summarize
-from app.errors import AdapterNotFound, Conflict, InvalidRequest
+from app.ensembles import shared_labels
+from app.errors import AdapterNotFound, Conflict, IncompatibleMembers, InvalidRequest, TaskMismatch
 
 log = logging.getLogger(__name__)
 
+Task = Literal["classify", "generate"]
+Held = list[tuple[AdapterInfo, Adapter]]
 Method = Literal["mean", "vote", "logits", "cat", "linear", "ties", "average"]
 METHODS: dict[str, tuple[str, ...]] = {  # task -> the methods that serve it
     "classify": ("mean", "vote", "logits", *MERGE_METHODS),
@@ -93,8 +96,9 @@ class Composition:
 class Compositions:
     """This replica's view of the named compositions in the store, and the merged adapters."""
 
-    def __init__(self, registry: AdapterRegistry) -> None:
+    def __init__(self, registry: AdapterRegistry, ensemble_rows: int = 8) -> None:
         self.registry = registry
+        self.ensemble_rows = ensemble_rows  # the most members of an ensemble generation
         self.store = registry.store
         self._named: dict[str, Composition] = {}
         self._merged: OrderedDict[tuple[Any, ...], AdapterInfo] = OrderedDict()  # LRU first
@@ -199,6 +203,53 @@ class Compositions:
                 param="name",
             )
 
+    # --- serving -----------------------------------------------------------------------------
+    async def check(self, comp: Composition, task: Task | None = None) -> Task:
+        """404/409/400 before any work: the members exist, serve one task (``task``, when given)
+        that the method serves, and (classification) share their labels. Returns the task."""
+        registry = self.registry
+        for name in comp.names:
+            await registry.lookup(name)
+            if self.get(name) is not None:
+                raise IncompatibleMembers(
+                    f"{name!r} is a composition: members are adapters", param="adapters"
+                )
+        infos = [registry.get(name) for name in comp.names]
+        wrong = [info for info in infos if task is not None and info.task != task]
+        if wrong and task is not None and comp.name is None:
+            registry.for_task(wrong[0].name, task)  # a request's own members: name the odd one
+        tasks = {info.task for info in infos}
+        if len(tasks) > 1:
+            raise IncompatibleMembers(
+                "a composition's members serve one task: " + ", ".join(f"{i.name} ({i.task})" for i in infos),
+                param="adapters",
+            )
+        (own,) = tasks
+        if task is not None and own != task:
+            endpoint = "/classify" if own == "classify" else "/generate"
+            raise TaskMismatch(f"{comp.label!r} is a {own} composition; use {endpoint}", param="adapter")
+        if comp.method not in METHODS[own]:
+            raise IncompatibleMembers(
+                f"{comp.method!r} does not combine {own} adapters; use one of {', '.join(METHODS[own])}",
+                param="method",
+            )
+        if own == "classify":
+            shared_labels([(i.name, i.labels) for i in infos])
+        if comp.method == "average" and len(infos) > self.ensemble_rows:
+            raise IncompatibleMembers(
+                "ensemble generation runs every member as a row of one batch, each in a device slot: "
+                f"at most {self.ensemble_rows} members here (MAX_BATCH_SIZE, MAX_DEVICE_ADAPTERS)",
+                param="adapters",
+            )
+        return own
+
+    async def held(self, comp: Composition, task: Task) -> Held:
+        """The members' current versions with their weights; a merge's one merged adapter."""
+        held = [await current(self.registry, name, task) for name in comp.names]
+        if comp.merges:
+            return [await asyncio.to_thread(self.merged, comp, held)]
+        return held
+
     # --- merged adapters --------------------------------------------------------------------
     def merged(
         self, comp: Composition, members: list[tuple[AdapterInfo, Adapter]]
@@ -242,3 +293,13 @@ class Compositions:
             self.registry.on_retire(old.handle)
         log.info("merged %s (%s of %s)", comp.label, comp.method, ", ".join(comp.names))
         return info, weights
+
+
+async def current(registry: AdapterRegistry, name: str, task: Task) -> tuple[AdapterInfo, Adapter]:
+    """The current version of adapter ``name`` with its weights (read from the store on first use,
+    in a worker thread; only the request that needs them waits)."""
+    info = registry.for_task(name, task)
+    weights = registry.cached(info)
+    if weights is not None:
+        return info, weights
+    return await asyncio.to_thread(registry.load, name, task)

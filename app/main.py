@@ -165,7 +165,7 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
             metrics=metrics,
             pinned=settings.pin_names,
         )
-        compositions = Compositions(registry)
+        compositions = Compositions(registry, min(settings.max_batch_size, settings.max_device_adapters))
         await asyncio.to_thread(registry.scan)
         compositions.sync()
         for option, names in (("PRELOAD", settings.preload_names), ("PIN", settings.pin_names)):

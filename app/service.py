@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
@@ -16,18 +16,16 @@ from transformers import PreTrainedTokenizerBase
 from app.adapters.kinds import Adapter
 from app.adapters.registry import AdapterInfo, AdapterRegistry
 from app.adapters.version import AdapterVersion
-from app.compositions import METHODS, Composition, Compositions
+from app.compositions import Composition, Compositions, Task, current
 from app.config import Settings
 from app.engine.engine import DEADLINE_GRACE_S, Engine
 from app.engine.types import GenerateWork, GenerationResult, Member, SamplingParams, StreamDelta
-from app.ensembles import classification_results, shared_labels
+from app.ensembles import classification_results
 from app.errors import (
     AdapterServeError,
     DeadlineExceeded,
     GenerationUnsupported,
-    IncompatibleMembers,
     InvalidRequest,
-    TaskMismatch,
     TooManyStreams,
     error_body,
 )
@@ -43,8 +41,6 @@ from app.protocol.native import (
 
 log = logging.getLogger(__name__)
 DEFAULT_NEW_TOKENS = 128
-Task = Literal["classify", "generate"]
-Held = list[tuple[AdapterInfo, Adapter]]
 
 
 @dataclass(frozen=True)
@@ -149,14 +145,10 @@ class InferenceService:
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
-    async def adapter(self, name: str, task: Literal["classify", "generate"]) -> tuple[AdapterInfo, Adapter]:
+    async def adapter(self, name: str, task: Task) -> tuple[AdapterInfo, Adapter]:
         """The current version of adapter ``name`` with its weights (read from the store on first use;
         only this request waits for that)."""
-        info = self.registry.for_task(name, task)
-        weights = self.registry.cached(info)
-        if weights is not None:
-            return info, weights
-        return await asyncio.to_thread(self.registry.load, name, task)
+        return await current(self.registry, name, task)
 
     async def composition(self, name: str | None, adhoc: Composition | None = None) -> Composition | None:
         """The composition a request uses: its own (``adapters``), or the named one ``name`` is;
@@ -164,53 +156,6 @@ class InferenceService:
         if adhoc is not None or name is None:
             return adhoc
         return await self.compositions.lookup(name)
-
-    async def check(self, comp: Composition, task: Task | None = None) -> Task:
-        """404/409/400 before any work: the members exist, serve one task that the method serves,
-        and (classification) share their labels. Returns the task."""
-        for name in comp.names:
-            await self.registry.lookup(name)
-            if self.compositions.get(name) is not None:
-                raise IncompatibleMembers(
-                    f"{name!r} is a composition: members are adapters", param="adapters"
-                )
-        infos = [self.registry.get(name) for name in comp.names]
-        wrong = [info for info in infos if task is not None and info.task != task]
-        if wrong and comp.name is None:
-            self.registry.for_task(wrong[0].name, task)  # type: ignore[arg-type]
-        tasks = {info.task for info in infos}
-        if len(tasks) > 1:
-            raise IncompatibleMembers(
-                "a composition's members serve one task: "
-                + ", ".join(f"{i.name} ({i.task})" for i in infos),
-                param="adapters",
-            )
-        (own,) = tasks
-        if task is not None and own != task:
-            endpoint = "/classify" if own == "classify" else "/generate"
-            raise TaskMismatch(f"{comp.label!r} is a {own} composition; use {endpoint}", param="adapter")
-        if comp.method not in METHODS[own]:
-            raise IncompatibleMembers(
-                f"{comp.method!r} does not combine {own} adapters; use one of {', '.join(METHODS[own])}",
-                param="method",
-            )
-        if own == "classify":
-            shared_labels([(i.name, i.labels) for i in infos])
-        rows = min(self.settings.max_batch_size, self.settings.max_device_adapters)
-        if comp.method == "average" and len(infos) > rows:
-            raise IncompatibleMembers(
-                f"ensemble generation runs every member as a row of one batch, each in a device slot: "
-                f"at most {rows} members here (MAX_BATCH_SIZE, MAX_DEVICE_ADAPTERS)",
-                param="adapters",
-            )
-        return own
-
-    async def held(self, comp: Composition, task: Task) -> Held:
-        """The members' current versions with their weights; a merge's one merged adapter."""
-        held = [await self.adapter(name, task) for name in comp.names]
-        if comp.merges:
-            return [await asyncio.to_thread(self.compositions.merged, comp, held)]
-        return held
 
     async def classify(self, req: ClassifyRequest) -> ClassifyResponse:
         """One adapter, an ensemble (every member runs its own rows of the same batches and the
@@ -220,7 +165,7 @@ class InferenceService:
             adhoc = Composition(tuple((m.name, m.weight) for m in req.members), req.method, req.density)  # type: ignore[arg-type]
         comp = await self.composition(req.adapter, adhoc)
         if comp is not None:
-            await self.check(comp, "classify")
+            await self.compositions.check(comp, "classify")
         else:
             await self.registry.lookup(req.target)  # 404/409 before any other check
             self.registry.for_task(req.target, "classify")
@@ -239,7 +184,7 @@ class InferenceService:
         if comp is None:
             held, shares, method = [await self.adapter(req.target, "classify")], [1.0], "mean"
         else:
-            held = await self.held(comp, "classify")
+            held = await self.compositions.held(comp, "classify")
             shares = [1.0] if comp.merges else comp.weights
             method = "mean" if comp.merges else comp.method
         for info, _ in held:
@@ -265,7 +210,7 @@ class InferenceService:
             raise GenerationUnsupported(self.cannot_generate)
         comp = await self.composition(spec.adapter, spec.composition)
         if comp is not None:
-            await self.check(comp, "generate")
+            await self.compositions.check(comp, "generate")
         elif spec.adapter is not None:
             await self.registry.lookup(spec.adapter)
             self.registry.for_task(spec.adapter, "generate")  # 404/409 before any other check
@@ -298,7 +243,7 @@ class InferenceService:
             stop=spec.stop,
         )
         if comp is not None:
-            held = await self.held(comp, "generate")
+            held = await self.compositions.held(comp, "generate")
             for info, _ in held:
                 self.registry.touch(info)
             if comp.merges:

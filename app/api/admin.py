@@ -126,8 +126,8 @@ async def create_composition(body: CompositionIn, service: ServiceDep) -> Compos
     comp = Composition(members, body.method, body.density, name=body.name)
     if service.registry.find(body.name) is not None:
         raise Conflict(f"{body.name!r} is an adapter's name; a composition needs its own", param="name")
-    task = await service.check(comp)
-    await service.held(comp, task)
+    task = await service.compositions.check(comp)
+    await service.compositions.held(comp, task)
     saved = await asyncio.to_thread(service.compositions.save, comp)
     return CompositionOut(**service.compositions.describe(saved))
 

@@ -135,6 +135,21 @@ def test_three_replicas_converge_on_one_store(
             assert _scores(url, "shared") == _scores(url, "fresh")
             assert _close(_scores(url, "shared"), refs["cls-pattern"])
 
+        # a composition named through A: B serves it at once, C lists it within the bound; the
+        # member it uses cannot be deleted through C; deleted through B, it is gone everywhere
+        body = {"name": "pair", "members": ["shared", "fresh"], "method": "mean"}
+        assert httpx.post(f"{a}/admin/compositions", json=body, headers=ADMIN).status_code == 201
+        ensemble = _scores(b, "pair")
+        assert not isinstance(ensemble, int) and not isinstance(_scores(b, "shared"), int)
+        lags["composition"] = _within(
+            BOUND_S,
+            lambda: "pair" in {x["name"] for x in httpx.get(f"{c}/v1/adapters").json()["compositions"]},
+        )
+        assert _scores(c, "pair") == ensemble
+        assert httpx.delete(f"{c}/admin/adapters/fresh", headers=ADMIN).status_code == 409
+        assert httpx.delete(f"{b}/admin/compositions/pair", headers=ADMIN).status_code == 204
+        lags["composition-delete"] = _within(BOUND_S, lambda: all(_scores(u, "pair") == 404 for u in (a, c)))
+
         # delete on C: A and B answer 404 and list nothing of it within the bound
         assert httpx.delete(f"{c}/admin/adapters/shared", headers=ADMIN).status_code == 204
         lags["delete"] = _within(
