@@ -1,0 +1,248 @@
+"""Weight-only quantization of the base model: its linear layers and token embeddings stored as
+integers, activations and every adapter (LoRA, bottleneck, heads) in full precision.
+
+- ``int8``: per output channel, symmetric (``w ≈ q · s``, q in [-127, 127]); the matmul is
+  PyTorch's own ``_weight_int8pack_mm`` (CPU and CUDA).
+- ``int4``: group-wise along the input dimension (groups of 64), asymmetric in the tinygemm
+  convention (``w ≈ (q - 8) · s + z``, q in [0, 15]); the matmul is PyTorch's
+  ``_weight_int4pack_mm_for_cpu`` on CPU, ``_weight_int4pack_mm`` on CUDA. A layer whose shape the
+  int4 kernel cannot take stays int8.
+- Token embeddings: int8 per row in both modes (the row of a token is what a lookup reads); a
+  language-model head tied to them reads the same int8 rows through the int8 matmul.
+
+The classification head modules (what adapters replace) stay in full precision.
+:meth:`QuantizedLinear.dequantized` gives the exact weights a layer computes with (the reference
+for parity with PEFT, and for training adapters on the weights they are served with).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Quantization = Literal["none", "int8", "int4"]
+QUANTIZATIONS: tuple[Quantization, ...] = ("none", "int8", "int4")
+INT4_GROUP = 64
+
+
+def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: (q [rows, cols] int8, scale [rows] float32)."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _int4_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric int4 (tinygemm): (q [out, in] int32 in [0, 15], scale and zero
+    [out, in / group] float32) with ``w ≈ (q - 8) · scale + zero``."""
+    w = w.detach().float()
+    out, width = w.shape
+    g = w.reshape(out, width // group, group)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    zero = lo + 8 * scale
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return q.reshape(out, width), scale, zero
+
+
+def _inner_k_tiles(width: int) -> int | None:
+    """The CUDA int4 layout's tiling for an input width (None: it cannot take it)."""
+    for tiles in (8, 4, 2):
+        if width % (tiles * 16) == 0:
+            return tiles
+    return None
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer with int8 or int4 weights (see the module docstring)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kind: Literal["int8", "int4"],
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.kind = in_features, out_features, kind
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)  # int8: [out]; int4: scales and zeros [groups, out, 2]
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.compute_dtype = dtype
+
+    @classmethod
+    def of(cls, layer: nn.Linear, kind: Literal["int8", "int4"]) -> QuantizedLinear:
+        """``layer`` quantized on its own device; int4 falls back to int8 where the kernel cannot
+        take the layer's shape."""
+        w = layer.weight
+        dtype, device = w.dtype, w.device
+        out, width = w.shape
+        if kind == "int4" and (
+            width % INT4_GROUP or (device.type == "cuda" and _inner_k_tiles(width) is None)
+        ):
+            log.info("a %dx%d layer cannot take the int4 kernel: int8", out, width)
+            kind = "int8"
+        if kind == "int8":
+            q, scale = _int8_rows(w)
+            return cls(width, out, kind, q, scale.to(dtype), layer.bias, dtype)
+        q, scale, zero = _int4_groups(w, INT4_GROUP)
+        scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=2).contiguous().to(dtype)
+        if device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        else:
+            pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(pairs, _inner_k_tiles(width))
+        return cls(width, out, kind, packed, scales_and_zeros, layer.bias, dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        tensors = [self.packed, self.scales] + ([self.bias] if self.bias is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != self.compute_dtype:
+            flat = flat.to(self.compute_dtype)
+        if self.kind == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.packed, self.scales)
+        elif self.packed.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat.contiguous(), self.packed, INT4_GROUP, self.scales
+            )
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(flat.contiguous(), self.packed, INT4_GROUP, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def dequantized(self) -> torch.Tensor:
+        """The weights [out, in] this layer computes with, exactly: the kernel applied to the
+        identity (each output is one weight times 1 plus zeros)."""
+        eye = torch.eye(self.in_features, dtype=self.compute_dtype, device=self.packed.device)
+        bias, self.bias = self.bias, None
+        try:
+            return self.forward(eye).t().contiguous()
+        finally:
+            self.bias = bias
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embeddings as int8 rows with a scale each (a subclass's ``embed_scale`` kept)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        q, scale = _int8_rows(embedding.weight)
+        self.register_buffer("packed", q)
+        self.register_buffer("scales", scale.to(embedding.weight.dtype))
+        self.padding_idx = embedding.padding_idx
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.compute_dtype = embedding.weight.dtype
+        scale_attr = getattr(embedding, "embed_scale", None)  # Gemma scales its embeddings
+        self.embed_scale = None if scale_attr is None else torch.as_tensor(scale_attr).clone()
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.packed.numel() + self.scales.numel() * self.scales.element_size()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.packed[ids].to(self.compute_dtype) * self.scales[ids].unsqueeze(-1)
+        if self.embed_scale is not None:
+            rows = rows * self.embed_scale.to(rows.dtype)
+        return rows
+
+    def head(self, bias: torch.Tensor | None) -> QuantizedLinear:
+        """A language-model head tied to these embeddings, reading the same int8 rows."""
+        return QuantizedLinear(
+            self.embedding_dim,
+            self.num_embeddings,
+            "int8",
+            self.packed,
+            self.scales,
+            bias,
+            self.compute_dtype,
+        )
+
+    @torch.no_grad()
+    def dequantized(self) -> torch.Tensor:
+        return self.packed.to(self.compute_dtype) * self.scales.unsqueeze(-1)
+
+
+def quantize_model(model: nn.Module, kind: Quantization, keep: tuple[str, ...] = ()) -> int:
+    """Replace ``model``'s linear layers and token embeddings by quantized ones, in place (modules
+    named in ``keep`` stay as they are); return the base's weight bytes afterwards."""
+    if kind == "none":
+        return weight_bytes(model)
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    embedding = get_in() if get_in is not None else None
+    head = get_out() if get_out is not None else None
+    tied = (
+        isinstance(embedding, nn.Embedding)
+        and isinstance(head, nn.Linear)
+        and head.weight.data_ptr() == embedding.weight.data_ptr()
+    )
+    replaced: dict[int, nn.Module] = {}  # id(old module) -> its replacement
+    if isinstance(embedding, nn.Embedding):
+        quantized = QuantizedEmbedding(embedding)
+        replaced[id(embedding)] = quantized
+        if tied:
+            assert isinstance(head, nn.Linear)
+            replaced[id(head)] = quantized.head(head.bias)
+    for name, mod in list(model.named_modules()):
+        if not name or any(name == k or name.endswith("." + k) for k in keep):
+            continue
+        new = replaced.get(id(mod))
+        if new is None and type(mod) is nn.Linear:
+            new = replaced[id(mod)] = QuantizedLinear.of(mod, kind)
+        if new is not None:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
+    return weight_bytes(model)
+
+
+@torch.no_grad()
+def snap_to_quantized(model: nn.Module, kind: Quantization, keep: tuple[str, ...] = ()) -> None:
+    """Set ``model``'s float weights to exactly the values :func:`quantize_model` would compute
+    with (its linear layers, token embeddings and a head tied to them), in place: training on these
+    is training on the weights a quantized server is served with (QLoRA-style; gradients flow
+    through the float copies)."""
+    if kind == "none":
+        return
+    get_in = getattr(model, "get_input_embeddings", None)
+    embedding = get_in() if get_in is not None else None
+    if isinstance(embedding, nn.Embedding):
+        embedding.weight.copy_(QuantizedEmbedding(embedding).dequantized())
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear or any(name == k or name.endswith("." + k) for k in keep):
+            continue
+        if isinstance(embedding, nn.Embedding) and mod.weight.data_ptr() == embedding.weight.data_ptr():
+            continue  # a head tied to the embeddings: snapped with them
+        mod.weight.copy_(QuantizedLinear.of(mod, kind).dequantized())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights (parameters and buffers; shared tensors once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total

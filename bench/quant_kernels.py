@@ -1,0 +1,97 @@
+"""Weight-only quantized matmul kernels on this machine, for choosing the quantized base's kernels:
+fp32 ``F.linear`` against PyTorch's own int8 (``_weight_int8pack_mm``: per output channel) and
+int4 (``_weight_int4pack_mm_for_cpu`` / ``_weight_int4pack_mm``: group-wise) kernels, and against
+torchao's weight-only int8 and int4 tensors when torchao is importable (not a dependency).
+
+    python -m bench.quant_kernels [--rows 1 16 64] [--repeats 200]
+
+Shapes: the default base's (SmolLM2-135M) linear layers, one decoder layer's worth (q, k, v, o,
+gate, up, down). Prints one markdown table: microseconds per layer stack and the rate relative to
+fp32, measured in turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from app.models.quantize import QuantizedLinear
+
+SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+
+
+def _torchao(kind: str, layers: list[nn.Linear]) -> list[nn.Module] | None:
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        return None
+    out: list[nn.Module] = []
+    for layer in layers:
+        copy = nn.Linear(layer.in_features, layer.out_features, bias=False)
+        copy.weight.data.copy_(layer.weight.data)
+        if kind == "int8":
+            quantize_(copy, Int8WeightOnlyConfig())
+        else:
+            quantize_(copy, Int4WeightOnlyConfig(group_size=64, int4_packing_format="opaque"))
+        out.append(copy)
+    return out
+
+
+def _runner(mods: list[nn.Module], xs: dict[int, torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        for (_, i), m in zip(SHAPES, mods, strict=True):
+            m(xs[i])
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--turns", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    layers = [nn.Linear(i, o, bias=False) for o, i in SHAPES]
+    stacks: dict[str, list[nn.Module]] = {
+        "fp32 F.linear": list(layers),
+        "int8, PyTorch _weight_int8pack_mm": [QuantizedLinear.of(m, "int8") for m in layers],
+        "int4 g64, PyTorch _weight_int4pack_mm": [QuantizedLinear.of(m, "int4") for m in layers],
+    }
+    for kind in ("int8", "int4"):
+        quantized = _torchao(kind, layers)
+        if quantized is not None:
+            stacks[f"{kind}, torchao weight-only"] = quantized
+    print("\n| kernel | " + " | ".join(f"{r} rows: µs (vs fp32)" for r in args.rows) + " |")
+    print("|---|" + "---:|" * len(args.rows))
+    results: dict[str, list[str]] = {name: [] for name in stacks}
+    for rows in args.rows:
+        xs = {i: torch.randn(rows, i) for _, i in SHAPES}
+
+        times: dict[str, list[float]] = {name: [] for name in stacks}
+        with torch.inference_mode():
+            for _ in range(args.turns):
+                for name, mods in stacks.items():
+                    run = _runner(mods, xs)
+                    run()
+                    start = time.perf_counter()
+                    for _ in range(args.repeats):
+                        run()
+                    times[name].append((time.perf_counter() - start) / args.repeats * 1e6)
+        base = times["fp32 F.linear"]
+        for name, values in times.items():
+            ratio = statistics.median(b / v for b, v in zip(base, values, strict=True))
+            results[name].append(f"{statistics.median(values):.0f} ({ratio:.2f}x)")
+    for name, cells in results.items():
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
