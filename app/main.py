@@ -149,7 +149,12 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
         model = base
         if model is None:
             model = await asyncio.to_thread(
-                load_base_model, settings.base_model, settings.cache_dir, settings.device, settings.dtype
+                load_base_model,
+                settings.base_model,
+                settings.cache_dir,
+                settings.device,
+                settings.dtype,
+                settings.quantization,
             )
         store = await asyncio.to_thread(open_store, settings)
         limits = ArchiveLimits(
@@ -184,6 +189,8 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
             if name not in settings.pin_names:
                 await load_on_device(registry, engine, name)
         app.state.model_id = model.spec.model_id
+        app.state.quantization = model.quantization
+        metrics.base_weight_bytes.set(model.weight_bytes)
         app.state.registry = registry
         app.state.engine = engine
         cannot_generate = (
@@ -196,7 +203,7 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
             settings, registry, engine, model.tokenizer, model.spec.max_context, cannot_generate, compositions
         )
         app.state.compositions = compositions
-        app.state.openai = OpenAIService(service, registry, model.spec.model_id)
+        app.state.openai = OpenAIService(service, registry, model.spec.model_id, model.quantization)
         syncing = asyncio.create_task(keep_in_sync(registry, compositions, engine, settings, metrics))
         log.info("adapterserve ready: %d adapters in %s", len(registry.list()), settings.store)
         try:

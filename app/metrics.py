@@ -106,6 +106,11 @@ class Metrics:
             registry=r,
         )
 
+        self.base_weight_bytes = Gauge(
+            "adapterserve_base_weight_bytes",
+            "bytes of the base model's weights in memory (after quantization, embeddings included)",
+            registry=r,
+        )
         self.adapter_merges = Counter(
             "adapterserve_adapter_merges_total",
             "merged adapters computed (a composition's first use, or after a member changed)",

@@ -16,6 +16,7 @@ from typing import Any
 from app.adapters.registry import AdapterRegistry
 from app.engine.types import GenerationResult, StreamDelta
 from app.errors import AdapterNotFound, AdapterServeError, InvalidRequest, openai_error_body, status_of
+from app.models.quantize import Quantization
 from app.protocol.openai import (
     AssistantMessage,
     ChatChoice,
@@ -36,8 +37,15 @@ OPENAI_DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature 0 for gre
 class OpenAIService:
     """Translates OpenAI requests into generations and the results back into OpenAI's objects."""
 
-    def __init__(self, service: InferenceService, registry: AdapterRegistry, model_id: str) -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        registry: AdapterRegistry,
+        model_id: str,
+        quantization: Quantization = "none",
+    ) -> None:
         self.service = service
+        self.quantization = quantization
         self.registry = registry
         self.model_id = model_id
         self.created = int(time.time())
@@ -62,7 +70,11 @@ class OpenAIService:
     def models(self) -> ModelList:
         if self.service.cannot_generate:  # an encoder base: no model here can generate
             return ModelList(data=[])
-        cards = [ModelCard(id=self.model_id, created=self.created, root=self.model_id)]
+        cards = [
+            ModelCard(
+                id=self.model_id, created=self.created, root=self.model_id, quantization=self.quantization
+            )
+        ]
         for info in self.registry.list():
             if info.task == "generate":
                 cards.append(

@@ -30,7 +30,7 @@ def _torchao(kind: str, layers: list[nn.Linear]) -> list[nn.Module] | None:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError:
         return None
-    out = []
+    out: list[nn.Module] = []
     for layer in layers:
         copy = nn.Linear(layer.in_features, layer.out_features, bias=False)
         copy.weight.data.copy_(layer.weight.data)
@@ -40,6 +40,14 @@ def _torchao(kind: str, layers: list[nn.Linear]) -> list[nn.Module] | None:
             quantize_(copy, Int4WeightOnlyConfig(group_size=64, int4_packing_format="opaque"))
         out.append(copy)
     return out
+
+
+def _runner(mods: list[nn.Module], xs: dict[int, torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        for (_, i), m in zip(SHAPES, mods, strict=True):
+            m(xs[i])
+
+    return run
 
 
 def main() -> None:
@@ -67,18 +75,11 @@ def main() -> None:
     for rows in args.rows:
         xs = {i: torch.randn(rows, i) for _, i in SHAPES}
 
-        def runner(mods: list[nn.Module]) -> Callable[[], None]:
-            def run() -> None:
-                for (_, i), m in zip(SHAPES, mods, strict=True):
-                    m(xs[i])
-
-            return run
-
         times: dict[str, list[float]] = {name: [] for name in stacks}
         with torch.inference_mode():
             for _ in range(args.turns):
                 for name, mods in stacks.items():
-                    run = runner(mods)
+                    run = _runner(mods, xs)
                     run()
                     start = time.perf_counter()
                     for _ in range(args.repeats):

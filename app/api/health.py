@@ -21,6 +21,7 @@ async def healthz() -> dict[str, str]:
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     model: str | None
+    quantization: Literal["none", "int8", "int4"] | None = None
 
 
 _READY: dict[int | str, dict[str, Any]] = {
@@ -40,6 +41,7 @@ async def readyz(request: Request) -> JSONResponse:
     body = {
         "status": "ready" if ready else "not_ready",
         "model": getattr(request.app.state, "model_id", None),
+        "quantization": getattr(request.app.state, "quantization", None),
     }
     return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -20,6 +20,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
+from app.models.quantize import Quantization, quantize_model
 from app.models.sources import resolve_model_path
 from app.models.surface import ModelSurface, surface_for
 
@@ -54,6 +55,8 @@ class BaseLM:
     dtype: torch.dtype
     path: Path
     surface: ModelSurface
+    quantization: Quantization = "none"
+    weight_bytes: int = 0  # the base's weights in memory (after quantization)
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -116,8 +119,11 @@ def read_spec(base_model: str, cache_dir: Path) -> BaseSpec:
     return spec_of(skeleton, model_id)
 
 
-def load_base_model(base_model: str, cache_dir: Path, device: str, dtype: str) -> BaseLM:
-    """Load the frozen base model (eval mode, no gradients) on the resolved device and dtype."""
+def load_base_model(
+    base_model: str, cache_dir: Path, device: str, dtype: str, quantization: Quantization = "none"
+) -> BaseLM:
+    """Load the frozen base model (eval mode, no gradients) on the resolved device and dtype, its
+    weights quantized as asked (:mod:`app.models.quantize`)."""
     path, model_id = resolve_model_path(base_model, cache_dir)
     surface = surface_for(str(AutoConfig.from_pretrained(path).model_type))  # refuse before loading
     dev = resolve_device(device)
@@ -147,7 +153,24 @@ def load_base_model(base_model: str, cache_dir: Path, device: str, dtype: str) -
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     spec = spec_of(model, model_id)
-    log.info("base model %s loaded from %s on %s (%s)", model_id, path, dev, dt)
+    nbytes = quantize_model(model, quantization, keep=surface.head_modules)
+    log.info(
+        "base model %s loaded from %s on %s (%s, quantization %s: %.0f MB of weights)",
+        model_id,
+        path,
+        dev,
+        dt,
+        quantization,
+        nbytes / 1e6,
+    )
     return BaseLM(
-        model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt, path=path, surface=surface
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        device=dev,
+        dtype=dt,
+        path=path,
+        surface=surface,
+        quantization=quantization,
+        weight_bytes=nbytes,
     )

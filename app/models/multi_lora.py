@@ -19,6 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from app.models.bottleneck_bank import BottleneckBank
+from app.models.quantize import QuantizedLinear
 from app.models.routing import BASE_SLOT, Routing, RoutingContext
 
 __all__ = [
@@ -32,11 +33,15 @@ __all__ = [
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen ``nn.Linear`` (or GPT-2's ``Conv1D``, the same map with its weight stored [in, out])
-    plus, per row, the LoRA delta of its slot and the bottleneck module of its slot applied to the
-    output (each from stacked slot banks; a row's adapter has one kind)."""
+    """A frozen ``nn.Linear`` (or GPT-2's ``Conv1D``, the same map with its weight stored [in, out],
+    or a :class:`QuantizedLinear` of a quantized base) plus, per row, the LoRA delta of its slot and
+    the bottleneck module of its slot applied to the output (each from stacked slot banks; a row's
+    adapter has one kind)."""
 
-    def __init__(self, base: nn.Linear | Conv1D, ctx: RoutingContext) -> None:
+    _dtype: torch.dtype
+    _device: torch.device
+
+    def __init__(self, base: nn.Linear | Conv1D | QuantizedLinear, ctx: RoutingContext) -> None:
         super().__init__()
         self.base = base
         self.ctx = ctx
@@ -44,6 +49,10 @@ class MultiLoraLinear(nn.Module):
             self._in, self._out = int(base.weight.shape[0]), int(base.weight.shape[1])
         else:
             self._in, self._out = base.in_features, base.out_features
+        if isinstance(base, QuantizedLinear):
+            self._dtype, self._device = base.compute_dtype, base.packed.device
+        else:
+            self._dtype, self._device = base.weight.dtype, base.weight.device
         self.lora_A: torch.Tensor | None = None  # [slots, r, in]
         self.lora_B: torch.Tensor | None = None  # [slots, out, r]
         self.ranks: dict[int, int] = {}  # slot -> rank, for the slots with weights in this layer
@@ -77,7 +86,9 @@ class MultiLoraLinear(nn.Module):
         and the base GEMM accumulates into them in place (addmm, beta=1): adding the deltas after
         the base would cost one more pass over the output."""
         assert self.lora_A is not None and self.lora_B is not None
-        width, bias = x.shape[-1], self.base.bias
+        width = x.shape[-1]
+        # a quantized base's kernel adds its bias itself
+        bias = None if isinstance(self.base, QuantizedLinear) else self.base.bias
         flat = x.reshape(-1, width)
         if routing.single is not None:
             rank = self.ranks[routing.single]
@@ -92,8 +103,12 @@ class MultiLoraLinear(nn.Module):
                 out = torch.bmm(h, b_t)
             else:
                 out = torch.baddbmm(bias.expand(rows, h.shape[1], self._out), h, b_t)
-        weight = self.base.weight  # Conv1D stores it [in, out], Linear [out, in]
-        out = out.view(-1, self._out).addmm_(flat, weight if isinstance(self.base, Conv1D) else weight.t())
+        base = self.base
+        if isinstance(base, QuantizedLinear):  # its kernel writes a new output: add the deltas to it
+            out = base(flat).add_(out.view(-1, self._out))
+        else:  # Conv1D stores its weight [in, out], Linear [out, in]
+            weight = base.weight if isinstance(base, Conv1D) else base.weight.t()
+            out = out.view(-1, self._out).addmm_(flat, weight)
         return out.view(*x.shape[:-1], self._out)
 
     def _per_row_weights(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,16 +151,14 @@ class MultiLoraLinear(nn.Module):
     ) -> None:
         """Write one bottleneck module that follows this layer's output into ``slot``."""
         if self.bottleneck is None:
-            w = self.base.weight
-            self.bottleneck = BottleneckBank(self.out_features, w.device, w.dtype)
+            self.bottleneck = BottleneckBank(self.out_features, self._device, self._dtype)
         room = _grown(self.bottleneck.down.shape[0], slot, max_slots)
         self.bottleneck.set_slot(slot, weights, activation, scale, room)
 
     def _resize(self, slots: int, rank: int) -> None:
         """Reallocate the banks as [slots, rank, ...], keeping the weights of the active slots."""
-        w = self.base.weight
-        a = torch.zeros(slots, rank, self.in_features, dtype=w.dtype, device=w.device)
-        b = torch.zeros(slots, self.out_features, rank, dtype=w.dtype, device=w.device)
+        a = torch.zeros(slots, rank, self.in_features, dtype=self._dtype, device=self._device)
+        b = torch.zeros(slots, self.out_features, rank, dtype=self._dtype, device=self._device)
         if self.lora_A is not None and self.lora_B is not None:
             n, r = min(slots, self.lora_A.shape[0]), min(rank, self.lora_A.shape[1])
             a[:n, :r] = self.lora_A[:n, :r]
@@ -263,7 +276,8 @@ def _grown(current: int, slot: int, max_slots: int) -> int:
 
 
 def wrap_linear_layers(model: nn.Module, ctx: RoutingContext) -> dict[str, MultiLoraLinear]:
-    """Replace every ``nn.Linear`` (and ``Conv1D``) of ``model`` by a :class:`MultiLoraLinear`.
+    """Replace every ``nn.Linear`` (and ``Conv1D``, :class:`QuantizedLinear`) of ``model`` by a
+    :class:`MultiLoraLinear`.
 
     A model wrapped before (by an earlier engine on the same base) is taken over: its layers get
     the new routing context and empty banks.
@@ -277,7 +291,7 @@ def wrap_linear_layers(model: nn.Module, ctx: RoutingContext) -> dict[str, Multi
             mod.bottleneck = None
             mod._gathered = None
             wrapped[name] = mod
-        elif isinstance(mod, nn.Linear | Conv1D) and name and not name.endswith(".base"):
+        elif isinstance(mod, nn.Linear | Conv1D | QuantizedLinear) and name and not name.endswith(".base"):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             layer = MultiLoraLinear(mod, ctx)

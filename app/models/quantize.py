@@ -62,6 +62,9 @@ def _inner_k_tiles(width: int) -> int | None:
 class QuantizedLinear(nn.Module):
     """A frozen linear layer with int8 or int4 weights (see the module docstring)."""
 
+    packed: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(
         self,
         in_features: int,
@@ -86,7 +89,9 @@ class QuantizedLinear(nn.Module):
         w = layer.weight
         dtype, device = w.dtype, w.device
         out, width = w.shape
-        if kind == "int4" and (width % INT4_GROUP or (device.type == "cuda" and _inner_k_tiles(width) is None)):
+        if kind == "int4" and (
+            width % INT4_GROUP or (device.type == "cuda" and _inner_k_tiles(width) is None)
+        ):
             log.info("a %dx%d layer cannot take the int4 kernel: int8", out, width)
             kind = "int8"
         if kind == "int8":
@@ -103,7 +108,7 @@ class QuantizedLinear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        tensors = [self.packed, self.scales, *([self.bias] if self.bias is not None else [])]
+        tensors = [self.packed, self.scales] + ([self.bias] if self.bias is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,6 +142,9 @@ class QuantizedLinear(nn.Module):
 class QuantizedEmbedding(nn.Module):
     """Token embeddings as int8 rows with a scale each (a subclass's ``embed_scale`` kept)."""
 
+    packed: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(self, embedding: nn.Embedding) -> None:
         super().__init__()
         q, scale = _int8_rows(embedding.weight)
@@ -161,7 +169,13 @@ class QuantizedEmbedding(nn.Module):
     def head(self, bias: torch.Tensor | None) -> QuantizedLinear:
         """A language-model head tied to these embeddings, reading the same int8 rows."""
         return QuantizedLinear(
-            self.embedding_dim, self.num_embeddings, "int8", self.packed, self.scales, bias, self.compute_dtype
+            self.embedding_dim,
+            self.num_embeddings,
+            "int8",
+            self.packed,
+            self.scales,
+            bias,
+            self.compute_dtype,
         )
 
     @torch.no_grad()
@@ -201,6 +215,26 @@ def quantize_model(model: nn.Module, kind: Quantization, keep: tuple[str, ...] =
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)
     return weight_bytes(model)
+
+
+@torch.no_grad()
+def snap_to_quantized(model: nn.Module, kind: Quantization, keep: tuple[str, ...] = ()) -> None:
+    """Set ``model``'s float weights to exactly the values :func:`quantize_model` would compute
+    with (its linear layers, token embeddings and a head tied to them), in place: training on these
+    is training on the weights a quantized server is served with (QLoRA-style; gradients flow
+    through the float copies)."""
+    if kind == "none":
+        return
+    get_in = getattr(model, "get_input_embeddings", None)
+    embedding = get_in() if get_in is not None else None
+    if isinstance(embedding, nn.Embedding):
+        embedding.weight.copy_(QuantizedEmbedding(embedding).dequantized())
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear or any(name == k or name.endswith("." + k) for k in keep):
+            continue
+        if isinstance(embedding, nn.Embedding) and mod.weight.data_ptr() == embedding.weight.data_ptr():
+            continue  # a head tied to the embeddings: snapped with them
+        mod.weight.copy_(QuantizedLinear.of(mod, kind).dequantized())
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -233,6 +233,9 @@ class ModelCard(BaseModel):
     owned_by: str = "adapterserve"
     parent: str | None = None
     root: str
+    quantization: Literal["none", "int8", "int4"] | None = Field(
+        None, description="the base model's weight quantization (the base's card only)"
+    )
 
 
 class ModelList(BaseModel):

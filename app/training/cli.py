@@ -89,6 +89,14 @@ def add_train_parser(sub: Any) -> None:
     h.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     h.add_argument("--seed", type=int, default=0, help="random seed (data order, initialisation)")
     h.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    h.add_argument(
+        "--quantization",
+        choices=["none", "int8", "int4"],
+        default=None,
+        help="train on the base's weights as a server with this ADAPTERSERVE_QUANTIZATION computes "
+        "with them (QLoRA-style: the adapter learns on the weights it is served with); default: "
+        "ADAPTERSERVE_QUANTIZATION, else none",
+    )
     o = p.add_argument_group("hand-over")
     o.add_argument("--upload", metavar="URL", help="upload to a running server, e.g. http://127.0.0.1:8000")
     o.add_argument("--admin-token", help="admin token for --upload (default: ADAPTERSERVE_ADMIN_TOKEN)")
@@ -155,6 +163,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         base_model=settings.base_model,
         cache_dir=settings.cache_dir,
         device=args.device,
+        quantization=args.quantization or settings.quantization,
     )
     try:
         metrics = train(opts).metrics

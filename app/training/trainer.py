@@ -33,6 +33,7 @@ from transformers.utils import logging as hf_logging
 
 from app.adapters.lora_format import LABELS_FILE
 from app.models.base_lm import resolve_device, resolve_model_path
+from app.models.quantize import Quantization, snap_to_quantized
 from app.models.surface import surface_for
 from app.training import data as D
 from app.training.bottleneck_modules import BottleneckConfig, BottleneckModel, get_bottleneck_model
@@ -85,6 +86,7 @@ class TrainOptions:
     base_model: str = ""
     cache_dir: Path = Path.home() / ".cache" / "adapterserve"
     device: str = "auto"
+    quantization: Quantization = "none"  # train on the weights a server quantized so computes with
 
 
 @dataclass
@@ -229,6 +231,8 @@ def _load_model(opts: TrainOptions, path: Path, labels: list[str] | None, pad_id
         model.config.pad_token_id = pad_id
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    head = surface_for(str(model.config.model_type)).head_modules
+    snap_to_quantized(model, opts.quantization, keep=head)
     if opts.kind == "bottleneck":
         bottleneck = BottleneckConfig(
             task=opts.task,
@@ -243,7 +247,6 @@ def _load_model(opts: TrainOptions, path: Path, labels: list[str] | None, pad_id
             raise D.DataError(f"bottleneck options: {exc}") from exc
     # PEFT trains (and saves) "classifier" / "score" modules; the family's other head layers
     # (BERT's pooler) are trained and saved with them, so that the adapter carries its whole head
-    head = surface_for(str(model.config.model_type)).head_modules
     extra = [m for m in head if not {"classifier", "score"} & set(m.split("."))]
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS if opts.task == "classify" else TaskType.CAUSAL_LM,
@@ -337,6 +340,7 @@ def train(opts: TrainOptions) -> TrainResult:
     metrics = {
         "task": opts.task,
         "base_model": model_id,
+        "quantization": opts.quantization,
         "train_examples": len(split.train.input_ids),
         "val_examples": len(split.val.input_ids) if split.val else 0,
         "class_counts": split.counts if opts.task == "classify" else None,

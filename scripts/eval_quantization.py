@@ -1,0 +1,117 @@
+"""What quantizing the base costs in quality: the demo adapters served by a server at each of
+ADAPTERSERVE_QUANTIZATION none / int8 / int4, one server process after the other, on a copy of the
+demo store (plus any extra adapter folders, e.g. ones retrained with ``--quantization int4``).
+
+    python scripts/eval_quantization.py [--extra build/chat-topic-int4 ...] [--prompts 50]
+
+Prints markdown tables: held-out accuracy and macro-F1 of each classifier (the trainer's held-out
+split of its data); greedy agreement of the bare base and of ``support-bot`` with the unquantized
+server over ``--prompts`` prompts (the share of identical outputs); and
+a few of the support bot's answers side by side. Needs ``make demo-data`` (the ``data/`` files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from bench.server import running_server
+from scripts.eval_classifier import macro_f1
+
+CLASSIFIERS = {  # adapter -> its data (held out as the trainer did: 20 %, seed 0)
+    "bbc-topic": "data/bbc-news.csv",
+    "chat-topic": "data/chat-topic.csv",
+    "chat-topic-bottleneck": "data/chat-topic.csv",
+}
+KINDS = ("none", "int8", "int4")
+TOKENS = 32
+
+
+def _held_out(path: str) -> tuple[list[str], list[str]]:
+    from app.training.data import classify_examples, stratified_split
+
+    held = stratified_split(classify_examples(Path(path), "text", "label"), 0.2, seed=0)[1]
+    return held.texts, held.labels
+
+
+def _classify(http: httpx.Client, adapter: str, texts: list[str]) -> list[str]:
+    pred: list[str] = []
+    for i in range(0, len(texts), 32):
+        resp = http.post("/classify", json={"adapter": adapter, "inputs": texts[i : i + 32]})
+        resp.raise_for_status()
+        pred += [r["label"] for r in resp.json()["results"]]
+    return pred
+
+
+def _generate(http: httpx.Client, adapter: str | None, prompt: str) -> str:
+    body = {"adapter": adapter, "messages": [{"role": "user", "content": prompt}], "max_new_tokens": TOKENS}
+    resp = http.post("/generate", json=body)
+    resp.raise_for_status()
+    return str(resp.json()["text"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--extra", type=Path, nargs="*", default=[], help="more adapter folders to evaluate")
+    parser.add_argument("--prompts", type=int, default=50)
+    args = parser.parse_args()
+    store = Path(tempfile.mkdtemp(prefix="adapterserve-quality-"))
+    classifiers = dict(CLASSIFIERS)
+    for folder in [*Path("adapters_store").iterdir(), *args.extra]:
+        if (folder / "adapter_config.json").is_file():
+            shutil.copytree(folder, store / folder.name, ignore=shutil.ignore_patterns("adapterserve.json"))
+    for folder in args.extra:  # retrained copies of a demo classifier: same data as their original
+        origin = next((c for c in CLASSIFIERS if folder.name.startswith(c)), None)
+        if origin is not None:
+            classifiers[folder.name] = CLASSIFIERS[origin]
+    held = {name: _held_out(path) for name, path in classifiers.items()}
+    lines = [json.loads(x) for x in Path("data/support.jsonl").read_text().splitlines() if x.strip()]
+    prompts = [x["prompt"] for x in lines][: args.prompts]
+    scores: dict[str, dict[str, tuple[float, float]]] = {}
+    texts: dict[str, dict[str, dict[str, str]]] = {}
+    try:
+        for kind in KINDS:
+            log = store / f"server-{kind}.log"
+            with (
+                running_server(store, log, quantization=kind) as (_, url),
+                httpx.Client(base_url=url, timeout=600) as http,
+            ):
+                for name, (xs, gold) in held.items():
+                    pred = _classify(http, name, xs)
+                    acc = sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold)
+                    scores.setdefault(name, {})[kind] = (acc, macro_f1(pred, gold, sorted(set(gold))))
+                for adapter in (None, "support-bot"):
+                    key = adapter or "bare base"
+                    texts.setdefault(key, {})[kind] = {p: _generate(http, adapter, p) for p in prompts}
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    print("\n| classifier (held out) | " + " | ".join(f"{k}: accuracy, macro-F1" for k in KINDS) + " |")
+    print("|---|" + "---:|" * len(KINDS))
+    for name, row in scores.items():
+        print(
+            f"| `{name}` ({len(held[name][1])}) | "
+            + " | ".join(f"{a:.3f}, {f:.3f}" for a, f in row.values())
+            + " |"
+        )
+    print(f"\n| greedy, {len(prompts)} prompts × {TOKENS} tokens | identical to none: int8 | int4 |")
+    print("|---|---:|---:|")
+    for key, by_kind in texts.items():
+        same = [
+            sum(by_kind[k][p] == by_kind["none"][p] for p in prompts) / len(prompts) for k in ("int8", "int4")
+        ]
+        print(f"| {key} | {same[0]:.2f} | {same[1]:.2f} |")
+    print("\n| prompt | " + " | ".join(f"support-bot, {k}" for k in KINDS) + " |")
+    print("|---|" + "---|" * len(KINDS))
+    for p in prompts[:5]:
+        print(f"| {p} | " + " | ".join(texts["support-bot"][k][p].replace("|", "/") for k in KINDS) + " |")
+
+
+if __name__ == "__main__":
+    main()

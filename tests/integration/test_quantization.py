@@ -1,0 +1,130 @@
+"""The default base quantized (int8, int4): /classify and /generate through mixed batches equal
+HF PEFT run on the same quantized-then-dequantized weights (probabilities ≤ 1e-4, greedy text
+equal), so adapters are applied exactly on top; the base's weight bytes shrink as documented and
+the server reports its quantization."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from app.config import Settings
+from app.main import create_app
+from app.models.base_lm import BaseLM, load_base_model
+from app.models.quantize import QuantizedEmbedding, QuantizedLinear, weight_bytes
+from tests.conftest import ADMIN_TOKEN, CACHE_DIR, upload_archive
+from tests.helpers.peft_ref import CLASSIFY_TEXTS, GEN_TOKENS, GENERATE_PROMPTS, RefAdapter, zip_folder
+
+SHARE = {"int8": 0.45, "int4": 0.30}  # of the fp32 base's weight bytes, at most
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized(request: pytest.FixtureRequest, base_path: Path) -> tuple[str, BaseLM, dict[str, torch.Tensor]]:
+    """The quantized base and the exact weights it computes with (module name -> weight)."""
+    kind = request.param
+    base = load_base_model(str(base_path), CACHE_DIR, "cpu", "float32", kind)
+    weights: dict[str, torch.Tensor] = {}
+    for name, mod in base.model.named_modules():
+        if isinstance(mod, QuantizedLinear | QuantizedEmbedding):
+            weights[name] = mod.dequantized()
+    return kind, base, weights
+
+
+@pytest.fixture(scope="module")
+def served(
+    quantized: tuple[str, BaseLM, dict[str, torch.Tensor]],
+    ref_adapters: dict[str, RefAdapter],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[TestClient]:
+    _, base, _ = quantized
+    settings = Settings(
+        store=tmp_path_factory.mktemp("qstore"),
+        admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
+        max_new_tokens=64,
+        device="cpu",
+        dtype="float32",
+    )
+    with TestClient(create_app(settings, base=base)) as client:
+        for name in ("gen-qv-r8", "gen-pattern", "cls-4"):
+            ref = ref_adapters[name]
+            assert upload_archive(client, name, zip_folder(ref.folder), f"{name}.zip").status_code == 201
+        yield client
+
+
+def _dequantized(model: Any, weights: dict[str, torch.Tensor]) -> Any:
+    """An HF model of the base with the quantized base's exact weights."""
+    with torch.no_grad():
+        for name, w in weights.items():
+            if name == "lm_head" and model.config.tie_word_embeddings:
+                continue  # tied to the embeddings, which carry the same rows
+            if name.startswith("lm_head") and not hasattr(model, "lm_head"):
+                continue
+            model.get_submodule(name).weight.copy_(w)
+    return model.eval()
+
+
+def test_quantized_base_equals_peft_on_the_dequantized_weights(
+    quantized: tuple[str, BaseLM, dict[str, torch.Tensor]],
+    served: TestClient,
+    ref_adapters: dict[str, RefAdapter],
+    base_path: Path,
+    base_model: BaseLM,
+) -> None:
+    kind, base, weights = quantized
+    tok = AutoTokenizer.from_pretrained(base_path)
+    expected_text: dict[tuple[str | None, str], str] = {}
+    for name in (None, "gen-qv-r8", "gen-pattern"):
+        model = _dequantized(AutoModelForCausalLM.from_pretrained(base_path), weights)
+        if name is not None:
+            model = PeftModel.from_pretrained(model, ref_adapters[name].folder).eval()
+        for prompt in GENERATE_PROMPTS:
+            enc = tok(prompt, return_tensors="pt")
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=GEN_TOKENS, do_sample=False)
+            expected_text[(name, prompt)] = tok.decode(
+                out[0, enc.input_ids.shape[1] :], skip_special_tokens=True
+            )
+    cls = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=4)
+    cls.config.pad_token_id = tok.pad_token_id
+    cls = PeftModel.from_pretrained(_dequantized(cls, weights), ref_adapters["cls-4"].folder).eval()
+    with torch.inference_mode():
+        expected_probs = [
+            torch.softmax(cls(**tok(t, return_tensors="pt")).logits[0], -1) for t in CLASSIFY_TEXTS
+        ]
+
+    def generate(key: tuple[str | None, str]) -> Any:
+        body = {"adapter": key[0], "prompt": key[1], "max_new_tokens": GEN_TOKENS}
+        return served.post("/generate", json=body)
+
+    def classify() -> Any:
+        return served.post("/classify", json={"adapter": "cls-4", "inputs": CLASSIFY_TEXTS})
+
+    with ThreadPoolExecutor(8) as pool:  # base rows, two adapters and a classifier in shared batches
+        texts = {key: pool.submit(generate, key) for key in expected_text}
+        scores = pool.submit(classify)
+        for key, future in texts.items():
+            resp = future.result()
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["text"] == expected_text[key], (kind, key)
+        labels = ref_adapters["cls-4"].labels
+        for result, probs in zip(scores.result().json()["results"], expected_probs, strict=True):
+            for label, p in zip(labels, probs.tolist(), strict=True):
+                assert abs(result["scores"][label] - p) <= 1e-4, (kind, label)
+
+    full = weight_bytes(base_model.model)
+    assert base.weight_bytes <= SHARE[kind] * full, (kind, base.weight_bytes, full)
+    print(f"\n{kind}: base weights {base.weight_bytes / 1e6:.1f} MB = {base.weight_bytes / full:.1%} of fp32")
+    assert served.get("/readyz").json()["quantization"] == kind
+    assert served.get("/v1/models").json()["data"][0]["quantization"] == kind
+    assert f"adapterserve_base_weight_bytes {float(base.weight_bytes)}" in served.get("/metrics").text
+    # compositions run on a quantized base too
+    body = {"adapters": ["gen-qv-r8", "gen-pattern"], "merge": "average", "prompt": "Hi", "max_new_tokens": 3}
+    assert served.post("/generate", json=body).status_code == 200
