@@ -7,7 +7,8 @@ torchao's weight-only int8 and int4 tensors when torchao is importable (not a de
 
 Shapes: the default base's (SmolLM2-135M) linear layers, one decoder layer's worth (q, k, v, o,
 gate, up, down). Prints one markdown table: microseconds per layer stack and the rate relative to
-fp32, measured in turns.
+fp32 (median of the turns' ratios), measured in turns; "served" rows are what
+``app.models.quantize.QuantizedLinear`` runs on CPU.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from app.models.quantize import QuantizedLinear
+from app.models.quantize import INT4_GROUP, QuantizedLinear, _int4_groups, _int8_rows
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
 def _torchao(kind: str, layers: list[nn.Linear]) -> list[nn.Module] | None:
+    """The layers as torchao weight-only tensors (int8: ``Int8WeightOnlyConfig``; int4: the CPU
+    tinygemm tensor, ``Int4OpaqueTensor``), or None without torchao."""
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError:
         return None
     out: list[nn.Module] = []
@@ -37,9 +41,34 @@ def _torchao(kind: str, layers: list[nn.Linear]) -> list[nn.Module] | None:
         if kind == "int8":
             quantize_(copy, Int8WeightOnlyConfig())
         else:
-            quantize_(copy, Int4WeightOnlyConfig(group_size=64, int4_packing_format="opaque"))
+            packed = Int4OpaqueTensor.from_hp(copy.weight.data, [1, 64])
+            copy.weight = nn.Parameter(packed, requires_grad=False)
         out.append(copy)
     return out
+
+
+class _AtenInt8(nn.Module):
+    """PyTorch's int8 weight-packed kernel at every row count."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        self.q, self.s = _int8_rows(layer.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.q, self.s)
+
+
+class _AtenInt4(nn.Module):
+    """PyTorch's CPU int4 weight-packed (tinygemm layout) kernel."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        q, scale, zero = _int4_groups(layer.weight, INT4_GROUP)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.sz = torch.stack([scale.t(), zero.t()], dim=2).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.sz)
 
 
 def _runner(mods: list[nn.Module], xs: dict[int, torch.Tensor]) -> Callable[[], None]:
@@ -62,13 +91,15 @@ def main() -> None:
     layers = [nn.Linear(i, o, bias=False) for o, i in SHAPES]
     stacks: dict[str, list[nn.Module]] = {
         "fp32 F.linear": list(layers),
-        "int8, PyTorch _weight_int8pack_mm": [QuantizedLinear.of(m, "int8") for m in layers],
-        "int4 g64, PyTorch _weight_int4pack_mm": [QuantizedLinear.of(m, "int4") for m in layers],
+        "int8: PyTorch _weight_int8pack_mm": [_AtenInt8(m) for m in layers],
+        "int8: served (int8→fp32 + BLAS)": [QuantizedLinear.of(m, "int8") for m in layers],
+        "int4 g64: PyTorch _weight_int4pack_mm_for_cpu": [_AtenInt4(m) for m in layers],
+        "int4 g64: served (4-bit→fp32 + BLAS)": [QuantizedLinear.of(m, "int4") for m in layers],
     }
     for kind in ("int8", "int4"):
         quantized = _torchao(kind, layers)
         if quantized is not None:
-            stacks[f"{kind}, torchao weight-only"] = quantized
+            stacks[f"{kind}: torchao weight-only"] = quantized
     print("\n| kernel | " + " | ".join(f"{r} rows: µs (vs fp32)" for r in args.rows) + " |")
     print("|---|" + "---:|" * len(args.rows))
     results: dict[str, list[str]] = {name: [] for name in stacks}

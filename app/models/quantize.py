@@ -1,14 +1,19 @@
 """Weight-only quantization of the base model: its linear layers and token embeddings stored as
 integers, activations and every adapter (LoRA, bottleneck, heads) in full precision.
 
-- ``int8``: per output channel, symmetric (``w ≈ q · s``, q in [-127, 127]); the matmul is
-  PyTorch's own ``_weight_int8pack_mm`` (CPU and CUDA).
+- ``int8``: per output channel, symmetric (``w ≈ q · s``, q in [-127, 127]).
 - ``int4``: group-wise along the input dimension (groups of 64), asymmetric in the tinygemm
-  convention (``w ≈ (q - 8) · s + z``, q in [0, 15]); the matmul is PyTorch's
-  ``_weight_int4pack_mm_for_cpu`` on CPU, ``_weight_int4pack_mm`` on CUDA. A layer whose shape the
-  int4 kernel cannot take stays int8.
+  convention (``w ≈ (q - 8) · s + z``, q in [0, 15]); a layer whose width is not a multiple of the
+  group stays int8.
 - Token embeddings: int8 per row in both modes (the row of a token is what a lookup reads); a
-  language-model head tied to them reads the same int8 rows through the int8 matmul.
+  language-model head tied to them reads the same int8 rows.
+
+The matmuls, chosen by measurement (``bench/quant_kernels.py``, docs/quantization.md): on CUDA,
+PyTorch's own weight-packed kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm``). On CPU
+those kernels have no fast path without AVX-512 (measured on an AVX2 machine: 0.4x fp32 for one
+row, 0.06x for 16), so there int8 converts the int8 weights to the compute dtype for one BLAS
+matmul (as torchao's weight-only int8 does; 0.8-1.1x fp32 at 1-64 rows), and int4 keeps two 4-bit
+values per byte and dequantizes them for one BLAS matmul (0.3-0.55x).
 
 The classification head modules (what adapters replace) stay in full precision.
 :meth:`QuantizedLinear.dequantized` gives the exact weights a layer computes with (the reference
@@ -84,27 +89,27 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def of(cls, layer: nn.Linear, kind: Literal["int8", "int4"]) -> QuantizedLinear:
-        """``layer`` quantized on its own device; int4 falls back to int8 where the kernel cannot
+        """``layer`` quantized on its own device; int4 falls back to int8 where the kernels cannot
         take the layer's shape."""
         w = layer.weight
         dtype, device = w.dtype, w.device
         out, width = w.shape
-        if kind == "int4" and (
-            width % INT4_GROUP or (device.type == "cuda" and _inner_k_tiles(width) is None)
-        ):
-            log.info("a %dx%d layer cannot take the int4 kernel: int8", out, width)
+        cuda_unfit = device.type == "cuda" and _inner_k_tiles(width) is None
+        if kind == "int4" and (width % INT4_GROUP or width % 2 or cuda_unfit):
+            log.info("a %dx%d layer cannot take int4: int8", out, width)
             kind = "int8"
         if kind == "int8":
             q, scale = _int8_rows(w)
             return cls(width, out, kind, q, scale.to(dtype), layer.bias, dtype)
         q, scale, zero = _int4_groups(w, INT4_GROUP)
-        scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=2).contiguous().to(dtype)
-        if device.type == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        if device.type == "cpu":  # two values per byte, and (scale, zero - 8 · scale) per group
+            packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            scales = torch.stack([scale, zero - 8 * scale], dim=2).contiguous().to(dtype)
         else:
             pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
             packed = torch.ops.aten._convert_weight_to_int4pack(pairs, _inner_k_tiles(width))
-        return cls(width, out, kind, packed, scales_and_zeros, layer.bias, dtype)
+            scales = torch.stack([scale.t(), zero.t()], dim=2).contiguous().to(dtype)
+        return cls(width, out, kind, packed, scales, layer.bias, dtype)
 
     @property
     def weight_bytes(self) -> int:
@@ -115,17 +120,27 @@ class QuantizedLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if flat.dtype != self.compute_dtype:
             flat = flat.to(self.compute_dtype)
-        if self.kind == "int8":
+        cpu = self.packed.device.type == "cpu"
+        if self.kind == "int8" and not cpu:
             y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.packed, self.scales)
-        elif self.packed.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat.contiguous(), self.packed, INT4_GROUP, self.scales
-            )
+        elif self.kind == "int8":
+            y = nn.functional.linear(flat, self.packed.to(self.compute_dtype)).mul_(self.scales)
+        elif cpu:
+            y = nn.functional.linear(flat, self._int4_weights())
         else:
             y = torch.ops.aten._weight_int4pack_mm(flat.contiguous(), self.packed, INT4_GROUP, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _int4_weights(self) -> torch.Tensor:
+        """The int4 weights [out, in] in the compute dtype (CPU layout: two values per byte)."""
+        out, groups = self.out_features, self.in_features // INT4_GROUP
+        q = torch.empty(out, self.in_features, dtype=self.compute_dtype, device=self.packed.device)
+        q[:, 0::2] = self.packed >> 4
+        q[:, 1::2] = self.packed & 15
+        grouped = q.view(out, groups, INT4_GROUP)
+        return torch.addcmul(self.scales[..., 1:], grouped, self.scales[..., :1]).view(out, self.in_features)
 
     @torch.no_grad()
     def dequantized(self) -> torch.Tensor:
