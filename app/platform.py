@@ -119,3 +119,15 @@ def keep_freed_memory() -> bool:
     )
     log.debug("malloc keeps freed memory: %s", ok)
     return ok
+
+
+def return_freed_memory() -> bool:
+    """Give the heap's free pages back to the system now (glibc's ``malloc_trim``; no-op
+    elsewhere): after a one-time release of much memory, such as the float weights of a base that
+    was just quantized, which :func:`keep_freed_memory` would otherwise keep."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        trim = None
+    return bool(trim(0)) if trim is not None else False

@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 from app.models.quantize import Quantization, quantize_model
 from app.models.sources import resolve_model_path
 from app.models.surface import ModelSurface, surface_for
+from app.platform import return_freed_memory
 
 __all__ = ["BaseLM", "BaseSpec", "check_base", "load_base_model", "read_spec", "resolve_model_path"]
 
@@ -154,6 +155,8 @@ def load_base_model(
         tokenizer.pad_token = tokenizer.eos_token
     spec = spec_of(model, model_id)
     nbytes = quantize_model(model, quantization, keep=surface.head_modules)
+    if quantization != "none":
+        return_freed_memory()  # the float weights just replaced
     log.info(
         "base model %s loaded from %s on %s (%s, quantization %s: %.0f MB of weights)",
         model_id,

@@ -229,6 +229,8 @@ def quantize_model(model: nn.Module, kind: Quantization, keep: tuple[str, ...] =
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)
+    for t in [*model.parameters(), *model.buffers()]:  # own copies of what stays float (norms,
+        t.data = t.data.clone()  # biases): nothing holds the loaded file's memory any more
     return weight_bytes(model)
 
 
