@@ -131,3 +131,32 @@ def test_quantized_base_equals_peft_on_the_dequantized_weights(
     # compositions run on a quantized base too
     body = {"adapters": ["gen-qv-r8", "gen-pattern"], "merge": "average", "prompt": "Hi", "max_new_tokens": 3}
     assert served.post("/generate", json=body).status_code == 200
+
+
+def test_training_on_the_quantized_weights_serves_the_trained_predictions(
+    quantized: tuple[str, BaseLM, dict[str, torch.Tensor]], served: TestClient, tmp_path: Path
+) -> None:
+    """``train --quantization`` learns on the weights the quantized server computes with: the
+    served probabilities equal the trained model's."""
+    from app.training.trainer import TrainOptions, train
+    from tests.integration.test_training import HELD_OUT, TOPICS
+
+    kind = quantized[0]
+    data = tmp_path / "topics.csv"
+    rows = [{"text": t, "label": label} for label, texts in TOPICS.items() for t in texts]
+    data.write_text("text,label\n" + "".join(f'"{r["text"]}",{r["label"]}\n' for r in rows))
+    opts = TrainOptions(
+        task="classify", data=data, output=tmp_path / "out", rank=4, alpha=8.0, batch_size=4,
+        max_length=48, max_steps=3, lr=1e-2, cache_dir=CACHE_DIR, device="cpu", quantization=kind,
+    )  # fmt: skip
+    result = train(opts)
+    assert upload_archive(served, f"q-topics-{kind}", zip_folder(tmp_path / "out")).status_code == 201
+    resp = served.post("/classify", json={"adapter": f"q-topics-{kind}", "inputs": HELD_OUT})
+    assert resp.status_code == 200, resp.text
+    labels = result.labels
+    assert labels is not None
+    with torch.no_grad():
+        for text, row in zip(HELD_OUT, resp.json()["results"], strict=True):
+            probs = torch.softmax(result.model(**result.tokenizer(text, return_tensors="pt")).logits[0], -1)
+            got = torch.tensor([row["scores"][name] for name in labels])
+            assert torch.allclose(got, probs, atol=1e-4), (kind, got, probs)
