@@ -102,18 +102,11 @@ def lora_gguf(scripts: Path, hf_folder: Path, adapter: Path, out: Path) -> Path:
 
 # --- the systems' processes -------------------------------------------------------------------
 @contextmanager
-def llama_server(gguf: Path, loras: list[Path], slots: int, log: Path) -> Iterator[tuple[int, str]]:
+def worker(kind: str, args: list[str], log: Path) -> Iterator[tuple[int, str]]:
+    """``python -m bench.llamacpp KIND ARGS...`` as its own process; yields its pid and
+    URL once ``/health`` answers (``{port}`` in ``args`` is replaced by a free port)."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench.llamacpp",
-        "llama-worker",
-        str(gguf),
-        str(port),
-        str(slots),
-        *map(str, loras),
-    ]
+    cmd = [sys.executable, "-m", "bench.llamacpp", kind, *(a.replace("{port}", str(port)) for a in args)]
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -123,25 +116,12 @@ def llama_server(gguf: Path, loras: list[Path], slots: int, log: Path) -> Iterat
         proc.wait(30)
 
 
-@contextmanager
-def peft_server(hf_folder: Path, adapters: list[Path], log: Path) -> Iterator[tuple[int, str]]:
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench.llamacpp",
-        "peft-worker",
-        str(hf_folder),
-        str(port),
-        *map(str, adapters),
-    ]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc.pid, _ready(proc, f"http://127.0.0.1:{port}", "/health", log)
-    finally:
-        proc.kill()
-        proc.wait(30)
+def llama_server(gguf: Path, loras: list[Path], slots: int, log: Path) -> Any:
+    return worker("llama-worker", [str(gguf), "{port}", str(slots), *map(str, loras)], log)
+
+
+def peft_server(hf_folder: Path, adapters: list[Path], log: Path) -> Any:
+    return worker("peft-worker", [str(hf_folder), "{port}", *map(str, adapters)], log)
 
 
 def _ready(proc: subprocess.Popen[bytes], url: str, path: str, log: Path) -> str:
