@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2 import TemplateError
@@ -18,8 +18,16 @@ from app.adapters.registry import AdapterInfo, AdapterRegistry
 from app.adapters.version import AdapterVersion
 from app.compositions import Composition, Compositions, Task, current
 from app.config import Settings
+from app.decoding import Constraint, Decoding, sampling_fields
 from app.engine.engine import DEADLINE_GRACE_S, Engine
-from app.engine.types import GenerateWork, GenerationResult, Member, SamplingParams, StreamDelta
+from app.engine.types import (
+    GenerateWork,
+    GenerationResult,
+    Member,
+    SamplingParams,
+    StreamDelta,
+    TokenLogprob,
+)
 from app.ensembles import classification_results
 from app.errors import (
     AdapterServeError,
@@ -29,6 +37,7 @@ from app.errors import (
     TooManyStreams,
     error_body,
 )
+from app.protocol.decoding import TokenLogprobOut, logprob_entries
 from app.protocol.native import (
     ClassifyRequest,
     ClassifyResponse,
@@ -38,6 +47,7 @@ from app.protocol.native import (
     GenerateUsage,
     member_list,
 )
+from app.structured import Grammars
 
 log = logging.getLogger(__name__)
 DEFAULT_NEW_TOKENS = 128
@@ -58,6 +68,7 @@ class GenerationInput:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    decoding: Decoding = field(default_factory=Decoding)  # penalties, bias, logprobs, structured output
 
     @classmethod
     def of(cls, req: GenerateRequest) -> GenerationInput:
@@ -75,7 +86,14 @@ class GenerationInput:
             top_p=req.top_p,
             seed=req.seed,
             stop=tuple(req.stop_list),
+            decoding=Decoding(req, req.logprobs, _constraint(req)),
         )
+
+
+def _constraint(req: GenerateRequest) -> Constraint | None:
+    if req.json_schema is not None:
+        return Constraint("json_schema", req.json_schema, "json_schema")
+    return Constraint("regex", req.regex, "regex") if req.regex is not None else None
 
 
 @dataclass(frozen=True)
@@ -120,6 +138,10 @@ class InferenceService:
         self.engine = engine
         self.tokenizer = tokenizer
         self._streams: list[list[GenerateWork]] = []  # the rows of each open stream
+
+    @property
+    def grammars(self) -> Grammars:
+        return self.engine.runner.grammars
 
     def open_stream_count(self) -> int:
         """Streams still generating (a stream ends when its rows finish, fail or are cancelled)."""
@@ -241,6 +263,7 @@ class InferenceService:
             top_p=spec.top_p,
             seed=spec.seed,
             stop=spec.stop,
+            **await sampling_fields(spec.decoding, self.grammars, max_new_tokens),
         )
         if comp is not None:
             held = await self.compositions.held(comp, "generate")
@@ -335,24 +358,35 @@ class InferenceService:
             text=result.text,
             finish_reason=result.finish_reason,
             usage=GenerateUsage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids)),
+            logprobs=self._logprobs(result.logprobs),
         )
+
+    def _logprobs(
+        self, lps: list[TokenLogprob] | tuple[TokenLogprob, ...] | None
+    ) -> list[TokenLogprobOut] | None:
+        return None if lps is None else logprob_entries(lps, self.grammars.token_bytes)
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[str]:
         """Queue a streamed generation (errors raise before any byte is sent); return its SSE events."""
         deltas = self.open_streams([await self.prepare(GenerationInput.of(req))])
-        return self._events(deltas)
+        return self._events(deltas, req.logprobs is not None)
 
-    @staticmethod
-    async def _events(deltas: AsyncIterator[tuple[int, StreamDelta]]) -> AsyncIterator[str]:
+    async def _events(
+        self, deltas: AsyncIterator[tuple[int, StreamDelta]], logprobs: bool
+    ) -> AsyncIterator[str]:
         try:
             async for _, delta in deltas:
+                extra: dict[str, Any] = {}
+                if logprobs:
+                    lps = self._logprobs(delta.logprobs) or []
+                    extra["logprobs"] = [e.model_dump() for e in lps]
                 if delta.result is None:
-                    if delta.text:
-                        yield sse({"text": delta.text})
+                    if delta.text or extra.get("logprobs"):
+                        yield sse({"text": delta.text, **extra})
                     continue
                 r = delta.result
                 usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids)}
-                yield sse({"text": delta.text, "finish_reason": r.finish_reason, "usage": usage})
+                yield sse({"text": delta.text, "finish_reason": r.finish_reason, "usage": usage, **extra})
         except AdapterServeError as exc:
             yield sse(error_body(exc.type, exc.message, exc.param))
         yield "data: [DONE]\n\n"

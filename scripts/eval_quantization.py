@@ -23,20 +23,28 @@ import httpx
 from bench.server import running_server
 from scripts.eval_classifier import macro_f1
 
-CLASSIFIERS = {  # adapter -> its data (held out as the trainer did: 20 %, seed 0)
-    "bbc-topic": "data/bbc-news.csv",
-    "chat-topic": "data/chat-topic.csv",
-    "chat-topic-bottleneck": "data/chat-topic.csv",
+CLASSIFIERS = {  # adapter -> its data (held out as the trainer did: 20 %, seed 0) and --max-length
+    "bbc-topic": ("data/bbc-news.csv", 64),
+    "chat-topic": ("data/chat-topic.csv", 48),
+    "chat-topic-bottleneck": ("data/chat-topic.csv", 48),
 }
 KINDS = ("none", "int8", "int4")
 TOKENS = 32
 
 
-def _held_out(path: str) -> tuple[list[str], list[str]]:
+def _held_out(path: str, max_length: int) -> tuple[list[str], list[str]]:
+    """The held-out texts cut to the trainer's ``--max-length`` tokens (as it saw them)."""
+    from transformers import AutoTokenizer
+
+    from app.config import Settings
+    from app.models.sources import resolve_model_path
     from app.training.data import classify_examples, stratified_split
 
+    settings = Settings()
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(settings.base_model, settings.cache_dir)[0])
     held = stratified_split(classify_examples(Path(path), "text", "label"), 0.2, seed=0)[1]
-    return held.texts, held.labels
+    texts = [tok.decode(tok(t)["input_ids"][:max_length]) for t in held.texts]
+    return texts, held.labels
 
 
 def _classify(http: httpx.Client, adapter: str, texts: list[str]) -> list[str]:
@@ -71,7 +79,7 @@ def main() -> None:
         origin = next((c for c in CLASSIFIERS if folder.name.startswith(c)), None)
         if origin is not None:
             classifiers[folder.name] = CLASSIFIERS[origin]
-    held = {name: _held_out(path) for name, path in classifiers.items()}
+    held = {name: _held_out(*data) for name, data in classifiers.items()}
     lines = [json.loads(x) for x in Path("data/support.jsonl").read_text().splitlines() if x.strip()]
     prompts = [x["prompt"] for x in lines][: args.prompts]
     scores: dict[str, dict[str, tuple[float, float]]] = {}

@@ -20,9 +20,10 @@ from transformers import DynamicCache
 
 from app.engine import kv_cache
 from app.engine.detokenize import Decode, IncrementalDetokenizer
+from app.engine.logits import RowState, logprobs_of, process
 from app.engine.runner import Runner
 from app.engine.sampling import find_stop, make_generator, select_tokens
-from app.engine.types import FinishReason, GenerateWork, GenerationResult, StreamDelta
+from app.engine.types import FinishReason, GenerateWork, GenerationResult, StreamDelta, TokenLogprob
 
 Finished = list[tuple[GenerateWork, GenerationResult]]
 _compositions = itertools.count(1)
@@ -41,6 +42,9 @@ class _Row:
     # samples from the weighted mean of the members' distributions and alone holds the output
     lead: _Row | None = None  # None: this row leads (every row of a plain request does)
     weight: float = 1.0
+    state: RowState | None = None  # penalties, bias, grammar (lead rows that ask for them)
+    logprobs: list[TokenLogprob] | None = None  # per generated token, when asked
+    logprobs_emitted: int = 0  # entries of ``logprobs`` already streamed
 
     @property
     def tokens(self) -> list[int]:
@@ -88,6 +92,8 @@ class GenerationBatch:
                 if lead is None:
                     gen, detok = make_generator(w.params.seed, dev), IncrementalDetokenizer(decode)
                     lead = _Row(w, slot, gen, detok, uid=uid, weight=weight)
+                    lead.state = runner.row_state(w.params, w.prompt)
+                    lead.logprobs = [] if w.params.logprobs is not None else None
                     rows.append(lead)
                 else:
                     rows.append(_Row(w, slot, lead.generator, lead.detok, uid=uid, lead=lead, weight=weight))
@@ -131,19 +137,22 @@ class GenerationBatch:
         if len(leads) < len(self.rows):
             logits = self._mixtures(logits)
         chosen = select_tokens(
-            logits,
+            process(logits, [row.state for row in leads], sorted(r.eos_ids)),
             [row.work.params.temperature for row in leads],
             [row.work.params.top_p for row in leads],
             [row.generator for row in leads],
         )
+        logprobs = logprobs_of(logits, chosen, [row.work.params.logprobs for row in leads])
         now = time.monotonic()
         finished: Finished = []
         token: dict[int, int] = {}  # id(lead row) -> its token
         going: set[int] = set()  # id(lead row) of the requests that continue
-        for row, tok in zip(leads, chosen, strict=True):
+        for row, tok, lp in zip(leads, chosen, logprobs, strict=True):
             token[id(row)] = tok
             if row.work.first_token_at is None:
                 row.work.first_token_at = now
+            if row.logprobs is not None and lp is not None:
+                row.logprobs.append(lp)
             result = self._advance(row, tok)
             if result is not None:
                 finished.append((row.work, result))
@@ -196,6 +205,9 @@ class GenerationBatch:
     def _advance(self, row: _Row, tok: int) -> GenerationResult | None:
         params = row.work.params
         result: GenerationResult | None = None
+        grammar_ended = False
+        if row.state is not None:
+            grammar_ended = not row.state.advance(tok) or row.state.grammar_done
         if tok in self.runner.eos_ids and not params.ignore_eos:
             row.detok.flush()
             row.text = row.detok.text
@@ -209,6 +221,10 @@ class GenerationBatch:
             cut = find_stop(row.text, params.stop, searched)
             if cut >= 0:
                 row.text = row.text[:cut]
+                result = _result(row, "stop")
+            elif grammar_ended:  # the grammar allows nothing more (or refused the token)
+                row.detok.flush()
+                row.text = row.detok.text
                 result = _result(row, "stop")
             elif len(row.tokens) >= params.max_new_tokens:
                 result = _result(row, "length")
@@ -295,6 +311,7 @@ def _result(row: _Row, reason: FinishReason) -> GenerationResult:
         token_ids=list(row.tokens),
         finish_reason=reason,
         prompt_tokens=len(row.work.prompt),
+        logprobs=list(row.logprobs) if row.logprobs is not None else None,
     )
 
 
@@ -308,5 +325,11 @@ def _emit(row: _Row, result: GenerationResult | None) -> None:
         hold = max((len(s) - 1 for s in row.work.params.stop), default=0)
         safe = len(row.text) - hold
     if safe > row.emitted or result is not None:
-        sink(StreamDelta(text=row.text[row.emitted : max(safe, row.emitted)], result=result))
+        logprobs: tuple[TokenLogprob, ...] = ()
+        if row.logprobs is not None:  # the tokens so far (their text may still be held back)
+            logprobs = tuple(row.logprobs[row.logprobs_emitted :])
+            row.logprobs_emitted = len(row.logprobs)
+        sink(
+            StreamDelta(text=row.text[row.emitted : max(safe, row.emitted)], result=result, logprobs=logprobs)
+        )
         row.emitted = max(safe, row.emitted)

@@ -9,10 +9,13 @@ import logging
 import torch
 from prometheus_client import Counter
 
+from app.engine.logits import RowState
+from app.engine.types import SamplingParams
 from app.models.base_lm import BaseLM
 from app.models.heads import Head, activate
 from app.models.multi_lora import Routing, RoutingContext
 from app.models.routing import runs_of
+from app.structured import Grammars
 
 
 def last_non_pad_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -72,6 +75,13 @@ class Runner:
         eos = generation_config.eos_token_id if generation_config is not None else None
         eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.eos_ids: set[int] = {int(e) for e in [*eos_ids, tok.eos_token_id] if e is not None}
+        self.vocab = int(getattr(base.model.config, "vocab_size", None) or len(tok))  # logits' width
+        self.grammars = Grammars(tok, self.vocab, self.eos_ids)
+
+    def row_state(self, params: SamplingParams, prompt: list[int]) -> RowState | None:
+        """A generation row's logits-processing state (None when it asks for none)."""
+        matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
+        return RowState.of(params, prompt, self.vocab, self.device, matcher)
 
     def pad(self, seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask [rows, longest] on the device, padded on the left or right."""

@@ -31,6 +31,24 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    # logits processing (app/engine/logits.py); the defaults change nothing and cost nothing
+    presence_penalty: float = 0.0  # OpenAI's: minus this for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count so far
+    repetition_penalty: float = 1.0  # HF's: prompt and generated tokens' logits divided (>0) / multiplied
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # end-of-sequence tokens are refused before this many tokens
+    grammar: str | None = None  # an llguidance grammar (structured output; app/structured.py)
+    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the top k
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model's distribution and the most likely tokens
+    (id, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -49,6 +67,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: FinishReason  # "timeout": cut off by the request deadline after these tokens
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,7 @@ class StreamDelta:
     text: str
     result: GenerationResult | None = None
     error: AdapterServeError | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the last delta (when asked)
 
 
 StreamSink = Callable[[StreamDelta], None]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.protocol.decoding import MAX_TOP_LOGPROBS, DecodingOptions, TokenLogprobOut
 
 MAX_STOP = 8  # stop strings per request (native and OpenAI routes)
 MAX_MEMBERS = 8  # adapters in one composition
@@ -149,7 +151,7 @@ class Message(_Strict):
     content: str
 
 
-class GenerateRequest(_Strict):
+class GenerateRequest(DecodingOptions):
     adapter: str | None = Field(
         None, description="generation adapter or named composition; null = the bare base model"
     )
@@ -171,6 +173,16 @@ class GenerateRequest(_Strict):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] = Field(default_factory=list, description="stop strings (not included)")
     stream: bool = False
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="return each token's log-probability and this many most likely alternatives",
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None, description="structured output: the text is a JSON document valid against this schema"
+    )
+    regex: str | None = Field(None, description="structured output: the text matches this regular expression")
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -188,6 +200,8 @@ class GenerateRequest(_Strict):
             raise ValueError("`merge` applies to `adapters` (a composition)")
         if self.adapters is not None:
             check_members(member_list(self.adapters, None), self.merge)
+        if self.json_schema is not None and self.regex is not None:
+            raise ValueError("give at most one of json_schema or regex")
         return self
 
     @property
@@ -215,6 +229,7 @@ class GenerateResponse(BaseModel):
         "deadline (REQUEST_TIMEOUT_S), the text is what was generated until then"
     )
     usage: GenerateUsage
+    logprobs: list[TokenLogprobOut] | None = Field(None, description="per token, when `logprobs` was given")
 
 
 class AdapterOut(BaseModel):

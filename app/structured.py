@@ -1,0 +1,123 @@
+"""Structured output: JSON schemas, regular expressions and tool calls as grammars for llguidance.
+
+llguidance was chosen by measurement (``python -m bench.grammar_engines``; docs/openai.md): it reads
+the base's own Hugging Face tokenizer (no vocabulary conversion), compiles a schema in milliseconds,
+computes a row's allowed-token mask in tens of microseconds, and has no dependencies. The API side
+compiles and checks a request's grammar here (a bad schema is a 400 before anything is queued); the
+engine makes one matcher per row from the grammar text and applies its mask in the batched sampler
+(:mod:`app.engine.logits`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from functools import cached_property
+from typing import Any
+
+import llguidance
+import llguidance.hf
+from transformers import PreTrainedTokenizerBase
+
+from app.errors import InvalidRequest
+
+
+class Grammars:
+    """The base's tokenizer as llguidance sees it (built once, on first use: about a second) and the
+    grammars and matchers made with it; also each token's bytes (for log-probabilities)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab: int, eos_ids: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+        self.eos_ids = sorted(eos_ids)
+        self._lock = threading.Lock()
+
+    @cached_property
+    def _ll(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            return llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab, eos_token=self.eos_ids)  # type: ignore[arg-type]
+
+    def prepare(self) -> None:
+        """Build the tokenizer now (called off the event loop before the first grammar)."""
+        _ = self._ll, self.token_bytes
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """Every token id's bytes (special tokens: their text)."""
+        ll = self._ll
+        return [ll.decode_bytes([i]) for i in range(self.vocab)]
+
+    # --- grammars (API side) ------------------------------------------------------------------
+    def json_schema(self, schema: dict[str, Any] | None, param: str) -> str:
+        """The grammar of JSON documents valid against ``schema`` (None: any JSON object)."""
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                schema if schema is not None else {"type": "object"},
+                # compact JSON as json.dumps writes it: flexible whitespace lets a model pad forever
+                defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+            )
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(f"the JSON schema cannot be used: {exc}", param=param) from exc
+        return self._checked(grammar, param)
+
+    def regex(self, pattern: str, param: str) -> str:
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_regex(pattern)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(f"the regular expression cannot be used: {exc}", param=param) from exc
+        return self._checked(grammar, param)
+
+    def _checked(self, grammar: str, param: str) -> str:
+        error = llguidance.LLMatcher.validate_grammar(grammar, self._ll)
+        if error:
+            raise InvalidRequest(f"{param} cannot be used as a grammar: {error}", param=param)
+        return grammar
+
+    # --- matchers (engine thread) -------------------------------------------------------------
+    def matcher(self, grammar: str) -> llguidance.LLMatcher:
+        return llguidance.LLMatcher(self._ll, grammar)
+
+
+def tool_call_schema(tools: list[dict[str, Any]], name: str | None) -> dict[str, Any]:
+    """The JSON schema of one call: ``{"name": ..., "arguments": {...}}`` of the named tool, or of
+    any of ``tools`` (a tool without parameters takes an object)."""
+    options = []
+    for tool in tools:
+        fn = tool["function"]
+        if name is not None and fn["name"] != name:
+            continue
+        options.append(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": fn["name"]},
+                    "arguments": fn.get("parameters") or {"type": "object"},
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def parse_tool_calls(text: str, names: set[str]) -> list[tuple[str, str]] | None:
+    """The (name, arguments as JSON text) calls in a model's output: ``<tool_call>{...}</tool_call>``
+    blocks (the Hermes/Qwen convention) or the whole text as one call object (what constrained
+    decoding produces); None when the text is not a call of one of ``names``."""
+    blocks = []
+    rest = text
+    while "<tool_call>" in rest:
+        _, _, after = rest.partition("<tool_call>")
+        body, _, rest = after.partition("</tool_call>")
+        blocks.append(body)
+    calls = []
+    for body in blocks or [text]:
+        try:
+            obj = json.loads(body.strip())
+        except ValueError:
+            return None
+        if not isinstance(obj, dict) or obj.get("name") not in names:
+            return None
+        args = obj.get("arguments", obj.get("parameters", {}))
+        calls.append((str(obj["name"]), args if isinstance(args, str) else json.dumps(args)))
+    return calls or None
