@@ -9,27 +9,35 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
 from app.adapters.registry import AdapterRegistry
-from app.engine.types import GenerationResult, StreamDelta
+from app.decoding import Constraint, Decoding
+from app.engine.types import GenerationResult, StreamDelta, TokenLogprob
 from app.errors import AdapterNotFound, AdapterServeError, InvalidRequest, openai_error_body, status_of
 from app.models.quantize import Quantization
+from app.protocol.decoding import TokenLogprobOut, logprob_entries
 from app.protocol.openai import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
+    FinishReason,
+    FunctionCall,
     ModelCard,
     ModelList,
+    ToolCall,
     Usage,
 )
 from app.service import Generation, GenerationInput, InferenceService, sse
+from app.structured import Grammars, parse_tool_calls, tool_call_schema
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature 0 for greedy decoding
 
@@ -103,14 +111,54 @@ class OpenAIService:
         )
 
     # --- generation -------------------------------------------------------------------------
-    def _input(self, req: CompletionRequest | ChatCompletionRequest, **prompt: Any) -> GenerationInput:
+    def _input(
+        self,
+        req: CompletionRequest | ChatCompletionRequest,
+        logprobs: int | None,
+        constraint: Constraint | None = None,
+        **prompt: Any,
+    ) -> GenerationInput:
         return GenerationInput(
             adapter=self.adapter_of(req.model),
             temperature=OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             seed=req.seed,
             stop=req.stop_list,
+            decoding=Decoding(req, logprobs, constraint),
             **prompt,
+        )
+
+    def _chat_input(self, req: ChatCompletionRequest) -> GenerationInput:
+        """The generation a chat request asks for: tools rendered by the template, a forced tool call
+        or a JSON response_format as the grammar."""
+        messages = [m.as_template_message() for m in req.messages]
+        uses_tools = req.calls_tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages)
+        if uses_tools and not self.service.template_takes_tools:
+            raise InvalidRequest(
+                f"the base model's chat template ({self.model_id}) does not render tools, so this "
+                "server cannot offer them to the model; send tool_choice none or no tools",
+                param="tools",
+            )
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if uses_tools else None
+        forced, name = req.forced_tool
+        constraint = None
+        if forced:
+            assert tools is not None
+            constraint = Constraint("json_schema", tool_call_schema(tools, name), "tool_choice")
+        elif req.response_format is not None and req.response_format.type == "json_object":
+            constraint = Constraint("json_object")
+        elif req.response_format is not None and req.response_format.json_schema is not None:
+            schema = req.response_format.json_schema.schema_ or {}
+            constraint = Constraint("json_schema", schema, "response_format")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return self._input(
+            req,
+            logprobs,
+            constraint,
+            messages=messages,
+            tools=tools,
+            max_new_tokens=req.token_limit,
+            default_new_tokens=None,
         )
 
     async def _choices(self, inputs: list[GenerationInput], n: int) -> tuple[list[Generation], int]:
@@ -130,16 +178,22 @@ class OpenAIService:
         return gens, prompt_tokens
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[str]:
-        messages = [m.as_template_message() for m in req.messages]
-        spec = self._input(req, messages=messages, max_new_tokens=req.token_limit, default_new_tokens=None)
-        gens, prompt_tokens = await self._choices([spec], req.n)
+        gens, prompt_tokens = await self._choices([self._chat_input(req)], req.n)
         header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
+        shape = _Shape(
+            self.service.grammars, {t.function.name for t in req.tools or []} if req.calls_tools else None
+        )
         if req.stream:
             deltas = self.service.open_streams(gens)
-            return _chat_events(header, deltas, len(gens), req.include_usage, prompt_tokens)
+            return _chat_events(header, deltas, len(gens), req.include_usage, prompt_tokens, shape)
         results = await self.service.run(gens)
         choices = [
-            ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
+            ChatChoice(
+                index=i,
+                message=shape.message(r.text),
+                finish_reason=shape.finish(r),
+                logprobs=shape.logprobs(r.logprobs),
+            )
             for i, r in enumerate(results)
         ]
         return ChatCompletion(**header, choices=choices, usage=_usage(prompt_tokens, results))
@@ -147,20 +201,26 @@ class OpenAIService:
     async def complete(self, req: CompletionRequest) -> Completion | AsyncIterator[str]:
         prompts = req.prompts
         inputs = [
-            self._input(req, prompt=p, max_new_tokens=req.max_tokens)
+            self._input(req, req.logprobs, prompt=p, max_new_tokens=req.max_tokens)
             if isinstance(p, str)
-            else self._input(req, prompt_ids=p, max_new_tokens=req.max_tokens)
+            else self._input(req, req.logprobs, prompt_ids=p, max_new_tokens=req.max_tokens)
             for p in prompts
         ]
         gens, prompt_tokens = await self._choices(inputs, req.n)
         echoes = [self._echo(p) if req.echo else "" for p in prompts for _ in range(req.n)]
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
+        shape = _Shape(self.service.grammars, None)
         if req.stream:
             deltas = self.service.open_streams(gens)
-            return _completion_events(header, deltas, echoes, req.include_usage, prompt_tokens)
+            return _completion_events(header, deltas, echoes, req.include_usage, prompt_tokens, shape)
         results = await self.service.run(gens)
         choices = [
-            CompletionChoice(index=i, text=echoes[i] + r.text, finish_reason=r.finish_reason)
+            CompletionChoice(
+                index=i,
+                text=echoes[i] + r.text,
+                finish_reason=r.finish_reason,
+                logprobs=shape.legacy(r.logprobs, len(echoes[i])),
+            )
             for i, r in enumerate(results)
         ]
         return Completion(**header, choices=choices, usage=_usage(prompt_tokens, results))
@@ -185,30 +245,103 @@ def _error_event(exc: AdapterServeError) -> str:
     return sse(openai_error_body(exc.type, exc.message, exc.param, status_of(exc)))
 
 
+class _Shape:
+    """Results into OpenAI's shapes: log-probabilities, and tool calls parsed from the text."""
+
+    def __init__(self, grammars: Grammars, tool_names: set[str] | None) -> None:
+        self.grammars = grammars
+        self.tool_names = tool_names  # None: the output is never a tool call
+
+    def calls(self, text: str) -> list[ToolCall] | None:
+        if self.tool_names is None:
+            return None
+        parsed = parse_tool_calls(text, self.tool_names)
+        if parsed is None:
+            return None
+        return [
+            ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=n, arguments=a))
+            for n, a in parsed
+        ]
+
+    def message(self, text: str) -> AssistantMessage:
+        calls = self.calls(text)
+        return AssistantMessage(content=None, tool_calls=calls) if calls else AssistantMessage(content=text)
+
+    def finish(self, result: GenerationResult) -> FinishReason:
+        if result.finish_reason == "stop" and self.calls(result.text):
+            return "tool_calls"
+        return result.finish_reason
+
+    def entries(self, lps: Sequence[TokenLogprob] | None) -> list[TokenLogprobOut] | None:
+        return None if lps is None else logprob_entries(lps, self.grammars.token_bytes)
+
+    def logprobs(self, lps: Sequence[TokenLogprob] | None) -> ChoiceLogprobs | None:
+        entries = self.entries(lps)
+        return None if entries is None else ChoiceLogprobs(content=entries)
+
+    def legacy(self, lps: Sequence[TokenLogprob] | None, offset: int = 0) -> CompletionLogprobs | None:
+        """The completions API's form; ``offset``: where the completion starts in the text (echo)."""
+        entries = self.entries(lps)
+        if entries is None:
+            return None
+        offsets = []
+        for e in entries:
+            offsets.append(offset)
+            offset += len(e.token)
+        return CompletionLogprobs(
+            tokens=[e.token for e in entries],
+            token_logprobs=[e.logprob for e in entries],
+            top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+            text_offset=offsets,
+        )
+
+
 async def _chat_events(
     header: dict[str, Any],
     deltas: AsyncIterator[tuple[int, StreamDelta]],
     n: int,
     include_usage: bool,
     prompt_tokens: int,
+    shape: _Shape,
 ) -> AsyncIterator[str]:
     """SSE chunks as OpenAI streams them: the role first, content deltas, a finish chunk per choice,
-    the usage chunk (choices empty) when asked, then ``[DONE]``."""
+    the usage chunk (choices empty) when asked, then ``[DONE]``. When the output may be a tool call
+    it is held until the choice ends and sent as one delta: the call, or the text."""
     base = {**header, "object": "chat.completion.chunk", "system_fingerprint": None}
     if include_usage:
         base["usage"] = None
 
-    def chunk(index: int, delta: dict[str, str], finish: str | None = None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lps: Any = None) -> str:
+        logprobs = None if lps is None else lps.model_dump()
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return sse({**base, "choices": [choice]})
 
     for i in range(n):
         yield chunk(i, {"role": "assistant", "content": ""})
     completion = 0
+    held: dict[int, list[StreamDelta]] = {}
     try:
         async for i, d in deltas:
-            if d.text:
-                yield chunk(i, {"content": d.text})
+            if shape.tool_names is not None:
+                held.setdefault(i, []).append(d)
+                if d.result is None:
+                    continue
+                r = d.result
+                calls = shape.calls(r.text)
+                if calls:
+                    delta: dict[str, Any] = {
+                        "tool_calls": [{"index": k, **c.model_dump()} for k, c in enumerate(calls)]
+                    }
+                else:
+                    delta = {"content": "".join(x.text for x in held[i])}
+                kept = [lp for x in held[i] for lp in x.logprobs] if r.logprobs is not None else None
+                yield chunk(i, delta, None, shape.logprobs(kept))
+                completion += len(r.token_ids)
+                yield chunk(i, {}, shape.finish(r))
+                continue
+            entries = shape.logprobs(d.logprobs) if d.logprobs else None
+            if d.text or entries is not None:
+                yield chunk(i, {"content": d.text}, None, entries)
             if d.result is not None:
                 completion += len(d.result.token_ids)
                 yield chunk(i, {}, d.result.finish_reason)
@@ -225,13 +358,19 @@ async def _completion_events(
     echoes: list[str],
     include_usage: bool,
     prompt_tokens: int,
+    shape: _Shape,
 ) -> AsyncIterator[str]:
     base = {**header, "object": "text_completion", "system_fingerprint": None}
     if include_usage:
         base["usage"] = None
+    offsets = [len(e) for e in echoes]  # where each choice's next token starts in its text
 
-    def chunk(index: int, text: str, finish: str | None = None) -> str:
-        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    def chunk(index: int, text: str, finish: str | None = None, lps: tuple[TokenLogprob, ...] = ()) -> str:
+        legacy = shape.legacy(lps, offsets[index]) if lps else None
+        if legacy is not None:
+            offsets[index] += sum(len(t) for t in legacy.tokens)
+        logprobs = None if legacy is None else legacy.model_dump()
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return sse({**base, "choices": [choice]})
 
     for i, echo in enumerate(echoes):
@@ -241,11 +380,11 @@ async def _completion_events(
     try:
         async for i, d in deltas:
             if d.result is None:
-                if d.text:
-                    yield chunk(i, d.text)
+                if d.text or d.logprobs:
+                    yield chunk(i, d.text, None, d.logprobs)
                 continue
             completion += len(d.result.token_ids)
-            yield chunk(i, d.text, d.result.finish_reason)
+            yield chunk(i, d.text, d.result.finish_reason, d.logprobs)
         if include_usage:
             yield sse({**base, "choices": [], "usage": _usage_of(prompt_tokens, completion)})
     except AdapterServeError as exc:

@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from jinja2 import TemplateError
@@ -69,6 +70,7 @@ class GenerationInput:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     decoding: Decoding = field(default_factory=Decoding)  # penalties, bias, logprobs, structured output
+    tools: list[dict[str, Any]] | None = None  # rendered by the chat template with ``messages``
 
     @classmethod
     def of(cls, req: GenerateRequest) -> GenerationInput:
@@ -164,8 +166,25 @@ class InferenceService:
             )
         return ids
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
-        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(
+                messages,
+                tools=tools,  # type: ignore[arg-type]
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        )
+
+    @cached_property
+    def template_takes_tools(self) -> bool:
+        """Whether the base's chat template renders tools (a prompt with a tool differs from one without)."""
+        probe = [{"type": "function", "function": {"name": "probe_tool", "parameters": {"type": "object"}}}]
+        messages = [{"role": "user", "content": "hi"}]
+        try:
+            return "probe_tool" in self.chat_prompt(messages, probe)
+        except (ValueError, TemplateError):
+            return False
 
     async def adapter(self, name: str, task: Task) -> tuple[AdapterInfo, Adapter]:
         """The current version of adapter ``name`` with its weights (read from the store on first use;
@@ -242,7 +261,7 @@ class InferenceService:
                 f"{spec.max_new_tokens} new tokens asked; the limit is {cap}", param="max_new_tokens"
             )
         if spec.messages is not None:
-            prompt_ids = await asyncio.to_thread(self._encode_chat, spec.messages)
+            prompt_ids = await asyncio.to_thread(self._encode_chat, spec.messages, spec.tools)
         elif spec.prompt_ids is not None:
             prompt_ids = self._check_ids(spec.prompt_ids)
         else:
@@ -399,13 +418,15 @@ class InferenceService:
             raise InvalidRequest(f"prompt token ids must lie in [0, {vocab})", param="prompt")
         return self._within_limit(list(ids), "prompt")
 
-    def _encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def _encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest(
                 "the base model has no chat template; send a prompt instead", param="messages"
             )
         try:
-            text = self.chat_prompt(messages)
+            text = self.chat_prompt(messages, tools)
         except (ValueError, TemplateError) as exc:
             raise InvalidRequest(
                 f"the chat template rejected these messages: {exc}", param="messages"

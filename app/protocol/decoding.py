@@ -5,6 +5,7 @@ OpenAI's, with vLLM's ``repetition_penalty`` and ``min_tokens``)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -68,9 +69,7 @@ def token_text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="backslashreplace")
 
 
-def logprob_entries(
-    lps: list[TokenLogprob] | tuple[TokenLogprob, ...], token_bytes: list[bytes]
-) -> list[TokenLogprobOut]:
+def logprob_entries(lps: Sequence[TokenLogprob], token_bytes: list[bytes]) -> list[TokenLogprobOut]:
     """Log-probabilities as OpenAI's chat ``logprobs.content`` entries."""
 
     def top(token: int, logprob: float) -> TopLogprob:

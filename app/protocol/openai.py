@@ -1,17 +1,24 @@
 """Wire schemas of the OpenAI-compatible routes (the subset of OpenAI's API that adapterserve serves).
 
-Unknown fields are refused (400), as OpenAI does; fields that OpenAI defines but this server cannot
-honour (tools, logprobs, penalties...) are accepted only at their neutral value, with a message
-naming the field otherwise.
+Unknown fields are refused (400), as OpenAI does. Fields that change nothing for this server are
+accepted and ignored (docs/openai.md lists them): ``user``, ``metadata``, ``store``, ``service_tier``,
+``reasoning_effort`` and ``verbosity`` (the base does not reason), ``modalities: ["text"]``,
+``prediction`` (a latency hint: the output is the same without it), ``parallel_tool_calls`` (at most
+one call per choice is made), ``prompt_cache_key``, ``safety_identifier``. What cannot be honoured
+(audio, images, other modalities, the deprecated ``functions``) is refused with a message naming it.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.protocol.decoding import MAX_TOP_LOGPROBS, DecodingOptions, TokenLogprobOut
 from app.protocol.native import MAX_STOP
+
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
 
 
 class _Strict(BaseModel):
@@ -31,30 +38,98 @@ class ContentPart(BaseModel):
         return self
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object's text")
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> ChatMessage:
-        if self.role in ("tool", "function") or self.tool_calls:
-            raise ValueError("tool and function calling are not supported")
-        if self.content is None:
+        if self.role == "function":
+            raise ValueError("function messages are deprecated: use tools and tool messages")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a {self.role} message needs content")
         return self
 
-    def as_template_message(self) -> dict[str, str]:
-        """The message as the chat template takes it (developer = system, parts joined)."""
+    def as_template_message(self) -> dict[str, Any]:
+        """The message as chat templates take it (developer = system, parts joined, tool calls with
+        their arguments as objects, as Hugging Face templates expect)."""
         text = (
             self.content
             if isinstance(self.content, str)
             else "".join(p.text or "" for p in self.content or [])
         )
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"type": "function", "id": c.id, "function": {"name": c.function.name, "arguments": _args(c)}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _args(call: ToolCall) -> Any:
+    try:
+        return json.loads(call.function.arguments)
+    except ValueError as exc:
+        raise ValueError(f"tool call {call.id}: arguments must be a JSON object's text") from exc
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class ToolChoiceFunction(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format json_schema (and only it) takes a json_schema object")
+        return self
 
 
 class StreamOptions(_Strict):
@@ -62,7 +137,7 @@ class StreamOptions(_Strict):
     include_obfuscation: bool | None = None  # accepted; chunks are never padded
 
 
-class _Sampling(_Strict):
+class _Sampling(DecodingOptions):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str = Field(description="an adapter name, or the base model's id for no adapter")
@@ -77,23 +152,8 @@ class _Sampling(_Strict):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None) -> float | None:
-        if v:
-            raise ValueError("penalties are not supported; leave them at 0")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return v
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -117,23 +177,47 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1, description="deprecated name of max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=1, description="default: up to the server's cap")
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
+    # accepted and ignored (module docstring)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    modalities: list[Literal["text"]] | None = None
+    prediction: dict[str, Any] | None = None
+    audio: None = None
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs are not supported")
-        if self.tools or self.functions or self.tool_choice not in (None, "none") or self.function_call:
-            raise ValueError("tool and function calling are not supported")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.functions or self.function_call:
+            raise ValueError("functions and function_call are deprecated: use tools and tool_choice")
+        names = {t.function.name for t in self.tools or []}
+        if isinstance(self.tool_choice, ToolChoiceFunction) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
+        if self.tool_choice in ("required",) or isinstance(self.tool_choice, ToolChoiceFunction):
+            if not names:
+                raise ValueError("tool_choice required or a named function needs tools")
+            if self.response_format is not None and self.response_format.type != "text":
+                raise ValueError("a forced tool call and a JSON response_format exclude each other")
         return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the output may be a tool call (tools given and tool_choice not none)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forced_tool(self) -> tuple[bool, str | None]:
+        """(a call is forced, the forced function's name or None for any)."""
+        if isinstance(self.tool_choice, ToolChoiceFunction):
+            return True, self.tool_choice.function.name
+        return self.tool_choice == "required", None
 
     @property
     def token_limit(self) -> int | None:
@@ -147,7 +231,7 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, ge=1, description="default 16, as OpenAI's")
     echo: bool = False
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     best_of: int | None = None
 
     @model_validator(mode="after")
@@ -158,8 +242,6 @@ class CompletionRequest(_Sampling):
             raise ValueError("prompt must not be empty")
         if self.suffix:
             raise ValueError("suffix is not supported")
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported")
         return self
@@ -177,7 +259,7 @@ class CompletionRequest(_Sampling):
 
 # --- responses --------------------------------------------------------------------------------
 # "timeout": cut off by the request deadline (REQUEST_TIMEOUT_S); the text is what was generated until then
-FinishReason = Literal["stop", "length", "timeout"]
+FinishReason = Literal["stop", "length", "timeout", "tool_calls"]
 
 
 class Usage(BaseModel):
@@ -188,7 +270,13 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    refusal: None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
     refusal: None = None
 
 
@@ -196,7 +284,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -209,11 +297,20 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions API's log-probabilities (parallel lists, one entry per token)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
