@@ -65,6 +65,8 @@ class ChatMessage(_Strict):
             raise ValueError("a tool message needs tool_call_id")
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a {self.role} message needs content")
+        for call in self.tool_calls or []:
+            _args(call)
         return self
 
     def as_template_message(self) -> dict[str, Any]:
