@@ -177,7 +177,8 @@ def main() -> None:
                 continue
             for key, value in (("prep", t_prep), ("compile", t_comp), ("step", t_steps / len(ids))):
                 times[name].setdefault(key, []).append(value)
-    print(f"\nschema: {len(SCHEMA['properties'])} properties; document: {len(ids)} tokens; vocabulary {vocab}\n")
+    props = len(SCHEMA["properties"])
+    print(f"\nschema: {props} properties; document: {len(ids)} tokens; vocabulary {vocab}\n")
     print("| library | tokenizer set-up (ms) | schema compile (ms) | mask + advance per step (µs) |")
     print("|---|---:|---:|---:|")
     for name, t in times.items():
