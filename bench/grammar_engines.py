@@ -13,6 +13,7 @@ every decode step). Prints one markdown table (medians over the turns).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -25,7 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from app.config import Settings
 from app.models.sources import resolve_model_path
 
-SCHEMA = {
+SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "intent": {"type": "string", "enum": ["refund", "delivery", "technical", "other"]},
@@ -61,7 +62,7 @@ def _llguidance(tok: PreTrainedTokenizerBase, vocab: int) -> Engine | None:
     mask = llguidance.torch.allocate_token_bitmask(1, vocab)
 
     def prepare() -> Any:
-        return llguidance.hf.from_tokenizer(tok, n_vocab=vocab)
+        return llguidance.hf.from_tokenizer(tok, n_vocab=vocab)  # type: ignore[arg-type]
 
     def compile_(info: Any) -> Any:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA)
@@ -170,8 +171,8 @@ def main() -> None:
                 continue
             try:
                 info, t_prep = _timed(prepare)
-                matcher, t_comp = _timed(lambda info=info, c=compile_: c(info))
-                _, t_steps = _timed(lambda m=matcher, s=steps: s(m, ids))
+                matcher, t_comp = _timed(functools.partial(compile_, info))
+                _, t_steps = _timed(functools.partial(steps, matcher, ids))
             except Exception as exc:  # report a library that fails on this tokenizer or schema
                 errors[name] = f"{type(exc).__name__}: {exc}"[:120]
                 continue
