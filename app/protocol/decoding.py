@@ -7,7 +7,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+)
 
 from app.engine.types import TokenLogprob
 
@@ -52,6 +57,12 @@ class DecodingOptions(BaseModel):
     @property
     def bias_pairs(self) -> tuple[tuple[int, float], ...]:
         return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items() if b)
+
+
+def is_none(value: object) -> bool:
+    """For ``Field(exclude_if=is_none)``: a response field only some requests ask for is left out
+    when absent, as OpenAI leaves it out."""
+    return value is None
 
 
 class TopLogprob(BaseModel):

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.protocol.decoding import MAX_TOP_LOGPROBS, DecodingOptions, TokenLogprobOut
+from app.protocol.decoding import MAX_TOP_LOGPROBS, DecodingOptions, TokenLogprobOut, is_none
 
 MAX_STOP = 8  # stop strings per request (native and OpenAI routes)
 MAX_MEMBERS = 8  # adapters in one composition
@@ -229,7 +229,9 @@ class GenerateResponse(BaseModel):
         "deadline (REQUEST_TIMEOUT_S), the text is what was generated until then"
     )
     usage: GenerateUsage
-    logprobs: list[TokenLogprobOut] | None = Field(None, description="per token, when `logprobs` was given")
+    logprobs: list[TokenLogprobOut] | None = Field(
+        None, exclude_if=is_none, description="per token, when `logprobs` was given"
+    )
 
 
 class AdapterOut(BaseModel):

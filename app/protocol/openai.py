@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.protocol.decoding import MAX_TOP_LOGPROBS, DecodingOptions, TokenLogprobOut
+from app.protocol.decoding import MAX_TOP_LOGPROBS, DecodingOptions, TokenLogprobOut, is_none
 from app.protocol.native import MAX_STOP
 
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
@@ -274,7 +274,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=is_none)
 
 
 class ChoiceLogprobs(BaseModel):
