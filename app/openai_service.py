@@ -17,6 +17,7 @@ from app.adapters.registry import AdapterRegistry
 from app.decoding import Constraint, Decoding
 from app.engine.types import GenerationResult, StreamDelta, TokenLogprob
 from app.errors import AdapterNotFound, AdapterServeError, InvalidRequest, openai_error_body, status_of
+from app.generation_input import Generation, GenerationInput
 from app.models.quantize import Quantization
 from app.protocol.decoding import TokenLogprobOut, logprob_entries
 from app.protocol.openai import (
@@ -36,7 +37,7 @@ from app.protocol.openai import (
     ToolCall,
     Usage,
 )
-from app.service import Generation, GenerationInput, InferenceService, sse
+from app.service import InferenceService, sse
 from app.structured import Grammars, parse_tool_calls, tool_call_schema
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature 0 for greedy decoding
