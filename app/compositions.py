@@ -23,8 +23,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from app.adapters.info import AdapterInfo
 from app.adapters.kinds import Adapter
@@ -34,6 +35,9 @@ from app.adapters.store import check_name
 from app.adapters.summary import summarize
 from app.ensembles import shared_labels
 from app.errors import AdapterNotFound, Conflict, IncompatibleMembers, InvalidRequest, TaskMismatch
+
+if TYPE_CHECKING:
+    from app.protocol.native import EnsembleMember
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,11 @@ class Composition:
     name: str | None = None  # named compositions
     version: int = 0
     created_at: float = 0.0
+
+    @classmethod
+    def of(cls, members: Iterable[EnsembleMember], method: str, density: float) -> Composition:
+        """A composition given in a request (``adapters``)."""
+        return cls(tuple((m.name, m.weight) for m in members), method, density)  # type: ignore[arg-type]
 
     @property
     def label(self) -> str:

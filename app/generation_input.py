@@ -39,8 +39,7 @@ class GenerationInput:
     def of(cls, req: GenerateRequest) -> GenerationInput:
         comp = None
         if req.adapters is not None:
-            members = tuple((m.name, m.weight) for m in member_list(req.adapters, None))
-            comp = Composition(members, req.merge, req.density)
+            comp = Composition.of(member_list(req.adapters, None), req.merge, req.density)
         return cls(
             adapter=req.adapter,
             composition=comp,

@@ -140,7 +140,7 @@ class InferenceService:
         members' probabilities are combined per input) or a merged adapter."""
         adhoc = None
         if req.adapters is not None:
-            adhoc = Composition(tuple((m.name, m.weight) for m in req.members), req.method, req.density)  # type: ignore[arg-type]
+            adhoc = Composition.of(req.members, req.method, req.density)
         comp = await self.composition(req.adapter, adhoc)
         if comp is not None:
             await self.compositions.check(comp, "classify")
