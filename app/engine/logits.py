@@ -120,6 +120,10 @@ def process(logits: torch.Tensor, states: Sequence[RowState | None], eos_ids: Se
     at, group = of(lambda s: s.matcher is not None)
     if group:
         sub[at] = _masked(sub[at], [s.matcher for s in group])
+        if eos_ids:  # a grammar that only allows EOS before min_tokens: end rather than fail the batch
+            dead = ~torch.isfinite(sub).any(dim=-1)
+            if bool(dead.any()):
+                sub[dead.nonzero().unsqueeze(1), torch.tensor([list(eos_ids)[0]], device=dev)] = 0.0
     out = logits.float().clone()
     out[index] = sub
     return out

@@ -143,3 +143,18 @@ def test_decoding_fields_validation() -> None:
 def test_token_text_escapes_partial_characters() -> None:
     assert token_text(" caf\xc3\xa9".encode("latin-1")) == " café"
     assert token_text(b"\xe2\x80") == "\\xe2\\x80"
+
+
+def test_a_row_with_nothing_allowed_ends_instead_of_failing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """min_tokens refusing EOS where the grammar allows only EOS: EOS stays possible."""
+    import app.engine.logits as logits_module
+
+    def only_eos(logits: torch.Tensor, matchers: list[object]) -> torch.Tensor:
+        allowed = torch.zeros_like(logits, dtype=torch.bool)
+        allowed[:, EOS] = True
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    monkeypatch.setattr(logits_module, "_masked", only_eos)
+    state = RowState(SamplingParams(4, min_tokens=2, grammar="g"), matcher=object())
+    out = process(torch.randn(2, VOCAB), [None, state], [EOS])
+    assert int(out[1].argmax()) == EOS and torch.isfinite(out[0]).all()
