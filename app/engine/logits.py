@@ -123,7 +123,7 @@ def process(logits: torch.Tensor, states: Sequence[RowState | None], eos_ids: Se
         if eos_ids:  # a grammar that only allows EOS before min_tokens: end rather than fail the batch
             dead = ~torch.isfinite(sub).any(dim=-1)
             if bool(dead.any()):
-                sub[dead.nonzero().unsqueeze(1), torch.tensor([list(eos_ids)[0]], device=dev)] = 0.0
+                sub[dead.nonzero().unsqueeze(1), torch.tensor([eos_ids[0]], device=dev)] = 0.0
     out = logits.float().clone()
     out[index] = sub
     return out
