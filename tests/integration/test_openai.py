@@ -188,7 +188,7 @@ def test_errors_raise_the_clients_exception_types(oa: openai.OpenAI) -> None:
         {"max_tokens": 100_000},
         {"n": 100},
         {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-        {"logprobs": True},
+        {"top_logprobs": 3},  # without logprobs: true
         {"extra_body": {"no_such_field": 1}},
         {"messages": []},
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
