@@ -68,7 +68,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--extra", type=Path, nargs="*", default=[], help="more adapter folders to evaluate")
-    parser.add_argument("--prompts", type=int, default=50)
+    parser.add_argument("--prompts", type=int, default=50, help="0: classifiers only")
+    parser.add_argument("--only", nargs="*", default=None, help="score only these classifiers")
     args = parser.parse_args()
     store = Path(tempfile.mkdtemp(prefix="adapterserve-quality-"))
     classifiers = dict(CLASSIFIERS)
@@ -79,6 +80,8 @@ def main() -> None:
         origin = next((c for c in CLASSIFIERS if folder.name.startswith(c)), None)
         if origin is not None:
             classifiers[folder.name] = CLASSIFIERS[origin]
+    if args.only is not None:
+        classifiers = {k: v for k, v in classifiers.items() if k in args.only}
     held = {name: _held_out(*data) for name, data in classifiers.items()}
     lines = [json.loads(x) for x in Path("data/support.jsonl").read_text().splitlines() if x.strip()]
     prompts = [x["prompt"] for x in lines][: args.prompts]
@@ -95,7 +98,7 @@ def main() -> None:
                     pred = _classify(http, name, xs)
                     acc = sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold)
                     scores.setdefault(name, {})[kind] = (acc, macro_f1(pred, gold, sorted(set(gold))))
-                for adapter in (None, "support-bot"):
+                for adapter in (None, "support-bot") if prompts else ():
                     key = adapter or "bare base"
                     texts.setdefault(key, {})[kind] = {p: _generate(http, adapter, p) for p in prompts}
     finally:
@@ -108,6 +111,8 @@ def main() -> None:
             + " | ".join(f"{a:.3f}, {f:.3f}" for a, f in row.values())
             + " |"
         )
+    if not prompts:
+        return
     print(f"\n| greedy, {len(prompts)} prompts × {TOKENS} tokens | identical to none: int8 | int4 |")
     print("|---|---:|---:|")
     for key, by_kind in texts.items():
