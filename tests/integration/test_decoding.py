@@ -288,7 +288,7 @@ def test_penalties_and_bias_equal_reference(
         ),
     ]
 
-    def run(case: tuple[str, dict[str, Any]]) -> str:
+    def run(case: tuple[str, dict[str, Any]], stream: bool = False) -> str:
         model, o = case
         out = oa.chat.completions.create(
             model=model,
@@ -299,11 +299,16 @@ def test_penalties_and_bias_equal_reference(
             presence_penalty=o["presence_penalty"],
             logit_bias={k: int(v) for k, v in o["logit_bias"].items()},
             extra_body={"repetition_penalty": o["repetition_penalty"], "min_tokens": o["min_tokens"]},
+            stream=stream,
         )
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in out if c.choices)
         return out.choices[0].message.content or ""
 
-    with ThreadPoolExecutor(len(cases)) as pool:
+    with ThreadPoolExecutor(len(cases) + 2) as pool:
+        streamed = [pool.submit(run, cases[i], True) for i in (2, 3)]
         texts = list(pool.map(run, cases))
+        assert [f.result() for f in streamed] == [texts[2], texts[3]]  # streamed = not streamed
     prompt = _chat_ids(tok, question)
     eos = tok.eos_token_id
     plain = _reference_penalized(ref_model(None), prompt, 16, eos, cases[-1][1] | {"min_tokens": 0})
