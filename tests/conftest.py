@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from app.config import Settings
 from app.main import create_app
@@ -203,3 +204,16 @@ def s3_env() -> Iterator[dict[str, str]]:
     """A real S3-API server for the session (tests/helpers/s3.py); its ``AWS_*`` environment."""
     with s3_server() as env:
         yield env
+
+
+@pytest.fixture(scope="session")
+def tok(base_path: Path) -> PreTrainedTokenizerBase:
+    """The default base's tokenizer."""
+    return AutoTokenizer.from_pretrained(base_path)
+
+
+@pytest.fixture(scope="session")
+def base_id(client: TestClient) -> str:
+    """The default base's model id (its OpenAI ``model`` name)."""
+    model_id: str = client.app.state.model_id  # type: ignore[attr-defined]
+    return model_id

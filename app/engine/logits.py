@@ -11,8 +11,9 @@ loops over the vocabulary in Python. Log-probabilities are those of the model's 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,6 +22,8 @@ from app.engine.types import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,7 +36,6 @@ class RowState:
     bias: torch.Tensor | None = None  # [vocab] additive logit bias
     matcher: LLMatcher | None = None  # the grammar's state (structured output)
     generated: int = 0
-    errors: list[str] = field(default_factory=list)
 
     @classmethod
     def of(
@@ -61,7 +63,7 @@ class RowState:
         if self.seen is not None:
             self.seen[token] = True
         if self.matcher is not None and not self.matcher.consume_token(token):
-            self.errors.append(self.matcher.get_error())
+            log.warning("the grammar refused token %d: %s", token, self.matcher.get_error())
             return False
         return True
 

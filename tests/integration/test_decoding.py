@@ -19,7 +19,7 @@ import openai
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from tests.helpers.peft_ref import GEN_TOKENS, GENERATE_PROMPTS, RefAdapter
 
@@ -74,17 +74,6 @@ COMPLAINTS = [
 @pytest.fixture(scope="module")
 def oa(live_url: str, uploaded: dict[str, RefAdapter]) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{live_url}/v1", api_key="any", max_retries=0, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def tok(base_path: Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(base_path)
-
-
-@pytest.fixture(scope="module")
-def base_id(client: TestClient) -> str:
-    model_id: str = client.app.state.model_id  # type: ignore[attr-defined]
-    return model_id
 
 
 @pytest.fixture(scope="module")

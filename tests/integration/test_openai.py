@@ -9,7 +9,7 @@ from pathlib import Path
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from app.config import Settings
 from app.main import create_app
@@ -26,17 +26,6 @@ CHAT = [
 @pytest.fixture(scope="module")
 def oa(client: TestClient, uploaded: dict[str, RefAdapter]) -> openai.OpenAI:
     return openai.OpenAI(base_url="http://testserver/v1", api_key="any", http_client=client, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def tok(base_path: Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(base_path)
-
-
-@pytest.fixture(scope="module")
-def base_id(client: TestClient) -> str:
-    model_id: str = client.app.state.model_id  # type: ignore[attr-defined]
-    return model_id
 
 
 def _chat_ids(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
