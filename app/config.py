@@ -31,10 +31,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 on CUDA, float32 on CPU"
     )
-    quantization: Literal["none", "int8", "int4"] = Field(
+    quantization: Literal["none", "int8", "int4", "w8a8"] = Field(
         "none",
-        description="weight-only quantization of the base's linear layers and embeddings (int8 per "
-        "output channel, int4 in groups of 64); activations and adapters stay in full precision",
+        description="quantization of the base's linear layers and embeddings: int8 (per output "
+        "channel) and int4 (groups of 64) are weight-only; w8a8 is int8 weights and int8 "
+        "activations per row (fbgemm's integer matmul on CPU); adapters stay in full precision",
     )
 
     # --- adapter store and cache ------------------------------------------------------------

@@ -21,7 +21,7 @@ async def healthz() -> dict[str, str]:
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     model: str | None
-    quantization: Literal["none", "int8", "int4"] | None = None
+    quantization: Literal["none", "int8", "int4", "w8a8"] | None = None
 
 
 _READY: dict[int | str, dict[str, Any]] = {

@@ -154,7 +154,7 @@ def load_base_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     spec = spec_of(model, model_id)
-    nbytes = quantize_model(model, quantization, keep=surface.head_modules)
+    nbytes = quantize_model(model, quantization, keep=surface.head_modules, tokenizer=tokenizer)
     if quantization != "none":
         return_freed_memory()  # the float weights just replaced
     log.info(

@@ -5,7 +5,10 @@ integers, activations and every adapter (LoRA, bottleneck, heads) in full precis
 - ``int4``: group-wise along the input dimension (groups of 64), asymmetric in the tinygemm
   convention (``w ≈ (q - 8) · s + z``, q in [0, 15]); a layer whose width is not a multiple of the
   group stays int8.
-- Token embeddings: int8 per row in both modes (the row of a token is what a lookup reads); a
+- ``w8a8``: int8 weights as ``int8``, and int8 activations quantized per row on the fly
+  (:mod:`app.models.w8a8`: fbgemm's integer matmul on CPU); not weight-only, so not the float
+  layer on quantized weights but its own integer layer (adapters still apply exactly on top).
+- Token embeddings: int8 per row in every mode (the row of a token is what a lookup reads); a
   language-model head tied to them reads the same int8 rows.
 
 The matmuls, chosen by measurement (``bench/quant_kernels.py``, docs/quantization.md): on CUDA,
@@ -23,15 +26,18 @@ for parity with PEFT, and for training adapters on the weights they are served w
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from app.models import w8a8
+
 log = logging.getLogger(__name__)
 
-Quantization = Literal["none", "int8", "int4"]
-QUANTIZATIONS: tuple[Quantization, ...] = ("none", "int8", "int4")
+Quantization = Literal["none", "int8", "int4", "w8a8"]
+QUANTIZATIONS: tuple[Quantization, ...] = ("none", "int8", "int4", "w8a8")
+Kind = Literal["int8", "int4", "w8a8"]
 INT4_GROUP = 64
 
 
@@ -69,16 +75,19 @@ class QuantizedLinear(nn.Module):
 
     packed: torch.Tensor
     scales: torch.Tensor
+    inv_smooth: torch.Tensor  # w8a8 only
+    guard: torch.Tensor  # w8a8 only
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        kind: Literal["int8", "int4"],
+        kind: Kind,
         packed: torch.Tensor,
         scales: torch.Tensor,
         bias: torch.Tensor | None,
         dtype: torch.dtype,
+        inv_smooth: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
@@ -86,11 +95,19 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", scales)  # int8: [out]; int4: scales and zeros [groups, out, 2]
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.compute_dtype = dtype
+        self.fbgemm: Any = None  # w8a8 on CPU: the packed weights (then ``packed`` is empty)
+        if kind == "w8a8":  # 1 / the smoothing factors, float32 [in]
+            smooth = torch.ones(in_features) if inv_smooth is None else inv_smooth
+            self.register_buffer("inv_smooth", smooth.float().to(packed.device))
+            self.register_buffer("guard", w8a8.guard(in_features, packed.device), persistent=False)
+            if packed.device.type == "cpu":
+                self.fbgemm = w8a8.pack(packed, scales)
+                self.packed = packed.new_empty(0)
 
     @classmethod
-    def of(cls, layer: nn.Linear, kind: Literal["int8", "int4"]) -> QuantizedLinear:
+    def of(cls, layer: nn.Linear, kind: Kind, act_max: torch.Tensor | None = None) -> QuantizedLinear:
         """``layer`` quantized on its own device; int4 falls back to int8 where the kernels cannot
-        take the layer's shape."""
+        take the layer's shape; w8a8 smoothed by its inputs' calibrated ranges ``act_max``."""
         w = layer.weight
         dtype, device = w.dtype, w.device
         out, width = w.shape
@@ -98,6 +115,10 @@ class QuantizedLinear(nn.Module):
         if kind == "int4" and (width % INT4_GROUP or width % 2 or cuda_unfit):
             log.info("a %dx%d layer cannot take int4: int8", out, width)
             kind = "int8"
+        if kind == "w8a8":
+            c = w8a8.smoothing(w, act_max)
+            q, scale = _int8_rows(w.float() * c)
+            return cls(width, out, kind, q, scale, layer.bias, dtype, 1 / c)
         if kind == "int8":
             q, scale = _int8_rows(w)
             return cls(width, out, kind, q, scale.to(dtype), layer.bias, dtype)
@@ -114,14 +135,17 @@ class QuantizedLinear(nn.Module):
     @property
     def weight_bytes(self) -> int:
         tensors = [self.packed, self.scales] + ([self.bias] if self.bias is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        packed = self.in_features * self.out_features + 4 * self.out_features if self.fbgemm else 0
+        return packed + sum(t.numel() * t.element_size() for t in tensors)  # (+ column sums)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if flat.dtype != self.compute_dtype:
             flat = flat.to(self.compute_dtype)
         cpu = self.packed.device.type == "cpu"
-        if self.kind == "int8" and not cpu:
+        if self.kind == "w8a8":
+            y = w8a8.matmul(flat, self.packed, self.scales, self.inv_smooth, self.fbgemm, self.guard)
+        elif self.kind == "int8" and not cpu:
             y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.packed, self.scales)
         elif self.kind == "int8":
             y = nn.functional.linear(flat, self.packed.to(self.compute_dtype)).mul_(self.scales)
@@ -142,10 +166,21 @@ class QuantizedLinear(nn.Module):
         grouped = q.view(out, groups, INT4_GROUP)
         return torch.addcmul(self.scales[..., 1:], grouped, self.scales[..., :1]).view(out, self.in_features)
 
+    def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """An int8 or w8a8 layer's weights and scales."""
+        if self.fbgemm is not None:
+            return w8a8.unpack(self.fbgemm)
+        return self.packed, self.scales
+
     @torch.no_grad()
     def dequantized(self) -> torch.Tensor:
         """The weights [out, in] this layer computes with, exactly: the kernel applied to the
-        identity (each output is one weight times 1 plus zeros)."""
+        identity (each output is one weight times 1 plus zeros; w8a8: the int8 weights' values
+        over the smoothing factors)."""
+        if self.kind == "w8a8":
+            q, scale = self.int8()
+            w = q.float() * scale.float()[:, None] * self.inv_smooth.float()
+            return w.to(self.compute_dtype)
         eye = torch.eye(self.in_features, dtype=self.compute_dtype, device=self.packed.device)
         bias, self.bias = self.bias, None
         try:
@@ -198,11 +233,34 @@ class QuantizedEmbedding(nn.Module):
         return self.packed.to(self.compute_dtype) * self.scales.unsqueeze(-1)
 
 
-def quantize_model(model: nn.Module, kind: Quantization, keep: tuple[str, ...] = ()) -> int:
+def _linears(model: nn.Module, keep: tuple[str, ...]) -> list[str]:
+    """Names of the linear layers quantizing replaces (not those named in ``keep``)."""
+    return [
+        name
+        for name, mod in model.named_modules()
+        if name and type(mod) is nn.Linear and not any(name == k or name.endswith("." + k) for k in keep)
+    ]
+
+
+def _calibration(
+    model: nn.Module, kind: Quantization, names: list[str], tokenizer: Any
+) -> dict[str, torch.Tensor]:
+    """w8a8's input ranges per layer (empty for other kinds, or without a tokenizer: no smoothing)."""
+    if kind != "w8a8" or tokenizer is None:
+        return {}
+    return w8a8.calibrate(model, tokenizer, names)
+
+
+def quantize_model(
+    model: nn.Module, kind: Quantization, keep: tuple[str, ...] = (), tokenizer: Any = None
+) -> int:
     """Replace ``model``'s linear layers and token embeddings by quantized ones, in place (modules
-    named in ``keep`` stay as they are); return the base's weight bytes afterwards."""
+    named in ``keep`` stay as they are; w8a8 first reads :data:`~app.models.w8a8.CALIBRATION`
+    through ``tokenizer``); return the base's weight bytes afterwards."""
     if kind == "none":
         return weight_bytes(model)
+    names = _linears(model, keep)
+    act_max = _calibration(model, kind, names, tokenizer)
     get_in = getattr(model, "get_input_embeddings", None)
     get_out = getattr(model, "get_output_embeddings", None)
     embedding = get_in() if get_in is not None else None
@@ -216,16 +274,14 @@ def quantize_model(model: nn.Module, kind: Quantization, keep: tuple[str, ...] =
     if isinstance(embedding, nn.Embedding):
         quantized = QuantizedEmbedding(embedding)
         replaced[id(embedding)] = quantized
-        if tied:
+        if tied and kind != "w8a8":  # (w8a8: the head is smoothed, so it has weights of its own)
             assert isinstance(head, nn.Linear)
             replaced[id(head)] = quantized.head(head.bias)
     for name, mod in list(model.named_modules()):
-        if not name or any(name == k or name.endswith("." + k) for k in keep):
-            continue
         new = replaced.get(id(mod))
-        if new is None and type(mod) is nn.Linear:
-            new = replaced[id(mod)] = QuantizedLinear.of(mod, kind)
-        if new is not None:
+        if new is None and name in names:
+            new = replaced[id(mod)] = QuantizedLinear.of(mod, kind, act_max.get(name))
+        if new is not None and name:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)
@@ -235,29 +291,45 @@ def quantize_model(model: nn.Module, kind: Quantization, keep: tuple[str, ...] =
 
 
 @torch.no_grad()
-def snap_to_quantized(model: nn.Module, kind: Quantization, keep: tuple[str, ...] = ()) -> None:
+def snap_to_quantized(
+    model: nn.Module, kind: Quantization, keep: tuple[str, ...] = (), tokenizer: Any = None
+) -> None:
     """Set ``model``'s float weights to exactly the values :func:`quantize_model` would compute
     with (its linear layers, token embeddings and a head tied to them), in place: training on these
     is training on the weights a quantized server is served with (QLoRA-style; gradients flow
-    through the float copies)."""
+    through the float copies). ``w8a8`` also quantizes activations: its linear layers become
+    :class:`~app.models.w8a8.W8A8Linear` (the served layer, with a straight-through gradient)."""
     if kind == "none":
         return
+    names = _linears(model, keep)
+    act_max = _calibration(model, kind, names, tokenizer)
     get_in = getattr(model, "get_input_embeddings", None)
     embedding = get_in() if get_in is not None else None
+    tied_ptr = embedding.weight.data_ptr() if isinstance(embedding, nn.Embedding) else None
+    for name in names:
+        mod = model.get_submodule(name)
+        assert isinstance(mod, nn.Linear)
+        if kind == "w8a8":
+            layer = QuantizedLinear.of(mod, kind, act_max.get(name))
+            q, scale = layer.int8()
+            new = w8a8.W8A8Linear(q, scale, layer.inv_smooth, mod.bias).to(mod.weight.device)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        elif mod.weight.data_ptr() != tied_ptr:  # a head tied to the embeddings: snapped with them
+            mod.weight.copy_(QuantizedLinear.of(mod, kind).dequantized())
     if isinstance(embedding, nn.Embedding):
         embedding.weight.copy_(QuantizedEmbedding(embedding).dequantized())
-    for name, mod in model.named_modules():
-        if type(mod) is not nn.Linear or any(name == k or name.endswith("." + k) for k in keep):
-            continue
-        if isinstance(embedding, nn.Embedding) and mod.weight.data_ptr() == embedding.weight.data_ptr():
-            continue  # a head tied to the embeddings: snapped with them
-        mod.weight.copy_(QuantizedLinear.of(mod, kind).dequantized())
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights (parameters and buffers; shared tensors once)."""
+    """Bytes of the model's weights (parameters and buffers, shared tensors once; and the
+    weights packed for fbgemm)."""
     seen: set[int] = set()
-    total = 0
+    total = sum(
+        m.in_features * m.out_features + 4 * m.out_features
+        for m in model.modules()
+        if isinstance(m, QuantizedLinear) and m.fbgemm is not None
+    )
     for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())

@@ -218,7 +218,9 @@ def evaluate(
     return {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50.0)), 3)}
 
 
-def _load_model(opts: TrainOptions, path: Path, labels: list[str] | None, pad_id: int) -> nn.Module:
+def _load_model(
+    opts: TrainOptions, path: Path, labels: list[str] | None, tok: PreTrainedTokenizerBase
+) -> nn.Module:
     if opts.task == "classify":
         assert labels is not None
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -228,11 +230,11 @@ def _load_model(opts: TrainOptions, path: Path, labels: list[str] | None, pad_id
             label2id={name: i for i, name in enumerate(labels)},
             dtype=torch.float32,
         )
-        model.config.pad_token_id = pad_id
+        model.config.pad_token_id = tok.pad_token_id
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     head = surface_for(str(model.config.model_type)).head_modules
-    snap_to_quantized(model, opts.quantization, keep=head)
+    snap_to_quantized(model, opts.quantization, keep=head, tokenizer=tok)
     if opts.kind == "bottleneck":
         bottleneck = BottleneckConfig(
             task=opts.task,
@@ -285,7 +287,7 @@ def train(opts: TrainOptions) -> TrainResult:
             )
     dev = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
-    model = _load_model(opts, path, split.labels, int(tok.pad_token_id)).to(dev)
+    model = _load_model(opts, path, split.labels, tok).to(dev)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     steps_per_epoch = math.ceil(len(split.train.input_ids) / opts.batch_size)
     total = steps_per_epoch * opts.epochs
