@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from app.models import w8a8
 from app.models.quantize import INT4_GROUP, QuantizedEmbedding, QuantizedLinear, quantize_model, weight_bytes
 
 
@@ -69,3 +70,45 @@ def test_a_tied_head_reads_the_quantized_embedding_rows() -> None:
     assert isinstance(proj, QuantizedLinear)
     expected = (rows[ids] @ proj.dequantized().t() + proj.bias) @ rows.t()
     assert torch.allclose(model(ids), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(("out", "width"), [(192, 576), (576, 1536)])
+def test_w8a8_rows_are_quantized_on_their_own_grid(out: int, width: int) -> None:
+    """fbgemm's integer matmul computes the int8 weights times each row snapped to its own grid of
+    ±63.5 steps per row maximum (after smoothing), the same in any batch; and the layer stays
+    close to the float one."""
+    torch.manual_seed(0)
+    layer = nn.Linear(width, out, bias=True)
+    act_max = torch.rand(width) * 4 + 0.1
+    q = QuantizedLinear.of(layer, "w8a8", act_max)
+    assert q.fbgemm is not None and q.kind == "w8a8"
+    x = torch.randn(9, width) * act_max  # channels of different ranges
+    x[3] *= 50  # a row far larger than the others
+    y = q(x)
+    alone = torch.cat([q(x[i : i + 1]) for i in range(len(x))])
+    assert torch.equal(y, alone)  # a row's result does not depend on its batch
+    smooth = x * q.inv_smooth
+    amax = smooth.abs().amax(1, keepdim=True)
+    snapped = torch.round(smooth / amax * w8a8.GRID) / w8a8.GRID * amax
+    int8, scale = q.int8()
+    expected = snapped @ (int8.float() * scale[:, None]).t() + layer.bias
+    assert torch.allclose(y, expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+    exact = layer(x)
+    assert float((y - exact).norm() / exact.norm()) < 0.03
+    assert float((q.dequantized() - layer.weight).norm() / layer.weight.norm()) < 0.02
+
+
+def test_w8a8_trains_through_a_straight_through_gradient() -> None:
+    """The training layer computes the served layer's outputs; its input gradient is the float
+    layer's."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    served = QuantizedLinear.of(layer, "w8a8", torch.rand(64) + 0.5)
+    int8, scale = served.int8()
+    train = w8a8.W8A8Linear(int8, scale, served.inv_smooth, layer.bias)
+    x = torch.randn(5, 64, requires_grad=True)
+    y = train(x)
+    assert torch.equal(y, served(x.detach()))
+    y.sum().backward()
+    assert x.grad is not None
+    assert torch.allclose(x.grad, train.weight.sum(0).expand(5, 64), atol=1e-5)
