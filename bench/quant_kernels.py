@@ -1,7 +1,8 @@
-"""Weight-only quantized matmul kernels on this machine, for choosing the quantized base's kernels:
-fp32 ``F.linear`` against PyTorch's own int8 (``_weight_int8pack_mm``: per output channel) and
-int4 (``_weight_int4pack_mm_for_cpu`` / ``_weight_int4pack_mm``: group-wise) kernels, and against
-torchao's weight-only int8 and int4 tensors when torchao is importable (not a dependency).
+"""Quantized matmul kernels on this machine, for choosing the quantized base's kernels: fp32
+``F.linear`` against PyTorch's own weight-only int8 (``_weight_int8pack_mm``: per output channel)
+and int4 (``_weight_int4pack_mm_for_cpu`` / ``_weight_int4pack_mm``: group-wise) kernels, torchao's
+weight-only int8 and int4 tensors when torchao is importable (not a dependency), and two integer
+matmuls that also quantize the activations (w8a8): ``torch._int_mm`` and fbgemm's dynamic linear.
 
     python -m bench.quant_kernels [--rows 1 16 64] [--repeats 200]
 
@@ -71,6 +72,20 @@ class _AtenInt4(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.sz)
 
 
+class _IntMM(nn.Module):
+    """int8 activations (per row) times int8 weights through ``torch._int_mm`` (int32 sums)."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        q, self.s = _int8_rows(layer.weight)
+        self.qt = q.t().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        amax = x.abs().amax(1, keepdim=True).clamp(min=1e-30) / 127
+        xq = torch.round(x / amax).to(torch.int8)
+        return torch._int_mm(xq, self.qt).float().mul_(amax).mul_(self.s)
+
+
 def _runner(mods: list[nn.Module], xs: dict[int, torch.Tensor]) -> Callable[[], None]:
     def run() -> None:
         for (_, i), m in zip(SHAPES, mods, strict=True):
@@ -95,6 +110,8 @@ def main() -> None:
         "int8: served (int8→fp32 + BLAS)": [QuantizedLinear.of(m, "int8") for m in layers],
         "int4 g64: PyTorch _weight_int4pack_mm_for_cpu": [_AtenInt4(m) for m in layers],
         "int4 g64: served (4-bit→fp32 + BLAS)": [QuantizedLinear.of(m, "int4") for m in layers],
+        "w8a8: torch._int_mm (int8 rows × int8)": [_IntMM(m) for m in layers],
+        "w8a8: served (fbgemm dynamic int8)": [QuantizedLinear.of(m, "w8a8") for m in layers],
     }
     for kind in ("int8", "int4"):
         quantized = _torchao(kind, layers)

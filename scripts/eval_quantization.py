@@ -1,5 +1,5 @@
 """What quantizing the base costs in quality: the demo adapters served by a server at each of
-ADAPTERSERVE_QUANTIZATION none / int8 / int4, one server process after the other, on a copy of the
+ADAPTERSERVE_QUANTIZATION none / int8 / int4 / w8a8, one server process after the other, on a copy of the
 demo store (plus any extra adapter folders, e.g. ones retrained with ``--quantization int4``).
 
     python scripts/eval_quantization.py [--extra build/chat-topic-int4 ...] [--prompts 50]
@@ -28,7 +28,7 @@ CLASSIFIERS = {  # adapter -> its data (held out as the trainer did: 20 %, seed 
     "chat-topic": ("data/chat-topic.csv", 48),
     "chat-topic-bottleneck": ("data/chat-topic.csv", 48),
 }
-KINDS = ("none", "int8", "int4")
+KINDS = ("none", "int8", "int4", "w8a8")
 TOKENS = 32
 
 
@@ -70,7 +70,9 @@ def main() -> None:
     parser.add_argument("--extra", type=Path, nargs="*", default=[], help="more adapter folders to evaluate")
     parser.add_argument("--prompts", type=int, default=50, help="0: classifiers only")
     parser.add_argument("--only", nargs="*", default=None, help="score only these classifiers")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), help="quantizations (none always runs)")
     args = parser.parse_args()
+    kinds = ["none", *(k for k in args.kinds if k != "none")]
     store = Path(tempfile.mkdtemp(prefix="adapterserve-quality-"))
     classifiers = dict(CLASSIFIERS)
     for folder in [*Path("adapters_store").iterdir(), *args.extra]:
@@ -88,7 +90,7 @@ def main() -> None:
     scores: dict[str, dict[str, tuple[float, float]]] = {}
     texts: dict[str, dict[str, dict[str, str]]] = {}
     try:
-        for kind in KINDS:
+        for kind in kinds:
             log = store / f"server-{kind}.log"
             with (
                 running_server(store, log, quantization=kind) as (_, url),
@@ -103,8 +105,8 @@ def main() -> None:
                     texts.setdefault(key, {})[kind] = {p: _generate(http, adapter, p) for p in prompts}
     finally:
         shutil.rmtree(store, ignore_errors=True)
-    print("\n| classifier (held out) | " + " | ".join(f"{k}: accuracy, macro-F1" for k in KINDS) + " |")
-    print("|---|" + "---:|" * len(KINDS))
+    print("\n| classifier (held out) | " + " | ".join(f"{k}: accuracy, macro-F1" for k in kinds) + " |")
+    print("|---|" + "---:|" * len(kinds))
     for name, row in scores.items():
         print(
             f"| `{name}` ({len(held[name][1])}) | "
@@ -113,17 +115,16 @@ def main() -> None:
         )
     if not prompts:
         return
-    print(f"\n| greedy, {len(prompts)} prompts × {TOKENS} tokens | identical to none: int8 | int4 |")
-    print("|---|---:|---:|")
+    others = kinds[1:]
+    print(f"\n| greedy, {len(prompts)} prompts × {TOKENS} tokens | " + " | ".join(others) + " |")
+    print("|---|" + "---:|" * len(others))
     for key, by_kind in texts.items():
-        same = [
-            sum(by_kind[k][p] == by_kind["none"][p] for p in prompts) / len(prompts) for k in ("int8", "int4")
-        ]
-        print(f"| {key} | {same[0]:.2f} | {same[1]:.2f} |")
-    print("\n| prompt | " + " | ".join(f"support-bot, {k}" for k in KINDS) + " |")
-    print("|---|" + "---|" * len(KINDS))
+        same = [sum(by_kind[k][p] == by_kind["none"][p] for p in prompts) / len(prompts) for k in others]
+        print(f"| {key}: identical to none | " + " | ".join(f"{x:.2f}" for x in same) + " |")
+    print("\n| prompt | " + " | ".join(f"support-bot, {k}" for k in kinds) + " |")
+    print("|---|" + "---|" * len(kinds))
     for p in prompts[:5]:
-        print(f"| {p} | " + " | ".join(texts["support-bot"][k][p].replace("|", "/") for k in KINDS) + " |")
+        print(f"| {p} | " + " | ".join(texts["support-bot"][k][p].replace("|", "/") for k in kinds) + " |")
 
 
 if __name__ == "__main__":
