@@ -75,8 +75,6 @@ class QuantizedLinear(nn.Module):
 
     packed: torch.Tensor
     scales: torch.Tensor
-    inv_smooth: torch.Tensor  # w8a8 only
-    guard: torch.Tensor  # w8a8 only
 
     def __init__(
         self,
@@ -87,7 +85,7 @@ class QuantizedLinear(nn.Module):
         scales: torch.Tensor,
         bias: torch.Tensor | None,
         dtype: torch.dtype,
-        inv_smooth: torch.Tensor | None = None,
+        kernel: w8a8.Kernel | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
@@ -95,14 +93,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", scales)  # int8: [out]; int4: scales and zeros [groups, out, 2]
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.compute_dtype = dtype
-        self.fbgemm: Any = None  # w8a8 on CPU: the packed weights (then ``packed`` is empty)
-        if kind == "w8a8":  # 1 / the smoothing factors, float32 [in]
-            smooth = torch.ones(in_features) if inv_smooth is None else inv_smooth
-            self.register_buffer("inv_smooth", smooth.float().to(packed.device))
-            self.register_buffer("guard", w8a8.guard(in_features, packed.device), persistent=False)
-            if packed.device.type == "cpu":
-                self.fbgemm = w8a8.pack(packed, scales)
-                self.packed = packed.new_empty(0)
+        self.w8a8 = kernel  # w8a8: the layer's matmul (then ``packed`` and ``scales`` are empty)
 
     @classmethod
     def of(cls, layer: nn.Linear, kind: Kind, act_max: torch.Tensor | None = None) -> QuantizedLinear:
@@ -116,9 +107,9 @@ class QuantizedLinear(nn.Module):
             log.info("a %dx%d layer cannot take int4: int8", out, width)
             kind = "int8"
         if kind == "w8a8":
-            c = w8a8.smoothing(w, act_max)
-            q, scale = _int8_rows(w.float() * c)
-            return cls(width, out, kind, q, scale, layer.bias, dtype, 1 / c)
+            empty = torch.empty(0, device=device)
+            kernel = w8a8.Kernel(w, act_max)
+            return cls(width, out, kind, empty.to(torch.int8), empty, layer.bias, dtype, kernel)
         if kind == "int8":
             q, scale = _int8_rows(w)
             return cls(width, out, kind, q, scale.to(dtype), layer.bias, dtype)
@@ -135,16 +126,16 @@ class QuantizedLinear(nn.Module):
     @property
     def weight_bytes(self) -> int:
         tensors = [self.packed, self.scales] + ([self.bias] if self.bias is not None else [])
-        packed = self.in_features * self.out_features + 4 * self.out_features if self.fbgemm else 0
-        return packed + sum(t.numel() * t.element_size() for t in tensors)  # (+ column sums)
+        kernel = self.w8a8.weight_bytes if self.w8a8 is not None else 0
+        return kernel + sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if flat.dtype != self.compute_dtype:
             flat = flat.to(self.compute_dtype)
         cpu = self.packed.device.type == "cpu"
-        if self.kind == "w8a8":
-            y = w8a8.matmul(flat, self.packed, self.scales, self.inv_smooth, self.fbgemm, self.guard)
+        if self.w8a8 is not None:
+            y = self.w8a8(flat).to(self.compute_dtype)
         elif self.kind == "int8" and not cpu:
             y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.packed, self.scales)
         elif self.kind == "int8":
@@ -166,21 +157,13 @@ class QuantizedLinear(nn.Module):
         grouped = q.view(out, groups, INT4_GROUP)
         return torch.addcmul(self.scales[..., 1:], grouped, self.scales[..., :1]).view(out, self.in_features)
 
-    def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """An int8 or w8a8 layer's weights and scales."""
-        if self.fbgemm is not None:
-            return w8a8.unpack(self.fbgemm)
-        return self.packed, self.scales
-
     @torch.no_grad()
     def dequantized(self) -> torch.Tensor:
         """The weights [out, in] this layer computes with, exactly: the kernel applied to the
-        identity (each output is one weight times 1 plus zeros; w8a8: the int8 weights' values
-        over the smoothing factors)."""
-        if self.kind == "w8a8":
-            q, scale = self.int8()
-            w = q.float() * scale.float()[:, None] * self.inv_smooth.float()
-            return w.to(self.compute_dtype)
+        identity (each output is one weight times 1 plus zeros; w8a8: the weights it stands for,
+        :meth:`~app.models.w8a8.Kernel.dequantized`)."""
+        if self.w8a8 is not None:
+            return self.w8a8.dequantized().to(self.compute_dtype)
         eye = torch.eye(self.in_features, dtype=self.compute_dtype, device=self.packed.device)
         bias, self.bias = self.bias, None
         try:
@@ -310,9 +293,7 @@ def snap_to_quantized(
         mod = model.get_submodule(name)
         assert isinstance(mod, nn.Linear)
         if kind == "w8a8":
-            layer = QuantizedLinear.of(mod, kind, act_max.get(name))
-            q, scale = layer.int8()
-            new = w8a8.W8A8Linear(q, scale, layer.inv_smooth, mod.bias).to(mod.weight.device)
+            new = w8a8.W8A8Linear(w8a8.Kernel(mod.weight, act_max.get(name), keep_int8=True), mod.bias)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         elif mod.weight.data_ptr() != tied_ptr:  # a head tied to the embeddings: snapped with them
@@ -328,7 +309,7 @@ def weight_bytes(model: nn.Module) -> int:
     total = sum(
         m.in_features * m.out_features + 4 * m.out_features
         for m in model.modules()
-        if isinstance(m, QuantizedLinear) and m.fbgemm is not None
+        if isinstance(m, w8a8.Kernel) and m.packed is not None
     )
     for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() not in seen:

@@ -1,17 +1,24 @@
-"""``w8a8``: int8 weights per output channel (as ``int8``) and int8 activations, quantized per row
-on the fly, for CPUs whose only fast integer matmul is PyTorch's fbgemm dynamic linear.
+"""``w8a8``: int8 weights per output channel and int8 activations quantized per row on the fly,
+for CPUs whose only fast integer matmul is PyTorch's fbgemm dynamic linear.
 
-Each row of the input is scaled to unit max magnitude, quantized on a fixed grid of 129 levels
-(``round(u · 63.5) / 63.5``, the grid fbgemm picks for a tensor spanning [-1, 1] with its 7-bit
-activation range) and multiplied by the int8 weights; the output row is scaled back. A guard row
-holding -1 and 1 fixes fbgemm's per-tensor grid, so every row is quantized on its own and a row's
-result does not depend on the batch it is in (a mixed batch computes what each row alone would).
+A layer's input is divided by SmoothQuant's per-channel factors (calibrated once at load on
+:data:`CALIBRATION`), which move part of a wide channel's range into the weights; its
+:data:`OUTLIERS` widest channels stay in float32 against float weights. Each row of the rest is
+scaled to unit max magnitude and quantized on a fixed 8-bit grid (steps of 2/255, the grid
+fbgemm picks for a tensor spanning [-1, 1]) and multiplied by 7-bit weights (the most AVX2's
+``u8 · s8`` pair sums take without saturating); the output row is scaled back. A guard row holding
+-1 and 1 fixes fbgemm's per-tensor grid, so every row is quantized on its own and a row's result
+does not depend on the batch it is in.
 
-On CPU the matmul is ``torch.ops.quantized.linear_dynamic`` (fbgemm, int8 × int8 with int32
+On CPU the matmul is ``torch.ops.quantized.linear_dynamic`` (fbgemm, integer products with int32
 sums; measured 2-3x fp32 at 1-64 rows on AVX2, ``bench/quant_kernels.py``). Elsewhere (CUDA) the
-same numbers come from the activations snapped to the grid and PyTorch's int8 weight kernel.
-:class:`W8A8Linear` is the same layer as an ``nn.Linear`` (for training adapters on it, with a
-straight-through gradient, and for running HF PEFT on it as a reference).
+same grid feeds PyTorch's int8 weight kernel. :class:`W8A8Linear` is the same layer as an
+``nn.Linear`` (for training adapters on it, with a straight-through gradient, and for running HF
+PEFT on it as a reference).
+
+Rounding activations makes the layer sensitive to the last bits of its input: a float difference
+elsewhere (attention over another batch shape) can move a value to the next step, so two ways of
+computing the same tokens agree to about the quantization noise, not bit for bit.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-GRID = 63.5  # levels per unit: fbgemm's 7-bit grid for [-1, 1] (scale 2/127)
+STEP = 2 / 255  # fbgemm's 8-bit grid for a tensor spanning [-1, 1] (zero point 128: -128..127 steps)
+WEIGHT_MAX = 63  # 7-bit weights: AVX2's u8·s8 pair sums cannot saturate int16 (255·63·2 < 2¹⁵)
+OUTLIERS = 16  # input channels per layer kept in float32 (the widest after smoothing)
 ALPHA = 0.5  # how much of an input channel's range moves into the weights (SmoothQuant's default)
 
 # what the base reads once to find each layer's input ranges: prose, dialogue, code, numbers and a
@@ -93,34 +102,79 @@ def unpack(packed: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return qw.int_repr(), qw.q_per_channel_scales().float()
 
 
-def guard(width: int, device: torch.device) -> torch.Tensor:
-    row = torch.zeros(1, width, device=device)
-    row[0, 0], row[0, 1 % width] = 1.0, -1.0
-    return row
+class Kernel(nn.Module):
+    """One layer's w8a8 matmul (module docstring), float32 in and out: the input divided by the
+    smoothing factors, its :data:`OUTLIERS` widest channels (by calibration) kept in float32
+    against float weights, the rest quantized per row and multiplied by the int8 weights."""
 
+    q: torch.Tensor
+    scale: torch.Tensor
+    inv_smooth: torch.Tensor
+    outliers: torch.Tensor
+    outlier_w: torch.Tensor
+    guard: torch.Tensor
 
-def matmul(
-    x: torch.Tensor,
-    q: torch.Tensor,
-    scale: torch.Tensor,
-    inv_smooth: torch.Tensor,
-    packed: Any,
-    guard_row: torch.Tensor,
-) -> torch.Tensor:
-    """``x`` [rows, in] divided by the smoothing factors, times the int8 weights, activations
-    quantized per row (module docstring); ``packed`` (fbgemm) on CPU, else ``q`` and ``scale`` on
-    the input's device."""
-    x32 = x.float() * inv_smooth
-    amax = x32.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)
-    if packed is not None:
-        unit = torch.empty(x32.shape[0] + 1, x32.shape[1])
-        torch.div(x32, amax, out=unit[:-1])
-        unit[-1:] = guard_row
-        y = torch.ops.quantized.linear_dynamic(unit, packed, True)[:-1]
-    else:
-        snapped = (x32 / amax).mul_(GRID).round_().div_(GRID).to(scale.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(snapped.contiguous(), q, scale).float()
-    return y.mul_(amax).to(x.dtype)
+    def __init__(self, weight: torch.Tensor, act_max: torch.Tensor | None, keep_int8: bool = False) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        out, width = w.shape
+        device = w.device
+        c = smoothing(w, act_max)
+        k = min(OUTLIERS, width // 16) if act_max is not None else 0
+        top = (act_max.to(device).clamp(min=1e-5) / c).topk(k).indices if act_max is not None and k else None
+        idx = torch.empty(0, dtype=torch.long, device=device) if top is None else top.sort().values
+        inv = 1 / c
+        inv[idx] = 0  # those channels go through the float path
+        smoothed = w * c
+        smoothed[:, idx] = 0
+        scale = (smoothed.abs().amax(dim=1) / WEIGHT_MAX).clamp(min=1e-12)
+        q = torch.round(smoothed / scale[:, None]).clamp(-WEIGHT_MAX, WEIGHT_MAX).to(torch.int8)
+        self.in_features, self.out_features = width, out
+        self.packed: Any = pack(q, scale) if device.type == "cpu" else None
+        self.register_buffer("q", q if keep_int8 or self.packed is None else q.new_empty(0))
+        self.register_buffer("scale", scale)
+        self.register_buffer("inv_smooth", inv)
+        self.register_buffer("outliers", idx)
+        self.register_buffer("outlier_w", w[:, idx].t().contiguous())  # [k, out]
+        guard = torch.zeros(1, width, device=device)
+        guard[0, 0], guard[0, 1 % width] = 1.0, -1.0
+        self.register_buffer("guard", guard, persistent=False)
+
+    @property
+    def weight_bytes(self) -> int:
+        tensors = [self.q, self.scale, self.inv_smooth, self.outliers, self.outlier_w]
+        packed = (self.in_features + 4) * self.out_features if self.packed is not None else 0
+        return packed + sum(t.numel() * t.element_size() for t in tensors)  # (+ fbgemm's column sums)
+
+    def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 weights (smoothed, outlier columns zero) and their scales."""
+        return (self.q, self.scale) if self.q.numel() else unpack(self.packed)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weights [out, in] the layer stands for (its values were it not rounding the
+        activations): int8 values over the smoothing factors, float outlier columns."""
+        q, scale = self.int8()
+        w = q.to(self.scale.device).float() * scale[:, None] * self.inv_smooth
+        w[:, self.outliers] = self.outlier_w.t()
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        xs = x32 * self.inv_smooth
+        amax = xs.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)
+        if self.packed is not None and x.device.type == "cpu":
+            unit = torch.empty(xs.shape[0] + 1, xs.shape[1])
+            torch.div(xs, amax, out=unit[:-1])
+            unit[-1:] = self.guard
+            y = torch.ops.quantized.linear_dynamic(unit, self.packed, False)[:-1]
+        else:  # the same grid, then PyTorch's int8 weight kernel
+            step = torch.tensor(STEP, dtype=torch.float32)
+            snapped = (xs / amax).div_(step).round_().clamp_(-128, 127).mul_(step)
+            y = torch.ops.aten._weight_int8pack_mm(snapped.contiguous(), self.q, self.scale)
+        y = y.mul_(amax)
+        if self.outliers.numel():
+            y = y.addmm_(x32.index_select(1, self.outliers), self.outlier_w)
+        return y
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -139,35 +193,18 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class W8A8Linear(nn.Linear):
-    """A frozen ``nn.Linear`` whose forward is the w8a8 matmul; ``weight`` holds the int8 weights'
-    float values (what the gradient flows through)."""
+    """A frozen ``nn.Linear`` whose forward is the w8a8 matmul; ``weight`` holds the float values
+    it stands for (what the gradient flows through)."""
 
-    q: torch.Tensor
-    scale: torch.Tensor
-    inv_smooth: torch.Tensor
-
-    def __init__(
-        self, q: torch.Tensor, scale: torch.Tensor, inv_smooth: torch.Tensor, bias: torch.Tensor | None
-    ) -> None:
-        out, width = q.shape
-        super().__init__(width, out, bias=bias is not None, device="meta")
-        float_w = q.float() * scale.float()[:, None] * inv_smooth.float()
-        self.weight = nn.Parameter(float_w, requires_grad=False)
+    def __init__(self, kernel: Kernel, bias: torch.Tensor | None) -> None:
+        super().__init__(kernel.in_features, kernel.out_features, bias=bias is not None, device="meta")
+        self.weight = nn.Parameter(kernel.dequantized(), requires_grad=False)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.register_buffer("q", q)
-        self.register_buffer("scale", scale.float())
-        self.register_buffer("inv_smooth", inv_smooth.float())
-        self._packed: Any = None
+        self.kernel = kernel
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        packed = None
-        if flat.device.type == "cpu":
-            if self._packed is None:
-                self._packed = pack(self.q, self.scale)
-            packed = self._packed
-        y = matmul(flat, self.q, self.scale, self.inv_smooth, packed, guard(self.in_features, flat.device))
+        y = self.kernel(x.reshape(-1, self.in_features)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

@@ -74,41 +74,50 @@ def test_a_tied_head_reads_the_quantized_embedding_rows() -> None:
 
 @pytest.mark.parametrize(("out", "width"), [(192, 576), (576, 1536)])
 def test_w8a8_rows_are_quantized_on_their_own_grid(out: int, width: int) -> None:
-    """fbgemm's integer matmul computes the int8 weights times each row snapped to its own grid of
-    ±63.5 steps per row maximum (after smoothing), the same in any batch; and the layer stays
-    close to the float one."""
+    """fbgemm's integer matmul computes the 7-bit weights times each row (smoothed, outlier
+    channels aside) snapped to its own 8-bit grid, plus the outlier channels in float; the same in
+    any batch (the integer part bit for bit); and the layer stays close to the float one."""
     torch.manual_seed(0)
     layer = nn.Linear(width, out, bias=True)
     act_max = torch.rand(width) * 4 + 0.1
+    act_max[:3] = 40  # three wide channels: outliers
     q = QuantizedLinear.of(layer, "w8a8", act_max)
-    assert q.fbgemm is not None and q.kind == "w8a8"
+    kernel = q.w8a8
+    assert kernel is not None and kernel.packed is not None and q.kind == "w8a8"
+    assert {0, 1, 2} <= set(kernel.outliers.tolist()) and len(kernel.outliers) == w8a8.OUTLIERS
     x = torch.randn(9, width) * act_max  # channels of different ranges
     x[3] *= 50  # a row far larger than the others
     y = q(x)
     alone = torch.cat([q(x[i : i + 1]) for i in range(len(x))])
-    assert torch.equal(y, alone)  # a row's result does not depend on its batch
-    smooth = x * q.inv_smooth
+    # a row's result does not depend on its batch (up to the float outlier matmul's sum order)
+    assert torch.allclose(y, alone, atol=1e-5 * float(y.abs().max()), rtol=0)
+    int8, scale = kernel.int8()
+    assert int(int8.abs().max()) <= w8a8.WEIGHT_MAX
+    assert bool((int8[:, kernel.outliers] == 0).all())
+    smooth = x * kernel.inv_smooth
     amax = smooth.abs().amax(1, keepdim=True)
-    snapped = torch.round(smooth / amax * w8a8.GRID) / w8a8.GRID * amax
-    int8, scale = q.int8()
-    expected = snapped @ (int8.float() * scale[:, None]).t() + layer.bias
-    assert torch.allclose(y, expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+    step = torch.tensor(w8a8.STEP)
+    snapped = torch.round(smooth / amax / step).clamp(-128, 127) * step * amax
+    expected = snapped @ (int8.float() * scale[:, None]).t() + x[:, kernel.outliers] @ kernel.outlier_w
+    expected += layer.bias
+    assert torch.allclose(y, expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
     exact = layer(x)
-    assert float((y - exact).norm() / exact.norm()) < 0.03
-    assert float((q.dequantized() - layer.weight).norm() / layer.weight.norm()) < 0.02
+    assert float((y - exact).norm() / exact.norm()) < 0.02
+    assert float((q.dequantized() - layer.weight).norm() / layer.weight.norm()) < 0.03
 
 
 def test_w8a8_trains_through_a_straight_through_gradient() -> None:
     """The training layer computes the served layer's outputs; its input gradient is the float
-    layer's."""
+    layer's it stands for."""
     torch.manual_seed(0)
     layer = nn.Linear(64, 32)
-    served = QuantizedLinear.of(layer, "w8a8", torch.rand(64) + 0.5)
-    int8, scale = served.int8()
-    train = w8a8.W8A8Linear(int8, scale, served.inv_smooth, layer.bias)
+    act_max = torch.rand(64) + 0.5
+    served = QuantizedLinear.of(layer, "w8a8", act_max)
+    train = w8a8.W8A8Linear(w8a8.Kernel(layer.weight, act_max, keep_int8=True), layer.bias)
     x = torch.randn(5, 64, requires_grad=True)
     y = train(x)
     assert torch.equal(y, served(x.detach()))
     y.sum().backward()
     assert x.grad is not None
+    assert torch.allclose(train.weight, served.dequantized())
     assert torch.allclose(x.grad, train.weight.sum(0).expand(5, 64), atol=1e-5)
