@@ -86,6 +86,7 @@ class QuantizedLinear(nn.Module):
         bias: torch.Tensor | None,
         dtype: torch.dtype,
         kernel: w8a8.Kernel | None = None,
+        part: int = 0,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
@@ -93,7 +94,8 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", scales)  # int8: [out]; int4: scales and zeros [groups, out, 2]
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.compute_dtype = dtype
-        self.w8a8 = kernel  # w8a8: the layer's matmul (then ``packed`` and ``scales`` are empty)
+        self.w8a8 = kernel  # w8a8: the layer's matmul (then ``packed`` and ``scales`` are empty),
+        self.part = part  # perhaps shared with the layers that read the same input
 
     @classmethod
     def of(cls, layer: nn.Linear, kind: Kind, act_max: torch.Tensor | None = None) -> QuantizedLinear:
@@ -107,9 +109,7 @@ class QuantizedLinear(nn.Module):
             log.info("a %dx%d layer cannot take int4: int8", out, width)
             kind = "int8"
         if kind == "w8a8":
-            empty = torch.empty(0, device=device)
-            kernel = w8a8.Kernel(w, act_max)
-            return cls(width, out, kind, empty.to(torch.int8), empty, layer.bias, dtype, kernel)
+            return cls.w8a8_part(layer, w8a8.Kernel(w, act_max), 0)
         if kind == "int8":
             q, scale = _int8_rows(w)
             return cls(width, out, kind, q, scale.to(dtype), layer.bias, dtype)
@@ -123,10 +123,20 @@ class QuantizedLinear(nn.Module):
             scales = torch.stack([scale.t(), zero.t()], dim=2).contiguous().to(dtype)
         return cls(width, out, kind, packed, scales, layer.bias, dtype)
 
+    @classmethod
+    def w8a8_part(cls, layer: nn.Linear, kernel: w8a8.Kernel, part: int) -> QuantizedLinear:
+        """``layer`` as part ``part`` of a w8a8 kernel (:func:`app.models.w8a8.kernels`)."""
+        out, width = layer.weight.shape
+        empty = torch.empty(0, device=layer.weight.device)
+        dtype = layer.weight.dtype
+        return cls(width, out, "w8a8", empty.to(torch.int8), empty, layer.bias, dtype, kernel, part)
+
     @property
     def weight_bytes(self) -> int:
         tensors = [self.packed, self.scales] + ([self.bias] if self.bias is not None else [])
-        kernel = self.w8a8.weight_bytes if self.w8a8 is not None else 0
+        kernel = 0
+        if self.w8a8 is not None:  # its share of a kernel
+            kernel = self.w8a8.weight_bytes * self.out_features // self.w8a8.out_features
         return kernel + sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +145,7 @@ class QuantizedLinear(nn.Module):
             flat = flat.to(self.compute_dtype)
         cpu = self.packed.device.type == "cpu"
         if self.w8a8 is not None:
-            y = self.w8a8(flat).to(self.compute_dtype)
+            y = self.w8a8.part(self.part, flat).to(self.compute_dtype)
         elif self.kind == "int8" and not cpu:
             y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.packed, self.scales)
         elif self.kind == "int8":
@@ -163,7 +173,8 @@ class QuantizedLinear(nn.Module):
         identity (each output is one weight times 1 plus zeros; w8a8: the weights it stands for,
         :meth:`~app.models.w8a8.Kernel.dequantized`)."""
         if self.w8a8 is not None:
-            return self.w8a8.dequantized().to(self.compute_dtype)
+            lo, hi = self.w8a8.bounds[self.part]
+            return self.w8a8.dequantized()[lo:hi].to(self.compute_dtype)
         eye = torch.eye(self.in_features, dtype=self.compute_dtype, device=self.packed.device)
         bias, self.bias = self.bias, None
         try:
@@ -225,13 +236,15 @@ def _linears(model: nn.Module, keep: tuple[str, ...]) -> list[str]:
     ]
 
 
-def _calibration(
-    model: nn.Module, kind: Quantization, names: list[str], tokenizer: Any
-) -> dict[str, torch.Tensor]:
-    """w8a8's input ranges per layer (empty for other kinds, or without a tokenizer: no smoothing)."""
-    if kind != "w8a8" or tokenizer is None:
+def _w8a8_kernels(
+    model: nn.Module, kind: Quantization, names: list[str], tokenizer: Any, keep_int8: bool = False
+) -> dict[str, tuple[w8a8.Kernel, int]]:
+    """w8a8's kernels per layer, calibrated through ``tokenizer`` (without one: no smoothing, no
+    shared kernels); empty for other kinds."""
+    if kind != "w8a8":
         return {}
-    return w8a8.calibrate(model, tokenizer, names)
+    calibration = w8a8.calibrate(model, tokenizer, names) if tokenizer is not None else None
+    return w8a8.kernels(model, names, calibration, keep_int8)
 
 
 def quantize_model(
@@ -243,7 +256,7 @@ def quantize_model(
     if kind == "none":
         return weight_bytes(model)
     names = _linears(model, keep)
-    act_max = _calibration(model, kind, names, tokenizer)
+    parts = _w8a8_kernels(model, kind, names, tokenizer)
     get_in = getattr(model, "get_input_embeddings", None)
     get_out = getattr(model, "get_output_embeddings", None)
     embedding = get_in() if get_in is not None else None
@@ -262,8 +275,10 @@ def quantize_model(
             replaced[id(head)] = quantized.head(head.bias)
     for name, mod in list(model.named_modules()):
         new = replaced.get(id(mod))
-        if new is None and name in names:
-            new = replaced[id(mod)] = QuantizedLinear.of(mod, kind, act_max.get(name))
+        if new is None and name in parts:
+            new = replaced[id(mod)] = QuantizedLinear.w8a8_part(mod, *parts[name])
+        elif new is None and name in names:
+            new = replaced[id(mod)] = QuantizedLinear.of(mod, kind)
         if new is not None and name:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -285,7 +300,7 @@ def snap_to_quantized(
     if kind == "none":
         return
     names = _linears(model, keep)
-    act_max = _calibration(model, kind, names, tokenizer)
+    parts = _w8a8_kernels(model, kind, names, tokenizer, keep_int8=True)
     get_in = getattr(model, "get_input_embeddings", None)
     embedding = get_in() if get_in is not None else None
     tied_ptr = embedding.weight.data_ptr() if isinstance(embedding, nn.Embedding) else None
@@ -293,7 +308,8 @@ def snap_to_quantized(
         mod = model.get_submodule(name)
         assert isinstance(mod, nn.Linear)
         if kind == "w8a8":
-            new = w8a8.W8A8Linear(w8a8.Kernel(mod.weight, act_max.get(name), keep_int8=True), mod.bias)
+            kernel, part = parts[name]
+            new = w8a8.W8A8Linear(kernel, mod.bias, part).to(mod.weight.device)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         elif mod.weight.data_ptr() != tied_ptr:  # a head tied to the embeddings: snapped with them

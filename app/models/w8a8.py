@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -52,15 +52,23 @@ CALIBRATION = (
 )
 
 
+Calibration = tuple[dict[str, torch.Tensor], list[list[str]]]
+
+
 @torch.no_grad()
-def calibrate(model: nn.Module, tokenizer: Any, names: Iterable[str]) -> dict[str, torch.Tensor]:
+def calibrate(model: nn.Module, tokenizer: Any, names: Iterable[str]) -> Calibration:
     """Per input channel, the largest magnitude each named layer's input takes over
-    :data:`CALIBRATION` (float32 [in] per layer)."""
+    :data:`CALIBRATION` (float32 [in] per layer); and the groups of layers that read the same
+    input tensor (a decoder's q, k and v; gate and up), which then share one integer matmul."""
     seen: dict[str, torch.Tensor] = {}
+    first: dict[str, torch.Tensor] = {}  # the first text's input of each layer, held (no reuse)
+    collecting = [True]
 
     def record(name: str, x: torch.Tensor) -> None:
         top = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
         seen[name] = torch.maximum(seen[name], top) if name in seen else top
+        if collecting[0]:
+            first.setdefault(name, x)
 
     hooks = [
         model.get_submodule(name).register_forward_hook(lambda _m, args, _o, n=name: record(n, args[0]))
@@ -68,15 +76,44 @@ def calibrate(model: nn.Module, tokenizer: Any, names: Iterable[str]) -> dict[st
     ]
     device = next(model.parameters()).device
     try:
-        for text in CALIBRATION:
+        for text in CALIBRATION[:1]:
+            model(**tokenizer(text, return_tensors="pt").to(device))
+        by_input: dict[tuple[Any, ...], list[str]] = {}
+        for name, x in first.items():
+            by_input.setdefault((x.data_ptr(), tuple(x.shape), x.stride(), x._version), []).append(name)
+        first.clear()
+        collecting[0] = False
+        for text in CALIBRATION[1:]:
             model(**tokenizer(text, return_tensors="pt").to(device))
     finally:
         for hook in hooks:
             hook.remove()
-    return seen
+    return seen, [group for group in by_input.values() if len(group) > 1]
 
 
-def smoothing(weight: torch.Tensor, act_max: torch.Tensor | None) -> torch.Tensor:
+def kernels(
+    model: nn.Module, names: list[str], calibration: Calibration | None, keep_int8: bool = False
+) -> dict[str, tuple[Kernel, int]]:
+    """Each named linear layer's kernel and its part in it: layers of a calibrated group share
+    one kernel over their weights stacked (one activation pass and one integer matmul for all)."""
+    act_max, groups = calibration or ({}, [])
+    parts: dict[str, tuple[Kernel, int]] = {}
+    for group in groups:
+        if not all(n in names for n in group):
+            continue
+        layers = [cast(nn.Linear, model.get_submodule(n)) for n in group]
+        stacked = torch.cat([layer.weight.detach() for layer in layers])
+        widths = [int(layer.weight.shape[0]) for layer in layers]
+        kernel = Kernel(stacked, act_max.get(group[0]), keep_int8, splits=widths)
+        parts.update({n: (kernel, i) for i, n in enumerate(group)})
+    for name in names:
+        if name not in parts:
+            layer = cast(nn.Linear, model.get_submodule(name))
+            parts[name] = (Kernel(layer.weight, act_max.get(name), keep_int8), 0)
+    return parts
+
+
+def smoothing(weight: torch.Tensor, act_max: torch.Tensor | None, alpha: float = ALPHA) -> torch.Tensor:
     """SmoothQuant's per-input-channel factors ``c`` (float32 [in]): the layer computes
     ``(x / c) · (W · c)ᵀ``, so a channel whose activations are large moves part of its range into
     the weights, where it is quantized per output channel, and rows quantize with finer steps."""
@@ -84,7 +121,7 @@ def smoothing(weight: torch.Tensor, act_max: torch.Tensor | None) -> torch.Tenso
     if act_max is None:
         return torch.ones_like(w_max)
     act = act_max.to(w_max.device).clamp(min=1e-5)
-    return (act.pow(ALPHA) / w_max.pow(1 - ALPHA)).clamp(min=1e-5)
+    return (act.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor) -> Any:
@@ -114,22 +151,43 @@ class Kernel(nn.Module):
     outlier_w: torch.Tensor
     guard: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor, act_max: torch.Tensor | None, keep_int8: bool = False) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        act_max: torch.Tensor | None,
+        keep_int8: bool = False,
+        *,
+        act_bits: int = 8,
+        alpha: float | None = ALPHA,
+        outliers: int = OUTLIERS,
+        splits: list[int] | None = None,
+    ) -> None:
+        """``act_bits``, ``alpha`` (None: no smoothing) and ``outliers`` other than the defaults
+        are for measuring what each part buys (``bench/w8a8_variants.py``); 7-bit activations
+        take 8-bit weights. ``splits``: the output widths of the layers whose weights are stacked
+        in ``weight`` (they read the same input; :meth:`part` gives each its output)."""
         super().__init__()
         w = weight.detach().float()
         out, width = w.shape
         device = w.device
-        c = smoothing(w, act_max)
-        k = min(OUTLIERS, width // 16) if act_max is not None else 0
+        c = smoothing(w, act_max if alpha is not None else None, alpha or ALPHA)
+        k = min(outliers, width // 16) if act_max is not None else 0
         top = (act_max.to(device).clamp(min=1e-5) / c).topk(k).indices if act_max is not None and k else None
         idx = torch.empty(0, dtype=torch.long, device=device) if top is None else top.sort().values
         inv = 1 / c
         inv[idx] = 0  # those channels go through the float path
         smoothed = w * c
         smoothed[:, idx] = 0
-        scale = (smoothed.abs().amax(dim=1) / WEIGHT_MAX).clamp(min=1e-12)
-        q = torch.round(smoothed / scale[:, None]).clamp(-WEIGHT_MAX, WEIGHT_MAX).to(torch.int8)
+        weight_max = WEIGHT_MAX if act_bits == 8 else 127
+        scale = (smoothed.abs().amax(dim=1) / weight_max).clamp(min=1e-12)
+        q = torch.round(smoothed / scale[:, None]).clamp(-weight_max, weight_max).to(torch.int8)
         self.in_features, self.out_features = width, out
+        self.levels = 2**act_bits - 1  # the activation grid: steps of 2 / levels
+        ends = torch.tensor(splits or [out]).cumsum(0).tolist()
+        self.bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+        # the last input and its output while the parts that read it are served (the input held,
+        # so its memory cannot be reused by another tensor of the same address meanwhile)
+        self._last: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor, set[int]] | None = None
         self.packed: Any = pack(q, scale) if device.type == "cpu" else None
         self.register_buffer("q", q if keep_int8 or self.packed is None else q.new_empty(0))
         self.register_buffer("scale", scale)
@@ -158,6 +216,23 @@ class Kernel(nn.Module):
         w[:, self.outliers] = self.outlier_w.t()
         return w
 
+    def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Part ``index``'s output for ``x`` [rows, in]: the stacked matmul runs once for the
+        parts that read the same input, one after the other (a model reads q, k and v of the same
+        hidden states without writing to them in between)."""
+        if len(self.bounds) == 1:
+            return self(x)
+        version = 0 if x.is_inference() else x._version  # (inference tensors keep no counter)
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), version, x.device)
+        last = self._last
+        if last is None or last[0] != key or index in last[3]:
+            last = self._last = (key, x, self(x), set())
+        last[3].add(index)
+        if len(last[3]) == len(self.bounds):
+            self._last = None
+        lo, hi = self.bounds[index]
+        return last[2][:, lo:hi].contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         xs = x32 * self.inv_smooth
@@ -166,10 +241,11 @@ class Kernel(nn.Module):
             unit = torch.empty(xs.shape[0] + 1, xs.shape[1])
             torch.div(xs, amax, out=unit[:-1])
             unit[-1:] = self.guard
-            y = torch.ops.quantized.linear_dynamic(unit, self.packed, False)[:-1]
+            y = torch.ops.quantized.linear_dynamic(unit, self.packed, self.levels < 255)[:-1]
         else:  # the same grid, then PyTorch's int8 weight kernel
-            step = torch.tensor(STEP, dtype=torch.float32)
-            snapped = (xs / amax).div_(step).round_().clamp_(-128, 127).mul_(step)
+            step = torch.tensor(2 / self.levels, dtype=torch.float32)
+            zero = (self.levels + 1) // 2
+            snapped = (xs / amax).div_(step).round_().clamp_(-zero, self.levels - zero).mul_(step)
             y = torch.ops.aten._weight_int8pack_mm(snapped.contiguous(), self.q, self.scale)
         y = y.mul_(amax)
         if self.outliers.numel():
@@ -196,15 +272,16 @@ class W8A8Linear(nn.Linear):
     """A frozen ``nn.Linear`` whose forward is the w8a8 matmul; ``weight`` holds the float values
     it stands for (what the gradient flows through)."""
 
-    def __init__(self, kernel: Kernel, bias: torch.Tensor | None) -> None:
-        super().__init__(kernel.in_features, kernel.out_features, bias=bias is not None, device="meta")
-        self.weight = nn.Parameter(kernel.dequantized(), requires_grad=False)
+    def __init__(self, kernel: Kernel, bias: torch.Tensor | None, index: int = 0) -> None:
+        lo, hi = kernel.bounds[index]
+        super().__init__(kernel.in_features, hi - lo, bias=bias is not None, device="meta")
+        self.weight = nn.Parameter(kernel.dequantized()[lo:hi], requires_grad=False)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.kernel = kernel
+        self.kernel, self.index = kernel, index
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.kernel(x.reshape(-1, self.in_features)).to(x.dtype)
+        y = self.kernel.part(self.index, x.reshape(-1, self.in_features)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

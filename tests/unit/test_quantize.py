@@ -3,6 +3,8 @@ reports, those stay close to the float weights, and the bytes shrink as document
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -121,3 +123,44 @@ def test_w8a8_trains_through_a_straight_through_gradient() -> None:
     assert x.grad is not None
     assert torch.allclose(train.weight, served.dequantized())
     assert torch.allclose(x.grad, train.weight.sum(0).expand(5, 64), atol=1e-5)
+
+
+def test_w8a8_layers_reading_one_input_share_one_kernel() -> None:
+    """Calibration finds the layers fed the same tensor (q, k, v); they share one stacked matmul,
+    and each part's output is its slice, whatever order and inputs the parts are asked with."""
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(64, 64), nn.Linear(64, 16), nn.Linear(64, 16)
+            self.o = nn.Linear(64, 64)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            h = torch.nn.functional.one_hot(input_ids, 64).float()
+            return self.o(self.q(h)) + self.k(h).sum() + self.v(h).sum()
+
+    class Tok:
+        def __call__(self, text: str, return_tensors: str) -> Any:
+            ids = torch.tensor([[ord(c) % 64 for c in text[:32]]])
+
+            class Enc(dict[str, torch.Tensor]):
+                def to(self, device: torch.device) -> Enc:
+                    return self
+
+            return Enc(input_ids=ids)
+
+    model = Block()
+    names = ["q", "k", "v", "o"]
+    calibration = w8a8.calibrate(model, Tok(), names)
+    assert calibration[1] == [["q", "k", "v"]]
+    parts = w8a8.kernels(model, names, calibration)
+    kernel = parts["q"][0]
+    assert parts["k"][0] is kernel and parts["v"] == (kernel, 2) and parts["o"][0] is not kernel
+    x, y = torch.randn(5, 64), torch.randn(3, 64)
+    full_x, full_y = kernel(x), kernel(y)
+    assert torch.equal(kernel.part(0, x), full_x[:, :64])
+    assert torch.equal(kernel.part(1, y), full_y[:, 64:80])  # another input: computed anew
+    assert torch.equal(kernel.part(1, x), full_x[:, 64:80])
+    assert torch.equal(kernel.part(2, x), full_x[:, 80:])
+    assert torch.equal(kernel.part(0, x), full_x[:, :64])  # asked again: still right
