@@ -187,7 +187,7 @@ class Kernel(nn.Module):
         self.bounds = list(zip([0, *ends[:-1]], ends, strict=True))
         # the last input and its output while the parts that read it are served (the input held,
         # so its memory cannot be reused by another tensor of the same address meanwhile)
-        self._last: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor, set[int]] | None = None
+        self._last: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor, torch.Tensor, set[int]] | None = None
         self.packed: Any = pack(q, scale) if device.type == "cpu" else None
         self.register_buffer("q", q if keep_int8 or self.packed is None else q.new_empty(0))
         self.register_buffer("scale", scale)
@@ -226,31 +226,37 @@ class Kernel(nn.Module):
         key = (x.data_ptr(), tuple(x.shape), x.stride(), version, x.device)
         last = self._last
         if last is None or last[0] != key or index in last[3]:
-            last = self._last = (key, x, self(x), set())
-        last[3].add(index)
-        if len(last[3]) == len(self.bounds):
+            last = self._last = (key, x, *self._unscaled(x), set())
+        last[4].add(index)
+        if len(last[4]) == len(self.bounds):
             self._last = None
         lo, hi = self.bounds[index]
-        return last[2][:, lo:hi].contiguous()
+        return torch.mul(last[2][:, lo:hi], last[3])  # (scaled back into a tensor of its own)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, amax = self._unscaled(x)
+        return y.mul_(amax)
+
+    def _unscaled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output divided by each row's scale, and the scales [rows, 1]."""
         x32 = x.float()
-        xs = x32 * self.inv_smooth
-        amax = xs.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)
-        if self.packed is not None and x.device.type == "cpu":
-            unit = torch.empty(xs.shape[0] + 1, xs.shape[1])
-            torch.div(xs, amax, out=unit[:-1])
+        cpu = self.packed is not None and x.device.type == "cpu"
+        unit = torch.empty(x32.shape[0] + 1, x32.shape[1], device=x.device)  # (+ fbgemm's guard row)
+        body = unit[:-1]
+        torch.mul(x32, self.inv_smooth, out=body)
+        amax = body.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)  # (faster than aminmax)
+        body.div_(amax)
+        if cpu:
             unit[-1:] = self.guard
             y = torch.ops.quantized.linear_dynamic(unit, self.packed, self.levels < 255)[:-1]
         else:  # the same grid, then PyTorch's int8 weight kernel
             step = torch.tensor(2 / self.levels, dtype=torch.float32)
             zero = (self.levels + 1) // 2
-            snapped = (xs / amax).div_(step).round_().clamp_(-zero, self.levels - zero).mul_(step)
-            y = torch.ops.aten._weight_int8pack_mm(snapped.contiguous(), self.q, self.scale)
-        y = y.mul_(amax)
+            snapped = body.div_(step).round_().clamp_(-zero, self.levels - zero).mul_(step)
+            y = torch.ops.aten._weight_int8pack_mm(snapped, self.q, self.scale)
         if self.outliers.numel():
-            y = y.addmm_(x32.index_select(1, self.outliers), self.outlier_w)
-        return y
+            y = y.addmm_(x32.index_select(1, self.outliers).div_(amax), self.outlier_w)
+        return y, amax
 
 
 class _StraightThrough(torch.autograd.Function):

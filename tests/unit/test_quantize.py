@@ -1,5 +1,6 @@
-"""Weight-only quantized layers: the kernels compute with exactly the weights ``dequantized()``
-reports, those stay close to the float weights, and the bytes shrink as documented."""
+"""Quantized layers: the weight-only kernels compute with exactly the weights ``dequantized()``
+reports, those stay close to the float weights, and the bytes shrink as documented; the w8a8
+kernel computes its per-row integer grid, the same in any batch, and trains straight through."""
 
 from __future__ import annotations
 
