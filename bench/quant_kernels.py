@@ -4,12 +4,13 @@ and int4 (``_weight_int4pack_mm_for_cpu`` / ``_weight_int4pack_mm``: group-wise)
 weight-only int8 and int4 tensors when torchao is importable (not a dependency), and two integer
 matmuls that also quantize the activations (w8a8): ``torch._int_mm`` and fbgemm's dynamic linear.
 
-    python -m bench.quant_kernels [--rows 1 16 64] [--repeats 200]
+    python -m bench.quant_kernels [--rows 1 16 64] [--repeats 200] [--layers 30]
 
 Shapes: the default base's (SmolLM2-135M) linear layers, one decoder layer's worth (q, k, v, o,
-gate, up, down). Prints one markdown table: microseconds per layer stack and the rate relative to
-fp32 (median of the turns' ratios), measured in turns; "served" rows are what
-``app.models.quantize.QuantizedLinear`` runs on CPU.
+gate, up, down), or ``--layers`` of them with distinct weights (30: as many bytes as the base
+reads per step, more than the CPU's caches hold). Prints one markdown table: microseconds per
+stack and the rate relative to fp32 (median of the turns' ratios), measured in turns; "served"
+rows are what ``app.models.quantize.QuantizedLinear`` runs on CPU.
 """
 
 from __future__ import annotations
@@ -28,11 +29,16 @@ SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 57
 
 
 def _torchao(kind: str, layers: list[nn.Linear]) -> list[nn.Module] | None:
-    """The layers as torchao weight-only tensors (int8: ``Int8WeightOnlyConfig``; int4: the CPU
-    tinygemm tensor, ``Int4OpaqueTensor``), or None without torchao."""
+    """The layers as torchao tensors (int8: ``Int8WeightOnlyConfig``; int4: the CPU tinygemm
+    tensor, ``Int4OpaqueTensor``; w8a8: ``Int8DynamicActivationInt8WeightConfig``), or None
+    without torchao."""
     try:
         from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import (
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+            quantize_,
+        )
     except ImportError:
         return None
     out: list[nn.Module] = []
@@ -41,6 +47,8 @@ def _torchao(kind: str, layers: list[nn.Linear]) -> list[nn.Module] | None:
         copy.weight.data.copy_(layer.weight.data)
         if kind == "int8":
             quantize_(copy, Int8WeightOnlyConfig())
+        elif kind == "w8a8":
+            quantize_(copy, Int8DynamicActivationInt8WeightConfig())
         else:
             packed = Int4OpaqueTensor.from_hp(copy.weight.data, [1, 64])
             copy.weight = nn.Parameter(packed, requires_grad=False)
@@ -88,7 +96,7 @@ class _IntMM(nn.Module):
 
 def _runner(mods: list[nn.Module], xs: dict[int, torch.Tensor]) -> Callable[[], None]:
     def run() -> None:
-        for (_, i), m in zip(SHAPES, mods, strict=True):
+        for (_, i), m in zip(SHAPES * (len(mods) // len(SHAPES)), mods, strict=True):
             m(xs[i])
 
     return run
@@ -101,9 +109,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument(
+        "--layers", type=int, default=1, help="decoder layers of distinct weights (30: the whole base's)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
-    layers = [nn.Linear(i, o, bias=False) for o, i in SHAPES]
+    layers = [nn.Linear(i, o, bias=False) for _ in range(args.layers) for o, i in SHAPES]
     stacks: dict[str, list[nn.Module]] = {
         "fp32 F.linear": list(layers),
         "int8: PyTorch _weight_int8pack_mm": [_AtenInt8(m) for m in layers],
@@ -111,12 +122,15 @@ def main() -> None:
         "int4 g64: PyTorch _weight_int4pack_mm_for_cpu": [_AtenInt4(m) for m in layers],
         "int4 g64: served (4-bit→fp32 + BLAS)": [QuantizedLinear.of(m, "int4") for m in layers],
         "w8a8: torch._int_mm (int8 rows × int8)": [_IntMM(m) for m in layers],
-        "w8a8: served (fbgemm dynamic int8)": [QuantizedLinear.of(m, "w8a8") for m in layers],
+        "w8a8: served (fbgemm, 16 float channels; one kernel per layer)": [
+            QuantizedLinear.of(m, "w8a8", torch.rand(m.in_features) + 0.5) for m in layers
+        ],
     }
-    for kind in ("int8", "int4"):
+    for kind in ("int8", "int4", "w8a8"):
         quantized = _torchao(kind, layers)
         if quantized is not None:
-            stacks[f"{kind}: torchao weight-only"] = quantized
+            label = "int8 activations and weights" if kind == "w8a8" else "weight-only"
+            stacks[f"{kind}: torchao {label}"] = quantized
     print("\n| kernel | " + " | ".join(f"{r} rows: µs (vs fp32)" for r in args.rows) + " |")
     print("|---|" + "---:|" * len(args.rows))
     results: dict[str, list[str]] = {name: [] for name in stacks}

@@ -80,7 +80,8 @@ def calibrate(model: nn.Module, tokenizer: Any, names: Iterable[str]) -> Calibra
             model(**tokenizer(text, return_tensors="pt").to(device))
         by_input: dict[tuple[Any, ...], list[str]] = {}
         for name, x in first.items():
-            by_input.setdefault((x.data_ptr(), tuple(x.shape), x.stride(), x._version), []).append(name)
+            version = 0 if x.is_inference() else x._version
+            by_input.setdefault((x.data_ptr(), tuple(x.shape), x.stride(), version), []).append(name)
         first.clear()
         collecting[0] = False
         for text in CALIBRATION[1:]:
