@@ -31,7 +31,7 @@ from bench.common import PROMPT
 def _batch(kind: Quantization, rows: int, shared: bool) -> GenerationBatch:
     calibrate: Callable[..., Any] = w8a8.calibrate
     if not shared:  # the same calibration without the groups: a kernel per layer
-        w8a8.calibrate = lambda *a: (calibrate(*a)[0], [])  # type: ignore[assignment]
+        w8a8.calibrate = lambda *a: (calibrate(*a)[0], [])
     try:
         base = load_base_model("", Settings().cache_dir, "cpu", "float32", kind)
     finally:
