@@ -1,15 +1,17 @@
-"""Weight-only quantization of the base model: its linear layers and token embeddings stored as
-integers, activations and every adapter (LoRA, bottleneck, heads) in full precision.
+"""Quantization of the base model: its linear layers and token embeddings stored as integers,
+every adapter (LoRA, bottleneck, heads) in full precision; int8 and int4 are weight-only
+(activations in float), w8a8 also rounds activations.
 
 - ``int8``: per output channel, symmetric (``w ≈ q · s``, q in [-127, 127]).
 - ``int4``: group-wise along the input dimension (groups of 64), asymmetric in the tinygemm
   convention (``w ≈ (q - 8) · s + z``, q in [0, 15]); a layer whose width is not a multiple of the
   group stays int8.
-- ``w8a8``: int8 weights as ``int8``, and int8 activations quantized per row on the fly
-  (:mod:`app.models.w8a8`: fbgemm's integer matmul on CPU); not weight-only, so not the float
-  layer on quantized weights but its own integer layer (adapters still apply exactly on top).
+- ``w8a8``: int8 weights and int8 activations quantized per row on the fly, smoothed and
+  calibrated at load (:mod:`app.models.w8a8`: fbgemm's integer matmul on CPU); not the float
+  layer on quantized weights but its own integer layer (adapters still apply exactly on top);
+  layers reading the same input share one kernel.
 - Token embeddings: int8 per row in every mode (the row of a token is what a lookup reads); a
-  language-model head tied to them reads the same int8 rows.
+  language-model head tied to them reads the same int8 rows (w8a8: the head is a w8a8 layer).
 
 The matmuls, chosen by measurement (``bench/quant_kernels.py``, docs/quantization.md): on CUDA,
 PyTorch's own weight-packed kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm``). On CPU
