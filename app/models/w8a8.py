@@ -189,7 +189,8 @@ class Kernel(nn.Module):
         # the last input and its output while the parts that read it are served (the input held,
         # so its memory cannot be reused by another tensor of the same address meanwhile)
         self._last: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor, torch.Tensor, set[int]] | None = None
-        self.packed: Any = pack(q, scale) if device.type == "cpu" else None
+        fbgemm = device.type == "cpu" and torch.backends.quantized.engine in ("x86", "fbgemm")
+        self.packed: Any = pack(q, scale) if fbgemm else None  # (else: the grid, then int8 weights)
         self.register_buffer("q", q if keep_int8 or self.packed is None else q.new_empty(0))
         self.register_buffer("scale", scale)
         self.register_buffer("inv_smooth", inv)

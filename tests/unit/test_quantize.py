@@ -109,6 +109,20 @@ def test_w8a8_rows_are_quantized_on_their_own_grid(out: int, width: int) -> None
     assert float((q.dequantized() - layer.weight).norm() / layer.weight.norm()) < 0.03
 
 
+def test_w8a8_without_fbgemm_computes_the_same_grid() -> None:
+    """Where fbgemm is not there (CUDA; a CPU without it) the same grid feeds PyTorch's int8
+    weight kernel: the same outputs."""
+    torch.manual_seed(0)
+    layer = nn.Linear(576, 192)
+    act_max = torch.rand(576) * 4 + 0.1
+    fast = w8a8.Kernel(layer.weight, act_max, keep_int8=True)
+    plain = w8a8.Kernel(layer.weight, act_max, keep_int8=True)
+    plain.packed = None
+    x = torch.randn(7, 576) * act_max
+    expected = fast(x)
+    assert torch.allclose(plain(x), expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
+
+
 def test_w8a8_trains_through_a_straight_through_gradient() -> None:
     """The training layer computes the served layer's outputs; its input gradient is the float
     layer's it stands for."""
