@@ -15,14 +15,58 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from app.config import Settings
 from app.main import create_app
 from app.models.base_lm import BaseLM, load_base_model, resolve_model_path
+from tests.fixtures.tiny_llama import materialize
 from tests.helpers.peft_ref import RefAdapter, make_adapter
 from tests.helpers.s3 import s3_server
 
 ADMIN_TOKEN = "test-admin-token"
 CACHE_DIR = Settings().cache_dir
-# the tiers: tests under these folders load the base model (make test); the rest run in seconds
-# without it (make test-fast)
+# the tiers: tests under these folders load the real base model (make test); the rest, tests/api
+# (HTTP into the engine on the tiny model) included, run in seconds without it (make test-fast)
 MODEL_DIRS = ("integration", "system", "fuzz")
+
+# the reference adapters (same names on the real base and on the tiny model)
+ADAPTER_SPECS: list[dict[str, Any]] = [
+    dict(name="gen-qv-r8", task="generate", seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    dict(
+        name="gen-all-rslora",
+        task="generate",
+        seed=2,
+        r=16,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules="all-linear",
+    ),
+    dict(
+        name="gen-pattern",
+        task="generate",
+        seed=3,
+        r=8,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"q_proj": 4, "layers.3.mlp.down_proj": 12},
+        alpha_pattern={"v_proj": 32},
+    ),
+    dict(
+        name="cls-4",
+        task="classify",
+        seed=4,
+        labels=["business", "sport", "tech", "politics"],
+        r=8,
+        lora_alpha=16,
+        target_modules="all-linear",
+    ),
+    dict(
+        name="cls-pattern",
+        task="classify",
+        seed=5,
+        num_labels=3,
+        r=8,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "o_proj"],
+        rank_pattern={"k_proj": 2},
+    ),
+]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -35,6 +79,66 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.prometheus)
 
 
+def app_settings(store: Path, **overrides: Any) -> Settings:
+    """The settings of a test app on ``store``: admin routes on, CPU float32, small caps."""
+    values: dict[str, Any] = dict(
+        store=store,
+        admin_token=ADMIN_TOKEN,
+        max_device_adapters=4,
+        max_upload_bytes=64 * 1024 * 1024,
+        max_new_tokens=64,
+        device="cpu",
+        dtype="float32",
+        cache_dir=CACHE_DIR,
+    )
+    return Settings(**{**values, **overrides})
+
+
+# --- the tiny model: HTTP -> engine mechanics in milliseconds (tests/fixtures/tiny_llama.py) ---
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama with the checked-in tokenizer (same weights on every run)."""
+    return materialize(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_path: Path) -> BaseLM:
+    return load_base_model(str(tiny_path), CACHE_DIR, "cpu", "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_ref_adapters(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, RefAdapter]:
+    """PEFT adapters on the tiny model with PeftModel's outputs (the same names as ``ref_adapters``)."""
+    out = tmp_path_factory.mktemp("tiny-adapters")
+    return {s["name"]: make_adapter(tiny_path, out, **s) for s in ADAPTER_SPECS}  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def tiny_client(tiny_model: BaseLM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """The app on the tiny model and an empty store of its own, for the whole session."""
+    with TestClient(create_app(app_settings(tmp_path_factory.mktemp("tiny-store")), base=tiny_model)) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def tiny_uploaded(tiny_client: TestClient, tiny_ref_adapters: dict[str, RefAdapter]) -> dict[str, RefAdapter]:
+    """Every tiny reference adapter uploaded once through the admin endpoint."""
+    from tests.helpers.peft_ref import zip_folder
+
+    for name, ref in tiny_ref_adapters.items():
+        resp = upload_archive(tiny_client, name, zip_folder(ref.folder), f"{name}.zip")
+        assert resp.status_code == 201, resp.text
+    return tiny_ref_adapters
+
+
+@pytest.fixture(scope="session")
+def tiny_live_url(tiny_client: TestClient) -> Iterator[str]:
+    """The tiny app served by uvicorn on loopback (real HTTP: disconnects, concurrency)."""
+    with serve_live(tiny_client.app) as url:
+        yield url
+
+
+# --- the real default base: numerics (PEFT parity, mixed batches, quantization, training) ---------
 @pytest.fixture(scope="session")
 def base_path() -> Path:
     path, _ = resolve_model_path("", CACHE_DIR)
@@ -54,50 +158,7 @@ def adapters_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def ref_adapters(base_path: Path, adapters_dir: Path) -> dict[str, RefAdapter]:
     """Real PEFT adapters with random non-zero weights and PeftModel's outputs on them."""
-    specs = [
-        dict(
-            name="gen-qv-r8", task="generate", seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]
-        ),
-        dict(
-            name="gen-all-rslora",
-            task="generate",
-            seed=2,
-            r=16,
-            lora_alpha=8,
-            use_rslora=True,
-            target_modules="all-linear",
-        ),
-        dict(
-            name="gen-pattern",
-            task="generate",
-            seed=3,
-            r=8,
-            lora_alpha=8,
-            target_modules=["q_proj", "v_proj", "down_proj"],
-            rank_pattern={"q_proj": 4, "layers.3.mlp.down_proj": 12},
-            alpha_pattern={"v_proj": 32},
-        ),
-        dict(
-            name="cls-4",
-            task="classify",
-            seed=4,
-            labels=["business", "sport", "tech", "politics"],
-            r=8,
-            lora_alpha=16,
-            target_modules="all-linear",
-        ),
-        dict(
-            name="cls-pattern",
-            task="classify",
-            seed=5,
-            num_labels=3,
-            r=8,
-            lora_alpha=8,
-            target_modules=["q_proj", "k_proj", "o_proj"],
-            rank_pattern={"k_proj": 2},
-        ),
-    ]
-    return {s["name"]: make_adapter(base_path, adapters_dir, **s) for s in specs}  # type: ignore[arg-type]
+    return {s["name"]: make_adapter(base_path, adapters_dir, **s) for s in ADAPTER_SPECS}  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")
@@ -107,16 +168,7 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def client(base_model: BaseLM, store_dir: Path) -> Iterator[TestClient]:
-    settings = Settings(
-        store=store_dir,
-        admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
-        max_device_adapters=4,
-        max_upload_bytes=64 * 1024 * 1024,
-        max_new_tokens=64,
-        device="cpu",
-        dtype="float32",
-    )
-    with TestClient(create_app(settings, base=base_model)) as c:
+    with TestClient(create_app(app_settings(store_dir), base=base_model)) as c:
         yield c
 
 

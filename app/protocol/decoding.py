@@ -9,20 +9,18 @@ from collections.abc import Sequence
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     field_validator,
 )
 
 from app.engine.types import TokenLogprob
+from app.protocol.strict import StrictModel
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's
 MAX_LOGIT_BIAS = 300  # entries in one request's logit_bias (OpenAI documents none; vLLM none)
 
 
-class DecodingOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class DecodingOptions(StrictModel):
     presence_penalty: float | None = Field(
         None, ge=-2.0, le=2.0, description="subtracted once from every token already generated"
     )

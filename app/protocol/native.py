@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from app.protocol.decoding import MAX_TOP_LOGPROBS, DecodingOptions, TokenLogprobOut, is_none
+from app.protocol.strict import StrictModel
 
 MAX_STOP = 8  # stop strings per request (native and OpenAI routes)
 MAX_MEMBERS = 8  # adapters in one composition
@@ -16,11 +17,7 @@ GenerateMerge = Literal["cat", "linear", "ties", "average"]
 CompositionMethod = Literal["mean", "vote", "logits", "cat", "linear", "ties", "average"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as documented: no "5" or true for 5
-
-
-class EnsembleMember(_Strict):
+class EnsembleMember(StrictModel):
     name: str = Field(description="an adapter")
     weight: float = Field(
         1.0, description="its weight: positive; merges (cat, linear, ties) also take negative weights"
@@ -59,7 +56,7 @@ def check_members(members: list[EnsembleMember], method: str) -> None:
         raise ValueError(f"{method}: members' weights must be positive (only merges take negative ones)")
 
 
-class ClassifyRequest(_Strict):
+class ClassifyRequest(StrictModel):
     adapter: str | None = Field(None, description="name of a classification adapter")
     adapters: Members | None = _MEMBERS_FIELD
     combine: Literal["mean", "vote", "logits"] = Field(
@@ -146,7 +143,7 @@ class ClassifyResponse(BaseModel):
     usage: ClassifyUsage
 
 
-class Message(_Strict):
+class Message(StrictModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
@@ -253,7 +250,7 @@ class AdapterOut(BaseModel):
     request_count: int
 
 
-class CompositionIn(_Strict):
+class CompositionIn(StrictModel):
     name: str = Field(description="the composition's name: used wherever an adapter name is")
     members: Members = Field(min_length=1, max_length=MAX_MEMBERS, description="names or {name, weight}")
     method: CompositionMethod = Field(

@@ -17,12 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.protocol.decoding import MAX_TOP_LOGPROBS, DecodingOptions, TokenLogprobOut, is_none
 from app.protocol.native import MAX_STOP
+from app.protocol.strict import StrictModel
 
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as documented: no "5" or true for 5
 
 
 class ContentPart(BaseModel):
@@ -38,18 +35,18 @@ class ContentPart(BaseModel):
         return self
 
 
-class FunctionCall(_Strict):
+class FunctionCall(StrictModel):
     name: str
     arguments: str = Field(description="the arguments as a JSON object's text")
 
 
-class ToolCall(_Strict):
+class ToolCall(StrictModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -95,35 +92,35 @@ def _args(call: ToolCall) -> Any:
         raise ValueError(f"tool call {call.id}: arguments must be a JSON object's text") from exc
 
 
-class FunctionDef(_Strict):
+class FunctionDef(StrictModel):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(_Strict):
+class Tool(StrictModel):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(_Strict):
+class NamedFunction(StrictModel):
     name: str
 
 
-class ToolChoiceFunction(_Strict):
+class ToolChoiceFunction(StrictModel):
     type: Literal["function"]
     function: NamedFunction
 
 
-class JsonSchemaFormat(_Strict):
+class JsonSchemaFormat(StrictModel):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -134,7 +131,7 @@ class ResponseFormat(_Strict):
         return self
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool = False
     include_obfuscation: bool | None = None  # accepted; chunks are never padded
 
