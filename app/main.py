@@ -12,21 +12,20 @@ from fastapi import FastAPI, Request, Response
 
 from app import __version__
 from app.adapters.archive import ArchiveLimits
-from app.adapters.registry import AdapterRegistry
+from app.adapters.catalog import AdapterCatalog
+from app.adapters.intake import Intake
 from app.adapters.store import open_store
 from app.api import adapters, admin, health, inference, openai
 from app.api.responses import drop_validation_422
-from app.compositions import Compositions
 from app.config import Settings
 from app.engine.engine import Engine
 from app.errors import NotReady, is_openai_path, register_error_handlers, to_response
 from app.logs import REQUEST_ID_HEADER, log_request, request_id
 from app.metrics import Metrics
 from app.models.base_lm import BaseLM, load_base_model
-from app.openai_service import OpenAIService
 from app.platform import ReleasingExecutor
-from app.residency import follow_fleet_pins, load_on_device, pin
-from app.service import InferenceService
+from app.serving.openai_service import OpenAIService
+from app.serving.service import InferenceService
 
 log = logging.getLogger(__name__)
 _UNMEASURED = {"/metrics"}
@@ -88,11 +87,9 @@ def _adapter_label(request: Request, metrics: Metrics, adapter: str | None) -> s
     store does not hold (404s must not create a series per made-up name)."""
     if adapter is not None and "+" in adapter:  # adapter names have no '+'
         return "ad-hoc"
-    registry: AdapterRegistry | None = getattr(request.app.state, "registry", None)
-    compositions: Compositions | None = getattr(request.app.state, "compositions", None)
+    catalog: AdapterCatalog | None = getattr(request.app.state, "catalog", None)
     known = adapter is not None and (
-        (registry is not None and adapter in registry)
-        or (compositions is not None and compositions.get(adapter) is not None)
+        catalog is not None and (adapter in catalog or catalog.composition(adapter) is not None)
     )
     return metrics.adapter_label(adapter) if (known or adapter is None) else "unknown"
 
@@ -104,31 +101,22 @@ def _composition_label(request: Request, label: str, adapter: str | None) -> str
         return None
     if "+" in adapter:  # adapter names have no '+'
         return "ad-hoc"
-    compositions: Compositions | None = getattr(request.app.state, "compositions", None)
-    return label if compositions is not None and compositions.get(adapter) is not None else None
+    catalog: AdapterCatalog | None = getattr(request.app.state, "catalog", None)
+    return label if catalog is not None and catalog.composition(adapter) is not None else None
 
 
-async def keep_in_sync(
-    registry: AdapterRegistry,
-    compositions: Compositions,
-    engine: Engine,
-    settings: Settings,
-    metrics: Metrics,
-) -> None:
+async def keep_in_sync(catalog: AdapterCatalog, settings: Settings, metrics: Metrics) -> None:
     """Adopt the store's changes every ``STORE_SYNC_INTERVAL_S`` (versions, deletions, fleet-wide
     pins, named compositions); reclaim superseded files now and then. A failed sync (the store
     unreachable) is logged and counted; the next one retries."""
     reclaimed_at = time.monotonic()
-    keep = set(settings.pin_names)
     while True:
         await asyncio.sleep(settings.store_sync_interval_s)
         try:
-            await asyncio.to_thread(registry.sync)
-            compositions.sync()
-            await follow_fleet_pins(registry, engine, keep, settings.max_device_adapters - 1)
+            await catalog.follow_store()
             if time.monotonic() - reclaimed_at > RECLAIM_EVERY_S:
                 reclaimed_at = time.monotonic()
-                await asyncio.to_thread(registry.store.reclaim, settings.store_reclaim_grace_s)
+                await asyncio.to_thread(catalog.store.reclaim, settings.store_reclaim_grace_s)
         except Exception:  # any failure of the store: keep serving what is known
             metrics.store_sync_errors.inc()
             log.exception("sync with the adapter store %s failed", settings.store)
@@ -160,38 +148,42 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
         limits = ArchiveLimits(
             max_members=settings.max_archive_members, max_total_bytes=2 * settings.max_upload_bytes
         )
-        registry = AdapterRegistry(
+        engine = Engine(model, settings, metrics)
+        host_budget = settings.host_adapter_bytes()
+        intake = Intake(
             store,
             model.spec,
             settings.max_lora_rank,
             limits,
-            host_budget=settings.host_adapter_bytes(),
-            device_budget=settings.device_adapter_bytes(model.device),
+            budget=min(host_budget, settings.device_adapter_bytes(model.device)),
             metrics=metrics,
-            pinned=settings.pin_names,
         )
-        compositions = Compositions(registry, min(settings.max_batch_size, settings.max_device_adapters))
-        await asyncio.to_thread(registry.scan)
-        compositions.sync()
+        catalog = AdapterCatalog(
+            intake,
+            engine,
+            metrics,
+            host_budget=host_budget,
+            pin_limit=settings.max_device_adapters - 1,
+            pinned=settings.pin_names,
+            ensemble_rows=min(settings.max_batch_size, settings.max_device_adapters),
+        )
+        await asyncio.to_thread(catalog.scan)
         for option, names in (("PRELOAD", settings.preload_names), ("PIN", settings.pin_names)):
-            missing = [name for name in names if name not in registry]
+            missing = [name for name in names if name not in catalog]
             if missing:
                 raise RuntimeError(
                     f"ADAPTERSERVE_{option} names adapters that are not in the store: {missing}"
                 )
-        engine = Engine(model, settings, metrics)
-        registry.on_retire = engine.retire
-        registry.device_uids = engine.device_uids
         engine.start()
         for name in settings.pin_names:
-            await pin(registry, engine, name, limit=settings.max_device_adapters - 1)
+            await catalog.pin(name)
         for name in settings.preload_names:
             if name not in settings.pin_names:
-                await load_on_device(registry, engine, name)
+                await catalog.load_on_device(name)
         app.state.model_id = model.spec.model_id
         app.state.quantization = model.quantization
         metrics.base_weight_bytes.set(model.weight_bytes)
-        app.state.registry = registry
+        app.state.catalog = catalog
         app.state.engine = engine
         cannot_generate = (
             ""
@@ -200,12 +192,11 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
             "serves POST /classify only, it cannot generate text"
         )
         app.state.service = service = InferenceService(
-            settings, registry, engine, model.tokenizer, model.spec.max_context, cannot_generate, compositions
+            settings, catalog, engine, model.tokenizer, model.spec.max_context, cannot_generate
         )
-        app.state.compositions = compositions
-        app.state.openai = OpenAIService(service, registry, model.spec.model_id, model.quantization)
-        syncing = asyncio.create_task(keep_in_sync(registry, compositions, engine, settings, metrics))
-        log.info("adapterserve ready: %d adapters in %s", len(registry.list()), settings.store)
+        app.state.openai = OpenAIService(service, catalog, model.spec.model_id, model.quantization)
+        syncing = asyncio.create_task(keep_in_sync(catalog, settings, metrics))
+        log.info("adapterserve ready: %d adapters in %s", len(catalog.adapters()), settings.store)
         try:
             yield
         finally:
@@ -217,8 +208,7 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.draining = False  # set on SIGTERM (app.cli): new requests get 503, readiness fails
-    app.state.engine = app.state.registry = app.state.service = app.state.openai = None
-    app.state.compositions = None
+    app.state.engine = app.state.catalog = app.state.service = app.state.openai = None
     register_error_handlers(app)
     openapi = app.openapi
     app.openapi = lambda: drop_validation_422(openapi(), is_openai_path)  # type: ignore[method-assign]

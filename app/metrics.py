@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -12,9 +10,6 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-
-if TYPE_CHECKING:
-    from app.adapters.registry import AdapterInfo
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -160,11 +155,10 @@ class Metrics:
         for task in ("classify", "prefill", "generate"):
             self.forward_failures.labels(task=task)
 
-    def adapter_label(self, adapter: AdapterInfo | str | None) -> str:
+    def adapter_label(self, name: str | None) -> str:
         """A bounded ``adapter`` label: the first N names seen keep their own series, the rest 'other'."""
-        if adapter is None:
+        if name is None:
             return BASE_LABEL
-        name = adapter if isinstance(adapter, str) else adapter.name
         if name in self._adapter_labels:
             return name
         if len(self._adapter_labels) < self.max_adapter_labels:

@@ -31,7 +31,7 @@ from app.models.base_lm import load_base_model
 from app.platform import keep_freed_memory
 from bench.common import PROMPT, make_peft, save_adapters
 from bench.throughput import Config, in_turns
-from tests.helpers.versions import HeldVersion, held
+from tests.helpers.versions import HeldVersion, generation, held
 
 
 def main() -> None:
@@ -71,9 +71,8 @@ def main() -> None:
         prompts = [base.tokenizer(f"{i}. {PROMPT}")["input_ids"] for i in range(args.requests)]
 
         async def generate(version: HeldVersion | None, group: tuple[Member, ...]) -> int:
-            weights = version.weights if version is not None else None
             results = await asyncio.gather(
-                *(engine.generate(version, p, params, weights, group) for p in prompts)
+                *(engine.generate(generation(p, params, version, group)) for p in prompts)
             )
             return sum(len(r.token_ids) for r in results)
 

@@ -29,7 +29,7 @@ from app.models.base_lm import load_base_model
 from app.platform import keep_freed_memory
 from bench.common import make_peft, save_adapters
 from bench.throughput import Config, in_turns
-from tests.helpers.versions import held
+from tests.helpers.versions import generation, held
 
 SCHEMA = {
     "type": "object",
@@ -79,7 +79,7 @@ def main() -> None:
             jobs = []
             for i in range(args.rows):
                 v = versions[i % len(versions)]
-                jobs.append(engine.generate(v, prompt, constrained if i < k else free, v.weights))
+                jobs.append(engine.generate(generation(prompt, constrained if i < k else free, v)))
             results = await asyncio.gather(*jobs)
             assert all(len(r.token_ids) == args.tokens for r in results), "a row ended early"
             return sum(len(r.token_ids) for r in results)

@@ -24,7 +24,7 @@ from app.config import Settings
 from app.engine.generation import GenerationBatch
 from app.engine.runner import Runner
 from app.engine.slots import DeviceSlots
-from app.engine.types import GenerateWork, SamplingParams
+from app.engine.types import GenerateWork, Generation, SamplingParams
 from app.models.base_lm import load_base_model
 from app.models.multi_lora import BASE_SLOT, RoutingContext, wrap_linear_layers
 from bench.common import PROMPT, make_peft, save_adapters
@@ -57,10 +57,7 @@ def main() -> None:
 
     def decoder(slot_of: list[int]) -> GenerationBatch:
         params = SamplingParams(max_new_tokens=args.steps * args.turns + 10, ignore_eos=True)
-        works = [
-            (GenerateWork(adapter=None, weights=None, prompt=p, params=params), [s])
-            for p, s in zip(prompts, slot_of, strict=True)
-        ]
+        works = [(GenerateWork(Generation(p, params)), [s]) for p, s in zip(prompts, slot_of, strict=True)]
         batch = GenerationBatch.start(runner, works, decode)
         while batch.prefill_chunk(4096) is None:
             pass

@@ -30,8 +30,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
-from app.adapters.archive import ArchiveLimits
-from app.adapters.registry import AdapterRegistry
+from app.adapters.catalog import AdapterCatalog
 from app.adapters.store import folder_store
 from app.config import Settings
 from app.engine.slots import DeviceSlots
@@ -86,22 +85,20 @@ def cold_loads(base: BaseLM, tmp: Path, repeats: int) -> None:
         _variants(_template(base, tmp, "generate", rank), store, [f"r{rank}-{i}" for i in range(repeats)])
         size = sum(f.stat().st_size for f in (store / f"r{rank}-0").iterdir())
         for regime, budget in (("keeps all (fresh memory)", None), ("holds 4, LRU (steady state)", 4 * size)):
-            registry = AdapterRegistry(
-                folder_store(store), base.spec, 64, ArchiveLimits(16, 1 << 30), host_budget=budget
-            )
-            registry.scan()
-            names = [info.name for info in registry.list()]
+            catalog = AdapterCatalog.detached(folder_store(store), base.spec, budget or 1 << 62)
+            catalog.scan()
+            names = [record.name for record in catalog.adapters()]
             if budget is not None:  # the steady state: the tier is full before the measured loads
                 for name in names[-4:]:
-                    registry.load(name)
+                    catalog.hold(name)
             for name in names:  # warm page cache, as for an adapter read before
                 (store / name / "adapter_model.safetensors").read_bytes()
             host, device, total = [], [], []
             for name in names:
                 t0 = time.perf_counter()
-                info, weights = registry.load(name)
+                held = catalog.hold(name)
                 t1 = time.perf_counter()
-                slots.acquire(info.handle, weights, set())
+                slots.acquire(held.record.handle, held.weights, set())
                 if base.device.type == "cuda":
                     torch.cuda.synchronize(base.device)
                 t2 = time.perf_counter()
@@ -113,7 +110,7 @@ def cold_loads(base: BaseLM, tmp: Path, repeats: int) -> None:
             for version in slots.lru_order():
                 slots.unload(version.uid)
             slots.compact()
-            del registry, weights
+            del catalog, held
 
 
 # --- 2. Zipf over many adapters ---------------------------------------------------------------

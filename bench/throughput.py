@@ -36,7 +36,7 @@ from app.metrics import Metrics
 from app.models.base_lm import BaseLM, load_base_model
 from app.platform import keep_freed_memory, release_omp_threads
 from bench.common import PROMPT, TEXT, make_peft, save_adapters, save_bottlenecks
-from tests.helpers.versions import HeldVersion, held
+from tests.helpers.versions import HeldVersion, generation, held
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 COUNTS = [1, 16, 64]
@@ -118,7 +118,7 @@ class Bench:
         return await self.engine.classify(v, [ids], v.weights)
 
     async def _generate(self, v: HeldVersion | None, prompt: list[int], params: SamplingParams) -> Any:
-        return await self.engine.generate(v, prompt, params, v.weights if v is not None else None)
+        return await self.engine.generate(generation(prompt, params, v))
 
     def engine_classify(self, infos: list[HeldVersion]) -> Config:
         ids = [self.tok(t)["input_ids"] for t in self.texts]

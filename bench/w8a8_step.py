@@ -20,7 +20,7 @@ from app.config import Settings
 from app.engine.generation import GenerationBatch
 from app.engine.runner import Runner
 from app.engine.slots import DeviceSlots
-from app.engine.types import GenerateWork, SamplingParams
+from app.engine.types import GenerateWork, Generation, SamplingParams
 from app.models import w8a8
 from app.models.base_lm import load_base_model
 from app.models.multi_lora import BASE_SLOT, RoutingContext, wrap_linear_layers
@@ -42,9 +42,7 @@ def _batch(kind: Quantization, rows: int, shared: bool) -> GenerationBatch:
     tok = base.tokenizer
     params = SamplingParams(max_new_tokens=1000, ignore_eos=True)
     prompts = [tok(f"{i} {PROMPT}")["input_ids"] for i in range(rows)]
-    works = [
-        (GenerateWork(adapter=None, weights=None, prompt=p, params=params), [BASE_SLOT]) for p in prompts
-    ]
+    works = [(GenerateWork(Generation(p, params)), [BASE_SLOT]) for p in prompts]
     batch = GenerationBatch.start(runner, works, lambda ids: str(tok.decode(ids)))
     while batch.prefill_chunk(4096) is None:
         pass

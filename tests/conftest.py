@@ -94,7 +94,7 @@ def app_settings(store: Path, **overrides: Any) -> Settings:
     return Settings(**{**values, **overrides})
 
 
-# --- the tiny model: HTTP -> engine mechanics in milliseconds (tests/fixtures/tiny_llama.py) ---
+# --- the tiny model: mechanics in milliseconds (tests/fixtures/tiny_llama.py; tests/api/conftest.py) ---
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Llama with the checked-in tokenizer (same weights on every run)."""
@@ -111,31 +111,6 @@ def tiny_ref_adapters(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory)
     """PEFT adapters on the tiny model with PeftModel's outputs (the same names as ``ref_adapters``)."""
     out = tmp_path_factory.mktemp("tiny-adapters")
     return {s["name"]: make_adapter(tiny_path, out, **s) for s in ADAPTER_SPECS}  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="session")
-def tiny_client(tiny_model: BaseLM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    """The app on the tiny model and an empty store of its own, for the whole session."""
-    with TestClient(create_app(app_settings(tmp_path_factory.mktemp("tiny-store")), base=tiny_model)) as c:
-        yield c
-
-
-@pytest.fixture(scope="session")
-def tiny_uploaded(tiny_client: TestClient, tiny_ref_adapters: dict[str, RefAdapter]) -> dict[str, RefAdapter]:
-    """Every tiny reference adapter uploaded once through the admin endpoint."""
-    from tests.helpers.peft_ref import zip_folder
-
-    for name, ref in tiny_ref_adapters.items():
-        resp = upload_archive(tiny_client, name, zip_folder(ref.folder), f"{name}.zip")
-        assert resp.status_code == 201, resp.text
-    return tiny_ref_adapters
-
-
-@pytest.fixture(scope="session")
-def tiny_live_url(tiny_client: TestClient) -> Iterator[str]:
-    """The tiny app served by uvicorn on loopback (real HTTP: disconnects, concurrency)."""
-    with serve_live(tiny_client.app) as url:
-        yield url
 
 
 # --- the real default base: numerics (PEFT parity, mixed batches, quantization, training) ---------

@@ -25,11 +25,10 @@ from peft.utils.merge_utils import task_arithmetic, ties
 
 from app.adapters.kinds import Adapter
 from app.adapters.lora_format import LoraAdapter
+from app.adapters.methods import MergeMethod
 from app.errors import IncompatibleMembers
 from app.models.heads import Head, HeadLayer
 
-MergeMethod = Literal["cat", "linear", "ties"]
-MERGE_METHODS: tuple[MergeMethod, ...] = ("cat", "linear", "ties")
 SignMethod = Literal["total", "frequency"]
 
 

@@ -8,7 +8,7 @@ Layout (keys under the store's root)::
     _blobs/<name>/<id>/<file>           the files of one uploaded version, written before its manifest
     _pins/<name>                        the adapter is pinned on every replica
     _compositions/<name>/0000000002.json  one record per version of a named composition (adapters
-                                        combined; see :mod:`app.compositions`), created exclusively
+                                        combined; see :mod:`app.adapters.composition`), created exclusively
                                         like manifests; a deletion is a record too
     <name>/<file>                       an adapter placed by hand (a PEFT folder): version 1, or the
                                         version its ``adapterserve.json`` names

@@ -9,13 +9,11 @@ from pathlib import Path
 from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 
-from app.adapters.store import check_name
-from app.api.deps import AdminDep, EngineDep, RegistryDep, ServiceDep, SettingsDep
+from app.adapters.composition import Composition
+from app.api.deps import AdminDep, CatalogDep, SettingsDep
 from app.api.responses import ADMIN, error_responses
-from app.compositions import Composition
-from app.errors import AdapterNotFound, Conflict, InvalidRequest, UploadTooLarge
+from app.errors import AdapterNotFound, InvalidRequest, UploadTooLarge
 from app.protocol.native import AdapterOut, CompositionIn, CompositionOut, member_list
-from app.residency import pin, unpin
 
 router = APIRouter(tags=["admin"], dependencies=[AdminDep], responses=error_responses(ADMIN))
 
@@ -53,7 +51,7 @@ def _spool(upload: UploadFile, limit: int, folder: Path) -> Path:
 
 
 @router.post("/admin/adapters", status_code=201, response_model=AdapterOut, openapi_extra=_UPLOAD_SCHEMA)
-async def upload_adapter(request: Request, registry: RegistryDep, settings: SettingsDep) -> AdapterOut:
+async def upload_adapter(request: Request, catalog: CatalogDep, settings: SettingsDep) -> AdapterOut:
     """Upload an adapter archive; an existing name gets a new version."""
     limit = settings.max_upload_bytes
     length = request.headers.get("content-length")
@@ -79,77 +77,66 @@ async def upload_adapter(request: Request, registry: RegistryDep, settings: Sett
     request.state.adapter = name
     # the archive is spooled into a staging folder of the store: removed when the request ends
     # (also when the client goes away), and by the store's recovery after a crash
-    staging = registry.store.staging_folder()
+    staging = catalog.store.staging_folder()
     try:
         archive = await asyncio.to_thread(_spool, upload, limit, staging)
-        info = await asyncio.to_thread(registry.upload, name, archive)
+        record = await asyncio.to_thread(catalog.upload, name, archive)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         await form.close()
-    return AdapterOut(**registry.describe(info))
+    return AdapterOut(**catalog.describe(record))
 
 
 @router.put("/admin/adapters/{name}/pin", response_model=AdapterOut)
-async def pin_adapter(
-    name: str, registry: RegistryDep, engine: EngineDep, settings: SettingsDep
-) -> AdapterOut:
+async def pin_adapter(name: str, catalog: CatalogDep) -> AdapterOut:
     """Pin an adapter on every replica (recorded in the store; the others follow within their sync
     interval): loaded into a device slot now and never evicted from host or device memory. Here it
     fails with nothing changed: 409 when too many are pinned or its stored files cannot be loaded,
     503 (Retry-After) when every device slot is in use by running requests or pinned."""
-    info = await pin(registry, engine, name, limit=settings.max_device_adapters - 1, fleet=True)
-    return AdapterOut(**registry.describe(info))
+    return AdapterOut(**catalog.describe(await catalog.pin(name, fleet=True)))
 
 
 @router.delete("/admin/adapters/{name}/pin", response_model=AdapterOut)
-async def unpin_adapter(name: str, registry: RegistryDep, engine: EngineDep) -> AdapterOut:
+async def unpin_adapter(name: str, catalog: CatalogDep) -> AdapterOut:
     """Unpin an adapter on every replica: it stays resident until least recently used."""
-    return AdapterOut(**registry.describe(await unpin(registry, engine, name, fleet=True)))
+    return AdapterOut(**catalog.describe(await catalog.unpin(name, fleet=True)))
 
 
 @router.delete("/admin/adapters/{name}", status_code=204)
-async def delete_adapter(name: str, registry: RegistryDep, engine: EngineDep) -> Response:
+async def delete_adapter(name: str, catalog: CatalogDep) -> Response:
     """Delete an adapter; requests already running on it finish."""
-    await registry.lookup(name)
-    await asyncio.to_thread(registry.delete, name)
-    await engine.unpin(name)
+    await catalog.delete(name)
     return Response(status_code=204)
 
 
 @router.post("/admin/compositions", status_code=201, response_model=CompositionOut)
-async def create_composition(body: CompositionIn, service: ServiceDep) -> CompositionOut:
+async def create_composition(body: CompositionIn, catalog: CatalogDep) -> CompositionOut:
     """Name a composition of adapters (an existing name gets a new version); it is checked as a
     request using it would be (members, task, labels; a merge is computed now) and recorded in the
     store, so every replica serves it."""
-    check_name(body.name)
-    members = tuple((m.name, m.weight) for m in member_list(body.members, None))
-    comp = Composition(members, body.method, body.density, name=body.name)
-    if service.registry.find(body.name) is not None:
-        raise Conflict(f"{body.name!r} is an adapter's name; a composition needs its own", param="name")
-    task = await service.compositions.check(comp)
-    await service.compositions.held(comp, task)
-    saved = await asyncio.to_thread(service.compositions.save, comp)
-    return CompositionOut(**service.compositions.describe(saved))
+    members = ((m.name, m.weight) for m in member_list(body.members, None))
+    comp = Composition(tuple(members), body.method, body.density, name=body.name)
+    return CompositionOut(**catalog.describe_composition(await catalog.compose(comp)))
 
 
 @router.get("/admin/compositions", response_model=list[CompositionOut])
-async def list_compositions(service: ServiceDep) -> list[CompositionOut]:
+async def list_compositions(catalog: CatalogDep) -> list[CompositionOut]:
     """Every named composition."""
-    return [CompositionOut(**service.compositions.describe(c)) for c in service.compositions.all()]
+    return [CompositionOut(**catalog.describe_composition(c)) for c in catalog.compositions()]
 
 
 @router.get("/admin/compositions/{name}", response_model=CompositionOut)
-async def get_composition(name: str, service: ServiceDep) -> CompositionOut:
+async def get_composition(name: str, catalog: CatalogDep) -> CompositionOut:
     """One named composition."""
-    comp = await service.compositions.lookup(name)
+    await catalog.lookup(name)
+    comp = catalog.composition(name)
     if comp is None:
         raise AdapterNotFound(f"composition {name!r} not found", param="name")
-    return CompositionOut(**service.compositions.describe(comp))
+    return CompositionOut(**catalog.describe_composition(comp))
 
 
 @router.delete("/admin/compositions/{name}", status_code=204)
-async def delete_composition(name: str, service: ServiceDep) -> Response:
+async def delete_composition(name: str, catalog: CatalogDep) -> Response:
     """Delete a named composition; its members stay."""
-    await service.compositions.lookup(name)
-    await asyncio.to_thread(service.compositions.delete, name)
+    await catalog.delete_composition(name)
     return Response(status_code=204)

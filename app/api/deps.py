@@ -7,11 +7,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.adapters.registry import AdapterRegistry
+from app.adapters.catalog import AdapterCatalog
 from app.config import Settings
 from app.engine.engine import Engine
 from app.errors import AdminDisabled, Forbidden, NotReady, Unauthorized
-from app.service import InferenceService
+from app.serving.service import InferenceService
 
 
 def state(request: Request, name: str) -> object:
@@ -27,8 +27,8 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-def get_registry(request: Request) -> AdapterRegistry:
-    return state(request, "registry")  # type: ignore[return-value]
+def get_catalog(request: Request) -> AdapterCatalog:
+    return state(request, "catalog")  # type: ignore[return-value]
 
 
 def get_service(request: Request) -> InferenceService:
@@ -40,7 +40,7 @@ def get_engine(request: Request) -> Engine:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
+CatalogDep = Annotated[AdapterCatalog, Depends(get_catalog)]
 ServiceDep = Annotated[InferenceService, Depends(get_service)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 

@@ -10,7 +10,6 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import ApiKeyDep, state
 from app.api.responses import OPENAI, error_responses
-from app.openai_service import OpenAIService
 from app.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -19,6 +18,7 @@ from app.protocol.openai import (
     ModelCard,
     ModelList,
 )
+from app.serving.openai_service import OpenAIService
 
 router = APIRouter(
     prefix="/v1", tags=["openai"], dependencies=[ApiKeyDep], responses=error_responses(OPENAI, openai=True)

@@ -83,7 +83,7 @@ class ClassificationLane:
                 break
             try:
                 slot = admission.admit(work.adapter, work.weights)
-            except Exception:
+            except RuntimeError:  # a device error (out of memory) copying the weights in
                 log.exception("loading adapter %s failed", work.adapter.name)
                 self.queue.popleft()
                 _fail(work, EngineFailure("loading the adapter failed; see the server log"))

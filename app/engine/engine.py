@@ -26,17 +26,17 @@ from app.engine.generation_lane import GenerationLane
 from app.engine.runner import Runner
 from app.engine.slots import Admission, DeviceSlots, SlotsExhausted
 from app.engine.types import (
+    Abort,
     ClassifyWork,
     Command,
     CutOffAll,
     GenerateWork,
+    Generation,
     GenerationResult,
     Lane,
     LoadAdapter,
-    Member,
     PinAdapter,
     RetireAdapter,
-    SamplingParams,
     StreamDelta,
     StreamSink,
     UnpinAdapter,
@@ -132,11 +132,16 @@ class Engine:
                 asyncio.wrap_future(fut), self.settings.request_timeout_s + DEADLINE_GRACE_S
             )
         except TimeoutError as exc:  # the engine did not end the work at its deadline (a stuck step)
-            work.cancelled = True
+            self.abort(work)
             raise DeadlineExceeded.after(self.settings.request_timeout_s) from exc
         except asyncio.CancelledError:
-            work.cancelled = True
+            self.abort(work)
             raise
+
+    def abort(self, work: Work) -> None:
+        """Give up on ``work`` (thread-safe): the engine drops its rows at the next step."""
+        if self.running and not work.future.done():
+            self._inbox.put(Abort(work))
 
     async def classify(
         self, adapter: AdapterVersion, inputs: list[list[int]], weights: Adapter
@@ -145,34 +150,17 @@ class Engine:
         self._submit(work)
         return await self._await(work, work.future)
 
-    async def generate(
-        self,
-        adapter: AdapterVersion | None,
-        prompt: list[int],
-        params: SamplingParams,
-        weights: Adapter | None = None,
-        members: tuple[Member, ...] = (),
-        label: str | None = None,
-    ) -> GenerationResult:
-        """Generate with ``adapter`` (None: the bare base), or with an ensemble of ``members``."""
-        work = GenerateWork(adapter, weights, prompt, params, members=members, label=label)
-        self._submit(work)
-        return await self._await(work, work.future)
-
-    def submit_stream(
-        self,
-        adapter: AdapterVersion | None,
-        prompt: list[int],
-        params: SamplingParams,
-        sink: StreamSink,
-        weights: Adapter | None = None,
-        members: tuple[Member, ...] = (),
-        label: str | None = None,
-    ) -> GenerateWork:
-        """Queue a streamed generation; deltas go to ``sink`` (called on the engine thread)."""
-        work = GenerateWork(adapter, weights, prompt, params, sink=sink, members=members, label=label)
+    def submit(self, generation: Generation, sink: StreamSink | None = None) -> GenerateWork:
+        """Queue a generation; with ``sink``, its deltas go there as they come (called on the engine
+        thread). Raises :class:`QueueFull` or :class:`NotReady` before anything is queued."""
+        work = GenerateWork(generation, sink=sink)
         self._submit(work)
         return work
+
+    async def generate(self, generation: Generation) -> GenerationResult:
+        """Run ``generation`` to its end (the bare base, one adapter or an ensemble's members)."""
+        work = self.submit(generation)
+        return await self._await(work, work.future)
 
     async def _command(self, cmd: Command) -> None:
         self._submit(cmd)
@@ -288,6 +276,8 @@ class Engine:
                 case RetireAdapter(uid):
                     if uid in self.slots:
                         self._retired.add(uid)
+                case Abort(work):
+                    work.cancelled = True
                 case CutOffAll():
                     self._cut_off_all()
             cmd.future.set_result(None)

@@ -87,8 +87,8 @@ class GenerationBatch:
         rows: list[_Row] = []
         for w, slots in works:
             lead: _Row | None = None
-            for (version, _, weight), slot in zip(w.rows, slots, strict=True):
-                uid = version.uid if version is not None else None
+            for member, slot in zip(w.rows, slots, strict=True):
+                uid, weight = (member.version.uid if member.version is not None else None), member.weight
                 if lead is None:
                     gen, detok = make_generator(w.params.seed, dev), IncrementalDetokenizer(decode)
                     lead = _Row(w, slot, gen, detok, uid=uid, weight=weight)
@@ -169,8 +169,7 @@ class GenerationBatch:
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, reuse_key: int | None = None) -> torch.Tensor:
         """Forward ``ids`` [batch, tokens] through the model and cache; last-token logits [batch, vocab]."""
         r = self.runner
-        r.set_routing([row.slot for row in self.rows], reuse_key)
-        try:
+        with r.routed([row.slot for row in self.rows], reuse_key):
             out = r.model(
                 input_ids=ids,
                 attention_mask=self.mask,
@@ -179,8 +178,6 @@ class GenerationBatch:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        finally:
-            r.ctx.routing = None
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
 

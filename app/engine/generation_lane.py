@@ -133,14 +133,15 @@ class GenerationLane:
             if not prefill_fits(rows, width, len(work.prompt), self.settings.max_prefill_tokens, need):
                 break
             slots: list[int | None] = []
-            for version, weights, _ in work.rows:
+            for member in work.rows:
+                version, weights = member.version, member.weights
                 if version is None:
                     slots.append(BASE_SLOT)
                     continue
                 assert weights is not None, "an adapter's work carries its weights"
                 try:
                     slots.append(admission.admit(version, weights))
-                except Exception:
+                except RuntimeError:  # a device error (out of memory) copying the weights in
                     log.exception("loading adapter %s failed", version.name)
                     slots = []
                     break

@@ -5,17 +5,19 @@ device (the engine stops and /readyz turns false)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from prometheus_client import Counter
 
+from app.engine.grammar import Grammars
 from app.engine.logits import RowState
 from app.engine.types import SamplingParams
 from app.models.base_lm import BaseLM
 from app.models.heads import Head, activate
 from app.models.multi_lora import Routing, RoutingContext
 from app.models.routing import runs_of
-from app.structured import Grammars
 
 
 def last_non_pad_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -94,8 +96,14 @@ class Runner:
             mask[i, cols] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def set_routing(self, slots: list[int], reuse_key: int | None = None) -> None:
+    @contextmanager
+    def routed(self, slots: list[int], reuse_key: int | None = None) -> Iterator[None]:
+        """Route the rows of the forwards inside to ``slots`` (one per row), cleared on the way out."""
         self.ctx.routing = Routing.build(slots, self.device, reuse_key)
+        try:
+            yield
+        finally:
+            self.ctx.routing = None
 
     @torch.inference_mode()
     def classify(self, rows: list[tuple[int, list[int]]], heads: dict[int, Head]) -> list[list[float]]:
@@ -111,8 +119,7 @@ class Runner:
 
     def _classify(self, rows: list[tuple[int, list[int]]], heads: dict[int, Head]) -> list[list[float]]:
         ids, mask = self.pad([toks for _, toks in rows], left=False)  # right padding, as in training
-        self.set_routing([slot for slot, _ in rows])
-        try:
+        with self.routed([slot for slot, _ in rows]):
             hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
             if self.surface.pooling == "first":
                 pooled = hidden[:, 0]
@@ -125,8 +132,6 @@ class Runner:
                 torch.softmax(self._head(heads[slot], slot, pooled[start:end]).float(), dim=-1)
                 for slot, start, end in runs
             ]
-        finally:
-            self.ctx.routing = None
         flat = torch.cat([p.reshape(-1) for p in probs]).cpu().tolist()  # one device sync
         out: list[list[float]] = []
         at = 0
@@ -141,8 +146,8 @@ class Runner:
         module, run with this slot's routing: LoRA on BERT's pooler applies)."""
         for layer in head:
             if layer.weight is None:
-                self.set_routing([slot] * x.shape[0])
-                x = self.model.get_submodule(layer.module)(x)
+                with self.routed([slot] * x.shape[0]):
+                    x = self.model.get_submodule(layer.module)(x)
             else:
                 x = torch.nn.functional.linear(x, layer.weight, layer.bias)
             x = activate(x, layer.activation)

@@ -1,8 +1,7 @@
 """What passes between the API side and the engine thread: work items, commands and results.
 
 Work and commands are put into the engine's inbox by any thread; from then on only the engine
-thread writes them, except ``cancelled``, which the API side sets when its client goes away (the
-engine drops the row at its next step).
+thread writes them (the API side that gives up on a work item sends :class:`Abort`).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF's: prompt and generated tokens' logits divided (>0) / multiplied
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     min_tokens: int = 0  # end-of-sequence tokens are refused before this many tokens
-    grammar: str | None = None  # an llguidance grammar (structured output; app/structured.py)
+    grammar: str | None = None  # an llguidance grammar (structured output; app/engine/grammar.py)
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the top k
 
 
@@ -51,7 +50,7 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
-@dataclass
+@dataclass(eq=False)
 class ClassifyWork:
     adapter: AdapterVersion
     weights: Adapter  # held until the work is done: host eviction cannot take them away
@@ -85,51 +84,76 @@ StreamSink = Callable[[StreamDelta], None]
 
 @dataclass(frozen=True)
 class Member:
-    """One member of an ensemble generation: the adapter of its rows and its weight in the mean."""
+    """The adapter of a generation's row and its weight in an ensemble's mean (the bare base: no
+    version and no weights)."""
 
-    version: AdapterVersion
-    weights: Adapter
-    weight: float
+    version: AdapterVersion | None
+    weights: Adapter | None  # set exactly when ``version`` is
+    weight: float = 1.0
 
 
-@dataclass
-class GenerateWork:
-    adapter: AdapterVersion | None  # None = the bare base model (or an ensemble: ``members``)
-    weights: Adapter | None  # set exactly when ``adapter`` is
+BASE_ROW = Member(None, None)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One checked, tokenized generation: the record the serving layer hands the engine
+    (:meth:`app.engine.engine.Engine.submit`). Exactly one of: no adapter (the bare base), one
+    ``adapter``, or an ensemble's ``members``."""
+
     prompt: list[int]
     params: SamplingParams
+    adapter: Member | None = None  # one adapter (or a merged one) for the row
     # ensemble generation: one row per member, each token sampled from their weighted mean
     # distribution and fed to every member's row
     members: tuple[Member, ...] = ()
     label: str | None = None  # a composition's name for metrics (else the adapter's)
+
+    def __post_init__(self) -> None:
+        assert not (self.adapter and self.members), "one adapter or an ensemble's members"
+
+
+@dataclass(eq=False)
+class GenerateWork:
+    """A generation in the engine: its request and what the engine thread records while it runs.
+    Only the engine thread writes it once queued (the API side sends :class:`Abort`)."""
+
+    request: Generation
+    sink: StreamSink | None = None  # thread-safe; set for streamed requests
     deadline: float = float("inf")  # time.monotonic(): then it ends with the tokens it has (or 504)
     future: Future[GenerationResult] = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-    sink: StreamSink | None = None  # thread-safe; set for streamed requests
+    cancelled: bool = False  # its client went away (Abort), or its deadline passed in a prefill
     first_token_at: float | None = None
 
-    def __post_init__(self) -> None:
-        assert (self.adapter is None) == (self.weights is None), "an adapter comes with its weights"
-        assert not (self.adapter and self.members), "one adapter or an ensemble's members"
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def members(self) -> tuple[Member, ...]:
+        return self.request.members
 
     @property
     def uids(self) -> list[int]:
         """The adapter versions its rows need in device slots."""
-        if self.members:
-            return [m.version.uid for m in self.members]
-        return [self.adapter.uid] if self.adapter is not None else []
+        return [m.version.uid for m in self.rows if m.version is not None]
 
     @property
-    def rows(self) -> list[tuple[AdapterVersion | None, Adapter | None, float]]:
+    def rows(self) -> list[Member]:
         """Its rows' (adapter, weights, weight in the mean): one, or one per ensemble member."""
-        if self.members:
-            return [(m.version, m.weights, m.weight) for m in self.members]
-        return [(self.adapter, self.weights, 1.0)]
+        if self.request.members:
+            return list(self.request.members)
+        return [self.request.adapter or BASE_ROW]
 
     @property
     def metric_name(self) -> str | None:
-        return self.label or (self.adapter.name if self.adapter else None)
+        version = self.request.adapter.version if self.request.adapter else None
+        return self.request.label or (version.name if version else None)
 
 
 # --- commands: changes to engine state, applied between forwards ------------------------------
@@ -167,13 +191,22 @@ class RetireAdapter:
 
 
 @dataclass
+class Abort:
+    """The API side gave up on a work item (its client went away, or its future timed out): the
+    engine drops its rows at the next step."""
+
+    work: ClassifyWork | GenerateWork
+    future: Future[None] = field(default_factory=Future)
+
+
+@dataclass
 class CutOffAll:
     """Shutting down: end every request now, running ones with the tokens they have."""
 
     future: Future[None] = field(default_factory=Future)
 
 
-Command = LoadAdapter | PinAdapter | UnpinAdapter | RetireAdapter | CutOffAll
+Command = LoadAdapter | PinAdapter | UnpinAdapter | RetireAdapter | Abort | CutOffAll
 Work = ClassifyWork | GenerateWork
 
 

@@ -5,7 +5,6 @@ OpenAI's, with vLLM's ``repetition_penalty`` and ``min_tokens``)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 from pydantic import (
     BaseModel,
@@ -13,7 +12,6 @@ from pydantic import (
     field_validator,
 )
 
-from app.engine.types import TokenLogprob
 from app.protocol.strict import StrictModel
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's
@@ -71,21 +69,3 @@ class TopLogprob(BaseModel):
 
 class TokenLogprobOut(TopLogprob):
     top_logprobs: list[TopLogprob]
-
-
-def token_text(raw: bytes) -> str:
-    """A token's text as OpenAI shows it: UTF-8, a token that ends inside a character escaped."""
-    return raw.decode("utf-8", errors="backslashreplace")
-
-
-def logprob_entries(lps: Sequence[TokenLogprob], token_bytes: list[bytes]) -> list[TokenLogprobOut]:
-    """Log-probabilities as OpenAI's chat ``logprobs.content`` entries."""
-
-    def top(token: int, logprob: float) -> TopLogprob:
-        raw = token_bytes[token]
-        return TopLogprob(token=token_text(raw), logprob=logprob, bytes=list(raw))
-
-    return [
-        TokenLogprobOut(**top(lp.token, lp.logprob).model_dump(), top_logprobs=[top(t, v) for t, v in lp.top])
-        for lp in lps
-    ]

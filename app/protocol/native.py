@@ -7,14 +7,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from app.adapters.methods import CombineMethod, GenerateMethod, MergeMethod, Method
 from app.protocol.decoding import MAX_TOP_LOGPROBS, DecodingOptions, TokenLogprobOut, is_none
 from app.protocol.strict import StrictModel
 
 MAX_STOP = 8  # stop strings per request (native and OpenAI routes)
 MAX_MEMBERS = 8  # adapters in one composition
-MergeMethod = Literal["cat", "linear", "ties"]
-GenerateMerge = Literal["cat", "linear", "ties", "average"]
-CompositionMethod = Literal["mean", "vote", "logits", "cat", "linear", "ties", "average"]
 
 
 class EnsembleMember(StrictModel):
@@ -59,7 +57,7 @@ def check_members(members: list[EnsembleMember], method: str) -> None:
 class ClassifyRequest(StrictModel):
     adapter: str | None = Field(None, description="name of a classification adapter")
     adapters: Members | None = _MEMBERS_FIELD
-    combine: Literal["mean", "vote", "logits"] = Field(
+    combine: CombineMethod = Field(
         "mean",
         description="ensembles: weighted mean of the probabilities, weighted majority vote (ties to "
         "the higher mean probability), or weighted mean of the logits then softmax; every member "
@@ -99,7 +97,7 @@ class ClassifyRequest(StrictModel):
         return self
 
     @property
-    def method(self) -> str:
+    def method(self) -> Method:
         return self.merge or self.combine
 
     @property
@@ -153,7 +151,7 @@ class GenerateRequest(DecodingOptions):
         None, description="generation adapter or named composition; null = the bare base model"
     )
     adapters: Members | None = _MEMBERS_FIELD
-    merge: GenerateMerge = Field(
+    merge: GenerateMethod = Field(
         "average",
         description="with `adapters`: average = ensemble generation (every member runs as its own "
         "rows; each token is sampled from the weighted mean of their next-token distributions), or "
@@ -253,7 +251,7 @@ class AdapterOut(BaseModel):
 class CompositionIn(StrictModel):
     name: str = Field(description="the composition's name: used wherever an adapter name is")
     members: Members = Field(min_length=1, max_length=MAX_MEMBERS, description="names or {name, weight}")
-    method: CompositionMethod = Field(
+    method: Method = Field(
         description="classification: mean, vote, logits (ensembles) or cat, linear, ties (merges); "
         "generation: average (ensemble generation) or cat, linear, ties"
     )
@@ -275,7 +273,7 @@ class CompositionOut(BaseModel):
     name: str
     kind: Literal["composition"] = "composition"
     task: Literal["classify", "generate"] | None = Field(description="null: a member is gone")
-    method: CompositionMethod
+    method: Method
     density: float
     members: list[MemberOut]
     labels: list[str] | None

@@ -92,21 +92,21 @@ def _cases() -> list[tuple[str, dict[str, Any], tuple[Any, ...]]]:
     ("route", "body", "path"), _cases(), ids=lambda v: str(v) if isinstance(v, str) else None
 )
 def test_a_lone_surrogate_in_any_text_field_is_a_clear_4xx(
-    tiny_client: TestClient,
-    tiny_uploaded: dict[str, RefAdapter],
+    client: TestClient,
+    uploaded: dict[str, RefAdapter],
     route: str,
     body: dict[str, Any],
     path: tuple[Any, ...],
 ) -> None:
-    model = tiny_client.app.state.model_id  # type: ignore[attr-defined]
+    model = client.app.state.model_id  # type: ignore[attr-defined]
     body = json.loads(json.dumps(body).replace('"MODEL"', json.dumps(model)))
     headers = {"Content-Type": "application/json", **admin_headers()}
-    valid = tiny_client.post(route, content=json.dumps(body), headers=headers)
+    valid = client.post(route, content=json.dumps(body), headers=headers)
     assert valid.status_code in (200, 201), valid.text  # the body is valid as it is
     if route == "/admin/compositions":
-        tiny_client.delete(f"/admin/compositions/{body['name']}", headers=admin_headers())
+        client.delete(f"/admin/compositions/{body['name']}", headers=admin_headers())
     # json.dumps writes the lone surrogate as the escape "\ud800": valid JSON, not valid Unicode
-    resp = tiny_client.post(route, content=json.dumps(_replaced(body, path, SURROGATE)), headers=headers)
+    resp = client.post(route, content=json.dumps(_replaced(body, path, SURROGATE)), headers=headers)
     openai = route.startswith("/v1/")
     assert resp.status_code == (400 if openai else 422), resp.text
     err = resp.json()["error"]
@@ -115,18 +115,16 @@ def test_a_lone_surrogate_in_any_text_field_is_a_clear_4xx(
     assert f"{where} holds a lone UTF-16 surrogate at character 1" in err["message"], err
 
 
-def test_a_lone_surrogate_in_a_key_and_in_paths(
-    tiny_client: TestClient, tiny_uploaded: dict[str, RefAdapter]
-) -> None:
+def test_a_lone_surrogate_in_a_key_and_in_paths(client: TestClient, uploaded: dict[str, RefAdapter]) -> None:
     body = '{"prompt": "Hi", "json_schema": {"type": "object", "properties": {"\\udc00": {}}}}'
-    resp = tiny_client.post("/generate", content=body, headers={"Content-Type": "application/json"})
+    resp = client.post("/generate", content=body, headers={"Content-Type": "application/json"})
     assert resp.status_code == 422 and "lone UTF-16 surrogate" in resp.json()["error"]["message"], resp.text
     # a path holding the UTF-8 bytes of a surrogate is no adapter name: the same 404 as any unknown name
     for path in ("/v1/adapters/%ED%A0%80", "/v1/models/%ED%A0%80"):
-        resp = tiny_client.get(path)
+        resp = client.get(path)
         assert resp.status_code == 404, resp.text
-    resp = tiny_client.request("DELETE", "/admin/adapters/%ED%A0%80", headers=admin_headers())
+    resp = client.request("DELETE", "/admin/adapters/%ED%A0%80", headers=admin_headers())
     assert resp.status_code == 404, resp.text
     # and the service still serves
-    ok = tiny_client.post("/generate", json={"adapter": "gen-qv-r8", "prompt": "Hello", "max_new_tokens": 2})
+    ok = client.post("/generate", json={"adapter": "gen-qv-r8", "prompt": "Hello", "max_new_tokens": 2})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1, ok.text

@@ -28,10 +28,6 @@ def last_logits(base: BaseLM, runner: Runner, rows: list[tuple[int, list[int]]])
     for i, (_, toks) in enumerate(rows):
         ids[i, : len(toks)] = torch.tensor(toks)
         mask[i, : len(toks)] = 1
-    runner.set_routing([slot for slot, _ in rows])
-    try:
-        with torch.inference_mode():
-            logits = base.model(input_ids=ids, attention_mask=mask).logits
-    finally:
-        runner.ctx.routing = None
+    with runner.routed([slot for slot, _ in rows]), torch.inference_mode():
+        logits = base.model(input_ids=ids, attention_mask=mask).logits
     return torch.stack([logits[i, len(toks) - 1] for i, (_, toks) in enumerate(rows)])

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.engine.types import SamplingParams
+from app.engine.types import Generation, SamplingParams
 from app.errors import NotReady
 from app.main import create_app
 from app.models.base_lm import load_base_model
@@ -74,7 +74,7 @@ def test_stop_drains_running_requests_then_refuses(base_path: Path, tmp_path: Pa
     prompt = base.tokenizer(GENERATE_PROMPTS[0])["input_ids"]
 
     async def run() -> str:
-        task = asyncio.ensure_future(engine.generate(None, prompt, SamplingParams(max_new_tokens=12)))
+        task = asyncio.ensure_future(engine.generate(Generation(prompt, SamplingParams(max_new_tokens=12))))
         await asyncio.sleep(0.2)  # running now
         await asyncio.to_thread(engine.stop)
         result = await task
@@ -83,7 +83,7 @@ def test_stop_drains_running_requests_then_refuses(base_path: Path, tmp_path: Pa
     text = asyncio.run(run())
     assert text  # the request admitted before shutdown finished
     with pytest.raises(NotReady):
-        asyncio.run(engine.generate(None, prompt, SamplingParams(max_new_tokens=2)))
+        asyncio.run(engine.generate(Generation(prompt, SamplingParams(max_new_tokens=2))))
 
 
 def test_chunked_prefill_matches_and_interleaves_with_decoding(base_path: Path, tmp_path: Path) -> None:
@@ -121,13 +121,13 @@ def test_chunked_prefill_matches_and_interleaves_with_decoding(base_path: Path, 
                 done.set()
 
         try:
-            engine.submit_stream(
-                None, short_prompt, SamplingParams(max_new_tokens=40, ignore_eos=True), short_sink
+            engine.submit(
+                Generation(short_prompt, SamplingParams(max_new_tokens=40, ignore_eos=True)), short_sink
             )
             assert started.wait(30)
             submitted = time.monotonic()
-            engine.submit_stream(
-                None, long_prompt, SamplingParams(max_new_tokens=4, ignore_eos=True), long_sink
+            engine.submit(
+                Generation(long_prompt, SamplingParams(max_new_tokens=4, ignore_eos=True)), long_sink
             )
             assert done.wait(60)
         finally:

@@ -313,18 +313,16 @@ def test_named_compositions(
         assert all(abs(a["scores"][k] - v) <= 1e-4 for k, v in b["scores"].items())
 
     # a new process on the same store serves the compositions it finds there
-    from app.adapters.archive import ArchiveLimits
-    from app.adapters.registry import AdapterRegistry
+    from app.adapters.catalog import AdapterCatalog
     from app.adapters.store import folder_store
-    from app.compositions import Compositions
 
-    registry = AdapterRegistry(
-        folder_store(store_dir), client.app.state.registry.spec, 64, ArchiveLimits(16, 1 << 30)
-    )  # type: ignore[attr-defined]
-    fresh = Compositions(registry)
-    registry.scan()
-    fresh.sync()
-    assert {c.label: c.method for c in fresh.all()} == {"helpdesk-ens": "average", "topic-merge": "cat"}
+    spec = client.app.state.catalog.intake.spec  # type: ignore[attr-defined]
+    fresh = AdapterCatalog.detached(folder_store(store_dir), spec)
+    fresh.scan()
+    assert {c.label: c.method for c in fresh.compositions()} == {
+        "helpdesk-ens": "average",
+        "topic-merge": "cat",
+    }
 
     assert client.delete("/admin/compositions/topic-merge", headers=admin_headers()).status_code == 204
     assert client.delete("/admin/compositions/helpdesk-ens", headers=admin_headers()).status_code == 204

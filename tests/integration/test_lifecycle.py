@@ -79,15 +79,14 @@ def test_config_without_task_type_is_inferred(client: TestClient, uploaded: dict
 def test_store_survives_restart(
     base_path: Path, uploaded: dict[str, RefAdapter], store_dir: Path, client: TestClient
 ) -> None:
-    """Adapters written by uploads are plain PEFT folders that a new registry reads back."""
-    from app.adapters.archive import ArchiveLimits
-    from app.adapters.registry import AdapterRegistry
+    """Adapters written by uploads are plain PEFT folders that a new catalog reads back."""
+    from app.adapters.catalog import AdapterCatalog
 
-    spec = client.app.state.registry.spec  # type: ignore[attr-defined]
-    registry = AdapterRegistry(folder_store(store_dir), spec, 64, ArchiveLimits(16, 1 << 30))
-    registry.scan()
-    assert set(uploaded) <= {i.name for i in registry.list()}
-    assert registry.get("cls-4").labels == uploaded["cls-4"].labels
+    spec = client.app.state.catalog.intake.spec  # type: ignore[attr-defined]
+    catalog = AdapterCatalog.detached(folder_store(store_dir), spec)
+    catalog.scan()
+    assert set(uploaded) <= {r.name for r in catalog.adapters()}
+    assert list(catalog.get("cls-4").labels) == uploaded["cls-4"].labels
 
 
 def test_health_ready_and_metrics(client: TestClient, uploaded: dict[str, RefAdapter]) -> None:

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.engine.engine import Engine
-from app.engine.types import GenerationResult, SamplingParams
+from app.engine.types import Generation, GenerationResult, Member, SamplingParams
 from app.main import create_app
 from app.models.base_lm import load_base_model
 from tests.conftest import ADMIN_TOKEN, CACHE_DIR, admin_headers
@@ -91,15 +91,16 @@ def _upload(client: TestClient, name: str, folder: Path) -> dict[str, Any]:
 def _long_generation(client: TestClient, name: str) -> Future[GenerationResult]:
     """A long greedy generation on ``name`` admitted now, running on the engine while the test acts."""
     engine: Engine = client.app.state.engine  # type: ignore[attr-defined]
-    registry = client.app.state.registry  # type: ignore[attr-defined]
-    info, weights = registry.load(name, "generate")
+    catalog = client.app.state.catalog  # type: ignore[attr-defined]
+    held = catalog.hold(name)
     prompt = client.app.state.service.tokenizer(LONG_PROMPT)["input_ids"]  # type: ignore[attr-defined]
     params = SamplingParams(max_new_tokens=LONG_TOKENS, ignore_eos=True)
     fut: Future[GenerationResult] = Future()
 
     def run() -> None:
         try:
-            fut.set_result(asyncio.run(engine.generate(info, prompt, params, weights)))
+            request = Generation(prompt, params, adapter=Member(held.record.handle, held.weights))
+            fut.set_result(asyncio.run(engine.generate(request)))
         except BaseException as exc:  # surfaced by fut.result()
             fut.set_exception(exc)
 
@@ -166,7 +167,7 @@ def test_a_new_version_serves_new_requests_while_running_ones_finish_on_the_old(
     v1_alone = _long_generation(app_client, "gen-qv-r8").result(timeout=60)
     assert _upload(app_client, "swap", ref_adapters["gen-qv-r8"].folder)["version"] == 1
     running = _long_generation(app_client, "swap")
-    old_uid = app_client.app.state.registry.get("swap").uid  # type: ignore[attr-defined]
+    old_uid = app_client.app.state.catalog.get("swap").uid  # type: ignore[attr-defined]
     assert _upload(app_client, "swap", ref_adapters["gen-pattern"].folder)["version"] == 2
     assert not running.done()
     body = {"adapter": "swap", "prompt": GENERATE_PROMPTS[0], "max_new_tokens": GEN_TOKENS}
@@ -240,28 +241,23 @@ def test_a_crash_mid_upload_leaves_the_store_consistent_after_restart(
 def test_host_tier_keeps_its_byte_budget_in_lru_order_and_keeps_pinned(
     base_model: Any, ref_adapters: dict[str, RefAdapter], tmp_path: Path
 ) -> None:
-    from app.adapters.archive import ArchiveLimits
+    from app.adapters.catalog import AdapterCatalog
     from app.adapters.lora_format import load_lora
-    from app.adapters.registry import AdapterRegistry
     from app.adapters.store import folder_store
-    from app.metrics import Metrics
 
     folder = ref_adapters["gen-pattern"].folder
     size = load_lora(folder, base_model.spec, 64).nbytes
     for name in ("a", "b", "c", "d"):
         shutil.copytree(folder, tmp_path / name)
-    metrics = Metrics()
-    registry = AdapterRegistry(
-        folder_store(tmp_path), base_model.spec, 64, ArchiveLimits(16, 1 << 30), 2 * size, metrics=metrics
-    )
-    registry.scan()
-    registry.check_pin("a", limit=1)
-    registry.set_pinned("a", True)
+    catalog = AdapterCatalog.detached(folder_store(tmp_path), base_model.spec, 2 * size)
+    metrics = catalog.metrics
+    catalog.scan()
+    asyncio.run(catalog.pin("a"))
     # two fit and "a" is pinned: c evicts b, b evicts c, d evicts b (the LRU unpinned one each time)
     for name in ("a", "b", "c", "b", "d"):
-        info, weights = registry.load(name)
-        assert weights is not None and registry.describe(info)["tier"] == "host"
-    tiers = {i.name: registry.describe(i)["tier"] for i in registry.list()}
+        held = catalog.hold(name)
+        assert held.weights is not None and catalog.describe(held.record)["tier"] == "host"
+    tiers = {r.name: catalog.describe(r)["tier"] for r in catalog.adapters()}
     assert tiers == {"a": "host", "b": "store", "c": "store", "d": "host"}
     assert metrics.adapter_evictions.labels(tier="host")._value.get() == 3
     assert metrics.adapter_resident_bytes.labels(tier="host")._value.get() == 2 * size

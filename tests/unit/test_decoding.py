@@ -12,9 +12,10 @@ from pydantic import ValidationError
 
 from app.engine.logits import RowState, logprobs_of, process
 from app.engine.types import SamplingParams
-from app.protocol.decoding import DecodingOptions, token_text
+from app.protocol.decoding import DecodingOptions
 from app.protocol.openai import ChatCompletionRequest
-from app.structured import parse_tool_calls, tool_call_schema
+from app.serving.decoding import token_text
+from app.serving.tools import parse_tool_calls, tool_call_schema
 
 VOCAB = 50
 EOS = 7

@@ -7,9 +7,10 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from app.ensembles import combine, shared_labels
+from app.adapters.composition import shared_labels
 from app.errors import IncompatibleMembers
 from app.protocol.native import ClassifyRequest
+from app.serving.ensembles import combine
 
 LABELS = ["a", "b", "c"]
 ROWS = [{"a": 0.7, "b": 0.2, "c": 0.1}, {"a": 0.1, "b": 0.5, "c": 0.4}, {"a": 0.2, "b": 0.3, "c": 0.5}]

@@ -1,4 +1,4 @@
-"""Structured output: JSON schemas, regular expressions and tool calls as grammars for llguidance.
+"""Structured output: JSON schemas and regular expressions as grammars for llguidance.
 
 llguidance was chosen by measurement (``python -m bench.grammar_engines``; docs/openai.md): it reads
 the base's own Hugging Face tokenizer (no vocabulary conversion), compiles a schema in milliseconds,
@@ -10,7 +10,6 @@ engine makes one matcher per row from the grammar text and applies its mask in t
 
 from __future__ import annotations
 
-import json
 import threading
 from functools import cached_property
 from typing import Any
@@ -76,48 +75,3 @@ class Grammars:
     # --- matchers (engine thread) -------------------------------------------------------------
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
         return llguidance.LLMatcher(self._ll, grammar)
-
-
-def tool_call_schema(tools: list[dict[str, Any]], name: str | None) -> dict[str, Any]:
-    """The JSON schema of one call: ``{"name": ..., "arguments": {...}}`` of the named tool, or of
-    any of ``tools`` (a tool without parameters takes an object)."""
-    options = []
-    for tool in tools:
-        fn = tool["function"]
-        if name is not None and fn["name"] != name:
-            continue
-        options.append(
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"const": fn["name"]},
-                    "arguments": fn.get("parameters") or {"type": "object"},
-                },
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            }
-        )
-    return options[0] if len(options) == 1 else {"anyOf": options}
-
-
-def parse_tool_calls(text: str, names: set[str]) -> list[tuple[str, str]] | None:
-    """The (name, arguments as JSON text) calls in a model's output: ``<tool_call>{...}</tool_call>``
-    blocks (the Hermes/Qwen convention) or the whole text as one call object (what constrained
-    decoding produces); None when the text is not a call of one of ``names``."""
-    blocks = []
-    rest = text
-    while "<tool_call>" in rest:
-        _, _, after = rest.partition("<tool_call>")
-        body, _, rest = after.partition("</tool_call>")
-        blocks.append(body)
-    calls = []
-    for body in blocks or [text]:
-        try:
-            obj = json.loads(body.strip())
-        except ValueError:
-            return None
-        if not isinstance(obj, dict) or obj.get("name") not in names:
-            return None
-        args = obj.get("arguments", obj.get("parameters", {}))
-        calls.append((str(obj["name"]), args if isinstance(args, str) else json.dumps(args)))
-    return calls or None

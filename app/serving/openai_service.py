@@ -13,13 +13,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from app.adapters.registry import AdapterRegistry
-from app.decoding import Constraint, Decoding
-from app.engine.types import GenerationResult, StreamDelta, TokenLogprob
+from app.adapters.catalog import AdapterCatalog
+from app.engine.grammar import Grammars
+from app.engine.types import Generation, GenerationResult, StreamDelta, TokenLogprob
 from app.errors import AdapterNotFound, AdapterServeError, InvalidRequest, openai_error_body, status_of
-from app.generation_input import Generation, GenerationInput
 from app.models.quantize import Quantization
-from app.protocol.decoding import TokenLogprobOut, logprob_entries
+from app.protocol.decoding import TokenLogprobOut
 from app.protocol.openai import (
     AssistantMessage,
     ChatChoice,
@@ -37,8 +36,10 @@ from app.protocol.openai import (
     ToolCall,
     Usage,
 )
-from app.service import InferenceService, sse
-from app.structured import Grammars, parse_tool_calls, tool_call_schema
+from app.serving.decoding import Constraint, Decoding, logprob_entries
+from app.serving.generation_input import GenerationInput
+from app.serving.service import InferenceService, sse
+from app.serving.tools import parse_tool_calls, tool_call_schema
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature 0 for greedy decoding
 
@@ -49,13 +50,13 @@ class OpenAIService:
     def __init__(
         self,
         service: InferenceService,
-        registry: AdapterRegistry,
+        catalog: AdapterCatalog,
         model_id: str,
         quantization: Quantization = "none",
     ) -> None:
         self.service = service
         self.quantization = quantization
-        self.registry = registry
+        self.catalog = catalog
         self.model_id = model_id
         self.created = int(time.time())
 
@@ -64,11 +65,9 @@ class OpenAIService:
         return None if model == self.model_id else model
 
     async def _check_adapter(self, name: str) -> None:
-        if await self.service.compositions.lookup(name) is not None:
-            return
-        await self.registry.lookup(name)
-        if name not in self.registry:
-            hint = self.registry.did_you_mean(name, (self.model_id,))
+        await self.catalog.lookup(name)
+        if name not in self.catalog and self.catalog.composition(name) is None:
+            hint = self.catalog.did_you_mean(name, (self.model_id,))
             raise AdapterNotFound(
                 f"the model {name!r} is neither an adapter nor the base model {self.model_id!r}{hint} "
                 "(GET /v1/models lists them)",
@@ -84,16 +83,16 @@ class OpenAIService:
                 id=self.model_id, created=self.created, root=self.model_id, quantization=self.quantization
             )
         ]
-        for info in self.registry.list():
+        catalog = self.catalog
+        for info in catalog.adapters():
             if info.task == "generate":
                 cards.append(
                     ModelCard(
                         id=info.name, created=int(info.created_at), parent=self.model_id, root=info.name
                     )
                 )
-        compositions = self.service.compositions
-        for comp in compositions.all():
-            if compositions.describe(comp)["task"] == "generate":
+        for comp in catalog.compositions():
+            if catalog.describe_composition(comp)["task"] == "generate":
                 cards.append(
                     ModelCard(
                         id=comp.label, created=int(comp.created_at), parent=self.model_id, root=comp.label
@@ -102,8 +101,8 @@ class OpenAIService:
         return ModelList(data=cards)
 
     async def model(self, model: str) -> ModelCard:
-        if model != self.model_id and await self.service.compositions.lookup(model) is None:
-            await self.registry.lookup(model)
+        if model != self.model_id:
+            await self.catalog.lookup(model)
         for card in self.models().data:
             if card.id == model:
                 return card
@@ -172,7 +171,7 @@ class OpenAIService:
         gens, prompt_tokens = [], 0
         for spec in inputs:
             gen = await self.service.prepare(spec)
-            prompt_tokens += len(gen.prompt_ids)
+            prompt_tokens += len(gen.prompt)
             for i in range(n):
                 seed = None if spec.seed is None else spec.seed + i
                 gens.append(replace(gen, params=replace(gen.params, seed=seed)))

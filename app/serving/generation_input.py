@@ -1,18 +1,17 @@
-"""What a generation request becomes before the engine sees it: :class:`GenerationInput` (as any
-API asks for it, untokenized) and :class:`Generation` (checked and tokenized, with its adapter)."""
+"""What a generation request is before the engine sees it: :class:`GenerationInput`, as any API asks
+for it (untokenized; the native route and the OpenAI routes build it), turned by the service into
+the engine's :class:`app.engine.types.Generation`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.adapters.kinds import Adapter
-from app.adapters.registry import AdapterInfo
-from app.adapters.version import AdapterVersion
-from app.compositions import Composition
-from app.decoding import Constraint, Decoding
-from app.engine.types import Member, SamplingParams
+from app.adapters.composition import Composition
+from app.engine.grammar import Grammars
+from app.engine.types import SamplingParams
 from app.protocol.native import GenerateRequest, member_list
+from app.serving.decoding import Constraint, Decoding
 
 DEFAULT_NEW_TOKENS = 128
 
@@ -39,7 +38,8 @@ class GenerationInput:
     def of(cls, req: GenerateRequest) -> GenerationInput:
         comp = None
         if req.adapters is not None:
-            comp = Composition.of(member_list(req.adapters, None), req.merge, req.density)
+            members = ((m.name, m.weight) for m in member_list(req.adapters, None))
+            comp = Composition.of(members, req.merge, req.density)
         return cls(
             adapter=req.adapter,
             composition=comp,
@@ -53,24 +53,20 @@ class GenerationInput:
             decoding=Decoding(req, req.logprobs, _constraint(req)),
         )
 
+    async def to_sampling_params(self, grammars: Grammars, max_new_tokens: int) -> SamplingParams:
+        """The engine's sampling parameters for ``max_new_tokens`` new tokens (4xx on decoding
+        options the base cannot take)."""
+        return await self.decoding.to_sampling_params(
+            grammars,
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=self.stop,
+        )
+
 
 def _constraint(req: GenerateRequest) -> Constraint | None:
     if req.json_schema is not None:
         return Constraint("json_schema", req.json_schema, "json_schema")
     return Constraint("regex", req.regex, "regex") if req.regex is not None else None
-
-
-@dataclass(frozen=True)
-class Generation:
-    """A checked, tokenized generation ready for the engine."""
-
-    info: AdapterInfo | None
-    weights: Adapter | None
-    prompt_ids: list[int]
-    params: SamplingParams
-    members: tuple[Member, ...] = ()  # ensemble generation (then no ``info``)
-    label: str | None = None  # the composition's, for metrics
-
-    @property
-    def version(self) -> AdapterVersion | None:
-        return self.info.handle if self.info is not None else None

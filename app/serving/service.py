@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -13,21 +14,21 @@ from typing import Any
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from app.adapters.kinds import Adapter
-from app.adapters.registry import AdapterInfo, AdapterRegistry
-from app.compositions import Composition, Compositions, Task, current
+from app.adapters.catalog import AdapterCatalog
+from app.adapters.composition import Composition
+from app.adapters.records import Target
 from app.config import Settings
-from app.decoding import sampling_fields
 from app.engine.engine import DEADLINE_GRACE_S, Engine
+from app.engine.grammar import Grammars
 from app.engine.types import (
     GenerateWork,
+    Generation,
     GenerationResult,
     Member,
     SamplingParams,
     StreamDelta,
     TokenLogprob,
 )
-from app.ensembles import classification_results
 from app.errors import (
     AdapterServeError,
     DeadlineExceeded,
@@ -36,8 +37,7 @@ from app.errors import (
     TooManyStreams,
     error_body,
 )
-from app.generation_input import Generation, GenerationInput
-from app.protocol.decoding import TokenLogprobOut, logprob_entries
+from app.protocol.decoding import TokenLogprobOut
 from app.protocol.native import (
     ClassifyRequest,
     ClassifyResponse,
@@ -46,7 +46,9 @@ from app.protocol.native import (
     GenerateResponse,
     GenerateUsage,
 )
-from app.structured import Grammars
+from app.serving.decoding import logprob_entries
+from app.serving.ensembles import classification_results
+from app.serving.generation_input import GenerationInput
 
 log = logging.getLogger(__name__)
 
@@ -62,31 +64,28 @@ class InferenceService:
     def __init__(
         self,
         settings: Settings,
-        registry: AdapterRegistry,
+        catalog: AdapterCatalog,
         engine: Engine,
         tokenizer: PreTrainedTokenizerBase,
         max_context: int | None = None,
         cannot_generate: str = "",
-        compositions: Compositions | None = None,
     ) -> None:
         self.max_context = max_context  # prompt + new tokens must fit the base model's positions
         self.cannot_generate = cannot_generate  # why the base cannot generate ("" when it can)
         self.settings = settings
-        self.registry = registry
-        self.compositions = compositions or Compositions(registry)
+        self.catalog = catalog
         self.engine = engine
         self.tokenizer = tokenizer
-        self._streams: list[list[GenerateWork]] = []  # the rows of each open stream
+        self._streams: dict[int, list[GenerateWork]] = {}  # open streams' works (the event loop's)
+        self._stream_ids = itertools.count()
 
     @property
     def grammars(self) -> Grammars:
         return self.engine.runner.grammars
 
     def open_stream_count(self) -> int:
-        """Streams still generating (a stream ends when its rows finish, fail or are cancelled)."""
-        self._streams = [
-            ws for ws in self._streams if any(not w.cancelled and not w.future.done() for w in ws)
-        ]
+        """Streams still generating (a stream ends when its rows finish or fail, or its client leaves)."""
+        self._streams = {k: ws for k, ws in self._streams.items() if any(not w.future.done() for w in ws)}
         return len(self._streams)
 
     def _encode(self, text: str, param: str) -> list[int]:
@@ -123,30 +122,13 @@ class InferenceService:
         except (ValueError, TemplateError):
             return False
 
-    async def adapter(self, name: str, task: Task) -> tuple[AdapterInfo, Adapter]:
-        """The current version of adapter ``name`` with its weights (read from the store on first use;
-        only this request waits for that)."""
-        return await current(self.registry, name, task)
-
-    async def composition(self, name: str | None, adhoc: Composition | None = None) -> Composition | None:
-        """The composition a request uses: its own (``adapters``), or the named one ``name`` is;
-        None for a plain adapter (or the bare base)."""
-        if adhoc is not None or name is None:
-            return adhoc
-        return await self.compositions.lookup(name)
-
     async def classify(self, req: ClassifyRequest) -> ClassifyResponse:
         """One adapter, an ensemble (every member runs its own rows of the same batches and the
         members' probabilities are combined per input) or a merged adapter."""
         adhoc = None
         if req.adapters is not None:
-            adhoc = Composition.of(req.members, req.method, req.density)
-        comp = await self.composition(req.adapter, adhoc)
-        if comp is not None:
-            await self.compositions.check(comp, "classify")
-        else:
-            await self.registry.lookup(req.target)  # 404/409 before any other check
-            self.registry.for_task(req.target, "classify")
+            adhoc = Composition.of(((m.name, m.weight) for m in req.members), req.method, req.density)
+        target = await self.catalog.resolve(req.adapter, "classify", adhoc)
         texts = req.texts
         if len(texts) > self.settings.max_inputs_per_request:
             raise InvalidRequest(
@@ -159,39 +141,29 @@ class InferenceService:
             raise InvalidRequest(
                 f"inputs: {longest} tokens; the base model reads at most {self.max_context}", param="inputs"
             )
-        if comp is None:
-            held, shares, method = [await self.adapter(req.target, "classify")], [1.0], "mean"
-        else:
-            held = await self.compositions.held(comp, "classify")
-            shares = [1.0] if comp.merges else comp.weights
-            method = "mean" if comp.merges else comp.method
-        for info, _ in held:
-            self.registry.touch(info)
+        self.catalog.touch(target)
+        members = target.members
         probs = await asyncio.gather(
-            *(self.engine.classify(info.handle, ids, weights) for info, weights in held)
+            *(self.engine.classify(h.record.handle, ids, h.weights) for h in members)
         )
         results = classification_results(
-            [(info.name, info.labels) for info, _ in held],
+            [(h.record.name, h.record.labels) for h in members],
             probs,
-            shares,
-            method,  # type: ignore[arg-type]
+            [h.weight for h in members] if target.ensemble else [1.0],
+            target.method,  # type: ignore[arg-type]
             req.top_k,
-            req.return_members and comp is not None and not comp.merges,
+            req.return_members and target.ensemble,
         )
         return ClassifyResponse(
             adapter=req.target, results=results, usage=ClassifyUsage(input_tokens=sum(len(i) for i in ids))
         )
 
     async def prepare(self, spec: GenerationInput) -> Generation:
-        """Check and tokenize one generation request; 4xx errors raise here, before any work is queued."""
+        """Check and tokenize one generation request; 4xx errors raise here, before any work is queued.
+        Its adapter or composition is resolved once, here: the generation runs on those versions."""
         if self.cannot_generate:
             raise GenerationUnsupported(self.cannot_generate)
-        comp = await self.composition(spec.adapter, spec.composition)
-        if comp is not None:
-            await self.compositions.check(comp, "generate")
-        elif spec.adapter is not None:
-            await self.registry.lookup(spec.adapter)
-            self.registry.for_task(spec.adapter, "generate")  # 404/409 before any other check
+        target = await self.catalog.resolve(spec.adapter, "generate", spec.composition)
         cap = self.settings.max_new_tokens
         if spec.max_new_tokens is not None and spec.max_new_tokens > cap:
             raise InvalidRequest(
@@ -213,38 +185,13 @@ class InferenceService:
                 f"model's context of {self.max_context} tokens",
                 param="max_new_tokens",
             )
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            seed=spec.seed,
-            stop=spec.stop,
-            **await sampling_fields(spec.decoding, self.grammars, max_new_tokens),
-        )
-        if comp is not None:
-            held = await self.compositions.held(comp, "generate")
-            for info, _ in held:
-                self.registry.touch(info)
-            if comp.merges:
-                return Generation(*held[0], prompt_ids, params, label=comp.label)
-            members = tuple(
-                Member(info.handle, weights, w) for (info, weights), w in zip(held, comp.weights, strict=True)
-            )
-            return Generation(None, None, prompt_ids, params, members, comp.label)
-        if spec.adapter is None:
-            return Generation(None, None, prompt_ids, params)
-        info, weights = await self.adapter(spec.adapter, "generate")
-        self.registry.touch(info)
-        return Generation(info, weights, prompt_ids, params)
+        params = await spec.to_sampling_params(self.grammars, max_new_tokens)
+        self.catalog.touch(target)
+        return generation_of(target, prompt_ids, params)
 
     async def run(self, gens: list[Generation]) -> list[GenerationResult]:
         """Run generations concurrently (they share the engine's batches); one failure cancels all."""
-        tasks = [
-            asyncio.ensure_future(
-                self.engine.generate(g.version, g.prompt_ids, g.params, g.weights, g.members, g.label)
-            )
-            for g in gens
-        ]
+        tasks = [asyncio.ensure_future(self.engine.generate(g)) for g in gens]
         try:
             return list(await asyncio.gather(*tasks))
         finally:
@@ -254,7 +201,7 @@ class InferenceService:
     def open_streams(self, gens: list[Generation]) -> AsyncIterator[tuple[int, StreamDelta]]:
         """Queue streamed generations (errors raise before any byte is sent) and return their deltas,
         each tagged with its index in ``gens``, as they come. The iterator raises
-        :class:`DeadlineExceeded` or :class:`EngineFailure`; leaving it early cancels the rest."""
+        :class:`DeadlineExceeded` or :class:`EngineFailure`; leaving it early aborts the rest."""
         if self.open_stream_count() >= self.settings.max_streams:
             raise TooManyStreams(
                 f"{self.settings.max_streams} streams are open (MAX_STREAMS); retry shortly", param="stream"
@@ -272,20 +219,17 @@ class InferenceService:
         works: list[GenerateWork] = []
         try:
             for i, g in enumerate(gens):
-                works.append(
-                    self.engine.submit_stream(
-                        g.version, g.prompt_ids, g.params, sink_for(i), g.weights, g.members, g.label
-                    )
-                )
+                works.append(self.engine.submit(g, sink_for(i)))
         except BaseException:
             for work in works:
-                work.cancelled = True
+                self.engine.abort(work)
             raise
-        self._streams.append(works)
-        return self._deltas(works, deltas)
+        key = next(self._stream_ids)
+        self._streams[key] = works
+        return self._deltas(key, works, deltas)
 
     async def _deltas(
-        self, works: list[GenerateWork], deltas: asyncio.Queue[tuple[int, StreamDelta]]
+        self, key: int, works: list[GenerateWork], deltas: asyncio.Queue[tuple[int, StreamDelta]]
     ) -> AsyncIterator[tuple[int, StreamDelta]]:
         loop = asyncio.get_running_loop()
         # the engine ends each row at its deadline (with its tokens, or a 504 error event); this
@@ -304,8 +248,9 @@ class InferenceService:
                     pending -= 1
                 yield index, delta
         finally:
+            self._streams.pop(key, None)
             for work in works:  # a client that went away frees its rows at the next step
-                work.cancelled = True
+                self.engine.abort(work)
 
     async def generate(self, req: GenerateRequest) -> GenerateResponse:
         (result,) = await self.run([await self.prepare(GenerationInput.of(req))])
@@ -370,3 +315,13 @@ class InferenceService:
             ) from exc
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._within_limit(ids, "messages")
+
+
+def generation_of(target: Target, prompt: list[int], params: SamplingParams) -> Generation:
+    """The engine's record of a generation on ``target`` (the bare base, an adapter or an ensemble)."""
+    rows = tuple(Member(h.record.handle, h.weights, h.weight) for h in target.members)
+    if target.ensemble:
+        return Generation(prompt, params, members=rows, label=target.label)
+    return Generation(
+        prompt, params, adapter=rows[0] if rows else None, label=target.label if target.composition else None
+    )

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
+from app.adapters.methods import CombineMethod
 from app.errors import IncompatibleMembers
 from app.protocol.native import ClassifyResult, MemberResult
 
-Combine = Literal["mean", "vote", "logits"]
 _TINY = 1e-45  # log of a probability that underflowed to 0
 
 
@@ -41,7 +41,7 @@ def shared_labels(members: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
 
 
 def combine(
-    rows: Sequence[dict[str, float]], weights: Sequence[float], labels: Sequence[str], method: Combine
+    rows: Sequence[dict[str, float]], weights: Sequence[float], labels: Sequence[str], method: CombineMethod
 ) -> tuple[str, dict[str, float]]:
     """The ensemble's label and per-label scores from each member's probabilities for one input."""
     total = sum(weights)
@@ -70,7 +70,7 @@ def classification_results(
     members: Sequence[tuple[str, Sequence[str]]],
     probs: Sequence[Sequence[Sequence[float]]],
     weights: Sequence[float],
-    method: Combine,
+    method: CombineMethod,
     top_k: int | None,
     with_members: bool,
 ) -> list[ClassifyResult]:

@@ -1,0 +1,502 @@
+"""The catalog: the one owner of this replica's adapter state, and the answer to "what happens when
+an adapter is uploaded, replaced, pinned, deleted, composed".
+
+It owns the name→version table (immutable :class:`AdapterRecord` per name), the named compositions,
+the pins and the merged adapters, and is the only writer of them; the engine's control surface
+(:class:`EngineControl`: load, pin, unpin, retire, resident versions) is given to its constructor.
+
+- **upload** (:meth:`upload`, a worker thread, under the name's lock): the archive is validated in
+  full and installed in the store as the next version; its record replaces the name's in the table
+  and the old version is retired (the engine frees its slot once no running work uses it; requests
+  that resolved the old record finish on it).
+- **replace through another replica**: :meth:`follow_store` (every ``STORE_SYNC_INTERVAL_S``)
+  adopts the store's new versions, deletions, compositions and fleet-wide pins; a name this replica
+  has not seen yet is looked up in the store before a 404 (:meth:`lookup`).
+- **pin** (:meth:`pin`): loaded into a device slot first, recorded after (in the store first with
+  ``fleet``, so that a sync in between pins rather than unpins); on failure nothing changes.
+- **delete** (:meth:`delete`): refused (409) while a named composition uses the adapter; the store
+  records a tombstone, the pin goes, the version is retired.
+- **compose** (:meth:`compose`): checked as a request using it would be (a merge is computed now) and
+  recorded in the store, so every replica serves it.
+- **a request** resolves its name once (:meth:`resolve`) to a :class:`Target`: fixed versions with
+  their weights, read from the store on first use in a worker thread (only that request waits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from app.adapters.archive import ArchiveLimits
+from app.adapters.composition import Composition, MergeCache, check_members
+from app.adapters.host_tier import HostTier
+from app.adapters.intake import Intake
+from app.adapters.kinds import Adapter
+from app.adapters.records import AdapterRecord, Held, Target, Task, Tier, Usage
+from app.adapters.store import AdapterStore, Manifest, check_name
+from app.adapters.version import AdapterVersion
+from app.errors import (
+    AdapterLoadFailed,
+    AdapterNotFound,
+    AdapterServeError,
+    Conflict,
+    IncompatibleMembers,
+    InvalidAdapter,
+    InvalidRequest,
+    PinFailed,
+    TaskMismatch,
+)
+from app.metrics import Metrics
+from app.models.base_lm import BaseSpec
+
+log = logging.getLogger(__name__)
+
+
+class EngineControl(Protocol):
+    """What the catalog asks of the engine (:class:`app.engine.engine.Engine`)."""
+
+    async def load(self, version: AdapterVersion, weights: Adapter) -> None: ...
+
+    async def pin(self, version: AdapterVersion, weights: Adapter) -> None: ...
+
+    async def unpin(self, name: str) -> None: ...
+
+    def retire(self, version: AdapterVersion) -> None: ...
+
+    def device_uids(self) -> frozenset[int]: ...
+
+
+class DetachedEngine:
+    """No engine: a catalog that only reads a store (tools, benchmarks, tests of the store)."""
+
+    async def load(self, version: AdapterVersion, weights: Adapter) -> None:
+        pass
+
+    async def pin(self, version: AdapterVersion, weights: Adapter) -> None:
+        pass
+
+    async def unpin(self, name: str) -> None:
+        pass
+
+    def retire(self, version: AdapterVersion) -> None:
+        pass
+
+    def device_uids(self) -> frozenset[int]:
+        return frozenset()
+
+
+class AdapterCatalog:
+    """Adapters, compositions and pins of one replica; see the module docstring."""
+
+    def __init__(
+        self,
+        intake: Intake,
+        engine: EngineControl,
+        metrics: Metrics,
+        host_budget: int,
+        pin_limit: int,
+        pinned: Iterable[str] = (),
+        ensemble_rows: int = 8,
+    ) -> None:
+        self.intake = intake
+        self.store: AdapterStore = intake.store
+        self.engine = engine
+        self.metrics = metrics
+        self.pin_limit = pin_limit  # names pinned at once (MAX_DEVICE_ADAPTERS - 1)
+        self.ensemble_rows = ensemble_rows  # the most members of an ensemble generation
+        self.configured_pins = frozenset(pinned)  # PIN: kept whatever the store says
+        self._records: dict[str, AdapterRecord] = {}  # the current version of each name
+        self._skipped: dict[str, int] = {}  # name -> store version not served here (other base, invalid)
+        self._compositions: dict[str, Composition] = {}
+        self._pinned: frozenset[str] = frozenset()  # replaced whole (read by other threads)
+        self._usage: dict[int, Usage] = {}  # uid -> counters
+        self.host = HostTier(host_budget, metrics, lambda name: name in self._pinned)
+        self.merges = MergeCache(intake.max_rank, self.host, engine.retire, metrics)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self.synced_at: float | None = None  # when the last sync with the store completed
+
+    @classmethod
+    def detached(
+        cls, store: AdapterStore, spec: BaseSpec, host_budget: int = 1 << 62, pin_limit: int = 1
+    ) -> AdapterCatalog:
+        """A catalog of ``store`` for ``spec``'s base with no engine (read with :meth:`hold`)."""
+        intake = Intake(store, spec, max_rank=256, limits=ArchiveLimits(16, 1 << 30), budget=host_budget)
+        return cls(intake, DetachedEngine(), intake.metrics, host_budget, pin_limit)
+
+    def _lock(self, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(name, threading.Lock())
+
+    # --- reading ------------------------------------------------------------------------------
+    def __contains__(self, name: object) -> bool:
+        return name in self._records
+
+    def adapters(self) -> list[AdapterRecord]:
+        return [self._records[n] for n in sorted(self._records)]
+
+    def compositions(self) -> list[Composition]:
+        return [self._compositions[n] for n in sorted(self._compositions)]
+
+    def find(self, name: str) -> AdapterRecord | None:
+        return self._records.get(name)
+
+    def composition(self, name: str) -> Composition | None:
+        return self._compositions.get(name)
+
+    def get(self, name: str) -> AdapterRecord:
+        record = self._records.get(name)
+        if record is None:
+            raise AdapterNotFound(
+                f"adapter {name!r} not found{self.did_you_mean(name)} (GET /v1/adapters lists them)",
+                param="adapter",
+            )
+        return record
+
+    def for_task(self, name: str, task: Task) -> AdapterRecord:
+        record = self.get(name)
+        if record.task != task:
+            endpoint = "/classify" if record.task == "classify" else "/generate"
+            raise TaskMismatch(
+                f"adapter {name!r} is a {record.task} adapter; use {endpoint}", param="adapter"
+            )
+        return record
+
+    def pinned(self, name: str) -> bool:
+        return name in self._pinned and name in self._records
+
+    def did_you_mean(self, name: str, extra: tuple[str, ...] = ()) -> str:
+        """``; did you mean 'x'?`` for the adapter names (and ``extra``) closest to ``name``, or ''."""
+        close = difflib.get_close_matches(name, [*self._records, *extra], n=3, cutoff=0.6)
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+    def describe(self, record: AdapterRecord) -> dict[str, Any]:
+        """``record``'s public description, its tier as the engine and the host tier report it now."""
+        tier: Tier = (
+            "device"
+            if record.uid in self.engine.device_uids()
+            else "host"
+            if record.uid in self.host
+            else "store"
+        )
+        return record.describe(tier, self.pinned(record.name), self._usage.get(record.uid))
+
+    def describe_composition(self, comp: Composition) -> dict[str, Any]:
+        """The public description: members with their current versions, the task they serve."""
+        return comp.describe([self._records.get(n) for n in comp.names])
+
+    async def lookup(self, name: str) -> None:
+        """Before a request about ``name`` answers 404 here: look in the store (a worker thread)."""
+        if name in self._records or name in self._compositions:
+            return
+        try:
+            check_name(name)
+        except InvalidRequest:  # no store holds such a name: the caller's 404
+            return
+        await asyncio.to_thread(self.refresh, name)
+        if name not in self._records:
+            self._adopt(name, await asyncio.to_thread(self.store.composition, name))
+
+    # --- resolving a request ------------------------------------------------------------------
+    async def resolve(self, name: str | None, task: Task, adhoc: Composition | None = None) -> Target:
+        """What a request naming ``name`` (an adapter, a named composition; None: the bare base) or
+        giving ``adhoc`` runs on: its versions looked up once, checked (404, 409, 400) and held
+        with their weights."""
+        if adhoc is None and name is None:
+            return Target(None)
+        if adhoc is None:
+            assert name is not None
+            await self.lookup(name)
+            if name not in self._compositions:
+                record = self.for_task(name, task)
+                return Target(name, (Held(record, await self._weights(record)),))
+        comp = adhoc if adhoc is not None else self._compositions[name]  # type: ignore[index]
+        records = await self._members(comp)
+        check_members(comp, records, task, self.ensemble_rows)
+        held = [Held(r, await self._weights(r), w) for r, w in zip(records, comp.weights, strict=True)]
+        if comp.merges:
+            merged = await asyncio.to_thread(self.merges.held, comp, held)
+            return Target(comp.label, (merged,), composition=True)
+        method = comp.method if task == "classify" else "average"
+        return Target(comp.label, tuple(held), ensemble=True, method=method, composition=True)
+
+    def touch(self, target: Target) -> None:
+        """Count a request on ``target``'s versions (the event loop is the only writer)."""
+        now = time.time()
+        for held in target.members:
+            usage = self._usage.setdefault(held.record.uid, Usage())
+            usage.last_used = now
+            usage.request_count += 1
+
+    async def _members(self, comp: Composition) -> list[AdapterRecord]:
+        for name in comp.names:
+            await self.lookup(name)
+            if name in self._compositions:
+                raise IncompatibleMembers(
+                    f"{name!r} is a composition: members are adapters", param="adapters"
+                )
+        return [self.get(name) for name in comp.names]
+
+    def hold(self, name: str) -> Held:
+        """The current version of ``name`` with its weights (blocking: store reads on first use)."""
+        record = self.get(name)
+        return Held(record, self.host.get(record) or self._read(record))
+
+    async def _weights(self, record: AdapterRecord) -> Adapter:
+        weights = self.host.get(record)
+        return weights if weights is not None else await asyncio.to_thread(self._read, record)
+
+    def _read(self, record: AdapterRecord) -> Adapter:
+        """``record``'s weights from the store (a worker thread; once per version: under its name's lock)."""
+        with self._lock(record.name):
+            weights = self.host.get(record)
+            if weights is None:
+                weights = self.intake.load(record)
+                if self._records.get(record.name) is record:  # a replaced version: its requests hold it
+                    self.host.add(record, weights)
+            return weights
+
+    # --- converging on the store ----------------------------------------------------------------
+    def scan(self) -> None:
+        """The first sync at start (adapters placed by hand are validated once, here)."""
+        self.store.recover()
+        self.sync()
+        self.sync_compositions()
+
+    def sync(self) -> None:
+        """Adopt every adapter version and deletion the store holds that this replica has not seen
+        (from any replica, or placed by hand). Idempotent; a worker thread."""
+        start = time.perf_counter()
+        state = self.store.state()
+        for name in sorted({*state, *self._records}):
+            self._apply(name, state.get(name))
+        self.synced_at = time.time()
+        self.metrics.store_last_sync.set(self.synced_at)
+        self.metrics.store_sync_seconds.observe(time.perf_counter() - start)
+        self.metrics.store_generation.set(sum(manifest.version for manifest in state.values()))
+
+    def refresh(self, name: str) -> None:
+        """Look adapter ``name`` up in the store now (one uploaded through another replica a moment
+        ago must not answer 404 here)."""
+        try:
+            check_name(name)
+        except InvalidRequest:
+            return
+        self._apply(name, self.store.current(name))
+
+    def _apply(self, name: str, manifest: Manifest | None) -> None:
+        with self._lock(name):
+            known = self._records.get(name)
+            if manifest is None or manifest.deleted:
+                self._skipped.pop(name, None)
+                if known is not None:
+                    self._forget(known)
+                    log.info("adapter %s deleted in the store", name)
+                return
+            if (known is not None and known.version >= manifest.version) or self._skipped.get(
+                name
+            ) == manifest.version:
+                return
+            try:
+                record = self.intake.record_of(manifest)
+            except (InvalidAdapter, AdapterLoadFailed) as exc:
+                log.warning(
+                    "skipping adapter %s version %d in the store: %s", name, manifest.version, exc.message
+                )
+                record = None
+            if record is None:  # another base's, or invalid: not served here
+                self._skipped[name] = manifest.version
+                if known is not None:
+                    self._forget(known)
+                return
+            self._install(record, known)
+            log.info("adapter %s version %d from the store", name, record.version)
+
+    def _install(
+        self, record: AdapterRecord, old: AdapterRecord | None, weights: Adapter | None = None
+    ) -> None:
+        """Make ``record`` the current version of its name (under the name's lock)."""
+        self._records[record.name] = record
+        self._skipped.pop(record.name, None)
+        if weights is not None:
+            self.host.add(record, weights)
+        if old is not None:
+            self._retire(old)
+        self._update_store_gauges()
+
+    def _forget(self, record: AdapterRecord) -> None:
+        """Drop ``record``'s name (under the name's lock); requests holding it finish on it."""
+        del self._records[record.name]
+        self._retire(record)
+        self._update_store_gauges()
+
+    def _retire(self, record: AdapterRecord) -> None:
+        self.host.remove(record)
+        self.engine.retire(record.handle)
+
+    def _update_store_gauges(self) -> None:
+        m = self.metrics
+        m.adapters_resident.labels(tier="store").set(len(self._records))
+        m.adapter_resident_bytes.labels(tier="store").set(sum(r.size_bytes for r in self._records.values()))
+
+    def sync_compositions(self) -> None:
+        """Adopt the store's composition records as of its last listing (after :meth:`sync`)."""
+        versions = self.store.composition_versions
+        for name in set(self._compositions) - set(versions):
+            self._compositions.pop(name, None)
+        for name, numbers in versions.items():
+            self._adopt(name, self.store.composition_record(name, max(numbers)))
+
+    def _adopt(self, name: str, record: dict[str, Any] | None) -> None:
+        if record is None or record.get("deleted"):
+            self._compositions.pop(name, None)
+            return
+        known = self._compositions.get(name)
+        if known is not None and known.version >= int(record["version"]):
+            return
+        try:
+            self._compositions[name] = comp = Composition.from_record(name, record)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("skipping composition %s in the store: %s", name, exc)
+            return
+        log.info("composition %s version %d from the store", name, comp.version)
+
+    async def follow_store(self) -> None:
+        """A sync: versions, deletions and compositions; then the fleet-wide pins (pin here what the
+        store records as pinned, unpin what it no longer does; PIN names stay). A pin that cannot
+        be taken now (no free slot) is retried at the next sync."""
+        await asyncio.to_thread(self.sync)
+        self.sync_compositions()
+        self._pinned = frozenset(n for n in self._pinned if n in self._records)  # deleted names
+        live = {r.uid for r in self._records.values()}
+        self._usage = {uid: usage for uid, usage in self._usage.items() if uid in live}
+        wanted = {n for n in self.store.pins if n in self._records}
+        for name in sorted(wanted - self._pinned):
+            try:
+                await self.pin(name)
+                log.info("adapter %s pinned (pinned through another replica)", name)
+            except AdapterServeError as exc:
+                log.info(
+                    "adapter %s is pinned in the store but cannot be pinned here yet: %s", name, exc.message
+                )
+        for name in sorted(self._pinned - wanted - self.configured_pins):
+            await self.unpin(name)
+            log.info("adapter %s unpinned (unpinned through another replica)", name)
+
+    # --- changes ------------------------------------------------------------------------------
+    def upload(self, name: str, archive: Path) -> AdapterRecord:
+        """Validate an archive fully, then install it atomically as the next version of ``name``
+        (blocking: a worker thread)."""
+        check_name(name)
+        with self._lock(name):
+            if name in self._compositions:
+                raise Conflict(
+                    f"{name!r} is a composition's name; an adapter needs a name of its own", param="name"
+                )
+            if name not in self._records:
+                self.intake.check_same_base(name)
+            record, weights = self.intake.install(name, archive)
+            self._install(record, self._records.get(name), weights)
+        log.info(
+            "adapter %s version %d installed (%s, rank %d)", name, record.version, record.task, record.rank
+        )
+        return record
+
+    async def delete(self, name: str) -> None:
+        """Delete adapter ``name``: 404 when unknown, 409 while a composition uses it; requests
+        already running on it finish."""
+        await self.lookup(name)
+        await asyncio.to_thread(self._delete, name)
+        self._pinned = self._pinned - {name}
+        await self.engine.unpin(name)
+        log.info("adapter %s deleted", name)
+
+    def _delete(self, name: str) -> None:
+        with self._lock(name):
+            record = self.get(name)
+            users = sorted(n for n, c in self._compositions.items() if name in c.names)
+            if users:
+                raise Conflict(
+                    f"adapter {name!r} is a member of the composition(s) {', '.join(users)}: delete or "
+                    "change them first (DELETE /admin/compositions/{name})",
+                    param="name",
+                )
+            self.store.delete(name)
+            if name in self.store.pins:
+                self.store.set_pin(name, False)
+            self._forget(record)
+
+    async def pin(self, name: str, fleet: bool = False) -> AdapterRecord:
+        """Pin ``name``: loaded into a device slot now and kept in host and device memory. Recorded
+        only once loaded: 409 (:class:`PinFailed`, too many pins) or 503 (:class:`DeviceBusy`, no
+        slot can be freed) change nothing. ``fleet``: also in the store, for every replica."""
+        await self.lookup(name)
+        record = self.get(name)
+        if name not in self._pinned and len(self._pinned & self._records.keys()) >= self.pin_limit:
+            raise Conflict(
+                f"at most {self.pin_limit} adapters can be pinned (MAX_DEVICE_ADAPTERS - 1); unpin one first",
+                param="name",
+            )
+        if fleet:  # first in the store: a sync in between then pins rather than unpins
+            await asyncio.to_thread(self.store.set_pin, name, True)
+        try:
+            try:
+                weights = await self._weights(record)
+            except AdapterLoadFailed as exc:
+                raise PinFailed(f"cannot pin: {exc.message}; upload the adapter again", param="name") from exc
+            await self.engine.pin(record.handle, weights)
+        except BaseException:
+            if fleet:
+                await asyncio.to_thread(self.store.set_pin, name, False)
+            raise
+        self._pinned = self._pinned | {name}
+        return record
+
+    async def unpin(self, name: str, fleet: bool = False) -> AdapterRecord:
+        """Unpin ``name``: it stays resident until least recently used (``fleet``: on every replica)."""
+        await self.lookup(name)
+        record = self.get(name)
+        if fleet:
+            await asyncio.to_thread(self.store.set_pin, name, False)
+        self._pinned = self._pinned - {name}
+        await self.engine.unpin(name)
+        return record
+
+    async def load_on_device(self, name: str) -> AdapterRecord:
+        """Bring the current version of ``name`` into host memory and a device slot now (PRELOAD)."""
+        record = self.get(name)
+        await self.engine.load(record.handle, await self._weights(record))
+        return record
+
+    async def compose(self, comp: Composition) -> Composition:
+        """Record the named composition ``comp`` as the next version of its name, after checking it as
+        a request using it would be (a merge is computed now)."""
+        assert comp.name is not None
+        check_name(comp.name)
+        if comp.name in self._records:
+            raise Conflict(f"{comp.name!r} is an adapter's name; a composition needs its own", param="name")
+        records = await self._members(comp)
+        task = check_members(comp, records, None, self.ensemble_rows)
+        await self.resolve(None, task, comp)
+        record = {**comp.record(), "created_at": time.time()}
+        version = await asyncio.to_thread(self.store.commit_composition, comp.name, record)
+        self._compositions[comp.name] = saved = Composition.from_record(
+            comp.name, {**record, "version": version}
+        )
+        return saved
+
+    async def delete_composition(self, name: str) -> None:
+        """Delete composition ``name`` (its members stay); 404 when there is none."""
+        await self.lookup(name)
+        if name not in self._compositions:
+            raise AdapterNotFound(f"composition {name!r} not found", param="name")
+        await asyncio.to_thread(
+            self.store.commit_composition, name, {"deleted": True, "created_at": time.time()}
+        )
+        self._compositions.pop(name, None)

@@ -1,0 +1,74 @@
+"""tests/api: HTTP into the engine on the tiny model (tests/fixtures/tiny_llama.py), in the fast tier.
+
+The fixtures of the real base are redefined here on the tiny model under the same names, so that a
+test of mechanics reads the same wherever it runs; each is its own session fixture (never shared
+with the real base's)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from app.main import create_app
+from app.models.base_lm import BaseLM
+from tests.conftest import app_settings, serve_live
+from tests.helpers.peft_ref import RefAdapter
+
+
+@pytest.fixture(scope="session")
+def base_path(tiny_path: Path) -> Path:
+    return tiny_path
+
+
+@pytest.fixture(scope="session")
+def base_model(tiny_model: BaseLM) -> BaseLM:
+    return tiny_model
+
+
+@pytest.fixture(scope="session")
+def ref_adapters(tiny_ref_adapters: dict[str, RefAdapter]) -> dict[str, RefAdapter]:
+    return tiny_ref_adapters
+
+
+@pytest.fixture(scope="session")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("api-store")
+
+
+@pytest.fixture(scope="session")
+def client(tiny_model: BaseLM, store_dir: Path) -> Iterator[TestClient]:
+    """The tiny app on ``store_dir`` (the tests of one session share it, as on the real base)."""
+    with TestClient(create_app(app_settings(store_dir), base=tiny_model)) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def uploaded(client: TestClient, ref_adapters: dict[str, RefAdapter]) -> dict[str, RefAdapter]:
+    from tests.conftest import upload_archive
+    from tests.helpers.peft_ref import zip_folder
+
+    for name, ref in ref_adapters.items():
+        resp = upload_archive(client, name, zip_folder(ref.folder), f"{name}.zip")
+        assert resp.status_code == 201, resp.text
+    return ref_adapters
+
+
+@pytest.fixture(scope="session")
+def live_url(client: TestClient) -> Iterator[str]:
+    with serve_live(client.app) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_path: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def base_id(client: TestClient) -> str:
+    model_id: str = client.app.state.model_id  # type: ignore[attr-defined]
+    return model_id
