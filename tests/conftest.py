@@ -75,7 +75,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.model)
         if "/tests/system/test_affinity.py" in str(item.path):
             item.add_marker(pytest.mark.nginx)
-        if "/tests/integration/test_prometheus.py" in str(item.path):
+        if "/tests/api/test_prometheus.py" in str(item.path):
             item.add_marker(pytest.mark.prometheus)
 
 

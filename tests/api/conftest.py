@@ -18,6 +18,8 @@ from app.models.base_lm import BaseLM
 from tests.conftest import app_settings, serve_live
 from tests.helpers.peft_ref import RefAdapter
 
+BUSY_TOKENS = 800  # a generation that keeps the engine busy for a second or more on the tiny model
+
 
 @pytest.fixture(scope="session")
 def base_path(tiny_path: Path) -> Path:
@@ -42,7 +44,8 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def client(tiny_model: BaseLM, store_dir: Path) -> Iterator[TestClient]:
     """The tiny app on ``store_dir`` (the tests of one session share it, as on the real base)."""
-    with TestClient(create_app(app_settings(store_dir), base=tiny_model)) as c:
+    # the tiny model decodes a token in ~3 ms: "busy" generations take hundreds of tokens
+    with TestClient(create_app(app_settings(store_dir, max_new_tokens=BUSY_TOKENS), base=tiny_model)) as c:
         yield c
 
 

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.api.conftest import BUSY_TOKENS
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GENERATE_PROMPTS, RefAdapter
 
 GEN = ["gen-qv-r8", "gen-all-rslora", "gen-pattern"]
@@ -104,7 +105,7 @@ def test_a_cancelled_stream_frees_its_slot(
     live_url: str, client: TestClient, uploaded: dict[str, RefAdapter]
 ) -> None:
     engine = client.app.state.engine  # type: ignore[attr-defined]
-    body = {**_gen("gen-qv-r8", "Write a very long essay about the sea.", 60), "stream": True}
+    body = {**_gen("gen-qv-r8", "Write a very long essay about the sea.", BUSY_TOKENS), "stream": True}
     with (
         httpx.Client(base_url=live_url, timeout=60) as http,
         http.stream("POST", "/generate", json=body) as resp,

@@ -35,7 +35,7 @@ def small_client(
 def test_queue_full_is_503_with_retry_after_and_nothing_else_breaks(
     small_client: TestClient, ref_adapters: dict[str, RefAdapter]
 ) -> None:
-    body = {"adapter": "gen-qv-r8", "prompt": GENERATE_PROMPTS[0], "max_new_tokens": 10}
+    body = {"adapter": "gen-qv-r8", "prompt": GENERATE_PROMPTS[0], "max_new_tokens": 200}
     with ThreadPoolExecutor(12) as pool:
         resps = list(pool.map(lambda _: small_client.post("/generate", json=body), range(12)))
     rejected = [r for r in resps if r.status_code == 503]
@@ -45,9 +45,10 @@ def test_queue_full_is_503_with_retry_after_and_nothing_else_breaks(
         assert r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "queue_full"
     expected = ref_adapters["gen-qv-r8"].texts[GENERATE_PROMPTS[0]]
-    assert {r.json()["text"] for r in served} == {expected}
+    (text,) = {r.json()["text"] for r in served}  # every served request gives the same text
+    assert text.startswith(expected)
     after = small_client.post("/generate", json=body)
-    assert after.status_code == 200 and after.json()["text"] == expected
+    assert after.status_code == 200 and after.json()["text"] == text
     assert small_client.get("/readyz").status_code == 200
 
 

@@ -18,6 +18,7 @@ from app.adapters.summary import install_validated
 from app.config import Settings
 from app.main import create_app
 from app.models.base_lm import load_base_model
+from tests.api.conftest import BUSY_TOKENS
 from tests.conftest import ADMIN_TOKEN, CACHE_DIR, admin_headers
 from tests.helpers.peft_ref import GENERATE_PROMPTS, RefAdapter
 
@@ -46,7 +47,7 @@ def two_slots(
         store=store_dir,
         admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
         max_device_adapters=2,
-        max_new_tokens=64,
+        max_new_tokens=BUSY_TOKENS,
         device="cpu",
         dtype="float32",
     )
@@ -66,7 +67,7 @@ def test_pin_while_every_slot_is_busy_is_503_and_changes_nothing(
     prompt = GENERATE_PROMPTS[0]
 
     def generate(name: str) -> str:
-        body = {"adapter": name, "prompt": prompt, "max_new_tokens": 64}
+        body = {"adapter": name, "prompt": prompt, "max_new_tokens": BUSY_TOKENS}
         resp = two_slots.post("/generate", json=body)
         assert resp.status_code == 200, resp.text
         return str(resp.json()["text"])
