@@ -11,11 +11,11 @@ from bench.overload import parser, run
 def test_three_times_the_saturation_rate_is_shed_with_503_and_memory_is_stable() -> None:
     args = parser().parse_args(
         [
-            "--saturation-seconds", "20",
+            "--saturation-seconds", "10",
             "--factor", "3",
             "--concurrency", "16",
-            "--requests", "120",
-            "--max-seconds", "20",
+            "--requests", "60",
+            "--max-seconds", "10",
             "--rounds", "2",
             "--max-queue", "8",
             "--adapters", "2",

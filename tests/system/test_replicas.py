@@ -21,10 +21,12 @@ from tests.conftest import ADMIN_TOKEN
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GENERATE_PROMPTS, RefAdapter, zip_folder
 from tests.helpers.s3 import aws_env, new_bucket
 
+pytestmark = pytest.mark.usefixtures("tiny_base_env")  # servers of the tiny model
+
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SYNC_S = 0.5  # each replica's sync interval here; the bound asserted below is the documented default
 BOUND_S = 2.0
-LONG = 48  # new tokens of the generations that run across a replace or a delete
+LONG = 1200  # new tokens of the generations that run across a replace or a delete (~3 s, tiny model)
 
 
 @contextmanager
@@ -34,7 +36,7 @@ def fleet(store: str, logs: Path, env: dict[str, str]) -> Iterator[list[str]]:
         "admin_token": ADMIN_TOKEN,
         "device": "cpu",
         "store_sync_interval_s": str(SYNC_S),
-        "max_new_tokens": "256",
+        "max_new_tokens": str(LONG),
     }
     with aws_env(env), ExitStack() as stack:
         urls = [
@@ -55,7 +57,7 @@ def _scores(url: str, name: str) -> list[dict[str, float]] | int:
 
 
 def _generate(url: str, name: str, tokens: int) -> dict[str, Any]:
-    body = {"adapter": name, "prompt": GENERATE_PROMPTS[1], "max_new_tokens": tokens}
+    body = {"adapter": name, "prompt": GENERATE_PROMPTS[1], "max_new_tokens": tokens, "min_tokens": tokens}
     resp = httpx.post(f"{url}/generate", json=body, timeout=120)
     assert resp.status_code == 200, resp.text
     return dict(resp.json())

@@ -21,6 +21,8 @@ from tests.conftest import ADMIN_TOKEN
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GEN_TOKENS, GENERATE_PROMPTS, RefAdapter, zip_folder
 from tests.helpers.s3 import new_bucket
 
+pytestmark = pytest.mark.usefixtures("tiny_base_env")  # servers of the tiny model
+
 KINDS = ("cls-4", "gen-qv-r8")  # uploaded in turns under new names
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SERVER = {"admin_token": ADMIN_TOKEN, "device": "cpu", "log_level": "info"}  # ADAPTERSERVE_* values

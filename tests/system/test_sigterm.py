@@ -18,6 +18,9 @@ import pytest
 from bench.server import running_server
 from tests.helpers.peft_ref import GENERATE_PROMPTS, RefAdapter
 
+pytestmark = pytest.mark.usefixtures("tiny_base_env")  # servers of the tiny model
+LONG = 400  # new tokens of a generation running across the signal
+
 
 def _post_in_thread(url: str, body: dict[str, Any], out: dict[str, Any]) -> threading.Thread:
     def post() -> None:
@@ -51,8 +54,12 @@ def store(ref_adapters: dict[str, RefAdapter], tmp_path: Path) -> Path:
 def test_sigterm_lets_running_requests_finish_refuses_new_ones_and_exits_0(
     store: Path, ref_adapters: dict[str, RefAdapter], tmp_path: Path
 ) -> None:
-    body = {"adapter": "gen-qv-r8", "prompt": GENERATE_PROMPTS[0], "max_new_tokens": 40}
-    with running_server(store, tmp_path / "log", device="cpu", shutdown_grace_s="60") as (proc, url):
+    # ~1 s on the tiny model: still running when the signal comes
+    body = {"adapter": "gen-qv-r8", "prompt": GENERATE_PROMPTS[0], "max_new_tokens": LONG}
+    server = running_server(
+        store, tmp_path / "log", device="cpu", shutdown_grace_s="60", max_new_tokens="512"
+    )
+    with server as (proc, url):
         out: dict[str, Any] = {}
         thread = _post_in_thread(url, body, out)
         _wait_running(url)
@@ -69,16 +76,23 @@ def test_sigterm_lets_running_requests_finish_refuses_new_ones_and_exits_0(
     assert resp.status_code == 200, resp.text
     result = resp.json()
     assert result["text"].startswith(ref_adapters["gen-qv-r8"].texts[GENERATE_PROMPTS[0]])
-    assert result["usage"]["completion_tokens"] == 40 or result["finish_reason"] == "stop"
+    assert result["usage"]["completion_tokens"] == LONG or result["finish_reason"] == "stop"
 
 
 def test_a_request_longer_than_the_grace_period_is_cut_and_the_process_exits_0(
     store: Path, tmp_path: Path
 ) -> None:
-    # random LoRA weights, sampled: hundreds of tokens without an end-of-sequence token
-    body = {"adapter": "gen-qv-r8", "prompt": "Once", "max_new_tokens": 500, "temperature": 1.5, "seed": 3}
+    # sampled, with no end-of-sequence token before the last (min_tokens): ~5 s on the tiny model
+    body = {
+        "adapter": "gen-qv-r8",
+        "prompt": "Once",
+        "max_new_tokens": 2000,
+        "min_tokens": 2000,
+        "temperature": 1.5,
+        "seed": 3,
+    }
     with running_server(
-        store, tmp_path / "log", device="cpu", shutdown_grace_s="2", max_new_tokens="512"
+        store, tmp_path / "log", device="cpu", shutdown_grace_s="2", max_new_tokens="2000"
     ) as (proc, url):
         out: dict[str, Any] = {}
         thread = _post_in_thread(url, body, out)
@@ -91,7 +105,7 @@ def test_a_request_longer_than_the_grace_period_is_cut_and_the_process_exits_0(
     resp = out["resp"]
     assert resp.status_code == 200, resp.text[-300:]
     result = resp.json()
-    assert result["finish_reason"] == "timeout" and 0 < result["usage"]["completion_tokens"] < 500
+    assert result["finish_reason"] == "timeout" and 0 < result["usage"]["completion_tokens"] < 2000
     assert result["text"]
     assert took < 30, f"exit took {took:.1f} s with a grace period of 2 s"
     log = (tmp_path / "log").read_text()

@@ -59,8 +59,14 @@ def test_a_store_folder_uploads_as_is(
 
 
 def test_a_trained_folder_uploads_as_is(
-    client: TestClient, live_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    client: TestClient,
+    live_url: str,
+    base_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("ADAPTERSERVE_BASE_MODEL", str(base_path))  # train on the server's base
     data = tmp_path / "topics.csv"
     rows = ["text,label"] + [f"match {i} won by the home side,sport" for i in range(6)]
     rows += [f"shares fell {i} percent today,business" for i in range(6)]
