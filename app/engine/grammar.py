@@ -1,6 +1,6 @@
 """Structured output: JSON schemas and regular expressions as grammars for llguidance.
 
-llguidance was chosen by measurement (``python -m bench.grammar_engines``; docs/openai.md): it reads
+llguidance was chosen by measurement (``python -m bench.grammar_engines``; docs/decoding.md): it reads
 the base's own Hugging Face tokenizer (no vocabulary conversion), compiles a schema in milliseconds,
 computes a row's allowed-token mask in tens of microseconds, and has no dependencies. The API side
 compiles and checks a request's grammar here (a bad schema is a 400 before anything is queued); the

@@ -1,7 +1,7 @@
 """Wire schemas of the OpenAI-compatible routes (the subset of OpenAI's API that adapterserve serves).
 
 Unknown fields are refused (400), as OpenAI does. Fields that change nothing for this server are
-accepted and ignored (docs/openai.md lists them): ``user``, ``metadata``, ``store``, ``service_tier``,
+accepted and ignored (docs/decoding.md lists them): ``user``, ``metadata``, ``store``, ``service_tier``,
 ``reasoning_effort`` and ``verbosity`` (the base does not reason), ``modalities: ["text"]``,
 ``prediction`` (a latency hint: the output is the same without it), ``parallel_tool_calls`` (at most
 one call per choice is made), ``prompt_cache_key``, ``safety_identifier``. What cannot be honoured
