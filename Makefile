@@ -38,9 +38,9 @@ typecheck: install
 unit: install
 	$(BIN)/pytest -q tests/unit
 
-test-fast: install  ## lint and every test that loads no model (seconds; the inner loop)
+test-fast: install  ## lint, the unit tests and HTTP -> engine on the tiny model (seconds; the inner loop)
 	$(BIN)/ruff check app tests bench scripts deploy
-	$(BIN)/pytest -q -m "not model and not prometheus and not nginx"
+	$(BIN)/pytest -q -m "not model and not prometheus and not nginx and not slow"
 
 prometheus:  ## the Prometheus server and promtool the monitoring tests run (Debian package)
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \

@@ -77,6 +77,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.nginx)
         if "/tests/api/test_prometheus.py" in str(item.path):
             item.add_marker(pytest.mark.prometheus)
+        if "/tests/api/test_reupload.py" in str(item.path):
+            item.add_marker(pytest.mark.slow)
 
 
 def app_settings(store: Path, **overrides: Any) -> Settings:

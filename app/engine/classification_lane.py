@@ -102,18 +102,21 @@ class ClassificationLane:
             batch = [(slot, ids) for w, slot in works for ids in w.inputs]
             self.metrics.batch_size.labels(task="classify").observe(len(batch))
             probs = self.runner.classify(batch, heads)
-        except Exception as exc:
-            log.exception("classification batch failed")
-            for w, _ in works:
-                _fail(w, EngineFailure("the classification batch failed; see the server log"))
-            self.runner.health.failed(exc, "classify")  # raises when the device is broken
-            return
+        except Exception as exc:  # any failure of the forward fails its batch; the engine goes on
+            failed = [w for w, _ in works]
+            self.runner.health.batch_failed(exc, "classify", lambda e: _fail_all(failed, e))
+            return  # (batch_failed raises when the device is broken)
         self.runner.health.succeeded()
         start = 0
         for w, _ in works:
             if not w.future.done():
                 w.future.set_result(probs[start : start + len(w.inputs)])
             start += len(w.inputs)
+
+
+def _fail_all(works: list[ClassifyWork], exc: AdapterServeError) -> None:
+    for work in works:
+        _fail(work, exc)
 
 
 def _fail(work: ClassifyWork, exc: AdapterServeError) -> None:

@@ -78,7 +78,10 @@ class Engine:
         self.classification = ClassificationLane(self.runner, settings, metrics)
         self.gen = GenerationLane(self.runner, settings, metrics, self._decode)
         self.lanes: tuple[Lane, ...] = (self.classification, self.gen)
-        self._retired: set[int] = set()  # replaced or deleted versions, unloaded once unused
+        # replaced or deleted versions (uid -> when retired), unloaded once unused; a version that is
+        # not resident is remembered for a request's lifetime: work that resolved it before it was
+        # retired may still bring it in
+        self._retired: dict[int, float] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.failed: BaseException | None = None
@@ -254,10 +257,16 @@ class Engine:
         """Unload retired versions nobody uses any more; compact the slot banks after unloads."""
         if self._retired:
             busy = self._busy_uids()
-            for uid in [u for u in self._retired if u not in busy]:
-                self.slots.unload(uid)
-                self._retired.discard(uid)
-                self.metrics.adapter_evictions.labels(tier="device").inc()
+            forget_before = time.monotonic() - self.settings.request_timeout_s - DEADLINE_GRACE_S
+            for uid, retired_at in list(self._retired.items()):
+                if uid in busy:
+                    continue
+                if uid in self.slots:
+                    self.slots.unload(uid)
+                    self.metrics.adapter_evictions.labels(tier="device").inc()
+                    del self._retired[uid]
+                elif retired_at < forget_before:
+                    del self._retired[uid]
         moves = self.slots.compact()
         if moves:  # running rows follow their adapters to the new slots
             for batch in self.gen.batches():
@@ -274,8 +283,7 @@ class Engine:
                 case UnpinAdapter(name):
                     self.slots.pinned = self.slots.pinned - {name}
                 case RetireAdapter(uid):
-                    if uid in self.slots:
-                        self._retired.add(uid)
+                    self._retired.setdefault(uid, time.monotonic())
                 case Abort(work):
                     work.cancelled = True
                 case CutOffAll():

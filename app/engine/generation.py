@@ -72,10 +72,6 @@ class GenerationBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    @property
-    def prefilling(self) -> bool:
-        return self._prompt is not None
-
     # --- prefill ----------------------------------------------------------------------------
     @classmethod
     def start(

@@ -104,14 +104,10 @@ class GenerationLane:
         self.metrics.batch_size.labels(task="generate").observe(len(running))
         try:
             finished = running.step()
-        except Exception as exc:
-            log.exception("generation step failed")
-            fail_rows(
-                [row.work for row in running.rows],
-                EngineFailure("the generation batch failed; see the server log"),
-            )
+        except Exception as exc:  # any failure of the forward fails its batch; the engine goes on
             self.running = None
-            self.runner.health.failed(exc, "generate")  # raises when the device is broken
+            works = [row.work for row in running.rows]
+            self.runner.health.batch_failed(exc, "generate", lambda e: fail_rows(works, e))
             return
         self.runner.health.succeeded()
         self._finish(finished)
@@ -165,14 +161,10 @@ class GenerationLane:
         assert batch is not None
         try:
             finished = batch.prefill_chunk(self.settings.max_prefill_tokens)
-        except Exception as exc:
-            log.exception("prefill failed")
-            fail_rows(
-                [row.work for row in batch.rows],
-                EngineFailure("the prefill batch failed; see the server log"),
-            )
+        except Exception as exc:  # any failure of the forward fails its batch; the engine goes on
             self.prefill = None
-            self.runner.health.failed(exc, "prefill")  # raises when the device is broken
+            works = [row.work for row in batch.rows]
+            self.runner.health.batch_failed(exc, "prefill", lambda e: fail_rows(works, e))
             return
         self.runner.health.succeeded()
         if finished is None:

@@ -5,7 +5,7 @@ device (the engine stops and /readyz turns false)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -14,6 +14,7 @@ from prometheus_client import Counter
 from app.engine.grammar import Grammars
 from app.engine.logits import RowState
 from app.engine.types import SamplingParams
+from app.errors import EngineFailure
 from app.models.base_lm import BaseLM
 from app.models.heads import Head, activate
 from app.models.multi_lora import Routing, RoutingContext
@@ -28,6 +29,7 @@ def last_non_pad_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 
 log = logging.getLogger(__name__)
+_BATCHES = {"classify": "classification", "generate": "generation", "prefill": "prefill"}
 
 
 class DeviceBroken(RuntimeError):
@@ -46,6 +48,13 @@ class ForwardHealth:
 
     def succeeded(self) -> None:
         self.failures = 0
+
+    def batch_failed(self, exc: BaseException, task: str, fail: Callable[[EngineFailure], None]) -> None:
+        """A batch's forward raised ``exc``: its requests fail with :class:`EngineFailure` (500
+        ``engine_error``) through ``fail``, and the failure is counted (:meth:`failed`)."""
+        log.error("%s batch failed", task, exc_info=exc)
+        fail(EngineFailure(f"the {_BATCHES[task]} batch failed; see the server log"))
+        self.failed(exc, task)
 
     def failed(self, exc: BaseException, task: str) -> None:
         """Record a failed forward; raise :class:`DeviceBroken` when it is the ``limit``-th in a row."""

@@ -128,7 +128,9 @@ def smoothing(weight: torch.Tensor, act_max: torch.Tensor | None, alpha: float =
 def pack(q: torch.Tensor, scale: torch.Tensor) -> Any:
     """fbgemm's packed form of int8 weights [out, in] with a scale per output channel."""
     with warnings.catch_warnings():  # quantized tensors are only the packing's input here
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings(
+            "ignore", message=r"torch\.quantize_per_tensor.* are deprecated", category=UserWarning
+        )
         zeros = torch.zeros(q.shape[0], dtype=torch.long)
         qw = torch._make_per_channel_quantized_tensor(q.cpu(), scale.cpu().double(), zeros, 0)
         return torch.ops.quantized.linear_prepack(qw, None)

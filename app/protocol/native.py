@@ -229,6 +229,16 @@ class GenerateResponse(BaseModel):
     )
 
 
+class GenerateChunk(BaseModel):
+    """One server-sent event of a streamed ``/generate``: new text (with its tokens'
+    log-probabilities when asked); the last one also carries ``finish_reason`` and ``usage``."""
+
+    text: str
+    finish_reason: Literal["stop", "length", "timeout"] | None = Field(None, exclude_if=is_none)
+    usage: GenerateUsage | None = Field(None, exclude_if=is_none)
+    logprobs: list[TokenLogprobOut] | None = Field(None, exclude_if=is_none)
+
+
 class AdapterOut(BaseModel):
     name: str
     task: Literal["classify", "generate"]

@@ -322,6 +322,56 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
 
 
+# --- streamed chunks (server-sent events, as OpenAI streams them) ----------------------------------
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(None, exclude_if=is_none)
+    content: str | None = Field(None, exclude_if=is_none)
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=is_none)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class _Chunk(BaseModel):
+    id: str
+    created: int
+    model: str
+    object: str
+    system_fingerprint: None = None
+    usage: Usage | None = None  # only with stream_options.include_usage: null, then the totals
+
+    def payload(self, include_usage: bool) -> dict[str, Any]:
+        return self.model_dump(exclude=None if include_usage else {"usage"})
+
+
+class ChatCompletionChunk(_Chunk):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChunk(_Chunk):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChunkChoice]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -22,11 +22,16 @@ from app.protocol.decoding import TokenLogprobOut
 from app.protocol.openai import (
     AssistantMessage,
     ChatChoice,
+    ChatChunkChoice,
     ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatDelta,
     ChoiceLogprobs,
     Completion,
     CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
     CompletionLogprobs,
     CompletionRequest,
     FinishReason,
@@ -34,6 +39,7 @@ from app.protocol.openai import (
     ModelCard,
     ModelList,
     ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from app.serving.decoding import Constraint, Decoding, logprob_entries
@@ -307,17 +313,17 @@ async def _chat_events(
     """SSE chunks as OpenAI streams them: the role first, content deltas, a finish chunk per choice,
     the usage chunk (choices empty) when asked, then ``[DONE]``. When the output may be a tool call
     it is held until the choice ends and sent as one delta: the call, or the text."""
-    base = {**header, "object": "chat.completion.chunk", "system_fingerprint": None}
-    if include_usage:
-        base["usage"] = None
 
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lps: Any = None) -> str:
-        logprobs = None if lps is None else lps.model_dump()
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**base, "choices": [choice]})
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return sse(ChatCompletionChunk(**header, choices=choices, usage=usage).payload(include_usage))
+
+    def choice(
+        index: int, delta: ChatDelta, finish: FinishReason | None = None, lps: ChoiceLogprobs | None = None
+    ) -> str:
+        return chunk([ChatChunkChoice(index=index, delta=delta, logprobs=lps, finish_reason=finish)])
 
     for i in range(n):
-        yield chunk(i, {"role": "assistant", "content": ""})
+        yield choice(i, ChatDelta(role="assistant", content=""))
     completion = 0
     held: dict[int, list[StreamDelta]] = {}
     try:
@@ -329,24 +335,24 @@ async def _chat_events(
                 r = d.result
                 calls = shape.calls(r.text)
                 if calls:
-                    delta: dict[str, Any] = {
-                        "tool_calls": [{"index": k, **c.model_dump()} for k, c in enumerate(calls)]
-                    }
+                    delta = ChatDelta(
+                        tool_calls=[ToolCallDelta(index=k, **c.model_dump()) for k, c in enumerate(calls)]
+                    )
                 else:
-                    delta = {"content": "".join(x.text for x in held[i])}
+                    delta = ChatDelta(content="".join(x.text for x in held[i]))
                 kept = [lp for x in held[i] for lp in x.logprobs] if r.logprobs is not None else None
-                yield chunk(i, delta, None, shape.logprobs(kept))
+                yield choice(i, delta, None, shape.logprobs(kept))
                 completion += len(r.token_ids)
-                yield chunk(i, {}, shape.finish(r))
+                yield choice(i, ChatDelta(), shape.finish(r))
                 continue
             entries = shape.logprobs(d.logprobs) if d.logprobs else None
             if d.text or entries is not None:
-                yield chunk(i, {"content": d.text}, None, entries)
+                yield choice(i, ChatDelta(content=d.text), None, entries)
             if d.result is not None:
                 completion += len(d.result.token_ids)
-                yield chunk(i, {}, d.result.finish_reason)
+                yield choice(i, ChatDelta(), d.result.finish_reason)
         if include_usage:
-            yield sse({**base, "choices": [], "usage": _usage_of(prompt_tokens, completion)})
+            yield chunk([], Usage(**_usage_of(prompt_tokens, completion)))
     except AdapterServeError as exc:
         yield _error_event(exc)
     yield "data: [DONE]\n\n"
@@ -360,33 +366,33 @@ async def _completion_events(
     prompt_tokens: int,
     shape: _Shape,
 ) -> AsyncIterator[str]:
-    base = {**header, "object": "text_completion", "system_fingerprint": None}
-    if include_usage:
-        base["usage"] = None
     offsets = [len(e) for e in echoes]  # where each choice's next token starts in its text
 
-    def chunk(index: int, text: str, finish: str | None = None, lps: tuple[TokenLogprob, ...] = ()) -> str:
+    def chunk(choices: list[CompletionChunkChoice], usage: Usage | None = None) -> str:
+        return sse(CompletionChunk(**header, choices=choices, usage=usage).payload(include_usage))
+
+    def choice(
+        index: int, text: str, finish: FinishReason | None = None, lps: tuple[TokenLogprob, ...] = ()
+    ) -> str:
         legacy = shape.legacy(lps, offsets[index]) if lps else None
         if legacy is not None:
             offsets[index] += sum(len(t) for t in legacy.tokens)
-        logprobs = None if legacy is None else legacy.model_dump()
-        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**base, "choices": [choice]})
+        return chunk([CompletionChunkChoice(index=index, text=text, logprobs=legacy, finish_reason=finish)])
 
     for i, echo in enumerate(echoes):
         if echo:
-            yield chunk(i, echo)
+            yield choice(i, echo)
     completion = 0
     try:
         async for i, d in deltas:
             if d.result is None:
                 if d.text or d.logprobs:
-                    yield chunk(i, d.text, None, d.logprobs)
+                    yield choice(i, d.text, None, d.logprobs)
                 continue
             completion += len(d.result.token_ids)
-            yield chunk(i, d.text, d.result.finish_reason, d.logprobs)
+            yield choice(i, d.text, d.result.finish_reason, d.logprobs)
         if include_usage:
-            yield sse({**base, "choices": [], "usage": _usage_of(prompt_tokens, completion)})
+            yield chunk([], Usage(**_usage_of(prompt_tokens, completion)))
     except AdapterServeError as exc:
         yield _error_event(exc)
     yield "data: [DONE]\n\n"

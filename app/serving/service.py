@@ -42,6 +42,7 @@ from app.protocol.native import (
     ClassifyRequest,
     ClassifyResponse,
     ClassifyUsage,
+    GenerateChunk,
     GenerateRequest,
     GenerateResponse,
     GenerateUsage,
@@ -277,17 +278,17 @@ class InferenceService:
     ) -> AsyncIterator[str]:
         try:
             async for _, delta in deltas:
-                extra: dict[str, Any] = {}
-                if logprobs:
-                    lps = self._logprobs(delta.logprobs) or []
-                    extra["logprobs"] = [e.model_dump() for e in lps]
-                if delta.result is None:
-                    if delta.text or extra.get("logprobs"):
-                        yield sse({"text": delta.text, **extra})
-                    continue
+                lps = (self._logprobs(delta.logprobs) or []) if logprobs else None
                 r = delta.result
-                usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids)}
-                yield sse({"text": delta.text, "finish_reason": r.finish_reason, "usage": usage, **extra})
+                if r is None:
+                    if delta.text or lps:
+                        yield sse(GenerateChunk(text=delta.text, logprobs=lps).model_dump())
+                    continue
+                usage = GenerateUsage(prompt_tokens=r.prompt_tokens, completion_tokens=len(r.token_ids))
+                last = GenerateChunk(
+                    text=delta.text, finish_reason=r.finish_reason, usage=usage, logprobs=lps
+                )
+                yield sse(last.model_dump())
         except AdapterServeError as exc:
             yield sse(error_body(exc.type, exc.message, exc.param))
         yield "data: [DONE]\n\n"

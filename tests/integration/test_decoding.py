@@ -198,9 +198,12 @@ def _reference_penalized(model: Any, prompt: list[int], steps: int, eos: int, o:
     """Greedy decoding with logit_bias, min_tokens, frequency/presence and repetition penalties
     applied to the full logits at every step, written out plainly."""
     ids, out = list(prompt), []
+    step_input, past = torch.tensor([ids]), None  # the model's own KV cache, as generate() keeps it
     for _ in range(steps):
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -1].double().clone()
+            result = model(step_input, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            logits = result.logits[0, -1].double().clone()
         for t, b in o["logit_bias"].items():
             logits[int(t)] += b
         if len(out) < o["min_tokens"]:
@@ -213,6 +216,7 @@ def _reference_penalized(model: Any, prompt: list[int], steps: int, eos: int, o:
         nxt = int(logits.argmax())
         out.append(nxt)
         ids.append(nxt)
+        step_input = torch.tensor([[nxt]])
         if nxt == eos:
             break
     return out
