@@ -21,13 +21,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from bench.server import free_port, running_server
+from bench.server import free_port, running_servers
 
 ROOT = Path(__file__).resolve().parents[1]
 NGINX_CONF = ROOT / "deploy" / "nginx" / "adapterserve.conf"
@@ -101,11 +101,7 @@ def fleet(
         "store_sync_interval_s": "0.5",
         **({"base_model": str(base)} if base is not None else {}),
     }
-    with ExitStack() as stack:
-        started = [
-            stack.enter_context(running_server(store, logs / f"replica-{i}.log", **settings))
-            for i in range(replicas)
-        ]
+    with running_servers(replicas, store, logs, **settings) as started:
         yield Fleet([u for _, u in started], [p for p, _ in started])
 
 

@@ -122,3 +122,18 @@ def save_bottlenecks(
             (folder / "labels.json").write_text(json.dumps(labels))
         folders.append(folder)
     return folders
+
+
+def machine_line() -> str:
+    """The machine a table was measured on: CPU model, PyTorch's CPU capability, cores, torch."""
+    import os
+    import platform
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"machine: {model}, capability {capability}, {os.cpu_count()} cores, torch {torch.__version__}"

@@ -24,7 +24,7 @@ import torch
 
 from app.config import Settings
 from app.models.base_lm import resolve_model_path
-from bench.common import make_peft, save_adapters
+from bench.common import machine_line, make_peft, save_adapters
 from bench.throughput import BARE_ENGINE, COUNTS, LABELS
 
 Figures = dict[str, dict[str, list[float]]]  # task -> configuration -> rates per turn
@@ -72,6 +72,7 @@ def main() -> None:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     print(f"\n{args.runs} engine runs per checkout x {args.repeats} turns, rank {args.rank}, cpu")
+    print(machine_line())
     print(f"before: {args.before}\nafter:  {args.after}\n")
     vs = "vs base (min-max)"
     print(f"| task | configuration | before: rate | before: {vs} | after: rate | after: {vs} |")

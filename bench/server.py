@@ -20,12 +20,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextmanager
-def running_server(
+def start_server(
     store: Path | str, log: Path | None = None, **settings: str
-) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """Start the server on ``store`` (``settings``: ADAPTERSERVE_* values by field name) and yield
-    the process and its URL once /readyz answers 200; the process is killed on exit if still alive."""
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start the server on ``store`` (``settings``: ADAPTERSERVE_* values by field name); return the
+    process and its URL at once (:func:`wait_ready` waits for it)."""
     port = free_port()
     env = {
         **os.environ,
@@ -42,26 +41,65 @@ def running_server(
     finally:
         if log is not None:
             out.close()  # type: ignore[union-attr]
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes], url: str, log: Path | None = None, timeout: float = 120
+) -> None:
+    """Until ``/readyz`` answers 200; raises when the process exits or the time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log is not None else ""
+            raise RuntimeError(f"the server exited with {proc.returncode}: {tail}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not become ready within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(30)
+
+
+@contextmanager
+def running_server(
+    store: Path | str, log: Path | None = None, **settings: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Start the server on ``store`` (``settings``: ADAPTERSERVE_* values by field name) and yield
+    the process and its URL once /readyz answers 200; the process is killed on exit if still alive."""
+    proc, url = start_server(store, log, **settings)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                tail = log.read_text()[-2000:] if log is not None else ""
-                raise RuntimeError(f"the server exited with {proc.returncode}: {tail}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not become ready within 120 s")
-            time.sleep(0.1)
+        wait_ready(proc, url, log)
         yield proc, url
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
+        _stop(proc)
+
+
+@contextmanager
+def running_servers(
+    count: int, store: Path | str, logs: Path | None = None, **settings: str
+) -> Iterator[list[tuple[subprocess.Popen[bytes], str]]]:
+    """``count`` servers on one store, started together (``logs``: a folder for replica-N.log);
+    yielded once every one is ready, killed on exit."""
+    started: list[tuple[subprocess.Popen[bytes], str]] = []
+    try:
+        for i in range(count):
+            log = logs / f"replica-{i}.log" if logs is not None else None
+            started.append(start_server(store, log, **settings))
+        for i, (proc, url) in enumerate(started):
+            wait_ready(proc, url, logs / f"replica-{i}.log" if logs is not None else None)
+        yield started
+    finally:
+        for proc, _ in started:
+            _stop(proc)
 
 
 def rss_bytes(pid: int) -> int:

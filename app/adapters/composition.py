@@ -26,7 +26,7 @@ from typing import Any
 from app.adapters.host_tier import HostTier
 from app.adapters.kinds import Adapter
 from app.adapters.merging import merge_lora
-from app.adapters.methods import MERGE_METHODS, METHODS, MergeMethod, Method
+from app.adapters.methods import MERGE_METHODS, METHODS, Method, is_merge
 from app.adapters.records import AdapterRecord, Held, Task
 from app.adapters.summary import summarize
 from app.adapters.version import AdapterVersion
@@ -208,7 +208,8 @@ class MergeCache:
     def merge(self, comp: Composition, members: Sequence[Held]) -> tuple[AdapterRecord, Adapter]:
         """Merge now (blocking; milliseconds): the merged record and weights (400 on members that
         do not merge)."""
-        method: MergeMethod = comp.method  # type: ignore[assignment]  # comp.merges was checked
+        method = comp.method
+        assert is_merge(method), "only merges are merged"
         weights = merge_lora(
             [(h.record.name, h.weights, h.weight) for h in members], method, self.max_rank, comp.density
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from app.adapters.kinds import Adapter
+from app.adapters.methods import Method
 from app.adapters.store import Manifest
 from app.adapters.version import AdapterVersion
 
@@ -130,7 +131,7 @@ class Target:
     label: str | None  # the adapter's or composition's name; members joined by '+' (ad hoc); None: base
     members: tuple[Held, ...] = ()
     ensemble: bool = False
-    method: str = "mean"  # how an ensemble's outputs combine (mean, vote, logits; average)
+    method: Method = "mean"  # how an ensemble's outputs combine (mean, vote, logits; average)
     composition: bool = False  # named or ad hoc: a request's metrics carry its label
 
     @property

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from app.adapters.catalog import AdapterCatalog
 from app.adapters.composition import Composition
+from app.adapters.methods import is_combine
 from app.adapters.records import Target
 from app.config import Settings
 from app.engine.engine import DEADLINE_GRACE_S, Engine
@@ -147,11 +148,13 @@ class InferenceService:
         probs = await asyncio.gather(
             *(self.engine.classify(h.record.handle, ids, h.weights) for h in members)
         )
+        method = target.method
+        assert is_combine(method), "a classification target combines with mean, vote or logits"
         results = classification_results(
             [(h.record.name, h.record.labels) for h in members],
             probs,
             [h.weight for h in members] if target.ensemble else [1.0],
-            target.method,  # type: ignore[arg-type]
+            method,
             req.top_k,
             req.return_members and target.ensemble,
         )

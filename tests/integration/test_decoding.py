@@ -19,7 +19,7 @@ import openai
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
 
 from tests.helpers.peft_ref import GEN_TOKENS, GENERATE_PROMPTS, RefAdapter
 
@@ -198,12 +198,10 @@ def _reference_penalized(model: Any, prompt: list[int], steps: int, eos: int, o:
     """Greedy decoding with logit_bias, min_tokens, frequency/presence and repetition penalties
     applied to the full logits at every step, written out plainly."""
     ids, out = list(prompt), []
-    step_input, past = torch.tensor([ids]), None  # the model's own KV cache, as generate() keeps it
+    step_input, cache = torch.tensor([ids]), DynamicCache()  # a KV cache, as generate() keeps one
     for _ in range(steps):
         with torch.no_grad():
-            result = model(step_input, past_key_values=past, use_cache=True)
-            past = result.past_key_values
-            logits = result.logits[0, -1].double().clone()
+            logits = model(step_input, cache=cache, use_cache=True).logits[0, -1].double().clone()
         for t, b in o["logit_bias"].items():
             logits[int(t)] += b
         if len(out) < o["min_tokens"]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, DynamicCache
 
 from app.config import Settings
 from app.main import create_app
@@ -85,16 +86,17 @@ def _dequantized(model: Any, weights: dict[str, torch.Tensor], kind: str, tok: A
 def _followed(model: Any, tok: Any, prompt: str, served: list[dict[str, Any]]) -> list[float]:
     """PEFT's model fed the served tokens one by one: each served token must be one of its 20
     most likely; the gaps between its log-probabilities and the served ones."""
-    ids = tok(prompt, return_tensors="pt").input_ids
+    ids, cache = tok(prompt, return_tensors="pt").input_ids, DynamicCache()  # a KV cache, as generate()'s
     gaps = []
     for entry in served:
         with torch.inference_mode():
-            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+            out = model(input_ids=ids, cache=cache, use_cache=True)
+        logprobs = torch.log_softmax(out.logits[0, -1].float(), -1)
         top = logprobs.topk(20).indices.tolist()
         match = [i for i in top if tok.decode([i]).encode() == bytes(entry["bytes"])]
         assert match, (prompt, entry["token"], [tok.decode([i]) for i in top[:5]])
         gaps.append(abs(logprobs[match[0]].item() - entry["logprob"]))
-        ids = torch.cat([ids, torch.tensor([[match[0]]])], dim=1)
+        ids = torch.tensor([[match[0]]])
     return gaps
 
 
@@ -108,16 +110,23 @@ def test_quantized_base_equals_peft_on_the_dequantized_weights(
     kind, base, weights = quantized
     tok = AutoTokenizer.from_pretrained(base_path)
     expected_text: dict[tuple[str | None, str], str] = {}
-    models: dict[str | None, Any] = {}
+    # one dequantized model with both adapters loaded; None: the adapters disabled (the bare base)
+    model = _dequantized(AutoModelForCausalLM.from_pretrained(base_path), weights, kind, tok)
+    peft = PeftModel.from_pretrained(model, ref_adapters["gen-qv-r8"].folder, adapter_name="gen-qv-r8")
+    peft.load_adapter(ref_adapters["gen-pattern"].folder, adapter_name="gen-pattern")
+    peft.eval()
+
+    def using(name: str | None) -> AbstractContextManager[Any]:
+        if name is None:
+            return peft.disable_adapter()
+        peft.set_adapter(name)
+        return nullcontext()
+
     for name in (None, "gen-qv-r8", "gen-pattern"):
-        model = _dequantized(AutoModelForCausalLM.from_pretrained(base_path), weights, kind, tok)
-        if name is not None:
-            model = PeftModel.from_pretrained(model, ref_adapters[name].folder).eval()
-        models[name] = model
         for prompt in GENERATE_PROMPTS:
             enc = tok(prompt, return_tensors="pt")
-            with torch.inference_mode():
-                out = model.generate(**enc, max_new_tokens=GEN_TOKENS, do_sample=False)
+            with using(name), torch.inference_mode():
+                out = peft.generate(**enc, max_new_tokens=GEN_TOKENS, do_sample=False)
             expected_text[(name, prompt)] = tok.decode(
                 out[0, enc.input_ids.shape[1] :], skip_special_tokens=True
             )
@@ -147,7 +156,8 @@ def test_quantized_base_equals_peft_on_the_dequantized_weights(
             if kind != "w8a8":
                 assert resp.json()["text"] == expected_text[key], (kind, key)
             else:
-                gaps += _followed(models[key[0]], tok, key[1], resp.json()["logprobs"])
+                with using(key[0]):
+                    gaps += _followed(peft, tok, key[1], resp.json()["logprobs"])
         labels = ref_adapters["cls-4"].labels
         for result, probs in zip(scores.result().json()["results"], expected_probs, strict=True):
             for label, p in zip(labels, probs.tolist(), strict=True):

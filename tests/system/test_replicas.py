@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import pytest
 
 from app.adapters.objects import open_objects
 from app.adapters.store import AdapterStore
-from bench.server import running_server
+from bench.server import running_servers
 from tests.conftest import ADMIN_TOKEN
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GENERATE_PROMPTS, RefAdapter, zip_folder
 from tests.helpers.s3 import aws_env, new_bucket
@@ -38,12 +38,8 @@ def fleet(store: str, logs: Path, env: dict[str, str]) -> Iterator[list[str]]:
         "store_sync_interval_s": str(SYNC_S),
         "max_new_tokens": str(LONG),
     }
-    with aws_env(env), ExitStack() as stack:
-        urls = [
-            stack.enter_context(running_server(store, logs / f"replica-{i}.log", **settings))[1]  # type: ignore[arg-type]
-            for i in range(3)
-        ]
-        yield urls
+    with aws_env(env), running_servers(3, store, logs, **settings) as started:
+        yield [url for _, url in started]
 
 
 def _upload(url: str, name: str, folder: Path) -> httpx.Response:
