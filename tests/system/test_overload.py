@@ -11,7 +11,7 @@ from bench.overload import parser, run
 def test_three_times_the_saturation_rate_is_shed_with_503_and_memory_is_stable() -> None:
     args = parser().parse_args(
         [
-            "--saturation-seconds", "10",
+            "--saturation-seconds", "20",
             "--factor", "3",
             "--concurrency", "16",
             "--requests", "60",
