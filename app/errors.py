@@ -207,6 +207,8 @@ def _validation_param(exc: RequestValidationError) -> str | None:
     errors = exc.errors()
     if not errors or errors[0].get("type") == "json_invalid":
         return None
+    if errors[0].get("type") == "invalid_unicode":  # app.protocol.strict: the string's own path
+        return str(errors[0].get("ctx", {}).get("field")) or None
     loc = [str(p) for p in errors[0].get("loc", ()) if p not in ("body", "query", "path")]
     return ".".join(loc) or None
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
+
+INVALID_UNICODE = "invalid_unicode"  # the validation error's type; its ``field`` is the answer's param
 
 _SURROGATES = range(0xD800, 0xE000)
 
@@ -47,9 +50,10 @@ class StrictModel(BaseModel):
         where = lone_surrogate(data)
         if where is not None:
             field, _, index = where.rpartition("@")
-            raise ValueError(
-                f"{field or 'a field name'} holds a lone UTF-16 surrogate at character {index}: "
-                "send text as valid Unicode (in JSON, a \\ud800-\\udbff escape must be followed by a "
-                "\\udc00-\\udfff one)"
+            raise PydanticCustomError(
+                INVALID_UNICODE,
+                "{what} holds a lone UTF-16 surrogate at character {index}: send text as valid Unicode "
+                "(in JSON, a \\ud800-\\udbff escape must be followed by a \\udc00-\\udfff one)",
+                {"field": field, "what": field or "a field name", "index": int(index)},
             )
         return data

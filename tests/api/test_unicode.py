@@ -113,6 +113,7 @@ def test_a_lone_surrogate_in_any_text_field_is_a_clear_4xx(
     assert err["type"] == ("invalid_request_error" if openai else "invalid_request")
     where = ".".join(str(p) for p in path)
     assert f"{where} holds a lone UTF-16 surrogate at character 1" in err["message"], err
+    assert err["param"] == where, err  # the string's own path, as OpenAI's param names a field
 
 
 def test_a_lone_surrogate_in_a_key_and_in_paths(client: TestClient, uploaded: dict[str, RefAdapter]) -> None:
