@@ -1,5 +1,5 @@
 """The ``adapterserve`` command: ``serve``, ``prepare-model``, ``train``, ``upload`` and
-``import-adapterhub``."""
+``import-adapterhub`` (and ``tenant-key``)."""
 
 from __future__ import annotations
 
@@ -194,7 +194,14 @@ def main(argv: list[str] | None = None) -> None:
     add_train_parser(sub)
     _add_upload_parser(sub)
     _add_import_parser(sub)
+    key = sub.add_parser("tenant-key", help="print what the tenants file lists for a key (its sha256)")
+    key.add_argument("key", help="the API key a tenant's clients send as Authorization: Bearer KEY")
     args = parser.parse_args(argv)
+    if args.command == "tenant-key":
+        from app.tenants import key_hash
+
+        print(key_hash(args.key))
+        return
     if args.command == "upload":
         sys.exit(upload_folder(args))
     if args.command == "import-adapterhub":

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         description="comma-separated inference keys required on /v1/*, /classify and /generate; unset = open",
     )
 
+    tenants_file: Path | None = Field(
+        None,
+        description="YAML file of tenants: their keys (sha256), the adapters each may use and administer, "
+        "limits, weight (docs/tenants.md); re-read on change; unset = one tenant with API_KEYS/ADMIN_TOKEN",
+    )
+
     max_adapter_labels: int = Field(
         100, ge=1, description="adapters with their own metric series; the rest are reported as 'other'"
     )

@@ -26,6 +26,7 @@ from app.models.base_lm import BaseLM, load_base_model
 from app.platform import ReleasingExecutor
 from app.serving.openai_service import OpenAIService
 from app.serving.service import InferenceService
+from app.tenants import TenantDirectory
 
 log = logging.getLogger(__name__)
 _UNMEASURED = {"/metrics"}
@@ -209,6 +210,8 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
     app.state.metrics = metrics
     app.state.draining = False  # set on SIGTERM (app.cli): new requests get 503, readiness fails
     app.state.engine = app.state.catalog = app.state.service = app.state.openai = None
+    # the tenants file is read now: a file that does not parse stops the start
+    app.state.tenants = TenantDirectory(settings.tenants_file) if settings.tenants_file else None
     register_error_handlers(app)
     openapi = app.openapi
     app.openapi = lambda: drop_validation_422(openapi(), is_openai_path)  # type: ignore[method-assign]

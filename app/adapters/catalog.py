@@ -36,7 +36,7 @@ from app.adapters.intake import Intake
 from app.adapters.kinds import Adapter
 from app.adapters.records import AdapterRecord, Held, Target, Task, Usage
 from app.adapters.store import AdapterStore, check_name
-from app.adapters.store_view import StoreView
+from app.adapters.store_view import Scope, StoreView, everything
 from app.errors import (
     AdapterLoadFailed,
     AdapterNotFound,
@@ -62,20 +62,23 @@ class AdapterCatalog(StoreView):
         return cls(intake, DetachedEngine(), intake.metrics, host_budget, pin_limit)
 
     # --- resolving a request ------------------------------------------------------------------
-    async def resolve(self, name: str | None, task: Task, adhoc: Composition | None = None) -> Target:
+    async def resolve(
+        self, name: str | None, task: Task, adhoc: Composition | None = None, scope: Scope = everything
+    ) -> Target:
         """What a request naming ``name`` (an adapter, a named composition; None: the bare base) or
         giving ``adhoc`` runs on: its versions looked up once, checked (404, 409, 400) and held
-        with their weights."""
+        with their weights. A name outside ``scope`` (the tenant's), or a composition with a member
+        outside it, answers exactly as a missing adapter does."""
         if adhoc is None and name is None:
             return Target(None)
         if adhoc is None:
             assert name is not None
             await self.lookup(name)
-            if name not in self._compositions:
-                record = self.for_task(name, task)
+            if name not in self._compositions or not scope(name):
+                record = self.for_task(name, task, scope)
                 return Target(name, (Held(record, await self._weights(record)),))
         comp = adhoc if adhoc is not None else self._compositions[name]  # type: ignore[index]
-        records = await self._members(comp)
+        records = await self._members(comp, scope)
         check_members(comp, records, task, self.ensemble_rows)
         held = [Held(r, await self._weights(r), w) for r, w in zip(records, comp.weights, strict=True)]
         if comp.merges:
@@ -92,14 +95,14 @@ class AdapterCatalog(StoreView):
             usage.last_used = now
             usage.request_count += 1
 
-    async def _members(self, comp: Composition) -> list[AdapterRecord]:
+    async def _members(self, comp: Composition, scope: Scope = everything) -> list[AdapterRecord]:
         for name in comp.names:
             await self.lookup(name)
-            if name in self._compositions:
+            if name in self._compositions and scope(name):
                 raise IncompatibleMembers(
                     f"{name!r} is a composition: members are adapters", param="adapters"
                 )
-        return [self.get(name) for name in comp.names]
+        return [self.get(name, scope) for name in comp.names]
 
     def hold(self, name: str) -> Held:
         """The current version of ``name`` with its weights (blocking: store reads on first use)."""

@@ -13,7 +13,7 @@ import difflib
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from app.adapters.composition import Composition, MergeCache
@@ -27,6 +27,11 @@ from app.errors import AdapterLoadFailed, AdapterNotFound, InvalidAdapter, Inval
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
+Scope = Callable[[str], bool]  # the adapter and composition names a request may use
+
+
+def everything(name: str) -> bool:
+    return True
 
 
 class StoreView:
@@ -80,17 +85,19 @@ class StoreView:
     def composition(self, name: str) -> Composition | None:
         return self._compositions.get(name)
 
-    def get(self, name: str) -> AdapterRecord:
-        record = self._records.get(name)
+    def get(self, name: str, scope: Scope = everything) -> AdapterRecord:
+        """The current version of ``name``; 404 when there is none, or (the same answer, word for
+        word) when ``scope`` does not admit the name."""
+        record = self._records.get(name) if scope(name) else None
         if record is None:
+            hint = self.did_you_mean(name, scope=scope)
             raise AdapterNotFound(
-                f"adapter {name!r} not found{self.did_you_mean(name)} (GET /v1/adapters lists them)",
-                param="adapter",
+                f"adapter {name!r} not found{hint} (GET /v1/adapters lists them)", param="adapter"
             )
         return record
 
-    def for_task(self, name: str, task: Task) -> AdapterRecord:
-        record = self.get(name)
+    def for_task(self, name: str, task: Task, scope: Scope = everything) -> AdapterRecord:
+        record = self.get(name, scope)
         if record.task != task:
             endpoint = "/classify" if record.task == "classify" else "/generate"
             raise TaskMismatch(
@@ -101,9 +108,11 @@ class StoreView:
     def pinned(self, name: str) -> bool:
         return name in self._pinned and name in self._records
 
-    def did_you_mean(self, name: str, extra: tuple[str, ...] = ()) -> str:
-        """``; did you mean 'x'?`` for the adapter names (and ``extra``) closest to ``name``, or ''."""
-        close = difflib.get_close_matches(name, [*self._records, *extra], n=3, cutoff=0.6)
+    def did_you_mean(self, name: str, extra: tuple[str, ...] = (), scope: Scope = everything) -> str:
+        """``; did you mean 'x'?`` for the adapter names in ``scope`` (and ``extra``) closest to
+        ``name``, or ''."""
+        names = [n for n in self._records if scope(n)]
+        close = difflib.get_close_matches(name, [*names, *extra], n=3, cutoff=0.6)
         return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
     def describe(self, record: AdapterRecord) -> dict[str, Any]:

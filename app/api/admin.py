@@ -10,10 +10,11 @@ from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 
 from app.adapters.composition import Composition
-from app.api.deps import AdminDep, CatalogDep, SettingsDep
+from app.api.deps import AdminDep, AdminTenantDep, CatalogDep, SettingsDep
 from app.api.responses import ADMIN, error_responses
-from app.errors import AdapterNotFound, InvalidRequest, UploadTooLarge
+from app.errors import AdapterNotFound, Forbidden, InvalidRequest, UploadTooLarge
 from app.protocol.native import AdapterOut, CompositionIn, CompositionOut, member_list
+from app.tenants import Tenant
 
 router = APIRouter(tags=["admin"], dependencies=[AdminDep], responses=error_responses(ADMIN))
 
@@ -37,6 +38,12 @@ _UPLOAD_SCHEMA = {
 }
 
 
+def _administers(tenant: Tenant, name: str) -> None:
+    """403 when ``name`` is outside the names ``tenant`` administers (the admin token: all of them)."""
+    if not tenant.may_administer(name):
+        raise Forbidden(f"tenant {tenant.name!r} may not administer {name!r}", param="name")
+
+
 def _spool(upload: UploadFile, limit: int, folder: Path) -> Path:
     """Copy the uploaded file into ``folder``, enforcing the size limit."""
     path = folder / "upload"
@@ -51,7 +58,9 @@ def _spool(upload: UploadFile, limit: int, folder: Path) -> Path:
 
 
 @router.post("/admin/adapters", status_code=201, response_model=AdapterOut, openapi_extra=_UPLOAD_SCHEMA)
-async def upload_adapter(request: Request, catalog: CatalogDep, settings: SettingsDep) -> AdapterOut:
+async def upload_adapter(
+    request: Request, catalog: CatalogDep, settings: SettingsDep, tenant: AdminTenantDep
+) -> AdapterOut:
     """Upload an adapter archive; an existing name gets a new version."""
     limit = settings.max_upload_bytes
     length = request.headers.get("content-length")
@@ -75,6 +84,7 @@ async def upload_adapter(request: Request, catalog: CatalogDep, settings: Settin
     if not isinstance(upload, UploadFile):
         raise InvalidRequest("form field 'file' (a .zip or .tar.gz archive) is required", param="file")
     request.state.adapter = name
+    _administers(tenant, name)
     # the archive is spooled into a staging folder of the store: removed when the request ends
     # (also when the client goes away), and by the store's recovery after a crash
     staging = catalog.store.staging_folder()
@@ -88,55 +98,69 @@ async def upload_adapter(request: Request, catalog: CatalogDep, settings: Settin
 
 
 @router.put("/admin/adapters/{name}/pin", response_model=AdapterOut)
-async def pin_adapter(name: str, catalog: CatalogDep) -> AdapterOut:
+async def pin_adapter(name: str, catalog: CatalogDep, tenant: AdminTenantDep) -> AdapterOut:
     """Pin an adapter on every replica (recorded in the store; the others follow within their sync
     interval): loaded into a device slot now and never evicted from host or device memory. Here it
     fails with nothing changed: 409 when too many are pinned or its stored files cannot be loaded,
     503 (Retry-After) when every device slot is in use by running requests or pinned."""
+    _administers(tenant, name)
     return AdapterOut(**catalog.describe(await catalog.pin(name, fleet=True)))
 
 
 @router.delete("/admin/adapters/{name}/pin", response_model=AdapterOut)
-async def unpin_adapter(name: str, catalog: CatalogDep) -> AdapterOut:
+async def unpin_adapter(name: str, catalog: CatalogDep, tenant: AdminTenantDep) -> AdapterOut:
     """Unpin an adapter on every replica: it stays resident until least recently used."""
+    _administers(tenant, name)
     return AdapterOut(**catalog.describe(await catalog.unpin(name, fleet=True)))
 
 
 @router.delete("/admin/adapters/{name}", status_code=204)
-async def delete_adapter(name: str, catalog: CatalogDep) -> Response:
+async def delete_adapter(name: str, catalog: CatalogDep, tenant: AdminTenantDep) -> Response:
     """Delete an adapter; requests already running on it finish."""
+    _administers(tenant, name)
     await catalog.delete(name)
     return Response(status_code=204)
 
 
 @router.post("/admin/compositions", status_code=201, response_model=CompositionOut)
-async def create_composition(body: CompositionIn, catalog: CatalogDep) -> CompositionOut:
+async def create_composition(
+    body: CompositionIn, catalog: CatalogDep, tenant: AdminTenantDep
+) -> CompositionOut:
     """Name a composition of adapters (an existing name gets a new version); it is checked as a
     request using it would be (members, task, labels; a merge is computed now) and recorded in the
     store, so every replica serves it."""
-    members = ((m.name, m.weight) for m in member_list(body.members, None))
-    comp = Composition(tuple(members), body.method, body.density, name=body.name)
+    _administers(tenant, body.name)
+    members = tuple((m.name, m.weight) for m in member_list(body.members, None))
+    for member, _ in members:  # its members: adapters it may use (others answer as missing ones do)
+        if not tenant.may_use(member):
+            catalog.get(member, tenant.may_use)
+    comp = Composition(members, body.method, body.density, name=body.name)
     return CompositionOut(**catalog.describe_composition(await catalog.compose(comp)))
 
 
 @router.get("/admin/compositions", response_model=list[CompositionOut])
-async def list_compositions(catalog: CatalogDep) -> list[CompositionOut]:
-    """Every named composition."""
-    return [CompositionOut(**catalog.describe_composition(c)) for c in catalog.compositions()]
+async def list_compositions(catalog: CatalogDep, tenant: AdminTenantDep) -> list[CompositionOut]:
+    """Every named composition (those the tenant administers)."""
+    return [
+        CompositionOut(**catalog.describe_composition(c))
+        for c in catalog.compositions()
+        if tenant.may_administer(c.label)
+    ]
 
 
 @router.get("/admin/compositions/{name}", response_model=CompositionOut)
-async def get_composition(name: str, catalog: CatalogDep) -> CompositionOut:
+async def get_composition(name: str, catalog: CatalogDep, tenant: AdminTenantDep) -> CompositionOut:
     """One named composition."""
     await catalog.lookup(name)
     comp = catalog.composition(name)
-    if comp is None:
+    if comp is None or not tenant.may_administer(name):
         raise AdapterNotFound(f"composition {name!r} not found", param="name")
     return CompositionOut(**catalog.describe_composition(comp))
 
 
 @router.delete("/admin/compositions/{name}", status_code=204)
-async def delete_composition(name: str, catalog: CatalogDep) -> Response:
+async def delete_composition(name: str, catalog: CatalogDep, tenant: AdminTenantDep) -> Response:
     """Delete a named composition; its members stay."""
+    _administers(tenant, name)
     await catalog.delete_composition(name)
     return Response(status_code=204)

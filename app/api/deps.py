@@ -12,6 +12,7 @@ from app.config import Settings
 from app.engine.engine import Engine
 from app.errors import AdminDisabled, Forbidden, NotReady, Unauthorized
 from app.serving.service import InferenceService
+from app.tenants import EVERYONE, Tenant, TenantDirectory
 
 
 def state(request: Request, name: str) -> object:
@@ -51,31 +52,59 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def require_admin(request: Request, settings: SettingsDep) -> None:
-    """Admin routes: off without a configured token; bearer token compared in constant time."""
-    if settings.admin_token is None or not settings.admin_token.get_secret_value():
+def _tenants(request: Request) -> TenantDirectory | None:
+    tenants: TenantDirectory | None = getattr(request.app.state, "tenants", None)
+    return tenants
+
+
+def require_admin(request: Request, settings: SettingsDep) -> Tenant:
+    """Admin routes: the admin token (every name), or a tenant's key (the names it administers);
+    off without either. Tokens are compared in constant time."""
+    admin = settings.admin_token.get_secret_value() if settings.admin_token is not None else ""
+    tenants = _tenants(request)
+    if not admin and tenants is None:
         raise AdminDisabled("admin routes are disabled; set ADAPTERSERVE_ADMIN_TOKEN to enable them")
     token = _bearer(request)
     if token is None:
         raise Unauthorized("missing bearer token", param="Authorization")
-    if not hmac.compare_digest(token.encode(), settings.admin_token.get_secret_value().encode()):
-        raise Forbidden("invalid admin token", param="Authorization")
+    if admin and hmac.compare_digest(token.encode(), admin.encode()):
+        tenant = EVERYONE
+    else:
+        found = tenants.tenant_of(token) if tenants is not None else None
+        if found is None or not found.administers:
+            raise Forbidden("invalid admin token", param="Authorization")
+        tenant = found
+    request.state.tenant = tenant
+    return tenant
 
 
 AdminDep = Depends(require_admin)
+AdminTenantDep = Annotated[Tenant, Depends(require_admin)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """Inference routes: open when no API keys are configured, else a listed bearer key is required."""
-    keys = settings.api_key_list
-    if not keys:
-        return
+def require_api_key(request: Request, settings: SettingsDep) -> Tenant:
+    """Inference and listing routes: with a tenants file, a tenant's key; else open when no API keys
+    are configured, or a listed bearer key (every key compared)."""
+    tenants = _tenants(request)
     token = _bearer(request)
-    if token is None:
-        raise Unauthorized("missing API key: send Authorization: Bearer <key>", param="Authorization")
-    given = token.encode()
-    if not any([hmac.compare_digest(given, key.encode()) for key in keys]):  # compare with every key
-        raise Unauthorized("invalid API key", param="Authorization")
+    if tenants is not None:
+        if token is None:
+            raise Unauthorized("missing API key: send Authorization: Bearer <key>", param="Authorization")
+        tenant = tenants.tenant_of(token)
+        if tenant is None:
+            raise Unauthorized("invalid API key", param="Authorization")
+        request.state.tenant = tenant
+        return tenant
+    keys = settings.api_key_list
+    if keys:
+        if token is None:
+            raise Unauthorized("missing API key: send Authorization: Bearer <key>", param="Authorization")
+        given = token.encode()
+        if not any([hmac.compare_digest(given, key.encode()) for key in keys]):  # compare with every key
+            raise Unauthorized("invalid API key", param="Authorization")
+    request.state.tenant = EVERYONE
+    return EVERYONE
 
 
 ApiKeyDep = Depends(require_api_key)
+TenantDep = Annotated[Tenant, Depends(require_api_key)]

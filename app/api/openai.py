@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import ApiKeyDep, state
+from app.api.deps import ApiKeyDep, TenantDep, state
 from app.api.responses import OPENAI, error_responses
 from app.protocol.openai import (
     ChatCompletion,
@@ -41,31 +41,31 @@ def _stream(events: AsyncIterator[str]) -> StreamingResponse:
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=_SSE)
 async def chat_completions(
-    req: ChatCompletionRequest, openai: OpenAIDep, request: Request
+    req: ChatCompletionRequest, openai: OpenAIDep, tenant: TenantDep, request: Request
 ) -> ChatCompletion | StreamingResponse:
     """Chat with an adapter (``model`` = adapter name) or the base model (``model`` = its id)."""
     request.state.adapter = openai.adapter_of(req.model)
-    result = await openai.chat(req)
+    result = await openai.chat(req, tenant)
     return result if isinstance(result, ChatCompletion) else _stream(result)
 
 
 @router.post("/completions", response_model=Completion, responses=_SSE)
 async def completions(
-    req: CompletionRequest, openai: OpenAIDep, request: Request
+    req: CompletionRequest, openai: OpenAIDep, tenant: TenantDep, request: Request
 ) -> Completion | StreamingResponse:
     """Complete a raw prompt (no chat template) with an adapter or the base model."""
     request.state.adapter = openai.adapter_of(req.model)
-    result = await openai.complete(req)
+    result = await openai.complete(req, tenant)
     return result if isinstance(result, Completion) else _stream(result)
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(openai: OpenAIDep) -> ModelList:
+async def list_models(openai: OpenAIDep, tenant: TenantDep) -> ModelList:
     """The base model and every generation adapter (``parent`` = the base model's id)."""
-    return openai.models()
+    return openai.models(tenant)
 
 
 @router.get("/models/{model}", response_model=ModelCard)
-async def get_model(model: str, openai: OpenAIDep) -> ModelCard:
+async def get_model(model: str, openai: OpenAIDep, tenant: TenantDep) -> ModelCard:
     """One model of the list."""
-    return await openai.model(model)
+    return await openai.model(model, tenant)

@@ -12,6 +12,7 @@ from app.engine.grammar import Grammars
 from app.engine.types import SamplingParams
 from app.protocol.native import GenerateRequest, member_list
 from app.serving.decoding import Constraint, Decoding
+from app.tenants import EVERYONE, Tenant
 
 DEFAULT_NEW_TOKENS = 128
 
@@ -33,9 +34,10 @@ class GenerationInput:
     stop: tuple[str, ...] = ()
     decoding: Decoding = field(default_factory=Decoding)  # penalties, bias, logprobs, structured output
     tools: list[dict[str, Any]] | None = None  # rendered by the chat template with ``messages``
+    tenant: Tenant = EVERYONE  # whose request: the adapters it may use
 
     @classmethod
-    def of(cls, req: GenerateRequest) -> GenerationInput:
+    def of(cls, req: GenerateRequest, tenant: Tenant = EVERYONE) -> GenerationInput:
         comp = None
         if req.adapters is not None:
             members = ((m.name, m.weight) for m in member_list(req.adapters, None))
@@ -51,6 +53,7 @@ class GenerationInput:
             seed=req.seed,
             stop=tuple(req.stop_list),
             decoding=Decoding(req, req.logprobs, _constraint(req)),
+            tenant=tenant,
         )
 
     async def to_sampling_params(self, grammars: Grammars, max_new_tokens: int) -> SamplingParams:

@@ -46,6 +46,7 @@ from app.serving.decoding import Constraint, Decoding, logprob_entries
 from app.serving.generation_input import GenerationInput
 from app.serving.service import InferenceService, sse
 from app.serving.tools import parse_tool_calls, tool_call_schema
+from app.tenants import EVERYONE, Tenant
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature 0 for greedy decoding
 
@@ -70,10 +71,11 @@ class OpenAIService:
         """The adapter a ``model`` field names (None: the bare base model)."""
         return None if model == self.model_id else model
 
-    async def _check_adapter(self, name: str) -> None:
+    async def _check_adapter(self, name: str, tenant: Tenant) -> None:
         await self.catalog.lookup(name)
-        if name not in self.catalog and self.catalog.composition(name) is None:
-            hint = self.catalog.did_you_mean(name, (self.model_id,))
+        known = name in self.catalog or self.catalog.composition(name) is not None
+        if not (known and tenant.may_use(name)):
+            hint = self.catalog.did_you_mean(name, (self.model_id,), tenant.may_use)
             raise AdapterNotFound(
                 f"the model {name!r} is neither an adapter nor the base model {self.model_id!r}{hint} "
                 "(GET /v1/models lists them)",
@@ -81,7 +83,8 @@ class OpenAIService:
             )
 
     # --- models -----------------------------------------------------------------------------
-    def models(self) -> ModelList:
+    def models(self, tenant: Tenant = EVERYONE) -> ModelList:
+        """The base and the generation adapters and compositions ``tenant`` may use."""
         if self.service.cannot_generate:  # an encoder base: no model here can generate
             return ModelList(data=[])
         cards = [
@@ -91,14 +94,15 @@ class OpenAIService:
         ]
         catalog = self.catalog
         for info in catalog.adapters():
-            if info.task == "generate":
+            if info.task == "generate" and tenant.may_use(info.name):
                 cards.append(
                     ModelCard(
                         id=info.name, created=int(info.created_at), parent=self.model_id, root=info.name
                     )
                 )
         for comp in catalog.compositions():
-            if catalog.describe_composition(comp)["task"] == "generate":
+            usable = all(tenant.may_use(n) for n in [comp.label, *comp.names])
+            if usable and catalog.describe_composition(comp)["task"] == "generate":
                 cards.append(
                     ModelCard(
                         id=comp.label, created=int(comp.created_at), parent=self.model_id, root=comp.label
@@ -106,10 +110,10 @@ class OpenAIService:
                 )
         return ModelList(data=cards)
 
-    async def model(self, model: str) -> ModelCard:
+    async def model(self, model: str, tenant: Tenant = EVERYONE) -> ModelCard:
         if model != self.model_id:
             await self.catalog.lookup(model)
-        for card in self.models().data:
+        for card in self.models(tenant).data:
             if card.id == model:
                 return card
         raise AdapterNotFound(
@@ -121,11 +125,13 @@ class OpenAIService:
         self,
         req: CompletionRequest | ChatCompletionRequest,
         logprobs: int | None,
+        tenant: Tenant,
         constraint: Constraint | None = None,
         **prompt: Any,
     ) -> GenerationInput:
         return GenerationInput(
             adapter=self.adapter_of(req.model),
+            tenant=tenant,
             temperature=OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             seed=req.seed,
@@ -134,7 +140,7 @@ class OpenAIService:
             **prompt,
         )
 
-    def _chat_input(self, req: ChatCompletionRequest) -> GenerationInput:
+    def _chat_input(self, req: ChatCompletionRequest, tenant: Tenant) -> GenerationInput:
         """The generation a chat request asks for: tools rendered by the template, a forced tool call
         or a JSON response_format as the grammar."""
         messages = [m.as_template_message() for m in req.messages]
@@ -160,6 +166,7 @@ class OpenAIService:
         return self._input(
             req,
             logprobs,
+            tenant,
             constraint,
             messages=messages,
             tools=tools,
@@ -170,7 +177,7 @@ class OpenAIService:
     async def _choices(self, inputs: list[GenerationInput], n: int) -> tuple[list[Generation], int]:
         """Every prompt's ``n`` choices as generations (index = prompt * n + choice); prompt tokens."""
         if inputs[0].adapter is not None:
-            await self._check_adapter(inputs[0].adapter)
+            await self._check_adapter(inputs[0].adapter, inputs[0].tenant)
         limit = self.service.settings.max_choices
         if len(inputs) * n > limit:
             raise InvalidRequest(f"{len(inputs) * n} choices (prompts × n); at most {limit}", param="n")
@@ -183,8 +190,10 @@ class OpenAIService:
                 gens.append(replace(gen, params=replace(gen.params, seed=seed)))
         return gens, prompt_tokens
 
-    async def chat(self, req: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[str]:
-        gens, prompt_tokens = await self._choices([self._chat_input(req)], req.n)
+    async def chat(
+        self, req: ChatCompletionRequest, tenant: Tenant = EVERYONE
+    ) -> ChatCompletion | AsyncIterator[str]:
+        gens, prompt_tokens = await self._choices([self._chat_input(req, tenant)], req.n)
         header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
         shape = _Shape(
             self.service.grammars, {t.function.name for t in req.tools or []} if req.calls_tools else None
@@ -204,12 +213,14 @@ class OpenAIService:
         ]
         return ChatCompletion(**header, choices=choices, usage=_usage(prompt_tokens, results))
 
-    async def complete(self, req: CompletionRequest) -> Completion | AsyncIterator[str]:
+    async def complete(
+        self, req: CompletionRequest, tenant: Tenant = EVERYONE
+    ) -> Completion | AsyncIterator[str]:
         prompts = req.prompts
         inputs = [
-            self._input(req, req.logprobs, prompt=p, max_new_tokens=req.max_tokens)
+            self._input(req, req.logprobs, tenant, prompt=p, max_new_tokens=req.max_tokens)
             if isinstance(p, str)
-            else self._input(req, req.logprobs, prompt_ids=p, max_new_tokens=req.max_tokens)
+            else self._input(req, req.logprobs, tenant, prompt_ids=p, max_new_tokens=req.max_tokens)
             for p in prompts
         ]
         gens, prompt_tokens = await self._choices(inputs, req.n)

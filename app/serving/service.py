@@ -51,6 +51,7 @@ from app.protocol.native import (
 from app.serving.decoding import logprob_entries
 from app.serving.ensembles import classification_results
 from app.serving.generation_input import GenerationInput
+from app.tenants import EVERYONE, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +125,13 @@ class InferenceService:
         except (ValueError, TemplateError):
             return False
 
-    async def classify(self, req: ClassifyRequest) -> ClassifyResponse:
+    async def classify(self, req: ClassifyRequest, tenant: Tenant = EVERYONE) -> ClassifyResponse:
         """One adapter, an ensemble (every member runs its own rows of the same batches and the
         members' probabilities are combined per input) or a merged adapter."""
         adhoc = None
         if req.adapters is not None:
             adhoc = Composition.of(((m.name, m.weight) for m in req.members), req.method, req.density)
-        target = await self.catalog.resolve(req.adapter, "classify", adhoc)
+        target = await self.catalog.resolve(req.adapter, "classify", adhoc, tenant.may_use)
         texts = req.texts
         if len(texts) > self.settings.max_inputs_per_request:
             raise InvalidRequest(
@@ -167,7 +168,7 @@ class InferenceService:
         Its adapter or composition is resolved once, here: the generation runs on those versions."""
         if self.cannot_generate:
             raise GenerationUnsupported(self.cannot_generate)
-        target = await self.catalog.resolve(spec.adapter, "generate", spec.composition)
+        target = await self.catalog.resolve(spec.adapter, "generate", spec.composition, spec.tenant.may_use)
         cap = self.settings.max_new_tokens
         if spec.max_new_tokens is not None and spec.max_new_tokens > cap:
             raise InvalidRequest(
@@ -256,8 +257,8 @@ class InferenceService:
             for work in works:  # a client that went away frees its rows at the next step
                 self.engine.abort(work)
 
-    async def generate(self, req: GenerateRequest) -> GenerateResponse:
-        (result,) = await self.run([await self.prepare(GenerationInput.of(req))])
+    async def generate(self, req: GenerateRequest, tenant: Tenant = EVERYONE) -> GenerateResponse:
+        (result,) = await self.run([await self.prepare(GenerationInput.of(req, tenant))])
         return GenerateResponse(
             adapter=req.target,
             text=result.text,
@@ -271,9 +272,9 @@ class InferenceService:
     ) -> list[TokenLogprobOut] | None:
         return None if lps is None else logprob_entries(lps, self.grammars.token_bytes)
 
-    async def stream(self, req: GenerateRequest) -> AsyncIterator[str]:
+    async def stream(self, req: GenerateRequest, tenant: Tenant = EVERYONE) -> AsyncIterator[str]:
         """Queue a streamed generation (errors raise before any byte is sent); return its SSE events."""
-        deltas = self.open_streams([await self.prepare(GenerationInput.of(req))])
+        deltas = self.open_streams([await self.prepare(GenerationInput.of(req, tenant))])
         return self._events(deltas, req.logprobs is not None)
 
     async def _events(
