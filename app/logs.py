@@ -48,9 +48,16 @@ def configure(level: str, fmt: str) -> None:
 
 
 def log_request(
-    rid: str, method: str, endpoint: str, status: int, adapter: str | None, seconds: float
+    rid: str,
+    method: str,
+    endpoint: str,
+    status: int,
+    adapter: str | None,
+    seconds: float,
+    tenant: str | None = None,
 ) -> None:
-    """The request log line: never headers or bodies (no token or key can leak into it)."""
+    """The request log line: never headers or bodies (no token or key can leak into it); the
+    tenant's name when the request was authenticated."""
     ACCESS.info(
         "request",
         extra={
@@ -59,6 +66,7 @@ def log_request(
             "endpoint": endpoint,
             "status": status,
             "adapter": adapter,
+            "tenant": tenant,
             "latency_ms": round(seconds * 1000, 2),
         },
     )

@@ -79,7 +79,10 @@ def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
                 metrics.composition_duration.labels(endpoint=endpoint, composition=composition).observe(
                     elapsed
                 )
-            log_request(rid, request.method, endpoint, status, adapter, elapsed)
+            tenant = getattr(getattr(request.state, "tenant", None), "name", None)
+            if tenant is not None:
+                metrics.tenant_requests.labels(tenant=tenant, status=str(status)).inc()
+            log_request(rid, request.method, endpoint, status, adapter, elapsed, tenant)
 
 
 def _adapter_label(request: Request, metrics: Metrics, adapter: str | None) -> str:

@@ -32,6 +32,12 @@ class Metrics:
         self.requests = Counter(
             "adapterserve_requests_total", "HTTP requests", ["endpoint", "adapter", "status"], registry=r
         )
+        self.tenant_requests = Counter(
+            "adapterserve_tenant_requests_total",
+            "HTTP requests per tenant (the tenants file's names; 'default' without one)",
+            ["tenant", "status"],
+            registry=r,
+        )
         self.request_duration = Histogram(
             "adapterserve_request_duration_seconds",
             "HTTP request latency",

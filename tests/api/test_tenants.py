@@ -198,5 +198,10 @@ def test_the_file_is_reread_on_change_and_keys_stay_out_of_logs_and_metrics(
     metrics = app.get("/metrics").text
     for key in [*KEYS.values(), new_key]:
         assert key not in caplog.text and key not in metrics
+    # the request log and the metrics carry the tenant's name
+    access = [r for r in caplog.records if r.name == "adapterserve.access"]
+    assert {getattr(r, "tenant", None) for r in access} >= {"gamma", None}  # None: not authenticated
+    assert 'adapterserve_tenant_requests_total{status="200",tenant="gamma"} 2.0' in metrics
+    assert 'adapterserve_tenant_requests_total{status="401",tenant=' not in metrics
     tenants_file.write_text(yaml.safe_dump({"tenants": TENANTS}))
     os.utime(tenants_file, (stat.st_atime, stat.st_mtime + 6))
