@@ -83,19 +83,20 @@ AdminTenantDep = Annotated[Tenant, Depends(require_admin)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> Tenant:
-    """Inference and listing routes: with a tenants file, a tenant's key; else open when no API keys
-    are configured, or a listed bearer key (every key compared)."""
+    """Inference and listing routes: with a tenants file, a tenant's key (or one of ``API_KEYS``: the
+    tenant that may use everything); else open when no API keys are configured, or a listed bearer
+    key (every key compared)."""
     tenants = _tenants(request)
     token = _bearer(request)
+    keys = settings.api_key_list
     if tenants is not None:
         if token is None:
             raise Unauthorized("missing API key: send Authorization: Bearer <key>", param="Authorization")
         tenant = tenants.tenant_of(token)
-        if tenant is None:
+        if tenant is None and not any([hmac.compare_digest(token.encode(), k.encode()) for k in keys]):
             raise Unauthorized("invalid API key", param="Authorization")
-        request.state.tenant = tenant
-        return tenant
-    keys = settings.api_key_list
+        request.state.tenant = tenant or EVERYONE
+        return request.state.tenant
     if keys:
         if token is None:
             raise Unauthorized("missing API key: send Authorization: Bearer <key>", param="Authorization")

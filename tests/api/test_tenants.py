@@ -175,6 +175,18 @@ def test_admin_changes_outside_a_tenants_names_are_403(
     assert app.get("/v1/adapters").status_code == 401
 
 
+def test_api_keys_still_act_for_the_tenant_that_uses_everything(
+    base_path: Path, tenants_file: Path, tmp_path: Path
+) -> None:
+    settings = app_settings(tmp_path / "store", tenants_file=tenants_file, api_keys="legacy-key")
+    base = load_base_model(str(base_path), CACHE_DIR, "cpu", "float32")
+    with TestClient(create_app(settings, base=base)) as client:
+        legacy = client.get("/v1/models", headers={"Authorization": "Bearer legacy-key"})
+        assert legacy.status_code == 200 and legacy.json()["data"][0]["id"] == client.app.state.model_id  # type: ignore[attr-defined]
+        assert client.get("/v1/adapters", headers=_auth("beta")).status_code == 200
+        assert client.get("/v1/adapters", headers={"Authorization": "Bearer other"}).status_code == 401
+
+
 def test_the_file_is_reread_on_change_and_keys_stay_out_of_logs_and_metrics(
     app: TestClient, tenants_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
