@@ -12,8 +12,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.api.conftest import BUSY_TOKENS
+
 PROMPT = "Counting up: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # goes on past 64 tokens (no EOS)
-TOKENS = 400  # about a second on the tiny model: the deadline (half of it) falls mid-generation
+TOKENS = BUSY_TOKENS  # 1-2 s on the tiny model, at least 0.5 s on any machine
+DEADLINE_S = 0.3  # the first token comes in milliseconds, the last not before 0.5 s: a cut mid-way
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +32,10 @@ def full(client: TestClient) -> tuple[str, float]:
 
 @pytest.fixture
 def short_deadline(client: TestClient, full: tuple[str, float]) -> Iterator[None]:
-    """A deadline of half the uncut run: the prefill is long done, the decoding half-way."""
+    """A deadline well inside the uncut run: the prefill is long done, the decoding under way."""
     settings = client.app.state.settings  # type: ignore[attr-defined]
     old = settings.request_timeout_s
-    settings.request_timeout_s = full[1] / 2
+    settings.request_timeout_s = DEADLINE_S
     try:
         yield
     finally:
