@@ -123,7 +123,9 @@ def test_chunked_prefill_matches_and_interleaves_with_decoding(base_path: Path, 
 
         try:
             engine.submit(
-                Generation(short_prompt, SamplingParams(max_new_tokens=40, ignore_eos=True)), short_sink
+                # long enough to be running still whenever the long prompt arrives
+                Generation(short_prompt, SamplingParams(max_new_tokens=400, ignore_eos=True)),
+                short_sink,
             )
             assert started.wait(30)
             submitted = time.monotonic()
