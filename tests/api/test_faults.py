@@ -19,6 +19,7 @@ from app.config import Settings
 from app.engine.generation import GenerationBatch
 from app.main import create_app
 from app.models.base_lm import load_base_model
+from tests.api.conftest import BUSY_TOKENS
 from tests.conftest import CACHE_DIR, serve_live
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GENERATE_PROMPTS, RefAdapter
 
@@ -29,7 +30,7 @@ def _app(base_path: Path, store: Path, refs: dict[str, RefAdapter], **overrides:
     for name in ("cls-4", "gen-qv-r8"):
         if not (store / name).exists():
             shutil.copytree(refs[name].folder, store / name)
-    settings = Settings(store=store, device="cpu", dtype="float32", max_new_tokens=64, **overrides)
+    settings = Settings(store=store, device="cpu", dtype="float32", max_new_tokens=BUSY_TOKENS, **overrides)
     base = load_base_model(str(base_path), CACHE_DIR, "cpu", "float32")
     return TestClient(create_app(settings, base=base))
 
@@ -74,7 +75,7 @@ def test_a_failing_classification_forward_fails_only_its_batch(
     runner = faults.app.state.engine.runner  # type: ignore[attr-defined]
     armed = threading.Event()
     monkeypatch.setattr(runner, "classify", _failing_once(runner.classify, armed))
-    gen_body = {"adapter": "gen-qv-r8", "prompt": GENERATE_PROMPTS[1], "max_new_tokens": 40}
+    gen_body = {"adapter": "gen-qv-r8", "prompt": GENERATE_PROMPTS[1], "max_new_tokens": BUSY_TOKENS}
     expected = ref_adapters["gen-qv-r8"].texts[GENERATE_PROMPTS[1]]
     with httpx.Client(timeout=120) as http, serve_live(faults.app) as url:
         # a generation runs in the engine while the classification batch beside it fails
@@ -121,7 +122,7 @@ def test_a_failing_decode_step_fails_its_rows_and_the_engine_goes_on(
 
 
 def test_open_streams_are_bounded(faults: TestClient) -> None:
-    body = {"prompt": "Write a very long essay about the sea.", "max_new_tokens": 60, "stream": True}
+    body = {"prompt": "Write a very long essay about the sea.", "max_new_tokens": BUSY_TOKENS, "stream": True}
     with httpx.Client(timeout=120) as http, serve_live(faults.app) as url:
         with http.stream("POST", f"{url}/generate", json=body) as first:
             lines = first.iter_lines()
