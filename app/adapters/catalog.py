@@ -187,6 +187,7 @@ class AdapterCatalog(StoreView):
             if name in self.store.pins:
                 self.store.set_pin(name, False)
             self._forget(record)
+            self._changed_at[name] = time.monotonic()  # a listing read before the delete is stale
 
     async def pin(self, name: str, fleet: bool = False) -> AdapterRecord:
         """Pin ``name``: loaded into a device slot now and kept in host and device memory. Recorded

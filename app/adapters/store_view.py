@@ -56,6 +56,9 @@ class StoreView:
         self.configured_pins = frozenset(pinned)  # PIN: kept whatever the store says
         self._records: dict[str, AdapterRecord] = {}  # the current version of each name
         self._skipped: dict[str, int] = {}  # name -> store version not served here (other base, invalid)
+        # name -> when this replica last changed it (time.monotonic()): a listing read before that
+        # is stale for the name (an upload or delete made here after it must not be undone by it)
+        self._changed_at: dict[str, float] = {}
         self._compositions: dict[str, Composition] = {}
         self._pinned: frozenset[str] = frozenset()  # replaced whole (read by other threads)
         self._usage: dict[int, Usage] = {}  # uid -> counters
@@ -153,9 +156,10 @@ class StoreView:
         """Adopt every adapter version and deletion the store holds that this replica has not seen
         (from any replica, or placed by hand). Idempotent; a worker thread."""
         start = time.perf_counter()
+        listed_at = time.monotonic()
         state = self.store.state()
         for name in sorted({*state, *self._records}):
-            self._apply(name, state.get(name))
+            self._apply(name, state.get(name), listed_at)
         self.synced_at = time.time()
         self.metrics.store_last_sync.set(self.synced_at)
         self.metrics.store_sync_seconds.observe(time.perf_counter() - start)
@@ -168,10 +172,15 @@ class StoreView:
             check_name(name)
         except InvalidRequest:
             return
-        self._apply(name, self.store.current(name))
+        listed_at = time.monotonic()
+        self._apply(name, self.store.current(name), listed_at)
 
-    def _apply(self, name: str, manifest: Manifest | None) -> None:
+    def _apply(self, name: str, manifest: Manifest | None, listed_at: float) -> None:
+        """Adopt ``manifest`` (the store's current version of ``name`` as listed at ``listed_at``;
+        None: the name is gone) unless this replica changed the name since."""
         with self._lock(name):
+            if self._changed_at.get(name, float("-inf")) > listed_at:
+                return
             known = self._records.get(name)
             if manifest is None or manifest.deleted:
                 self._skipped.pop(name, None)
@@ -203,6 +212,7 @@ class StoreView:
     ) -> None:
         """Make ``record`` the current version of its name (under the name's lock)."""
         self._records[record.name] = record
+        self._changed_at[record.name] = time.monotonic()
         self._skipped.pop(record.name, None)
         if weights is not None:
             self.host.add(record, weights)
