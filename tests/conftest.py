@@ -173,7 +173,11 @@ def serve_live(app: Any) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+        # keep-alive longer than any pause between a test's requests: a pooled connection the server
+        # closes just as the client reuses it is a reset, not an answer
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, lifespan="off", log_level="warning", timeout_keep_alive=300
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
