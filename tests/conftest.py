@@ -152,12 +152,17 @@ def client(base_model: BaseLM, store_dir: Path) -> Iterator[TestClient]:
 @pytest.fixture(scope="session")
 def uploaded(client: TestClient, ref_adapters: dict[str, RefAdapter]) -> dict[str, RefAdapter]:
     """All reference adapters uploaded once through the admin endpoint."""
+    return upload_all(client, ref_adapters)
+
+
+def upload_all(client: TestClient, refs: dict[str, RefAdapter]) -> dict[str, RefAdapter]:
+    """Upload every reference adapter under its name through the admin endpoint."""
     from tests.helpers.peft_ref import zip_folder
 
-    for name, ref in ref_adapters.items():
+    for name, ref in refs.items():
         resp = upload_archive(client, name, zip_folder(ref.folder), f"{name}.zip")
         assert resp.status_code == 201, resp.text
-    return ref_adapters
+    return refs
 
 
 @contextmanager

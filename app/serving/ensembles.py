@@ -18,26 +18,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from app.adapters.composition import shared_labels
 from app.adapters.methods import CombineMethod
-from app.errors import IncompatibleMembers
 from app.protocol.native import ClassifyResult, MemberResult
 
 _TINY = 1e-45  # log of a probability that underflowed to 0
-
-
-def shared_labels(members: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
-    """The label set every member shares, in the first member's order; 400 naming a mismatch."""
-    first_name, first = members[0]
-    for name, labels in members[1:]:
-        if set(labels) != set(first) or len(labels) != len(first):
-            missing = sorted(set(first) - set(labels))
-            extra = sorted(set(labels) - set(first))
-            raise IncompatibleMembers(
-                f"ensemble members must share one label set: {name!r} differs from {first_name!r} "
-                f"(missing {missing}, extra {extra})",
-                param="adapters",
-            )
-    return list(first)
 
 
 def combine(

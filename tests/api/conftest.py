@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from app.main import create_app
 from app.models.base_lm import BaseLM
-from tests.conftest import app_settings, serve_live
+from tests.conftest import app_settings, serve_live, upload_all
 from tests.helpers.peft_ref import RefAdapter
 
 BUSY_TOKENS = 800  # a generation that keeps the engine busy for a second or more on the tiny model
@@ -51,13 +51,7 @@ def client(tiny_model: BaseLM, store_dir: Path) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="session")
 def uploaded(client: TestClient, ref_adapters: dict[str, RefAdapter]) -> dict[str, RefAdapter]:
-    from tests.conftest import upload_archive
-    from tests.helpers.peft_ref import zip_folder
-
-    for name, ref in ref_adapters.items():
-        resp = upload_archive(client, name, zip_folder(ref.folder), f"{name}.zip")
-        assert resp.status_code == 201, resp.text
-    return ref_adapters
+    return upload_all(client, ref_adapters)
 
 
 @pytest.fixture(scope="session")
