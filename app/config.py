@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(8192, ge=64, description="padded tokens per classification forward")
     max_prefill_tokens: int = Field(2048, ge=64, description="padded prompt tokens per prefill forward")
     max_queue: int = Field(256, ge=1, description="queued requests before 503")
+    scheduler: Literal["fair", "fifo"] = Field(
+        "fair",
+        description="admission into batches: 'fair' = weighted fair queueing across tenants and, within "
+        "a tenant, across its adapters (docs/tenants.md); 'fifo' = first come, first served",
+    )
     shutdown_grace_s: float = Field(
         30.0, ge=1, description="on SIGTERM, how long running requests may take to finish before exit"
     )

@@ -63,6 +63,18 @@ class QueueFull(AdapterServeError):
     type = "queue_full"
 
 
+class RateLimited(AdapterServeError):
+    """A tenant over one of its limits (``limit``: requests, tokens, concurrent, queue); ``headers``
+    carry ``Retry-After`` and the ``x-ratelimit-*`` values (app/quotas.py)."""
+
+    type = "rate_limit_exceeded"
+
+    def __init__(self, message: str, limit: str, headers: Mapping[str, str]) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.headers = dict(headers)
+
+
 class TooManyStreams(AdapterServeError):
     type = "too_many_streams"
 
@@ -134,6 +146,7 @@ STATUS: dict[type[AdapterServeError], int] = {
     EngineFailure: 500,
     AdapterLoadFailed: 500,
     QueueFull: 503,
+    RateLimited: 429,
     TooManyStreams: 503,
     NotReady: 503,
     DeadlineExceeded: 504,
@@ -187,19 +200,25 @@ def _respond(
     status: int,
     openai: bool,
     headers: Mapping[str, str] | None = None,
+    openai_type: str | None = None,
 ) -> JSONResponse:
     headers = dict(headers or {})
-    if status == 503:
+    if status in (429, 503):
         headers.setdefault("Retry-After", RETRY_AFTER_S)
     if status == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")
     if openai:
         status = 400 if status == 422 else status
-        return JSONResponse(openai_error_body(type_, message, param, status), status, headers=headers)
+        body = openai_error_body(type_, message, param, status)
+        if openai_type is not None:
+            body["error"]["type"] = openai_type
+        return JSONResponse(body, status, headers=headers)
     return JSONResponse(error_body(type_, message, param), status_code=status, headers=headers)
 
 
 def to_response(exc: AdapterServeError, openai: bool = False) -> JSONResponse:
+    if isinstance(exc, RateLimited):  # OpenAI's shape: "type" names the limit (requests, tokens)
+        return _respond(exc.type, exc.message, None, 429, openai, exc.headers, exc.limit)
     return _respond(exc.type, exc.message, exc.param, status_of(exc), openai)
 
 

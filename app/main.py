@@ -24,6 +24,7 @@ from app.logs import REQUEST_ID_HEADER, log_request, request_id
 from app.metrics import Metrics
 from app.models.base_lm import BaseLM, load_base_model
 from app.platform import ReleasingExecutor
+from app.quotas import TenantQuotas, Ticket
 from app.serving.openai_service import OpenAIService
 from app.serving.service import InferenceService
 from app.tenants import TenantDirectory
@@ -66,7 +67,17 @@ def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
             response = await call_next(request)
             status = response.status_code
             response.headers[REQUEST_ID_HEADER] = rid
+            ticket: Ticket | None = getattr(request.state, "ticket", None)
+            if ticket is not None:  # a tenant with limits: its headers; its slot ends with the body
+                response.headers.update(ticket.headers)
+                body = response.body_iterator  # type: ignore[attr-defined]
+                response.body_iterator = _released_after(body, ticket)  # type: ignore[attr-defined]
             return response
+        except BaseException:
+            ticket = getattr(request.state, "ticket", None)
+            if ticket is not None:
+                ticket.release()
+            raise
         finally:
             endpoint = _route_path(request)
             adapter = getattr(request.state, "adapter", None)
@@ -82,7 +93,18 @@ def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
             tenant = getattr(getattr(request.state, "tenant", None), "name", None)
             if tenant is not None:
                 metrics.tenant_requests.labels(tenant=tenant, status=str(status)).inc()
+                if endpoint in INFERENCE_ROUTES:
+                    metrics.tenant_request_duration.labels(tenant=tenant).observe(elapsed)
             log_request(rid, request.method, endpoint, status, adapter, elapsed, tenant)
+
+
+async def _released_after(body: AsyncIterator[bytes], ticket: Ticket) -> AsyncIterator[bytes]:
+    """The response body; the request's concurrency slot is given back when it ends or is dropped."""
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        ticket.release()
 
 
 def _adapter_label(request: Request, metrics: Metrics, adapter: str | None) -> str:
@@ -131,6 +153,7 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
     settings = settings or Settings()
     metrics = Metrics(settings.max_adapter_labels)
     metrics.queue_capacity.set(settings.max_queue)
+    quotas = TenantQuotas(metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -153,6 +176,7 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
             max_members=settings.max_archive_members, max_total_bytes=2 * settings.max_upload_bytes
         )
         engine = Engine(model, settings, metrics)
+        engine.charge_tokens = quotas.charge
         host_budget = settings.host_adapter_bytes()
         intake = Intake(
             store,
@@ -215,6 +239,7 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
     app.state.engine = app.state.catalog = app.state.service = app.state.openai = None
     # the tenants file is read now: a file that does not parse stops the start
     app.state.tenants = TenantDirectory(settings.tenants_file) if settings.tenants_file else None
+    app.state.quotas = quotas
     register_error_handlers(app)
     openapi = app.openapi
     app.openapi = lambda: drop_validation_422(openapi(), is_openai_path)  # type: ignore[method-assign]

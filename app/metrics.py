@@ -38,6 +38,49 @@ class Metrics:
             ["tenant", "status"],
             registry=r,
         )
+        self.tenant_request_duration = Histogram(
+            "adapterserve_tenant_request_duration_seconds",
+            "inference request latency per tenant (until the response or, streamed, its headers)",
+            ["tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "adapterserve_tenant_tokens_total",
+            "tokens per tenant: kind=prompt (prompts and classified texts) or generated",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.tenant_queue_depth = Gauge(
+            "adapterserve_tenant_queue_depth",
+            "requests of a tenant waiting for the engine",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_rejections = Counter(
+            "adapterserve_tenant_rejections_total",
+            "requests refused at a tenant's limit: requests, tokens, concurrent, queue (its share)",
+            ["tenant", "limit"],
+            registry=r,
+        )
+        # the model server protocol of the Kubernetes Gateway API Inference Extension (docs/tenants.md)
+        self.requests_waiting = Gauge(
+            "adapterserve_num_requests_waiting", "requests queued for the engine", registry=r
+        )
+        self.requests_running = Gauge(
+            "adapterserve_num_requests_running", "requests in a running batch (generation rows)", registry=r
+        )
+        self.kv_cache_usage = Gauge(
+            "adapterserve_kv_cache_usage_perc",
+            "fraction (0-1) of the generation batch's rows (MAX_BATCH_SIZE) in use",
+            registry=r,
+        )
+        self.lora_requests_info = Gauge(
+            "adapterserve_lora_requests_info",
+            "adapters of running and waiting requests, as vLLM's lora_requests_info (value: when updated)",
+            ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+            registry=r,
+        )
         self.request_duration = Histogram(
             "adapterserve_request_duration_seconds",
             "HTTP request latency",

@@ -18,7 +18,7 @@ import hmac
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class Tenant:
     administers: tuple[str, ...] = ()  # names or patterns it may upload, replace, pin, delete, compose
     limits: Limits = field(default_factory=Limits)
     weight: float = 1.0
+    queue_share: float = 1.0  # the fraction of MAX_QUEUE its waiting requests may fill
 
     def may_use(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.uses)
@@ -111,7 +112,9 @@ def parse_tenants(text: str) -> dict[str, Tenant]:
             if digest in by_hash:
                 raise ValueError(f"tenant {name!r}: a key is listed twice")
             by_hash[digest.lower()] = tenant
-    return by_hash
+    # each tenant may fill the queue in proportion to its weight (the tenant of API_KEYS: all of it)
+    total = sum(t.weight for t in {t.name: t for t in by_hash.values()}.values())
+    return {d: replace(t, queue_share=t.weight / total) for d, t in by_hash.items()}
 
 
 class TenantDirectory:

@@ -11,8 +11,9 @@ from app.adapters.catalog import AdapterCatalog
 from app.config import Settings
 from app.engine.engine import Engine
 from app.errors import AdminDisabled, Forbidden, NotReady, Unauthorized
+from app.quotas import TenantQuotas
 from app.serving.service import InferenceService
-from app.tenants import EVERYONE, Tenant, TenantDirectory
+from app.tenants import EVERYONE, Limits, Tenant, TenantDirectory
 
 
 def state(request: Request, name: str) -> object:
@@ -82,6 +83,15 @@ AdminDep = Depends(require_admin)
 AdminTenantDep = Annotated[Tenant, Depends(require_admin)]
 
 
+def _admitted(request: Request, tenant: Tenant) -> Tenant:
+    """The request's tenant, within its limits (429 beyond them; app/quotas.py)."""
+    request.state.tenant = tenant
+    quotas: TenantQuotas | None = getattr(request.app.state, "quotas", None)
+    if quotas is not None and tenant.limits != Limits():
+        request.state.ticket = quotas.admit(tenant)
+    return tenant
+
+
 def require_api_key(request: Request, settings: SettingsDep) -> Tenant:
     """Inference and listing routes: with a tenants file, a tenant's key (or one of ``API_KEYS``: the
     tenant that may use everything); else open when no API keys are configured, or a listed bearer
@@ -95,8 +105,7 @@ def require_api_key(request: Request, settings: SettingsDep) -> Tenant:
         tenant = tenants.tenant_of(token)
         if tenant is None and not any([hmac.compare_digest(token.encode(), k.encode()) for k in keys]):
             raise Unauthorized("invalid API key", param="Authorization")
-        request.state.tenant = tenant or EVERYONE
-        return request.state.tenant
+        return _admitted(request, tenant or EVERYONE)
     if keys:
         if token is None:
             raise Unauthorized("missing API key: send Authorization: Bearer <key>", param="Authorization")

@@ -1,19 +1,20 @@
 """The classification lane: waiting classification requests, run as batched forwards.
 
 Each :meth:`ClassificationLane.step` runs one forward over the waiting requests that fit the batch
-budgets, in FIFO order: a request whose adapter has no device room yet stops the batch, so that it
-is first in line for the next one.
+budgets, in fair order (app/engine/fair_queue.py): a request whose adapter has no device room yet
+stops the batch, so that it is first in line for the next one.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections.abc import Callable
 
 from app.config import Settings
+from app.engine.fair_queue import FairQueue
 from app.engine.runner import Runner
 from app.engine.slots import Admission
-from app.engine.types import ClassifyWork
+from app.engine.types import ClassifyWork, Flow
 from app.errors import AdapterServeError, DeadlineExceeded, EngineFailure
 from app.metrics import Metrics
 from app.models.heads import Head
@@ -32,11 +33,19 @@ def fits(rows: int, width: int, new_rows: int, new_width: int, max_rows: int, ma
 class ClassificationLane:
     """Waiting classification requests; a step is one batched forward (engine thread only)."""
 
-    def __init__(self, runner: Runner, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        settings: Settings,
+        metrics: Metrics,
+        on_leave: Callable[[ClassifyWork], None] | None = None,
+        charge: Callable[[Flow, int, int], None] | None = None,
+    ) -> None:
         self.runner = runner
         self.settings = settings
         self.metrics = metrics
-        self.queue: deque[ClassifyWork] = deque()
+        self._charge = charge or (lambda flow, prompt, generated: None)  # tokens a work used
+        self.queue: FairQueue[ClassifyWork] = FairQueue(settings.scheduler == "fair", on_leave)
 
     def queued(self) -> int:
         return len(self.queue)
@@ -58,24 +67,21 @@ class ClassificationLane:
         """Fail the waiting requests whose deadline passed (they produced nothing: 504, or ``error``)."""
         if any(w.deadline <= now for w in self.queue):
             late = error or DeadlineExceeded.after(self.settings.request_timeout_s)
-            for w in [w for w in self.queue if w.deadline <= now]:
+            for w in self.queue.remove_if(lambda w: w.deadline <= now):
                 _fail(w, late)
-            self.queue = deque(w for w in self.queue if w.deadline > now)
 
     def fail_all(self, exc: AdapterServeError) -> None:
-        while self.queue:
-            _fail(self.queue.popleft(), exc)
+        for work in self.queue.clear():
+            _fail(work, exc)
 
     def step(self, admission: Admission) -> None:
         """One forward over the waiting requests that fit (see the module docstring)."""
         works: list[tuple[ClassifyWork, int]] = []
         rows = width = 0
         s = self.settings
-        while self.queue:
-            work = self.queue[0]
-            if work.cancelled:
-                self.queue.popleft()
-                continue
+        if any(w.cancelled for w in self.queue):
+            self.queue.remove_if(lambda w: w.cancelled)
+        while (work := self.queue.peek()) is not None:
             new_width = max(len(ids) for ids in work.inputs)
             if works and not fits(
                 rows, width, len(work.inputs), new_width, s.max_batch_size, s.max_batch_tokens
@@ -85,12 +91,12 @@ class ClassificationLane:
                 slot = admission.admit(work.adapter, work.weights)
             except RuntimeError:  # a device error (out of memory) copying the weights in
                 log.exception("loading adapter %s failed", work.adapter.name)
-                self.queue.popleft()
+                self.queue.pop()
                 _fail(work, EngineFailure("loading the adapter failed; see the server log"))
                 continue
             if slot is None:
                 break
-            self.queue.popleft()
+            self.queue.pop()
             works.append((work, slot))
             rows += len(work.inputs)
             width = max(width, new_width)
@@ -112,6 +118,7 @@ class ClassificationLane:
             if not w.future.done():
                 w.future.set_result(probs[start : start + len(w.inputs)])
             start += len(w.inputs)
+            self._charge(w.flow, w.cost, 0)
 
 
 def _fail_all(works: list[ClassifyWork], exc: AdapterServeError) -> None:

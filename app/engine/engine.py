@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
@@ -26,10 +29,12 @@ from app.engine.generation_lane import GenerationLane
 from app.engine.runner import Runner
 from app.engine.slots import Admission, DeviceSlots, SlotsExhausted
 from app.engine.types import (
+    ONE_FLOW,
     Abort,
     ClassifyWork,
     Command,
     CutOffAll,
+    Flow,
     GenerateWork,
     Generation,
     GenerationResult,
@@ -42,7 +47,15 @@ from app.engine.types import (
     UnpinAdapter,
     Work,
 )
-from app.errors import AdapterServeError, DeadlineExceeded, DeviceBusy, EngineFailure, NotReady, QueueFull
+from app.errors import (
+    AdapterServeError,
+    DeadlineExceeded,
+    DeviceBusy,
+    EngineFailure,
+    NotReady,
+    QueueFull,
+    RateLimited,
+)
 from app.metrics import Metrics
 from app.models.base_lm import BaseLM
 from app.models.multi_lora import RoutingContext, wrap_linear_layers
@@ -51,6 +64,7 @@ from app.platform import release_omp_threads
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_WAIT_S = 0.05
+_GAUGES_EVERY_S = 0.5  # how often the engine thread refreshes the queue gauges
 # the API side (futures and streams) waits this much longer than a request's deadline: the engine
 # itself ends the work at its deadline (with the tokens produced so far) after at most one more step
 DEADLINE_GRACE_S = 30.0
@@ -75,8 +89,15 @@ class Engine:
         )
         self.runner = Runner(base, self.ctx, settings.max_consecutive_failures, metrics.forward_failures)
         self._inbox: queue.Queue[Work | Command] = queue.Queue()
-        self.classification = ClassificationLane(self.runner, settings, metrics)
-        self.gen = GenerationLane(self.runner, settings, metrics, self._decode)
+        # each tenant's queued work (the inbox and the lanes' queues), for its share of MAX_QUEUE
+        self._waiting: Counter[str] = Counter()
+        self._waiting_lock = threading.Lock()
+        self._gauges_at = 0.0
+        self._reported_tenants: set[str] = set()
+        # tokens a tenant's finished work used (prompt + generated): the tenant quotas (app/quotas.py)
+        self.charge_tokens: Callable[[str, int], None] = lambda tenant, tokens: None
+        self.classification = ClassificationLane(self.runner, settings, metrics, self._left, self._charge)
+        self.gen = GenerationLane(self.runner, settings, metrics, self._decode, self._left, self._charge)
         self.lanes: tuple[Lane, ...] = (self.classification, self.gen)
         # replaced or deleted versions (uid -> when retired), unloaded once unused; a version that is
         # not resident is remembered for a request's lifetime: work that resolved it before it was
@@ -125,9 +146,43 @@ class Engine:
         if isinstance(item, ClassifyWork | GenerateWork):
             if self.queue_depth >= self.settings.max_queue:
                 raise QueueFull(f"the request queue is full ({self.settings.max_queue}); retry shortly")
+            self._enter(item.flow)
             item.deadline = time.monotonic() + self.settings.request_timeout_s
         self._inbox.put(item)
         self.metrics.queue_depth.set(self.queue_depth)
+
+    def _enter(self, flow: Flow) -> None:
+        """Count a tenant's new queued work, refused beyond its share of the queue (any thread)."""
+        share = max(1, math.floor(self.settings.max_queue * flow.queue_share))
+        with self._waiting_lock:
+            if self._waiting[flow.tenant] >= share:
+                self.metrics.tenant_rejections.labels(tenant=flow.tenant, limit="queue").inc()
+                raise RateLimited(
+                    f"tenant {flow.tenant!r} has {share} requests waiting, its share of the queue; "
+                    "retry when some are answered",
+                    "queue",
+                    {"Retry-After": "1"},
+                )
+            self._waiting[flow.tenant] += 1
+
+    def _left(self, work: Work) -> None:
+        """A work item left the queues (into a batch, or failed)."""
+        with self._waiting_lock:
+            self._waiting[work.flow.tenant] -= 1
+            if self._waiting[work.flow.tenant] <= 0:
+                del self._waiting[work.flow.tenant]
+
+    def waiting(self, tenant: str) -> int:
+        """``tenant``'s queued requests (any thread)."""
+        with self._waiting_lock:
+            return self._waiting[tenant]
+
+    def _charge(self, flow: Flow, prompt: int, generated: int) -> None:
+        m = self.metrics
+        m.tenant_tokens.labels(tenant=flow.tenant, kind="prompt").inc(prompt)
+        if generated:
+            m.tenant_tokens.labels(tenant=flow.tenant, kind="generated").inc(generated)
+        self.charge_tokens(flow.tenant, prompt + generated)
 
     async def _await(self, work: Work, fut: Future[T]) -> T:
         try:
@@ -147,9 +202,9 @@ class Engine:
             self._inbox.put(Abort(work))
 
     async def classify(
-        self, adapter: AdapterVersion, inputs: list[list[int]], weights: Adapter
+        self, adapter: AdapterVersion, inputs: list[list[int]], weights: Adapter, flow: Flow = ONE_FLOW
     ) -> list[list[float]]:
-        work = ClassifyWork(adapter=adapter, weights=weights, inputs=inputs)
+        work = ClassifyWork(adapter=adapter, weights=weights, inputs=inputs, flow=flow)
         self._submit(work)
         return await self._await(work, work.future)
 
@@ -208,10 +263,34 @@ class Engine:
                 for lane in self.lanes:
                     lane.step(self._admission())
                 self.metrics.queue_depth.set(self.queue_depth)
+                if now - self._gauges_at > _GAUGES_EVERY_S:
+                    self._gauges_at = now
+                    self._report_gauges()
         except BaseException as exc:  # an unrecoverable engine error: fail everything, stop
             log.exception("engine loop failed")
             self.failed = exc
             self._fail_all(EngineFailure("the inference engine failed; see the server log"))
+
+    def _report_gauges(self) -> None:
+        """The queue per tenant and the inference gateway's series (engine thread)."""
+        m = self.metrics
+        with self._waiting_lock:
+            waiting = dict(self._waiting)
+        for tenant in set(waiting) | self._reported_tenants:
+            m.tenant_queue_depth.labels(tenant=tenant).set(waiting.get(tenant, 0))
+        self._reported_tenants |= set(waiting)
+        rows = [row.work for b in self.gen.batches() for row in b.rows]
+        running = list({id(w): w for w in rows}.values())
+        m.requests_waiting.set(self.queue_depth)
+        m.requests_running.set(len(running))
+        m.kv_cache_usage.set(min(1.0, len(rows) / self.settings.max_batch_size))
+        queued = [w.flow.adapter for w in (*self.classification.queue, *self.gen.queue) if w.flow.adapter]
+        m.lora_requests_info.clear()
+        m.lora_requests_info.labels(
+            running_lora_adapters=",".join(sorted({w.flow.adapter for w in running if w.flow.adapter})),
+            waiting_lora_adapters=",".join(sorted(set(queued) - {w.flow.adapter for w in running})),
+            max_lora=str(self.settings.max_device_adapters),
+        ).set(time.time())
 
     def _busy(self) -> bool:
         return any(lane.busy() for lane in self.lanes) or not self._inbox.empty()
@@ -324,6 +403,8 @@ class Engine:
             lane.fail_all(exc)
         while not self._inbox.empty():
             item = self._inbox.get_nowait()
+            if isinstance(item, ClassifyWork | GenerateWork):
+                self._left(item)
             if not item.future.done():
                 item.future.set_exception(exc)
             if isinstance(item, GenerateWork) and item.sink is not None:

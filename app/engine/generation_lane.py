@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections.abc import Callable
 
 from app.config import Settings
 from app.engine import kv_cache
 from app.engine.detokenize import Decode
+from app.engine.fair_queue import FairQueue
 from app.engine.generation import Finished, GenerationBatch
 from app.engine.runner import Runner
 from app.engine.slots import Admission
-from app.engine.types import GenerateWork, StreamDelta
+from app.engine.types import Flow, GenerateWork, StreamDelta
 from app.errors import AdapterServeError, DeadlineExceeded, EngineFailure
 from app.metrics import Metrics
 from app.models.multi_lora import BASE_SLOT
@@ -34,12 +35,21 @@ def prefill_fits(rows: int, width: int, prompt: int, max_tokens: int, need: int 
 class GenerationLane:
     """The generation queue, the batch being prefilled and the running (decoding) batch."""
 
-    def __init__(self, runner: Runner, settings: Settings, metrics: Metrics, decode: Decode) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        settings: Settings,
+        metrics: Metrics,
+        decode: Decode,
+        on_leave: Callable[[GenerateWork], None] | None = None,
+        charge: Callable[[Flow, int, int], None] | None = None,
+    ) -> None:
         self.runner = runner
         self.settings = settings
         self.metrics = metrics
+        self._charge = charge or (lambda flow, prompt, generated: None)  # tokens a work used
         self._decode = decode
-        self.queue: deque[GenerateWork] = deque()
+        self.queue: FairQueue[GenerateWork] = FairQueue(settings.scheduler == "fair", on_leave)
         self.running: GenerationBatch | None = None  # the decoding rows
         self.prefill: GenerationBatch | None = None  # new rows whose prompts are being prefilled
 
@@ -67,8 +77,7 @@ class GenerationLane:
         rows end with the tokens they have (``finish_reason`` timeout)."""
         late = error or DeadlineExceeded.after(self.settings.request_timeout_s)
         if any(w.deadline <= now for w in self.queue):
-            fail_rows([w for w in self.queue if w.deadline <= now], late)
-            self.queue = deque(w for w in self.queue if w.deadline > now)
+            fail_rows(self.queue.remove_if(lambda w: w.deadline <= now), late)
         if self.prefill is not None:
             expired = [row.work for row in self.prefill.rows if row.work.deadline <= now]
             fail_rows(expired, late)
@@ -80,8 +89,7 @@ class GenerationLane:
                 self.running = None
 
     def fail_all(self, exc: AdapterServeError) -> None:
-        works = self.works()
-        self.queue.clear()
+        works = self.queue.clear() + [row.work for b in self.batches() for row in b.rows]
         self.running = self.prefill = None
         fail_rows(works, exc)
 
@@ -115,14 +123,13 @@ class GenerationLane:
             self.running = None
 
     def _start_prefill(self, room: int, admission: Admission) -> GenerationBatch | None:
-        """Take up to ``room`` waiting requests (FIFO), as device room and the prefill budget allow."""
+        """Take up to ``room`` waiting requests (in fair order), as device room and the prefill budget
+        allow."""
         pairs: list[tuple[GenerateWork, list[int]]] = []
         width = rows = 0
-        while self.queue:
-            work = self.queue[0]
-            if work.cancelled:
-                self.queue.popleft()
-                continue
+        if any(w.cancelled for w in self.queue):
+            self.queue.remove_if(lambda w: w.cancelled)
+        while (work := self.queue.peek()) is not None:
             need = len(work.rows)
             if rows + need > room:  # (the API side bounds an ensemble by MAX_BATCH_SIZE)
                 break
@@ -142,12 +149,12 @@ class GenerationLane:
                     slots = []
                     break
             if not slots:
-                self.queue.popleft()
+                self.queue.pop()
                 fail_rows([work], EngineFailure("loading the adapter failed; see the server log"))
                 continue
             if None in slots:
                 break
-            self.queue.popleft()
+            self.queue.pop()
             pairs.append((work, [s for s in slots if s is not None]))
             width, rows = max(width, len(work.prompt)), rows + need
         if not pairs:
@@ -186,6 +193,7 @@ class GenerationLane:
             if not work.future.done():
                 work.future.set_result(result)
             n = len(result.token_ids)
+            self._charge(work.flow, result.prompt_tokens, n)
             m.generated_tokens.labels(adapter=m.adapter_label(work.metric_name)).inc(n)
             if work.first_token_at is not None:
                 m.time_to_first_token.observe(work.first_token_at - work.enqueued_at)

@@ -50,14 +50,36 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
+@dataclass(frozen=True)
+class Flow:
+    """Whose work this is, for fair admission (app/engine/fair_queue.py): the tenant and its
+    scheduling weight, the adapter (or composition) it runs, and its priority within the tenant
+    (lower first, as vLLM's ``priority``)."""
+
+    tenant: str = "default"
+    weight: float = 1.0
+    adapter: str = ""  # "" = the bare base
+    priority: int = 0
+    queue_share: float = 1.0  # the fraction of MAX_QUEUE its tenant's waiting work may fill
+
+
+ONE_FLOW = Flow()  # all work when nobody is told apart
+
+
 @dataclass(eq=False)
 class ClassifyWork:
     adapter: AdapterVersion
     weights: Adapter  # held until the work is done: host eviction cannot take them away
     inputs: list[list[int]]  # token ids per input text
+    flow: Flow = ONE_FLOW
     deadline: float = float("inf")  # time.monotonic() after which it fails with 504
     future: Future[list[list[float]]] = field(default_factory=Future)
     cancelled: bool = False
+
+    @property
+    def cost(self) -> int:
+        """Its tokens (what fair admission charges its flow)."""
+        return sum(len(ids) for ids in self.inputs)
 
 
 @dataclass
@@ -108,6 +130,7 @@ class Generation:
     # distribution and fed to every member's row
     members: tuple[Member, ...] = ()
     label: str | None = None  # a composition's name for metrics (else the adapter's)
+    flow: Flow = ONE_FLOW
 
     def __post_init__(self) -> None:
         assert not (self.adapter and self.members), "one adapter or an ensemble's members"
@@ -129,6 +152,15 @@ class GenerateWork:
     @property
     def prompt(self) -> list[int]:
         return self.request.prompt
+
+    @property
+    def flow(self) -> Flow:
+        return self.request.flow
+
+    @property
+    def cost(self) -> int:
+        """Its prompt and the most tokens it may generate (what fair admission charges its flow)."""
+        return len(self.request.prompt) + self.request.params.max_new_tokens
 
     @property
     def params(self) -> SamplingParams:

@@ -37,6 +37,13 @@ _MEMBERS_FIELD = Field(
     description="a composition instead of `adapter`: names, or {name, weight} objects",
 )
 _DENSITY_FIELD = Field(1.0, gt=0, le=1, description="ties: the share of each member's values kept")
+MAX_PRIORITY = 1_000_000
+PRIORITY_FIELD = Field(
+    0,
+    ge=-MAX_PRIORITY,
+    le=MAX_PRIORITY,
+    description="order among the requests of the same tenant and adapter: lower runs first (as vLLM's)",
+)
 
 
 def member_list(adapters: Members | None, single: str | None) -> list[EnsembleMember]:
@@ -72,6 +79,7 @@ class ClassifyRequest(StrictModel):
     return_members: bool = Field(False, description="ensembles: add each member's own result")
     inputs: str | list[str] = Field(description="one text or a list of texts")
     top_k: int | None = Field(None, ge=1, description="return only the k best labels in `scores`")
+    priority: int = PRIORITY_FIELD
 
     @field_validator("inputs")
     @classmethod
@@ -168,6 +176,7 @@ class GenerateRequest(DecodingOptions):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] = Field(default_factory=list, description="stop strings (not included)")
     stream: bool = False
+    priority: int = PRIORITY_FIELD
     logprobs: int | None = Field(
         None,
         ge=0,

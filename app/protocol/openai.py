@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.protocol.decoding import MAX_TOP_LOGPROBS, DecodingOptions, TokenLogprobOut, is_none
-from app.protocol.native import MAX_STOP
+from app.protocol.native import MAX_STOP, PRIORITY_FIELD
 from app.protocol.strict import StrictModel
 
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
@@ -147,6 +147,7 @@ class _Sampling(DecodingOptions):
     stop: str | list[str] | None = Field(None, description="stop strings (not included in the text)")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    priority: int = PRIORITY_FIELD
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None

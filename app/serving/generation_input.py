@@ -35,6 +35,7 @@ class GenerationInput:
     decoding: Decoding = field(default_factory=Decoding)  # penalties, bias, logprobs, structured output
     tools: list[dict[str, Any]] | None = None  # rendered by the chat template with ``messages``
     tenant: Tenant = EVERYONE  # whose request: the adapters it may use
+    priority: int = 0  # among its tenant's requests: lower first
 
     @classmethod
     def of(cls, req: GenerateRequest, tenant: Tenant = EVERYONE) -> GenerationInput:
@@ -54,6 +55,7 @@ class GenerationInput:
             stop=tuple(req.stop_list),
             decoding=Decoding(req, req.logprobs, _constraint(req)),
             tenant=tenant,
+            priority=req.priority,
         )
 
     async def to_sampling_params(self, grammars: Grammars, max_new_tokens: int) -> SamplingParams:

@@ -118,6 +118,7 @@ class OpenAIService:
         return GenerationInput(
             adapter=self.adapter_of(req.model),
             tenant=tenant,
+            priority=req.priority,
             temperature=OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             seed=req.seed,

@@ -22,6 +22,8 @@ from app.config import Settings
 from app.engine.engine import DEADLINE_GRACE_S, Engine
 from app.engine.grammar import Grammars
 from app.engine.types import (
+    ONE_FLOW,
+    Flow,
     GenerateWork,
     Generation,
     GenerationResult,
@@ -146,8 +148,9 @@ class InferenceService:
             )
         self.catalog.touch(target)
         members = target.members
+        flow = flow_of(tenant, target, req.priority)
         probs = await asyncio.gather(
-            *(self.engine.classify(h.record.handle, ids, h.weights) for h in members)
+            *(self.engine.classify(h.record.handle, ids, h.weights, flow) for h in members)
         )
         method = target.method
         assert is_combine(method), "a classification target combines with mean, vote or logits"
@@ -192,7 +195,7 @@ class InferenceService:
             )
         params = await spec.to_sampling_params(self.grammars, max_new_tokens)
         self.catalog.touch(target)
-        return generation_of(target, prompt_ids, params)
+        return generation_of(target, prompt_ids, params, flow_of(spec.tenant, target, spec.priority))
 
     async def run(self, gens: list[Generation]) -> list[GenerationResult]:
         """Run generations concurrently (they share the engine's batches); one failure cancels all."""
@@ -322,11 +325,17 @@ class InferenceService:
         return self._within_limit(ids, "messages")
 
 
-def generation_of(target: Target, prompt: list[int], params: SamplingParams) -> Generation:
+def flow_of(tenant: Tenant, target: Target, priority: int) -> Flow:
+    """Whose work a request is, for fair admission: its tenant and the adapter or composition."""
+    return Flow(tenant.name, tenant.weight, target.label or "", priority, tenant.queue_share)
+
+
+def generation_of(
+    target: Target, prompt: list[int], params: SamplingParams, flow: Flow = ONE_FLOW
+) -> Generation:
     """The engine's record of a generation on ``target`` (the bare base, an adapter or an ensemble)."""
     rows = tuple(Member(h.record.handle, h.weights, h.weight) for h in target.members)
     if target.ensemble:
-        return Generation(prompt, params, members=rows, label=target.label)
-    return Generation(
-        prompt, params, adapter=rows[0] if rows else None, label=target.label if target.composition else None
-    )
+        return Generation(prompt, params, members=rows, label=target.label, flow=flow)
+    label = target.label if target.composition else None
+    return Generation(prompt, params, adapter=rows[0] if rows else None, label=label, flow=flow)
