@@ -260,8 +260,13 @@ class Engine:
                 now = time.monotonic()
                 for lane in self.lanes:
                     lane.expire(now)
-                for lane in self.lanes:
-                    lane.step(self._admission())
+                # a classification forward, a prefill chunk, then (with the classification requests
+                # that came meanwhile: they need not wait for the decode step) a decode step
+                self.classification.step(self._admission())
+                self.gen.prefill_step(self._admission())
+                self._drain_inbox(block=False)
+                self.classification.step(self._admission())
+                self.gen.decode_step()
                 self.metrics.queue_depth.set(self.queue_depth)
                 if now - self._gauges_at > _GAUGES_EVERY_S:
                     self._gauges_at = now

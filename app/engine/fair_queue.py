@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -102,10 +102,13 @@ class FairQueue(Generic[W]):
         for work in works:
             self.append(work)
 
-    def _next(self) -> tuple[str, str] | None:
-        """(tenant, adapter) of the work to serve next: the smallest virtual times, ties by arrival."""
+    def _next(self, skip: Collection[str] = ()) -> tuple[str, str] | None:
+        """(tenant, adapter) of the work to serve next: the smallest virtual times, ties by arrival;
+        tenants in ``skip`` are passed over."""
         best: tuple[float, int, str] | None = None
         for name, tenant in self._tenants.items():
+            if name in skip:
+                continue
             if tenant.count and (best is None or (tenant.vtime, self._head(tenant)) < best[:2]):
                 best = (tenant.vtime, self._head(tenant), name)
         if best is None:
@@ -121,16 +124,17 @@ class FairQueue(Generic[W]):
     def _head(tenant: _Tenant[W]) -> int:
         return min(a.heap[0][1] for a in tenant.adapters.values() if a.heap)
 
-    def peek(self) -> W | None:
-        """The work to serve next (None when empty); :meth:`pop` takes it."""
-        found = self._next()
+    def peek(self, skip: Collection[str] = ()) -> W | None:
+        """The work to serve next, of a tenant not in ``skip`` (None: none); :meth:`pop` with the same
+        ``skip`` takes it."""
+        found = self._next(skip)
         if found is None:
             return None
         return self._tenants[found[0]].adapters[found[1]].heap[0][2]
 
-    def pop(self) -> W:
+    def pop(self, skip: Collection[str] = ()) -> W:
         """Take the work :meth:`peek` shows and charge its flows."""
-        found = self._next()
+        found = self._next(skip)
         if found is None:
             raise IndexError("pop from an empty queue")
         tenant = self._tenants[found[0]]

@@ -25,6 +25,20 @@ from app.models.multi_lora import BASE_SLOT
 log = logging.getLogger(__name__)
 
 
+def headroom(max_batch_size: int) -> int:
+    """Rows a full batch may still take for tenants below their share of it (fair scheduling)."""
+    return max(1, max_batch_size // 4)
+
+
+def row_shares(rows: dict[str, int], waiting: dict[str, float], max_rows: int) -> dict[str, float]:
+    """Each active tenant's share of ``max_rows`` rows, by weight (``rows``: its rows in the batch;
+    ``waiting``: the weights of the tenants with waiting work; running tenants count with weight 1
+    unless they wait too)."""
+    weights = {tenant: 1.0 for tenant in rows} | waiting
+    total = sum(weights.values())
+    return {tenant: max_rows * w / total for tenant, w in weights.items()}
+
+
 def prefill_fits(rows: int, width: int, prompt: int, max_tokens: int, need: int = 1) -> bool:
     """Whether a prompt of ``prompt`` tokens (``need`` rows: an ensemble's members) joins a prefill
     batch of ``rows`` rows padded to ``width``: the first request always does, later ones while
@@ -95,17 +109,23 @@ class GenerationLane:
 
     def step(self, admission: Admission) -> None:
         """One prefill chunk for waiting requests (if any), then one decode step of the running batch."""
+        self.prefill_step(admission)
+        self.decode_step()
+
+    def prefill_step(self, admission: Admission) -> None:
+        """Start a prefill of waiting requests when none runs, then run one chunk of it."""
         running = self.running
         if running is not None:
             running.drop_cancelled()
             if not running.rows:
                 running = self.running = None
         if self.prefill is None and self.queue and (running is None or kv_cache.mergeable(running.cache)):
-            room = self.settings.max_batch_size - (len(running) if running else 0)
-            if room > 0:
-                self.prefill = self._start_prefill(room, admission)
+            self.prefill = self._start_prefill(admission)
         if self.prefill is not None:
             self._advance_prefill()
+
+    def decode_step(self) -> None:
+        """One decode step of the running batch."""
         running = self.running
         if running is None or not running.rows:
             return
@@ -122,17 +142,33 @@ class GenerationLane:
         if not running.rows:
             self.running = None
 
-    def _start_prefill(self, room: int, admission: Admission) -> GenerationBatch | None:
-        """Take up to ``room`` waiting requests (in fair order), as device room and the prefill budget
-        allow."""
+    def _start_prefill(self, admission: Admission) -> GenerationBatch | None:
+        """Take waiting requests in fair order while the batch has room, as device room and the
+        prefill budget allow. With fair scheduling, a tenant below its share of the batch's rows may
+        join a full batch (up to :func:`headroom` rows more), so that it does not wait for the
+        rows of a flood to finish; tenants at or over their share wait for room."""
         pairs: list[tuple[GenerateWork, list[int]]] = []
         width = rows = 0
         if any(w.cancelled for w in self.queue):
             self.queue.remove_if(lambda w: w.cancelled)
-        while (work := self.queue.peek()) is not None:
-            need = len(work.rows)
-            if rows + need > room:  # (the API side bounds an ensemble by MAX_BATCH_SIZE)
-                break
+        limit = self.settings.max_batch_size
+        by_tenant: dict[str, int] = {}
+        for row in (r for b in self.batches() for r in b.rows):
+            by_tenant[row.work.flow.tenant] = by_tenant.get(row.work.flow.tenant, 0) + 1
+        running = sum(by_tenant.values())
+        shares: dict[str, float] | None = None
+        full: set[str] = set()  # tenants that cannot join now
+        while (work := self.queue.peek(full)) is not None:
+            need, tenant = len(work.rows), work.flow.tenant
+            if running + rows + need > limit:  # (the API side bounds an ensemble by MAX_BATCH_SIZE)
+                if not self.queue.fair or running + rows + need > limit + headroom(limit):
+                    break
+                if shares is None:
+                    waiting = {w.flow.tenant: w.flow.weight for w in self.queue}
+                    shares = row_shares(by_tenant, waiting, limit)
+                if by_tenant.get(tenant, 0) + need > max(1.0, shares.get(tenant, 0.0)):
+                    full.add(tenant)
+                    continue
             if not prefill_fits(rows, width, len(work.prompt), self.settings.max_prefill_tokens, need):
                 break
             slots: list[int | None] = []
@@ -149,14 +185,15 @@ class GenerationLane:
                     slots = []
                     break
             if not slots:
-                self.queue.pop()
+                self.queue.pop(full)
                 fail_rows([work], EngineFailure("loading the adapter failed; see the server log"))
                 continue
             if None in slots:
                 break
-            self.queue.pop()
+            self.queue.pop(full)
             pairs.append((work, [s for s in slots if s is not None]))
             width, rows = max(width, len(work.prompt)), rows + need
+            by_tenant[tenant] = by_tenant.get(tenant, 0) + need
         if not pairs:
             return None
         self.metrics.batch_size.labels(task="prefill").observe(rows)
