@@ -47,8 +47,9 @@ class Bucket:
         self.level, self.at = self.capacity, time.monotonic()
 
     def refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.at) * self.rate)
-        self.at = now
+        if now > self.at:
+            self.level = min(self.capacity, self.level + (now - self.at) * self.rate)
+            self.at = now
 
     def wait(self, need: float = 1.0) -> float:
         """Seconds until it holds ``need``."""

@@ -1,7 +1,7 @@
 """Noisy neighbour: a quiet app's latency while another app floods the service, per scheduler.
 
-    python -m bench.noisy_neighbour [--flood-clients 48] [--flood-tokens 96] [--quiet-requests 8]
-                                    [--rounds 1] [--schedulers fifo,fair]
+    python -m bench.noisy_neighbour [--flood-clients 48] [--flood-tokens 96] [--window 30]
+                                    [--rounds 1] [--schedulers fifo,fair] [--dtype auto]
 
 Two tenants on one server (a tenants file, no limits): ``flood`` runs ``--flood-clients`` clients
 sending ``--flood-tokens``-token generations back to back (min_tokens = max_new_tokens: every one
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import re
 import shutil
 import statistics
@@ -56,11 +57,15 @@ class Quiet:
     errors: list[str] = field(default_factory=list)
 
 
-async def quiet_requests(url: str, n: int, pause: float) -> Quiet:
+async def quiet_requests(url: str, n: int, pause: float, until: float = float("inf")) -> Quiet:
+    """``n`` rounds of (a generation, a classification), one request at a time, ``pause`` seconds
+    apart, stopping early at ``until`` (time.perf_counter())."""
     out = Quiet()
     headers = {"Authorization": f"Bearer {QUIET_KEY}"}
     async with httpx.AsyncClient(base_url=url, timeout=300, headers=headers) as http:
         for _ in range(n):
+            if time.perf_counter() >= until:
+                break
             for path, body, into in (
                 (
                     "/generate",
@@ -92,7 +97,8 @@ async def generated_tokens(http: httpx.AsyncClient) -> float:
 
 
 async def flood_phase(url: str, args: argparse.Namespace) -> tuple[Quiet, float, int]:
-    """The quiet requests during the flood; total tokens/s over their window; flood errors."""
+    """The quiet requests during ``--window`` seconds of the flood (one after the other, as many as
+    fit); the total tokens/s over that window (the same length for every scheduler); flood errors."""
     stop = asyncio.Event()
     flood_errors = 0
     body = {
@@ -102,8 +108,9 @@ async def flood_phase(url: str, args: argparse.Namespace) -> tuple[Quiet, float,
         "min_tokens": args.flood_tokens,
     }
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client(http: httpx.AsyncClient, start_after: float) -> None:
         nonlocal flood_errors
+        await asyncio.sleep(start_after)
         while not stop.is_set():
             try:
                 resp = await http.post("/generate", json=body)
@@ -114,10 +121,17 @@ async def flood_phase(url: str, args: argparse.Namespace) -> tuple[Quiet, float,
     headers = {"Authorization": f"Bearer {FLOOD_KEY}"}
     limits = httpx.Limits(max_connections=args.flood_clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers, limits=limits) as http:
-        clients = [asyncio.create_task(client(http)) for _ in range(args.flood_clients)]
+        # the clients start spread over the first seconds, as independent clients do: their
+        # generations do not all begin and end in the same step
+        rng = random.Random(0)
+        clients = [
+            asyncio.create_task(client(http, rng.uniform(0, args.warmup / 2)))
+            for _ in range(args.flood_clients)
+        ]
         await asyncio.sleep(args.warmup)
         t0, tok0 = time.perf_counter(), await generated_tokens(http)
-        quiet = await quiet_requests(url, args.quiet_requests, args.pause)
+        quiet = await quiet_requests(url, 10**6, args.pause, until=t0 + args.window)
+        await asyncio.sleep(max(0.0, t0 + args.window - time.perf_counter()))
         t1, tok1 = time.perf_counter(), await generated_tokens(http)
         stop.set()
         await asyncio.gather(*clients)
@@ -147,7 +161,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--flood-clients", type=int, default=48)
     parser.add_argument("--flood-tokens", type=int, default=96)
-    parser.add_argument("--quiet-requests", type=int, default=8, help="of each kind, alone and in the flood")
+    parser.add_argument("--quiet-requests", type=int, default=8, help="of each kind, alone")
+    parser.add_argument("--window", type=float, default=30.0, help="of the flood, measured (s)")
+    parser.add_argument("--dtype", default="auto", help="ADAPTERSERVE_DTYPE of the server")
     parser.add_argument("--pause", type=float, default=0.2, help="between the quiet requests (s)")
     parser.add_argument("--warmup", type=float, default=10.0, help="flood before the quiet requests (s)")
     parser.add_argument("--rounds", type=int, default=1)
@@ -161,16 +177,18 @@ def main() -> None:
         for _ in range(args.rounds):
             for scheduler in args.schedulers.split(","):
                 log = folder / f"{scheduler}.log"
-                with running_server(store, log, tenants_file=str(tenants), scheduler=scheduler) as (_, url):
+                settings = {"tenants_file": str(tenants), "scheduler": scheduler, "dtype": args.dtype}
+                with running_server(store, log, **settings) as (_, url):
                     results[scheduler].append(asyncio.run(one_server(url, args)))
     finally:
         shutil.rmtree(store.parent, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
     print(machine_line())
     print(
-        f"flood: {args.flood_clients} clients × {args.flood_tokens}-token generations; quiet: "
-        f"{args.quiet_requests} × ({QUIET_TOKENS}-token generation, one-text classification), "
-        f"medians over {args.rounds} round(s)\n"
+        f"dtype {args.dtype}; flood: {args.flood_clients} clients × {args.flood_tokens}-token "
+        f"generations; quiet: a {QUIET_TOKENS}-token generation and a one-text classification in "
+        f"turns, {args.pause} s apart ({args.quiet_requests} of each alone, as many as fit in "
+        f"{args.window:g} s of the flood); medians; {args.rounds} round(s)\n"
     )
     print(
         "| scheduler | quiet gen alone | in flood | ratio | quiet classify alone | in flood | ratio "

@@ -87,7 +87,8 @@ def _admitted(request: Request, tenant: Tenant) -> Tenant:
     """The request's tenant, within its limits (429 beyond them; app/quotas.py)."""
     request.state.tenant = tenant
     quotas: TenantQuotas | None = getattr(request.app.state, "quotas", None)
-    if quotas is not None and tenant.limits != Limits():
+    # (once per request: a route may name this dependency at the router and in its signature)
+    if quotas is not None and tenant.limits != Limits() and getattr(request.state, "ticket", None) is None:
         request.state.ticket = quotas.admit(tenant)
     return tenant
 
