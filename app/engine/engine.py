@@ -93,7 +93,7 @@ class Engine:
         self._waiting: Counter[str] = Counter()
         self._waiting_lock = threading.Lock()
         self._gauges_at = 0.0
-        self._reported_tenants: set[str] = set()
+        self._reported_tenants: set[str] = {ONE_FLOW.tenant}  # (a series from the start)
         # tokens a tenant's finished work used (prompt + generated): the tenant quotas (app/quotas.py)
         self.charge_tokens: Callable[[str, int], None] = lambda tenant, tokens: None
         self.classification = ClassificationLane(self.runner, settings, metrics, self._left, self._charge)

@@ -3,7 +3,8 @@
     .venv/bin/python deploy/grafana/dashboard.py > deploy/grafana/dashboards/adapterserve.json
 
 Every panel's PromQL is in ``PANELS`` (also read by the test that evaluates it against a real
-Prometheus). ``$__rate_interval`` is Grafana's rate window; ``$adapter`` filters by adapter.
+Prometheus). ``$__rate_interval`` is Grafana's rate window; ``$adapter`` filters by adapter; the
+row of ``TENANT_PANELS`` is repeated for each tenant of ``$tenant``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from grafanalib._gen import DashboardEncoder
 from grafanalib.core import (
     Dashboard,
     GridPos,
+    Repeat,
+    RowPanel,
     Target,
     Template,
     Templating,
@@ -203,23 +206,80 @@ PANELS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
 }
 
 
-def dashboard() -> Dashboard:
-    panels = []
-    for i, (title, (unit, queries, description)) in enumerate(PANELS.items()):
-        targets = [
-            Target(expr=expr, legendFormat=legend, refId=chr(ord("A") + j), datasource=DATASOURCE)
-            for j, (legend, expr) in enumerate(queries)
-        ]
-        panels.append(
-            TimeSeries(
-                title=title,
-                description=description,
-                dataSource=DATASOURCE,
-                targets=targets,
-                unit=unit,
-                gridPos=GridPos(h=8, w=12, x=12 * (i % 2), y=8 * (i // 2)),
+TENANT = 'tenant=~"$tenant"'
+# one row per tenant (repeated over $tenant): title -> (unit, [(legend, expr)], description)
+TENANT_PANELS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
+    "Requests by status": (
+        "reqps",
+        [("{{status}}", f"sum by (status) (rate(adapterserve_tenant_requests_total{{{TENANT}}}[{RATE}]))")],
+        "The tenant's HTTP requests per second by status (429: over a limit or its queue share).",
+    ),
+    "Tokens per second": (
+        "short",
+        [("{{kind}}", f"sum by (kind) (rate(adapterserve_tenant_tokens_total{{{TENANT}}}[{RATE}]))")],
+        "Prompt (and classified) tokens and generated tokens per second: what tokens_per_minute counts.",
+    ),
+    "Rejections by limit": (
+        "reqps",
+        [
+            (
+                "{{limit}}",
+                f"sum by (limit) (rate(adapterserve_tenant_rejections_total{{{TENANT}}}[{RATE}])) "
+                f"or sum(rate(adapterserve_tenant_requests_total{{{TENANT}}}[{RATE}])) * 0",
             )
+        ],
+        "Requests per second refused at a limit: requests, tokens, concurrent, queue (its share of "
+        "MAX_QUEUE). A tenant held at its limit raises AdapterserveTenantAtLimit.",
+    ),
+    "Queue and latency": (
+        "s",
+        [
+            ("waiting", f"sum(adapterserve_tenant_queue_depth{{{TENANT}}})"),
+            ("p50", _q("0.5", "adapterserve_tenant_request_duration_seconds", "", TENANT)),
+            ("p95", _q("0.95", "adapterserve_tenant_request_duration_seconds", "", TENANT)),
+        ],
+        "Requests of the tenant waiting for the engine (count), and its inference latency (seconds).",
+    ),
+}
+
+
+def _panel(
+    title: str, unit: str, queries: list[tuple[str, str]], description: str, pos: GridPos
+) -> TimeSeries:
+    targets = [
+        Target(expr=expr, legendFormat=legend, refId=chr(ord("A") + j), datasource=DATASOURCE)
+        for j, (legend, expr) in enumerate(queries)
+    ]
+    return TimeSeries(
+        title=title, description=description, dataSource=DATASOURCE, targets=targets, unit=unit, gridPos=pos
+    )
+
+
+def dashboard() -> Dashboard:
+    panels: list[TimeSeries | RowPanel] = []
+    for i, (title, (unit, queries, description)) in enumerate(PANELS.items()):
+        pos = GridPos(h=8, w=12, x=12 * (i % 2), y=8 * (i // 2))
+        panels.append(_panel(title, unit, queries, description, pos))
+    top = 8 * ((len(PANELS) + 1) // 2)
+    panels.append(
+        RowPanel(
+            title="Tenant $tenant", repeat=Repeat(variable="tenant"), gridPos=GridPos(h=1, w=24, x=0, y=top)
         )
+    )
+    for i, (title, (unit, queries, description)) in enumerate(TENANT_PANELS.items()):
+        pos = GridPos(h=8, w=6, x=6 * i, y=top + 1)
+        panels.append(_panel(f"{title} ($tenant)", unit, queries, description, pos))
+    tenants = Template(
+        name="tenant",
+        label="tenant",
+        query="label_values(adapterserve_tenant_requests_total, tenant)",
+        dataSource=DATASOURCE,
+        includeAll=True,
+        multi=True,
+        allValue=".*",
+        default="All",
+        refresh=2,
+    )
     adapters = Template(
         name="adapter",
         label="adapter",
@@ -239,7 +299,7 @@ def dashboard() -> Dashboard:
         timezone="browser",
         refresh="10s",
         panels=panels,
-        templating=Templating(list=[adapters]),
+        templating=Templating(list=[adapters, tenants]),
     ).auto_panel_ids()
 
 

@@ -103,7 +103,7 @@ def _query(url: str, expr: str) -> list[dict[str, Any]]:
 
 def _grafana(expr: str) -> str:
     """The expression as Grafana would send it, with the dashboard's variables filled in."""
-    return expr.replace("$__rate_interval", "30s").replace("$adapter", ".*")
+    return expr.replace("$__rate_interval", "30s").replace("$adapter", ".*").replace("$tenant", ".*")
 
 
 def test_dashboard_and_alert_expressions_evaluate_with_data(
@@ -120,7 +120,8 @@ def test_dashboard_and_alert_expressions_evaluate_with_data(
     assert up and up[0]["value"][1] == "1"
     assert not _query(prometheus, 'adapterserve_requests_total{endpoint="/metrics"}')  # scrapes not counted
 
-    for title, (_, queries, _) in dashboard_module().PANELS.items():
+    module = dashboard_module()
+    for title, (_, queries, _) in (module.PANELS | module.TENANT_PANELS).items():
         for legend, expr in queries:
             result = _query(prometheus, _grafana(expr))
             assert result, f"panel {title!r} ({legend}) returned no data: {expr}"

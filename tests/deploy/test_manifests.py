@@ -64,11 +64,41 @@ def test_the_kinds_the_deployment_needs_are_there() -> None:
     )
 
 
+def test_tenants_secret_mount_and_the_inference_gateway_files() -> None:
+    from app.metrics import Metrics
+    from app.tenants import parse_tenants
+
+    deployment = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secret = yaml.safe_load((ROOT / "deploy" / "k8s" / "tenants-secret.yaml").read_text())
+    path = Path(env["ADAPTERSERVE_TENANTS_FILE"]["value"])
+    assert mounts["tenants"]["mountPath"] == str(path.parent) and "subPath" not in mounts["tenants"]
+    assert volumes["tenants"]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert parse_tenants(secret["stringData"][path.name]) == {}  # the example lists no keys
+    # the InferencePool selects the deployment's pods; the EPP reads metrics this service exports
+    pool, route = yaml.safe_load_all((ROOT / "deploy" / "k8s" / "gateway" / "inferencepool.yaml").read_text())
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pool["kind"] == "InferencePool" and pool["spec"]["selector"]["matchLabels"] == labels
+    assert pool["spec"]["targetPorts"] == [{"number": 8000}]
+    assert route["spec"]["rules"][0]["backendRefs"][0]["name"] == pool["metadata"]["name"]
+    values = yaml.safe_load((ROOT / "deploy" / "k8s" / "gateway" / "epp-values.yaml").read_text())
+    exported = Metrics().render().decode()
+    for flag, metric in values["inferenceExtension"]["flags"].items():
+        assert f"# TYPE {metric} gauge" in exported, (flag, metric)
+
+
 def test_dashboard_json_is_the_generators_output() -> None:
     committed = (ROOT / "deploy" / "grafana" / "dashboards" / "adapterserve.json").read_text()
     assert committed == dashboard_module().render(), "run: python deploy/grafana/dashboard.py > ...json"
     panels = json.loads(committed)["panels"]
-    assert len(panels) == len(dashboard_module().PANELS) and all(p["targets"] for p in panels)
+    module = dashboard_module()
+    rows = [p for p in panels if p["type"] == "row"]
+    assert len(panels) == len(module.PANELS) + len(module.TENANT_PANELS) + 1
+    assert all(p["targets"] for p in panels if p["type"] != "row")
+    assert [r["repeat"] for r in rows] == ["tenant"]  # one row per tenant
 
 
 @pytest.mark.prometheus
