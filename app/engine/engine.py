@@ -93,7 +93,7 @@ class Engine:
         self._waiting: Counter[str] = Counter()
         self._waiting_lock = threading.Lock()
         self._gauges_at = 0.0
-        self._reported_tenants: set[str] = {ONE_FLOW.tenant}  # (a series from the start)
+        self._reported_tenants: set[str] = {ONE_FLOW.tenant}  # (a series from the start; the lock's)
         # tokens a tenant's finished work used (prompt + generated): the tenant quotas (app/quotas.py)
         self.charge_tokens: Callable[[str, int], None] = lambda tenant, tokens: None
         self.classification = ClassificationLane(self.runner, settings, metrics, self._left, self._charge)
@@ -164,6 +164,7 @@ class Engine:
                     {"Retry-After": "1"},
                 )
             self._waiting[flow.tenant] += 1
+            self._reported_tenants.add(flow.tenant)
 
     def _left(self, work: Work) -> None:
         """A work item left the queues (into a batch, or failed)."""
@@ -280,10 +281,9 @@ class Engine:
         """The queue per tenant and the inference gateway's series (engine thread)."""
         m = self.metrics
         with self._waiting_lock:
-            waiting = dict(self._waiting)
-        for tenant in set(waiting) | self._reported_tenants:
+            waiting, tenants = dict(self._waiting), set(self._reported_tenants)
+        for tenant in tenants:  # every tenant that sent work (0 when none of it waits)
             m.tenant_queue_depth.labels(tenant=tenant).set(waiting.get(tenant, 0))
-        self._reported_tenants |= set(waiting)
         rows = [row.work for b in self.gen.batches() for row in b.rows]
         running = list({id(w): w for w in rows}.values())
         m.requests_waiting.set(self.queue_depth)

@@ -22,6 +22,11 @@ from app.models.bottleneck_bank import BottleneckBank
 from app.models.quantize import QuantizedLinear
 from app.models.routing import BASE_SLOT, Routing, RoutingContext
 
+# a mixed batch whose adapters' ranks add up to at most this runs them side by side as one LoRA
+# (two GEMMs and a mask: on 2 CPU cores, 33 rows of 2-4 rank-16 adapters take 60-75 µs a layer
+# against 90-150 µs gathering each row's weights); more, and each row reads its own (BGMV style)
+CONCAT_MAX_RANK = 64
+
 __all__ = [
     "BASE_SLOT",
     "MultiLoraLinear",
@@ -57,9 +62,13 @@ class MultiLoraLinear(nn.Module):
         self.lora_B: torch.Tensor | None = None  # [slots, out, r]
         self.ranks: dict[int, int] = {}  # slot -> rank, for the slots with weights in this layer
         self.bottleneck: BottleneckBank | None = None  # bottleneck modules following this layer
-        # per-row weights gathered for the running decode batch:
-        # as (key, A^T [batch, in, r], B^T [batch, r, out])
-        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        # the weights gathered for the running decode batch: per row (key, A^T [batch, in, r],
+        # B^T [batch, r, out]), or side by side (-key - 1, A, B^T, mask; :meth:`_concatenated`)
+        self._gathered: (
+            tuple[int, torch.Tensor, torch.Tensor]
+            | tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
+            | None
+        ) = None
 
     @property
     def in_features(self) -> int:
@@ -95,6 +104,12 @@ class MultiLoraLinear(nn.Module):
             h = nn.functional.linear(flat, self.lora_A[routing.single, :rank])  # [tokens, r]
             b = self.lora_B[routing.single, :, :rank].t()
             out = torch.mm(h, b) if bias is None else torch.addmm(bias, h, b)
+        elif self._concatenates(routing):
+            a_cat, b_cat, mask = self._concatenated(routing)
+            rows = x.shape[0]
+            h = nn.functional.linear(flat, a_cat).view(rows, -1, a_cat.shape[0]).mul_(mask)
+            h = h.view(-1, a_cat.shape[0])
+            out = torch.mm(h, b_cat) if bias is None else torch.addmm(bias, h, b_cat)
         else:
             rows = x.shape[0]
             a_t, b_t = self._per_row_weights(routing)
@@ -110,6 +125,30 @@ class MultiLoraLinear(nn.Module):
             weight = base.weight if isinstance(base, Conv1D) else base.weight.t()
             out = out.view(-1, self._out).addmm_(flat, weight)
         return out.view(*x.shape[:-1], self._out)
+
+    def _concatenates(self, routing: Routing) -> bool:
+        """Whether the few adapters of a mixed batch run as one LoRA of their ranks side by side."""
+        total = sum(self.ranks.get(slot, 0) for slot in set(routing.slots))
+        return 0 < total <= CONCAT_MAX_RANK
+
+    def _concatenated(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's adapters side by side: A [Σr, in], B^T [Σr, out], and each row's mask
+        [batch, 1, Σr] (1 over its own adapter's ranks); kept across decode steps of one batch."""
+        assert self.lora_A is not None and self.lora_B is not None
+        key = routing.reuse_key
+        if key is not None and self._gathered is not None and self._gathered[0] == -key - 1:
+            return self._gathered[1], self._gathered[2], self._gathered[3]  # type: ignore[misc]
+        slots = sorted(s for s in set(routing.slots) if s in self.ranks)
+        a_cat = torch.cat([self.lora_A[s, : self.ranks[s]] for s in slots])
+        b_cat = torch.cat([self.lora_B[s, :, : self.ranks[s]].t() for s in slots])
+        owner = torch.tensor(
+            [s for s in slots for _ in range(self.ranks[s])], dtype=torch.long, device=a_cat.device
+        )
+        rows = torch.tensor(routing.slots, dtype=torch.long, device=a_cat.device)
+        mask = (rows.view(-1, 1, 1) == owner.view(1, 1, -1)).to(a_cat.dtype)
+        if key is not None:
+            self._gathered = (-key - 1, a_cat, b_cat, mask)
+        return a_cat, b_cat, mask
 
     def _per_row_weights(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's A^T [batch, in, r] and B^T [batch, r, out]; kept across decode steps of one batch."""

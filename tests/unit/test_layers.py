@@ -12,6 +12,7 @@ from app.adapters.bottleneck_format import BottleneckAdapter
 from app.adapters.lora_format import LoraAdapter
 from app.adapters.version import AdapterVersion
 from app.engine.slots import Admission, DeviceSlots, SlotsExhausted
+from app.models import multi_lora
 from app.models.multi_lora import BASE_SLOT, Routing, RoutingContext, wrap_linear_layers
 
 IN, HIDDEN, OUT = 10, 12, 10  # l0: IN -> HIDDEN, l1: HIDDEN -> OUT
@@ -111,9 +112,15 @@ def version(name: str, adapter: LoraAdapter | BottleneckAdapter) -> AdapterVersi
 
 @pytest.mark.parametrize("n_adapters", [1, 3, 6])
 @pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("side_by_side", [True, False], ids=["concatenated", "per-row"])
 def test_mixed_rows_equal_each_row_alone(
-    toy: tuple[Toy, RoutingContext, DeviceSlots], n_adapters: int, tokens: int
+    toy: tuple[Toy, RoutingContext, DeviceSlots],
+    n_adapters: int,
+    tokens: int,
+    side_by_side: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(multi_lora, "CONCAT_MAX_RANK", 64 if side_by_side else 0)
     model, ctx, slots = toy
     adapters: list[LoraAdapter | BottleneckAdapter] = [
         lora(i, rank=2 + 3 * i, modules=("l0", "l1") if i % 2 == 0 else ("l1",))
@@ -133,9 +140,11 @@ def test_mixed_rows_equal_each_row_alone(
         torch.testing.assert_close(alone, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("side_by_side", [True, False], ids=["concatenated", "per-row"])
 def test_gathered_weights_are_reused_only_for_the_same_composition(
-    toy: tuple[Toy, RoutingContext, DeviceSlots],
+    toy: tuple[Toy, RoutingContext, DeviceSlots], side_by_side: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(multi_lora, "CONCAT_MAX_RANK", 64 if side_by_side else 0)
     model, ctx, slots = toy
     a, b = lora(1, 4), lora(2, 8)
     sa, sb = slots.acquire(version("a", a), a, set()), slots.acquire(version("b", b), b, set())
