@@ -6,12 +6,14 @@
 Two tenants on one server (a tenants file, no limits): ``flood`` runs ``--flood-clients`` clients
 sending ``--flood-tokens``-token generations back to back (min_tokens = max_new_tokens: every one
 generates all of them) with its adapter; ``quiet`` sends, one at a time, a 16-token generation with
-its own adapter and a one-text classification. For each scheduler (``ADAPTERSERVE_SCHEDULER``, in
-turns, ``--rounds`` times): the quiet requests alone, then during the flood (after a warm-up that
-fills the batch). Printed: the quiet tenant's median latencies alone and in the flood, their ratio,
-its errors, and the total generated tokens per second during the flood window (from the server's
-``adapterserve_generated_tokens_total``), with the ratio to first come, first served measured in
-the same run.
+its own adapter and a one-text classification: alone one after the other, and during the flood at
+its own pace (one of each every ``--every`` seconds, whether the last was answered or not), so that
+every scheduler serves the same work in the window. For each scheduler (``ADAPTERSERVE_SCHEDULER``,
+in turns, ``--rounds`` times): the quiet requests alone, then during ``--window`` seconds of the
+flood (after a warm-up that fills the batch). Printed: the quiet tenant's median latencies alone and
+in the flood, their ratio, its errors, and the total generated tokens per second during the window
+(every tenant's; from the server's batch-size histograms), with the ratio to first come, first
+served measured in the same run.
 """
 
 from __future__ import annotations
@@ -57,48 +59,70 @@ class Quiet:
     errors: list[str] = field(default_factory=list)
 
 
-async def quiet_requests(url: str, n: int, pause: float, until: float = float("inf")) -> Quiet:
-    """``n`` rounds of (a generation, a classification), one request at a time, ``pause`` seconds
-    apart, stopping early at ``until`` (time.perf_counter())."""
+async def _one(
+    http: httpx.AsyncClient, path: str, body: dict[str, object], into: list[float], out: Quiet
+) -> None:
+    start = time.perf_counter()
+    try:
+        resp = await http.post(path, json=body)
+    except httpx.HTTPError as exc:
+        out.errors.append(f"{path}: {exc!r}")
+        return
+    if resp.status_code == 200:
+        into.append(time.perf_counter() - start)
+    else:
+        out.errors.append(f"{path}: {resp.status_code} {resp.text[:200]}")
+
+
+QUIET_GEN: dict[str, object] = {"adapter": "gen-a1", "prompt": PROMPT, "max_new_tokens": QUIET_TOKENS}
+QUIET_CLS: dict[str, object] = {"adapter": "cla-a0", "inputs": [TEXT]}
+
+
+async def quiet_alone(url: str, n: int, pause: float) -> Quiet:
+    """``n`` rounds of (a generation, a classification), one request at a time."""
     out = Quiet()
     headers = {"Authorization": f"Bearer {QUIET_KEY}"}
     async with httpx.AsyncClient(base_url=url, timeout=300, headers=headers) as http:
         for _ in range(n):
-            if time.perf_counter() >= until:
-                break
-            for path, body, into in (
-                (
-                    "/generate",
-                    {"adapter": "gen-a1", "prompt": PROMPT, "max_new_tokens": QUIET_TOKENS},
-                    out.gen,
-                ),
-                ("/classify", {"adapter": "cla-a0", "inputs": [TEXT]}, out.cls),
-            ):
-                start = time.perf_counter()
-                try:
-                    resp = await http.post(path, json=body)
-                except httpx.HTTPError as exc:
-                    out.errors.append(f"{path}: {exc!r}")
-                    continue
-                if resp.status_code == 200:
-                    into.append(time.perf_counter() - start)
-                else:
-                    out.errors.append(f"{path}: {resp.status_code} {resp.text[:200]}")
-                await asyncio.sleep(pause)
+            await _one(http, "/generate", QUIET_GEN, out.gen, out)
+            await asyncio.sleep(pause)
+            await _one(http, "/classify", QUIET_CLS, out.cls, out)
+            await asyncio.sleep(pause)
+    return out
+
+
+async def quiet_every(url: str, every: float, until: float) -> Quiet:
+    """A generation and, half a period later, a classification every ``every`` seconds until
+    ``until`` (an app's own pace: each is sent on time, whether the last was answered or not)."""
+    out = Quiet()
+    headers = {"Authorization": f"Bearer {QUIET_KEY}"}
+    sent: list[asyncio.Task[None]] = []
+    async with httpx.AsyncClient(base_url=url, timeout=300, headers=headers) as http:
+        while time.perf_counter() < until:
+            sent.append(asyncio.create_task(_one(http, "/generate", QUIET_GEN, out.gen, out)))
+            await asyncio.sleep(every / 2)
+            sent.append(asyncio.create_task(_one(http, "/classify", QUIET_CLS, out.cls, out)))
+            await asyncio.sleep(every / 2)
+        await asyncio.gather(*sent)
     return out
 
 
 async def generated_tokens(http: httpx.AsyncClient) -> float:
+    """Tokens generated so far: a row of each decode step and each prefilled row's first token
+    (the sums of the server's batch-size histograms; exact at any moment, unlike the per-request
+    counters, which count a generation when it ends)."""
     text = (await http.get("/metrics")).text
     return sum(
         float(m.group(1))
-        for m in re.finditer(r"^adapterserve_generated_tokens_total\{[^}]*\} (\S+)$", text, re.M)
+        for m in re.finditer(
+            r'^adapterserve_batch_size_sum\{task="(?:generate|prefill)"\} (\S+)$', text, re.M
+        )
     )
 
 
 async def flood_phase(url: str, args: argparse.Namespace) -> tuple[Quiet, float, int]:
-    """The quiet requests during ``--window`` seconds of the flood (one after the other, as many as
-    fit); the total tokens/s over that window (the same length for every scheduler); flood errors."""
+    """The quiet requests during ``--window`` seconds of the flood (the same ones for every
+    scheduler); the total tokens/s over that window (until the last quiet answer); flood errors."""
     stop = asyncio.Event()
     flood_errors = 0
     body = {
@@ -130,8 +154,7 @@ async def flood_phase(url: str, args: argparse.Namespace) -> tuple[Quiet, float,
         ]
         await asyncio.sleep(args.warmup)
         t0, tok0 = time.perf_counter(), await generated_tokens(http)
-        quiet = await quiet_requests(url, 10**6, args.pause, until=t0 + args.window)
-        await asyncio.sleep(max(0.0, t0 + args.window - time.perf_counter()))
+        quiet = await quiet_every(url, args.every, until=t0 + args.window)
         t1, tok1 = time.perf_counter(), await generated_tokens(http)
         stop.set()
         await asyncio.gather(*clients)
@@ -143,8 +166,8 @@ def median_ms(values: list[float]) -> float:
 
 
 async def one_server(url: str, args: argparse.Namespace) -> dict[str, float]:
-    await quiet_requests(url, 2, 0.0)  # warm: adapters loaded, first forwards done
-    alone = await quiet_requests(url, args.quiet_requests, args.pause)
+    await quiet_alone(url, 2, 0.0)  # warm: adapters loaded, first forwards done
+    alone = await quiet_alone(url, args.quiet_requests, args.pause)
     flood, tokens_per_s, flood_errors = await flood_phase(url, args)
     return {
         "gen_alone": median_ms(alone.gen),
@@ -164,7 +187,8 @@ def main() -> None:
     parser.add_argument("--quiet-requests", type=int, default=8, help="of each kind, alone")
     parser.add_argument("--window", type=float, default=30.0, help="of the flood, measured (s)")
     parser.add_argument("--dtype", default="auto", help="ADAPTERSERVE_DTYPE of the server")
-    parser.add_argument("--pause", type=float, default=0.2, help="between the quiet requests (s)")
+    parser.add_argument("--pause", type=float, default=0.2, help="between the quiet requests alone (s)")
+    parser.add_argument("--every", type=float, default=3.0, help="the quiet app's period in the flood (s)")
     parser.add_argument("--warmup", type=float, default=10.0, help="flood before the quiet requests (s)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--schedulers", default="fifo,fair")
@@ -186,9 +210,9 @@ def main() -> None:
     print(machine_line())
     print(
         f"dtype {args.dtype}; flood: {args.flood_clients} clients × {args.flood_tokens}-token "
-        f"generations; quiet: a {QUIET_TOKENS}-token generation and a one-text classification in "
-        f"turns, {args.pause} s apart ({args.quiet_requests} of each alone, as many as fit in "
-        f"{args.window:g} s of the flood); medians; {args.rounds} round(s)\n"
+        f"generations; quiet: a {QUIET_TOKENS}-token generation and a one-text classification "
+        f"({args.quiet_requests} of each alone, one after the other; in the flood, one of each every "
+        f"{args.every:g} s for {args.window:g} s); medians; {args.rounds} round(s)\n"
     )
     print(
         "| scheduler | quiet gen alone | in flood | ratio | quiet classify alone | in flood | ratio "
