@@ -23,8 +23,10 @@ from app.models.quantize import QuantizedLinear
 from app.models.routing import BASE_SLOT, Routing, RoutingContext
 
 # a mixed batch whose adapters' ranks add up to at most this runs them side by side as one LoRA
-# (two GEMMs and a mask: on 2 CPU cores, 33 rows of 2-4 rank-16 adapters take 60-75 µs a layer
-# against 90-150 µs gathering each row's weights); more, and each row reads its own (BGMV style)
+# (two GEMMs and a row mask) instead of gathering each row's weights (BGMV style): on 2 CPU cores,
+# 33 decode rows of rank-16 adapters on a 576x1536 layer, with the base GEMM, 345 against 406 µs
+# for 2 adapters, 367 against 427 for 4; 8 is a toss-up between runs, 16 clearly slower (500
+# against 385; bench/lora_paths.py)
 CONCAT_MAX_RANK = 64
 
 __all__ = [
