@@ -24,16 +24,59 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 SEQ_DIM = 2  # the token axis of a layer's key and value tensors
 
 
+SPARE_COLUMNS = 64  # at least this many spare token columns when a layer's buffer is (re)made
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention layer whose keys and values grow in place. transformers' ``DynamicLayer``
+    concatenates at every step, copying the whole cache (at 32 rows and ~65 tokens a quarter of a
+    decode step of the default base on 2 cores); this one appends into spare columns of a buffer
+    and exposes its used columns as a view. The buffer is made anew, with room to spare (half the
+    columns, at least :data:`SPARE_COLUMNS`), when it is full or when the engine replaced the
+    tensors (rows selected, columns trimmed, batches merged: one copy, as each of those is anyway)."""
+
+    _k_buf: torch.Tensor | None = None
+    _v_buf: torch.Tensor | None = None
+    _k_view: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None
+        old = keys.shape[SEQ_DIM] if keys.numel() else 0
+        new = old + key_states.shape[SEQ_DIM]
+        k_buf, v_buf = self._k_buf, self._v_buf
+        if k_buf is None or v_buf is None or keys is not self._k_view or new > k_buf.shape[SEQ_DIM]:
+            columns = new + max(SPARE_COLUMNS, new // 2)
+            k_buf = key_states.new_empty(*key_states.shape[:SEQ_DIM], columns, key_states.shape[-1])
+            v_buf = value_states.new_empty(*value_states.shape[:SEQ_DIM], columns, value_states.shape[-1])
+            if old:
+                k_buf[:, :, :old].copy_(keys)
+                v_buf[:, :, :old].copy_(values)
+            self._k_buf, self._v_buf = k_buf, v_buf
+        k_buf[:, :, old:new].copy_(key_states)
+        v_buf[:, :, old:new].copy_(value_states)
+        self.keys = self._k_view = k_buf[:, :, :new]
+        self.values = v_buf[:, :, :new]
+        return self.keys, self.values
+
+
 def new_cache(config: PretrainedConfig) -> DynamicCache:
-    """An empty cache with the layer classes the model's config asks for (sliding windows...)."""
-    return DynamicCache(config=config)
+    """An empty cache with the layer classes the model's config asks for (sliding windows...), its
+    full-attention layers growing in place (:class:`GrowingLayer`)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def mergeable(cache: DynamicCache) -> bool:
     """Whether rows can join this cache by left padding: full-attention and sliding-window dynamic
     layers (not recording their past for a rollback); other layer kinds make a batch run alone."""
     return all(
-        type(layer) is DynamicLayer
+        type(layer) in (DynamicLayer, GrowingLayer)
         or (
             type(layer) is DynamicSlidingWindowLayer
             and not cast(DynamicSlidingWindowLayer, layer).record_past

@@ -109,3 +109,40 @@ def test_sliding_layers_merge_and_trim_as_if_they_had_seen_the_padded_rows() -> 
         trimmed = sliding_cache(padded, window)
         kv_cache.trim_left(trimmed, 3)
         assert_same_layer(trimmed, sliding_cache(ka, window))
+
+
+def test_growing_layers_hold_what_concatenation_would_and_append_in_place() -> None:
+    """A cache of GrowingLayers equals transformers' concatenating DynamicLayers through appends,
+    row selection, trims and merges; appends within the spare columns write into the same buffer."""
+    gen = torch.Generator().manual_seed(5)
+    grown = DynamicCache()
+    grown.layers = [kv_cache.GrowingLayer() for _ in range(LAYERS)]
+    plain = DynamicCache()
+
+    def append(rows: int, tokens: int) -> None:
+        for layer in range(LAYERS):
+            k = torch.randn(rows, HEADS, tokens, DIM, generator=gen)
+            out_k, out_v = grown.update(k, k * 2, layer)
+            ref_k, ref_v = plain.update(k, k * 2, layer)
+            assert torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v)
+
+    append(3, 7)  # a prefill
+    first = grown.layers[0].keys.data_ptr()
+    for _ in range(20):  # decode steps: no copy of what is there
+        append(3, 1)
+    assert grown.layers[0].keys.data_ptr() == first
+    assert grown.layers[0].keys.shape[2] == 27
+    for cache in (grown, plain):
+        kv_cache.select_rows(cache, torch.tensor([2, 0]))
+        kv_cache.trim_left(cache, 3)
+    append(2, 1)
+    other, _ = cache_of(1, 30, 6)
+    other_plain, _ = cache_of(1, 30, 6)
+    kv_cache.merge_left_padded(grown, 25, other, 30)
+    kv_cache.merge_left_padded(plain, 25, other_plain, 30)
+    append(3, 1)
+    for _ in range(80):  # past the spare columns: a larger buffer, same contents
+        append(3, 1)
+    for a, b in zip(grown.layers, plain.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert kv_cache.mergeable(grown)
