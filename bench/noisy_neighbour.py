@@ -1,6 +1,6 @@
 """Noisy neighbour: a quiet app's latency while another app floods the service, per scheduler.
 
-    python -m bench.noisy_neighbour [--flood-clients 48] [--flood-tokens 96] [--window 30]
+    python -m bench.noisy_neighbour [--flood-clients 48] [--flood-tokens 96] [--window 90]
                                     [--rounds 1] [--schedulers fifo,fair] [--dtype auto]
 
 Two tenants on one server (a tenants file, no limits): ``flood`` runs ``--flood-clients`` clients
@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--flood-clients", type=int, default=48)
     parser.add_argument("--flood-tokens", type=int, default=96)
     parser.add_argument("--quiet-requests", type=int, default=8, help="of each kind, alone")
-    parser.add_argument("--window", type=float, default=30.0, help="of the flood, measured (s)")
+    parser.add_argument("--window", type=float, default=90.0, help="of the flood, measured (s)")
     parser.add_argument("--dtype", default="auto", help="ADAPTERSERVE_DTYPE of the server")
     parser.add_argument("--pause", type=float, default=0.2, help="between the quiet requests alone (s)")
     parser.add_argument("--every", type=float, default=3.0, help="the quiet app's period in the flood (s)")
