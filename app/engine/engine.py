@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
@@ -26,6 +24,7 @@ from app.adapters.version import AdapterVersion
 from app.config import Settings
 from app.engine.classification_lane import ClassificationLane
 from app.engine.generation_lane import GenerationLane
+from app.engine.queue_shares import QueueShares
 from app.engine.runner import Runner
 from app.engine.slots import Admission, DeviceSlots, SlotsExhausted
 from app.engine.types import (
@@ -54,7 +53,6 @@ from app.errors import (
     EngineFailure,
     NotReady,
     QueueFull,
-    RateLimited,
 )
 from app.metrics import Metrics
 from app.models.base_lm import BaseLM
@@ -90,10 +88,8 @@ class Engine:
         self.runner = Runner(base, self.ctx, settings.max_consecutive_failures, metrics.forward_failures)
         self._inbox: queue.Queue[Work | Command] = queue.Queue()
         # each tenant's queued work (the inbox and the lanes' queues), for its share of MAX_QUEUE
-        self._waiting: Counter[str] = Counter()
-        self._waiting_lock = threading.Lock()
+        self.shares = QueueShares(settings.max_queue, metrics)
         self._gauges_at = 0.0
-        self._reported_tenants: set[str] = {ONE_FLOW.tenant}  # (a series from the start; the lock's)
         # tokens a tenant's finished work used (prompt + generated): the tenant quotas (app/quotas.py)
         self.charge_tokens: Callable[[str, int], None] = lambda tenant, tokens: None
         self.classification = ClassificationLane(self.runner, settings, metrics, self._left, self._charge)
@@ -146,37 +142,18 @@ class Engine:
         if isinstance(item, ClassifyWork | GenerateWork):
             if self.queue_depth >= self.settings.max_queue:
                 raise QueueFull(f"the request queue is full ({self.settings.max_queue}); retry shortly")
-            self._enter(item.flow)
+            self.shares.enter(item.flow)
             item.deadline = time.monotonic() + self.settings.request_timeout_s
         self._inbox.put(item)
         self.metrics.queue_depth.set(self.queue_depth)
 
-    def _enter(self, flow: Flow) -> None:
-        """Count a tenant's new queued work, refused beyond its share of the queue (any thread)."""
-        share = max(1, math.floor(self.settings.max_queue * flow.queue_share))
-        with self._waiting_lock:
-            if self._waiting[flow.tenant] >= share:
-                self.metrics.tenant_rejections.labels(tenant=flow.tenant, limit="queue").inc()
-                raise RateLimited(
-                    f"tenant {flow.tenant!r} has {share} requests waiting, its share of the queue; "
-                    "retry when some are answered",
-                    "queue",
-                    {"Retry-After": "1"},
-                )
-            self._waiting[flow.tenant] += 1
-            self._reported_tenants.add(flow.tenant)
-
     def _left(self, work: Work) -> None:
         """A work item left the queues (into a batch, or failed)."""
-        with self._waiting_lock:
-            self._waiting[work.flow.tenant] -= 1
-            if self._waiting[work.flow.tenant] <= 0:
-                del self._waiting[work.flow.tenant]
+        self.shares.left(work.flow)
 
     def waiting(self, tenant: str) -> int:
         """``tenant``'s queued requests (any thread)."""
-        with self._waiting_lock:
-            return self._waiting[tenant]
+        return self.shares.waiting(tenant)
 
     def _charge(self, flow: Flow, prompt: int, generated: int) -> None:
         m = self.metrics
@@ -280,10 +257,7 @@ class Engine:
     def _report_gauges(self) -> None:
         """The queue per tenant and the inference gateway's series (engine thread)."""
         m = self.metrics
-        with self._waiting_lock:
-            waiting, tenants = dict(self._waiting), set(self._reported_tenants)
-        for tenant in tenants:  # every tenant that sent work (0 when none of it waits)
-            m.tenant_queue_depth.labels(tenant=tenant).set(waiting.get(tenant, 0))
+        self.shares.report()
         rows = [row.work for b in self.gen.batches() for row in b.rows]
         running = list({id(w): w for w in rows}.values())
         m.requests_waiting.set(self.queue_depth)
