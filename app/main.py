@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -71,7 +72,7 @@ def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
             if ticket is not None:  # a tenant with limits: its headers; its slot ends with the body
                 response.headers.update(ticket.headers)
                 body = response.body_iterator  # type: ignore[attr-defined]
-                response.body_iterator = _released_after(body, ticket)  # type: ignore[attr-defined]
+                response.body_iterator = released_after(body, ticket)  # type: ignore[attr-defined]
             return response
         except BaseException:
             ticket = getattr(request.state, "ticket", None)
@@ -98,13 +99,20 @@ def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
             log_request(rid, request.method, endpoint, status, adapter, elapsed, tenant)
 
 
-async def _released_after(body: AsyncIterator[bytes], ticket: Ticket) -> AsyncIterator[bytes]:
-    """The response body; the request's concurrency slot is given back when it ends or is dropped."""
-    try:
-        async for chunk in body:
-            yield chunk
-    finally:
-        ticket.release()
+def released_after(body: AsyncIterator[bytes], ticket: Ticket) -> AsyncIterator[bytes]:
+    """The response body; the request's concurrency slot is given back when it ends, fails, or is
+    dropped without ever being iterated (the client gone before it started)."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            ticket.release()
+
+    wrapped = chunks()
+    weakref.finalize(wrapped, ticket.release)
+    return wrapped
 
 
 def _adapter_label(request: Request, metrics: Metrics, adapter: str | None) -> str:

@@ -94,3 +94,30 @@ def test_changed_limits_apply_at_once_and_keep_the_running_count(clock: Clock) -
     q.admit(tenant(concurrent=2))
     with pytest.raises(RateLimited):
         q.admit(tenant(concurrent=1))
+
+
+def test_a_response_body_gives_the_place_back_when_it_ends_or_is_dropped(clock: Clock) -> None:
+    import asyncio
+    import gc
+    from collections.abc import AsyncIterator
+
+    from app.main import released_after
+
+    q, t = TenantQuotas(Metrics()), tenant(concurrent=1)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+
+    async def read(chunks: AsyncIterator[bytes]) -> list[bytes]:
+        return [c async for c in chunks]
+
+    streamed = released_after(body(), q.admit(t))
+    with pytest.raises(RateLimited):
+        q.admit(t)
+    assert asyncio.run(read(streamed)) == [b"data: 1\n\n"]
+    dropped = released_after(body(), q.admit(t))  # never iterated: its client went away first
+    with pytest.raises(RateLimited):
+        q.admit(t)
+    del dropped
+    gc.collect()
+    q.admit(t)
