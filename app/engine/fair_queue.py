@@ -109,8 +109,10 @@ class FairQueue(Generic[W]):
         for name, tenant in self._tenants.items():
             if name in skip:
                 continue
-            if tenant.count and (best is None or (tenant.vtime, self._head(tenant)) < best[:2]):
-                best = (tenant.vtime, self._head(tenant), name)
+            if tenant.count:
+                candidate = (tenant.vtime, self._head(tenant), name)
+                if best is None or candidate[:2] < best[:2]:
+                    best = candidate
         if best is None:
             return None
         tenant = self._tenants[best[2]]

@@ -255,6 +255,21 @@ def _panel(
     )
 
 
+def _label_variable(label: str, metric: str) -> Template:
+    """A multi-select variable over the values of ``label`` in ``metric`` ("All" = every value)."""
+    return Template(
+        name=label,
+        label=label,
+        query=f"label_values({metric}, {label})",
+        dataSource=DATASOURCE,
+        includeAll=True,
+        multi=True,
+        allValue=".*",
+        default="All",
+        refresh=2,
+    )
+
+
 def dashboard() -> Dashboard:
     panels: list[TimeSeries | RowPanel] = []
     for i, (title, (unit, queries, description)) in enumerate(PANELS.items()):
@@ -269,28 +284,6 @@ def dashboard() -> Dashboard:
     for i, (title, (unit, queries, description)) in enumerate(TENANT_PANELS.items()):
         pos = GridPos(h=8, w=6, x=6 * i, y=top + 1)
         panels.append(_panel(f"{title} ($tenant)", unit, queries, description, pos))
-    tenants = Template(
-        name="tenant",
-        label="tenant",
-        query="label_values(adapterserve_tenant_requests_total, tenant)",
-        dataSource=DATASOURCE,
-        includeAll=True,
-        multi=True,
-        allValue=".*",
-        default="All",
-        refresh=2,
-    )
-    adapters = Template(
-        name="adapter",
-        label="adapter",
-        query="label_values(adapterserve_requests_total, adapter)",
-        dataSource=DATASOURCE,
-        includeAll=True,
-        multi=True,
-        allValue=".*",
-        default="All",
-        refresh=2,
-    )
     return Dashboard(
         title="adapterserve",
         uid="adapterserve",
@@ -299,7 +292,12 @@ def dashboard() -> Dashboard:
         timezone="browser",
         refresh="10s",
         panels=panels,
-        templating=Templating(list=[adapters, tenants]),
+        templating=Templating(
+            list=[
+                _label_variable("adapter", "adapterserve_requests_total"),
+                _label_variable("tenant", "adapterserve_tenant_requests_total"),
+            ]
+        ),
     ).auto_panel_ids()
 
 
