@@ -24,7 +24,7 @@ from app.errors import NotReady, is_openai_path, register_error_handlers, to_res
 from app.logs import REQUEST_ID_HEADER, log_request, request_id
 from app.metrics import Metrics
 from app.models.base_lm import BaseLM, load_base_model
-from app.platform import ReleasingExecutor
+from app.platform import ReleasingExecutor, capability
 from app.quotas import TenantQuotas, Ticket
 from app.serving.openai_service import OpenAIService
 from app.serving.service import InferenceService
@@ -232,7 +232,12 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
         )
         app.state.openai = OpenAIService(service, catalog, model.spec.model_id, model.quantization)
         syncing = asyncio.create_task(keep_in_sync(catalog, settings, metrics))
-        log.info("adapterserve ready: %d adapters in %s", len(catalog.adapters()), settings.store)
+        log.info(
+            "adapterserve ready: %d adapters in %s; machine: %s",
+            len(catalog.adapters()),
+            settings.store,
+            capability().line(),
+        )
         try:
             yield
         finally:

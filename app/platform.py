@@ -1,4 +1,6 @@
-"""Process-wide CPU tuning, in one place: called once by ``adapterserve serve`` (:func:`tune_process`).
+"""Process-wide CPU tuning, in one place: called once by ``adapterserve serve`` (:func:`tune_process`);
+and the machine's capability (:func:`capability`: instruction sets, CUDA), which chooses kernels and
+formats at start.
 
 Two facts about PyTorch on CPUs shape how the server runs; both were measured on the 2-core
 machines this project is developed on and are explained below.
@@ -34,8 +36,11 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
+import platform
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -131,3 +136,81 @@ def return_freed_memory() -> bool:
     except OSError:
         trim = None
     return bool(trim(0)) if trim is not None else False
+
+
+# --- capability ----------------------------------------------------------------------------
+_ISA_FLAGS = {  # /proc/cpuinfo flag -> the name reported
+    "avx2": "avx2",
+    "avx512f": "avx512",
+    "avx512_bf16": "avx512_bf16",
+    "avx512_vnni": "vnni",
+    "avx_vnni": "avx_vnni",
+    "amx_bf16": "amx_bf16",
+    "amx_int8": "amx_int8",
+}
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What the machine offers the kernels: the CPU's model and instruction sets, PyTorch's CPU
+    dispatch level, and CUDA's device and compute capability when there is one."""
+
+    cpu: str
+    isa: tuple[str, ...]  # of _ISA_FLAGS' names, those the CPU reports
+    torch_cpu: str  # torch.backends.cpu.get_cpu_capability(): DEFAULT, AVX2, AVX512...
+    cores: int
+    cuda: str | None = None  # "NVIDIA H100 80GB HBM3 (sm_90)"
+
+    @property
+    def bf16_dot(self) -> bool:
+        """The CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX), and PyTorch's oneDNN uses it."""
+        return bool({"avx512_bf16", "amx_bf16"} & set(self.isa)) and _onednn_bf16()
+
+    def line(self) -> str:
+        isa = " ".join(self.isa) or "no AVX2"
+        cuda = f", CUDA {self.cuda}" if self.cuda else ""
+        return f"{self.cpu}, {self.cores} cores, {isa} (torch {self.torch_cpu}){cuda}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "cpu": self.cpu,
+            "isa": list(self.isa),
+            "torch_cpu": self.torch_cpu,
+            "cores": self.cores,
+            "bf16_dot": self.bf16_dot,
+            "cuda": self.cuda,
+        }
+
+
+def _onednn_bf16() -> bool:
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(torch.backends.mkldnn.is_available() and check is not None and check())
+    except RuntimeError:
+        return False
+
+
+@functools.cache
+def capability() -> Capability:
+    """The machine's capability, probed once (Linux's /proc/cpuinfo; elsewhere only PyTorch's view)."""
+    fields: dict[str, str] = {}  # the first processor's
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    cpu = fields.get("model name") or platform.processor() or "unknown CPU"
+    flags = set(fields.get("flags", "").split())
+    cuda = None
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        cuda = f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+    return Capability(
+        cpu=cpu,
+        isa=tuple(name for flag, name in _ISA_FLAGS.items() if flag in flags),
+        torch_cpu=torch.backends.cpu.get_cpu_capability(),
+        cores=os.cpu_count() or 1,
+        cuda=cuda,
+    )

@@ -125,15 +125,8 @@ def save_bottlenecks(
 
 
 def machine_line() -> str:
-    """The machine a table was measured on: CPU model, PyTorch's CPU capability, cores, torch."""
-    import os
-    import platform
+    """The machine a table was measured on: CPU, cores, instruction sets, PyTorch's CPU dispatch
+    level, CUDA when there is one (:func:`app.platform.capability`), and torch's version."""
+    from app.platform import capability
 
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as info:
-            model = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    capability = torch.backends.cpu.get_cpu_capability()
-    return f"machine: {model}, capability {capability}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"machine: {capability().line()}, torch {torch.__version__}"

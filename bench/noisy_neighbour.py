@@ -2,6 +2,7 @@
 
     python -m bench.noisy_neighbour [--flood-clients 48] [--flood-tokens 96] [--window 90]
                                     [--rounds 1] [--schedulers fifo,fair] [--dtype auto]
+                                    [--quantization none]
 
 Two tenants on one server (a tenants file, no limits): ``flood`` runs ``--flood-clients`` clients
 sending ``--flood-tokens``-token generations back to back (min_tokens = max_new_tokens: every one
@@ -187,6 +188,7 @@ def main() -> None:
     parser.add_argument("--quiet-requests", type=int, default=8, help="of each kind, alone")
     parser.add_argument("--window", type=float, default=90.0, help="of the flood, measured (s)")
     parser.add_argument("--dtype", default="auto", help="ADAPTERSERVE_DTYPE of the server")
+    parser.add_argument("--quantization", default="none", help="ADAPTERSERVE_QUANTIZATION of the server")
     parser.add_argument("--pause", type=float, default=0.2, help="between the quiet requests alone (s)")
     parser.add_argument("--every", type=float, default=3.0, help="the quiet app's period in the flood (s)")
     parser.add_argument("--warmup", type=float, default=10.0, help="flood before the quiet requests (s)")
@@ -201,7 +203,12 @@ def main() -> None:
         for _ in range(args.rounds):
             for scheduler in args.schedulers.split(","):
                 log = folder / f"{scheduler}.log"
-                settings = {"tenants_file": str(tenants), "scheduler": scheduler, "dtype": args.dtype}
+                settings = {
+                    "tenants_file": str(tenants),
+                    "scheduler": scheduler,
+                    "dtype": args.dtype,
+                    "quantization": args.quantization,
+                }
                 with running_server(store, log, **settings) as (_, url):
                     results[scheduler].append(asyncio.run(one_server(url, args)))
     finally:
@@ -209,7 +216,7 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     print(machine_line())
     print(
-        f"dtype {args.dtype}; flood: {args.flood_clients} clients × {args.flood_tokens}-token "
+        f"dtype {args.dtype}, quantization {args.quantization}; flood: {args.flood_clients} clients × {args.flood_tokens}-token "
         f"generations; quiet: a {QUIET_TOKENS}-token generation and a one-text classification "
         f"({args.quiet_requests} of each alone, one after the other; in the flood, one of each every "
         f"{args.every:g} s for {args.window:g} s); medians; {args.rounds} round(s)\n"

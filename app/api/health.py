@@ -9,6 +9,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
+from app.models.quantize import Quantization
+from app.platform import capability
+
 router = APIRouter(tags=["health"])
 
 
@@ -21,7 +24,8 @@ async def healthz() -> dict[str, str]:
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     model: str | None
-    quantization: Literal["none", "int8", "int4", "w8a8"] | None = None
+    quantization: Quantization | None = None
+    capability: dict[str, Any] | None = None  # app.platform.Capability.as_dict()
 
 
 _READY: dict[int | str, dict[str, Any]] = {
@@ -42,6 +46,7 @@ async def readyz(request: Request) -> JSONResponse:
         "status": "ready" if ready else "not_ready",
         "model": getattr(request.app.state, "model_id", None),
         "quantization": getattr(request.app.state, "quantization", None),
+        "capability": capability().as_dict(),
     }
     return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Literal
 
 from app.config import Settings
 from app.engine import kv_cache
@@ -37,6 +38,30 @@ def row_shares(rows: dict[str, int], waiting: dict[str, float], max_rows: int) -
     weights = {tenant: 1.0 for tenant in rows} | waiting
     total = sum(weights.values())
     return {tenant: max_rows * w / total for tenant, w in weights.items()}
+
+
+def fair_turn(
+    tenant: str, need: int, by_tenant: dict[str, int], shares: dict[str, float], taken: int, limit: int
+) -> Literal["join", "wait", "stop"]:
+    """Whether ``need`` rows of ``tenant`` join the batch under fair scheduling (``by_tenant``: each
+    tenant's rows in the batches; ``taken``: all of them; ``shares``: :func:`row_shares`).
+
+    Up to three quarters of ``limit`` anyone joins. Beyond, a tenant within its share joins (even
+    a full batch, up to :func:`headroom` rows more: it does not wait for a flood's rows to end); a
+    tenant over its share waits for room, and also while another tenant with rows in the batch is
+    below its share: a light tenant's tokens are not slowed by a heavy one's prefills and wider
+    steps, for at most a quarter of the batch's rows."""
+    after = taken + need
+    if after > limit + headroom(limit):
+        return "stop"
+    if after <= limit - headroom(limit):
+        return "join"
+    if by_tenant.get(tenant, 0) + need <= max(1.0, shares.get(tenant, 0.0)):
+        return "join"
+    if after > limit:
+        return "wait"
+    lighter = any(0 < n < shares.get(t, 0.0) for t, n in by_tenant.items() if t != tenant)
+    return "wait" if lighter else "join"
 
 
 def prefill_fits(rows: int, width: int, prompt: int, max_tokens: int, need: int = 1) -> bool:
@@ -144,9 +169,7 @@ class GenerationLane:
 
     def _start_prefill(self, admission: Admission) -> GenerationBatch | None:
         """Take waiting requests in fair order while the batch has room, as device room and the
-        prefill budget allow. With fair scheduling, a tenant below its share of the batch's rows may
-        join a full batch (up to :func:`headroom` rows more), so that it does not wait for the
-        rows of a flood to finish; tenants at or over their share wait for room."""
+        prefill budget allow; with fair scheduling, as :func:`fair_turn` decides."""
         pairs: list[tuple[GenerateWork, list[int]]] = []
         width = rows = 0
         if any(w.cancelled for w in self.queue):
@@ -160,13 +183,17 @@ class GenerationLane:
         full: set[str] = set()  # tenants that cannot join now
         while (work := self.queue.peek(full)) is not None:
             need, tenant = len(work.rows), work.flow.tenant
-            if running + rows + need > limit:  # (the API side bounds an ensemble by MAX_BATCH_SIZE)
-                if not self.queue.fair or running + rows + need > limit + headroom(limit):
-                    break
+            # (the API side bounds an ensemble by MAX_BATCH_SIZE)
+            if not self.queue.fair and running + rows + need > limit:
+                break
+            if self.queue.fair and running + rows + need > limit - headroom(limit):
                 if shares is None:
                     waiting = {w.flow.tenant: w.flow.weight for w in self.queue}
                     shares = row_shares(by_tenant, waiting, limit)
-                if by_tenant.get(tenant, 0) + need > max(1.0, shares.get(tenant, 0.0)):
+                turn = fair_turn(tenant, need, by_tenant, shares, running + rows, limit)
+                if turn == "stop":
+                    break
+                if turn == "wait":
                     full.add(tenant)
                     continue
             if not prefill_fits(rows, width, len(work.prompt), self.settings.max_prefill_tokens, need):

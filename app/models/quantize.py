@@ -2,6 +2,8 @@
 every adapter (LoRA, bottleneck, heads) in full precision; int8 and int4 are weight-only
 (activations in float), w8a8 also rounds activations.
 
+- ``bf16``: the weights rounded to bfloat16, multiplied by oneDNN's bf16 kernel on CPUs with bf16
+  dot products (:mod:`app.models.bf16`).
 - ``int8``: per output channel, symmetric (``w ≈ q · s``, q in [-127, 127]).
 - ``int4``: group-wise along the input dimension (groups of 64), asymmetric in the tinygemm
   convention (``w ≈ (q - 8) · s + z``, q in [0, 15]); a layer whose width is not a multiple of the
@@ -10,8 +12,9 @@ every adapter (LoRA, bottleneck, heads) in full precision; int8 and int4 are wei
   calibrated at load (:mod:`app.models.w8a8`: fbgemm's integer matmul on CPU); not the float
   layer on quantized weights but its own integer layer (adapters still apply exactly on top);
   layers reading the same input share one kernel.
-- Token embeddings: int8 per row in every mode (the row of a token is what a lookup reads); a
-  language-model head tied to them reads the same int8 rows (w8a8: the head is a w8a8 layer).
+- Token embeddings: bf16 rows for ``bf16``, int8 per row in every other mode (the row of a token
+  is what a lookup reads); a language-model head tied to them reads the same rows (w8a8: the head
+  is a w8a8 layer; bf16: the same values packed for its kernel).
 
 The matmuls, chosen by measurement (``bench/quant_kernels.py``, docs/quantization.md): on CUDA,
 PyTorch's own weight-packed kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm``). On CPU
@@ -33,13 +36,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from app.models import w8a8
+from app.models import bf16, w8a8
 
 log = logging.getLogger(__name__)
 
-Quantization = Literal["none", "int8", "int4", "w8a8"]
-QUANTIZATIONS: tuple[Quantization, ...] = ("none", "int8", "int4", "w8a8")
-Kind = Literal["int8", "int4", "w8a8"]
+Quantization = Literal["none", "bf16", "int8", "int4", "w8a8"]
+QUANTIZATIONS: tuple[Quantization, ...] = ("none", "bf16", "int8", "int4", "w8a8")
+Kind = Literal["bf16", "int8", "int4", "w8a8"]
 INT4_GROUP = 64
 
 
@@ -89,6 +92,7 @@ class QuantizedLinear(nn.Module):
         dtype: torch.dtype,
         kernel: w8a8.Kernel | None = None,
         part: int = 0,
+        onednn: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
@@ -98,6 +102,8 @@ class QuantizedLinear(nn.Module):
         self.compute_dtype = dtype
         self.w8a8 = kernel  # w8a8: the layer's matmul (then ``packed`` and ``scales`` are empty),
         self.part = part  # perhaps shared with the layers that read the same input
+        self.onednn = onednn  # bf16 packed for oneDNN (then ``packed`` is empty): not a buffer,
+        # an opaque tensor that only oneDNN's kernels read
 
     @classmethod
     def of(cls, layer: nn.Linear, kind: Kind, act_max: torch.Tensor | None = None) -> QuantizedLinear:
@@ -112,6 +118,8 @@ class QuantizedLinear(nn.Module):
             kind = "int8"
         if kind == "w8a8":
             return cls.w8a8_part(layer, w8a8.Kernel(w, act_max), 0)
+        if kind == "bf16":
+            return cls.bf16(w, layer.bias, dtype)
         if kind == "int8":
             q, scale = _int8_rows(w)
             return cls(width, out, kind, q, scale.to(dtype), layer.bias, dtype)
@@ -126,6 +134,15 @@ class QuantizedLinear(nn.Module):
         return cls(width, out, kind, packed, scales, layer.bias, dtype)
 
     @classmethod
+    def bf16(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> QuantizedLinear:
+        """A layer of ``weight`` [out, in] rounded to bf16 (packed for oneDNN where it is fast)."""
+        out, width = weight.shape
+        w = weight.detach().to(torch.bfloat16).contiguous()
+        onednn = bf16.packed(w)
+        empty = w.new_empty(0)
+        return cls(width, out, "bf16", w if onednn is None else empty, empty, bias, dtype, onednn=onednn)
+
+    @classmethod
     def w8a8_part(cls, layer: nn.Linear, kernel: w8a8.Kernel, part: int) -> QuantizedLinear:
         """``layer`` as part ``part`` of a w8a8 kernel (:func:`app.models.w8a8.kernels`)."""
         out, width = layer.weight.shape
@@ -136,13 +153,15 @@ class QuantizedLinear(nn.Module):
     @property
     def weight_bytes(self) -> int:
         tensors = [self.packed, self.scales] + ([self.bias] if self.bias is not None else [])
-        kernel = 0
+        kernel = 0 if self.onednn is None else 2 * self.in_features * self.out_features
         if self.w8a8 is not None:  # its share of a kernel
             kernel = self.w8a8.weight_bytes * self.out_features // self.w8a8.out_features
         return kernel + sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        if self.kind == "bf16":
+            return self._bf16(flat).view(*x.shape[:-1], self.out_features)
         if flat.dtype != self.compute_dtype:
             flat = flat.to(self.compute_dtype)
         cpu = self.packed.device.type == "cpu"
@@ -159,6 +178,10 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _bf16(self, flat: torch.Tensor) -> torch.Tensor:
+        y = bf16.matmul(flat, self.packed, self.onednn).to(self.compute_dtype)
+        return y if self.bias is None else y + self.bias
 
     def _int4_weights(self) -> torch.Tensor:
         """The int4 weights [out, in] in the compute dtype (CPU layout: two values per byte)."""
@@ -186,14 +209,20 @@ class QuantizedLinear(nn.Module):
 
 
 class QuantizedEmbedding(nn.Module):
-    """Token embeddings as int8 rows with a scale each (a subclass's ``embed_scale`` kept)."""
+    """Token embeddings as int8 rows with a scale each, or as bf16 rows (a subclass's
+    ``embed_scale`` kept)."""
 
     packed: torch.Tensor
     scales: torch.Tensor
 
-    def __init__(self, embedding: nn.Embedding) -> None:
+    def __init__(self, embedding: nn.Embedding, kind: Kind = "int8") -> None:
         super().__init__()
-        q, scale = _int8_rows(embedding.weight)
+        self.kind: Kind = "bf16" if kind == "bf16" else "int8"
+        if self.kind == "bf16":
+            q = embedding.weight.detach().to(torch.bfloat16).contiguous()
+            scale = q.new_empty(0)
+        else:
+            q, scale = _int8_rows(embedding.weight)
         self.register_buffer("packed", q)
         self.register_buffer("scales", scale.to(embedding.weight.dtype))
         self.padding_idx = embedding.padding_idx
@@ -207,13 +236,18 @@ class QuantizedEmbedding(nn.Module):
         return self.packed.numel() + self.scales.numel() * self.scales.element_size()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.packed[ids].to(self.compute_dtype) * self.scales[ids].unsqueeze(-1)
+        rows = self.packed[ids].to(self.compute_dtype)
+        if self.kind == "int8":
+            rows = rows * self.scales[ids].unsqueeze(-1)
         if self.embed_scale is not None:
             rows = rows * self.embed_scale.to(rows.dtype)
         return rows
 
     def head(self, bias: torch.Tensor | None) -> QuantizedLinear:
-        """A language-model head tied to these embeddings, reading the same int8 rows."""
+        """A language-model head tied to these embeddings, reading the same int8 rows (bf16: the
+        same values, packed for its kernel)."""
+        if self.kind == "bf16":
+            return QuantizedLinear.bf16(self.packed, bias, self.compute_dtype)
         return QuantizedLinear(
             self.embedding_dim,
             self.num_embeddings,
@@ -226,6 +260,8 @@ class QuantizedEmbedding(nn.Module):
 
     @torch.no_grad()
     def dequantized(self) -> torch.Tensor:
+        if self.kind == "bf16":
+            return self.packed.to(self.compute_dtype)
         return self.packed.to(self.compute_dtype) * self.scales.unsqueeze(-1)
 
 
@@ -270,7 +306,7 @@ def quantize_model(
     )
     replaced: dict[int, nn.Module] = {}  # id(old module) -> its replacement
     if isinstance(embedding, nn.Embedding):
-        quantized = QuantizedEmbedding(embedding)
+        quantized = QuantizedEmbedding(embedding, kind)
         replaced[id(embedding)] = quantized
         if tied and kind != "w8a8":  # (w8a8: the head is smoothed, so it has weights of its own)
             assert isinstance(head, nn.Linear)
@@ -309,25 +345,33 @@ def snap_to_quantized(
     for name in names:
         mod = model.get_submodule(name)
         assert isinstance(mod, nn.Linear)
-        if kind == "w8a8":
-            kernel, part = parts[name]
-            new = w8a8.W8A8Linear(kernel, mod.bias, part).to(mod.weight.device)
+        if kind in ("w8a8", "bf16"):
+            if kind == "w8a8":
+                kernel, part = parts[name]
+                new: nn.Linear = w8a8.W8A8Linear(kernel, mod.bias, part).to(mod.weight.device)
+            else:  # (a head tied to the embeddings gets weights of its own: the same values)
+                new = bf16.BF16Linear.of(mod)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         elif mod.weight.data_ptr() != tied_ptr:  # a head tied to the embeddings: snapped with them
             mod.weight.copy_(QuantizedLinear.of(mod, kind).dequantized())
     if isinstance(embedding, nn.Embedding):
-        embedding.weight.copy_(QuantizedEmbedding(embedding).dequantized())
+        embedding.weight.copy_(QuantizedEmbedding(embedding, kind).dequantized())
 
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights (parameters and buffers, shared tensors once; and the
-    weights packed for fbgemm)."""
+    weights packed for fbgemm and oneDNN)."""
     seen: set[int] = set()
     total = sum(
         m.in_features * m.out_features + 4 * m.out_features
         for m in model.modules()
         if isinstance(m, w8a8.Kernel) and m.packed is not None
+    )
+    total += sum(
+        2 * m.in_features * m.out_features
+        for m in model.modules()
+        if isinstance(m, QuantizedLinear) and m.onednn is not None
     )
     for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() not in seen:

@@ -380,7 +380,7 @@ class ModelCard(BaseModel):
     owned_by: str = "adapterserve"
     parent: str | None = None
     root: str
-    quantization: Literal["none", "int8", "int4", "w8a8"] | None = Field(
+    quantization: Literal["none", "bf16", "int8", "int4", "w8a8"] | None = Field(
         None, description="the base model's weight quantization (the base's card only)"
     )
 

@@ -51,3 +51,15 @@ def test_releasing_executor_runs_jobs_and_releases_in_the_worker(monkeypatch: py
         with pytest.raises(ZeroDivisionError):
             pool.submit(lambda: 1 / 0).result()
     assert len(released) == 2 and all(name.startswith("t-io") for name in released)
+
+
+def test_capability_reports_what_the_kernels_choose_from() -> None:
+    cap = threads.capability()
+    assert cap.torch_cpu == torch.backends.cpu.get_cpu_capability()
+    assert cap.cores >= 1 and cap.cpu
+    assert set(cap.isa) <= set(threads._ISA_FLAGS.values())
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert ("avx2" in cap.isa) == ("avx2" in flags)
+    assert cap.bf16_dot == (bool({"avx512_bf16", "amx_bf16"} & set(cap.isa)) and threads._onednn_bf16())
+    assert cap.as_dict()["isa"] == list(cap.isa) and cap.cpu in cap.line()
+    assert (cap.cuda is None) == (not torch.cuda.is_available())

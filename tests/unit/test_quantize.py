@@ -179,3 +179,36 @@ def test_w8a8_layers_reading_one_input_share_one_kernel() -> None:
     assert torch.equal(kernel.part(1, x), full_x[:, 64:80])
     assert torch.equal(kernel.part(2, x), full_x[:, 80:])
     assert torch.equal(kernel.part(0, x), full_x[:, :64])  # asked again: still right
+
+
+@pytest.mark.parametrize(("out", "width", "bias"), [(192, 576, False), (1536, 576, True), (576, 1536, False)])
+def test_bf16_computes_as_its_reference_layer_with_bf16_weights(out: int, width: int, bias: bool) -> None:
+    """The bf16 format (oneDNN's packed kernel where the CPU has bf16 dot products) computes what
+    :class:`BF16Linear` (PEFT's reference, and what training runs) computes, to bf16's last bit."""
+    from app.models.bf16 import BF16Linear
+
+    torch.manual_seed(0)
+    layer = nn.Linear(width, out, bias=bias)
+    q = QuantizedLinear.of(layer, "bf16")
+    ref = BF16Linear.of(layer)
+    w = q.dequantized()
+    assert torch.equal(w, layer.weight.detach().bfloat16().float()) and torch.equal(w, ref.weight)
+    for rows in (1, 5, 33):
+        x = torch.randn(rows, 2, width)
+        got, expected = q(x), ref(x)
+        assert got.dtype == torch.float32 and got.shape == (rows, 2, out)
+        # outputs are rounded to bf16: 2⁻⁸ relative; a different summation order may flip the last bit
+        assert torch.allclose(got, expected, rtol=2**-7, atol=1e-3)
+    assert q.weight_bytes - (layer.bias.numel() * 4 if bias else 0) == layer.weight.numel() * 2
+
+
+def test_bf16_embedding_and_tied_head() -> None:
+    torch.manual_seed(0)
+    emb = nn.Embedding(300, 64)
+    q = QuantizedEmbedding(emb, "bf16")
+    ids = torch.tensor([[3, 299, 0]])
+    assert torch.equal(q(ids), emb(ids).detach().bfloat16().float())
+    head = q.head(None)
+    h = torch.randn(4, 64)
+    ref = h.bfloat16().float() @ q.dequantized().t()
+    assert torch.allclose(head(h), ref, rtol=2**-7, atol=1e-3)
