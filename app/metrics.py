@@ -63,6 +63,12 @@ class Metrics:
             ["tenant", "limit"],
             registry=r,
         )
+        self.tenant_set_aside = Counter(
+            "adapterserve_tenant_rows_set_aside_total",
+            "generation rows of a tenant over its share set aside while a lighter tenant decoded",
+            ["tenant"],
+            registry=r,
+        )
         # the model server protocol of the Kubernetes Gateway API Inference Extension (docs/tenants.md)
         self.requests_waiting = Gauge(
             "adapterserve_num_requests_waiting", "requests queued for the engine", registry=r

@@ -123,9 +123,8 @@ class Engine:
 
     @property
     def running_generations(self) -> int:
-        """Rows in the running generation batch (read from any thread; a snapshot)."""
-        batch = self.gen.running
-        return len(batch.rows) if batch is not None else 0
+        """Rows in the running generation batch and set aside from it (any thread; a snapshot)."""
+        return sum(len(b.rows) for b in (self.gen.running, self.gen.parked) if b is not None)
 
     @property
     def queue_depth(self) -> int:

@@ -264,6 +264,21 @@ class GenerationBatch:
         self.next_ids = self.next_ids.index_select(0, index)
         self._trim()
 
+    def split(self, indices: list[int]) -> GenerationBatch:
+        """Move the rows at ``indices`` into a batch of their own, which keeps their cache and next
+        tokens as they are (it rejoins this one with :meth:`extend`)."""
+        index = torch.tensor(indices, dtype=torch.long, device=self.runner.device)
+        cache = kv_cache.split_rows(self.cache, index)
+        other = GenerationBatch(
+            self.runner, [self.rows[i] for i in indices], cache, self.mask.index_select(0, index), self.decode
+        )
+        other.positions = self.positions.index_select(0, index)
+        other.next_ids = self.next_ids.index_select(0, index)
+        gone = set(indices)
+        self.keep([i for i in range(len(self.rows)) if i not in gone])
+        other._trim()
+        return other
+
     def remap_slots(self, moves: dict[int, int]) -> None:
         """Follow adapters that the device slots moved (compaction) to their new slots."""
         for row in self.rows:
@@ -283,7 +298,7 @@ class GenerationBatch:
             self.mask = self.mask[:, start:]
 
     def extend(self, other: GenerationBatch) -> None:
-        """Merge the rows of a freshly prefilled batch into this running one."""
+        """Merge the rows of a freshly prefilled (or a set-aside) batch into this running one."""
         if not other.rows:
             return
         mine, theirs = self.mask.shape[1], other.mask.shape[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Literal
 
@@ -64,6 +65,32 @@ def fair_turn(
     return "wait" if lighter else "join"
 
 
+def light(owners: list[tuple[str, int]], shares: dict[str, float]) -> bool:
+    """Whether, of the tenants of the running rows (``owners``: each row's tenant and request),
+    one is light: at or below half its share while another tenant has rows too."""
+    counts = Counter(tenant for tenant, _ in owners)
+    return len(counts) > 1 and any(n <= shares.get(t, 0.0) / 2 for t, n in counts.items())
+
+
+def rows_to_set_aside(owners: list[tuple[str, int]], shares: dict[str, float], least: int) -> list[int]:
+    """The rows to set aside while a light tenant decodes (:func:`light`): of each tenant over its
+    share, its last-admitted whole requests (an ensemble's rows together) down to its share, if
+    that makes at least ``least`` rows (fewer are not worth the copy of their cache). The light
+    tenant's tokens then cost a step of the shares' rows, not of the whole batch."""
+    if not light(owners, shares):
+        return []
+    chosen: list[int] = []
+    for tenant, n in Counter(tenant for tenant, _ in owners).items():
+        over = n - max(1, int(shares.get(tenant, 0.0)))
+        for work in reversed(list(dict.fromkeys(w for t, w in owners if t == tenant))):
+            if over <= 0:
+                break
+            rows = [i for i, (_, w) in enumerate(owners) if w == work]
+            chosen += rows
+            over -= len(rows)
+    return sorted(chosen) if len(chosen) >= least else []
+
+
 def prefill_fits(rows: int, width: int, prompt: int, max_tokens: int, need: int = 1) -> bool:
     """Whether a prompt of ``prompt`` tokens (``need`` rows: an ensemble's members) joins a prefill
     batch of ``rows`` rows padded to ``width``: the first request always does, later ones while
@@ -91,9 +118,10 @@ class GenerationLane:
         self.queue: FairQueue[GenerateWork] = FairQueue(settings.scheduler == "fair", on_leave)
         self.running: GenerationBatch | None = None  # the decoding rows
         self.prefill: GenerationBatch | None = None  # new rows whose prompts are being prefilled
+        self.parked: GenerationBatch | None = None  # rows set aside while a lighter tenant decodes
 
     def batches(self) -> list[GenerationBatch]:
-        return [b for b in (self.running, self.prefill) if b is not None]
+        return [b for b in (self.running, self.prefill, self.parked) if b is not None]
 
     def queued_uids(self) -> set[int]:
         return {uid for w in self.queue for uid in w.uids}
@@ -106,7 +134,7 @@ class GenerationLane:
         return len(self.queue)
 
     def busy(self) -> bool:
-        return bool(self.queue or self.running or self.prefill)
+        return bool(self.queue or self.running or self.prefill or self.parked)
 
     def works(self) -> list[GenerateWork]:
         return list(self.queue) + [row.work for b in self.batches() for row in b.rows]
@@ -122,14 +150,17 @@ class GenerationLane:
             fail_rows(expired, late)
             for work in expired:
                 work.cancelled = True  # dropped when the prefill completes
-        if self.running is not None:
-            self._finish(self.running.cut_off(now))
-            if not self.running.rows:
-                self.running = None
+        for batch in (self.running, self.parked):
+            if batch is not None:
+                self._finish(batch.cut_off(now))
+        if self.running is not None and not self.running.rows:
+            self.running = None
+        if self.parked is not None and not self.parked.rows:
+            self.parked = None
 
     def fail_all(self, exc: AdapterServeError) -> None:
         works = self.queue.clear() + [row.work for b in self.batches() for row in b.rows]
-        self.running = self.prefill = None
+        self.running = self.prefill = self.parked = None
         fail_rows(works, exc)
 
     def step(self, admission: Admission) -> None:
@@ -151,6 +182,8 @@ class GenerationLane:
 
     def decode_step(self) -> None:
         """One decode step of the running batch."""
+        if self.queue.fair:
+            self._rebalance()
         running = self.running
         if running is None or not running.rows:
             return
@@ -166,6 +199,37 @@ class GenerationLane:
         self._finish(finished)
         if not running.rows:
             self.running = None
+
+    def _shares(self) -> dict[str, float]:
+        """Each active tenant's share of the batch's rows (:func:`row_shares`, by weight)."""
+        weights = {r.work.flow.tenant: r.work.flow.weight for b in self.batches() for r in b.rows}
+        weights |= {w.flow.tenant: w.flow.weight for w in self.queue}
+        return row_shares({}, weights, self.settings.max_batch_size)
+
+    def _rebalance(self) -> None:
+        """Set rows aside, or let them rejoin, as :func:`rows_to_set_aside` and :func:`light`
+        decide (fair scheduling)."""
+        running, parked = self.running, self.parked
+        owners = [(r.work.flow.tenant, id(r.work)) for r in (running.rows if running is not None else [])]
+        shares = self._shares()
+        if parked is not None:
+            if not light(owners, shares):
+                self.parked = None
+                parked.drop_cancelled()
+                if running is None or not running.rows:
+                    self.running = parked if parked.rows else None
+                elif parked.rows:
+                    running.extend(parked)
+            return
+        if running is None or not kv_cache.mergeable(running.cache):
+            return
+        index = rows_to_set_aside(owners, shares, headroom(self.settings.max_batch_size))
+        if index:
+            for i in index:
+                self.metrics.tenant_set_aside.labels(tenant=running.rows[i].work.flow.tenant).inc()
+            self.parked = running.split(index)
+            if not running.rows:
+                self.running = None
 
     def _start_prefill(self, admission: Admission) -> GenerationBatch | None:
         """Take waiting requests in fair order while the batch has room, as device room and the

@@ -2,8 +2,8 @@
 
 The generation batches keep their rows left-padded over one transformers ``DynamicCache``
 (tensors ``[batch, heads, tokens, head_dim]`` per layer). Rows leave (select), leading columns that
-only padding uses are dropped (trim), and a freshly prefilled batch joins a running one (merge with
-left padding).
+only padding uses are dropped (trim), a freshly prefilled batch joins a running one (merge with
+left padding), and rows are set aside into a cache of their own (split) and join again (merge).
 
 Sliding-window layers (Gemma 3) keep only the last ``window - 1`` token columns and count every
 column they have seen (``cumulative_length``, which places the window in the attention mask). Left
@@ -15,6 +15,8 @@ a transformers upgrade that changes them breaks this module and its tests, nothi
 
 from __future__ import annotations
 
+import copy
+import itertools
 from typing import cast
 
 import torch
@@ -63,6 +65,27 @@ class GrowingLayer(DynamicLayer):
         self.values = v_buf[:, :, :new]
         return self.keys, self.values
 
+    def keep_rows(self, kept: list[int]) -> bool:
+        """Keep the rows ``kept`` (ascending) by moving the rows after the first gap down within
+        the buffer, which then keeps growing in place; False when the layer cannot (no buffer of
+        its own now, or an order other than ascending)."""
+        keys, k_buf, v_buf = self.keys, self._k_buf, self._v_buf
+        if keys is None or keys is not self._k_view or k_buf is None or v_buf is None:
+            return False
+        if any(b <= a for a, b in itertools.pairwise(kept)):
+            return False
+        first = next((j for j, i in enumerate(kept) if i != j), len(kept))
+        n = keys.shape[SEQ_DIM]
+        if first < len(kept):
+            moved = torch.tensor(kept[first:], dtype=torch.long, device=k_buf.device)
+            end = first + len(moved)
+            k_buf[first:end, :, :n].copy_(k_buf[moved, :, :n])
+            v_buf[first:end, :, :n].copy_(v_buf[moved, :, :n])
+        self._k_buf, self._v_buf = k_buf[: len(kept)], v_buf[: len(kept)]
+        self.keys = self._k_view = self._k_buf[:, :, :n]
+        self.values = self._v_buf[:, :, :n]
+        return True
+
 
 def new_cache(config: PretrainedConfig) -> DynamicCache:
     """An empty cache with the layer classes the model's config asks for (sliding windows...), its
@@ -109,8 +132,27 @@ def pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 
 
 def select_rows(cache: DynamicCache, index: torch.Tensor) -> None:
-    """Keep only the rows ``index`` [kept rows] of every layer, in that order."""
-    cache.batch_select_indices(index)
+    """Keep only the rows ``index`` [kept rows] of every layer, in that order (a growing layer
+    moves only the rows after the first one that left, in place: rows leave a running batch every
+    few steps, and a copy of the whole cache each time costs a large part of a step)."""
+    kept = index.tolist()
+    for layer in _layers(cache):
+        if not (isinstance(layer, GrowingLayer) and layer.keep_rows(kept)):
+            layer.batch_select_indices(index)
+
+
+def split_rows(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
+    """A new cache holding copies of the rows ``index`` of ``cache`` (which keeps them too)."""
+    split = copy.copy(cache)
+    split.layers = []
+    for layer in _layers(cache):
+        keys, values = _kv(layer)
+        part = copy.copy(layer)
+        part.keys, part.values = keys.index_select(0, index), values.index_select(0, index)
+        if isinstance(part, GrowingLayer):  # a buffer of its own on the next update
+            part._k_buf = part._v_buf = part._k_view = None
+        split.layers.append(part)
+    return split
 
 
 def trim_left(cache: DynamicCache, start: int) -> None:

@@ -1,8 +1,8 @@
 """The default base quantized (bf16, int8, int4, w8a8): /classify and /generate through mixed
 batches equal HF PEFT run on the same quantized-then-dequantized weights (w8a8 and bf16, which also
 round activations: PEFT on the HF model whose linear layers compute as theirs) (int8, int4:
-probabilities ≤ 1e-4, greedy text equal), so adapters are applied exactly on top; the base's weight bytes shrink
-as documented and the server reports its quantization."""
+probabilities ≤ 1e-4, greedy text equal), so adapters are applied exactly on top; the base's weight
+bytes shrink as documented and the server reports its quantization."""
 
 from __future__ import annotations
 

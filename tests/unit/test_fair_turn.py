@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from app.engine.generation_lane import fair_turn, headroom, row_shares
+from app.engine.generation_lane import fair_turn, headroom, light, row_shares, rows_to_set_aside
 
 LIMIT = 32
 
@@ -44,3 +44,32 @@ def test_weights_set_the_shares() -> None:
     waiting = {"gold": 3.0, "bronze": 1.0}
     assert turn("gold", by, waiting) == "join"
     assert turn("bronze", by, waiting) == "wait"
+
+
+def owners(*groups: tuple[str, int, int]) -> list[tuple[str, int]]:
+    """Rows in admission order: (tenant, first request id, requests of one row each)."""
+    return [(tenant, first + i) for tenant, first, n in groups for i in range(n)]
+
+
+def test_a_light_tenant_has_the_heavy_one_set_aside_down_to_its_share() -> None:
+    rows = owners(("flood", 0, 20), ("quiet", 100, 1), ("flood", 20, 11))
+    shares = row_shares({}, {"flood": 1.0, "quiet": 1.0}, LIMIT)
+    assert light(rows, shares)
+    aside = rows_to_set_aside(rows, shares, headroom(LIMIT))
+    # the 15 last-admitted flood requests (of 31, share 16); the quiet row stays
+    assert len(aside) == 15 and 20 not in aside
+    assert aside == list(range(16, 20)) + list(range(21, 32))
+
+
+def test_nothing_is_set_aside_without_a_light_tenant_or_for_a_few_rows() -> None:
+    shares = row_shares({}, {"a": 1.0, "b": 1.0}, LIMIT)
+    assert rows_to_set_aside(owners(("a", 0, 32)), row_shares({}, {"a": 1.0}, LIMIT), 8) == []
+    assert rows_to_set_aside(owners(("a", 0, 15), ("b", 50, 17)), shares, 8) == []  # none light
+    assert rows_to_set_aside(owners(("a", 0, 20), ("b", 50, 1)), shares, 8) == []  # 4 over: too few
+
+
+def test_an_ensemble_is_set_aside_whole() -> None:
+    # request 7 of tenant a is an ensemble of 3 rows, admitted last
+    rows = owners(("a", 0, 20)) + [("a", 7_000)] * 3 + owners(("b", 50, 1))
+    aside = rows_to_set_aside(rows, row_shares({}, {"a": 1.0, "b": 1.0}, LIMIT), 4)
+    assert {20, 21, 22} <= set(aside) and len(aside) == 7  # 23 rows down to 16: the ensemble and 4 more

@@ -146,3 +146,42 @@ def test_growing_layers_hold_what_concatenation_would_and_append_in_place() -> N
     for a, b in zip(grown.layers, plain.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     assert kv_cache.mergeable(grown)
+
+
+def test_growing_layers_keep_rows_in_place_and_split_off_copies() -> None:
+    """Rows leaving a growing cache move down within its buffer (no new buffer: the next append
+    is still in place); a split copies the chosen rows into a cache of their own; both equal the
+    concatenating cache's rows."""
+    gen = torch.Generator().manual_seed(7)
+    grown = DynamicCache()
+    grown.layers = [kv_cache.GrowingLayer() for _ in range(LAYERS)]
+    plain = DynamicCache()
+
+    def append(rows: int, tokens: int, caches: tuple[DynamicCache, DynamicCache]) -> None:
+        for layer in range(LAYERS):
+            k = torch.randn(rows, HEADS, tokens, DIM, generator=gen)
+            out_k, _ = caches[0].update(k, k * 2, layer)
+            ref_k, _ = caches[1].update(k, k * 2, layer)
+            assert torch.equal(out_k, ref_k)
+
+    append(6, 5, (grown, plain))
+    append(6, 1, (grown, plain))
+    split = kv_cache.split_rows(grown, torch.tensor([1, 4]))
+    split_plain = kv_cache.split_rows(plain, torch.tensor([1, 4]))
+    buffer = grown.layers[0]._k_buf.data_ptr()  # type: ignore[attr-defined]
+    for cache in (grown, plain):
+        kv_cache.select_rows(cache, torch.tensor([0, 2, 3, 5]))
+    assert grown.layers[0]._k_buf.data_ptr() == buffer  # type: ignore[attr-defined]
+    view = grown.layers[0].keys.data_ptr()
+    append(4, 1, (grown, plain))
+    assert grown.layers[0].keys.data_ptr() == view  # appended in place after the move
+    append(2, 1, (split, split_plain))
+    pairs = [*zip(grown.layers, plain.layers, strict=True)]
+    pairs += zip(split.layers, split_plain.layers, strict=True)
+    for a, b in pairs:
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    kv_cache.select_rows(grown, torch.tensor([3, 0]))  # another order: a copy, still right
+    kv_cache.select_rows(plain, torch.tensor([3, 0]))
+    append(2, 1, (grown, plain))
+    for a, b in zip(grown.layers, plain.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
