@@ -27,19 +27,35 @@ SEQ_DIM = 2  # the token axis of a layer's key and value tensors
 
 
 SPARE_COLUMNS = 64  # at least this many spare token columns when a layer's buffer is (re)made
+SPARE_ROWS = 4  # at least this many spare rows (a quarter of the rows when more)
 
 
 class GrowingLayer(DynamicLayer):
     """A full-attention layer whose keys and values grow in place. transformers' ``DynamicLayer``
     concatenates at every step, copying the whole cache (at 32 rows and ~65 tokens a quarter of a
     decode step of the default base on 2 cores); this one appends into spare columns of a buffer
-    and exposes its used columns as a view. The buffer is made anew, with room to spare (half the
-    columns, at least :data:`SPARE_COLUMNS`), when it is full or when the engine replaced the
-    tensors (rows selected, columns trimmed, batches merged: one copy, as each of those is anyway)."""
+    and exposes its used rows and columns as a view. Rows that leave are closed up in place
+    (:meth:`keep_rows`), and rows that join go into spare rows (:meth:`join_rows`). The buffer is
+    made anew, with room to spare (half the columns, at least :data:`SPARE_COLUMNS`; a quarter of
+    the rows, at least :data:`SPARE_ROWS`), when it is full or when the engine replaced the tensors
+    (columns trimmed, rows selected out of order: one copy, as each of those is anyway)."""
 
-    _k_buf: torch.Tensor | None = None
-    _v_buf: torch.Tensor | None = None
-    _k_view: torch.Tensor | None = None
+    _k_base: torch.Tensor | None = None  # the buffers: [rows + spare, heads, columns + spare, dim]
+    _v_base: torch.Tensor | None = None
+    _k_view: torch.Tensor | None = None  # the keys as last exposed (replaced tensors: not this)
+
+    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The buffers' rows in use, while ``keys`` is still the view this layer exposed."""
+        k, v, keys = self._k_base, self._v_base, self.keys
+        if k is None or v is None or keys is None or keys is not self._k_view:
+            return None
+        rows = keys.shape[0]
+        return k[:rows], v[:rows]
+
+    def _expose(self, rows: int, columns: int) -> None:
+        assert self._k_base is not None and self._v_base is not None
+        self.keys = self._k_view = self._k_base[:rows, :, :columns]
+        self.values = self._v_base[:rows, :, :columns]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -50,40 +66,56 @@ class GrowingLayer(DynamicLayer):
         assert keys is not None and values is not None
         old = keys.shape[SEQ_DIM] if keys.numel() else 0
         new = old + key_states.shape[SEQ_DIM]
-        k_buf, v_buf = self._k_buf, self._v_buf
-        if k_buf is None or v_buf is None or keys is not self._k_view or new > k_buf.shape[SEQ_DIM]:
+        rows = key_states.shape[0]
+        bufs = self._buffers()
+        if bufs is None or new > bufs[0].shape[SEQ_DIM]:
             columns = new + max(SPARE_COLUMNS, new // 2)
-            k_buf = key_states.new_empty(*key_states.shape[:SEQ_DIM], columns, key_states.shape[-1])
-            v_buf = value_states.new_empty(*value_states.shape[:SEQ_DIM], columns, value_states.shape[-1])
+            capacity = rows + max(SPARE_ROWS, rows // 4)
+            heads, dim = key_states.shape[1], key_states.shape[-1]
+            self._k_base = key_states.new_empty(capacity, heads, columns, dim)
+            self._v_base = value_states.new_empty(capacity, heads, columns, value_states.shape[-1])
             if old:
-                k_buf[:, :, :old].copy_(keys)
-                v_buf[:, :, :old].copy_(values)
-            self._k_buf, self._v_buf = k_buf, v_buf
-        k_buf[:, :, old:new].copy_(key_states)
-        v_buf[:, :, old:new].copy_(value_states)
-        self.keys = self._k_view = k_buf[:, :, :new]
-        self.values = v_buf[:, :, :new]
+                self._k_base[:rows, :, :old].copy_(keys)
+                self._v_base[:rows, :, :old].copy_(values)
+        assert self._k_base is not None and self._v_base is not None
+        self._k_base[:rows, :, old:new].copy_(key_states)
+        self._v_base[:rows, :, old:new].copy_(value_states)
+        self._expose(rows, new)
+        assert self.keys is not None and self.values is not None
         return self.keys, self.values
+
+    def join_rows(self, keys: torch.Tensor, values: torch.Tensor, pad: int) -> bool:
+        """Append rows (``pad`` zero columns on their left, then ``keys``/``values``) into spare
+        rows, in place; False when the buffer has no room for them (or no buffer of its own)."""
+        bufs = self._buffers()
+        if bufs is None or self._k_base is None or self._v_base is None:
+            return False
+        rows, columns = bufs[0].shape[0], bufs[0].shape[SEQ_DIM]
+        end = rows + keys.shape[0]
+        if end > self._k_base.shape[0] or pad + keys.shape[SEQ_DIM] != columns:
+            return False
+        for base, new in ((self._k_base, keys), (self._v_base, values)):
+            base[rows:end, :, :pad].zero_()
+            base[rows:end, :, pad:columns].copy_(new)
+        self._expose(end, columns)
+        return True
 
     def keep_rows(self, kept: list[int]) -> bool:
         """Keep the rows ``kept`` (ascending) by moving the rows after the first gap down within
         the buffer, which then keeps growing in place; False when the layer cannot (no buffer of
         its own now, or an order other than ascending)."""
-        keys, k_buf, v_buf = self.keys, self._k_buf, self._v_buf
-        if keys is None or keys is not self._k_view or k_buf is None or v_buf is None:
+        bufs = self._buffers()
+        if bufs is None or any(b <= a for a, b in itertools.pairwise(kept)):
             return False
-        if any(b <= a for a, b in itertools.pairwise(kept)):
-            return False
+        k_buf, v_buf = bufs
+        n = k_buf.shape[SEQ_DIM] if self.keys is None else self.keys.shape[SEQ_DIM]
         first = next((j for j, i in enumerate(kept) if i != j), len(kept))
-        n = keys.shape[SEQ_DIM]
         if first < len(kept):
             moved = torch.tensor(kept[first:], dtype=torch.long, device=k_buf.device)
             end = first + len(moved)
             k_buf[first:end, :, :n].copy_(k_buf[moved, :, :n])
             v_buf[first:end, :, :n].copy_(v_buf[moved, :, :n])
-        self._k_buf, self._v_buf = k_buf[: len(kept)], v_buf[: len(kept)]
-        self.keys = self._k_view = self._k_buf[:, :, :n]
-        self.values = self._v_buf[:, :, :n]
+        self._expose(len(kept), n)
         return True
 
 
@@ -150,7 +182,7 @@ def split_rows(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
         part = copy.copy(layer)
         part.keys, part.values = keys.index_select(0, index), values.index_select(0, index)
         if isinstance(part, GrowingLayer):  # a buffer of its own on the next update
-            part._k_buf = part._v_buf = part._k_view = None
+            part._k_base = part._v_base = part._k_view = None
         split.layers.append(part)
     return split
 
@@ -186,6 +218,8 @@ def merge_left_padded(into: DynamicCache, width: int, other: DynamicCache, other
             a.cumulative_length = seen
         else:
             pad_a, pad_b = target - width, target - other_width
+            if pad_a == 0 and isinstance(a, GrowingLayer) and a.join_rows(bk, bv, pad_b):
+                continue
         a.keys = torch.cat([pad_left(ak, pad_a, SEQ_DIM), pad_left(bk, pad_b, SEQ_DIM)])
         a.values = torch.cat([pad_left(av, pad_a, SEQ_DIM), pad_left(bv, pad_b, SEQ_DIM)])
 

@@ -168,10 +168,10 @@ def test_growing_layers_keep_rows_in_place_and_split_off_copies() -> None:
     append(6, 1, (grown, plain))
     split = kv_cache.split_rows(grown, torch.tensor([1, 4]))
     split_plain = kv_cache.split_rows(plain, torch.tensor([1, 4]))
-    buffer = grown.layers[0]._k_buf.data_ptr()  # type: ignore[attr-defined]
+    buffer = grown.layers[0]._k_base.data_ptr()  # type: ignore[attr-defined]
     for cache in (grown, plain):
         kv_cache.select_rows(cache, torch.tensor([0, 2, 3, 5]))
-    assert grown.layers[0]._k_buf.data_ptr() == buffer  # type: ignore[attr-defined]
+    assert grown.layers[0]._k_base.data_ptr() == buffer  # type: ignore[attr-defined]
     view = grown.layers[0].keys.data_ptr()
     append(4, 1, (grown, plain))
     assert grown.layers[0].keys.data_ptr() == view  # appended in place after the move
@@ -183,5 +183,16 @@ def test_growing_layers_keep_rows_in_place_and_split_off_copies() -> None:
     kv_cache.select_rows(grown, torch.tensor([3, 0]))  # another order: a copy, still right
     kv_cache.select_rows(plain, torch.tensor([3, 0]))
     append(2, 1, (grown, plain))
+    for a, b in zip(grown.layers, plain.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    # a shorter batch joins into the spare rows, in place, padded on its left
+    buffer = grown.layers[0]._k_base.data_ptr()  # type: ignore[attr-defined]  # (made anew above)
+    other, _ = cache_of(1, 3, 8)
+    other_plain, _ = cache_of(1, 3, 8)
+    width = grown.layers[0].keys.shape[2] + 1  # (a batch's mask has the next token's column too)
+    kv_cache.merge_left_padded(grown, width, other, 4)
+    kv_cache.merge_left_padded(plain, width, other_plain, 4)
+    assert grown.layers[0]._k_base.data_ptr() == buffer  # type: ignore[attr-defined]
+    append(3, 1, (grown, plain))
     for a, b in zip(grown.layers, plain.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
