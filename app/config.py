@@ -108,6 +108,13 @@ class Settings(BaseSettings):
         description="admission into batches: 'fair' = weighted fair queueing across tenants and, within "
         "a tenant, across its adapters (docs/tenants.md); 'fifo' = first come, first served",
     )
+    prefix_cache_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="keys and values of computed prompt prefixes kept across requests, per adapter "
+        "version (docs/prefix-cache.md); unset = an eighth of the machine's memory (a tenth of the "
+        "GPU's), at most 8 GiB; 0 turns the cache off",
+    )
     shutdown_grace_s: float = Field(
         30.0, ge=1, description="on SIGTERM, how long running requests may take to finish before exit"
     )
@@ -175,6 +182,17 @@ class Settings(BaseSettings):
         if self.max_host_adapter_bytes is not None:
             return self.max_host_adapter_bytes
         return max(256 << 20, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+
+    def prefix_cache_budget(self, device: torch.device) -> int:
+        """The prefix cache's byte budget: as set, else an eighth of the host's memory (a tenth of
+        the GPU's), at most 8 GiB."""
+        if self.prefix_cache_bytes is not None:
+            return self.prefix_cache_bytes
+        if device.type == "cuda":
+            share = int(torch.cuda.get_device_properties(device).total_memory) // 10
+        else:
+            share = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
+        return min(share, 8 << 30)
 
     def device_adapter_bytes(self, device: torch.device) -> int:
         """The device tier's budget: as set, else a fifth of the GPU's memory (the host's on a CPU)."""

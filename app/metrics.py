@@ -69,6 +69,29 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self.prefix_cache_queries = Counter(
+            "adapterserve_prefix_cache_queries_total",
+            "prefix cache lookups (one per generation row)",
+            registry=r,
+        )
+        self.prefix_cache_query_tokens = Counter(
+            "adapterserve_prefix_cache_query_tokens_total",
+            "prompt tokens looked up in the prefix cache",
+            registry=r,
+        )
+        self.prefix_cache_hit_tokens = Counter(
+            "adapterserve_prefix_cache_hit_tokens_total",
+            "prompt tokens taken from the prefix cache instead of prefilled",
+            registry=r,
+        )
+        self.prefix_cache_bytes = Gauge(
+            "adapterserve_prefix_cache_bytes", "bytes of keys and values in the prefix cache", registry=r
+        )
+        self.prefix_cache_evictions = Counter(
+            "adapterserve_prefix_cache_evictions_total",
+            "prefix cache entries dropped for room (least recently used first)",
+            registry=r,
+        )
         # the model server protocol of the Kubernetes Gateway API Inference Extension (docs/tenants.md)
         self.requests_waiting = Gauge(
             "adapterserve_num_requests_waiting", "requests queued for the engine", registry=r

@@ -231,6 +231,7 @@ class Engine:
                 busy = self._busy()
                 if not busy and not released:  # idle: other threads may compute meanwhile
                     release_omp_threads()
+                    self._report_gauges()  # (as they stand now, not as at the last refresh)
                 released = not busy
                 self._drain_inbox(block=not busy)
                 self._housekeeping()
@@ -254,9 +255,10 @@ class Engine:
             self._fail_all(EngineFailure("the inference engine failed; see the server log"))
 
     def _report_gauges(self) -> None:
-        """The queue per tenant and the inference gateway's series (engine thread)."""
+        """The queue per tenant, the prefix cache and the inference gateway's series (engine thread)."""
         m = self.metrics
         self.shares.report()
+        self.gen.prefix.report(m)
         rows = [row.work for b in self.gen.batches() for row in b.rows]
         running = list({id(w): w for w in rows}.values())
         m.requests_waiting.set(self.queue_depth)
@@ -341,6 +343,7 @@ class Engine:
                     self.slots.pinned = self.slots.pinned - {name}
                 case RetireAdapter(uid):
                     self._retired.setdefault(uid, time.monotonic())
+                    self.gen.prefix.drop(uid)
                 case Abort(work):
                     work.cancelled = True
                 case CutOffAll():

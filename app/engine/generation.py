@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from app.engine import kv_cache
 from app.engine.detokenize import Decode, IncrementalDetokenizer
 from app.engine.logits import RowState, logprobs_of, process
+from app.engine.prefix_cache import PrefixCache
 from app.engine.runner import Runner
 from app.engine.sampling import find_stop, make_generator, select_tokens
 from app.engine.types import FinishReason, GenerateWork, GenerationResult, StreamDelta, TokenLogprob
@@ -42,6 +43,7 @@ class _Row:
     # samples from the weighted mean of the members' distributions and alone holds the output
     lead: _Row | None = None  # None: this row leads (every row of a plain request does)
     weight: float = 1.0
+    cached: int = 0  # prompt tokens taken from the prefix cache
     state: RowState | None = None  # penalties, bias, grammar (lead rows that ask for them)
     logprobs: list[TokenLogprob] | None = None  # per generated token, when asked
     logprobs_emitted: int = 0  # entries of ``logprobs`` already streamed
@@ -55,9 +57,16 @@ class GenerationBatch:
     """Rows generating together; see the module docstring for the invariants."""
 
     def __init__(
-        self, runner: Runner, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, decode: Decode
+        self,
+        runner: Runner,
+        rows: list[_Row],
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        decode: Decode,
+        prefix: PrefixCache | None = None,
     ) -> None:
         self.runner = runner
+        self.prefix = prefix  # where finished rows leave their prompt and answer
         self.rows = rows
         self.cache = cache
         self.decode = decode
@@ -75,10 +84,15 @@ class GenerationBatch:
     # --- prefill ----------------------------------------------------------------------------
     @classmethod
     def start(
-        cls, runner: Runner, works: list[tuple[GenerateWork, list[int]]], decode: Decode
+        cls,
+        runner: Runner,
+        works: list[tuple[GenerateWork, list[int]]],
+        decode: Decode,
+        prefix: PrefixCache | None = None,
     ) -> GenerationBatch:
         """A batch of new rows whose prompts still have to be prefilled (see :meth:`prefill_chunk`);
-        each request comes with the slots of its rows (one, or one per ensemble member)."""
+        each request comes with the slots of its rows (one, or one per ensemble member). Rows whose
+        prompt begins with a prefix in ``prefix`` start from its keys and values (:func:`_reused`)."""
         dev = runner.device
         rows: list[_Row] = []
         for w, slots in works:
@@ -95,8 +109,10 @@ class GenerationBatch:
                     rows.append(_Row(w, slot, lead.generator, lead.detok, uid=uid, lead=lead, weight=weight))
         # left padding: every row's next token is at the end
         ids, mask = runner.pad([row.work.prompt for row in rows], left=True)
-        batch = cls(runner, rows, kv_cache.new_cache(runner.model.config), mask, decode)
+        cache, done = _reused(runner, rows, prefix)
+        batch = cls(runner, rows, cache, mask, decode, prefix)
         batch._prompt = (ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+        batch._done = done
         return batch
 
     @torch.inference_mode()
@@ -155,12 +171,29 @@ class GenerationBatch:
             elif not row.work.cancelled:
                 going.add(id(row))
         keep = [i for i, row in enumerate(self.rows) if id(row.lead or row) in going]
+        if self.prefix is not None and finished:
+            self._leave_prefixes({id(work) for work, _ in finished})
         self.positions = positions[:, -1:] + 1
         tokens = [token[id(row.lead or row)] for row in self.rows]
         self.next_ids = torch.tensor(tokens, dtype=torch.long, device=r.device).unsqueeze(1)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         self.keep(keep)
         return finished
+
+    def _leave_prefixes(self, works: set[int]) -> None:
+        """Cache the prompt and answer of the rows of finished ``works`` (what their cache holds:
+        every token fed so far) under their adapter version, for the conversation's next turn."""
+        assert self.prefix is not None
+        lengths = self.mask.sum(dim=1).tolist()
+        for i, row in enumerate(self.rows):
+            if id(row.work) not in works:
+                continue
+            prompt = row.work.prompt
+            length = int(lengths[i])
+            ids = [*prompt, *row.tokens[: length - len(prompt)]]
+            kv_of = kv_cache.row_prefix(self.cache, i, length)
+            if kv_of is not None and len(ids) == length:
+                self.prefix.insert(row.uid, ids, kv_of)
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, reuse_key: int | None = None) -> torch.Tensor:
         """Forward ``ids`` [batch, tokens] through the model and cache; last-token logits [batch, vocab]."""
@@ -313,6 +346,31 @@ class GenerationBatch:
         self._composition = None
 
 
+def _reused(runner: Runner, rows: list[_Row], prefix: PrefixCache | None) -> tuple[DynamicCache, int]:
+    """The cache a new batch starts from, and how many of its padded columns it holds already.
+
+    Each row looks up the longest cached prefix of its prompt under its adapter version (all but
+    the prompt's last token, whose logits the prefill must compute). The rows are right-aligned,
+    and the prefill computes the last ``N`` columns, ``N`` the longest uncached part of any row; a
+    row whose cached prefix reaches into those columns computes those tokens again. So the cache
+    starts with ``width - N`` columns: each row's first ``len(prompt) - N`` tokens, from the prefix
+    cache (rows with and without a hit in one prefill)."""
+    if prefix is None or not prefix.enabled:
+        return kv_cache.new_cache(runner.model.config), 0
+    found = [prefix.lookup(row.uid, row.work.prompt, len(row.work.prompt) - 1) for row in rows]
+    lengths = [len(row.work.prompt) for row in rows]
+    window = max(n - hit for n, (hit, _) in zip(lengths, found, strict=True))
+    columns = max(lengths) - window
+    if columns <= 0:
+        return kv_cache.new_cache(runner.model.config), 0
+    parts: list[torch.Tensor | None] = []
+    for row, n, (_, kv) in zip(rows, lengths, found, strict=True):
+        row.cached = max(0, n - window)
+        parts.append(kv[:, :, :, : row.cached] if kv is not None and row.cached else None)
+        prefix.stats.hit_tokens += row.cached
+    return kv_cache.prefilled(runner.model.config, parts, columns), columns
+
+
 def _result(row: _Row, reason: FinishReason) -> GenerationResult:
     return GenerationResult(
         text=row.text,
@@ -320,6 +378,7 @@ def _result(row: _Row, reason: FinishReason) -> GenerationResult:
         finish_reason=reason,
         prompt_tokens=len(row.work.prompt),
         logprobs=list(row.logprobs) if row.logprobs is not None else None,
+        cached_tokens=row.cached,
     )
 
 

@@ -17,6 +17,7 @@ from app.engine import kv_cache
 from app.engine.detokenize import Decode
 from app.engine.fair_queue import FairQueue
 from app.engine.generation import Finished, GenerationBatch
+from app.engine.prefix_cache import PrefixCache
 from app.engine.runner import Runner
 from app.engine.slots import Admission
 from app.engine.types import Flow, GenerateWork, StreamDelta
@@ -119,6 +120,7 @@ class GenerationLane:
         self.running: GenerationBatch | None = None  # the decoding rows
         self.prefill: GenerationBatch | None = None  # new rows whose prompts are being prefilled
         self.parked: GenerationBatch | None = None  # rows set aside while a lighter tenant decodes
+        self.prefix = PrefixCache(settings.prefix_cache_budget(runner.device))
 
     def batches(self) -> list[GenerationBatch]:
         return [b for b in (self.running, self.prefill, self.parked) if b is not None]
@@ -288,7 +290,7 @@ class GenerationLane:
         if not pairs:
             return None
         self.metrics.batch_size.labels(task="prefill").observe(rows)
-        return GenerationBatch.start(self.runner, pairs, self._decode)
+        return GenerationBatch.start(self.runner, pairs, self._decode, self.prefix)
 
     def _advance_prefill(self) -> None:
         """One chunk of the prefill; when it completes, its rows join the running batch."""

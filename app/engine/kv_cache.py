@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -229,3 +230,43 @@ def unused_leading_columns(mask: torch.Tensor) -> int:
     (the last column, the next input token, always stays)."""
     used = mask[:, :-1].any(dim=0).nonzero()
     return int(used[0].item()) if used.numel() else mask.shape[1] - 1
+
+
+# --- the prefix cache's side (app/engine/prefix_cache.py) -----------------------------------
+def prefilled(config: PretrainedConfig, parts: list[torch.Tensor | None], columns: int) -> DynamicCache:
+    """A new cache of ``len(parts)`` rows and ``columns`` token columns, each row's cached prefix
+    (``[layers, 2, heads, tokens, head_dim]``, or None) at its right end and zeros (padding) on its
+    left, written through each layer's own update (sliding windows keep what they keep)."""
+    cache = new_cache(config)
+    sample = next(p for p in parts if p is not None)
+    layers, _, heads, _, dim = sample.shape
+    full = sample.new_zeros(layers, 2, len(parts), heads, columns, dim)
+    for row, part in enumerate(parts):
+        if part is not None and part.shape[3]:
+            full[:, :, row, :, columns - part.shape[3] :] = part
+    for index in range(layers):
+        cache.update(full[index, 0], full[index, 1], index)
+    return cache
+
+
+def row_prefix(cache: DynamicCache, row: int, length: int) -> Callable[[int, int], torch.Tensor] | None:
+    """The keys and values of the last ``length`` tokens of ``row``, as ``kv_of(start, end)`` ->
+    ``[layers, 2, heads, end - start, head_dim]`` (a copy), or None when a layer no longer holds
+    them all (a sliding window shorter than the row)."""
+    layers = _layers(cache)
+    if any(_kv(layer)[0].shape[SEQ_DIM] < length for layer in layers):
+        return None
+
+    def kv_of(start: int, end: int) -> torch.Tensor:
+        out = []
+        for layer in layers:
+            keys, values = _kv(layer)
+            first = keys.shape[SEQ_DIM] - length
+            out.append(
+                torch.stack(
+                    [keys[row, :, first + start : first + end], values[row, :, first + start : first + end]]
+                )
+            )
+        return torch.stack(out)
+
+    return kv_of

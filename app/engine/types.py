@@ -89,6 +89,7 @@ class GenerationResult:
     finish_reason: FinishReason  # "timeout": cut off by the request deadline after these tokens
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None  # one per token when the request asked for them
+    cached_tokens: int = 0  # of the prompt's tokens, those taken from the prefix cache
 
 
 @dataclass(frozen=True)

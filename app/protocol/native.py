@@ -223,6 +223,7 @@ class GenerateRequest(DecodingOptions):
 class GenerateUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(0, description="of the prompt tokens, those taken from the prefix cache")
 
 
 class GenerateResponse(BaseModel):

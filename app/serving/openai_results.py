@@ -22,6 +22,7 @@ from app.protocol.openai import (
     CompletionLogprobs,
     FinishReason,
     FunctionCall,
+    PromptTokensDetails,
     ToolCall,
     ToolCallDelta,
     Usage,
@@ -32,15 +33,19 @@ from app.serving.tools import parse_tool_calls
 
 
 def usage_of_results(prompt_tokens: int, results: list[GenerationResult]) -> Usage:
-    return Usage(**usage_of(prompt_tokens, sum(len(r.token_ids) for r in results)))
+    cached = max((r.cached_tokens for r in results), default=0)
+    return usage_of(prompt_tokens, sum(len(r.token_ids) for r in results), cached)
 
 
-def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+    """OpenAI's usage; ``cached_tokens``: of the prompt's, those taken from the prefix cache (with
+    ``n`` choices, the most any choice took)."""
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+    )
 
 
 def error_event(exc: AdapterServeError) -> str:
@@ -120,7 +125,7 @@ async def chat_events(
 
     for i in range(n):
         yield choice(i, ChatDelta(role="assistant", content=""))
-    completion = 0
+    completion = cached = 0
     held: dict[int, list[StreamDelta]] = {}
     try:
         async for i, d in deltas:
@@ -139,6 +144,7 @@ async def chat_events(
                 kept = [lp for x in held[i] for lp in x.logprobs] if r.logprobs is not None else None
                 yield choice(i, delta, None, shape.logprobs(kept))
                 completion += len(r.token_ids)
+                cached = max(cached, r.cached_tokens)
                 yield choice(i, ChatDelta(), shape.finish(r))
                 continue
             entries = shape.logprobs(d.logprobs) if d.logprobs else None
@@ -146,9 +152,10 @@ async def chat_events(
                 yield choice(i, ChatDelta(content=d.text), None, entries)
             if d.result is not None:
                 completion += len(d.result.token_ids)
+                cached = max(cached, d.result.cached_tokens)
                 yield choice(i, ChatDelta(), d.result.finish_reason)
         if include_usage:
-            yield chunk([], Usage(**usage_of(prompt_tokens, completion)))
+            yield chunk([], usage_of(prompt_tokens, completion, cached))
     except AdapterServeError as exc:
         yield error_event(exc)
     yield "data: [DONE]\n\n"
@@ -178,7 +185,7 @@ async def completion_events(
     for i, echo in enumerate(echoes):
         if echo:
             yield choice(i, echo)
-    completion = 0
+    completion = cached = 0
     try:
         async for i, d in deltas:
             if d.result is None:
@@ -186,9 +193,10 @@ async def completion_events(
                     yield choice(i, d.text, None, d.logprobs)
                 continue
             completion += len(d.result.token_ids)
+            cached = max(cached, d.result.cached_tokens)
             yield choice(i, d.text, d.result.finish_reason, d.logprobs)
         if include_usage:
-            yield chunk([], Usage(**usage_of(prompt_tokens, completion)))
+            yield chunk([], usage_of(prompt_tokens, completion, cached))
     except AdapterServeError as exc:
         yield error_event(exc)
     yield "data: [DONE]\n\n"

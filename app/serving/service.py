@@ -266,7 +266,11 @@ class InferenceService:
             adapter=req.target,
             text=result.text,
             finish_reason=result.finish_reason,
-            usage=GenerateUsage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids)),
+            usage=GenerateUsage(
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=len(result.token_ids),
+                cached_tokens=result.cached_tokens,
+            ),
             logprobs=self._logprobs(result.logprobs),
         )
 
@@ -291,7 +295,11 @@ class InferenceService:
                     if delta.text or lps:
                         yield sse(GenerateChunk(text=delta.text, logprobs=lps).model_dump())
                     continue
-                usage = GenerateUsage(prompt_tokens=r.prompt_tokens, completion_tokens=len(r.token_ids))
+                usage = GenerateUsage(
+                    prompt_tokens=r.prompt_tokens,
+                    completion_tokens=len(r.token_ids),
+                    cached_tokens=r.cached_tokens,
+                )
                 last = GenerateChunk(
                     text=delta.text, finish_reason=r.finish_reason, usage=usage, logprobs=lps
                 )

@@ -31,6 +31,16 @@ def base_model(tiny_model: BaseLM) -> BaseLM:
     return tiny_model
 
 
+@pytest.fixture(scope="module")
+def own_tiny(tiny_path: Path) -> BaseLM:
+    """The tiny model loaded again for a module's own app: an engine takes its base's layers over,
+    so an app on ``tiny_model`` would leave the session's ``client`` computing with empty banks."""
+    from app.models.base_lm import load_base_model
+    from tests.conftest import CACHE_DIR
+
+    return load_base_model(str(tiny_path), CACHE_DIR, "cpu", "float32")
+
+
 @pytest.fixture(scope="session")
 def ref_adapters(tiny_ref_adapters: dict[str, RefAdapter]) -> dict[str, RefAdapter]:
     return tiny_ref_adapters

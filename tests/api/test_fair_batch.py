@@ -26,7 +26,7 @@ FLOOD_TOKENS = 400
 
 @pytest.fixture(scope="module")
 def app(
-    tiny_model: BaseLM, ref_adapters: dict[str, RefAdapter], tmp_path_factory: pytest.TempPathFactory
+    own_tiny: BaseLM, ref_adapters: dict[str, RefAdapter], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TestClient]:
     folder = tmp_path_factory.mktemp("fair-batch")
     tenants = {name: {"keys": [key_hash(key)], "adapters": ["*"]} for name, key in KEYS.items()}
@@ -37,7 +37,7 @@ def app(
         max_batch_size=ROWS,
         max_new_tokens=FLOOD_TOKENS,
     )
-    with TestClient(create_app(settings, base=tiny_model)) as client:
+    with TestClient(create_app(settings, base=own_tiny)) as client:
         upload_all(client, {"gen-qv-r8": ref_adapters["gen-qv-r8"]})
         yield client
 
