@@ -99,7 +99,11 @@ class Settings(BaseSettings):
 
     # --- batching and backpressure ----------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, description="rows per forward pass")
-    max_batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
+    max_batch_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        description="how long a batch waits to fill, at most (it stops after 1 ms without arrivals)",
+    )
     max_batch_tokens: int = Field(8192, ge=64, description="padded tokens per classification forward")
     max_prefill_tokens: int = Field(2048, ge=64, description="padded prompt tokens per prefill forward")
     max_queue: int = Field(256, ge=1, description="queued requests before 503")

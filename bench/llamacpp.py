@@ -102,11 +102,13 @@ def lora_gguf(scripts: Path, hf_folder: Path, adapter: Path, out: Path) -> Path:
 
 # --- the systems' processes -------------------------------------------------------------------
 @contextmanager
-def worker(kind: str, args: list[str], log: Path) -> Iterator[tuple[int, str]]:
-    """``python -m bench.llamacpp KIND ARGS...`` as its own process; yields its pid and
-    URL once ``/health`` answers (``{port}`` in ``args`` is replaced by a free port)."""
+def worker(
+    kind: str, args: list[str], log: Path, module: str = "bench.llamacpp"
+) -> Iterator[tuple[int, str]]:
+    """``python -m MODULE KIND ARGS...`` as its own process; yields its pid and URL once
+    ``/health`` answers (``{port}`` in ``args`` is replaced by a free port)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "bench.llamacpp", kind, *(a.replace("{port}", str(port)) for a in args)]
+    cmd = [sys.executable, "-m", module, kind, *(a.replace("{port}", str(port)) for a in args)]
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:

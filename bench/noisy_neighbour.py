@@ -216,8 +216,9 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     print(machine_line())
     print(
-        f"dtype {args.dtype}, quantization {args.quantization}; flood: {args.flood_clients} clients × {args.flood_tokens}-token "
-        f"generations; quiet: a {QUIET_TOKENS}-token generation and a one-text classification "
+        f"dtype {args.dtype}, quantization {args.quantization}; flood: {args.flood_clients} clients × "
+        f"{args.flood_tokens}-token generations; quiet: a {QUIET_TOKENS}-token generation and a "
+        "one-text classification "
         f"({args.quiet_requests} of each alone, one after the other; in the flood, one of each every "
         f"{args.every:g} s for {args.window:g} s); medians; {args.rounds} round(s)\n"
     )

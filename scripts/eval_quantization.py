@@ -1,5 +1,5 @@
 """What quantizing the base costs in quality: the demo adapters served by a server at each of
-ADAPTERSERVE_QUANTIZATION none / int8 / int4 / w8a8, one server process after the other, on a copy of the
+ADAPTERSERVE_QUANTIZATION none / bf16 / int8 / int4 / w8a8, one server process after the other, on a copy of the
 demo store (plus any extra adapter folders, e.g. ones retrained with ``--quantization int4``).
 
     python scripts/eval_quantization.py [--extra build/chat-topic-int4 ...] [--prompts 50]
@@ -28,7 +28,7 @@ CLASSIFIERS = {  # adapter -> its data (held out as the trainer did: 20 %, seed 
     "chat-topic": ("data/chat-topic.csv", 48),
     "chat-topic-bottleneck": ("data/chat-topic.csv", 48),
 }
-KINDS = ("none", "int8", "int4", "w8a8")
+KINDS = ("none", "bf16", "int8", "int4", "w8a8")
 TOKENS = 32
 
 

@@ -62,6 +62,7 @@ from app.platform import release_omp_threads
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_WAIT_S = 0.05
+_ARRIVAL_GAP_S = 0.001  # a batch stops waiting to fill after this long without a new arrival
 _GAUGES_EVERY_S = 0.5  # how often the engine thread refreshes the queue gauges
 # the API side (futures and streams) waits this much longer than a request's deadline: the engine
 # itself ends the work at its deadline (with the tokens produced so far) after at most one more step
@@ -290,7 +291,9 @@ class Engine:
         deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000.0
         while True:
             self._accept(item)
-            remaining = deadline - time.monotonic()
+            # more work may be on its way (clients sending together): wait for it while it keeps
+            # coming, but not after a lull (a lone request starts at once)
+            remaining = min(deadline - time.monotonic(), _ARRIVAL_GAP_S)
             try:
                 item = self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait()
             except queue.Empty:

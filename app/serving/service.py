@@ -9,7 +9,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
@@ -140,7 +140,7 @@ class InferenceService:
                 f"{len(texts)} inputs; at most {self.settings.max_inputs_per_request} per request",
                 param="inputs",
             )
-        ids = await asyncio.to_thread(lambda: [self._encode(t, "inputs") for t in texts])
+        ids = await off_loop(sum(map(len, texts)), lambda: [self._encode(t, "inputs") for t in texts])
         longest = max((len(i) for i in ids), default=0)
         if self.max_context is not None and longest > self.max_context:
             raise InvalidRequest(
@@ -178,11 +178,12 @@ class InferenceService:
                 f"{spec.max_new_tokens} new tokens asked; the limit is {cap}", param="max_new_tokens"
             )
         if spec.messages is not None:
-            prompt_ids = await asyncio.to_thread(self._encode_chat, spec.messages, spec.tools)
+            size = sum(len(str(m.get("content") or "")) for m in spec.messages) + len(str(spec.tools or ""))
+            prompt_ids = await off_loop(size, self._encode_chat, spec.messages, spec.tools)
         elif spec.prompt_ids is not None:
             prompt_ids = self._check_ids(spec.prompt_ids)
         else:
-            prompt_ids = await asyncio.to_thread(self._encode, spec.prompt or "", "prompt")
+            prompt_ids = await off_loop(len(spec.prompt or ""), self._encode, spec.prompt or "", "prompt")
         room = self.max_context - len(prompt_ids) if self.max_context else cap
         max_new_tokens = spec.max_new_tokens
         if max_new_tokens is None:  # the default: what the request kind asks, within cap and context
@@ -331,6 +332,19 @@ class InferenceService:
             ) from exc
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._within_limit(ids, "messages")
+
+
+T = TypeVar("T")
+INLINE_CHARS = 4096  # texts up to this size are tokenized on the event loop
+
+
+async def off_loop(chars: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` (tokenizing ``chars`` characters of text): in a worker thread for long texts,
+    so the event loop stays free; on the loop itself for short ones, where the hop to a thread
+    and back would cost more than the tokenizing (docs/prefix-cache.md#short-requests)."""
+    if chars <= INLINE_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 def flow_of(tenant: Tenant, target: Target, priority: int) -> Flow:

@@ -203,6 +203,30 @@ PANELS: dict[str, tuple[str, list[tuple[str, str]], str]] = {
         [("{{tier}}", _q("0.99", "adapterserve_adapter_load_seconds", "tier"))],
         "Host: read + validate from the store; device: copy into the slot banks.",
     ),
+    "Prefix cache hit rate": (
+        "percentunit",
+        [
+            (
+                "{{instance}}",
+                f"sum by (instance) (rate(adapterserve_prefix_cache_hit_tokens_total[{RATE}])) / "
+                f"sum by (instance) (rate(adapterserve_prefix_cache_query_tokens_total[{RATE}]))",
+            )
+        ],
+        "Of the prompt tokens of generations, the share taken from the prefix cache instead of "
+        "prefilled (docs/prefix-cache.md): a chatbot's later turns should be mostly cached.",
+    ),
+    "Prefix cache memory and evictions": (
+        "bytes",
+        [
+            ("bytes {{instance}}", "sum by (instance) (adapterserve_prefix_cache_bytes)"),
+            (
+                "evicted/s {{instance}}",
+                f"sum by (instance) (rate(adapterserve_prefix_cache_evictions_total[{RATE}]))",
+            ),
+        ],
+        "Keys and values held (bytes; at most ADAPTERSERVE_PREFIX_CACHE_BYTES) and prefixes dropped "
+        "for room per second (many: the budget is too small for the conversations in flight).",
+    ),
 }
 
 
