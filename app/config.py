@@ -31,12 +31,12 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 on CUDA, float32 on CPU"
     )
-    quantization: Literal["none", "bf16", "int8", "int4", "w8a8"] = Field(
-        "none",
-        description="quantization of the base's linear layers and embeddings: bf16 (oneDNN's bf16 "
-        "kernel on CPUs with bf16 dot products), int8 (per output channel) and int4 (groups of 64) "
-        "are weight-only; w8a8 is int8 weights and int8 "
-        "activations per row (fbgemm's integer matmul on CPU); adapters stay in full precision",
+    quantization: Literal["auto", "none", "bf16", "int8", "int4", "w8a8"] = Field(
+        "auto",
+        description="the base's weight format: auto = bf16 on a CPU with bf16 dot products (AVX-512 "
+        "BF16, AMX), else none; bf16 (oneDNN's bf16 kernel); int8 (per output channel) and int4 (groups "
+        "of 64) are weight-only; w8a8 is int8 weights and int8 activations per row (fbgemm's integer "
+        "matmul on CPU); adapters stay in full precision (docs/quantization.md)",
     )
 
     # --- adapter store and cache ------------------------------------------------------------

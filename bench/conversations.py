@@ -1,6 +1,6 @@
 """Conversations: time to the first token with the prefix cache, against llama.cpp's prompt cache.
 
-    python -m bench.conversations [--repeats 5] [--sessions 16] [--turns 6] [--quantization none]
+    python -m bench.conversations [--repeats 5] [--sessions 16] [--turns 6] [--quantization auto]
 
 Three servers on the same cores, each its own process: adapterserve with its prefix cache (a
 rank-16 LoRA adapter, ``--quantization``), the same with ``ADAPTERSERVE_PREFIX_CACHE_BYTES=0``
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sessions", type=int, default=16)
     parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--quantization", default="none")
+    parser.add_argument("--quantization", default="auto")
     args = parser.parse_args()
     cache = Settings().cache_dir
     hf_folder, _ = resolve_model_path("", cache)
@@ -209,6 +209,7 @@ def main() -> None:
                     "bench.conversations",
                 )
             )
+            args.format = httpx.get(urls["adapterserve"] + "/readyz").json()["quantization"]
             # the cold sixth turn: adapterserve's from the server without the cache
             for label, url in urls.items():
                 cold = {"cache_prompt": False} if label.startswith("llama") else None
@@ -224,9 +225,9 @@ def main() -> None:
 def _report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     print(machine_line())
     print(
-        f"adapterserve quantization {args.quantization}, a rank-16 LoRA adapter; llama.cpp Q4_1 "
-        f"(cache_prompt); medians of {args.repeats}; sessions: {args.sessions} × {args.turns} turns, "
-        f"{SESSION_TOKENS} new tokens each\n"
+        f"adapterserve quantization {args.quantization} ({args.format}), a rank-16 LoRA adapter; "
+        f"llama.cpp Q4_1 (cache_prompt); medians of {args.repeats}; sessions: {args.sessions} × "
+        f"{args.turns} turns, {SESSION_TOKENS} new tokens each\n"
     )
     print(
         "| system | short chat TTFT | 6th turn, cached | 6th turn, cold | cached / short | "

@@ -2,7 +2,7 @@
 
     python -m bench.noisy_neighbour [--flood-clients 48] [--flood-tokens 96] [--window 90]
                                     [--rounds 1] [--schedulers fifo,fair] [--dtype auto]
-                                    [--quantization none]
+                                    [--quantization auto]
 
 Two tenants on one server (a tenants file, no limits): ``flood`` runs ``--flood-clients`` clients
 sending ``--flood-tokens``-token generations back to back (min_tokens = max_new_tokens: every one
@@ -166,7 +166,12 @@ def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1000 if values else float("nan")
 
 
+FORMAT: dict[str, str] = {}  # the base's format the server reports (ADAPTERSERVE_QUANTIZATION resolved)
+
+
 async def one_server(url: str, args: argparse.Namespace) -> dict[str, float]:
+    async with httpx.AsyncClient(base_url=url) as http:
+        FORMAT["quantization"] = (await http.get("/readyz")).json()["quantization"]
     await quiet_alone(url, 2, 0.0)  # warm: adapters loaded, first forwards done
     alone = await quiet_alone(url, args.quiet_requests, args.pause)
     flood, tokens_per_s, flood_errors = await flood_phase(url, args)
@@ -188,7 +193,7 @@ def main() -> None:
     parser.add_argument("--quiet-requests", type=int, default=8, help="of each kind, alone")
     parser.add_argument("--window", type=float, default=90.0, help="of the flood, measured (s)")
     parser.add_argument("--dtype", default="auto", help="ADAPTERSERVE_DTYPE of the server")
-    parser.add_argument("--quantization", default="none", help="ADAPTERSERVE_QUANTIZATION of the server")
+    parser.add_argument("--quantization", default="auto", help="ADAPTERSERVE_QUANTIZATION of the server")
     parser.add_argument("--pause", type=float, default=0.2, help="between the quiet requests alone (s)")
     parser.add_argument("--every", type=float, default=3.0, help="the quiet app's period in the flood (s)")
     parser.add_argument("--warmup", type=float, default=10.0, help="flood before the quiet requests (s)")
@@ -216,7 +221,8 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     print(machine_line())
     print(
-        f"dtype {args.dtype}, quantization {args.quantization}; flood: {args.flood_clients} clients × "
+        f"dtype {args.dtype}, quantization {args.quantization} ({FORMAT.get('quantization')}); "
+        f"flood: {args.flood_clients} clients × "
         f"{args.flood_tokens}-token generations; quiet: a {QUIET_TOKENS}-token generation and a "
         "one-text classification "
         f"({args.quiet_requests} of each alone, one after the other; in the flood, one of each every "

@@ -1,6 +1,6 @@
 """Where the time of a one-token request goes, hop by hop.
 
-    python -m bench.short_request [--repeats 30] [--quantization none]
+    python -m bench.short_request [--repeats 30] [--quantization auto]
 
 A server on the default base (its process, over HTTP): ``GET /healthz`` (HTTP and the ASGI stack
 alone), ``POST /generate`` with the prompt "Hi" and one new token, and the same text as chat
@@ -115,7 +115,7 @@ def in_process(quantization: str, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--quantization", default="none")
+    parser.add_argument("--quantization", default="auto")
     args = parser.parse_args()
     http = over_http(args.quantization, args.repeats)
     local = in_process(args.quantization, args.repeats)

@@ -1,6 +1,6 @@
 """What quantizing the base costs in quality: the demo adapters served by a server at each of
-ADAPTERSERVE_QUANTIZATION none / bf16 / int8 / int4 / w8a8, one server process after the other, on a copy of the
-demo store (plus any extra adapter folders, e.g. ones retrained with ``--quantization int4``).
+ADAPTERSERVE_QUANTIZATION none / bf16 / int8 / int4 / w8a8, one server process after the other, on
+a copy of the demo store (plus any extra adapter folders, e.g. ones retrained with ``--quantization int4``).
 
     python scripts/eval_quantization.py [--extra build/chat-topic-int4 ...] [--prompts 50]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,10 @@ from app.models.base_lm import BaseLM, load_base_model, resolve_model_path
 from tests.fixtures.tiny_llama import materialize
 from tests.helpers.peft_ref import RefAdapter, make_adapter
 from tests.helpers.s3 import s3_server
+
+# the tests compare with float32 references (HF PEFT): the base's format is float32 unless a test
+# asks for another; ADAPTERSERVE_QUANTIZATION=auto picks by machine (tested on its own)
+os.environ.setdefault("ADAPTERSERVE_QUANTIZATION", "none")
 
 ADMIN_TOKEN = "test-admin-token"
 CACHE_DIR = Settings().cache_dir

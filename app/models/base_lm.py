@@ -20,7 +20,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
-from app.models.quantize import Quantization, quantize_model
+from app.models.quantize import Quantization, Setting, quantize_model, resolve
 from app.models.sources import resolve_model_path
 from app.models.surface import ModelSurface, surface_for
 from app.platform import return_freed_memory
@@ -121,7 +121,7 @@ def read_spec(base_model: str, cache_dir: Path) -> BaseSpec:
 
 
 def load_base_model(
-    base_model: str, cache_dir: Path, device: str, dtype: str, quantization: Quantization = "none"
+    base_model: str, cache_dir: Path, device: str, dtype: str, quantization: Setting = "none"
 ) -> BaseLM:
     """Load the frozen base model (eval mode, no gradients) on the resolved device and dtype, its
     weights quantized as asked (:mod:`app.models.quantize`)."""
@@ -154,8 +154,9 @@ def load_base_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     spec = spec_of(model, model_id)
-    nbytes = quantize_model(model, quantization, keep=surface.head_modules, tokenizer=tokenizer)
-    if quantization != "none":
+    kind = resolve(quantization, dev)
+    nbytes = quantize_model(model, kind, keep=surface.head_modules, tokenizer=tokenizer)
+    if kind != "none":
         return_freed_memory()  # the float weights just replaced
     log.info(
         "base model %s loaded from %s on %s (%s, quantization %s: %.0f MB of weights)",
@@ -163,7 +164,7 @@ def load_base_model(
         path,
         dev,
         dt,
-        quantization,
+        kind if quantization == kind else f"{kind} ({quantization})",
         nbytes / 1e6,
     )
     return BaseLM(
@@ -174,6 +175,6 @@ def load_base_model(
         dtype=dt,
         path=path,
         surface=surface,
-        quantization=quantization,
+        quantization=kind,
         weight_bytes=nbytes,
     )

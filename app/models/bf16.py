@@ -46,9 +46,20 @@ class BF16Linear(nn.Linear):
     """A frozen ``nn.Linear`` computing as the ``bf16`` format does; ``weight`` holds bf16 values
     in the compute dtype (gradients flow through the casts)."""
 
+    _w16: tuple[int, int, torch.Tensor] | None = None  # (data_ptr, version, the weights in bf16)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16)).to(x.dtype)
+        y = nn.functional.linear(x.to(torch.bfloat16), self._bf16_weight()).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+    def _bf16_weight(self) -> torch.Tensor:
+        """The weights in bf16, converted once (they are frozen; a new tensor or an in-place
+        change converts them again)."""
+        w = self.weight
+        key = (w.data_ptr(), w._version)
+        if self._w16 is None or self._w16[:2] != key:
+            self._w16 = (*key, w.detach().to(torch.bfloat16))
+        return self._w16[2]
 
     @classmethod
     def of(cls, layer: nn.Linear) -> BF16Linear:

@@ -91,7 +91,7 @@ def add_train_parser(sub: Any) -> None:
     h.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     h.add_argument(
         "--quantization",
-        choices=["none", "bf16", "int8", "int4", "w8a8"],
+        choices=["auto", "none", "bf16", "int8", "int4", "w8a8"],
         default=None,
         help="train on the base's weights as a server with this ADAPTERSERVE_QUANTIZATION computes "
         "with them (QLoRA-style: the adapter learns on the weights it is served with; w8a8 also on its "

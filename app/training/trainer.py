@@ -33,7 +33,7 @@ from transformers.utils import logging as hf_logging
 
 from app.adapters.lora_format import LABELS_FILE
 from app.models.base_lm import resolve_device, resolve_model_path
-from app.models.quantize import Quantization, snap_to_quantized
+from app.models.quantize import Setting, resolve, snap_to_quantized
 from app.models.surface import surface_for
 from app.training import data as D
 from app.training.bottleneck_modules import BottleneckConfig, BottleneckModel, get_bottleneck_model
@@ -86,7 +86,7 @@ class TrainOptions:
     base_model: str = ""
     cache_dir: Path = Path.home() / ".cache" / "adapterserve"
     device: str = "auto"
-    quantization: Quantization = "none"  # train on the weights a server quantized so computes with
+    quantization: Setting = "none"  # train on the weights a server quantized so computes with
 
 
 @dataclass
@@ -234,7 +234,9 @@ def _load_model(
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     head = surface_for(str(model.config.model_type)).head_modules
-    snap_to_quantized(model, opts.quantization, keep=head, tokenizer=tok)
+    snap_to_quantized(
+        model, resolve(opts.quantization, resolve_device(opts.device)), keep=head, tokenizer=tok
+    )
     if opts.kind == "bottleneck":
         bottleneck = BottleneckConfig(
             task=opts.task,
@@ -342,7 +344,7 @@ def train(opts: TrainOptions) -> TrainResult:
     metrics = {
         "task": opts.task,
         "base_model": model_id,
-        "quantization": opts.quantization,
+        "quantization": resolve(opts.quantization, dev),
         "train_examples": len(split.train.input_ids),
         "val_examples": len(split.val.input_ids) if split.val else 0,
         "class_counts": split.counts if opts.task == "classify" else None,

@@ -212,3 +212,16 @@ def test_bf16_embedding_and_tied_head() -> None:
     h = torch.randn(4, 64)
     ref = h.bfloat16().float() @ q.dequantized().t()
     assert torch.allclose(head(h), ref, rtol=2**-7, atol=1e-3)
+
+
+def test_auto_is_bf16_where_the_cpu_multiplies_bf16_else_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.models import quantize
+    from app.platform import Capability
+
+    for isa, expected in ((("avx2",), "none"), (("avx2", "avx512", "avx512_bf16"), "bf16")):
+        cap = Capability(cpu="test", isa=isa, torch_cpu="AVX2", cores=2)
+        monkeypatch.setattr(quantize, "capability", lambda cap=cap: cap)
+        monkeypatch.setattr("app.platform._onednn_bf16", lambda: True)
+        assert quantize.resolve("auto", torch.device("cpu")) == expected
+        assert quantize.resolve("auto", torch.device("cuda")) == "none"  # (bf16 is the GPU's dtype)
+        assert quantize.resolve("int8", torch.device("cpu")) == "int8"
