@@ -11,8 +11,8 @@ route, greedy:
 - **short chat**: one line, one new token (the latency is the time to the first token), median of
   ``--repeats``;
 - **6th turn**: a conversation of five turns (a system prompt, long user messages, the answers
-  the server itself gave, ~1,000 tokens) is played, then a sixth question is asked with one new
-  token: cached (right after the five turns; a different sixth question each repeat) and cold
+  the server itself gave, ~1,000 tokens) is played, then a sixth question of one line is asked
+  with one new token: cached (right after the five turns; a different sixth question each repeat) and cold
   (adapterserve: the server without the cache; llama.cpp: ``cache_prompt: false``);
 - **sessions**: ``--sessions`` conversations of ``--turns`` turns at once, each turn streamed with
   24 new tokens: time to the first token p50 / p95 over every turn, and generated tokens/s.
@@ -110,13 +110,13 @@ async def single(url: str, model: str, repeats: int, cold: dict[str, Any] | None
         rng = random.Random(7)
         history = await play(http, model, rng, 5, 110)
         sixth = []
-        for _ in range(repeats):
-            question = {"role": "user", "content": user_message(rng, 110)}
+        for i in range(repeats):  # one line, as the short chat (a new one each time)
+            question = {"role": "user", "content": f"And what about my refund? ({i})"}
             sixth.append((await ask(http, model, [*history, question], 1))[0])
         cold_times = []
         if cold is not None:
-            for _ in range(repeats):
-                question = {"role": "user", "content": user_message(rng, 110)}
+            for i in range(repeats):
+                question = {"role": "user", "content": f"And the courier? ({i})"}
                 cold_times.append((await ask(http, model, [*history, question], 1, **cold))[0])
     out = {"short": statistics.median(short), "sixth": statistics.median(sixth)}
     if cold_times:

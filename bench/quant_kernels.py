@@ -1,5 +1,6 @@
 """Quantized matmul kernels on this machine, for choosing the quantized base's kernels: fp32
-``F.linear`` against PyTorch's own weight-only int8 (``_weight_int8pack_mm``: per output channel)
+``F.linear`` against bf16 (a plain bf16 matmul, and the served one: weights packed once for
+oneDNN), PyTorch's own weight-only int8 (``_weight_int8pack_mm``: per output channel)
 and int4 (``_weight_int4pack_mm_for_cpu`` / ``_weight_int4pack_mm``: group-wise) kernels, torchao's
 weight-only int8 and int4 tensors when torchao is importable (not a dependency), and two integer
 matmuls that also quantize the activations (w8a8): ``torch._int_mm`` and fbgemm's dynamic linear.
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from app.models.quantize import INT4_GROUP, QuantizedLinear, _int4_groups, _int8_rows
+from bench.common import machine_line
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
@@ -94,6 +96,15 @@ class _IntMM(nn.Module):
         return torch._int_mm(xq, self.qt).float().mul_(amax).mul_(self.s)
 
 
+class _PlainBf16(nn.Module):
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        self.w = layer.weight.detach().to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.to(torch.bfloat16), self.w).float()
+
+
 def _runner(mods: list[nn.Module], xs: dict[int, torch.Tensor]) -> Callable[[], None]:
     def run() -> None:
         for (_, i), m in zip(SHAPES * (len(mods) // len(SHAPES)), mods, strict=True):
@@ -117,6 +128,10 @@ def main() -> None:
     layers = [nn.Linear(i, o, bias=False) for _ in range(args.layers) for o, i in SHAPES]
     stacks: dict[str, list[nn.Module]] = {
         "fp32 F.linear": list(layers),
+        "bf16: F.linear on bf16 weights (oneDNN reorders them per call)": [_PlainBf16(m) for m in layers],
+        "bf16: served (weights packed once for oneDNN where the CPU has bf16 dot products)": [
+            QuantizedLinear.of(m, "bf16") for m in layers
+        ],
         "int8: PyTorch _weight_int8pack_mm": [_AtenInt8(m) for m in layers],
         "int8: served (int8→fp32 + BLAS)": [QuantizedLinear.of(m, "int8") for m in layers],
         "int4 g64: PyTorch _weight_int4pack_mm_for_cpu": [_AtenInt4(m) for m in layers],
@@ -131,6 +146,7 @@ def main() -> None:
         if quantized is not None:
             label = "int8 activations and weights" if kind == "w8a8" else "weight-only"
             stacks[f"{kind}: torchao {label}"] = quantized
+    print(machine_line())
     print("\n| kernel | " + " | ".join(f"{r} rows: µs (vs fp32)" for r in args.rows) + " |")
     print("|---|" + "---:|" * len(args.rows))
     results: dict[str, list[str]] = {name: [] for name in stacks}

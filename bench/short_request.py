@@ -124,7 +124,7 @@ def main() -> None:
     print("| hop | ms |")
     print("|---|---:|")
     for name, ms in (http | local).items():
-        print(f"| {name} | {ms:.1f} |")
+        print(f"| {name} | {ms:.2f} |")
 
 
 if __name__ == "__main__":

@@ -89,9 +89,9 @@ class GrowingLayer(DynamicLayer):
         """Append rows (``pad`` zero columns on their left, then ``keys``/``values``) into spare
         rows, in place; False when the buffer has no room for them (or no buffer of its own)."""
         bufs = self._buffers()
-        if bufs is None or self._k_base is None or self._v_base is None:
+        if bufs is None or self._k_base is None or self._v_base is None or self.keys is None:
             return False
-        rows, columns = bufs[0].shape[0], bufs[0].shape[SEQ_DIM]
+        rows, columns = self.keys.shape[0], self.keys.shape[SEQ_DIM]
         end = rows + keys.shape[0]
         if end > self._k_base.shape[0] or pad + keys.shape[SEQ_DIM] != columns:
             return False
@@ -100,6 +100,26 @@ class GrowingLayer(DynamicLayer):
             base[rows:end, :, pad:columns].copy_(new)
         self._expose(end, columns)
         return True
+
+    def rebuild(self, parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+        """Make the buffer anew from ``parts`` (keys, values, zero columns on their left), one
+        after the other along the rows: one copy, with room to spare (a merge of batches)."""
+        k0, v0, pad0 = parts[0]
+        rows = sum(k.shape[0] for k, _, _ in parts)
+        columns = pad0 + k0.shape[SEQ_DIM]
+        capacity = rows + max(SPARE_ROWS, rows // 4)
+        width = columns + max(SPARE_COLUMNS, columns // 2)
+        k_base = k0.new_empty(capacity, k0.shape[1], width, k0.shape[-1])
+        v_base = v0.new_empty(capacity, v0.shape[1], width, v0.shape[-1])
+        start = 0
+        for keys, values, pad in parts:
+            end = start + keys.shape[0]
+            for base, new in ((k_base, keys), (v_base, values)):
+                base[start:end, :, :pad].zero_()
+                base[start:end, :, pad:columns].copy_(new)
+            start = end
+        self._k_base, self._v_base = k_base, v_base
+        self._expose(rows, columns)
 
     def keep_rows(self, kept: list[int]) -> bool:
         """Keep the rows ``kept`` (ascending) by moving the rows after the first gap down within
@@ -219,7 +239,9 @@ def merge_left_padded(into: DynamicCache, width: int, other: DynamicCache, other
             a.cumulative_length = seen
         else:
             pad_a, pad_b = target - width, target - other_width
-            if pad_a == 0 and isinstance(a, GrowingLayer) and a.join_rows(bk, bv, pad_b):
+            if isinstance(a, GrowingLayer):  # into its spare rows, or one new buffer
+                if pad_a or not a.join_rows(bk, bv, pad_b):
+                    a.rebuild([(ak, av, pad_a), (bk, bv, pad_b)])
                 continue
         a.keys = torch.cat([pad_left(ak, pad_a, SEQ_DIM), pad_left(bk, pad_b, SEQ_DIM)])
         a.values = torch.cat([pad_left(av, pad_a, SEQ_DIM), pad_left(bv, pad_b, SEQ_DIM)])

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -149,6 +151,42 @@ def test_generation_equals_the_reference_streamed_or_not(decoder: Family) -> Non
                 completion = {"model": adapter, "prompt": prompt, "max_tokens": GEN_TOKENS, "temperature": 0}
                 resp = family.client.post("/v1/completions", json=completion)
                 assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == text, resp.text
+
+
+def test_a_conversation_s_next_turn_reuses_its_prefix_exactly(decoder: Family) -> None:
+    """The prefix cache on every decoder family: a second turn (the first turn's prompt and answer
+    and a new line) reuses the first turn's keys and values, and answers what the same weights
+    answer without them (a copy of each adapter uploaded under another name: a version whose tree
+    is empty; the bare base: HF's generate), all of them prefilled together."""
+    family = decoder
+    opening = "Conversation: my order is late.\nAgent:"
+    for key in ("gen", "gen-bn"):
+        copy = upload_archive(family.client, f"{key}-copy", zip_folder(family.refs[key].folder))
+        assert copy.status_code in (200, 201), copy.text
+    seconds: dict[str | None, str] = {}
+    for adapter in ("gen", "gen-bn", None):
+        body = {"adapter": adapter, "prompt": opening, "max_new_tokens": GEN_TOKENS}
+        first = family.client.post("/generate", json=body).json()
+        seconds[adapter] = f"{opening}{first['text']}\nUser: and now?\nAgent:"
+    rows = [(a, seconds[a]) for a in ("gen", "gen-bn", None)] + [("gen-copy", seconds["gen"])]
+
+    def ask(row: tuple[str | None, str]) -> dict[str, Any]:
+        body = {"adapter": row[0], "prompt": row[1], "max_new_tokens": GEN_TOKENS}
+        resp = family.client.post("/generate", json=body)
+        assert resp.status_code == 200, resp.text
+        return dict(resp.json())
+
+    with ThreadPoolExecutor(len(rows)) as pool:  # cached and uncached rows in shared prefills
+        warm = list(pool.map(ask, rows))
+    assert all(w["usage"]["cached_tokens"] > 0 for w in warm[:3]), [w["usage"] for w in warm]
+    assert warm[3]["usage"]["cached_tokens"] == 0 and warm[3]["text"] == warm[0]["text"]
+    assert ask(("gen-bn-copy", seconds["gen-bn"]))["text"] == warm[1]["text"]
+    model = AutoModelForCausalLM.from_pretrained(family.base).eval()
+    tok = AutoTokenizer.from_pretrained(family.base)
+    enc = tok(seconds[None], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=GEN_TOKENS, do_sample=False)
+    assert warm[2]["text"] == tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_mixed_batches_equal_each_row_alone(family: Family) -> None:

@@ -193,6 +193,9 @@ def test_growing_layers_keep_rows_in_place_and_split_off_copies() -> None:
     kv_cache.merge_left_padded(grown, width, other, 4)
     kv_cache.merge_left_padded(plain, width, other_plain, 4)
     assert grown.layers[0]._k_base.data_ptr() == buffer  # type: ignore[attr-defined]
+    assert grown.layers[0].keys is grown.layers[0]._k_view  # type: ignore[attr-defined]  # (its own view)
+    view = grown.layers[0].keys.data_ptr()
     append(3, 1, (grown, plain))
+    assert grown.layers[0].keys.data_ptr() == view  # and the next step appends in place
     for a, b in zip(grown.layers, plain.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
