@@ -57,6 +57,8 @@ WORDS = [
 ]
 ANSWER_TOKENS = 40  # of each of the five turns played before the sixth
 SESSION_TOKENS = 24
+# a connection per request, for every system (llama.cpp's server closes a connection after a stream)
+FRESH = httpx.Limits(max_keepalive_connections=0)
 
 
 def user_message(rng: random.Random, words: int) -> str:
@@ -102,7 +104,7 @@ async def play(
 
 async def single(url: str, model: str, repeats: int, cold: dict[str, Any] | None) -> dict[str, float]:
     """Short chat and the sixth turn, cached and (``cold``: extra body fields) cold."""
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=FRESH) as http:
         short = [
             (await ask(http, model, [{"role": "user", "content": f"Hi! ({i})"}], 1))[0]
             for i in range(repeats + 1)
@@ -140,7 +142,7 @@ async def sessions(url: str, model: str, n: int, turns: int) -> dict[str, float]
             tokens += completion
             history.append({"role": "assistant", "content": text})
 
-    limits = httpx.Limits(max_connections=n + 4)
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         start = time.perf_counter()
         await asyncio.gather(*(one(http, i) for i in range(n)))
