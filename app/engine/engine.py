@@ -145,6 +145,8 @@ class Engine:
             self.shares.enter(item.flow)
             item.deadline = time.monotonic() + self.settings.request_timeout_s
         self._inbox.put(item)
+        if self.failed is not None:  # it failed meanwhile, perhaps after its last look at the inbox
+            self._fail_inbox(EngineFailure("the inference engine failed; see the server log"))
         self.metrics.queue_depth.set(self.queue_depth)
 
     def _left(self, work: Work) -> None:
@@ -385,8 +387,15 @@ class Engine:
     def _fail_all(self, exc: AdapterServeError) -> None:
         for lane in self.lanes:
             lane.fail_all(exc)
-        while not self._inbox.empty():
-            item = self._inbox.get_nowait()
+        self._fail_inbox(exc)
+
+    def _fail_inbox(self, exc: AdapterServeError) -> None:
+        """Fail what waits in the inbox (any thread: the queue is thread-safe)."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
             if isinstance(item, ClassifyWork | GenerateWork):
                 self._left(item)
             if not item.future.done():

@@ -83,6 +83,7 @@ class GenerationBatch:
 
     # --- prefill ----------------------------------------------------------------------------
     @classmethod
+    @torch.inference_mode()
     def start(
         cls,
         runner: Runner,
@@ -282,6 +283,7 @@ class GenerationBatch:
         return finished
 
     # --- batch composition ------------------------------------------------------------------
+    @torch.inference_mode()  # (the cache's tensors are inference tensors, changed in place)
     def keep(self, indices: list[int]) -> None:
         """Keep only the rows at ``indices`` (finished and cancelled rows leave the cache now)."""
         if len(indices) == len(self.rows):
@@ -297,6 +299,7 @@ class GenerationBatch:
         self.next_ids = self.next_ids.index_select(0, index)
         self._trim()
 
+    @torch.inference_mode()
     def split(self, indices: list[int]) -> GenerationBatch:
         """Move the rows at ``indices`` into a batch of their own, which keeps their cache and next
         tokens as they are (it rejoins this one with :meth:`extend`)."""
@@ -321,6 +324,7 @@ class GenerationBatch:
     def drop_cancelled(self) -> None:
         self.keep([i for i, row in enumerate(self.rows) if not row.work.cancelled])
 
+    @torch.inference_mode()
     def _trim(self) -> None:
         """Drop leading cache columns that are padding for every row."""
         if self._prompt is not None or not kv_cache.mergeable(self.cache):  # sliding windows keep theirs
@@ -330,6 +334,7 @@ class GenerationBatch:
             kv_cache.trim_left(self.cache, start)
             self.mask = self.mask[:, start:]
 
+    @torch.inference_mode()
     def extend(self, other: GenerationBatch) -> None:
         """Merge the rows of a freshly prefilled (or a set-aside) batch into this running one."""
         if not other.rows:
