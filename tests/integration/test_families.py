@@ -168,7 +168,9 @@ def test_a_conversation_s_next_turn_reuses_its_prefix_exactly(decoder: Family) -
         body = {"adapter": adapter, "prompt": opening, "max_new_tokens": GEN_TOKENS}
         first = family.client.post("/generate", json=body).json()
         seconds[adapter] = f"{opening}{first['text']}\nUser: and now?\nAgent:"
-    rows = [(a, seconds[a]) for a in ("gen", "gen-bn", None)] + [("gen-copy", seconds["gen"])]
+    # (an uncached row shorter than the cached rows' prompts: a prefill computes the widest
+    # uncached part of its rows, so a long uncached row would make the others compute theirs again)
+    rows = [(a, seconds[a]) for a in ("gen", "gen-bn", None)] + [("gen-copy", "Hi")]
 
     def ask(row: tuple[str | None, str]) -> dict[str, Any]:
         body = {"adapter": row[0], "prompt": row[1], "max_new_tokens": GEN_TOKENS}
@@ -178,8 +180,13 @@ def test_a_conversation_s_next_turn_reuses_its_prefix_exactly(decoder: Family) -
 
     with ThreadPoolExecutor(len(rows)) as pool:  # cached and uncached rows in shared prefills
         warm = list(pool.map(ask, rows))
-    assert all(w["usage"]["cached_tokens"] > 0 for w in warm[:3]), [w["usage"] for w in warm]
-    assert warm[3]["usage"]["cached_tokens"] == 0 and warm[3]["text"] == warm[0]["text"]
+    # Gemma 3's tiny config has a sliding window of 8 tokens: a longer generation is not cached
+    # (its early tokens are gone from the sliding layers), and the answers stay the same
+    windowed = family.name == "gemma3_text"
+    assert all((w["usage"]["cached_tokens"] > 0) != windowed for w in warm[:3]), [w["usage"] for w in warm]
+    assert warm[3]["usage"]["cached_tokens"] == 0
+    cold = ask(("gen-copy", seconds["gen"]))
+    assert cold["usage"]["cached_tokens"] == 0 and cold["text"] == warm[0]["text"]
     assert ask(("gen-bn-copy", seconds["gen-bn"]))["text"] == warm[1]["text"]
     model = AutoModelForCausalLM.from_pretrained(family.base).eval()
     tok = AutoTokenizer.from_pretrained(family.base)
