@@ -293,8 +293,7 @@ class Engine:
         deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000.0
         while True:
             self._accept(item)
-            # more work may be on its way (clients sending together): wait for it while it keeps
-            # coming, but not after a lull (a lone request starts at once)
+            # wait for more while it keeps coming (clients sending together), not after a lull
             remaining = min(deadline - time.monotonic(), _ARRIVAL_GAP_S)
             try:
                 item = self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait()
@@ -394,7 +393,7 @@ class Engine:
         while True:
             try:
                 item = self._inbox.get_nowait()
-            except queue.Empty:
+            except queue.Empty:  # (the API thread may drain it too)
                 return
             if isinstance(item, ClassifyWork | GenerateWork):
                 self._left(item)

@@ -352,28 +352,15 @@ class GenerationBatch:
 
 
 def _reused(runner: Runner, rows: list[_Row], prefix: PrefixCache | None) -> tuple[DynamicCache, int]:
-    """The cache a new batch starts from, and how many of its padded columns it holds already.
-
-    Each row looks up the longest cached prefix of its prompt under its adapter version (all but
-    the prompt's last token, whose logits the prefill must compute). The rows are right-aligned,
-    and the prefill computes the last ``N`` columns, ``N`` the longest uncached part of any row; a
-    row whose cached prefix reaches into those columns computes those tokens again. So the cache
-    starts with ``width - N`` columns: each row's first ``len(prompt) - N`` tokens, from the prefix
-    cache (rows with and without a hit in one prefill)."""
-    if prefix is None or not prefix.enabled:
-        return kv_cache.new_cache(runner.model.config), 0
-    found = [prefix.lookup(row.uid, row.work.prompt, len(row.work.prompt) - 1) for row in rows]
-    lengths = [len(row.work.prompt) for row in rows]
-    window = max(n - hit for n, (hit, _) in zip(lengths, found, strict=True))
-    columns = max(lengths) - window
-    if columns <= 0:
-        return kv_cache.new_cache(runner.model.config), 0
-    parts: list[torch.Tensor | None] = []
-    for row, n, (_, kv) in zip(rows, lengths, found, strict=True):
-        row.cached = max(0, n - window)
-        parts.append(kv[:, :, :, : row.cached] if kv is not None and row.cached else None)
-        prefix.stats.hit_tokens += row.cached
-    return kv_cache.prefilled(runner.model.config, parts, columns), columns
+    """The cache a new batch starts from (its rows' cached prefixes: :meth:`PrefixCache.reuse`), and
+    how many of its padded columns it holds already."""
+    if prefix is not None:
+        parts, cached, columns = prefix.reuse([(row.uid, row.work.prompt) for row in rows])
+        if columns:
+            for row, n in zip(rows, cached, strict=True):
+                row.cached = n
+            return kv_cache.prefilled(runner.model.config, parts, columns), columns
+    return kv_cache.new_cache(runner.model.config), 0
 
 
 def _result(row: _Row, reason: FinishReason) -> GenerationResult:

@@ -119,6 +119,31 @@ class PrefixCache:
         parts = [node.kv[:, :, :, :n] for node, n in path if node.kv is not None]
         return done, torch.cat(parts, dim=TOKEN_DIM)
 
+    def reuse(self, rows: list[tuple[Key, list[int]]]) -> tuple[list[KV | None], list[int], int]:
+        """What a new prefill of ``rows`` (each its key and prompt) takes from the cache: per row
+        its cached tokens' keys and values (or None) and their count, and the columns they fill.
+
+        Each row looks up the longest cached prefix of its prompt (all but the last token, whose
+        logits the prefill computes). The rows are right-aligned and the prefill computes the last
+        ``N`` columns, ``N`` the longest uncached part of any row; a row whose hit reaches into those
+        columns computes those tokens again. So the batch's cache starts with ``width - N`` columns:
+        each row's first ``len(prompt) - N`` tokens (rows with and without a hit in one prefill)."""
+        if not self.enabled or not rows:
+            return [None] * len(rows), [0] * len(rows), 0
+        found = [self.lookup(key, ids, len(ids) - 1) for key, ids in rows]
+        lengths = [len(ids) for _, ids in rows]
+        window = max(n - hit for n, (hit, _) in zip(lengths, found, strict=True))
+        columns = max(lengths) - window
+        if columns <= 0:
+            return [None] * len(rows), [0] * len(rows), 0
+        cached = [max(0, n - window) for n in lengths]
+        self.stats.hit_tokens += sum(cached)
+        parts = [
+            kv[:, :, :, :c] if kv is not None and c else None
+            for (_, kv), c in zip(found, cached, strict=True)
+        ]
+        return parts, cached, columns
+
     def insert(self, key: Key, ids: Sequence[int], kv_of: Callable[[int, int], KV]) -> int:
         """Cache the prefix ``ids`` under ``key``: ``kv_of(start, end)`` gives the keys and values
         of ``ids[start:end]``, asked only for what the tree does not hold yet. Returns the tokens
