@@ -62,9 +62,11 @@ class BF16Linear(nn.Linear):
         return self._w16[2]
 
     @classmethod
-    def of(cls, layer: nn.Linear) -> BF16Linear:
+    def of(cls, layer: nn.Linear, weight: torch.Tensor | None = None) -> BF16Linear:
+        """``layer`` computing in bf16 (with ``weight`` instead of its own, when given: an int8 or
+        int4 layer's weights, which its kernel multiplies by bf16 activations)."""
         new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        w = layer.weight.detach().to(torch.bfloat16).to(layer.weight.dtype)
+        w = (layer.weight if weight is None else weight).detach().to(torch.bfloat16).to(layer.weight.dtype)
         new.weight = nn.Parameter(w, requires_grad=False)
         if layer.bias is not None:
             new.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)

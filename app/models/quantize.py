@@ -5,9 +5,9 @@ every adapter (LoRA, bottleneck, heads) in full precision; int8 and int4 are wei
 - ``bf16``: the weights rounded to bfloat16, multiplied by oneDNN's bf16 kernel on CPUs with bf16
   dot products (:mod:`app.models.bf16`).
 - ``int8``: per output channel, symmetric (``w ≈ q · s``, q in [-127, 127]).
-- ``int4``: group-wise along the input dimension (groups of 64), asymmetric in the tinygemm
-  convention (``w ≈ (q - 8) · s + z``, q in [0, 15]); a layer whose width is not a multiple of the
-  group stays int8.
+- ``int4``: group-wise along the input dimension (groups of 32, as llama.cpp's Q4_1 blocks),
+  asymmetric in the tinygemm convention (``w ≈ (q - 8) · s + z``, q in [0, 15]); a layer whose
+  width is not a multiple of the group stays int8.
 - ``w8a8``: int8 weights and int8 activations quantized per row on the fly, smoothed and
   calibrated at load (:mod:`app.models.w8a8`: fbgemm's integer matmul on CPU); not the float
   layer on quantized weights but its own integer layer (adapters still apply exactly on top);
@@ -17,11 +17,17 @@ every adapter (LoRA, bottleneck, heads) in full precision; int8 and int4 are wei
   is a w8a8 layer; bf16: the same values packed for its kernel).
 
 The matmuls, chosen by measurement (``bench/quant_kernels.py``, docs/quantization.md): on CUDA,
-PyTorch's own weight-packed kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm``). On CPU
-those kernels have no fast path without AVX-512 (measured on an AVX2 machine: 0.4x fp32 for one
-row, 0.06x for 16), so there int8 converts the int8 weights to the compute dtype for one BLAS
-matmul (as torchao's weight-only int8 does; 0.8-1.1x fp32 at 1-64 rows), and int4 keeps two 4-bit
-values per byte and dequantizes them for one BLAS matmul (0.3-0.55x).
+PyTorch's own weight-packed kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm``). On a CPU
+with bf16 dot products (:attr:`app.platform.Capability.bf16_dot`) the CPU versions of the same
+kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) on activations rounded to bf16,
+which read the packed weights inside the matmul (measured on an AMX Xeon, every linear layer of
+the default base: int8 5.6 ms and int4 4.9 ms at one row against 43 and 135 ms for the paths
+below, still ahead at 32 rows; so those formats round activations as ``bf16`` does, see
+:func:`rounds_activations`). Elsewhere those kernels have no fast path (measured on an AVX2
+machine with float activations: 0.4x fp32 for one row, 0.06x for 16), so there int8 converts the
+int8 weights to the compute dtype for one BLAS matmul (as torchao's weight-only int8 does; 0.8-1.1x
+fp32 at 1-64 rows), and int4 keeps two 4-bit values per byte and dequantizes them for one BLAS
+matmul (0.3-0.55x).
 
 The classification head modules (what adapters replace) stay in full precision.
 :meth:`QuantizedLinear.dequantized` gives the exact weights a layer computes with (the reference
@@ -58,7 +64,19 @@ def resolve(setting: str, device: torch.device) -> Quantization:
 
 
 Kind = Literal["bf16", "int8", "int4", "w8a8"]
-INT4_GROUP = 64
+INT4_GROUP = 32
+
+
+def packed_cpu_kernels(device: torch.device) -> bool:
+    """int8 and int4 run PyTorch's packed CPU kernels on bf16 activations on ``device``."""
+    return device.type == "cpu" and capability().bf16_dot
+
+
+def rounds_activations(kind: Quantization, device: torch.device) -> bool:
+    """``kind``'s matmuls round their inputs (and outputs) to bf16 or int8 on ``device``: its
+    reference is a layer computing as the served one (:func:`snap_to_quantized`), not the float
+    layer on its weights."""
+    return kind in ("bf16", "w8a8") or (kind in ("int8", "int4") and packed_cpu_kernels(device))
 
 
 def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +126,7 @@ class QuantizedLinear(nn.Module):
         kernel: w8a8.Kernel | None = None,
         part: int = 0,
         onednn: torch.Tensor | None = None,
+        cpu_kernel: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
@@ -119,6 +138,7 @@ class QuantizedLinear(nn.Module):
         self.part = part  # perhaps shared with the layers that read the same input
         self.onednn = onednn  # bf16 packed for oneDNN (then ``packed`` is empty): not a buffer,
         # an opaque tensor that only oneDNN's kernels read
+        self.cpu_kernel = cpu_kernel  # int8/int4: PyTorch's packed CPU kernels, bf16 activations
 
     @classmethod
     def of(cls, layer: nn.Linear, kind: Kind, act_max: torch.Tensor | None = None) -> QuantizedLinear:
@@ -135,18 +155,23 @@ class QuantizedLinear(nn.Module):
             return cls.w8a8_part(layer, w8a8.Kernel(w, act_max), 0)
         if kind == "bf16":
             return cls.bf16(w, layer.bias, dtype)
+        fast = packed_cpu_kernels(device)
         if kind == "int8":
             q, scale = _int8_rows(w)
-            return cls(width, out, kind, q, scale.to(dtype), layer.bias, dtype)
+            scale = scale.to(torch.bfloat16 if fast else dtype)
+            return cls(width, out, kind, q, scale, layer.bias, dtype, cpu_kernel=fast)
         q, scale, zero = _int4_groups(w, INT4_GROUP)
-        if device.type == "cpu":  # two values per byte, and (scale, zero - 8 · scale) per group
+        if fast:  # tinygemm's CPU layout, (scale, zero) per group and output in bf16
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            scales = torch.stack([scale.t(), zero.t()], dim=2).contiguous().to(torch.bfloat16)
+        elif device.type == "cpu":  # two values per byte, and (scale, zero - 8 · scale) per group
             packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
             scales = torch.stack([scale, zero - 8 * scale], dim=2).contiguous().to(dtype)
         else:
             pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
             packed = torch.ops.aten._convert_weight_to_int4pack(pairs, _inner_k_tiles(width))
             scales = torch.stack([scale.t(), zero.t()], dim=2).contiguous().to(dtype)
-        return cls(width, out, kind, packed, scales, layer.bias, dtype)
+        return cls(width, out, kind, packed, scales, layer.bias, dtype, cpu_kernel=fast)
 
     @classmethod
     def bf16(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> QuantizedLinear:
@@ -177,6 +202,11 @@ class QuantizedLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if self.kind == "bf16":
             return self._bf16(flat).view(*x.shape[:-1], self.out_features)
+        if self.cpu_kernel:
+            y = self._packed_bf16(flat.to(torch.bfloat16).contiguous()).to(self.compute_dtype)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
         if flat.dtype != self.compute_dtype:
             flat = flat.to(self.compute_dtype)
         cpu = self.packed.device.type == "cpu"
@@ -193,6 +223,11 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _packed_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "int8":
+            return torch.ops.aten._weight_int8pack_mm(x, self.packed, self.scales)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scales)
 
     def _bf16(self, flat: torch.Tensor) -> torch.Tensor:
         y = bf16.matmul(flat, self.packed, self.onednn).to(self.compute_dtype)
@@ -263,15 +298,10 @@ class QuantizedEmbedding(nn.Module):
         same values, packed for its kernel)."""
         if self.kind == "bf16":
             return QuantizedLinear.bf16(self.packed, bias, self.compute_dtype)
-        return QuantizedLinear(
-            self.embedding_dim,
-            self.num_embeddings,
-            "int8",
-            self.packed,
-            self.scales,
-            bias,
-            self.compute_dtype,
-        )
+        fast = packed_cpu_kernels(self.packed.device)
+        scales = self.scales.to(torch.bfloat16) if fast else self.scales
+        width, rows, dtype = self.embedding_dim, self.num_embeddings, self.compute_dtype
+        return QuantizedLinear(width, rows, "int8", self.packed, scales, bias, dtype, cpu_kernel=fast)
 
     @torch.no_grad()
     def dequantized(self) -> torch.Tensor:
@@ -360,16 +390,25 @@ def snap_to_quantized(
     for name in names:
         mod = model.get_submodule(name)
         assert isinstance(mod, nn.Linear)
-        if kind in ("w8a8", "bf16"):
-            if kind == "w8a8":
-                kernel, part = parts[name]
-                new: nn.Linear = w8a8.W8A8Linear(kernel, mod.bias, part).to(mod.weight.device)
-            else:  # (a head tied to the embeddings gets weights of its own: the same values)
-                new = bf16.BF16Linear.of(mod)
+        tied = mod.weight.data_ptr() == tied_ptr
+        new: nn.Linear | None = None
+        if kind == "w8a8":
+            kernel, part = parts[name]
+            new = w8a8.W8A8Linear(kernel, mod.bias, part).to(mod.weight.device)
+        elif kind == "bf16":  # (a head tied to the embeddings gets weights of its own: the same values)
+            new = bf16.BF16Linear.of(mod)
+        elif rounds_activations(kind, mod.weight.device):  # int8/int4 on bf16 activations
+            served = (
+                QuantizedEmbedding(embedding, kind).head(None)
+                if tied and isinstance(embedding, nn.Embedding)
+                else QuantizedLinear.of(mod, kind)
+            )
+            new = bf16.BF16Linear.of(mod, served.dequantized())
+        elif not tied:  # a head tied to the embeddings: snapped with them
+            mod.weight.copy_(QuantizedLinear.of(mod, kind).dequantized())
+        if new is not None:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        elif mod.weight.data_ptr() != tied_ptr:  # a head tied to the embeddings: snapped with them
-            mod.weight.copy_(QuantizedLinear.of(mod, kind).dequantized())
     if isinstance(embedding, nn.Embedding):
         embedding.weight.copy_(QuantizedEmbedding(embedding, kind).dequantized())
 
