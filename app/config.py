@@ -106,6 +106,16 @@ class Settings(BaseSettings):
     )
     max_batch_tokens: int = Field(8192, ge=64, description="padded tokens per classification forward")
     max_prefill_tokens: int = Field(2048, ge=64, description="padded prompt tokens per prefill forward")
+    # --- token attributions (POST /classify with "explain"; docs/explain.md) -------------------
+    explain_chunk_tokens: int = Field(
+        512,
+        ge=16,
+        description="tokens per forward and backward pass of an explanation (the memory it takes: "
+        "the activations a backward pass keeps grow with them)",
+    )
+    explain_max_path_tokens: int = Field(
+        16384, ge=16, description="an explained input's tokens times its steps, at most (400 beyond)"
+    )
     max_queue: int = Field(256, ge=1, description="queued requests before 503")
     scheduler: Literal["fair", "fifo"] = Field(
         "fair",

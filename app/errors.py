@@ -97,6 +97,13 @@ class GenerationUnsupported(AdapterServeError):
     type = "generation_unsupported"
 
 
+class ExplainRefused(AdapterServeError):
+    """Token attributions cannot be computed for this request (a base without gradients, a path
+    beyond the limits)."""
+
+    type = "explain_refused"
+
+
 class IncompatibleMembers(AdapterServeError):
     """The adapters of an ensemble cannot be combined (different label sets)."""
 
@@ -133,6 +140,7 @@ STATUS: dict[type[AdapterServeError], int] = {
     InvalidRequest: 422,
     InvalidAdapter: 400,
     GenerationUnsupported: 400,
+    ExplainRefused: 400,
     IncompatibleMembers: 400,
     Unauthorized: 401,
     Forbidden: 403,

@@ -2,15 +2,19 @@
 
 Each :meth:`ClassificationLane.step` runs one forward over the waiting requests that fit the batch
 budgets, in fair order (app/engine/fair_queue.py): a request whose adapter has no device room yet
-stops the batch, so that it is first in line for the next one.
+stops the batch, so that it is first in line for the next one. A request that asks for token
+attributions leaves the queue for the explaining list once its adapter has a slot; each step then
+also runs one chunk of the explanation first in that list (app/engine/explain.py), whose adapter
+stays resident until it is done.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from app.config import Settings
+from app.engine.explain import Explanation, baseline_ids, explain
 from app.engine.fair_queue import FairQueue
 from app.engine.runner import Runner
 from app.engine.slots import Admission
@@ -46,33 +50,40 @@ class ClassificationLane:
         self.metrics = metrics
         self._charge = charge or (lambda flow, prompt, generated: None)  # tokens a work used
         self.queue: FairQueue[ClassifyWork] = FairQueue(settings.scheduler == "fair", on_leave)
+        # explanations under way: the work and its chunks (each step runs one)
+        self.explaining: list[tuple[ClassifyWork, Iterator[None]]] = []
 
     def queued(self) -> int:
         return len(self.queue)
 
     def busy(self) -> bool:
-        return bool(self.queue)
+        return bool(self.queue) or bool(self.explaining)
 
     def queued_uids(self) -> set[int]:
         return {w.adapter.uid for w in self.queue}
 
     def resident_uids(self) -> set[int]:
-        """Nothing outlives a step here: a batch runs to the end within one."""
-        return set()
+        """The adapters of the explanations under way (a plain batch runs to its end within a step)."""
+        return {w.adapter.uid for w, _ in self.explaining}
 
     def works(self) -> list[ClassifyWork]:
-        return list(self.queue)
+        return [*self.queue, *(w for w, _ in self.explaining)]
 
     def expire(self, now: float, error: AdapterServeError | None = None) -> None:
-        """Fail the waiting requests whose deadline passed (they produced nothing: 504, or ``error``)."""
-        if any(w.deadline <= now for w in self.queue):
+        """Fail the requests whose deadline passed (they produced nothing: 504, or ``error``)."""
+        if any(w.deadline <= now for w in self.works()):
             late = error or DeadlineExceeded.after(self.settings.request_timeout_s)
             for w in self.queue.remove_if(lambda w: w.deadline <= now):
                 _fail(w, late)
+            for w, _ in self.explaining:
+                if w.deadline <= now:
+                    _fail(w, late)
+            self.explaining = [(w, it) for w, it in self.explaining if not w.future.done()]
 
     def fail_all(self, exc: AdapterServeError) -> None:
-        for work in self.queue.clear():
+        for work in [*self.queue.clear(), *(w for w, _ in self.explaining)]:
             _fail(work, exc)
+        self.explaining = []
 
     def step(self, admission: Admission) -> None:
         """One forward over the waiting requests that fit (see the module docstring)."""
@@ -97,11 +108,49 @@ class ClassificationLane:
             if slot is None:
                 break
             self.queue.pop()
+            if work.explain is not None:
+                self.explaining.append((work, self._explain(work, slot, admission.slots.heads)))
+                continue
             works.append((work, slot))
             rows += len(work.inputs)
             width = max(width, new_width)
         if works:
             self._run(works, admission.slots.heads)
+        self._explain_chunk()
+
+    def _explain_chunk(self) -> None:
+        """One chunk of the first explanation under way (then it goes to the back of the list)."""
+        self.explaining = [(w, it) for w, it in self.explaining if not (w.cancelled or w.future.done())]
+        if not self.explaining:
+            return
+        work, chunks = self.explaining.pop(0)
+        try:
+            done = next(chunks, True)
+        except Exception as exc:  # a failed forward or backward fails its request; the engine goes on
+            self.runner.health.batch_failed(exc, "classify", lambda e: _fail(work, e))
+            return
+        self.runner.health.succeeded()
+        if done is None:
+            self.explaining.append((work, chunks))
+
+    def _explain(self, work: ClassifyWork, slot: int, heads: Heads) -> Iterator[None]:
+        """The chunks of ``work``'s explanations, input after input; at the end its result is set."""
+        assert work.explain is not None and work.special is not None
+        r = self.runner
+        logits = r.embedded_logits(slot, heads[slot])
+        out: list[Explanation] = []
+        for ids, special in zip(work.inputs, work.special, strict=True):
+            x, base = r.embed([ids, baseline_ids(ids, special, r.pad_id)])
+            for step in explain(logits, x, base, work.explain, self.settings.explain_chunk_tokens):
+                if step is None:
+                    yield None
+                else:
+                    out.append(step)
+        work.explanations = out
+        self.metrics.batch_size.labels(task="classify").observe(len(work.inputs))
+        if not work.future.done():
+            work.future.set_result([e.probs for e in out])
+        self._charge(work.flow, work.cost, 0)
 
     def _run(self, works: list[tuple[ClassifyWork, int]], heads: Heads) -> None:
         try:

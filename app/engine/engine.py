@@ -23,6 +23,8 @@ from app.adapters.kinds import Adapter
 from app.adapters.version import AdapterVersion
 from app.config import Settings
 from app.engine.classification_lane import ClassificationLane
+from app.engine.explain import ExplainSpec, Explanation
+from app.engine.gauges import report_gauges
 from app.engine.generation_lane import GenerationLane
 from app.engine.queue_shares import QueueShares
 from app.engine.runner import Runner
@@ -188,6 +190,22 @@ class Engine:
         self._submit(work)
         return await self._await(work, work.future)
 
+    async def explain(
+        self,
+        adapter: AdapterVersion,
+        inputs: list[list[int]],
+        weights: Adapter,
+        flow: Flow,
+        spec: ExplainSpec,
+        special: list[list[bool]],
+    ) -> list[Explanation]:
+        """Token attributions of each input (app/engine/explain.py), on the engine thread."""
+        work = ClassifyWork(adapter, weights, inputs, flow, explain=spec, special=special)
+        self._submit(work)
+        await self._await(work, work.future)
+        assert work.explanations is not None
+        return work.explanations
+
     def submit(self, generation: Generation, sink: StreamSink | None = None) -> GenerateWork:
         """Queue a generation; with ``sink``, its deltas go there as they come (called on the engine
         thread). Raises :class:`QueueFull` or :class:`NotReady` before anything is queued."""
@@ -258,22 +276,10 @@ class Engine:
             self._fail_all(EngineFailure("the inference engine failed; see the server log"))
 
     def _report_gauges(self) -> None:
-        """The queue per tenant, the prefix cache and the inference gateway's series (engine thread)."""
-        m = self.metrics
-        self.shares.report()
-        self.gen.prefix.report(m)
-        rows = [row.work for b in self.gen.batches() for row in b.rows]
-        running = list({id(w): w for w in rows}.values())
-        m.requests_waiting.set(self.queue_depth)
-        m.requests_running.set(len(running))
-        m.kv_cache_usage.set(min(1.0, len(rows) / self.settings.max_batch_size))
-        queued = [w.flow.adapter for w in (*self.classification.queue, *self.gen.queue) if w.flow.adapter]
-        m.lora_requests_info.clear()
-        m.lora_requests_info.labels(
-            running_lora_adapters=",".join(sorted({w.flow.adapter for w in running if w.flow.adapter})),
-            waiting_lora_adapters=",".join(sorted(set(queued) - {w.flow.adapter for w in running})),
-            max_lora=str(self.settings.max_device_adapters),
-        ).set(time.time())
+        """The gauges that describe the engine's state (engine thread; app/engine/gauges.py)."""
+        report_gauges(
+            self.metrics, self.settings, self.shares, self.classification, self.gen, self.queue_depth
+        )
 
     def _busy(self) -> bool:
         return any(lane.busy() for lane in self.lanes) or not self._inbox.empty()

@@ -150,6 +150,28 @@ class Runner:
             at += p.numel()
         return out
 
+    def embedded_logits(self, slot: int, head: Head) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The classification logits of embedded rows (embeddings [rows, tokens, dim], right-padded
+        mask) through ``slot``'s adapter and ``head``: what :mod:`app.engine.explain` differentiates."""
+
+        def logits(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            with self.routed([slot] * embeds.shape[0]):
+                hidden = self.model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            if self.surface.pooling == "first":
+                pooled = hidden[:, 0]
+            else:
+                last = mask.sum(-1) - 1
+                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            return self._head(head, slot, pooled)
+
+        return logits
+
+    def embed(self, ids: list[list[int]]) -> list[torch.Tensor]:
+        """Each token list's input embeddings [tokens, dim] (what the model's first layer reads)."""
+        table = self.model.get_input_embeddings()
+        with torch.no_grad():
+            return [table(torch.tensor([row], device=self.device))[0] for row in ids]
+
     def _head(self, head: Head, slot: int, x: torch.Tensor) -> torch.Tensor:
         """The logits of one slot's rows: its head layers (a layer without weights is the base's own
         module, run with this slot's routing: LoRA on BERT's pooler applies)."""

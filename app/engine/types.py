@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from app.adapters.kinds import Adapter
 from app.adapters.version import AdapterVersion
+from app.engine.explain import ExplainSpec, Explanation
 from app.errors import AdapterServeError
 
 if TYPE_CHECKING:
@@ -75,11 +76,17 @@ class ClassifyWork:
     deadline: float = float("inf")  # time.monotonic() after which it fails with 504
     future: Future[list[list[float]]] = field(default_factory=Future)
     cancelled: bool = False
+    # token attributions asked for (app/engine/explain.py): the spec, each input's special tokens,
+    # and the explanations, set before the future's result
+    explain: ExplainSpec | None = None
+    special: list[list[bool]] | None = None
+    explanations: list[Explanation] | None = None
 
     @property
     def cost(self) -> int:
-        """Its tokens (what fair admission charges its flow)."""
-        return sum(len(ids) for ids in self.inputs)
+        """Its tokens (what fair admission charges its flow; an explanation's path rows count)."""
+        tokens = sum(len(ids) for ids in self.inputs)
+        return tokens * (1 + self.explain.steps) if self.explain is not None else tokens
 
 
 @dataclass

@@ -199,6 +199,12 @@ class QuantizedLinear(nn.Module):
         return kernel + sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # token attributions: through the kernel
+            out: torch.Tensor = _ThroughKernel.apply(x, self)
+            return out
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if self.kind == "bf16":
             return self._bf16(flat).view(*x.shape[:-1], self.out_features)
@@ -256,6 +262,23 @@ class QuantizedLinear(nn.Module):
             return self.forward(eye).t().contiguous()
         finally:
             self.bias = bias
+
+
+class _ThroughKernel(torch.autograd.Function):
+    """A quantized layer's kernel with a gradient for its input: ``grad · W`` with the weights the
+    kernel computes with (:meth:`QuantizedLinear.dequantized`, made for each backward pass and
+    dropped after it: no float copy of the base stays in memory). The weights themselves are
+    frozen."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer._forward(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        w = ctx.layer.dequantized()  # [out, in]
+        return (grad.to(w.dtype) @ w).to(grad.dtype), None
 
 
 class QuantizedEmbedding(nn.Module):

@@ -61,6 +61,24 @@ def check_members(members: list[EnsembleMember], method: str) -> None:
         raise ValueError(f"{method}: members' weights must be positive (only merges take negative ones)")
 
 
+class ExplainOptions(StrictModel):
+    method: Literal["integrated_gradients", "gradient_x_input"] = Field(
+        "integrated_gradients",
+        description="integrated gradients over the input embeddings (a pad-token baseline, "
+        "Gauss-Legendre points), or gradient × input (one backward pass)",
+    )
+    steps: int = Field(32, ge=1, le=512, description="integrated gradients: points on the path")
+    target: str | None = Field(None, description="the label to explain; null = each input's predicted label")
+
+
+class TokenAttribution(BaseModel):
+    token: str
+    start: int = Field(description="character offset of the token in the input (special tokens: 0)")
+    end: int
+    score: float
+    special: bool = Field(description="a special or template token, not from the text")
+
+
 class ClassifyRequest(StrictModel):
     adapter: str | None = Field(None, description="name of a classification adapter")
     adapters: Members | None = _MEMBERS_FIELD
@@ -80,6 +98,9 @@ class ClassifyRequest(StrictModel):
     inputs: str | list[str] = Field(description="one text or a list of texts")
     top_k: int | None = Field(None, ge=1, description="return only the k best labels in `scores`")
     priority: int = PRIORITY_FIELD
+    explain: ExplainOptions | None = Field(
+        None, description="token attributions of each input's target label (docs/explain.md)"
+    )
 
     @field_validator("inputs")
     @classmethod
@@ -136,6 +157,14 @@ class ClassifyResult(BaseModel):
     scores: dict[str, float]
     members: list[MemberResult] | None = Field(
         None, description="each member's own result (ensembles with return_members)"
+    )
+    explained: str | None = Field(None, exclude_if=is_none, description="the label the attributions explain")
+    attributions: list[TokenAttribution] | None = Field(None, exclude_if=is_none)
+    delta: float | None = Field(
+        None,
+        exclude_if=is_none,
+        description="integrated gradients: Σ scores − (logit(input) − logit(baseline)), Captum's "
+        "convergence delta",
     )
 
 

@@ -50,6 +50,7 @@ from app.protocol.native import (
     GenerateResponse,
     GenerateUsage,
 )
+from app.serving import explanations
 from app.serving.decoding import logprob_entries
 from app.serving.ensembles import classification_results
 from app.serving.generation_input import GenerationInput
@@ -146,6 +147,12 @@ class InferenceService:
             raise InvalidRequest(
                 f"inputs: {longest} tokens; the base model reads at most {self.max_context}", param="inputs"
             )
+        encoded = None
+        if req.explain is not None:
+            encoded = await off_loop(
+                sum(map(len, texts)), lambda: [explanations.encode(self.tokenizer, t) for t in texts]
+            )
+            explanations.check(req.explain, encoded, self.settings)
         self.catalog.touch(target)
         members = target.members
         flow = flow_of(tenant, target, req.priority)
@@ -162,6 +169,8 @@ class InferenceService:
             req.top_k,
             req.return_members and target.ensemble,
         )
+        if req.explain is not None and encoded is not None:
+            await explanations.explain_target(self.engine, target, encoded, req.explain, results, flow)
         return ClassifyResponse(
             adapter=req.target, results=results, usage=ClassifyUsage(input_tokens=sum(len(i) for i in ids))
         )

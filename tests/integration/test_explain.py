@@ -1,0 +1,173 @@
+"""Token attributions (POST /classify with ``explain``) equal Captum's ``IntegratedGradients`` and
+``InputXGradient`` on ``inputs_embeds`` of the PEFT model with the same baseline, points and
+target (scores within 1e-3 of the largest score, ``delta`` as Captum's convergence delta), for a
+LoRA and a bottleneck adapter on the default decoder base, while plain requests share the engine
+and keep their outputs; limits and bad targets are refused with clear errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from captum.attr import InputXGradient, IntegratedGradients
+from fastapi.testclient import TestClient
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from tests.conftest import upload_archive
+from tests.helpers.bottleneck_ref import make_bottleneck, reference_model
+from tests.helpers.peft_ref import CLASSIFY_TEXTS, RefAdapter, zip_files
+
+TEXT = "The striker scored twice as the club won the league title on Sunday."
+
+
+def _baseline(tok: Any, ids: torch.Tensor) -> torch.Tensor:
+    special = torch.tensor(tok.get_special_tokens_mask(ids[0].tolist(), already_has_special_tokens=True))
+    return torch.where(special.bool(), ids[0], tok.pad_token_id).unsqueeze(0)
+
+
+def captum_scores(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    embed: Any,
+    tok: Any,
+    text: str,
+    target: int,
+    method: str,
+    steps: int,
+) -> tuple[list[float], float | None]:
+    ids = tok(text, return_tensors="pt").input_ids
+    x = embed(ids).detach()
+    if method == "gradient_x_input":
+        attr = InputXGradient(forward).attribute(x, target=target)
+        return attr.sum(-1)[0].tolist(), None
+    ig = IntegratedGradients(forward)
+    attr, delta = ig.attribute(
+        x,
+        baselines=embed(_baseline(tok, ids)).detach(),
+        target=target,
+        n_steps=steps,
+        method="gausslegendre",
+        return_convergence_delta=True,
+    )
+    return attr.sum(-1)[0].tolist(), float(delta[0])
+
+
+def assert_close(served: dict[str, Any], scores: list[float], delta: float | None) -> None:
+    got = [a["score"] for a in served["attributions"]]
+    assert len(got) == len(scores)
+    scale = max(abs(s) for s in scores)
+    assert max(abs(a - b) for a, b in zip(got, scores, strict=True)) <= 1e-3 * scale, (got, scores)
+    if delta is None:
+        assert "delta" not in served
+    else:
+        assert abs(served["delta"] - delta) <= 1e-3 * scale + 1e-4, (served["delta"], delta)
+
+
+@pytest.fixture(scope="module")
+def peft_cls4(base_path: Path, uploaded: dict[str, RefAdapter]) -> Any:
+    ref = uploaded["cls-4"]
+    model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=len(ref.labels))
+    model.config.pad_token_id = AutoTokenizer.from_pretrained(base_path).pad_token_id
+    return PeftModel.from_pretrained(model, ref.folder).eval()
+
+
+@pytest.mark.parametrize(("method", "steps"), [("integrated_gradients", 16), ("gradient_x_input", 1)])
+def test_lora_attributions_equal_captum_while_plain_requests_share_the_engine(
+    client: TestClient,
+    uploaded: dict[str, RefAdapter],
+    base_path: Path,
+    peft_cls4: Any,
+    method: str,
+    steps: int,
+) -> None:
+    tok = AutoTokenizer.from_pretrained(base_path)
+    plain = uploaded["cls-pattern"]
+    body = {
+        "adapter": "cls-4",
+        "inputs": [TEXT, "Shares fell sharply."],
+        "explain": {"method": method, "steps": steps},
+    }
+    with ThreadPoolExecutor(4) as pool:
+        explained = pool.submit(client.post, "/classify", json=body)
+        others = [
+            pool.submit(client.post, "/classify", json={"adapter": "cls-pattern", "inputs": CLASSIFY_TEXTS})
+            for _ in range(3)
+        ]
+        for other in others:  # the plain requests' outputs are what they are alone
+            resp = other.result()
+            assert resp.status_code == 200, resp.text
+            for result, probs in zip(resp.json()["results"], plain.probs, strict=True):
+                got = [
+                    result["scores"][label]
+                    for label in sorted(result["scores"], key=lambda k: int(k.split("_")[1]))
+                ]
+                assert max(abs(a - b) for a, b in zip(got, probs, strict=True)) < 1e-4
+        resp = explained.result()
+    assert resp.status_code == 200, resp.text
+    labels = uploaded["cls-4"].labels
+    for text, result in zip(body["inputs"], resp.json()["results"], strict=True):
+        assert result["explained"] == result["label"]
+        target = labels.index(result["label"])
+        scores, delta = captum_scores(
+            lambda e: peft_cls4(inputs_embeds=e).logits,
+            peft_cls4.get_input_embeddings(),
+            tok,
+            text,
+            target,
+            method,
+            steps,
+        )
+        assert_close(result, scores, delta)
+        tokens = result["attributions"]
+        ids = tok(text).input_ids
+        assert [t["special"] for t in tokens] == [i in tok.all_special_ids for i in ids]
+        for t in tokens:  # offsets point into the text
+            if not t["special"]:
+                assert text[t["start"] : t["end"]] == t["token"]
+
+
+def test_a_named_target_and_a_bottleneck_adapter_equal_captum(
+    client: TestClient, base_model: Any, base_path: Path, tmp_path: Path
+) -> None:
+    hidden, n = base_model.spec.hidden_size, base_model.model.config.num_hidden_layers
+    labels = ["negative", "positive", "neutral"]
+    ref = make_bottleneck(
+        tmp_path, "bn-explain", "classify", hidden, n, seed=21, placement="both", labels=labels
+    )
+    files = {p.name: p.read_bytes() for p in ref.folder.iterdir() if p.is_file()}
+    assert upload_archive(client, "bn-explain", zip_files(files), "bn-explain.zip").status_code == 201
+    body = {"adapter": "bn-explain", "inputs": TEXT, "explain": {"steps": 8, "target": "neutral"}}
+    resp = client.post("/classify", json=body)
+    assert resp.status_code == 200, resp.text
+    (result,) = resp.json()["results"]
+    assert result["explained"] == "neutral"
+    model = reference_model(base_path, ref).eval()
+    tok = AutoTokenizer.from_pretrained(base_path)
+    scores, delta = captum_scores(
+        lambda e: model(inputs_embeds=e).logits,
+        model.get_input_embeddings(),
+        tok,
+        TEXT,
+        2,
+        "integrated_gradients",
+        8,
+    )
+    assert_close(result, scores, delta)
+
+
+def test_limits_and_bad_targets_are_refused(client: TestClient, uploaded: dict[str, RefAdapter]) -> None:
+    too_long = {"adapter": "cls-4", "inputs": "word " * 600, "explain": {"steps": 512}}
+    resp = client.post("/classify", json=too_long)
+    assert resp.status_code == 400 and resp.json()["error"]["type"] == "explain_refused", resp.text
+    assert "EXPLAIN_MAX_PATH_TOKENS" in resp.json()["error"]["message"]
+    bad = {"adapter": "cls-4", "inputs": TEXT, "explain": {"target": "weather"}}
+    resp = client.post("/classify", json=bad)
+    assert resp.status_code == 422 and resp.json()["error"]["param"] == "explain.target", resp.text
+    resp = client.post("/classify", json={"adapter": "cls-4", "inputs": TEXT, "explain": {"method": "lime"}})
+    assert resp.status_code == 422, resp.text
+    # the service still answers
+    assert client.post("/classify", json={"adapter": "cls-4", "inputs": TEXT}).status_code == 200
