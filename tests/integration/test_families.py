@@ -19,7 +19,8 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from app.adapters.bottleneck_format import load_bottleneck
 from app.adapters.lora_format import load_lora
@@ -27,7 +28,8 @@ from app.config import Settings
 from app.main import create_app
 from app.models.multi_lora import BASE_SLOT
 from tests.conftest import ADMIN_TOKEN, CACHE_DIR, expect_error, serve_live, upload_archive
-from tests.helpers.bottleneck_ref import BottleneckRef
+from tests.helpers.bottleneck_ref import BottleneckRef, reference_model
+from tests.helpers.captum_ref import assert_close, captum_scores
 from tests.helpers.families import (
     DECODERS,
     ENCODERS,
@@ -268,3 +270,27 @@ def test_async_concurrent_classification_of_two_adapters(family: Family) -> None
         for result, want in zip(resp.json()["results"], family.probs[adapter], strict=True):
             got = [result["scores"][label] for label in LABELS]
             assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-4
+
+
+def test_attributions_equal_captum_for_lora_and_bottleneck_adapters(family: Family) -> None:
+    """Integrated gradients through /classify equal Captum's on the reference models (PEFT for
+    LoRA, the hooked stock model for bottleneck adapters), on every family."""
+    tok = AutoTokenizer.from_pretrained(family.base)
+    text = CLASSIFY_TEXTS[0]
+    for key in ("cls", "cls-bn"):
+        ref = family.refs[key]
+        body = {"adapter": key, "inputs": text, "explain": {"steps": 8, "target": LABELS[1]}}
+        resp = family.client.post("/classify", json=body)
+        assert resp.status_code == 200, resp.text
+        (result,) = resp.json()["results"]
+        if isinstance(ref, BottleneckRef):
+            model = reference_model(family.base, ref).eval()
+        else:
+            cls = AutoModelForSequenceClassification.from_pretrained(family.base, num_labels=len(LABELS))
+            cls.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            model = PeftModel.from_pretrained(cls, ref.folder).eval()
+        embed = model.get_input_embeddings()
+        scores, delta = captum_scores(
+            lambda e, m=model: m(inputs_embeds=e).logits, embed, tok, text, 1, "integrated_gradients", 8
+        )
+        assert_close(result, scores, delta)

@@ -38,7 +38,9 @@ SHARE = {"bf16": 0.62, "int8": 0.45, "int4": 0.30, "w8a8": 0.35}  # of the fp32 
 # step, so the served rows are compared with PEFT's along the served tokens (each one of PEFT's top
 # 20, log-probabilities close), not bit for bit
 # (int8 and int4 too where their CPU kernels take bf16 activations: rounds_activations)
-ROUNDS_ACTIVATIONS = tuple(k for k in ("w8a8", "bf16", "int8", "int4") if rounds_activations(k, torch.device("cpu")))
+ROUNDS_ACTIVATIONS = tuple(
+    k for k in ("w8a8", "bf16", "int8", "int4") if rounds_activations(k, torch.device("cpu"))
+)
 ROUNDED = 2e-2  # the tolerance of a format that rounds activations to bf16
 TOLERANCE = {"bf16": ROUNDED, "int8": ROUNDED, "int4": ROUNDED, "w8a8": 5e-2}
 if "int8" not in ROUNDS_ACTIVATIONS:
