@@ -23,7 +23,7 @@ from app.adapters.kinds import Adapter
 from app.adapters.version import AdapterVersion
 from app.config import Settings
 from app.engine.classification_lane import ClassificationLane
-from app.engine.explain import ExplainSpec, Explanation
+from app.engine.explain import Explanation
 from app.engine.gauges import report_gauges
 from app.engine.generation_lane import GenerationLane
 from app.engine.queue_shares import QueueShares
@@ -190,17 +190,8 @@ class Engine:
         self._submit(work)
         return await self._await(work, work.future)
 
-    async def explain(
-        self,
-        adapter: AdapterVersion,
-        inputs: list[list[int]],
-        weights: Adapter,
-        flow: Flow,
-        spec: ExplainSpec,
-        special: list[list[bool]],
-    ) -> list[Explanation]:
-        """Token attributions of each input (app/engine/explain.py), on the engine thread."""
-        work = ClassifyWork(adapter, weights, inputs, flow, explain=spec, special=special)
+    async def explain(self, work: ClassifyWork) -> list[Explanation]:
+        """A classification with ``work.explain`` set: its token attributions (app/engine/explain.py)."""
         self._submit(work)
         await self._await(work, work.future)
         assert work.explanations is not None

@@ -273,7 +273,8 @@ class _ThroughKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
         ctx.layer = layer
-        return layer._forward(x)
+        y = layer._forward(x)
+        return y.clone() if y._is_view() else y  # (the caller may add to it in place)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:

@@ -20,7 +20,7 @@ from app.adapters.records import Target
 from app.config import Settings
 from app.engine.engine import Engine
 from app.engine.explain import ExplainSpec, Explanation
-from app.engine.types import Flow
+from app.engine.types import ClassifyWork, Flow
 from app.errors import ExplainRefused, InvalidRequest
 from app.protocol.native import ClassifyResult, ExplainOptions, TokenAttribution
 
@@ -85,9 +85,10 @@ async def explain_target(
         index = list(handle.labels or []).index(label)
         spec = ExplainSpec(options.method, steps, index)
         e = encoded[i]
-        (out,) = await engine.explain(
-            handle.handle, [e.ids], members[member].weights, flow, spec, [e.special]
+        work = ClassifyWork(
+            handle.handle, members[member].weights, [e.ids], flow, explain=spec, special=[e.special]
         )
+        (out,) = await engine.explain(work)
         return out
 
     found = await asyncio.gather(*(one(m, i) for m in range(len(members)) for i in range(len(encoded))))

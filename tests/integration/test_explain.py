@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -18,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from tests.conftest import upload_archive
 from tests.helpers.bottleneck_ref import make_bottleneck, reference_model
 from tests.helpers.captum_ref import assert_close, captum_scores
-from tests.helpers.peft_ref import CLASSIFY_TEXTS, RefAdapter, zip_files
+from tests.helpers.peft_ref import CLASSIFY_TEXTS, RefAdapter, make_adapter, zip_files, zip_folder
 
 TEXT = "The striker scored twice as the club won the league title on Sunday."
 
@@ -127,3 +128,95 @@ def test_limits_and_bad_targets_are_refused(client: TestClient, uploaded: dict[s
     assert resp.status_code == 422, resp.text
     # the service still answers
     assert client.post("/classify", json={"adapter": "cls-4", "inputs": TEXT}).status_code == 200
+
+
+def test_an_ensemble_explains_its_label_with_the_members_weighted_attributions(
+    client: TestClient, uploaded: dict[str, RefAdapter], base_path: Path, peft_cls4: Any, tmp_path: Path
+) -> None:
+    labels = uploaded["cls-4"].labels
+    other = make_adapter(
+        base_path,
+        tmp_path,
+        "cls-4b",
+        "classify",
+        seed=9,
+        labels=labels,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+    )
+    assert upload_archive(client, "cls-4b", zip_folder(other.folder), "cls-4b.zip").status_code == 201
+    members = [{"name": "cls-4", "weight": 2.0}, {"name": "cls-4b", "weight": 1.0}]
+    body = {"adapters": members, "combine": "logits", "inputs": TEXT, "explain": {"steps": 8}}
+    resp = client.post("/classify", json=body)
+    assert resp.status_code == 200, resp.text
+    (result,) = resp.json()["results"]
+    assert result["explained"] == result["label"]
+    target = labels.index(result["label"])
+    tok = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=len(labels))
+    model.config.pad_token_id = tok.pad_token_id
+    peft_b = PeftModel.from_pretrained(model, other.folder).eval()
+    each = [
+        captum_scores(
+            lambda e, m=m: m(inputs_embeds=e).logits,
+            m.get_input_embeddings(),
+            tok,
+            TEXT,
+            target,
+            "integrated_gradients",
+            8,
+        )
+        for m in (peft_cls4, peft_b)
+    ]
+    scores = [(2 * a + b) / 3 for a, b in zip(each[0][0], each[1][0], strict=True)]
+    delta = (2 * (each[0][1] or 0.0) + (each[1][1] or 0.0)) / 3
+    assert_close(result, scores, delta)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_a_quantized_base_explains_through_its_kernels(base_path: Path, tmp_path: Path, kind: str) -> None:
+    """Gradients flow through the quantized kernels (the weights they compute with): the scores
+    explain the logit (small delta with many points) and rank tokens as the float base does."""
+    from app.config import Settings
+    from app.main import create_app
+    from app.models.base_lm import load_base_model
+    from tests.conftest import ADMIN_TOKEN, CACHE_DIR
+
+    base = load_base_model(str(base_path), CACHE_DIR, "cpu", "float32", kind)
+    settings = Settings(store=tmp_path / "store", admin_token=ADMIN_TOKEN, device="cpu", dtype="float32")  # type: ignore[arg-type]
+    ref = make_adapter(
+        base_path,
+        tmp_path,
+        "q-cls",
+        "classify",
+        seed=4,
+        labels=["a", "b"],
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+    )
+    with TestClient(create_app(settings, base=base)) as client:
+        assert upload_archive(client, "q-cls", zip_folder(ref.folder), "q-cls.zip").status_code == 201
+        resp = client.post(
+            "/classify", json={"adapter": "q-cls", "inputs": TEXT, "explain": {"method": "gradient_x_input"}}
+        )
+        assert resp.status_code == 200, resp.text
+        quantized = [a["score"] for a in resp.json()["results"][0]["attributions"]]
+        target = resp.json()["results"][0]["label"]
+    tok = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
+    model.config.pad_token_id = tok.pad_token_id
+    peft = PeftModel.from_pretrained(model, ref.folder).eval()
+    scores, _ = captum_scores(
+        lambda e: peft(inputs_embeds=e).logits,
+        peft.get_input_embeddings(),
+        tok,
+        TEXT,
+        ["a", "b"].index(target),
+        "gradient_x_input",
+        1,
+    )
+    # the same explanation up to the format's rounding: strongly correlated with the float base's
+    corr = torch.corrcoef(torch.tensor([quantized, scores]))[0, 1]
+    assert corr > 0.9, (kind, corr, quantized, scores)
