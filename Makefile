@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install model serve test test-fast lint typecheck unit fuzz clean demo-data demo-adapters prometheus nginx
+.PHONY: install model serve test test-fast lint typecheck unit fuzz clean demo-data demo-adapters prometheus nginx chromium
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,7 @@ unit: install
 
 test-fast: install  ## lint, the unit tests and HTTP -> engine on the tiny model (seconds; the inner loop)
 	$(BIN)/ruff check app tests bench scripts deploy
-	$(BIN)/pytest -q -m "not model and not prometheus and not nginx and not slow"
+	$(BIN)/pytest -q -m "not model and not prometheus and not nginx and not browser and not slow"
 
 prometheus:  ## the Prometheus server and promtool the monitoring tests run (Debian package)
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
@@ -60,7 +60,13 @@ nginx:  ## the nginx the affinity-routing tests put in front of three replicas (
 	@command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null && \
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO systemctl stop nginx; } || true
 
-test: lint typecheck model prometheus nginx  ## everything CI runs (the fuzzing with a few examples per route)
+chromium:  ## the headless browser the page's tests drive (Debian's chromium and its driver)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null; }; }
+
+test: lint typecheck model prometheus nginx chromium  ## everything CI runs (the fuzzing with a few examples per route)
 	$(BIN)/pytest -q
 
 FUZZ_EXAMPLES ?= 500

@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     )
     max_batch_tokens: int = Field(8192, ge=64, description="padded tokens per classification forward")
     max_prefill_tokens: int = Field(2048, ge=64, description="padded prompt tokens per prefill forward")
+    ui: bool = Field(True, description="serve the web page at GET /ui (docs/explain.md)")
     # --- token attributions (POST /classify with "explain"; docs/explain.md) -------------------
     explain_chunk_tokens: int = Field(
         512,

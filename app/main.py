@@ -16,7 +16,7 @@ from app.adapters.archive import ArchiveLimits
 from app.adapters.catalog import AdapterCatalog
 from app.adapters.intake import Intake
 from app.adapters.store import open_store
-from app.api import adapters, admin, health, inference, openai
+from app.api import adapters, admin, health, inference, openai, ui
 from app.api.responses import drop_validation_422
 from app.config import Settings
 from app.engine.engine import Engine
@@ -259,4 +259,6 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
     _install_request_metrics(app, metrics)
     for module in (inference, openai, adapters, admin, health):
         app.include_router(module.router)
+    if settings.ui:
+        app.include_router(ui.router)
     return app
