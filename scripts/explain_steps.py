@@ -1,7 +1,7 @@
 """How integrated gradients converge on the demo classifiers: the convergence delta against the
 number of Gauss-Legendre points, on held-out texts, through a server on the demo store.
 
-    python scripts/explain_steps.py [--texts 10] [--steps 8,16,32,64,128,256]
+    python scripts/explain_steps.py [--texts 10] [--steps 8,16,32,64,128,256] [--adapters a,b]
 
 For each classifier: the median |delta| and the median |delta| / |logit(x) − logit(baseline)| (the
 share of the logit's change the scores leave unexplained), over ``--texts`` held-out texts (the
@@ -21,7 +21,7 @@ from bench.common import machine_line
 from bench.server import running_server
 from scripts.eval_quantization import CLASSIFIERS, _held_out
 
-EXTRA = {"drug-review-sentiment": ("data/drug-reviews-test.csv", 64)}
+EXTRA: dict[str, tuple[str, int]] = {}  # (classifiers of other bases: serve them on theirs)
 
 
 def main() -> None:
@@ -31,12 +31,17 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=10)
     parser.add_argument("--steps", default="8,16,32,64,128,256")
     parser.add_argument("--quantization", default="auto")
+    parser.add_argument(
+        "--adapters", default="bbc-topic,chat-topic,chat-topic-bottleneck"
+    )
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
     rows = []
     with running_server("adapters_store", quantization=args.quantization) as (_, url):
         http = httpx.Client(base_url=url, timeout=600)
-        for adapter, (path, max_length) in {**CLASSIFIERS, **EXTRA}.items():
+        data = {**CLASSIFIERS, **EXTRA}
+        for adapter in args.adapters.split(","):
+            path, max_length = data[adapter]
             texts = _held_out(path, max_length)[0][: args.texts]
             plain = []
             for text in texts:
