@@ -31,9 +31,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=10)
     parser.add_argument("--steps", default="8,16,32,64,128,256")
     parser.add_argument("--quantization", default="auto")
-    parser.add_argument(
-        "--adapters", default="bbc-topic,chat-topic,chat-topic-bottleneck"
-    )
+    parser.add_argument("--adapters", default="bbc-topic,chat-topic,chat-topic-bottleneck")
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
     rows = []
