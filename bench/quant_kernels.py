@@ -11,7 +11,7 @@ Shapes: the default base's (SmolLM2-135M) linear layers, one decoder layer's wor
 gate, up, down), or ``--layers`` of them with distinct weights (30: as many bytes as the base
 reads per step, more than the CPU's caches hold). Prints one markdown table: microseconds per
 stack and the rate relative to fp32 (median of the turns' ratios), measured in turns; "served"
-rows are what ``app.models.quantize.QuantizedLinear`` runs on CPU.
+rows are what ``app.models.quantized_layers.QuantizedLinear`` runs on CPU.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from app.models.quantize import INT4_GROUP, QuantizedLinear, _int4_groups, _int8_rows
+from app.models.quantized_layers import INT4_GROUP, QuantizedLinear, _int4_groups, _int8_rows
 from bench.common import machine_line
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]

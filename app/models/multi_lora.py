@@ -19,7 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from app.models.bottleneck_bank import BottleneckBank
-from app.models.quantize import QuantizedLinear
+from app.models.quantized_layers import QuantizedLinear
 from app.models.routing import BASE_SLOT, Routing, RoutingContext
 
 # a mixed batch whose adapters' ranks add up to at most this runs them side by side as one LoRA

@@ -21,13 +21,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from app.config import Settings
 from app.main import create_app
 from app.models.base_lm import BaseLM, load_base_model
-from app.models.quantize import (
-    QuantizedEmbedding,
-    QuantizedLinear,
-    rounds_activations,
-    snap_to_quantized,
-    weight_bytes,
-)
+from app.models.quantize import rounds_activations, snap_to_quantized, weight_bytes
+from app.models.quantized_layers import QuantizedEmbedding, QuantizedLinear
 from app.models.surface import surface_for
 from tests.conftest import ADMIN_TOKEN, CACHE_DIR, upload_archive
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GEN_TOKENS, GENERATE_PROMPTS, RefAdapter, zip_folder

@@ -11,14 +11,8 @@ import torch
 from torch import nn
 
 from app.models import w8a8
-from app.models.quantize import (
-    INT4_GROUP,
-    QuantizedEmbedding,
-    QuantizedLinear,
-    quantize_model,
-    rounds_activations,
-    weight_bytes,
-)
+from app.models.quantize import quantize_model, rounds_activations, weight_bytes
+from app.models.quantized_layers import INT4_GROUP, QuantizedEmbedding, QuantizedLinear
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
