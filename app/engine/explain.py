@@ -37,15 +37,14 @@ Logits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class ExplainSpec:
     method: Method
     steps: int  # integrated gradients: points on the path
-    target: int | None  # the label's index; None: each input's predicted label
+    target: int  # the label's index
 
 
 @dataclass(frozen=True)
 class Explanation:
-    """One input's attributions: a score per token, the label they explain, and the convergence
-    delta (integrated gradients only)."""
+    """One input's attributions of its spec's target: a score per token and the convergence delta
+    (integrated gradients only)."""
 
-    target: int
     scores: list[float]
     delta: float | None
     probs: list[float]  # the input's class probabilities
@@ -78,11 +77,11 @@ def explain(
     with torch.no_grad():
         ends = logits(torch.stack([x, base]), mask.expand(2, -1)).float()
     yield None
-    target = int(ends[0].argmax()) if spec.target is None else spec.target
+    target = spec.target
     probs = torch.softmax(ends[0], -1).tolist()
     if spec.method == "gradient_x_input":
         grad = _gradients(logits, x.unsqueeze(0), mask, target, [1.0])
-        yield Explanation(target, (x.float() * grad).sum(-1).tolist(), None, probs)
+        yield Explanation((x.float() * grad).sum(-1).tolist(), None, probs)
         return
     alphas, weights = gauss_legendre(spec.steps)
     rows = max(1, chunk_tokens // tokens)
@@ -95,7 +94,7 @@ def explain(
         yield None
     scores = (diff.float() * total).sum(-1)
     delta = float(scores.sum() - (ends[0, target] - ends[1, target]))
-    yield Explanation(target, scores.tolist(), delta, probs)
+    yield Explanation(scores.tolist(), delta, probs)
 
 
 def _gradients(

@@ -130,12 +130,7 @@ class Runner:
         ids, mask = self.pad([toks for _, toks in rows], left=False)  # right padding, as in training
         with self.routed([slot for slot, _ in rows]):
             hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            if self.surface.pooling == "first":
-                pooled = hidden[:, 0]
-            else:
-                pooled = hidden[
-                    torch.arange(len(rows), device=self.device), last_non_pad_index(ids, self.pad_id)
-                ]
+            pooled = self._pool(hidden, lambda: last_non_pad_index(ids, self.pad_id))
             runs = runs_of([slot for slot, _ in rows])
             probs = [
                 torch.softmax(self._head(heads[slot], slot, pooled[start:end]).float(), dim=-1)
@@ -157,12 +152,7 @@ class Runner:
         def logits(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             with self.routed([slot] * embeds.shape[0]):
                 hidden = self.model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-            if self.surface.pooling == "first":
-                pooled = hidden[:, 0]
-            else:
-                last = mask.sum(-1) - 1
-                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-            return self._head(head, slot, pooled)
+            return self._head(head, slot, self._pool(hidden, lambda: mask.sum(-1) - 1))
 
         return logits
 
@@ -171,6 +161,13 @@ class Runner:
         table = self.model.get_input_embeddings()
         with torch.no_grad():
             return [table(torch.tensor([row], device=self.device))[0] for row in ids]
+
+    def _pool(self, hidden: torch.Tensor, last: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Each row's state for its classification head: the first token's or (``last``: each
+        row's last real position) the last token's, as the family pools."""
+        if self.surface.pooling == "first":
+            return hidden[:, 0]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last()]
 
     def _head(self, head: Head, slot: int, x: torch.Tensor) -> torch.Tensor:
         """The logits of one slot's rows: its head layers (a layer without weights is the base's own

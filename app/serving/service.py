@@ -95,7 +95,10 @@ class InferenceService:
         return len(self._streams)
 
     def _encode(self, text: str, param: str) -> list[int]:
-        ids: list[int] = self.tokenizer(text)["input_ids"]
+        return self._encoded(self.tokenizer(text)["input_ids"], param)
+
+    def _encoded(self, ids: list[int], param: str) -> list[int]:
+        """``ids`` of a text when it encodes to some tokens within MAX_INPUT_TOKENS, else a 422."""
         if not ids:
             raise InvalidRequest(f"{param} encodes to no tokens", param=param)
         return self._within_limit(ids, param)
@@ -141,18 +144,20 @@ class InferenceService:
                 f"{len(texts)} inputs; at most {self.settings.max_inputs_per_request} per request",
                 param="inputs",
             )
-        ids = await off_loop(sum(map(len, texts)), lambda: [self._encode(t, "inputs") for t in texts])
+        encoded = None  # with explain: the tokens' offsets too (one tokenization either way)
+        if req.explain is None:
+            ids = await off_loop(sum(map(len, texts)), lambda: [self._encode(t, "inputs") for t in texts])
+        else:
+            encoded = await off_loop(
+                sum(map(len, texts)), lambda: [explanations.encode(self.tokenizer, t) for t in texts]
+            )
+            ids = [self._encoded(e.ids, "inputs") for e in encoded]
+            explanations.check(req.explain, encoded, self.settings)
         longest = max((len(i) for i in ids), default=0)
         if self.max_context is not None and longest > self.max_context:
             raise InvalidRequest(
                 f"inputs: {longest} tokens; the base model reads at most {self.max_context}", param="inputs"
             )
-        encoded = None
-        if req.explain is not None:
-            encoded = await off_loop(
-                sum(map(len, texts)), lambda: [explanations.encode(self.tokenizer, t) for t in texts]
-            )
-            explanations.check(req.explain, encoded, self.settings)
         self.catalog.touch(target)
         members = target.members
         flow = flow_of(tenant, target, req.priority)
