@@ -22,6 +22,7 @@ from app.engine.types import ClassifyWork, Flow
 from app.errors import AdapterServeError, DeadlineExceeded, EngineFailure
 from app.metrics import Metrics
 from app.models.heads import Head
+from app.models.quantized_layers import drop_backward_weights
 
 log = logging.getLogger(__name__)
 Heads = dict[int, Head]  # slot -> classification head layers
@@ -52,6 +53,7 @@ class ClassificationLane:
         self.queue: FairQueue[ClassifyWork] = FairQueue(settings.scheduler == "fair", on_leave)
         # explanations under way: the work and its chunks (each step runs one)
         self.explaining: list[tuple[ClassifyWork, Iterator[None]]] = []
+        self._backward_weights = False  # whether an explanation ran since they were last dropped
 
     def queued(self) -> int:
         return len(self.queue)
@@ -79,11 +81,13 @@ class ClassificationLane:
                 if w.deadline <= now:
                     _fail(w, late)
             self.explaining = [(w, it) for w, it in self.explaining if not w.future.done()]
+            self._settle()
 
     def fail_all(self, exc: AdapterServeError) -> None:
         for work in [*self.queue.clear(), *(w for w, _ in self.explaining)]:
             _fail(work, exc)
         self.explaining = []
+        self._settle()
 
     def step(self, admission: Admission) -> None:
         """One forward over the waiting requests that fit (see the module docstring)."""
@@ -121,17 +125,24 @@ class ClassificationLane:
     def _explain_chunk(self) -> None:
         """One chunk of the first explanation under way (then it goes to the back of the list)."""
         self.explaining = [(w, it) for w, it in self.explaining if not (w.cancelled or w.future.done())]
-        if not self.explaining:
-            return
-        work, chunks = self.explaining.pop(0)
-        try:
-            done = next(chunks, True)
-        except Exception as exc:  # a failed forward or backward fails its request; the engine goes on
-            self.runner.health.batch_failed(exc, "classify", lambda e: _fail(work, e))
-            return
-        self.runner.health.succeeded()
-        if done is None:
-            self.explaining.append((work, chunks))
+        if self.explaining:
+            self._backward_weights = True
+            work, chunks = self.explaining.pop(0)
+            try:
+                done = next(chunks, True)
+            except Exception as exc:  # a failed forward or backward fails its request; the engine goes on
+                self.runner.health.batch_failed(exc, "classify", lambda e: _fail(work, e))
+            else:
+                self.runner.health.succeeded()
+                if done is None:
+                    self.explaining.append((work, chunks))
+        self._settle()
+
+    def _settle(self) -> None:
+        """With no explanation under way, free what quantized layers kept for backward passes."""
+        if not self.explaining and self._backward_weights:
+            drop_backward_weights(self.runner.model)
+            self._backward_weights = False
 
     def _explain(self, work: ClassifyWork, slot: int, heads: Heads) -> Iterator[None]:
         """The chunks of ``work``'s explanations, input after input; at the end its result is set."""

@@ -98,6 +98,7 @@ class QuantizedLinear(nn.Module):
         self.onednn = onednn  # bf16 packed for oneDNN (then ``packed`` is empty): not a buffer,
         # an opaque tensor that only oneDNN's kernels read
         self.cpu_kernel = cpu_kernel  # int8/int4: PyTorch's packed CPU kernels, bf16 activations
+        self.grad_weight: torch.Tensor | None = None  # the backward pass's weights, while it needs them
 
     @classmethod
     def of(cls, layer: nn.Linear, kind: Kind, act_max: torch.Tensor | None = None) -> QuantizedLinear:
@@ -208,6 +209,17 @@ class QuantizedLinear(nn.Module):
         return torch.addcmul(self.scales[..., 1:], grouped, self.scales[..., :1]).view(out, self.in_features)
 
     @torch.no_grad()
+    def backward_weight(self) -> torch.Tensor:
+        """The weights [out, in] the input's gradient is multiplied by: :meth:`dequantized`, made
+        once (one matmul per layer) and kept until :func:`drop_backward_weights` (bf16 on a CPU
+        with bf16 dot products: half the memory, the hardware's matmul)."""
+        if self.grad_weight is None:
+            w = self.dequantized()
+            fast = w.device.type == "cpu" and capability().bf16_dot
+            self.grad_weight = w.to(torch.bfloat16) if fast else w
+        return self.grad_weight
+
+    @torch.no_grad()
     def dequantized(self) -> torch.Tensor:
         """The weights [out, in] this layer computes with, exactly: the kernel applied to the
         identity (each output is one weight times 1 plus zeros; w8a8: the weights it stands for,
@@ -225,9 +237,9 @@ class QuantizedLinear(nn.Module):
 
 class _ThroughKernel(torch.autograd.Function):
     """A quantized layer's kernel with a gradient for its input: ``grad · W`` with the weights the
-    kernel computes with (:meth:`QuantizedLinear.dequantized`, made for each backward pass and
-    dropped after it: no float copy of the base stays in memory). The weights themselves are
-    frozen."""
+    kernel computes with (:meth:`QuantizedLinear.backward_weight`: made at the first backward pass
+    and kept until :func:`drop_backward_weights`, in bf16 where the CPU multiplies bf16). The
+    weights themselves are frozen."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
@@ -237,8 +249,15 @@ class _ThroughKernel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        w = ctx.layer.dequantized()  # [out, in]
+        w = ctx.layer.backward_weight()  # [out, in]
         return (grad.to(w.dtype) @ w).to(grad.dtype), None
+
+
+def drop_backward_weights(model: nn.Module) -> None:
+    """Free the weights the quantized layers' backward passes kept (no explanation under way)."""
+    for mod in model.modules():
+        if isinstance(mod, QuantizedLinear):
+            mod.grad_weight = None
 
 
 class QuantizedEmbedding(nn.Module):

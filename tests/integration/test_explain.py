@@ -181,6 +181,7 @@ def test_a_quantized_base_explains_through_its_kernels(base_path: Path, tmp_path
     from app.config import Settings
     from app.main import create_app
     from app.models.base_lm import load_base_model
+    from app.models.quantized_layers import QuantizedLinear
     from tests.conftest import ADMIN_TOKEN, CACHE_DIR
 
     base = load_base_model(str(base_path), CACHE_DIR, "cpu", "float32", kind)
@@ -204,6 +205,9 @@ def test_a_quantized_base_explains_through_its_kernels(base_path: Path, tmp_path
         assert resp.status_code == 200, resp.text
         quantized = [a["score"] for a in resp.json()["results"][0]["attributions"]]
         target = resp.json()["results"][0]["label"]
+    # what the backward passes kept is freed once no explanation runs
+    layers = [m for m in base.model.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and all(m.grad_weight is None for m in layers)
     tok = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
     model.config.pad_token_id = tok.pad_token_id
