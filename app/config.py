@@ -109,13 +109,13 @@ class Settings(BaseSettings):
     ui: bool = Field(True, description="serve the web page at GET /ui (docs/explain.md)")
     # --- token attributions (POST /classify with "explain"; docs/explain.md) -------------------
     explain_chunk_tokens: int = Field(
-        512,
+        256,
         ge=16,
-        description="tokens per forward and backward pass of an explanation (the memory it takes: "
-        "the activations a backward pass keeps grow with them)",
+        description="tokens per forward and backward pass of an explanation: the plain requests "
+        "between its chunks wait less with fewer, the explanation takes longer (docs/explain.md)",
     )
     explain_max_path_tokens: int = Field(
-        16384, ge=16, description="an explained input's tokens times its steps, at most (400 beyond)"
+        32768, ge=16, description="an explained input's tokens times its steps, at most (400 beyond)"
     )
     max_queue: int = Field(256, ge=1, description="queued requests before 503")
     scheduler: Literal["fair", "fifo"] = Field(

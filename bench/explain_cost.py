@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--adapter", default="bbc-topic")
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--background", type=int, default=2)
     parser.add_argument("--quantization", default="auto")
     args = parser.parse_args()

@@ -21,7 +21,8 @@ from bench.common import machine_line
 from bench.server import running_server
 from scripts.eval_quantization import CLASSIFIERS, _held_out
 
-EXTRA: dict[str, tuple[str, int]] = {}  # (classifiers of other bases: serve them on theirs)
+# a classifier of another base: ADAPTERSERVE_BASE_MODEL=all-minilm-l6-v2 ... --adapters drug-review-sentiment
+EXTRA = {"drug-review-sentiment": ("data/drug-reviews-test.csv", 120)}
 
 
 def main() -> None:

@@ -67,7 +67,9 @@ class ExplainOptions(StrictModel):
         description="integrated gradients over the input embeddings (a pad-token baseline, "
         "Gauss-Legendre points), or gradient × input (one backward pass)",
     )
-    steps: int = Field(32, ge=1, le=512, description="integrated gradients: points on the path")
+    steps: int = Field(
+        64, ge=1, le=512, description="integrated gradients: points on the path (docs/explain.md#convergence)"
+    )
     target: str | None = Field(None, description="the label to explain; null = each input's predicted label")
 
 
