@@ -65,14 +65,15 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.2)
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--quantization", default="auto")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = parser.parse_args()
     texts = [t for t in _held_out(args.data, args.max_length)[0] if t.strip()][: args.texts]
     rng = random.Random(0)
-    drops: dict[str, tuple[list[float], list[float]]] = {m: ([], []) for m in METHODS}
+    drops: dict[str, tuple[list[float], list[float]]] = {m: ([], []) for m in args.methods}
     with running_server("adapters_store", quantization=args.quantization) as (_, url):
         http = httpx.Client(base_url=url, timeout=600)
         for text in texts:
-            for method in METHODS:
+            for method in args.methods:
                 body = {
                     "adapter": args.adapter,
                     "inputs": text,
