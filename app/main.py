@@ -26,6 +26,7 @@ from app.metrics import Metrics
 from app.models.base_lm import BaseLM, load_base_model
 from app.platform import ReleasingExecutor, capability
 from app.quotas import TenantQuotas, Ticket
+from app.serving.embeddings import EmbeddingService
 from app.serving.openai_service import OpenAIService
 from app.serving.service import InferenceService
 from app.tenants import TenantDirectory
@@ -225,12 +226,13 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
             ""
             if model.surface.can_generate
             else f"the base model {model.spec.model_id!r} ({model.surface.family}) is an encoder: it "
-            "serves POST /classify only, it cannot generate text"
+            "serves POST /classify and POST /embed only, it cannot generate text"
         )
         app.state.service = service = InferenceService(
             settings, catalog, engine, model.tokenizer, model.spec.max_context, cannot_generate
         )
         app.state.openai = OpenAIService(service, catalog, model.spec.model_id, model.quantization)
+        app.state.embeddings = EmbeddingService(service, model.spec.model_id)
         syncing = asyncio.create_task(keep_in_sync(catalog, settings, metrics))
         log.info(
             "adapterserve ready: %d adapters in %s; machine: %s",
@@ -242,7 +244,7 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
             yield
         finally:
             syncing.cancel()
-            app.state.service = app.state.openai = None
+            app.state.service = app.state.openai = app.state.embeddings = None
             await asyncio.to_thread(engine.stop, settings.shutdown_grace_s)
 
     app = FastAPI(title="adapterserve", version=__version__, lifespan=lifespan)
@@ -250,6 +252,7 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
     app.state.metrics = metrics
     app.state.draining = False  # set on SIGTERM (app.cli): new requests get 503, readiness fails
     app.state.engine = app.state.catalog = app.state.service = app.state.openai = None
+    app.state.embeddings = None
     # the tenants file is read now: a file that does not parse stops the start
     app.state.tenants = TenantDirectory(settings.tenants_file) if settings.tenants_file else None
     app.state.quotas = quotas

@@ -35,13 +35,13 @@ import torch
 
 from app.adapters.lora_format import (
     CONFIG_FILE,
-    TASKS,
     WEIGHTS_FILE,
     check_tensor,
     load_tensors,
     read_config,
     read_head,
 )
+from app.adapters.tasks import TASKS, Task
 from app.errors import InvalidAdapter
 from app.models.base_lm import BaseSpec
 from app.models.heads import Head
@@ -80,7 +80,7 @@ class BottleneckAdapter:
 
     kind: ClassVar[Literal["bottleneck"]] = "bottleneck"
 
-    task: Literal["classify", "generate"]
+    task: Task
     rank: int  # the bottleneck size
     alpha: float  # the scaling
     target_modules: list[str]  # the places: "attention", "ffn"
@@ -262,7 +262,9 @@ def load_bottleneck(folder: Path, spec: BaseSpec, check_values: bool = True) -> 
         head_layers, labels = read_head(head, spec, folder)
         num_params += sum(layer.numel for layer in head_layers)
     elif head:
-        raise InvalidAdapter("a CAUSAL_LM adapter must not carry a classification head", param=WEIGHTS_FILE)
+        raise InvalidAdapter(
+            f"a {cfg['task']} adapter must not carry a classification head", param=WEIGHTS_FILE
+        )
     return BottleneckAdapter(
         task=cfg["task"],
         rank=size,

@@ -29,6 +29,7 @@ from app.adapters.merging import merge_lora
 from app.adapters.methods import MERGE_METHODS, METHODS, Method, is_merge
 from app.adapters.records import AdapterRecord, Held, Task
 from app.adapters.summary import summarize
+from app.adapters.tasks import ENDPOINTS
 from app.adapters.version import AdapterVersion
 from app.errors import IncompatibleMembers, TaskMismatch
 from app.metrics import Metrics
@@ -131,9 +132,9 @@ def check_members(
     when given) that the method serves, and (classification) share their labels. Returns the task."""
     wrong = [r for r in records if task is not None and r.task != task]
     if wrong and task is not None and comp.name is None:  # a request's own members: name the odd one
-        endpoint = "/classify" if wrong[0].task == "classify" else "/generate"
         raise TaskMismatch(
-            f"adapter {wrong[0].name!r} is a {wrong[0].task} adapter; use {endpoint}", param="adapter"
+            f"adapter {wrong[0].name!r} is a {wrong[0].task} adapter; use {ENDPOINTS[wrong[0].task]}",
+            param="adapter",
         )
     tasks = {r.task for r in records}
     if len(tasks) > 1:
@@ -143,8 +144,7 @@ def check_members(
         )
     (own,) = tasks
     if task is not None and own != task:
-        endpoint = "/classify" if own == "classify" else "/generate"
-        raise TaskMismatch(f"{comp.label!r} is a {own} composition; use {endpoint}", param="adapter")
+        raise TaskMismatch(f"{comp.label!r} is a {own} composition; use {ENDPOINTS[own]}", param="adapter")
     if comp.method not in METHODS[own]:
         raise IncompatibleMembers(
             f"{comp.method!r} does not combine {own} adapters; use one of {', '.join(METHODS[own])}",

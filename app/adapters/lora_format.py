@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from app.adapters.files import read_float_tensors
+from app.adapters.tasks import TASKS, Task
 from app.errors import InvalidAdapter
 from app.models.base_lm import BaseSpec
 from app.models.heads import Head, HeadLayer, num_labels
@@ -23,7 +24,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LABELS_FILE = "labels.json"
 PREFIX = "base_model.model."
-TASKS: dict[str, Literal["classify", "generate"]] = {"SEQ_CLS": "classify", "CAUSAL_LM": "generate"}
 _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
 # Config fields whose non-default value asks for something this server does not apply.
@@ -50,7 +50,7 @@ class LoraAdapter:
 
     kind: ClassVar[Literal["lora"]] = "lora"
 
-    task: Literal["classify", "generate"]
+    task: Task
     rank: int  # the largest rank of any module
     alpha: float
     target_modules: list[str]
@@ -94,7 +94,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def check_config(config: dict[str, Any], spec: BaseSpec) -> Literal["classify", "generate"] | None:
+def check_config(config: dict[str, Any], spec: BaseSpec) -> Task | None:
     """Reject configurations the server cannot apply faithfully; return the task (None: not stated)."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
@@ -241,6 +241,13 @@ def _split_key(key: str) -> tuple[str, str]:
     return module, part
 
 
+def backbone_name(module: str, spec: BaseSpec) -> str:
+    """The served model's name of a module of its backbone, as a FEATURE_EXTRACTION adapter (made on
+    the bare backbone) names it: ``layers.0.mlp.up_proj`` -> ``model.layers.0.mlp.up_proj``."""
+    full = f"{spec.backbone}.{module}" if spec.backbone else module
+    return full if module not in spec.linear_shapes and full in spec.linear_shapes else module
+
+
 def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = True) -> LoraAdapter:
     """Parse and fully validate a PEFT LoRA folder; raise :class:`InvalidAdapter` naming the problem.
 
@@ -258,6 +265,8 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
     head: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         module, part = _split_key(key)
+        if task == "embed":  # PEFT wraps the backbone alone (AutoModel): its names lack its prefix
+            module = backbone_name(module, spec)
         if module in surface.head_modules and part in ("weight", "bias"):
             head.setdefault(module, {})[part] = tensor
         elif part in ("lora_A.weight", "lora_B.weight"):
@@ -275,6 +284,8 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA weights", param=WEIGHTS_FILE)
     if task is None:  # a LoraConfig without task_type: a classification head makes it a classifier
         task = "classify" if head else "generate"
+    if task != "classify" and head:
+        raise InvalidAdapter(f"a {task} adapter must not carry a classification head", param=WEIGHTS_FILE)
     if task == "generate" and not surface.can_generate:
         raise InvalidAdapter(
             f"the base model ({spec.family}, an encoder) cannot generate; it serves classification "
@@ -312,8 +323,6 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
     if task == "classify":
         head_layers, labels = read_head(head, spec, folder, PREFIX)
         num_params += sum(layer.numel for layer in head_layers)
-    elif head:
-        raise InvalidAdapter("a CAUSAL_LM adapter must not carry a classification head", param=WEIGHTS_FILE)
 
     return LoraAdapter(
         task=task,

@@ -15,6 +15,7 @@ COMBINE_METHODS: tuple[CombineMethod, ...] = get_args(CombineMethod)
 METHODS: dict[str, tuple[str, ...]] = {  # task -> the methods that serve it
     "classify": (*COMBINE_METHODS, *MERGE_METHODS),
     "generate": ("average", *MERGE_METHODS),
+    "embed": ("mean", *MERGE_METHODS),  # an ensemble's vectors: their weighted mean
 }
 
 

@@ -16,9 +16,9 @@ from typing import Any, Literal
 from app.adapters.kinds import Adapter
 from app.adapters.methods import Method
 from app.adapters.store import Manifest
+from app.adapters.tasks import Task
 from app.adapters.version import AdapterVersion
 
-Task = Literal["classify", "generate"]
 Tier = Literal["device", "host", "store"]
 
 

@@ -23,6 +23,7 @@ from app.adapters.intake import Intake
 from app.adapters.kinds import Adapter
 from app.adapters.records import AdapterRecord, Task, Tier, Usage
 from app.adapters.store import AdapterStore, Manifest, check_name
+from app.adapters.tasks import ENDPOINTS
 from app.errors import AdapterLoadFailed, AdapterNotFound, InvalidAdapter, InvalidRequest, TaskMismatch
 from app.metrics import Metrics
 
@@ -102,9 +103,8 @@ class StoreView:
     def for_task(self, name: str, task: Task, scope: Scope = everything) -> AdapterRecord:
         record = self.get(name, scope)
         if record.task != task:
-            endpoint = "/classify" if record.task == "classify" else "/generate"
             raise TaskMismatch(
-                f"adapter {name!r} is a {record.task} adapter; use {endpoint}", param="adapter"
+                f"adapter {name!r} is a {record.task} adapter; use {ENDPOINTS[record.task]}", param="adapter"
             )
         return record
 

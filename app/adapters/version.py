@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from app.adapters.kinds import Adapter
+from app.adapters.tasks import Task
 
 _uids = itertools.count(1)
 
@@ -23,7 +24,7 @@ class AdapterVersion:
 
     name: str
     version: int
-    task: Literal["classify", "generate"]
+    task: Task
     kind: Literal["lora", "bottleneck"]
     labels: tuple[str, ...]
     size_bytes: int  # bytes of the validated weights in memory

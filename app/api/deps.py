@@ -12,6 +12,7 @@ from app.config import Settings
 from app.engine.engine import Engine
 from app.errors import AdminDisabled, Forbidden, NotReady, Unauthorized
 from app.quotas import TenantQuotas
+from app.serving.embeddings import EmbeddingService
 from app.serving.service import InferenceService
 from app.tenants import EVERYONE, Limits, Tenant, TenantDirectory
 
@@ -41,10 +42,15 @@ def get_engine(request: Request) -> Engine:
     return state(request, "engine")  # type: ignore[return-value]
 
 
+def get_embeddings(request: Request) -> EmbeddingService:
+    return state(request, "embeddings")  # type: ignore[return-value]
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CatalogDep = Annotated[AdapterCatalog, Depends(get_catalog)]
 ServiceDep = Annotated[InferenceService, Depends(get_service)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
+EmbeddingsDep = Annotated[EmbeddingService, Depends(get_embeddings)]
 
 
 def _bearer(request: Request) -> str | None:

@@ -1,12 +1,13 @@
-"""POST /classify and POST /generate."""
+"""POST /classify, POST /generate and POST /embed."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import ApiKeyDep, ServiceDep, TenantDep
+from app.api.deps import ApiKeyDep, EmbeddingsDep, ServiceDep, TenantDep
 from app.api.responses import INFERENCE, error_responses
+from app.protocol.embeddings import EmbedRequest, EmbedResponse
 from app.protocol.native import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["inference"], dependencies=[ApiKeyDep], responses=error_responses(INFERENCE))
@@ -39,3 +40,13 @@ async def generate(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
     return await service.generate(req, tenant)
+
+
+@router.post("/embed", response_model=EmbedResponse)
+async def embed(
+    req: EmbedRequest, embeddings: EmbeddingsDep, tenant: TenantDep, request: Request
+) -> EmbedResponse:
+    """Sentence embeddings of one or more texts, from the bare base or an embedding adapter
+    (pooled as the base's sentence-transformers configuration says; docs/embeddings.md)."""
+    request.state.adapter = req.adapter
+    return await embeddings.embed(req, tenant)

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models."""
+"""OpenAI-compatible routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings,
+GET /v1/models."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import ApiKeyDep, TenantDep, state
+from app.api.deps import ApiKeyDep, EmbeddingsDep, TenantDep, state
 from app.api.responses import OPENAI, error_responses
+from app.protocol.embeddings import EmbeddingList, EmbeddingRequest
 from app.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -57,6 +59,17 @@ async def completions(
     request.state.adapter = openai.adapter_of(req.model)
     result = await openai.complete(req, tenant)
     return result if isinstance(result, Completion) else _stream(result)
+
+
+@router.post("/embeddings", response_model=EmbeddingList)
+async def embeddings(
+    req: EmbeddingRequest, embeddings: EmbeddingsDep, openai: OpenAIDep, tenant: TenantDep, request: Request
+) -> EmbeddingList:
+    """Embeddings of texts or token ids with an embedding adapter or the base model (``model``)."""
+    request.state.adapter = adapter = openai.adapter_of(req.model)
+    if adapter is not None:
+        await openai.check_model(adapter, tenant)
+    return await embeddings.openai(req, tenant)
 
 
 @router.get("/models", response_model=ModelList)

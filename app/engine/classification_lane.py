@@ -23,6 +23,7 @@ from app.errors import AdapterServeError, DeadlineExceeded, EngineFailure
 from app.metrics import Metrics
 from app.models.heads import Head
 from app.models.quantized_layers import drop_backward_weights
+from app.models.routing import BASE_SLOT
 
 log = logging.getLogger(__name__)
 Heads = dict[int, Head]  # slot -> classification head layers
@@ -62,11 +63,11 @@ class ClassificationLane:
         return bool(self.queue) or bool(self.explaining)
 
     def queued_uids(self) -> set[int]:
-        return {w.adapter.uid for w in self.queue}
+        return {w.adapter.uid for w in self.queue if w.adapter is not None}
 
     def resident_uids(self) -> set[int]:
         """The adapters of the explanations under way (a plain batch runs to its end within a step)."""
-        return {w.adapter.uid for w, _ in self.explaining}
+        return {w.adapter.uid for w, _ in self.explaining if w.adapter is not None}
 
     def works(self) -> list[ClassifyWork]:
         return [*self.queue, *(w for w, _ in self.explaining)]
@@ -103,9 +104,12 @@ class ClassificationLane:
             ):
                 break
             try:
-                slot = admission.admit(work.adapter, work.weights)
+                slot: int | None = BASE_SLOT
+                if work.adapter is not None:
+                    assert work.weights is not None
+                    slot = admission.admit(work.adapter, work.weights)
             except RuntimeError:  # a device error (out of memory) copying the weights in
-                log.exception("loading adapter %s failed", work.adapter.name)
+                log.exception("loading adapter %s failed", work.adapter and work.adapter.name)
                 self.queue.pop()
                 _fail(work, EngineFailure("loading the adapter failed; see the server log"))
                 continue
@@ -167,7 +171,8 @@ class ClassificationLane:
         try:
             batch = [(slot, ids) for w, slot in works for ids in w.inputs]
             self.metrics.batch_size.labels(task="classify").observe(len(batch))
-            probs = self.runner.classify(batch, heads)
+            embedding = frozenset(slot for w, slot in works if w.embed)
+            probs = self.runner.classify(batch, heads, embedding)
         except Exception as exc:  # any failure of the forward fails its batch; the engine goes on
             failed = [w for w, _ in works]
             self.runner.health.batch_failed(exc, "classify", lambda e: _fail_all(failed, e))

@@ -184,9 +184,11 @@ class Engine:
             self._inbox.put(Abort(work))
 
     async def classify(
-        self, adapter: AdapterVersion, inputs: list[list[int]], weights: Adapter, flow: Flow = ONE_FLOW
-    ) -> list[list[float]]:
-        work = ClassifyWork(adapter=adapter, weights=weights, inputs=inputs, flow=flow)
+        self, adapter: AdapterVersion | None, inputs: list[list[int]], weights: Adapter | None,
+        flow: Flow = ONE_FLOW, embed: bool = False,
+    ) -> list[list[float]]:  # fmt: skip
+        """Each input's probabilities, or (``embed``) its embedding (``adapter`` None: the bare base)."""
+        work = ClassifyWork(adapter=adapter, weights=weights, inputs=inputs, flow=flow, embed=embed)
         self._submit(work)
         return await self._await(work, work.future)
 

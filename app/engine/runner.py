@@ -115,25 +115,36 @@ class Runner:
             self.ctx.routing = None
 
     @torch.inference_mode()
-    def classify(self, rows: list[tuple[int, list[int]]], heads: dict[int, Head]) -> list[list[float]]:
+    def classify(
+        self,
+        rows: list[tuple[int, list[int]]],
+        heads: dict[int, Head],
+        embedding: frozenset[int] = frozenset(),
+    ) -> list[list[float]]:
         """Class probabilities for each (slot, token ids) row; one forward for the whole batch, then
         each slot's head on its rows' pooled states (the family's pooling: last token or [CLS]).
-        The rows run grouped by slot: each head then reads one contiguous slice."""
+        Rows of the slots in ``embedding`` get their sentence embedding instead (the base's
+        pooling, :mod:`app.models.pooling`). The rows run grouped by slot: each head then reads one
+        contiguous slice."""
         order = sorted(range(len(rows)), key=lambda i: rows[i][0])
-        probs = self._classify([rows[i] for i in order], heads)
+        probs = self._classify([rows[i] for i in order], heads, embedding)
         out: list[list[float]] = [[] for _ in rows]
         for i, p in zip(order, probs, strict=True):
             out[i] = p
         return out
 
-    def _classify(self, rows: list[tuple[int, list[int]]], heads: dict[int, Head]) -> list[list[float]]:
+    def _classify(
+        self, rows: list[tuple[int, list[int]]], heads: dict[int, Head], embedding: frozenset[int]
+    ) -> list[list[float]]:
         ids, mask = self.pad([toks for _, toks in rows], left=False)  # right padding, as in training
         with self.routed([slot for slot, _ in rows]):
             hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
             pooled = self._pool(hidden, lambda: last_non_pad_index(ids, self.pad_id))
             runs = runs_of([slot for slot, _ in rows])
             probs = [
-                torch.softmax(self._head(heads[slot], slot, pooled[start:end]).float(), dim=-1)
+                self.base.pooling.pool(hidden[start:end], mask[start:end])
+                if slot in embedding
+                else torch.softmax(self._head(heads[slot], slot, pooled[start:end]).float(), dim=-1)
                 for slot, start, end in runs
             ]
         flat = torch.cat([p.reshape(-1) for p in probs]).cpu().tolist()  # one device sync

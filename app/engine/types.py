@@ -69,8 +69,11 @@ ONE_FLOW = Flow()  # all work when nobody is told apart
 
 @dataclass(eq=False)
 class ClassifyWork:
-    adapter: AdapterVersion
-    weights: Adapter  # held until the work is done: host eviction cannot take them away
+    """Inputs for one forward each: a classification adapter's probabilities, or (``embed``) the
+    pooled embeddings of an embedding adapter or the bare base (``adapter`` None)."""
+
+    adapter: AdapterVersion | None
+    weights: Adapter | None  # held until the work is done: host eviction cannot take them away
     inputs: list[list[int]]  # token ids per input text
     flow: Flow = ONE_FLOW
     deadline: float = float("inf")  # time.monotonic() after which it fails with 504
@@ -81,6 +84,7 @@ class ClassifyWork:
     explain: ExplainSpec | None = None
     special: list[list[bool]] | None = None
     explanations: list[Explanation] | None = None
+    embed: bool = False  # results are the inputs' embeddings (app/models/pooling.py)
 
     @property
     def cost(self) -> int:

@@ -20,6 +20,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
+from app.models.pooling import Pooling, read_pooling
 from app.models.quantize import Quantization, Setting, quantize_model, resolve
 from app.models.sources import resolve_model_path
 from app.models.surface import ModelSurface, surface_for
@@ -41,6 +42,7 @@ class BaseSpec:
     # linear (and Conv1D) layers: name -> (out, in)
     linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     family: str = "llama"  # the config's model_type (see app.models.surface)
+    backbone: str = ""  # the loaded model's attribute holding the bare backbone ("model", "bert")
 
     @property
     def surface(self) -> ModelSurface:
@@ -58,6 +60,7 @@ class BaseLM:
     surface: ModelSurface
     quantization: Quantization = "none"
     weight_bytes: int = 0  # the base's weights in memory (after quantization)
+    pooling: Pooling = field(default_factory=lambda: Pooling("mean", True, "the family's default"))
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -94,6 +97,7 @@ def spec_of(model: PreTrainedModel, model_id: str) -> BaseSpec:
         max_context=positions,
         linear_shapes=linear_shapes(model),
         family=str(config.model_type),
+        backbone=str(getattr(model, "base_model_prefix", "") or ""),
     )
 
 
@@ -177,4 +181,5 @@ def load_base_model(
         surface=surface,
         quantization=kind,
         weight_bytes=nbytes,
+        pooling=read_pooling(path, encoder=not surface.can_generate),
     )

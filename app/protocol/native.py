@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from app.adapters.methods import CombineMethod, GenerateMethod, MergeMethod, Method
+from app.adapters.tasks import Task
 from app.protocol.decoding import MAX_TOP_LOGPROBS, DecodingOptions, TokenLogprobOut, is_none
 from app.protocol.strict import StrictModel
 
@@ -282,7 +283,7 @@ class GenerateChunk(BaseModel):
 
 class AdapterOut(BaseModel):
     name: str
-    task: Literal["classify", "generate"]
+    task: Task
     kind: str
     rank: int
     alpha: float
@@ -323,7 +324,7 @@ class MemberOut(BaseModel):
 class CompositionOut(BaseModel):
     name: str
     kind: Literal["composition"] = "composition"
-    task: Literal["classify", "generate"] | None = Field(description="null: a member is gone")
+    task: Task | None = Field(description="null: a member is gone")
     method: Method
     density: float
     members: list[MemberOut]

@@ -57,7 +57,9 @@ class OpenAIService:
         """The adapter a ``model`` field names (None: the bare base model)."""
         return None if model == self.model_id else model
 
-    async def _check_adapter(self, name: str, tenant: Tenant) -> None:
+    async def check_model(self, name: str, tenant: Tenant) -> None:
+        """404 (OpenAI's ``model_not_found``) unless ``name`` is an adapter or composition ``tenant``
+        may use."""
         await self.catalog.lookup(name)
         known = name in self.catalog or self.catalog.composition(name) is not None
         if not (known and tenant.may_use(name)):
@@ -70,9 +72,9 @@ class OpenAIService:
 
     # --- models -----------------------------------------------------------------------------
     def models(self, tenant: Tenant = EVERYONE) -> ModelList:
-        """The base and the generation adapters and compositions ``tenant`` may use."""
-        if self.service.cannot_generate:  # an encoder base: no model here can generate
-            return ModelList(data=[])
+        """The base and the generation and embedding adapters and compositions ``tenant`` may use
+        (an encoder base: the base and the embedding ones, for /v1/embeddings)."""
+        tasks = ("embed",) if self.service.cannot_generate else ("generate", "embed")
         cards = [
             ModelCard(
                 id=self.model_id, created=self.created, root=self.model_id, quantization=self.quantization
@@ -80,7 +82,7 @@ class OpenAIService:
         ]
         catalog = self.catalog
         for info in catalog.adapters():
-            if info.task == "generate" and tenant.may_use(info.name):
+            if info.task in tasks and tenant.may_use(info.name):
                 cards.append(
                     ModelCard(
                         id=info.name, created=int(info.created_at), parent=self.model_id, root=info.name
@@ -88,7 +90,7 @@ class OpenAIService:
                 )
         for comp in catalog.compositions():
             usable = all(tenant.may_use(n) for n in [comp.label, *comp.names])
-            if usable and catalog.describe_composition(comp)["task"] == "generate":
+            if usable and catalog.describe_composition(comp)["task"] in tasks:
                 cards.append(
                     ModelCard(
                         id=comp.label, created=int(comp.created_at), parent=self.model_id, root=comp.label
@@ -164,7 +166,7 @@ class OpenAIService:
     async def _choices(self, inputs: list[GenerationInput], n: int) -> tuple[list[Generation], int]:
         """Every prompt's ``n`` choices as generations (index = prompt * n + choice); prompt tokens."""
         if inputs[0].adapter is not None:
-            await self._check_adapter(inputs[0].adapter, inputs[0].tenant)
+            await self.check_model(inputs[0].adapter, inputs[0].tenant)
         limit = self.service.settings.max_choices
         if len(inputs) * n > limit:
             raise InvalidRequest(f"{len(inputs) * n} choices (prompts × n); at most {limit}", param="n")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 SITES = {"attention": "self_attn.o_proj", "ffn": "mlp.down_proj"}
 # where Houlsby/Pfeiffer modules sit in other families (after the attention output and the
@@ -62,7 +62,7 @@ def make_bottleneck(
     g = torch.Generator().manual_seed(seed)
     config: dict[str, Any] = {
         "peft_type": "BOTTLENECK",
-        "task_type": "SEQ_CLS" if task == "classify" else "CAUSAL_LM",
+        "task_type": {"classify": "SEQ_CLS", "generate": "CAUSAL_LM", "embed": "FEATURE_EXTRACTION"}[task],
         "placement": placement,
         "bottleneck_size": size,
         "activation": activation,
@@ -110,6 +110,8 @@ def reference_model(base_path: Path, ref: BottleneckRef) -> nn.Module:
                 model.score = nn.Linear(model.config.hidden_size, len(ref.labels), bias=True)
             result = model.load_state_dict(head, strict=False)
             assert not result.unexpected_keys, result.unexpected_keys
+    elif ref.task == "embed":
+        model = AutoModel.from_pretrained(base_path)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_path)
     sites = FAMILY_SITES.get(model.config.model_type, SITES)
