@@ -42,6 +42,13 @@ def test_every_route_answers_through_the_engine(
     assert call("POST", "/generate", json=body)["text"] == gen.texts[PROMPT]
     completion = {"model": "gen-qv-r8", "prompt": PROMPT, "max_tokens": GEN_TOKENS, "temperature": 0}
     assert call("POST", "/v1/completions", json=completion)["choices"][0]["text"] == gen.texts[PROMPT]
+    # embeddings of the bare base: both routes, the same unit vectors
+    native_vecs = call("POST", "/embed", json={"inputs": [PROMPT, "Hello"]})["embeddings"]
+    oa_vecs = call("POST", "/v1/embeddings", json={"model": base_id, "input": [PROMPT, "Hello"]})["data"]
+    for mine, theirs in zip(native_vecs, oa_vecs, strict=True):
+        assert max(abs(a - b) for a, b in zip(mine, theirs["embedding"], strict=True)) < 1e-6
+        assert abs(sum(a * a for a in mine) - 1.0) < 1e-5
+    assert native_vecs[0] != native_vecs[1]
     messages = [{"role": "user", "content": "Hello"}]
     native = call(
         "POST", "/generate", json={"adapter": "gen-qv-r8", "messages": messages, "max_new_tokens": 8}

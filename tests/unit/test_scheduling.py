@@ -28,7 +28,9 @@ class RecordingRunner:
         self.batches: list[list[tuple[int, list[int]]]] = []
         self.health = ForwardHealth(3, torch.device("cpu"))
 
-    def classify(self, rows: list[tuple[int, list[int]]], heads: Any) -> list[list[float]]:
+    def classify(
+        self, rows: list[tuple[int, list[int]]], heads: Any, embedding: Any = ()
+    ) -> list[list[float]]:
         self.batches.append(rows)
         return [[float(slot), float(len(ids))] for slot, ids in rows]
 
