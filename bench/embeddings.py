@@ -88,7 +88,7 @@ def main() -> None:
                 ids = [list(tok(t)["input_ids"]) for t in chunk]
                 version = adapters[i % ADAPTERS] if with_adapters else None
                 weights = version.weights if version is not None else None
-                return await engine.classify(version, ids, weights, embed=True)
+                return await engine.classify(version, ids, weights, output="embedding")
 
             results = await asyncio.gather(*(one(i, c) for i, c in enumerate(chunks)))
             return sum(len(r) for r in results)

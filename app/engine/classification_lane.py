@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from app.config import Settings
 from app.engine.explain import Explanation, baseline_ids, explain
 from app.engine.fair_queue import FairQueue
-from app.engine.runner import Runner
+from app.engine.runner import Row, Runner
 from app.engine.slots import Admission
 from app.engine.types import ClassifyWork, Flow
 from app.errors import AdapterServeError, DeadlineExceeded, EngineFailure
@@ -169,10 +169,9 @@ class ClassificationLane:
 
     def _run(self, works: list[tuple[ClassifyWork, int]], heads: Heads) -> None:
         try:
-            batch = [(slot, ids) for w, slot in works for ids in w.inputs]
+            batch = [Row(slot, ids, w.output, w.top) for w, slot in works for ids in w.inputs]
             self.metrics.batch_size.labels(task="classify").observe(len(batch))
-            embedding = frozenset(slot for w, slot in works if w.embed)
-            probs = self.runner.classify(batch, heads, embedding)
+            probs = self.runner.classify(batch, heads)
         except Exception as exc:  # any failure of the forward fails its batch; the engine goes on
             failed = [w for w, _ in works]
             self.runner.health.batch_failed(exc, "classify", lambda e: _fail_all(failed, e))

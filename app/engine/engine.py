@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from app.adapters.kinds import Adapter
 from app.adapters.version import AdapterVersion
@@ -43,6 +43,7 @@ from app.engine.types import (
     LoadAdapter,
     PinAdapter,
     RetireAdapter,
+    RowOutput,
     StreamDelta,
     StreamSink,
     UnpinAdapter,
@@ -185,10 +186,10 @@ class Engine:
 
     async def classify(
         self, adapter: AdapterVersion | None, inputs: list[list[int]], weights: Adapter | None,
-        flow: Flow = ONE_FLOW, embed: bool = False,
-    ) -> list[list[float]]:  # fmt: skip
-        """Each input's probabilities, or (``embed``) its embedding (``adapter`` None: the bare base)."""
-        work = ClassifyWork(adapter=adapter, weights=weights, inputs=inputs, flow=flow, embed=embed)
+        flow: Flow = ONE_FLOW, output: RowOutput = "probs", top: int = 0,
+    ) -> list[Any]:  # fmt: skip
+        """Each input's ``output`` (see :class:`ClassifyWork`; ``adapter`` None: the bare base)."""
+        work = ClassifyWork(adapter, weights, inputs, flow, output=output, top=top)
         self._submit(work)
         return await self._await(work, work.future)
 

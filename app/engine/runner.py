@@ -4,21 +4,23 @@ device (the engine stops and /readyz turns false)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from prometheus_client import Counter
 
 from app.engine.grammar import Grammars
 from app.engine.logits import RowState
-from app.engine.types import SamplingParams
+from app.engine.types import RowOutput, SamplingParams, TokenLogprob
 from app.errors import EngineFailure
 from app.models.base_lm import BaseLM
 from app.models.heads import Head, activate
 from app.models.multi_lora import Routing, RoutingContext
-from app.models.routing import runs_of
 
 
 def last_non_pad_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -26,6 +28,20 @@ def last_non_pad_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     non_pad = (input_ids != pad_id).int()  # [batch, tokens]
     positions = torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32)
     return (positions * non_pad).argmax(-1)
+
+
+LOGPROB_CHUNK = 256  # prompt positions whose logits [positions, vocab] are made at once
+
+
+@dataclass(frozen=True)
+class Row:
+    """One input of a classification-lane forward: its slot, tokens and what it gives (probs,
+    embedding or per-token logprobs with ``top`` alternatives)."""
+
+    slot: int
+    ids: list[int]
+    output: RowOutput = "probs"
+    top: int = 0
 
 
 def length_groups(lengths: list[int], waste: float = 1.25, least: int = 8) -> list[list[int]]:
@@ -133,46 +149,57 @@ class Runner:
             self.ctx.routing = None
 
     @torch.inference_mode()
-    def classify(
-        self,
-        rows: list[tuple[int, list[int]]],
-        heads: dict[int, Head],
-        embedding: frozenset[int] = frozenset(),
-    ) -> list[list[float]]:
-        """Class probabilities for each (slot, token ids) row; one forward for the whole batch, then
-        each slot's head on its rows' pooled states (the family's pooling: last token or [CLS]).
-        Rows of the slots in ``embedding`` get their sentence embedding instead (the base's
-        pooling, :mod:`app.models.pooling`). The rows run grouped by slot: each head then reads one
-        contiguous slice."""
-        out: list[list[float]] = [[] for _ in rows]
-        for group in length_groups([len(ids) for _, ids in rows]):
-            order = sorted(group, key=lambda i: rows[i][0])
-            probs = self._classify([rows[i] for i in order], heads, embedding)
-            for i, p in zip(order, probs, strict=True):
-                out[i] = p
+    def classify(self, rows: list[Row], heads: dict[int, Head]) -> list[Any]:
+        """Each row's output (:class:`Row`): forwards over rows of similar lengths (:func:`length_groups`),
+        then, per run of rows with one output and slot, the slot's head on their pooled states (the
+        family's pooling: last token or [CLS]) for class probabilities, the base's pooling for
+        embeddings (:mod:`app.models.pooling`), or the LM head for each token's log-probability."""
+        out: list[Any] = [None] * len(rows)
+        for group in length_groups([len(r.ids) for r in rows]):
+            order = sorted(group, key=lambda i: (rows[i].output, rows[i].slot))
+            for i, result in zip(order, self._classify([rows[i] for i in order], heads), strict=True):
+                out[i] = result
         return out
 
-    def _classify(
-        self, rows: list[tuple[int, list[int]]], heads: dict[int, Head], embedding: frozenset[int]
-    ) -> list[list[float]]:
-        ids, mask = self.pad([toks for _, toks in rows], left=False)  # right padding, as in training
-        with self.routed([slot for slot, _ in rows]):
+    def _classify(self, rows: list[Row], heads: dict[int, Head]) -> list[Any]:
+        ids, mask = self.pad([r.ids for r in rows], left=False)  # right padding, as in training
+        out: list[Any] = []
+        with self.routed([r.slot for r in rows]):
             hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
             pooled = self._pool(hidden, lambda: last_non_pad_index(ids, self.pad_id))
-            runs = runs_of([slot for slot, _ in rows])
-            probs = [
-                self.base.pooling.pool(hidden[start:end], mask[start:end])
-                if slot in embedding
-                else torch.softmax(self._head(heads[slot], slot, pooled[start:end]).float(), dim=-1)
-                for slot, start, end in runs
-            ]
-        flat = torch.cat([p.reshape(-1) for p in probs]).cpu().tolist()  # one device sync
-        out: list[list[float]] = []
-        at = 0
-        for p in probs:
-            labels = p.shape[-1]
-            out += [flat[i : i + labels] for i in range(at, at + p.numel(), labels)]
-            at += p.numel()
+            at = 0
+            for (output, slot), run in itertools.groupby(rows, key=lambda r: (r.output, r.slot)):
+                n = len(list(run))
+                rows_of = slice(at, at + n)
+                if output == "logprobs":
+                    out += [self._logprobs(hidden[i, : len(rows[i].ids)], rows[i]) for i in range(at, at + n)]
+                elif output == "embedding":
+                    out += self.base.pooling.pool(hidden[rows_of], mask[rows_of]).cpu().tolist()
+                else:
+                    logits = self._head(heads[slot], slot, pooled[rows_of]).float()
+                    out += torch.softmax(logits, dim=-1).cpu().tolist()
+                at += n
+        return out
+
+    def _logprobs(self, hidden: torch.Tensor, row: Row) -> list[TokenLogprob]:
+        """Each token's log-probability after the ones before it (all but the first), with its
+        ``row.top`` most likely alternatives, from one row's states [tokens, dim]."""
+        head = self.model.get_output_embeddings()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        out: list[TokenLogprob] = []
+        for start in range(0, len(row.ids) - 1, LOGPROB_CHUNK):  # [chunk, vocab] at a time
+            end = min(start + LOGPROB_CHUNK, len(row.ids) - 1)
+            with self.routed([row.slot]):
+                logits = head(hidden[start:end].unsqueeze(0))[0].float()
+            if cap is not None:
+                logits = torch.tanh(logits / cap) * cap
+            lps = torch.log_softmax(logits[:, : self.vocab], dim=-1)
+            nxt = torch.tensor(row.ids[start + 1 : end + 1], device=lps.device)
+            chosen = lps.gather(1, nxt.unsqueeze(1))[:, 0].tolist()
+            values, indices = lps.topk(row.top, dim=-1)  # (top 0: empty rows)
+            alternatives = zip(indices.tolist(), values.tolist(), strict=True)
+            for tok, lp, (ks, vs) in zip(nxt.tolist(), chosen, alternatives, strict=True):
+                out.append(TokenLogprob(tok, lp, tuple(zip(ks, vs, strict=True))))
         return out
 
     def embedded_logits(self, slot: int, head: Head) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from app.adapters.kinds import Adapter
 from app.adapters.version import AdapterVersion
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from app.engine.slots import Admission
 
 FinishReason = Literal["stop", "length", "timeout"]
+RowOutput = Literal["probs", "embedding", "logprobs"]  # what a classification-lane row gives
 
 
 @dataclass(frozen=True)
@@ -69,22 +70,26 @@ ONE_FLOW = Flow()  # all work when nobody is told apart
 
 @dataclass(eq=False)
 class ClassifyWork:
-    """Inputs for one forward each: a classification adapter's probabilities, or (``embed``) the
-    pooled embeddings of an embedding adapter or the bare base (``adapter`` None)."""
+    """Inputs for one forward each (no KV cache), and what each gives (``output``): a
+    classification adapter's probabilities; the pooled embedding of an embedding adapter or the
+    bare base (``adapter`` None); or each token's log-probability after the ones before it under
+    a generation adapter or the bare base (a :class:`TokenLogprob` per token but the first, with
+    its ``top`` most likely alternatives)."""
 
     adapter: AdapterVersion | None
     weights: Adapter | None  # held until the work is done: host eviction cannot take them away
     inputs: list[list[int]]  # token ids per input text
     flow: Flow = ONE_FLOW
     deadline: float = float("inf")  # time.monotonic() after which it fails with 504
-    future: Future[list[list[float]]] = field(default_factory=Future)
+    future: Future[list[Any]] = field(default_factory=Future)
     cancelled: bool = False
     # token attributions asked for (app/engine/explain.py): the spec, each input's special tokens,
     # and the explanations, set before the future's result
     explain: ExplainSpec | None = None
     special: list[list[bool]] | None = None
     explanations: list[Explanation] | None = None
-    embed: bool = False  # results are the inputs' embeddings (app/models/pooling.py)
+    output: RowOutput = "probs"
+    top: int = 0  # logprobs: alternatives per token
 
     @property
     def cost(self) -> int:

@@ -228,7 +228,9 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="a text, texts, token ids, or lists of token ids"
     )
-    max_tokens: int | None = Field(16, ge=1, description="default 16, as OpenAI's")
+    max_tokens: int | None = Field(
+        16, ge=0, description="default 16, as OpenAI's; 0 with echo: only the prompt (scoring it)"
+    )
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
@@ -242,6 +244,8 @@ class CompletionRequest(_Sampling):
             raise ValueError("prompt must not be empty")
         if self.suffix:
             raise ValueError("suffix is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it is for echo (the prompt's logprobs)")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported")
         return self
@@ -306,8 +310,8 @@ class CompletionLogprobs(BaseModel):
     """The legacy completions API's log-probabilities (parallel lists, one entry per token)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None] = Field(description="null for a prompt's first token (echo)")
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

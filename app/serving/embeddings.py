@@ -101,11 +101,12 @@ class EmbeddingService:
         engine = s.engine
         if target.members:
             runs = [
-                engine.classify(h.record.handle, ids, h.weights, flow, embed=True) for h in target.members
+                engine.classify(h.record.handle, ids, h.weights, flow, output="embedding")
+                for h in target.members
             ]
             weights = [h.weight for h in target.members] if target.ensemble else [1.0]
         else:
-            runs, weights = [engine.classify(None, ids, None, flow, embed=True)], [1.0]
+            runs, weights = [engine.classify(None, ids, None, flow, output="embedding")], [1.0]
         outs = await asyncio.gather(*runs)
         w = np.asarray(weights, dtype=np.float32) / float(sum(weights))
         vectors = np.einsum("m,mij->ij", w, np.asarray(outs, dtype=np.float32))

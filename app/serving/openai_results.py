@@ -89,8 +89,16 @@ class ResultShape:
     def legacy(self, lps: Sequence[TokenLogprob] | None, offset: int = 0) -> CompletionLogprobs | None:
         """The completions API's form; ``offset``: where the completion starts in the text (echo)."""
         entries = self.entries(lps)
-        if entries is None:
-            return None
+        return None if entries is None else self._legacy(entries, offset)
+
+    def prompt(self, ids: list[int], lps: Sequence[TokenLogprob]) -> CompletionLogprobs:
+        """An echoed prompt's entries: its first token without a log-probability (as OpenAI's),
+        then each token's after the ones before it (``lps``)."""
+        out = self._legacy(logprob_entries([TokenLogprob(ids[0], 0.0), *lps], self.grammars.token_bytes), 0)
+        out.token_logprobs[0] = out.top_logprobs[0] = None
+        return out
+
+    def _legacy(self, entries: list[TokenLogprobOut], offset: int) -> CompletionLogprobs:
         offsets = []
         for e in entries:
             offsets.append(offset)
@@ -168,7 +176,10 @@ async def completion_events(
     include_usage: bool,
     prompt_tokens: int,
     shape: ResultShape,
+    echo_logprobs: list[CompletionLogprobs | None] | None = None,
 ) -> AsyncIterator[str]:
+    """SSE chunks as OpenAI streams completions: each echoed prompt first (with its tokens'
+    log-probabilities when asked), the text deltas, a finish chunk per choice, the usage, ``[DONE]``."""
     offsets = [len(e) for e in echoes]  # where each choice's next token starts in its text
 
     def chunk(choices: list[CompletionChunkChoice], usage: Usage | None = None) -> str:
@@ -184,7 +195,8 @@ async def completion_events(
 
     for i, echo in enumerate(echoes):
         if echo:
-            yield choice(i, echo)
+            lps = echo_logprobs[i] if echo_logprobs else None
+            yield chunk([CompletionChunkChoice(index=i, text=echo, logprobs=lps)])
     completion = cached = 0
     try:
         async for i, d in deltas:
@@ -200,3 +212,15 @@ async def completion_events(
     except AdapterServeError as exc:
         yield error_event(exc)
     yield "data: [DONE]\n\n"
+
+
+def joined(first: CompletionLogprobs | None, then: CompletionLogprobs | None) -> CompletionLogprobs | None:
+    """An echoed prompt's log-probabilities followed by its completion's."""
+    if first is None or then is None:
+        return first or then
+    return CompletionLogprobs(
+        tokens=first.tokens + then.tokens,
+        token_logprobs=first.token_logprobs + then.token_logprobs,
+        top_logprobs=first.top_logprobs + then.top_logprobs,
+        text_offset=first.text_offset + then.text_offset,
+    )

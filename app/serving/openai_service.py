@@ -23,13 +23,21 @@ from app.protocol.openai import (
     ChatCompletionRequest,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     ModelCard,
     ModelList,
 )
 from app.serving.decoding import Constraint, Decoding
 from app.serving.generation_input import GenerationInput
-from app.serving.openai_results import ResultShape, chat_events, completion_events, usage_of_results
+from app.serving.openai_results import (
+    ResultShape,
+    chat_events,
+    completion_events,
+    joined,
+    usage_of_results,
+)
+from app.serving.prompt_logprobs import no_result, nothing_generated, prompt_logprobs
 from app.serving.service import InferenceService
 from app.serving.tools import tool_call_schema
 from app.tenants import EVERYONE, Tenant
@@ -216,16 +224,23 @@ class OpenAIService:
         echoes = [self._echo(p) if req.echo else "" for p in prompts for _ in range(req.n)]
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
         shape = ResultShape(self.service.grammars, None)
+        scored: list[CompletionLogprobs | None] = [None] * len(gens)
+        if req.echo and req.logprobs is not None:  # the prompts' own tokens, one forward each
+            firsts = gens[:: req.n]
+            lps = await prompt_logprobs(self.service.engine, firsts, req.logprobs)
+            scored = [
+                shape.prompt(g.prompt, lp) for g, lp in zip(firsts, lps, strict=True) for _ in range(req.n)
+            ]
         if req.stream:
-            deltas = self.service.open_streams(gens)
-            return completion_events(header, deltas, echoes, req.include_usage, prompt_tokens, shape)
-        results = await self.service.run(gens)
+            deltas = self.service.open_streams(gens) if req.max_tokens != 0 else nothing_generated(gens)
+            return completion_events(header, deltas, echoes, req.include_usage, prompt_tokens, shape, scored)
+        results = await self.service.run(gens) if req.max_tokens != 0 else [no_result(g) for g in gens]
         choices = [
             CompletionChoice(
                 index=i,
                 text=echoes[i] + r.text,
                 finish_reason=r.finish_reason,
-                logprobs=shape.legacy(r.logprobs, len(echoes[i])),
+                logprobs=joined(scored[i], shape.legacy(r.logprobs, len(echoes[i]))),
             )
             for i, r in enumerate(results)
         ]

@@ -202,7 +202,7 @@ class InferenceService:
         max_new_tokens = spec.max_new_tokens
         if max_new_tokens is None:  # the default: what the request kind asks, within cap and context
             max_new_tokens = min(spec.default_new_tokens or cap, cap, room)
-        if max_new_tokens > room or max_new_tokens < 1:
+        if max_new_tokens > room or max_new_tokens < (0 if spec.max_new_tokens == 0 else 1):  # 0: echo only
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the base "
                 f"model's context of {self.max_context} tokens",

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from app.adapters.bottleneck_format import load_bottleneck
 from app.adapters.lora_format import load_lora
 from app.config import Settings
+from app.engine.runner import Row
 from app.main import create_app
 from app.models.multi_lora import BASE_SLOT
 from tests.conftest import ADMIN_TOKEN, CACHE_DIR, expect_error, serve_live, upload_archive
@@ -213,7 +214,8 @@ def test_mixed_batches_equal_each_row_alone(family: Family) -> None:
         return slots.acquire(info, info.weights, set())
 
     cls, cls_bn = version("cls"), version("cls-bn")
-    rows = [(s, tok(t)["input_ids"]) for s, t in zip([cls, cls_bn, cls_bn], CLASSIFY_TEXTS, strict=True)]
+    rows = [Row(s, tok(t)["input_ids"]) for s, t in zip([cls, cls_bn, cls_bn], CLASSIFY_TEXTS, strict=True)]
+    rows.append(Row(BASE_SLOT, tok(CLASSIFY_TEXTS[0])["input_ids"], "embedding"))  # a bare embedding row
     mixed = runner.classify(rows, slots.heads)
     for i, row in enumerate(rows):
         alone = runner.classify([row], slots.heads)[0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app.adapters.lora_format import load_lora
-from app.engine.runner import Runner
+from app.engine.runner import Row, Runner
 from app.engine.slots import DeviceSlots
 from app.models.base_lm import BaseLM, load_base_model
 from app.models.heads import head_nbytes
@@ -65,7 +65,7 @@ def test_mixed_classification_batch_equals_rows_alone(
     s1, s2 = (slots.acquire(i, i.weights, keep) for i in infos)
     tok = base.tokenizer
     texts = ["Stocks fell sharply today.", "A thrilling final match!", "New laptop released", "Short"]
-    rows = [(s, tok(t)["input_ids"]) for s, t in zip([s1, s2, s1, s2], texts, strict=True)]
+    rows = [Row(s, tok(t)["input_ids"]) for s, t in zip([s1, s2, s1, s2], texts, strict=True)]
     mixed = runner.classify(rows, slots.heads)
     for i, row in enumerate(rows):
         alone = runner.classify([row], slots.heads)[0]
@@ -100,7 +100,7 @@ def test_unload_and_compaction_free_device_memory_and_keep_results(
     survivor = infos[2]
     assert survivor.weights is not None
     ids = base.tokenizer(GENERATE_PROMPTS[1])["input_ids"]
-    before = runner.classify([(3, ids)], slots.heads)
+    before = runner.classify([Row(3, ids)], slots.heads)
     full = slots.bank_bytes
     for info in infos[:2]:
         slots.unload(info.uid)
@@ -111,7 +111,7 @@ def test_unload_and_compaction_free_device_memory_and_keep_results(
         4 * a.shape[0] * (a.shape[1] + b.shape[0]) * 4 for a, b, _ in survivor.weights.weights.values()
     ) + head_nbytes(survivor.weights.head)
     assert slots.bank_bytes == expected < full
-    after = runner.classify([(1, ids)], slots.heads)
+    after = runner.classify([Row(1, ids)], slots.heads)
     # the banks now pad to rank 8 instead of 16: a different matmul shape may round differently
     assert torch.allclose(torch.tensor(after), torch.tensor(before), atol=1e-6, rtol=0)
     slots.unload(survivor.uid)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 from fastapi.testclient import TestClient
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from app.config import Settings
 from app.main import create_app
@@ -264,3 +265,96 @@ def test_a_closed_stream_over_real_http_frees_its_rows(
         model="gen-qv-r8", prompt=GENERATE_PROMPTS[0], max_tokens=GEN_TOKENS, temperature=0
     )
     assert out.choices[0].text == uploaded["gen-qv-r8"].texts[GENERATE_PROMPTS[0]]
+
+
+# a small multiple-choice set: (context, choices, the index a sensible model prefers is not assumed)
+CHOICES = [
+    ("The capital of France is", [" Paris", " Berlin", " Madrid"]),
+    ("Water freezes at zero degrees", [" Celsius", " Fahrenheit", " Kelvin"]),
+    ("The opposite of hot is", [" cold", " warm", " loud"]),
+    ("A week has seven", [" days", " months", " apples"]),
+]
+
+
+def _peft_prompt_logprobs(
+    base_path: Path, folder: Path | None, prompts: list[list[int]]
+) -> list[list[float]]:
+    """log p(token t | tokens before t) for t >= 1 of each prompt, from PeftModel (or the bare base)."""
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    if folder is not None:
+        model = PeftModel.from_pretrained(model, folder)
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for ids in prompts:
+            lps = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+            out.append([lps[t - 1, ids[t]].item() for t in range(1, len(ids))])
+    return out
+
+
+@pytest.mark.parametrize("adapter", [None, "gen-qv-r8"])
+def test_echo_logprobs_score_prompts_as_peft(
+    oa: openai.OpenAI,
+    uploaded: dict[str, RefAdapter],
+    tok: PreTrainedTokenizerBase,
+    base_path: Path,
+    base_id: str,
+    adapter: str | None,
+) -> None:
+    """lm-evaluation-harness's log-likelihood request (context + continuation as token ids, echo,
+    logprobs, max_tokens 0): every prompt token's log-probability equals PEFT's log-softmax, and
+    the multiple-choice answers it picks are PEFT's."""
+    folder = uploaded[adapter].folder if adapter else None
+    prompts, spans = [], []
+    for context, choices in CHOICES:
+        ctx = tok(context)["input_ids"]
+        for choice in choices:
+            cont = tok(choice, add_special_tokens=False)["input_ids"]
+            prompts.append(ctx + cont)
+            spans.append(len(cont))
+    outs = [  # a question's choices per request (MAX_CHOICES prompts at most)
+        oa.completions.create(
+            model=adapter or base_id,
+            prompt=prompts[k : k + 3],
+            echo=True,
+            logprobs=2,
+            max_tokens=0,
+            temperature=0,
+        )
+        for k in range(0, len(prompts), 3)
+    ]
+    want = _peft_prompt_logprobs(base_path, folder, prompts)
+    got_scores, want_scores = [], []
+    answers = [c for o in outs for c in o.choices]
+    for choice, ids, ref, span in zip(answers, prompts, want, spans, strict=True):
+        lp = choice.logprobs
+        assert lp is not None and choice.text == tok.decode(ids) and choice.finish_reason == "length"
+        assert lp.token_logprobs[0] is None and lp.top_logprobs is not None and lp.top_logprobs[0] is None
+        got = [float(v) for v in lp.token_logprobs[1:]]
+        assert len(got) == len(ids) - 1 and max(abs(a - b) for a, b in zip(got, ref, strict=True)) <= 1e-4
+        assert all(
+            len(t) == 2 and max(t.values()) >= v - 1e-6 for t, v in zip(lp.top_logprobs[1:], got, strict=True)
+        )
+        got_scores.append(sum(got[-span:]))
+        want_scores.append(sum(ref[-span:]))
+    assert all(o.usage is not None and o.usage.completion_tokens == 0 for o in outs)
+    picks = [
+        max(range(k, k + 3), key=s.__getitem__)
+        for s in (got_scores, want_scores)
+        for k in range(0, len(prompts), 3)
+    ]
+    assert picks[: len(CHOICES)] == picks[len(CHOICES) :]
+    # with a completion after the echo: the prompt's entries first, then the generated token's
+    more = oa.completions.create(
+        model=adapter or base_id, prompt=prompts[0], echo=True, logprobs=0, max_tokens=1, temperature=0
+    )
+    entries = more.choices[0].logprobs
+    assert entries is not None and len(entries.tokens) == len(prompts[0]) + 1
+    assert entries.text_offset[-1] == len(tok.decode(prompts[0]))
+
+
+def test_max_tokens_zero_needs_echo(oa: openai.OpenAI, base_id: str) -> None:
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        oa.completions.create(model=base_id, prompt="Hello", max_tokens=0)

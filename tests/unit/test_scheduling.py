@@ -12,7 +12,7 @@ from app.adapters.version import AdapterVersion
 from app.config import Settings
 from app.engine.classification_lane import ClassificationLane, fits
 from app.engine.generation_lane import prefill_fits
-from app.engine.runner import ForwardHealth
+from app.engine.runner import ForwardHealth, Row
 from app.engine.slots import Admission, DeviceSlots
 from app.engine.types import ClassifyWork
 from app.errors import DeadlineExceeded
@@ -28,11 +28,9 @@ class RecordingRunner:
         self.batches: list[list[tuple[int, list[int]]]] = []
         self.health = ForwardHealth(3, torch.device("cpu"))
 
-    def classify(
-        self, rows: list[tuple[int, list[int]]], heads: Any, embedding: Any = ()
-    ) -> list[list[float]]:
-        self.batches.append(rows)
-        return [[float(slot), float(len(ids))] for slot, ids in rows]
+    def classify(self, rows: list[Row], heads: Any) -> list[list[float]]:
+        self.batches.append([(r.slot, r.ids) for r in rows])
+        return [[float(r.slot), float(len(r.ids))] for r in rows]
 
 
 def test_batch_budget_rule() -> None:
