@@ -285,25 +285,39 @@ def register_error_handlers(app: FastAPI) -> None:
     def openai(request: Request) -> bool:
         return is_openai_path(request.url.path)
 
+    # each handler notes the error's type (request.state.error) for the request log line
+
     @app.exception_handler(AdapterServeError)
     async def _domain(request: Request, exc: AdapterServeError) -> JSONResponse:
+        request.state.error = exc.type
         return to_response(exc, openai(request))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         content_type = request.headers.get("content-type", "")
         message, param = _validation_message(exc, content_type), _validation_param(exc)
+        request.state.error = "invalid_request"
+        body = exc.body
+        if isinstance(body, dict):  # the log names what the refused request asked for
+            asked = body.get("adapter", body.get("model"))
+            request.state.asked = asked if isinstance(asked, str) else None
         return _respond("invalid_request", message, param, 422, openai(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # a body FastAPI could not parse (bad encoding): a validation error
             message = f"the request body could not be parsed: {exc.detail}"
+            request.state.error = "invalid_request"
             return _respond("invalid_request", message, None, 422, openai(request))
         type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _respond(type_, str(exc.detail), None, exc.status_code, openai(request), exc.headers)
+        message = str(exc.detail)
+        if exc.status_code == 404 and request.scope.get("route") is None:  # no route: say which
+            message = f"no route {request.method} {request.url.path} (GET /openapi.json lists them)"
+        request.state.error = type_
+        return _respond(type_, message, None, exc.status_code, openai(request), exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
+        request.state.error = "internal_error"
         return _respond("internal_error", "internal server error", None, 500, openai(request))

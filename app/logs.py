@@ -55,9 +55,10 @@ def log_request(
     adapter: str | None,
     seconds: float,
     tenant: str | None = None,
+    error: str | None = None,
 ) -> None:
     """The request log line: never headers or bodies (no token or key can leak into it); the
-    tenant's name when the request was authenticated."""
+    tenant's name when the request was authenticated; the error's type when it failed."""
     ACCESS.info(
         "request",
         extra={
@@ -67,6 +68,7 @@ def log_request(
             "status": status,
             "adapter": adapter,
             "tenant": tenant,
+            "error": error,
             "latency_ms": round(seconds * 1000, 2),
         },
     )

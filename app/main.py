@@ -97,7 +97,9 @@ def _install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
                 metrics.tenant_requests.labels(tenant=tenant, status=str(status)).inc()
                 if endpoint in INFERENCE_ROUTES:
                     metrics.tenant_request_duration.labels(tenant=tenant).observe(elapsed)
-            log_request(rid, request.method, endpoint, status, adapter, elapsed, tenant)
+            error = getattr(request.state, "error", None)
+            asked = adapter if adapter is not None else getattr(request.state, "asked", None)
+            log_request(rid, request.method, endpoint, status, asked, elapsed, tenant, error)
 
 
 def released_after(body: AsyncIterator[bytes], ticket: Ticket) -> AsyncIterator[bytes]:

@@ -369,7 +369,8 @@ def _result(row: _Row, reason: FinishReason) -> GenerationResult:
         token_ids=list(row.tokens),
         finish_reason=reason,
         prompt_tokens=len(row.work.prompt),
-        logprobs=list(row.logprobs) if row.logprobs is not None else None,
+        # one per returned token: the end-of-sequence token that ended the row is not one
+        logprobs=list(row.logprobs[: len(row.tokens)]) if row.logprobs is not None else None,
         cached_tokens=row.cached,
     )
 
@@ -386,8 +387,8 @@ def _emit(row: _Row, result: GenerationResult | None) -> None:
     if safe > row.emitted or result is not None:
         logprobs: tuple[TokenLogprob, ...] = ()
         if row.logprobs is not None:  # the tokens so far (their text may still be held back)
-            logprobs = tuple(row.logprobs[row.logprobs_emitted :])
-            row.logprobs_emitted = len(row.logprobs)
+            logprobs = tuple(row.logprobs[row.logprobs_emitted : len(row.tokens)])
+            row.logprobs_emitted = max(row.logprobs_emitted, len(row.tokens))
         sink(
             StreamDelta(text=row.text[row.emitted : max(safe, row.emitted)], result=result, logprobs=logprobs)
         )

@@ -59,3 +59,38 @@ def test_metrics_label_routes_by_template(client: TestClient, uploaded: dict[str
     text = client.get("/metrics").text
     assert 'endpoint="/v1/adapters/{name}"' in text and 'endpoint="/v1/adapters/cls-4"' not in text
     assert 'endpoint="unmatched"' in text and "/no/such/path" not in text
+
+
+def test_a_refused_request_logs_its_error_and_what_it_asked_for(
+    client: TestClient, uploaded: dict[str, RefAdapter], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="adapterserve.access")
+    cases = [  # (method, path, body, status, error, adapter in the log line)
+        ("POST", "/classify", {"adapter": "cls-4"}, 422, "invalid_request", "cls-4"),  # no inputs
+        ("POST", "/classify", {"adapter": "no-such", "inputs": "hi"}, 404, "adapter_not_found", "no-such"),
+        (
+            "POST",
+            "/v1/completions",
+            {"model": "gen-qv-r8", "prompt": "x", "n": 0},
+            400,
+            "invalid_request",
+            "gen-qv-r8",
+        ),
+        ("POST", "/classify", {"adapter": "cls-4", "inputs": "hi"}, 200, None, "cls-4"),
+    ]
+    for method, path, body, status, error, adapter in cases:
+        caplog.clear()
+        assert client.request(method, path, json=body).status_code == status
+        (record,) = _access(caplog)
+        line = json.loads(JsonFormatter().format(record))
+        assert (line["status"], line["error"], line["adapter"]) == (status, error, adapter), line
+
+
+def test_unknown_routes_answer_in_the_shape_of_their_api(client: TestClient) -> None:
+    openai_404 = client.post("/v1/audio/speech", json={})
+    assert openai_404.status_code == 404
+    err = openai_404.json()["error"]
+    assert err["code"] == "not_found" and err["type"] == "invalid_request_error"
+    assert "POST /v1/audio/speech" in err["message"]
+    native = client.get("/no/such/path").json()["error"]
+    assert native["type"] == "not_found" and "GET /no/such/path" in native["message"]

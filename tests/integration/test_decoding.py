@@ -173,6 +173,26 @@ def test_chat_logprobs_equal_log_softmax(
             assert (s.token, s.bytes) == (e.token, e.bytes) and abs(s.logprob - e.logprob) < 1e-4
 
 
+def test_logprobs_match_the_returned_tokens_when_the_end_token_stops(oa: openai.OpenAI, base_id: str) -> None:
+    """A choice ended by the end-of-sequence token: one entry per returned token (the end token is
+    not one, as OpenAI's), plain and streamed."""
+    kw: dict[str, Any] = dict(model=base_id, messages=[{"role": "user", "content": "Say hi"}])
+    kw.update(logprobs=True, max_tokens=60, temperature=0)
+    out = oa.chat.completions.create(**kw)
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop" and out.usage is not None
+    entries = choice.logprobs.content
+    assert len(entries) == out.usage.completion_tokens
+    assert "".join(e.token for e in entries) == choice.message.content
+    streamed = [
+        e
+        for chunk in oa.chat.completions.create(stream=True, **kw)
+        if chunk.choices and chunk.choices[0].logprobs is not None
+        for e in chunk.choices[0].logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+
+
 def test_completion_logprobs_legacy_format(
     oa: openai.OpenAI, ref_model: Any, tok: PreTrainedTokenizerBase, uploaded: dict[str, RefAdapter]
 ) -> None:
@@ -184,14 +204,21 @@ def test_completion_logprobs_legacy_format(
     (choice,) = out.choices
     lp = choice.logprobs
     assert lp is not None and choice.text == prompt + ref.texts[prompt]
-    ids = ref.token_ids[prompt][: len(lp.tokens)]
-    assert "".join(lp.tokens) == ref.texts[prompt] or tok.decode(ids) == ref.texts[prompt]
-    assert lp.text_offset[0] == len(prompt)
     prompt_ids = tok(prompt)["input_ids"]
+    n = len(prompt_ids)  # echo: the prompt's tokens come first (the first without a log-probability)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    ids = ref.token_ids[prompt][: len(lp.tokens) - n]
+    assert "".join(lp.tokens[n:]) == ref.texts[prompt] or tok.decode(ids) == ref.texts[prompt]
+    assert lp.text_offset[n] == len(prompt)
     table = _log_softmax(ref_model(ref.name), prompt_ids + ids)
-    for k, tid in enumerate(ids):
-        assert abs(lp.token_logprobs[k] - table[len(prompt_ids) - 1 + k, tid].item()) <= 1e-4
-        assert len(lp.top_logprobs[k]) == 3 and max(lp.top_logprobs[k].values()) == lp.token_logprobs[k]
+    for k, tid in enumerate(prompt_ids[1:] + ids, start=1):
+        assert abs(lp.token_logprobs[k] - table[k - 1, tid].item()) <= 1e-4
+        top = lp.top_logprobs[k]
+        assert top is not None and len(top) == 3
+        if k >= n:  # greedy: the chosen token is the most likely
+            assert max(top.values()) == lp.token_logprobs[k]
+        else:  # a prompt token: the most likely is at least as likely
+            assert max(top.values()) >= lp.token_logprobs[k] - 1e-6
 
 
 def _reference_penalized(model: Any, prompt: list[int], steps: int, eos: int, o: dict[str, Any]) -> list[int]:
