@@ -10,6 +10,7 @@ engine makes one matcher per row from the grammar text and applies its mask in t
 
 from __future__ import annotations
 
+import json
 import threading
 from functools import cached_property
 from typing import Any
@@ -19,6 +20,9 @@ import llguidance.hf
 from transformers import PreTrainedTokenizerBase
 
 from app.errors import InvalidRequest
+
+# compact JSON as json.dumps writes it: flexible whitespace lets a model pad forever
+_COMPACT: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class Grammars:
@@ -52,11 +56,22 @@ class Grammars:
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
                 schema if schema is not None else {"type": "object"},
-                # compact JSON as json.dumps writes it: flexible whitespace lets a model pad forever
                 defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
             )
         except (ValueError, TypeError) as exc:
             raise InvalidRequest(f"the JSON schema cannot be used: {exc}", param=param) from exc
+        return self._checked(grammar, param)
+
+    def call_or_text(self, call: dict[str, Any], param: str) -> str:
+        """Either one JSON document valid against ``call`` (a tool call's schema) or plain text
+        that does not begin with ``{`` (nor with white space): ``tool_choice: auto`` on a base whose
+        template cannot render tools (app/serving/tool_prompt.py)."""
+        schema = {**call, "x-guidance": _COMPACT}
+        lark = f"start: call | text\ncall: %json {json.dumps(schema)}\ntext: /[^{{\\s][\\s\\S]*/\n"
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(f"the tools' parameters cannot be used: {exc}", param=param) from exc
         return self._checked(grammar, param)
 
     def regex(self, pattern: str, param: str) -> str:

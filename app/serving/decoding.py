@@ -19,7 +19,7 @@ from app.protocol.decoding import DecodingOptions, TokenLogprobOut, TopLogprob
 class Constraint:
     """Structured output: a JSON schema (None with ``json_object``: any JSON object) or a regex."""
 
-    kind: Literal["json_schema", "json_object", "regex"]
+    kind: Literal["json_schema", "json_object", "regex", "call_or_text"]
     value: Any = None
     param: str = "response_format"
 
@@ -60,6 +60,8 @@ class Decoding:
         c = self.constraint
         if c is not None and c.kind == "regex":
             grammar = await asyncio.to_thread(grammars.regex, c.value, c.param)
+        elif c is not None and c.kind == "call_or_text":
+            grammar = await asyncio.to_thread(grammars.call_or_text, c.value, c.param)
         elif c is not None:
             grammar = await asyncio.to_thread(grammars.json_schema, c.value, c.param)
         return SamplingParams(

@@ -39,6 +39,7 @@ from app.serving.openai_results import (
 )
 from app.serving.prompt_logprobs import no_result, nothing_generated, prompt_logprobs
 from app.serving.service import InferenceService
+from app.serving.tool_prompt import render_tools
 from app.serving.tools import tool_call_schema
 from app.tenants import EVERYONE, Tenant
 
@@ -142,23 +143,26 @@ class OpenAIService:
         or a JSON response_format as the grammar."""
         messages = [m.as_template_message() for m in req.messages]
         uses_tools = req.calls_tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages)
-        if uses_tools and not self.service.template_takes_tools:
-            raise InvalidRequest(
-                f"the base model's chat template ({self.model_id}) does not render tools, so this "
-                "server cannot offer them to the model; send tool_choice none or no tools",
-                param="tools",
-            )
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if uses_tools else None
         forced, name = req.forced_tool
+        rendered = uses_tools and not self.service.template_takes_tools  # the server renders tools
+        if rendered:
+            offered = tools if req.calls_tools else None
+            messages, tools = render_tools(messages, offered, forced), None
         constraint = None
         if forced:
-            assert tools is not None
-            constraint = Constraint("json_schema", tool_call_schema(tools, name), "tool_choice")
+            assert req.tools is not None
+            schema = tool_call_schema([t.model_dump(exclude_none=True) for t in req.tools], name)
+            constraint = Constraint("json_schema", schema, "tool_choice")
         elif req.response_format is not None and req.response_format.type == "json_object":
             constraint = Constraint("json_object")
         elif req.response_format is not None and req.response_format.json_schema is not None:
             schema = req.response_format.json_schema.schema_ or {}
             constraint = Constraint("json_schema", schema, "response_format")
+        elif rendered and req.calls_tools:  # auto: a call of one of the tools, or plain text
+            assert req.tools is not None
+            schema = tool_call_schema([t.model_dump(exclude_none=True) for t in req.tools], None)
+            constraint = Constraint("call_or_text", schema, "tools")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         return self._input(
             req,

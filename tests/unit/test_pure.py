@@ -194,3 +194,26 @@ def test_adapter_metric_label_is_bounded_and_tier_series_exist() -> None:
     for tier in ("host", "device"):
         assert f'adapterserve_adapter_evictions_total{{tier="{tier}"}} 0.0' in text
     assert "adapterserve_adapter_load_failures_total 0.0" in text
+
+
+def test_tool_arguments_are_closed_objects() -> None:
+    from app.serving.tools import closed
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "properties": {"type": "string"},  # a parameter named like the keyword
+            "where": {"type": "object", "properties": {"city": {"type": "string"}}},
+            "tags": {"type": "array", "items": {"type": "object", "properties": {"k": {"type": "string"}}}},
+            "free": {"type": "object", "additionalProperties": True, "properties": {}},
+        },
+        "$defs": {"A": {"type": "object", "properties": {"x": {"type": "integer"}}}},
+    }
+    out = closed(schema)
+    assert out["additionalProperties"] is False
+    assert out["properties"]["properties"] == {"type": "string"}
+    assert out["properties"]["where"]["additionalProperties"] is False
+    assert out["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert out["properties"]["free"]["additionalProperties"] is True  # said: kept
+    assert out["$defs"]["A"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # the caller's schema is not changed
