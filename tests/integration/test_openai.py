@@ -155,9 +155,10 @@ def test_models_list(
     models = {m.id: m for m in oa.models.list()}
     stored = client.get("/v1/adapters").json()["adapters"]
     generation = {a["name"] for a in stored if a["task"] == "generate"}
+    embedding = {a["name"] for a in stored if a["task"] == "embed"}  # for /v1/embeddings
     assert {n for n, r in uploaded.items() if r.task == "generate"} <= generation
-    assert set(models) == {base_id, *generation}  # classification adapters cannot chat
-    for name in generation:
+    assert set(models) == {base_id, *generation, *embedding}  # classification adapters are not models
+    for name in generation | embedding:
         assert models[name].model_extra is not None and models[name].model_extra["parent"] == base_id
         assert models[name].owned_by == "adapterserve"
     assert oa.models.retrieve("gen-qv-r8").id == "gen-qv-r8"
