@@ -8,7 +8,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -24,11 +24,11 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LABELS_FILE = "labels.json"
 PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"  # DoRA: a module's magnitude per output feature
 _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 
 # Config fields whose non-default value asks for something this server does not apply.
 _UNSUPPORTED: dict[str, str] = {
-    "use_dora": "DoRA (use_dora) is not supported; train without use_dora",
     "lora_bias": "lora_bias is not supported",
     "use_qalora": "QALoRA (use_qalora) is not supported",
     "layer_replication": "layer_replication is not supported",
@@ -48,8 +48,6 @@ _UNSUPPORTED: dict[str, str] = {
 class LoraAdapter:
     """A validated LoRA adapter, ready to be written into device slots."""
 
-    kind: ClassVar[Literal["lora"]] = "lora"
-
     task: Task
     rank: int  # the largest rank of any module
     alpha: float
@@ -59,6 +57,13 @@ class LoraAdapter:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(repr=False)
     head: Head = field(default=(), repr=False)  # classify: the family's head layers
     num_params: int = 0
+    # DoRA (use_dora): module -> its magnitude vector m [out]; the layer computes
+    # m / ||W0 + s·B·A||_row ⊙ (W0 x + s·B·A x) + bias (PEFT's DoRA, frozen base: a constant scale)
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def kind(self) -> Literal["lora", "dora"]:
+        return "dora" if self.magnitudes else "lora"
 
     @property
     def modules(self) -> frozenset[str]:
@@ -70,6 +75,7 @@ class LoraAdapter:
         total = sum(
             a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in self.weights.values()
         )
+        total += sum(m.numel() * m.element_size() for m in self.magnitudes.values())
         return total + sum(layer.nbytes for layer in self.head)
 
 
@@ -98,7 +104,9 @@ def check_config(config: dict[str, Any], spec: BaseSpec) -> Task | None:
     """Reject configurations the server cannot apply faithfully; return the task (None: not stated)."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise InvalidAdapter(f"peft_type must be LORA or BOTTLENECK, got {peft_type!r}", param="peft_type")
+        raise InvalidAdapter(
+            f"peft_type must be LORA, IA3 or BOTTLENECK, got {peft_type!r}", param="peft_type"
+        )
     task_type = config.get("task_type")
     if task_type is not None and task_type not in TASKS:
         raise InvalidAdapter(
@@ -235,8 +243,9 @@ def _split_key(key: str) -> tuple[str, str]:
             return rest[: -len(part) - 1], part
     if "lora_embedding_" in rest:
         raise InvalidAdapter(f"embedding LoRA ({key}) is not supported", param=WEIGHTS_FILE)
-    if "lora_magnitude_vector" in rest:
-        raise InvalidAdapter(f"DoRA ({key}) is not supported", param=WEIGHTS_FILE)
+    for part in (MAGNITUDE, f"{MAGNITUDE}.weight"):  # DoRA (older PEFT versions add ".weight")
+        if rest.endswith("." + part):
+            return rest[: -len(part) - 1], MAGNITUDE
     module, _, part = rest.rpartition(".")
     return module, part
 
@@ -269,7 +278,7 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
             module = backbone_name(module, spec)
         if module in surface.head_modules and part in ("weight", "bias"):
             head.setdefault(module, {})[part] = tensor
-        elif part in ("lora_A.weight", "lora_B.weight"):
+        elif part in ("lora_A.weight", "lora_B.weight", MAGNITUDE):
             parts.setdefault(module, {})[part] = tensor
         elif part in ("weight", "bias"):
             raise InvalidAdapter(
@@ -294,14 +303,20 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
         )
 
     weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     max_r, num_params = 0, 0
     for module, pair in sorted(parts.items()):
         if module not in spec.linear_shapes or module in head or module in surface.head_modules[-1:]:
             raise InvalidAdapter(
                 f"LoRA target {module!r} is not a linear layer of the base model", param=WEIGHTS_FILE
             )
-        if set(pair) != {"lora_A.weight", "lora_B.weight"}:
+        if {"lora_A.weight", "lora_B.weight"} - set(pair):
             raise InvalidAdapter(f"LoRA target {module!r} needs both lora_A and lora_B", param=WEIGHTS_FILE)
+        if (MAGNITUDE in pair) != bool(config.get("use_dora")):
+            raise InvalidAdapter(
+                f"LoRA target {module!r}: use_dora and {MAGNITUDE} go together (DoRA needs both)",
+                param="use_dora",
+            )
         rkey = pattern_key(rank_pattern, module)
         r = int(rank_pattern[rkey] if rkey is not None else config["r"])
         akey = pattern_key(alpha_pattern, module)
@@ -317,6 +332,10 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
         weights[module] = (a, b, scaling)
         max_r = max(max_r, r)
         num_params += a.numel() + b.numel()
+        if MAGNITUDE in pair:
+            magnitudes[module] = pair[MAGNITUDE].reshape(-1)
+            check_tensor(f"{PREFIX}{module}.{MAGNITUDE}", magnitudes[module], (out_f,), check_values)
+            num_params += out_f
 
     head_layers: Head = ()
     labels: list[str] = []
@@ -333,6 +352,7 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
         weights=weights,
         head=head_layers,
         num_params=num_params,
+        magnitudes=magnitudes,
     )
 
 

@@ -43,7 +43,7 @@ def merge_lora(
     :class:`IncompatibleMembers` (400) names what does not merge."""
     loras: list[tuple[str, LoraAdapter, float]] = []
     for name, adapter, weight in members:
-        if not isinstance(adapter, LoraAdapter):
+        if not isinstance(adapter, LoraAdapter) or adapter.magnitudes:  # (DoRA: per-adapter scales)
             raise IncompatibleMembers(
                 f"{name!r} is a {adapter.kind} adapter: only LoRA adapters merge (an ensemble "
                 "combines any kinds)",

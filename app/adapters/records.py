@@ -16,7 +16,7 @@ from typing import Any, Literal
 from app.adapters.kinds import Adapter
 from app.adapters.methods import Method
 from app.adapters.store import Manifest
-from app.adapters.tasks import Task
+from app.adapters.tasks import AdapterKind, Task
 from app.adapters.version import AdapterVersion
 
 Tier = Literal["device", "host", "store"]
@@ -30,7 +30,7 @@ class AdapterRecord:
     version: int
     created_at: float
     task: Task
-    kind: Literal["lora", "bottleneck"]
+    kind: AdapterKind
     rank: int
     alpha: float
     target_modules: tuple[str, ...]

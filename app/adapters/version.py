@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Literal
 
 from app.adapters.kinds import Adapter
-from app.adapters.tasks import Task
+from app.adapters.tasks import AdapterKind, Task
 
 _uids = itertools.count(1)
 
@@ -25,7 +24,7 @@ class AdapterVersion:
     name: str
     version: int
     task: Task
-    kind: Literal["lora", "bottleneck"]
+    kind: AdapterKind
     labels: tuple[str, ...]
     size_bytes: int  # bytes of the validated weights in memory
     uid: int = field(default_factory=next_uid)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from app.adapters.bottleneck_format import BottleneckAdapter
+from app.adapters.ia3_format import IA3Adapter
 from app.adapters.kinds import Adapter
 from app.adapters.version import AdapterVersion
 from app.metrics import Metrics
@@ -128,19 +129,25 @@ class DeviceSlots:
         if slot is None:
             used = set(self._lru.values())
             slot = next(s for s in range(1, self.capacity + 1) if s not in used)
+        room = self.capacity + 1
         if isinstance(weights, BottleneckAdapter):
             for module, block in weights.blocks.items():
-                self.layers[module].set_bottleneck(
-                    slot, block, weights.activation, weights.alpha, self.capacity + 1
-                )
+                self.layers[module].set_bottleneck(slot, block, weights.activation, weights.alpha, room)
+        elif isinstance(weights, IA3Adapter):
+            for module, (vector, feedforward) in weights.scales.items():
+                self.layers[module].set_scales(slot, {"in" if feedforward else "out": vector}, room)
         else:
             write_lora(
                 [
-                    (*self.layers[module].slot_views(slot, a.shape[0], self.capacity + 1), a, b, scale)
+                    (*self.layers[module].slot_views(slot, a.shape[0], room), a, b, scale)
                     for module, (a, b, scale) in weights.weights.items()
                 ],
                 self._copier,
             )
+            for module, magnitude in weights.magnitudes.items():  # DoRA
+                layer = self.layers[module]
+                a, b, scale = weights.weights[module]
+                layer.set_scales(slot, layer.dora_vectors(a, b, scale, magnitude), room)
         if weights.head:
             self.heads[slot] = tuple(layer.to(self.device, self.dtype) for layer in weights.head)
         if self.device.type == "cuda":

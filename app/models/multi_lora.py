@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from app.models.bottleneck_bank import BottleneckBank
 from app.models.quantized_layers import QuantizedLinear
 from app.models.routing import BASE_SLOT, Routing, RoutingContext
+from app.models.scale_bank import ScaleBank
 
 # a mixed batch whose adapters' ranks add up to at most this runs them side by side as one LoRA
 # (two GEMMs and a row mask) instead of gathering each row's weights (BGMV style): on 2 CPU cores,
@@ -64,6 +65,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_B: torch.Tensor | None = None  # [slots, out, r]
         self.ranks: dict[int, int] = {}  # slot -> rank, for the slots with weights in this layer
         self.bottleneck: BottleneckBank | None = None  # bottleneck modules following this layer
+        self.scales: ScaleBank | None = None  # IA³ and DoRA scales (app/models/scale_bank.py)
         # the weights gathered for the running decode batch: per row (key, A^T [batch, in, r],
         # B^T [batch, r, out]), or side by side (-key - 1, A, B^T, mask; :meth:`_concatenated`)
         self._gathered: (
@@ -84,10 +86,15 @@ class MultiLoraLinear(nn.Module):
         routing = self.ctx.routing
         if routing is None:
             return self.base(x)
+        scales = self.scales
+        if scales is not None:
+            x = scales.scale_input(x, routing)
         if not self.ranks or self.ranks.keys().isdisjoint(routing.slots):
             out = self.base(x)
         else:
             out = self._with_lora(x, routing)
+        if scales is not None:
+            out = scales.scale_output(out, routing)
         if self.bottleneck:
             self.bottleneck.apply(out, routing)
         return out
@@ -178,6 +185,7 @@ class MultiLoraLinear(nn.Module):
     @property
     def nbytes(self) -> int:
         total = self.bottleneck.nbytes if self.bottleneck is not None else 0
+        total += self.scales.nbytes if self.scales is not None else 0
         if self.lora_A is None or self.lora_B is None:
             return total
         return total + (self.lora_A.numel() + self.lora_B.numel()) * self.lora_A.element_size()
@@ -195,6 +203,31 @@ class MultiLoraLinear(nn.Module):
             self.bottleneck = BottleneckBank(self.out_features, self._device, self._dtype)
         room = _grown(self.bottleneck.down.shape[0], slot, max_slots)
         self.bottleneck.set_slot(slot, weights, activation, scale, room)
+
+    def set_scales(self, slot: int, vectors: dict[str, torch.Tensor], max_slots: int) -> None:
+        """Write an IA³ or DoRA adapter's vectors ("in", "out", "shift") into ``slot``."""
+        if self.scales is None:
+            self.scales = ScaleBank(self.in_features, self.out_features, self._device, self._dtype)
+        room = _grown(max((b.shape[0] for b in self.scales.banks.values()), default=0), slot, max_slots)
+        self.scales.set_slot(slot, {k: v.to(self._device, self._dtype) for k, v in vectors.items()}, room)
+
+    @torch.no_grad()
+    def dora_vectors(
+        self, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """DoRA's constant scale over this frozen layer, ``g = m / ||W0 + s·B·A||_row`` ("out"), and
+        the bias correction ``(1 - g) ⊙ bias`` ("shift"), from the weights this layer computes with."""
+        base = self.base
+        if isinstance(base, QuantizedLinear):
+            w0 = base.dequantized().float()
+        else:  # Conv1D stores its weight [in, out]
+            w0 = (base.weight.t() if isinstance(base, Conv1D) else base.weight).float()
+        lora = b.to(w0.device, torch.float32) @ a.to(w0.device, torch.float32)
+        g = magnitude.to(w0.device, torch.float32) / torch.linalg.norm(w0 + scale * lora, dim=1)
+        vectors = {"out": g}
+        if base.bias is not None:
+            vectors["shift"] = (1 - g) * base.bias.float()
+        return vectors
 
     def _resize(self, slots: int, rank: int) -> None:
         """Reallocate the banks as [slots, rank, ...], keeping the weights of the active slots."""
@@ -226,6 +259,10 @@ class MultiLoraLinear(nn.Module):
 
     def clear_slot(self, slot: int, keep_lora: bool = False) -> None:
         """Zero ``slot`` (``keep_lora``: leave its LoRA weights, which the next adapter overwrites)."""
+        if self.scales is not None:
+            self.scales.clear_slot(slot)
+            if not self.scales:
+                self.scales = None
         if self.bottleneck is not None:
             self.bottleneck.clear_slot(slot)
             if not self.bottleneck:
@@ -242,6 +279,8 @@ class MultiLoraLinear(nn.Module):
 
     def move_slot(self, src: int, dst: int) -> None:
         """Move the weights of slot ``src`` to the free slot ``dst`` (compaction)."""
+        if self.scales is not None:
+            self.scales.move_slot(src, dst)
         if self.bottleneck is not None:
             self.bottleneck.move_slot(src, dst)
         rank = self.ranks.pop(src, None)
@@ -256,6 +295,8 @@ class MultiLoraLinear(nn.Module):
 
     def fit(self) -> None:
         """Shrink the banks to the slots and the rank still in use (frees the memory)."""
+        if self.scales is not None:
+            self.scales.fit(_round_up(max(self.scales.uses) + 1))
         if self.bottleneck is not None:
             self.bottleneck.fit(_round_up(max(self.bottleneck.sizes) + 1))
         if self.lora_A is None or not self.ranks:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import IA3Config, LoraConfig, TaskType, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -45,19 +45,30 @@ def make_adapter(
     labels: list[str] | None = None,
     **lora: Any,
 ) -> RefAdapter:
-    """Create a PEFT adapter with random weights, save it, and compute PeftModel's reference outputs."""
+    """Create a PEFT adapter with random weights, save it, and compute PeftModel's reference outputs
+    (``lora``: LoraConfig's fields, ``use_dora=True`` for DoRA; or ``ia3=True`` and IA3Config's)."""
     torch.manual_seed(seed)
+    config_class: Any = IA3Config if lora.pop("ia3", False) else LoraConfig
+    if config_class is IA3Config:
+        lora.setdefault("init_ia3_weights", True)  # ones, scattered below
+    else:
+        lora.setdefault("init_lora_weights", False)
     tok = AutoTokenizer.from_pretrained(base_path)
     folder = out_dir / name
     if task == "classify":
         num_labels = len(labels) if labels else lora.pop("num_labels")
         model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=num_labels)
         model.config.pad_token_id = tok.pad_token_id
-        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, init_lora_weights=False, **lora)
+        cfg = config_class(task_type=TaskType.SEQ_CLS, **lora)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_path)
-        cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, init_lora_weights=False, **lora)
+        cfg = config_class(task_type=TaskType.CAUSAL_LM, **lora)
     peft_model = get_peft_model(model, cfg)
+    for name_, param in peft_model.named_parameters():  # visible IA3 scales and DoRA magnitudes
+        if name_.endswith("ia3_l.default"):
+            param.data = 1 + 0.3 * torch.randn_like(param)
+        elif "lora_magnitude_vector" in name_:
+            param.data = param.data * (1 + 0.2 * torch.randn_like(param))
     if task == "classify":  # a visible head: random, not the near-zero default
         for wrapper in [m for m in peft_model.modules() if isinstance(m, ModulesToSaveWrapper)]:
             for layer in wrapper.modules_to_save["default"].modules():
