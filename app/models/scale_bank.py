@@ -44,6 +44,9 @@ class ScaleBank:
         if routing.single is not None:
             return bank[routing.single]
         assert routing.index is not None
+        if bank.shape[0] <= routing.max_slot:  # rows of slots loaded after the bank was made
+            self._grow(name, routing.max_slot + 1)
+            bank = self.banks[name]
         return bank.index_select(0, routing.index).unsqueeze(1)
 
     def scale_input(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -305,7 +305,8 @@ class CompositionIn(StrictModel):
     members: Members = Field(min_length=1, max_length=MAX_MEMBERS, description="names or {name, weight}")
     method: Method = Field(
         description="classification: mean, vote, logits (ensembles) or cat, linear, ties (merges); "
-        "generation: average (ensemble generation) or cat, linear, ties"
+        "generation: average (ensemble generation) or cat, linear, ties; embeddings: mean (of the "
+        "members' vectors) or cat, linear, ties"
     )
     density: float = _DENSITY_FIELD
 
