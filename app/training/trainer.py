@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import IA3Config, LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
@@ -68,7 +68,7 @@ class TrainOptions:
     response_column: str = "response"
     messages_column: str = "messages"
     system: str | None = None
-    kind: Literal["lora", "bottleneck"] = "lora"
+    kind: Literal["lora", "dora", "ia3", "bottleneck"] = "lora"
     rank: int = 8
     alpha: float = 16.0
     target_modules: str = "all-linear"
@@ -252,14 +252,27 @@ def _load_model(
     # PEFT trains (and saves) "classifier" / "score" modules; the family's other head layers
     # (BERT's pooler) are trained and saved with them, so that the adapter carries its whole head
     extra = [m for m in head if not {"classifier", "score"} & set(m.split("."))]
-    config = LoraConfig(
-        task_type=TaskType.SEQ_CLS if opts.task == "classify" else TaskType.CAUSAL_LM,
-        modules_to_save=extra if opts.task == "classify" and extra else None,
-        r=opts.rank,
-        lora_alpha=opts.alpha,  # type: ignore[arg-type]  # PEFT accepts any number
-        lora_dropout=opts.dropout,
-        target_modules=_target_modules(model, opts.target_modules),
-    )
+    task_type = TaskType.SEQ_CLS if opts.task == "classify" else TaskType.CAUSAL_LM
+    to_save = extra if opts.task == "classify" and extra else None
+    config: LoraConfig | IA3Config
+    if opts.kind == "ia3":  # PEFT's targets for the family (keys, values, the feed-forward output)
+        targets = None if opts.target_modules == "all-linear" else _target_modules(model, opts.target_modules)
+        config = IA3Config(
+            task_type=task_type,
+            modules_to_save=to_save,
+            target_modules=targets,
+            feedforward_modules=None if targets is None else [],
+        )
+    else:
+        config = LoraConfig(
+            task_type=task_type,
+            modules_to_save=to_save,
+            r=opts.rank,
+            lora_alpha=opts.alpha,  # type: ignore[arg-type]  # PEFT accepts any number
+            lora_dropout=opts.dropout,
+            target_modules=_target_modules(model, opts.target_modules),
+            use_dora=opts.kind == "dora",
+        )
     try:
         return get_peft_model(model, config)
     except ValueError as exc:  # e.g. target modules that the base model does not have

@@ -326,3 +326,29 @@ def test_bottleneck_training_serves_the_trained_predictions(
             plain = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert text == tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert not torch.equal(out, plain), "three steps at lr 1e-2 must change the greedy output"
+
+
+@pytest.mark.parametrize("kind", ["dora", "ia3"])
+def test_dora_and_ia3_training_serves_the_trained_predictions(
+    kind: str, topic_csv: Path, tmp_path: Path, client: TestClient
+) -> None:
+    """``--kind dora`` / ``--kind ia3``: PEFT trains the adapter, the server serves the trained model's
+    scores (and the trained weights matter: they differ from the same head without the adapter)."""
+    out = tmp_path / kind
+    result = train(_opts("classify", topic_csv, out, kind=kind))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["peft_type"], config.get("use_dora", False)) == (
+        ("IA3", False) if kind == "ia3" else ("LORA", True)
+    )
+    resp = upload_archive(client, f"trained-{kind}", _tar(out), "a.tar.gz")
+    assert resp.status_code == 201 and resp.json()["kind"] == kind, resp.text
+    served = client.post("/classify", json={"adapter": f"trained-{kind}", "inputs": HELD_OUT}).json()[
+        "results"
+    ]
+    model, tok, labels = result.model, result.tokenizer, result.labels
+    assert labels is not None
+    with torch.no_grad():
+        for text, row in zip(HELD_OUT, served, strict=True):
+            probs = torch.softmax(model(**tok(text, return_tensors="pt")).logits[0].float(), -1)
+            got = torch.tensor([row["scores"][name] for name in labels])
+            assert torch.allclose(got, probs, atol=1e-4), (got, probs)
