@@ -22,6 +22,7 @@ _IA3_LR = 5e-3  # a few thousand scales near 1: a larger step still (PEFT's IA3 
 # from 0.26 (the majority class) to 0.48-0.49 for LoRA and bottleneck alike; lower rates or fewer
 # epochs stayed near the majority class
 _ENCODER_LR, _ENCODER_EPOCHS = 2e-3, 6
+_PATIENCE = 2  # early stopping, measured by scripts/early_stopping.py (docs/adapters.md)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -91,6 +92,13 @@ def add_train_parser(sub: Any) -> None:
     h.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step")
     h.add_argument("--max-length", type=int, default=256, help="longer examples are truncated (reported)")
     h.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    h.add_argument(
+        "--patience",
+        type=int,
+        default=_PATIENCE,
+        help="early stopping: stop after this many epochs without a better validation score and keep "
+        "the best epoch (0: off, the last epoch is kept)",
+    )
     h.add_argument("--seed", type=int, default=0, help="random seed (data order, initialisation)")
     h.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     h.add_argument(
@@ -164,6 +172,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         max_steps=args.max_steps,
+        patience=args.patience or None,
         seed=args.seed,
         base_model=settings.base_model,
         cache_dir=settings.cache_dir,

@@ -37,6 +37,7 @@ from app.models.quantize import Setting, resolve, snap_to_quantized
 from app.models.surface import surface_for
 from app.training import data as D
 from app.training.bottleneck_modules import BottleneckConfig, BottleneckModel, get_bottleneck_model
+from app.training.early_stop import EarlyStopping
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class TrainOptions:
     batch_size: int = 16
     max_length: int = 256
     max_steps: int | None = None  # stop early after this many optimizer steps (smoke runs)
+    patience: int | None = None  # with validation data: stop after this many epochs without a better one
     seed: int = 0
     base_model: str = ""
     cache_dir: Path = Path.home() / ".cache" / "adapterserve"
@@ -325,6 +327,7 @@ def train(opts: TrainOptions) -> TrainResult:
     rng = random.Random(opts.seed)
     lengths = [len(x) for x in split.train.input_ids]
     history: list[dict[str, Any]] = []
+    stopper = EarlyStopping(opts.task, opts.patience)  # the best epoch is kept either way
     started, step = time.perf_counter(), 0
     model.train()
     bar = tqdm(total=total, unit="step", dynamic_ncols=True)
@@ -350,9 +353,13 @@ def train(opts: TrainOptions) -> TrainResult:
         row["elapsed_s"] = round(time.perf_counter() - started, 1)
         history.append(row)
         bar.write(f"epoch {epoch}: " + json.dumps({k: v for k, v in row.items() if k != "epoch"}))
-        if step >= total:
+        stop = "val" in row and stopper.update(model, epoch, row["val"])
+        if stop or step >= total:
             break
     bar.close()
+    stopper.restore(model)
+    if opts.patience is not None and stopper.best_epoch and stopper.best_epoch != history[-1]["epoch"]:
+        print(f"kept epoch {stopper.best_epoch}, the best on the validation split: {stopper.best_val}")
     seconds = time.perf_counter() - started
     metrics = {
         "task": opts.task,
@@ -366,7 +373,9 @@ def train(opts: TrainOptions) -> TrainResult:
         "steps": step,
         "train_seconds": round(seconds, 1),
         "epochs": history,
-        "final": history[-1].get("val") if history else None,
+        "final": (stopper.best_val if opts.patience else None)
+        or (history[-1].get("val") if history else None),
+        "early_stopping": stopper.summary(),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
     }
     _save(model, opts.output, model_id, split.labels, metrics)  # type: ignore[arg-type]
