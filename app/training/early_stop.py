@@ -1,7 +1,8 @@
-"""Early stopping on the validation split (``patience``): after each epoch's evaluation, the trainable
-weights of the best epoch so far are kept (classification: by macro-F1, then accuracy; generation: by
-the lowest token loss); training stops when ``patience`` epochs in a row did not improve on it, and
-the best epoch's weights are put back before the adapter is saved."""
+"""Validation scores (macro-F1) and early stopping on the validation split (``patience``): after
+each epoch's evaluation, the trainable weights of the best epoch so far are kept (classification: by
+macro-F1, then accuracy; generation: by the lowest token loss); training stops when ``patience``
+epochs in a row did not improve on it, and the best epoch's weights are put back before the adapter
+is saved."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ from typing import Any
 
 import torch
 from torch import nn
+
+
+def macro_f1(pred: list[int], gold: list[int], num_labels: int) -> float:
+    scores = []
+    for c in range(num_labels):
+        tp = sum(1 for p, g in zip(pred, gold, strict=True) if p == c and g == c)
+        fp = sum(1 for p, g in zip(pred, gold, strict=True) if p == c and g != c)
+        fn = sum(1 for p, g in zip(pred, gold, strict=True) if p != c and g == c)
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / num_labels
 
 
 def score(task: str, val: dict[str, float]) -> tuple[float, ...]:
@@ -47,6 +58,12 @@ class EarlyStopping:
             for name, param in model.named_parameters():
                 if name in self._weights:
                     param.copy_(self._weights[name])
+
+    def final(self, history: list[dict[str, Any]]) -> dict[str, float] | None:
+        """The validation result of the weights saved: the best epoch's, or (no patience) the last's."""
+        if self.patience is not None and self.best_val is not None:
+            return self.best_val
+        return history[-1].get("val") if history else None
 
     def summary(self) -> dict[str, Any]:
         return {"best_epoch": self.best_epoch, "stopped_early": self.stopped, "patience": self.patience}

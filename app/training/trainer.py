@@ -37,7 +37,7 @@ from app.models.quantize import Setting, resolve, snap_to_quantized
 from app.models.surface import surface_for
 from app.training import data as D
 from app.training.bottleneck_modules import BottleneckConfig, BottleneckModel, get_bottleneck_model
-from app.training.early_stop import EarlyStopping
+from app.training.early_stop import EarlyStopping, macro_f1
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +173,6 @@ def _collate(enc: D.Encoded, idx: list[int], pad_id: int, task: str, device: tor
         if task == "generate":
             labels[row, :n] = torch.tensor(enc.targets[i])
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
-def macro_f1(pred: list[int], gold: list[int], num_labels: int) -> float:
-    scores = []
-    for c in range(num_labels):
-        tp = sum(1 for p, g in zip(pred, gold, strict=True) if p == c and g == c)
-        fp = sum(1 for p, g in zip(pred, gold, strict=True) if p == c and g != c)
-        fn = sum(1 for p, g in zip(pred, gold, strict=True) if p != c and g == c)
-        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / num_labels
 
 
 @torch.no_grad()
@@ -373,8 +363,7 @@ def train(opts: TrainOptions) -> TrainResult:
         "steps": step,
         "train_seconds": round(seconds, 1),
         "epochs": history,
-        "final": (stopper.best_val if opts.patience else None)
-        or (history[-1].get("val") if history else None),
+        "final": stopper.final(history),
         "early_stopping": stopper.summary(),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
     }
