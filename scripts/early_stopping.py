@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data"))
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--corpora", default="bbc-news,chat-topic,drug-reviews")
+    parser.add_argument("--configs", help="the configurations to run (their numbers, 1-based; default all)")
     args = parser.parse_args()
     settings = Settings()
     out = Path(tempfile.mkdtemp(prefix="adapterserve-early-"))
@@ -91,7 +92,8 @@ def main() -> None:
     for corpus, (train_file, test_rows) in corpora(args.data, out).items():
         if corpus not in args.corpora.split(","):
             continue
-        for name, config in CONFIGS.items():
+        chosen = [int(c) for c in args.configs.split(",")] if args.configs else range(1, len(CONFIGS) + 1)
+        for name, config in [list(CONFIGS.items())[i - 1] for i in chosen]:
             opts = TrainOptions(
                 task="classify", data=train_file, output=out / "adapter", val_fraction=0.2, rank=8,
                 max_length=args.max_length, base_model=args.base, cache_dir=settings.cache_dir,
