@@ -19,7 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from app.models.bottleneck_bank import BottleneckBank
-from app.models.quantized_layers import QuantizedLinear, bf16_loras
+from app.models.quantized_layers import QuantizedLinear
 from app.models.routing import BASE_SLOT, Routing, RoutingContext
 from app.models.scale_bank import ScaleBank
 
@@ -61,11 +61,6 @@ class MultiLoraLinear(nn.Module):
             self._dtype, self._device = base.compute_dtype, base.packed.device
         else:
             self._dtype, self._device = base.weight.dtype, base.weight.device
-        # the LoRA banks: bf16 over a base whose CPU kernels round activations to bf16 anyway (half
-        # the bytes a mixed decode step reads: sixteen rank-16 adapters are 314 MB in fp32)
-        self._lora_dtype = self._dtype
-        if isinstance(base, QuantizedLinear) and self._device.type == "cpu" and bf16_loras(base):
-            self._lora_dtype = torch.bfloat16
         self.lora_A: torch.Tensor | None = None  # [slots, r, in]
         self.lora_B: torch.Tensor | None = None  # [slots, out, r]
         self.ranks: dict[int, int] = {}  # slot -> rank, for the slots with weights in this layer
@@ -113,22 +108,21 @@ class MultiLoraLinear(nn.Module):
         # a quantized base's kernel adds its bias itself
         bias = None if isinstance(self.base, QuantizedLinear) else self.base.bias
         flat = x.reshape(-1, width)
-        x_lora = flat if flat.dtype == self._lora_dtype else flat.to(self._lora_dtype)
         if routing.single is not None:
             rank = self.ranks[routing.single]
-            h = nn.functional.linear(x_lora, self.lora_A[routing.single, :rank])  # [tokens, r]
+            h = nn.functional.linear(flat, self.lora_A[routing.single, :rank])  # [tokens, r]
             b = self.lora_B[routing.single, :, :rank].t()
             out = torch.mm(h, b) if bias is None else torch.addmm(bias, h, b)
         elif self._concatenates(routing):
             a_cat, b_cat, mask = self._concatenated(routing)
             rows = x.shape[0]
-            h = nn.functional.linear(x_lora, a_cat).view(rows, -1, a_cat.shape[0]).mul_(mask)
+            h = nn.functional.linear(flat, a_cat).view(rows, -1, a_cat.shape[0]).mul_(mask)
             h = h.view(-1, a_cat.shape[0])
             out = torch.mm(h, b_cat) if bias is None else torch.addmm(bias, h, b_cat)
         else:
             rows = x.shape[0]
             a_t, b_t = self._per_row_weights(routing)
-            h = torch.bmm(x_lora.view(rows, -1, width), a_t)  # [batch, tokens, r]
+            h = torch.bmm(flat.view(rows, -1, width), a_t)  # [batch, tokens, r]
             if bias is None:
                 out = torch.bmm(h, b_t)
             else:
@@ -237,8 +231,8 @@ class MultiLoraLinear(nn.Module):
 
     def _resize(self, slots: int, rank: int) -> None:
         """Reallocate the banks as [slots, rank, ...], keeping the weights of the active slots."""
-        a = torch.zeros(slots, rank, self.in_features, dtype=self._lora_dtype, device=self._device)
-        b = torch.zeros(slots, self.out_features, rank, dtype=self._lora_dtype, device=self._device)
+        a = torch.zeros(slots, rank, self.in_features, dtype=self._dtype, device=self._device)
+        b = torch.zeros(slots, self.out_features, rank, dtype=self._dtype, device=self._device)
         if self.lora_A is not None and self.lora_B is not None:
             n, r = min(slots, self.lora_A.shape[0]), min(rank, self.lora_A.shape[1])
             a[:n, :r] = self.lora_A[:n, :r]

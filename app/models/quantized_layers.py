@@ -38,12 +38,6 @@ def packed_cpu_kernels(device: torch.device) -> bool:
     return device.type == "cpu" and capability().bf16_dot
 
 
-def bf16_loras(layer: QuantizedLinear) -> bool:
-    """Whether LoRA weights over ``layer`` run in bf16: its kernel rounds activations to bf16 on a
-    CPU with bf16 dot products (bf16, and int8/int4's packed kernels)."""
-    return (layer.kind == "bf16" or layer.cpu_kernel) and capability().bf16_dot
-
-
 def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8: (q [rows, cols] int8, scale [rows] float32)."""
     w = w.detach().float()
