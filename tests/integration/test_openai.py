@@ -178,7 +178,10 @@ def test_errors_raise_the_clients_exception_types(oa: openai.OpenAI) -> None:
         {"max_tokens": 0},
         {"max_tokens": 100_000},
         {"n": 100},
-        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        {  # a tool whose parameters are no JSON schema (the server renders tools on this base)
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+            "tool_choice": "required",
+        },
         {"top_logprobs": 3},  # without logprobs: true
         {"extra_body": {"no_such_field": 1}},
         {"messages": []},

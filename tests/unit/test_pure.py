@@ -55,8 +55,7 @@ def test_check_config_maps_tasks_and_rejects_unsupported() -> None:
     assert check_config(_cfg(), LLAMA) == "generate"
     assert check_config(_cfg(task_type="SEQ_CLS"), LLAMA) == "classify"
     assert check_config(_cfg(task_type=None), LLAMA) is None  # inferred from the weights
-    for field, value in [
-        ("use_dora", True),
+    for field, value in [  # (use_dora is served: checked against the weights when they are read)
         ("lora_bias", True),
         ("layer_replication", [[0, 2]]),
         ("fan_in_fan_out", True),  # Conv1D layers only
