@@ -39,7 +39,7 @@ from app.adapters.lora_format import (
     check_tensor,
     load_tensors,
     read_config,
-    read_head,
+    task_head,
 )
 from app.adapters.tasks import TASKS, Task
 from app.errors import InvalidAdapter
@@ -256,15 +256,8 @@ def load_bottleneck(folder: Path, spec: BaseSpec, check_values: bool = True) -> 
                 num_params += tensors[key].numel()
             blocks[where[place][i]] = (parts[0], parts[1], parts[2], parts[3])
 
-    head_layers: Head = ()
-    labels: list[str] = []
-    if cfg["task"] == "classify":
-        head_layers, labels = read_head(head, spec, folder)
-        num_params += sum(layer.numel for layer in head_layers)
-    elif head:
-        raise InvalidAdapter(
-            f"a {cfg['task']} adapter must not carry a classification head", param=WEIGHTS_FILE
-        )
+    head_layers, labels = task_head(cfg["task"], head, spec, folder)
+    num_params += sum(layer.numel for layer in head_layers)
     return BottleneckAdapter(
         task=cfg["task"],
         rank=size,

@@ -18,7 +18,7 @@ from app.adapters.lora_format import (
     check_tensor,
     load_tensors,
     read_config,
-    read_head,
+    task_head,
 )
 from app.adapters.tasks import TASKS, Task
 from app.errors import InvalidAdapter
@@ -106,13 +106,8 @@ def load_ia3(folder: Path, spec: BaseSpec, check_values: bool = True) -> IA3Adap
         num_params += tensor.numel()
     if not scales:
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no IA3 vectors", param=WEIGHTS_FILE)
-    if task != "classify" and head:
-        raise InvalidAdapter(f"a {task} adapter must not carry a classification head", param=WEIGHTS_FILE)
-    head_layers: Head = ()
-    labels: list[str] = []
-    if task == "classify":
-        head_layers, labels = read_head(head, spec, folder, PREFIX)
-        num_params += sum(layer.numel for layer in head_layers)
+    head_layers, labels = task_head(task, head, spec, folder, PREFIX)
+    num_params += sum(layer.numel for layer in head_layers)
     return IA3Adapter(
         task=task,
         target_modules=sorted({m.rpartition(".")[2] for m in scales}),

@@ -190,6 +190,18 @@ def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], values: boo
         raise InvalidAdapter(f"tensor {name} contains NaN or Inf values", param=WEIGHTS_FILE)
 
 
+def task_head(
+    task: Task, parts: dict[str, dict[str, torch.Tensor]], spec: BaseSpec, folder: Path, prefix: str = ""
+) -> tuple[Head, list[str]]:
+    """A classification adapter's head and labels (:func:`read_head`); none for the other tasks,
+    whose adapters must not carry one."""
+    if task == "classify":
+        return read_head(parts, spec, folder, prefix)
+    if parts:
+        raise InvalidAdapter(f"a {task} adapter must not carry a classification head", param=WEIGHTS_FILE)
+    return (), []
+
+
 def read_head(
     parts: dict[str, dict[str, torch.Tensor]], spec: BaseSpec, folder: Path, prefix: str = ""
 ) -> tuple[Head, list[str]]:
@@ -293,8 +305,6 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
         raise InvalidAdapter(f"{WEIGHTS_FILE} holds no LoRA weights", param=WEIGHTS_FILE)
     if task is None:  # a LoraConfig without task_type: a classification head makes it a classifier
         task = "classify" if head else "generate"
-    if task != "classify" and head:
-        raise InvalidAdapter(f"a {task} adapter must not carry a classification head", param=WEIGHTS_FILE)
     if task == "generate" and not surface.can_generate:
         raise InvalidAdapter(
             f"the base model ({spec.family}, an encoder) cannot generate; it serves classification "
@@ -337,11 +347,8 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
             check_tensor(f"{PREFIX}{module}.{MAGNITUDE}", magnitudes[module], (out_f,), check_values)
             num_params += out_f
 
-    head_layers: Head = ()
-    labels: list[str] = []
-    if task == "classify":
-        head_layers, labels = read_head(head, spec, folder, PREFIX)
-        num_params += sum(layer.numel for layer in head_layers)
+    head_layers, labels = task_head(task, head, spec, folder, PREFIX)
+    num_params += sum(layer.numel for layer in head_layers)
 
     return LoraAdapter(
         task=task,

@@ -23,7 +23,6 @@ from app.adapters.kinds import Adapter
 from app.adapters.version import AdapterVersion
 from app.config import Settings
 from app.engine.classification_lane import ClassificationLane
-from app.engine.explain import Explanation
 from app.engine.gauges import report_gauges
 from app.engine.generation_lane import GenerationLane
 from app.engine.queue_shares import QueueShares
@@ -189,16 +188,13 @@ class Engine:
         flow: Flow = ONE_FLOW, output: RowOutput = "probs", top: int = 0,
     ) -> list[Any]:  # fmt: skip
         """Each input's ``output`` (see :class:`ClassifyWork`; ``adapter`` None: the bare base)."""
-        work = ClassifyWork(adapter, weights, inputs, flow, output=output, top=top)
+        return await self.run(ClassifyWork(adapter, weights, inputs, flow, output=output, top=top))
+
+    async def run(self, work: ClassifyWork) -> list[Any]:
+        """Run ``work`` in the classification lane (with ``explain`` set, its token attributions are
+        in ``work.explanations`` afterwards: app/engine/explain.py)."""
         self._submit(work)
         return await self._await(work, work.future)
-
-    async def explain(self, work: ClassifyWork) -> list[Explanation]:
-        """A classification with ``work.explain`` set: its token attributions (app/engine/explain.py)."""
-        self._submit(work)
-        await self._await(work, work.future)
-        assert work.explanations is not None
-        return work.explanations
 
     def submit(self, generation: Generation, sink: StreamSink | None = None) -> GenerateWork:
         """Queue a generation; with ``sink``, its deltas go there as they come (called on the engine

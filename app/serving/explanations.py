@@ -88,7 +88,9 @@ async def explain_target(
         work = ClassifyWork(
             handle.handle, members[member].weights, [e.ids], flow, explain=spec, special=[e.special]
         )
-        (out,) = await engine.explain(work)
+        await engine.run(work)
+        assert work.explanations is not None
+        (out,) = work.explanations
         return out
 
     found = await asyncio.gather(*(one(m, i) for m in range(len(members)) for i in range(len(encoded))))

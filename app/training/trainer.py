@@ -8,10 +8,8 @@ import json
 import logging
 import math
 import random
-import shutil
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,17 +29,16 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from app.adapters.lora_format import LABELS_FILE
 from app.models.base_lm import resolve_device, resolve_model_path
 from app.models.quantize import Setting, resolve, snap_to_quantized
 from app.models.surface import surface_for
 from app.training import data as D
 from app.training.bottleneck_modules import BottleneckConfig, BottleneckModel, get_bottleneck_model
 from app.training.early_stop import EarlyStopping, macro_f1
+from app.training.output import save_adapter
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 FEW_STEPS = 20  # fewer optimizer steps than this: warn that the run will learn little
 
 
@@ -367,36 +364,7 @@ def train(opts: TrainOptions) -> TrainResult:
         "early_stopping": stopper.summary(),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
     }
-    _save(model, opts.output, model_id, split.labels, metrics)  # type: ignore[arg-type]
+    save_adapter(model, opts.output, model_id, split.labels, metrics)  # type: ignore[arg-type]
     print(f"trained in {seconds:.0f} s; adapter written to {opts.output}")
     model.eval()
     return TrainResult(model, tok, split.labels, metrics)  # type: ignore[arg-type]
-
-
-def _save(
-    model: PeftModel | BottleneckModel,
-    output: Path,
-    model_id: str,
-    labels: list[str] | None,
-    metrics: dict[str, Any],
-) -> None:
-    """Write the folder next to ``output`` first, then move it into place (never half-written)."""
-    output = output.resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".tmp-{output.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        model.save_pretrained(str(tmp))
-        config_path = tmp / "adapter_config.json"  # name the base by its id, not this machine's path
-        config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = model_id
-        config_path.write_text(json.dumps(config, indent=2))
-        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card template says nothing useful here
-        if labels is not None:
-            (tmp / LABELS_FILE).write_text(json.dumps(labels))
-        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -19,12 +19,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from app.adapters.kinds import load_adapter
-from app.config import Settings
 from app.engine.runner import Row, Runner
 from app.engine.slots import DeviceSlots
 from app.main import create_app
 from app.models.base_lm import BaseLM
-from tests.conftest import ADMIN_TOKEN, CACHE_DIR, expect_error, serve_live, upload_archive
+from tests.conftest import ADMIN_TOKEN, CACHE_DIR, app_settings, expect_error, serve_live, upload_archive
 from tests.helpers.bottleneck_ref import BottleneckRef, make_bottleneck
 from tests.helpers.families import bottleneck_probs, bottleneck_texts, encoder_tokenizer_path
 from tests.helpers.harness import last_logits, wrapped_model
@@ -196,10 +195,7 @@ def encoder(
             head={"classifier.weight": (len(LABELS), hidden), "classifier.bias": (len(LABELS),)},
         ),
     }  # fmt: skip
-    settings = Settings(
-        base_model=str(base), store=out / "store", admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
-        device="cpu", dtype="float32", quantization="none", cache_dir=CACHE_DIR, max_batch_wait_ms=50,
-    )  # fmt: skip
+    settings = app_settings(out / "store", base_model=str(base), max_batch_wait_ms=50)
     with TestClient(create_app(settings)) as client:
         for name, ref in refs.items():
             assert upload_archive(client, name, zip_folder(ref.folder)).status_code == 201

@@ -21,10 +21,9 @@ from peft import LoraConfig, TaskType, get_peft_model
 from sentence_transformers import SentenceTransformer
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from app.config import Settings
 from app.main import create_app
 from app.models.base_lm import resolve_model_path
-from tests.conftest import ADMIN_TOKEN, CACHE_DIR, expect_error, serve_live, upload_archive
+from tests.conftest import CACHE_DIR, app_settings, expect_error, serve_live, upload_archive
 from tests.helpers.bottleneck_ref import make_bottleneck, reference_model
 from tests.helpers.families import encoder_tokenizer_path, make_family_adapters
 from tests.helpers.peft_ref import zip_folder
@@ -50,15 +49,7 @@ def encoder(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Path, TestClient]]:
     folder = _folder(str(request.param))
-    settings = Settings(
-        base_model=str(folder),
-        store=tmp_path_factory.mktemp("store"),
-        admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
-        device="cpu",
-        dtype="float32",
-        quantization="none",
-        cache_dir=CACHE_DIR,
-    )
+    settings = app_settings(tmp_path_factory.mktemp("store"), base_model=str(folder))
     with TestClient(create_app(settings)) as client:
         yield folder, client
 
@@ -155,10 +146,7 @@ def test_lora_embedding_adapter_equals_peft_and_mixes_with_classification(
     folder = _feature_lora(base, tmp / "emb", seed=3)
     want = _peft_embeddings(base, folder, TEXTS, "mean")
     classifiers = make_family_adapters("bert", base, tmp / "cls", bottleneck=False)
-    settings = Settings(
-        base_model=str(base), store=tmp / "store", admin_token=ADMIN_TOKEN,  # type: ignore[arg-type]
-        device="cpu", dtype="float32", quantization="none", cache_dir=CACHE_DIR, max_batch_wait_ms=50,
-    )  # fmt: skip
+    settings = app_settings(tmp / "store", base_model=str(base), max_batch_wait_ms=50)
     with TestClient(create_app(settings)) as client:
         assert upload_archive(client, "emb", zip_folder(folder)).status_code == 201
         cls_name, cls_ref = "cls", classifiers["cls"]
