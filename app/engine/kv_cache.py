@@ -85,6 +85,20 @@ class GrowingLayer(DynamicLayer):
         assert self.keys is not None and self.values is not None
         return self.keys, self.values
 
+    def fill(self, rows: list[list[torch.Tensor]], columns: int) -> None:
+        """Start from cached prefixes: each row's pieces (``[2, heads, tokens, head_dim]``, in
+        order) at the right end of ``columns`` columns, zeros on their left; one copy, straight
+        into a buffer with room to spare."""
+        sample = next(piece for pieces in rows for piece in pieces)
+        n, heads, dim = len(rows), sample.shape[1], sample.shape[-1]
+        capacity = n + max(SPARE_ROWS, n // 4)
+        width = columns + max(SPARE_COLUMNS, columns // 2)
+        bufs = sample.new_empty(2, capacity, heads, width, dim)
+        _place(bufs, rows, columns)
+        self.lazy_initialization(sample, sample)
+        self._k_base, self._v_base = bufs[0], bufs[1]
+        self._expose(n, columns)
+
     def join_rows(self, keys: torch.Tensor, values: torch.Tensor, pad: int) -> bool:
         """Append rows (``pad`` zero columns on their left, then ``keys``/``values``) into spare
         rows, in place; False when the buffer has no room for them (or no buffer of its own)."""
@@ -255,20 +269,35 @@ def unused_leading_columns(mask: torch.Tensor) -> int:
 
 
 # --- the prefix cache's side (app/engine/prefix_cache.py) -----------------------------------
-def prefilled(config: PretrainedConfig, parts: list[torch.Tensor | None], columns: int) -> DynamicCache:
+def prefilled(config: PretrainedConfig, parts: list[list[torch.Tensor]], columns: int) -> DynamicCache:
     """A new cache of ``len(parts)`` rows and ``columns`` token columns, each row's cached prefix
-    (``[layers, 2, heads, tokens, head_dim]``, or None) at its right end and zeros (padding) on its
-    left, written through each layer's own update (sliding windows keep what they keep)."""
+    (its pieces in order, each ``[layers, 2, heads, tokens, head_dim]``; none for a miss) at its
+    right end and zeros (padding) on its left. Full-attention layers copy the pieces once, straight
+    into their buffers (:meth:`GrowingLayer.fill`); others go through their own update (sliding
+    windows keep what they keep)."""
     cache = new_cache(config)
-    sample = next(p for p in parts if p is not None)
-    layers, _, heads, _, dim = sample.shape
-    full = sample.new_zeros(layers, 2, len(parts), heads, columns, dim)
-    for row, part in enumerate(parts):
-        if part is not None and part.shape[3]:
-            full[:, :, row, :, columns - part.shape[3] :] = part
-    for index in range(layers):
-        cache.update(full[index, 0], full[index, 1], index)
+    sample = next(piece for pieces in parts for piece in pieces)
+    _, _, heads, _, dim = sample.shape
+    for index, layer in enumerate(_layers(cache)):
+        if isinstance(layer, GrowingLayer):
+            layer.fill([[piece[index] for piece in pieces] for pieces in parts], columns)
+            continue
+        full = sample.new_zeros(2, len(parts), heads, columns, dim)
+        _place(full, [[piece[index] for piece in pieces] for pieces in parts], columns)
+        layer.update(full[0], full[1])
     return cache
+
+
+def _place(bufs: torch.Tensor, rows: list[list[torch.Tensor]], columns: int) -> None:
+    """Write each row's pieces (``[2, heads, tokens, head_dim]``, in order) into ``bufs``
+    ``[2, rows, heads, >= columns, head_dim]``, ending at column ``columns``, zeros on their left."""
+    for row, pieces in enumerate(rows):
+        start = columns - sum(piece.shape[SEQ_DIM] for piece in pieces)
+        bufs[:, row, :, :start].zero_()
+        for piece in pieces:
+            end = start + piece.shape[SEQ_DIM]
+            bufs[:, row, :, start:end].copy_(piece)
+            start = end
 
 
 def row_prefix(cache: DynamicCache, row: int, length: int) -> Callable[[int, int], torch.Tensor] | None:

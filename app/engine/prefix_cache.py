@@ -61,6 +61,17 @@ def _common(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def _first(pieces: list[KV], tokens: int) -> list[KV]:
+    """The first ``tokens`` tokens of ``pieces`` (views, in order)."""
+    out: list[KV] = []
+    for piece in pieces:
+        if tokens <= 0:
+            break
+        out.append(piece[:, :, :, :tokens])
+        tokens -= piece.shape[TOKEN_DIM]
+    return out
+
+
 @dataclass
 class Stats:
     queries: int = 0  # lookups
@@ -106,22 +117,28 @@ class PrefixCache:
     def lookup(self, key: Key, ids: Sequence[int], limit: int) -> tuple[int, KV | None]:
         """The longest cached prefix of ``ids[:limit]``: its length and its keys and values (a
         copy, ``[layers, 2, heads, length, head_dim]``), or 0 and None."""
+        done, pieces = self.pieces(key, ids, limit)
+        return done, (torch.cat(pieces, dim=TOKEN_DIM) if pieces else None)
+
+    def pieces(self, key: Key, ids: Sequence[int], limit: int) -> tuple[int, list[KV]]:
+        """The longest cached prefix of ``ids[:limit]``: its length and its keys and values as
+        views of the tree's edges, in order (no copy: read them before the tree changes)."""
         self.stats.queries += 1
         self.stats.query_tokens += len(ids)
         if not self.enabled or limit <= 0:
-            return 0, None
+            return 0, []
         done, path = self._walk(key, ids[:limit])
         if not done:
-            return 0, None
+            return 0, []
         tick = next(self._tick)
         for node, _ in path:
             node.used = tick
-        parts = [node.kv[:, :, :, :n] for node, n in path if node.kv is not None]
-        return done, torch.cat(parts, dim=TOKEN_DIM)
+        return done, [node.kv[:, :, :, :n] for node, n in path if node.kv is not None]
 
-    def reuse(self, rows: list[tuple[Key, list[int]]]) -> tuple[list[KV | None], list[int], int]:
+    def reuse(self, rows: list[tuple[Key, list[int]]]) -> tuple[list[list[KV]], list[int], int]:
         """What a new prefill of ``rows`` (each its key and prompt) takes from the cache: per row
-        its cached tokens' keys and values (or None) and their count, and the columns they fill.
+        its cached tokens' keys and values (views of the tree's edges, in order; none for a miss)
+        and their count, and the columns they fill.
 
         Each row looks up the longest cached prefix of its prompt (all but the last token, whose
         logits the prefill computes). The rows are right-aligned and the prefill computes the last
@@ -129,19 +146,16 @@ class PrefixCache:
         columns computes those tokens again. So the batch's cache starts with ``width - N`` columns:
         each row's first ``len(prompt) - N`` tokens (rows with and without a hit in one prefill)."""
         if not self.enabled or not rows:
-            return [None] * len(rows), [0] * len(rows), 0
-        found = [self.lookup(key, ids, len(ids) - 1) for key, ids in rows]
+            return [[] for _ in rows], [0] * len(rows), 0
+        found = [self.pieces(key, ids, len(ids) - 1) for key, ids in rows]
         lengths = [len(ids) for _, ids in rows]
         window = max(n - hit for n, (hit, _) in zip(lengths, found, strict=True))
         columns = max(lengths) - window
         if columns <= 0:
-            return [None] * len(rows), [0] * len(rows), 0
+            return [[] for _ in rows], [0] * len(rows), 0
         cached = [max(0, n - window) for n in lengths]
         self.stats.hit_tokens += sum(cached)
-        parts = [
-            kv[:, :, :, :c] if kv is not None and c else None
-            for (_, kv), c in zip(found, cached, strict=True)
-        ]
+        parts = [_first(pieces, c) for (_, pieces), c in zip(found, cached, strict=True)]
         return parts, cached, columns
 
     def insert(self, key: Key, ids: Sequence[int], kv_of: Callable[[int, int], KV]) -> int:

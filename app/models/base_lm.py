@@ -20,6 +20,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
+from app.models.attention import use_grouped_sdpa
 from app.models.pooling import Pooling, read_pooling
 from app.models.quantize import Quantization, Setting, quantize_model, resolve
 from app.models.sources import resolve_model_path
@@ -154,6 +155,7 @@ def load_base_model(
         )
     model.to(dev)
     model.eval()
+    use_grouped_sdpa(model)
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
