@@ -67,12 +67,14 @@ class MultiLoraLinear(nn.Module):
         self.bottleneck: BottleneckBank | None = None  # bottleneck modules following this layer
         self.scales: ScaleBank | None = None  # IA³ and DoRA scales (app/models/scale_bank.py)
         # the weights gathered for the running decode batch: per row (key, A^T [batch, in, r],
-        # B^T [batch, r, out]), or side by side (-key - 1, A, B^T, mask; :meth:`_concatenated`)
+        # B^T [batch, r, out]), or side by side (-key - 1, A^T, B^T, mask; :meth:`_concatenated`)
         self._gathered: (
             tuple[int, torch.Tensor, torch.Tensor]
             | tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
             | None
         ) = None
+        # the weights of a set of adapters side by side: (their slots, A^T, B^T, each rank's slot)
+        self._side_by_side: tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def in_features(self) -> int:
@@ -114,10 +116,10 @@ class MultiLoraLinear(nn.Module):
             b = self.lora_B[routing.single, :, :rank].t()
             out = torch.mm(h, b) if bias is None else torch.addmm(bias, h, b)
         elif self._concatenates(routing):
-            a_cat, b_cat, mask = self._concatenated(routing)
+            a_t, b_cat, mask = self._concatenated(routing)
             rows = x.shape[0]
-            h = nn.functional.linear(flat, a_cat).view(rows, -1, a_cat.shape[0]).mul_(mask)
-            h = h.view(-1, a_cat.shape[0])
+            h = torch.mm(flat, a_t).view(rows, -1, a_t.shape[1]).mul_(mask)
+            h = h.view(-1, a_t.shape[1])
             out = torch.mm(h, b_cat) if bias is None else torch.addmm(bias, h, b_cat)
         else:
             rows = x.shape[0]
@@ -141,23 +143,30 @@ class MultiLoraLinear(nn.Module):
         return 0 < total <= CONCAT_MAX_RANK
 
     def _concatenated(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch's adapters side by side: A [Σr, in], B^T [Σr, out], and each row's mask
-        [batch, 1, Σr] (1 over its own adapter's ranks); kept across decode steps of one batch."""
+        """The batch's adapters side by side: A^T [in, Σr], B^T [Σr, out], and each row's mask
+        [batch, 1, Σr] (1 over its own adapter's ranks). The weights are kept while the batch's
+        set of adapters stays (rows of a running batch join and leave every few steps), the mask
+        across the decode steps of one composition of rows."""
         assert self.lora_A is not None and self.lora_B is not None
         key = routing.reuse_key
-        if key is not None and self._gathered is not None and self._gathered[0] == -key - 1:
-            return self._gathered[1], self._gathered[2], self._gathered[3]  # type: ignore[misc]
-        slots = sorted(s for s in set(routing.slots) if s in self.ranks)
-        a_cat = torch.cat([self.lora_A[s, : self.ranks[s]] for s in slots])
-        b_cat = torch.cat([self.lora_B[s, :, : self.ranks[s]].t() for s in slots])
-        owner = torch.tensor(
-            [s for s in slots for _ in range(self.ranks[s])], dtype=torch.long, device=a_cat.device
-        )
-        rows = torch.tensor(routing.slots, dtype=torch.long, device=a_cat.device)
-        mask = (rows.view(-1, 1, 1) == owner.view(1, 1, -1)).to(a_cat.dtype)
+        gathered = self._gathered
+        if key is not None and gathered is not None and gathered[0] == -key - 1:
+            return gathered[1], gathered[2], gathered[3]  # type: ignore[misc]
+        slots = tuple(sorted(s for s in set(routing.slots) if s in self.ranks))
+        weights = self._side_by_side
+        if weights is None or weights[0] != slots:
+            a_t = torch.cat([self.lora_A[s, : self.ranks[s]] for s in slots]).t().contiguous()
+            b_cat = torch.cat([self.lora_B[s, :, : self.ranks[s]].t() for s in slots])
+            owner = torch.tensor(
+                [s for s in slots for _ in range(self.ranks[s])], dtype=torch.long, device=a_t.device
+            )
+            weights = self._side_by_side = (slots, a_t, b_cat, owner)
+        _, a_t, b_cat, owner = weights
+        rows = torch.tensor(routing.slots, dtype=torch.long, device=a_t.device)
+        mask = (rows.view(-1, 1, 1) == owner.view(1, 1, -1)).to(a_t.dtype)
         if key is not None:
-            self._gathered = (-key - 1, a_cat, b_cat, mask)
-        return a_cat, b_cat, mask
+            self._gathered = (-key - 1, a_t, b_cat, mask)
+        return a_t, b_cat, mask
 
     def _per_row_weights(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's A^T [batch, in, r] and B^T [batch, r, out]; kept across decode steps of one batch."""
@@ -181,6 +190,8 @@ class MultiLoraLinear(nn.Module):
     def _forget_gathered(self) -> None:
         if self._gathered is not None:  # (nn.Module attribute writes are slow; skip the no-ops)
             self._gathered = None
+        if self._side_by_side is not None:
+            self._side_by_side = None
 
     @property
     def nbytes(self) -> int:
@@ -371,7 +382,7 @@ def wrap_linear_layers(model: nn.Module, ctx: RoutingContext) -> dict[str, Multi
             mod.ranks.clear()
             mod.lora_A = mod.lora_B = None
             mod.bottleneck = None
-            mod._gathered = None
+            mod._forget_gathered()
             wrapped[name] = mod
         elif isinstance(mod, nn.Linear | Conv1D | QuantizedLinear) and name and not name.endswith(".base"):
             parent_name, _, child = name.rpartition(".")
