@@ -1,4 +1,7 @@
-"""Typed dependencies: the service objects live on ``app.state``, set up by the lifespan."""
+"""Typed dependencies: the service objects live on ``app.state``, set up by the lifespan.
+
+Every dependency is ``async`` (none blocks): FastAPI runs a plain ``def`` dependency on a worker
+thread, a hop per dependency and request."""
 
 from __future__ import annotations
 
@@ -25,24 +28,24 @@ def state(request: Request, name: str) -> object:
     return value
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_catalog(request: Request) -> AdapterCatalog:
+async def get_catalog(request: Request) -> AdapterCatalog:
     return state(request, "catalog")  # type: ignore[return-value]
 
 
-def get_service(request: Request) -> InferenceService:
+async def get_service(request: Request) -> InferenceService:
     return state(request, "service")  # type: ignore[return-value]
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return state(request, "engine")  # type: ignore[return-value]
 
 
-def get_embeddings(request: Request) -> EmbeddingService:
+async def get_embeddings(request: Request) -> EmbeddingService:
     return state(request, "embeddings")  # type: ignore[return-value]
 
 
@@ -64,7 +67,7 @@ def _tenants(request: Request) -> TenantDirectory | None:
     return tenants
 
 
-def require_admin(request: Request, settings: SettingsDep) -> Tenant:
+async def require_admin(request: Request, settings: SettingsDep) -> Tenant:
     """Admin routes: the admin token (every name), or a tenant's key (the names it administers);
     off without either. Tokens are compared in constant time."""
     admin = settings.admin_token.get_secret_value() if settings.admin_token is not None else ""
@@ -99,7 +102,7 @@ def _admitted(request: Request, tenant: Tenant) -> Tenant:
     return tenant
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> Tenant:
+async def require_api_key(request: Request, settings: SettingsDep) -> Tenant:
     """Inference and listing routes: with a tenants file, a tenant's key (or one of ``API_KEYS``: the
     tenant that may use everything); else open when no API keys are configured, or a listed bearer
     key (every key compared)."""

@@ -30,7 +30,7 @@ _SSE: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_openai(request: Request) -> OpenAIService:
+async def get_openai(request: Request) -> OpenAIService:
     return state(request, "openai")  # type: ignore[return-value]
 
 

@@ -96,28 +96,41 @@ def test_changed_limits_apply_at_once_and_keep_the_running_count(clock: Clock) -
         q.admit(tenant(concurrent=1))
 
 
-def test_a_response_body_gives_the_place_back_when_it_ends_or_is_dropped(clock: Clock) -> None:
-    import asyncio
-    import gc
+def test_the_request_middleware_gives_the_place_back_when_the_response_ends_or_fails(clock: Clock) -> None:
     from collections.abc import AsyncIterator
 
-    from app.main import released_after
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from app.api.middleware import RequestMiddleware
 
     q, t = TenantQuotas(Metrics()), tenant(concurrent=1)
+    held: list[bool] = []
 
     async def body() -> AsyncIterator[bytes]:
+        try:
+            q.admit(t)
+        except RateLimited:
+            held.append(True)  # the place is still taken while the body streams
         yield b"data: 1\n\n"
 
-    async def read(chunks: AsyncIterator[bytes]) -> list[bytes]:
-        return [c async for c in chunks]
+    async def stream(request: Request) -> Response:
+        request.state.ticket = q.admit(t)
+        return StreamingResponse(body())
 
-    streamed = released_after(body(), q.admit(t))
-    with pytest.raises(RateLimited):
-        q.admit(t)
-    assert asyncio.run(read(streamed)) == [b"data: 1\n\n"]
-    dropped = released_after(body(), q.admit(t))  # never iterated: its client went away first
-    with pytest.raises(RateLimited):
-        q.admit(t)
-    del dropped
-    gc.collect()
-    q.admit(t)
+    async def broken(request: Request) -> Response:
+        request.state.ticket = q.admit(t)
+        raise RuntimeError("the route failed")
+
+    app = Starlette(routes=[Route("/stream", stream), Route("/broken", broken)])
+    app.state.draining = False
+    app.add_middleware(RequestMiddleware, metrics=Metrics())
+    client = TestClient(app, raise_server_exceptions=False)
+    streamed = client.get("/stream")
+    assert streamed.text == "data: 1\n\n" and streamed.headers["x-request-id"] and held == [True]
+    q.admit(t).release()  # given back when the stream ended
+    assert client.get("/broken").status_code == 500
+    q.admit(t).release()  # and when the route failed
