@@ -229,7 +229,7 @@ class Kernel(nn.Module):
         version = 0 if x.is_inference() else x._version  # (inference tensors keep no counter)
         key = (x.data_ptr(), tuple(x.shape), x.stride(), version, x.device)
         last = self._last
-        if last is None or last[0] != key or index in last[3]:
+        if last is None or last[0] != key or index in last[4]:
             last = self._last = (key, x, *self._unscaled(x), set())
         last[4].add(index)
         if len(last[4]) == len(self.bounds):
