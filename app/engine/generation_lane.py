@@ -20,7 +20,7 @@ from app.engine.generation import Finished, GenerationBatch
 from app.engine.prefix_cache import PrefixCache
 from app.engine.runner import Runner
 from app.engine.slots import Admission
-from app.engine.types import Flow, GenerateWork, StreamDelta
+from app.engine.types import Flow, GenerateWork, Member, StreamDelta
 from app.errors import AdapterServeError, DeadlineExceeded, EngineFailure
 from app.metrics import Metrics
 from app.models.multi_lora import BASE_SLOT
@@ -92,11 +92,32 @@ def rows_to_set_aside(owners: list[tuple[str, int]], shares: dict[str, float], l
     return sorted(chosen) if len(chosen) >= least else []
 
 
-def prefill_fits(rows: int, width: int, prompt: int, max_tokens: int, need: int = 1) -> bool:
-    """Whether a prompt of ``prompt`` tokens (``need`` rows: an ensemble's members) joins a prefill
-    batch of ``rows`` rows padded to ``width``: the first request always does, later ones while
-    rows × widest ≤ ``max_tokens``."""
-    return rows == 0 or max(width, prompt) * (rows + need) <= max_tokens
+# padding (or cached tokens computed again) up to this many token columns costs about what a
+# prefill forward of its own costs (on 2 CPU cores a forward of the default base reads every weight
+# once, ~20 ms: the compute of ~40-60 tokens)
+PAD_TOKENS = 64
+
+
+def prefill_fits(
+    batch: list[tuple[int, int]], prompt: int, cached: int, max_tokens: int, need: int = 1
+) -> bool:
+    """Whether a prompt of ``prompt`` tokens, the first ``cached`` of them in the prefix cache
+    (``need`` rows: an ensemble's members), joins a prefill batch of rows ``batch`` (each its prompt
+    and cached tokens).
+
+    A batch computes its last ``W`` columns for every row, ``W`` its longest uncached part: a
+    shorter row's columns beyond its own uncached part are padding, or its cached tokens computed
+    again. The first request always joins; later ones while rows × ``W`` ≤ ``max_tokens`` and the
+    columns computed for nothing stay within :data:`PAD_TOKENS` or a quarter of the needed ones (a
+    long uncached prompt does not make a conversation's cached turn prefill again, nor a short
+    prompt wait through a long one's padding: it takes the next batch)."""
+    if not batch:
+        return True
+    new = prompt - cached
+    window = max(new, *(p - c for p, c in batch))
+    rows = len(batch) + need
+    needed = need * new + sum(p - c for p, c in batch)
+    return rows * window <= max_tokens and rows * window - needed <= max(PAD_TOKENS, needed // 4)
 
 
 class GenerationLane:
@@ -237,7 +258,8 @@ class GenerationLane:
         """Take waiting requests in fair order while the batch has room, as device room and the
         prefill budget allow; with fair scheduling, as :func:`fair_turn` decides."""
         pairs: list[tuple[GenerateWork, list[int]]] = []
-        width = rows = 0
+        taken: list[tuple[int, int]] = []  # each row's prompt and cached tokens
+        rows = 0
         if any(w.cancelled for w in self.queue):
             self.queue.remove_if(lambda w: w.cancelled)
         limit = self.settings.max_batch_size
@@ -262,7 +284,8 @@ class GenerationLane:
                 if turn == "wait":
                     full.add(tenant)
                     continue
-            if not prefill_fits(rows, width, len(work.prompt), self.settings.max_prefill_tokens, need):
+            cached = min(self.prefix.cached_tokens(_version_of(m), work.prompt) for m in work.rows)
+            if not prefill_fits(taken, len(work.prompt), cached, self.settings.max_prefill_tokens, need):
                 break
             slots: list[int | None] = []
             for member in work.rows:
@@ -285,7 +308,8 @@ class GenerationLane:
                 break
             self.queue.pop(full)
             pairs.append((work, [s for s in slots if s is not None]))
-            width, rows = max(width, len(work.prompt)), rows + need
+            taken += [(len(work.prompt), cached)] * need
+            rows += need
             by_tenant[tenant] = by_tenant.get(tenant, 0) + need
         if not pairs:
             return None
@@ -329,6 +353,11 @@ class GenerationLane:
                 m.time_to_first_token.observe(work.first_token_at - work.enqueued_at)
                 if n > 1:
                     m.time_per_output_token.observe((now - work.first_token_at) / (n - 1))
+
+
+def _version_of(member: Member) -> int | None:
+    """The prefix cache's key of a request's row: its adapter version's uid (None: the bare base)."""
+    return member.version.uid if member.version is not None else None
 
 
 def fail_rows(works: list[GenerateWork], exc: AdapterServeError) -> None:

@@ -135,6 +135,11 @@ class PrefixCache:
             node.used = tick
         return done, [node.kv[:, :, :, :n] for node, n in path if node.kv is not None]
 
+    def cached_tokens(self, key: Key, ids: Sequence[int]) -> int:
+        """How many of ``ids`` a prefill would take from the cache (all but the last token at most;
+        nothing is counted or touched)."""
+        return self._walk(key, ids[: len(ids) - 1])[0] if self.enabled else 0
+
     def reuse(self, rows: list[tuple[Key, list[int]]]) -> tuple[list[list[KV]], list[int], int]:
         """What a new prefill of ``rows`` (each its key and prompt) takes from the cache: per row
         its cached tokens' keys and values (views of the tree's edges, in order; none for a miss)

@@ -138,6 +138,18 @@ def test_rows_with_and_without_a_hit_share_a_prefill(app: TestClient) -> None:
     assert generate(app, None, fresh)["text"] == mixed[3]["text"]  # (now from the cache)
 
 
+def test_a_long_uncached_prompt_does_not_make_a_cached_turn_prefill_again(app: TestClient) -> None:
+    opening = "Long conversation: the courier left the parcel outside.\nAgent:"
+    second, opening_tokens = turns(app, "gen", opening)
+    long_cold = "Weather report: " + " ".join(["rain and wind"] * 60)  # far longer than the new line
+    rows = [("gen", second), ("pat", long_cold)]
+    with ThreadPoolExecutor(len(rows)) as pool:
+        hot, cold = pool.map(lambda row: generate(app, row[0], row[1]), rows)
+    assert hot["usage"]["cached_tokens"] >= opening_tokens - 1 and cold["usage"]["cached_tokens"] == 0
+    assert hot["text"] == generate(app, "gen-cold", second)["text"]
+    assert cold["text"] == generate(app, "pat-cold", long_cold)["text"]
+
+
 def test_a_replaced_adapter_never_reuses_the_old_version(
     app: TestClient, ref_adapters: dict[str, RefAdapter]
 ) -> None:

@@ -38,8 +38,21 @@ def test_batch_budget_rule() -> None:
     assert not fits(0, 0, 5, 10, max_rows=4, max_tokens=100)  # rows
     assert not fits(2, 10, 1, 20, max_rows=8, max_tokens=59)  # 3 rows padded to 20
     assert fits(2, 10, 1, 20, max_rows=8, max_tokens=60)
-    assert prefill_fits(0, 0, 5000, max_tokens=100)  # the first prompt always goes
-    assert not prefill_fits(1, 60, 10, max_tokens=100) and prefill_fits(1, 50, 10, max_tokens=100)
+    assert prefill_fits([], 5000, 0, max_tokens=100)  # the first prompt always goes
+    assert not prefill_fits([(60, 0)], 10, 0, max_tokens=100)
+    assert prefill_fits([(50, 0)], 10, 0, max_tokens=100)
+
+
+def test_a_prefill_counts_only_uncached_tokens_and_keeps_cached_turns_from_recomputing() -> None:
+    turn = (1000, 990)  # a conversation's next turn: 990 of its 1,000 tokens cached
+    assert prefill_fits([turn] * 4, 20, 0, max_tokens=100)  # 5 rows × 20 computed columns
+    assert not prefill_fits([turn] * 4, 30, 0, max_tokens=100)  # 5 × 30
+    # a long uncached prompt would make the turn compute 490 of its cached tokens again
+    assert not prefill_fits([turn], 500, 0, max_tokens=4096)
+    assert not prefill_fits([(500, 0)], *turn, max_tokens=4096)
+    # a little padding or recomputing is cheaper than a forward of its own
+    assert prefill_fits([turn], 60, 0, max_tokens=4096) and prefill_fits([(60, 0)], *turn, max_tokens=4096)
+    assert prefill_fits([turn], 1000, 985, max_tokens=4096)  # two cached turns
 
 
 def _lane(max_batch_size: int, max_batch_tokens: int) -> tuple[ClassificationLane, RecordingRunner]:
