@@ -92,6 +92,27 @@ def rows_to_set_aside(owners: list[tuple[str, int]], shares: dict[str, float], l
     return sorted(chosen) if len(chosen) >= least else []
 
 
+def rows_to_bring_back(
+    owners: list[tuple[str, int]], parked: list[tuple[str, int]], shares: dict[str, float]
+) -> list[int]:
+    """While a light tenant still decodes, the set-aside rows (``parked``: each row's tenant and
+    request) that rejoin the running batch (``owners``): of each tenant, its earliest set-aside
+    whole requests while its running rows stay within its share. Its finished rows are replaced by
+    its own set-aside ones, so it keeps its share of the steps (the light tenant's steps cost what
+    they cost, and the tenant set aside loses no more than it must)."""
+    counts = Counter(tenant for tenant, _ in owners)
+    chosen: list[int] = []
+    for tenant in dict.fromkeys(t for t, _ in parked):
+        room = max(1, int(shares.get(tenant, 0.0))) - counts.get(tenant, 0)
+        for work in dict.fromkeys(w for t, w in parked if t == tenant):
+            rows = [i for i, (_, w) in enumerate(parked) if w == work]
+            if len(rows) > room:
+                break
+            chosen += rows
+            room -= len(rows)
+    return sorted(chosen)
+
+
 # padding (or cached tokens computed again) up to this many token columns costs about what a
 # prefill forward of its own costs (on 2 CPU cores a forward of the default base reads every weight
 # once, ~20 ms: the compute of ~40-60 tokens)
@@ -243,6 +264,15 @@ class GenerationLane:
                     self.running = parked if parked.rows else None
                 elif parked.rows:
                     running.extend(parked)
+            elif running is not None and running.rows:
+                back = rows_to_bring_back(
+                    owners, [(r.work.flow.tenant, id(r.work)) for r in parked.rows], shares
+                )
+                if len(back) == len(parked.rows):
+                    self.parked = None
+                    running.extend(parked)
+                elif back:
+                    running.extend(parked.split(back))
             return
         if running is None or not kv_cache.mergeable(running.cache):
             return

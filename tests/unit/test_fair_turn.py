@@ -3,7 +3,14 @@
 
 from __future__ import annotations
 
-from app.engine.generation_lane import fair_turn, headroom, light, row_shares, rows_to_set_aside
+from app.engine.generation_lane import (
+    fair_turn,
+    headroom,
+    light,
+    row_shares,
+    rows_to_bring_back,
+    rows_to_set_aside,
+)
 
 LIMIT = 32
 
@@ -73,3 +80,14 @@ def test_an_ensemble_is_set_aside_whole() -> None:
     rows = owners(("a", 0, 20)) + [("a", 7_000)] * 3 + owners(("b", 50, 1))
     aside = rows_to_set_aside(rows, row_shares({}, {"a": 1.0, "b": 1.0}, LIMIT), 4)
     assert {20, 21, 22} <= set(aside) and len(aside) == 7  # 23 rows down to 16: the ensemble and 4 more
+
+
+def test_a_tenant_set_aside_gets_its_rows_back_up_to_its_share_while_the_light_one_decodes() -> None:
+    shares = row_shares({}, {"flood": 1.0, "quiet": 1.0}, LIMIT)  # 16 each
+    running = owners(("flood", 0, 13), ("quiet", 100, 1))  # 3 of flood's 16 finished
+    parked = owners(("flood", 20, 2)) + [("flood", 7_000)] * 2 + owners(("flood", 30, 5))
+    # its two earliest set-aside requests, then the ensemble would go beyond its share: no more
+    assert rows_to_bring_back(running, parked, shares) == [0, 1]
+    fewer = owners(("flood", 0, 10), ("quiet", 100, 1))
+    assert rows_to_bring_back(fewer, parked, shares) == [0, 1, 2, 3, 4, 5]
+    assert rows_to_bring_back(owners(("flood", 0, 16), ("quiet", 100, 1)), parked, shares) == []
