@@ -99,7 +99,7 @@ class GenerationBatch:
         for w, slots in works:
             lead: _Row | None = None
             for member, slot in zip(w.rows, slots, strict=True):
-                uid, weight = (member.version.uid if member.version is not None else None), member.weight
+                uid, weight = member.uid, member.weight
                 if lead is None:
                     gen, detok = make_generator(w.params.seed, dev), IncrementalDetokenizer(decode)
                     lead = _Row(w, slot, gen, detok, uid=uid, weight=weight)

@@ -20,7 +20,7 @@ from app.engine.generation import Finished, GenerationBatch
 from app.engine.prefix_cache import PrefixCache
 from app.engine.runner import Runner
 from app.engine.slots import Admission
-from app.engine.types import Flow, GenerateWork, Member, StreamDelta
+from app.engine.types import Flow, GenerateWork, StreamDelta
 from app.errors import AdapterServeError, DeadlineExceeded, EngineFailure
 from app.metrics import Metrics
 from app.models.multi_lora import BASE_SLOT
@@ -289,7 +289,6 @@ class GenerationLane:
         prefill budget allow; with fair scheduling, as :func:`fair_turn` decides."""
         pairs: list[tuple[GenerateWork, list[int]]] = []
         taken: list[tuple[int, int]] = []  # each row's prompt and cached tokens
-        rows = 0
         if any(w.cancelled for w in self.queue):
             self.queue.remove_if(lambda w: w.cancelled)
         limit = self.settings.max_batch_size
@@ -302,19 +301,19 @@ class GenerationLane:
         while (work := self.queue.peek(full)) is not None:
             need, tenant = len(work.rows), work.flow.tenant
             # (the API side bounds an ensemble by MAX_BATCH_SIZE)
-            if not self.queue.fair and running + rows + need > limit:
+            if not self.queue.fair and running + len(taken) + need > limit:
                 break
-            if self.queue.fair and running + rows + need > limit - headroom(limit):
+            if self.queue.fair and running + len(taken) + need > limit - headroom(limit):
                 if shares is None:
                     waiting = {w.flow.tenant: w.flow.weight for w in self.queue}
                     shares = row_shares(by_tenant, waiting, limit)
-                turn = fair_turn(tenant, need, by_tenant, shares, running + rows, limit)
+                turn = fair_turn(tenant, need, by_tenant, shares, running + len(taken), limit)
                 if turn == "stop":
                     break
                 if turn == "wait":
                     full.add(tenant)
                     continue
-            cached = min(self.prefix.cached_tokens(_version_of(m), work.prompt) for m in work.rows)
+            cached = min(self.prefix.cached_tokens(m.uid, work.prompt) for m in work.rows)
             if not prefill_fits(taken, len(work.prompt), cached, self.settings.max_prefill_tokens, need):
                 break
             slots: list[int | None] = []
@@ -339,11 +338,10 @@ class GenerationLane:
             self.queue.pop(full)
             pairs.append((work, [s for s in slots if s is not None]))
             taken += [(len(work.prompt), cached)] * need
-            rows += need
             by_tenant[tenant] = by_tenant.get(tenant, 0) + need
         if not pairs:
             return None
-        self.metrics.batch_size.labels(task="prefill").observe(rows)
+        self.metrics.batch_size.labels(task="prefill").observe(len(taken))
         return GenerationBatch.start(self.runner, pairs, self._decode, self.prefix)
 
     def _advance_prefill(self) -> None:
@@ -383,11 +381,6 @@ class GenerationLane:
                 m.time_to_first_token.observe(work.first_token_at - work.enqueued_at)
                 if n > 1:
                     m.time_per_output_token.observe((now - work.first_token_at) / (n - 1))
-
-
-def _version_of(member: Member) -> int | None:
-    """The prefix cache's key of a request's row: its adapter version's uid (None: the bare base)."""
-    return member.version.uid if member.version is not None else None
 
 
 def fail_rows(works: list[GenerateWork], exc: AdapterServeError) -> None:

@@ -279,11 +279,12 @@ def prefilled(config: PretrainedConfig, parts: list[list[torch.Tensor]], columns
     sample = next(piece for pieces in parts for piece in pieces)
     _, _, heads, _, dim = sample.shape
     for index, layer in enumerate(_layers(cache)):
+        rows = [[piece[index] for piece in pieces] for pieces in parts]
         if isinstance(layer, GrowingLayer):
-            layer.fill([[piece[index] for piece in pieces] for pieces in parts], columns)
+            layer.fill(rows, columns)
             continue
         full = sample.new_zeros(2, len(parts), heads, columns, dim)
-        _place(full, [[piece[index] for piece in pieces] for pieces in parts], columns)
+        _place(full, rows, columns)
         layer.update(full[0], full[1])
     return cache
 

@@ -130,6 +130,11 @@ class Member:
     weights: Adapter | None  # set exactly when ``version`` is
     weight: float = 1.0
 
+    @property
+    def uid(self) -> int | None:
+        """Its version's uid (the prefix cache's key), None for the bare base."""
+        return self.version.uid if self.version is not None else None
+
 
 BASE_ROW = Member(None, None)
 
