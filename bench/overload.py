@@ -44,7 +44,10 @@ class Tally:
         return self.statuses[200]
 
 
-async def _one(http: httpx.AsyncClient, rng: random.Random, args: argparse.Namespace, tally: Tally) -> None:
+async def _one(
+    http: httpx.AsyncClient, rng: random.Random, args: argparse.Namespace, tally: Tally
+) -> float | None:
+    """One request, counted in ``tally``; a 503's Retry-After in seconds (None otherwise)."""
     k = rng.randrange(args.adapters)
     if rng.random() < 0.5:
         path, body = "/classify", {"adapter": f"cla-a{k}", "inputs": [TEXT]}
@@ -56,15 +59,17 @@ async def _one(http: httpx.AsyncClient, rng: random.Random, args: argparse.Names
         resp = await http.post(path, json=body)
     except httpx.HTTPError as exc:
         tally.errors.append(f"{path}: {exc!r}")
-        return
+        return None
     tally.statuses[resp.status_code] += 1
     if resp.status_code == 200:
         tally.done_at.append(time.perf_counter())
         tally.latencies.append(tally.done_at[-1] - start)
     elif resp.status_code == 503:
         tally.missing_retry_after += "retry-after" not in resp.headers
+        return float(resp.headers.get("retry-after", 1))
     elif resp.status_code >= 500:
         tally.errors.append(f"{path}: {resp.status_code} {resp.text[:200]}")
+    return None
 
 
 async def saturation(url: str, args: argparse.Namespace) -> float:
@@ -78,7 +83,11 @@ async def saturation(url: str, args: argparse.Namespace) -> float:
 
         async def client() -> None:
             while time.perf_counter() < stop:
-                await _one(http, rng, args, tally)
+                # a client turned away waits as told (at most a second): a loop of instant retries
+                # would measure how fast the server says 503, its GIL taken from the engine
+                wait = await _one(http, rng, args, tally)
+                if wait is not None:
+                    await asyncio.sleep(min(wait, 1.0))
 
         await asyncio.gather(*(client() for _ in range(args.concurrency)))
         end = time.perf_counter()
@@ -94,7 +103,7 @@ async def saturation(url: str, args: argparse.Namespace) -> float:
 async def open_loop(url: str, rate: float, args: argparse.Namespace) -> tuple[Tally, float]:
     tally = Tally()
     rng = random.Random(2)
-    tasks: list[asyncio.Task[None]] = []
+    tasks: list[asyncio.Task[float | None]] = []
     async with httpx.AsyncClient(
         base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)
     ) as http:
