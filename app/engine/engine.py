@@ -88,7 +88,8 @@ class Engine:
             byte_budget=settings.device_adapter_bytes(base.device),
             metrics=metrics,
         )
-        self.runner = Runner(base, self.ctx, settings.max_consecutive_failures, metrics.forward_failures)
+        limit, failures = settings.max_consecutive_failures, metrics.forward_failures
+        self.runner = Runner(base, self.ctx, limit, failures, settings.one_row_decode)
         self._inbox: queue.Queue[Work | Command] = queue.Queue()
         # each tenant's queued work (the inbox and the lanes' queues), for its share of MAX_QUEUE
         self.shares = QueueShares(settings.max_queue, metrics)

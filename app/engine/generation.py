@@ -199,6 +199,11 @@ class GenerationBatch:
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, reuse_key: int | None = None) -> torch.Tensor:
         """Forward ``ids`` [batch, tokens] through the model and cache; last-token logits [batch, vocab]."""
         r = self.runner
+        one_row = r.one_row
+        if one_row is not None and ids.shape[1] == 1 and one_row.applies(self.cache, self.mask):
+            slot = self.rows[0].slot
+            with r.routed([slot], reuse_key):
+                return one_row(ids, positions, self.cache, slot)
         with r.routed([row.slot for row in self.rows], reuse_key):
             out = r.model(
                 input_ids=ids,

@@ -21,6 +21,7 @@ from app.errors import EngineFailure
 from app.models.base_lm import BaseLM
 from app.models.heads import Head, activate
 from app.models.multi_lora import Routing, RoutingContext
+from app.models.one_row import OneRowDecoder
 
 
 def last_non_pad_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -106,7 +107,12 @@ class Runner:
     """Owns the model on the engine thread and runs batched forwards for any mix of slots."""
 
     def __init__(
-        self, base: BaseLM, ctx: RoutingContext, failure_limit: int = 3, failures: Counter | None = None
+        self,
+        base: BaseLM,
+        ctx: RoutingContext,
+        failure_limit: int = 3,
+        failures: Counter | None = None,
+        one_row: bool = True,
     ) -> None:
         self.base = base
         self.health = ForwardHealth(failure_limit, base.device, failures)
@@ -122,6 +128,8 @@ class Runner:
         self.eos_ids: set[int] = {int(e) for e in [*eos_ids, tok.eos_token_id] if e is not None}
         self.vocab = int(getattr(base.model.config, "vocab_size", None) or len(tok))  # logits' width
         self.grammars = Grammars(tok, self.vocab, self.eos_ids)
+        # the decode step of a batch of one row, where the family has one (app/models/one_row.py)
+        self.one_row = OneRowDecoder.of(base.model) if one_row else None
 
     def row_state(self, params: SamplingParams, prompt: list[int]) -> RowState | None:
         """A generation row's logits-processing state (None when it asks for none)."""

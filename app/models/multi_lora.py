@@ -111,7 +111,7 @@ class MultiLoraLinear(nn.Module):
         bias = None if isinstance(self.base, QuantizedLinear) else self.base.bias
         flat = x.reshape(-1, width)
         if routing.single is not None:
-            a_t, b_t = self._alone(routing.single)
+            a_t, b_t = self.alone(routing.single)
             h = torch.mm(flat, a_t)  # [tokens, r]
             out = torch.mm(h, b_t) if bias is None else torch.addmm(bias, h, b_t)
         elif self._concatenates(routing):
@@ -136,7 +136,7 @@ class MultiLoraLinear(nn.Module):
             out = out.view(-1, self._out).addmm_(flat, weight)
         return out.view(*x.shape[:-1], self._out)
 
-    def _alone(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def alone(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The A^T [in, r] and B^T [r, out] of the one adapter of a batch, contiguous (plain
         matmuls on them take half the time of matmuls on the banks' transposed slices at 1-17 rows);
         kept for the last such adapter only, and only in inference mode (a tensor made there cannot

@@ -19,6 +19,7 @@ matmul (0.3-0.55x).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -189,6 +190,21 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+    def bf16_kernel(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The layer's matmul on bf16 rows [rows, in] (contiguous), bf16 out [rows, out] and the
+        bias not added, where the layer computes on bf16 activations (``bf16``; int8 and int4 on
+        the packed CPU kernels); None elsewhere. For callers that round one input once for
+        several layers (:mod:`app.models.one_row`)."""
+        if self.kind == "bf16":
+            packed, onednn = self.packed, self.onednn
+            return lambda x: bf16.matmul(x, packed, onednn)
+        if not self.cpu_kernel:
+            return None
+        packed, scales = self.packed, self.scales
+        if self.kind == "int8":
+            return lambda x: torch.ops.aten._weight_int8pack_mm(x, packed, scales)
+        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, scales)
 
     def _packed_bf16(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "int8":

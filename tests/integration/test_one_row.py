@@ -1,0 +1,114 @@
+"""The one-row decode step (app/models/one_row.py) computes what the model's forward computes.
+
+Tiny random bases of the families it serves, in each weight format, with a LoRA adapter (the
+direct kernel path) and a DoRA adapter (the general, routed module path): a prompt is prefilled,
+then the same decode steps run through the model's forward on one cache and through the one-row
+step on another; the logits and the caches' keys and values agree at every step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from app.adapters.kinds import load_adapter
+from app.engine import kv_cache
+from app.engine.runner import Runner
+from app.engine.slots import DeviceSlots
+from app.models.base_lm import load_base_model
+from app.models.multi_lora import BASE_SLOT, RoutingContext, wrap_linear_layers
+from app.models.one_row import FAMILIES, OneRowDecoder
+from tests.conftest import CACHE_DIR
+from tests.helpers.families import tiny_base
+from tests.helpers.peft_ref import make_adapter
+from tests.helpers.versions import held
+
+FORMATS = ("none", "bf16", "int4")
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny(base_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[Path]]]:
+    """Each family's tiny base with a LoRA and a DoRA adapter on every linear layer."""
+    made = {}
+    for family in FAMILIES:
+        base = tiny_base(family, base_path, tmp_path_factory.mktemp(f"one-row-{family}"))
+        if family == "mistral":  # a window the steps go past
+            config = AutoConfig.from_pretrained(base)
+            config.sliding_window = 4
+            config.save_pretrained(base)
+        out = tmp_path_factory.mktemp(f"one-row-{family}-adapters")
+        adapters = [
+            make_adapter(base, out, name, "generate", seed, r=4, target_modules="all-linear", **extra).folder
+            for name, seed, extra in (("lora", 1, {}), ("dora", 2, {"use_dora": True}))
+        ]
+        made[family] = (base, adapters)
+    return made
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_one_row_step_equals_the_model_forward(
+    tiny: dict[str, tuple[Path, list[Path]]], family: str, fmt: str
+) -> None:
+    path, adapters = tiny[family]
+    base = load_base_model(str(path), CACHE_DIR, "cpu", "float32", fmt)  # type: ignore[arg-type]
+    ctx = RoutingContext()
+    slots = DeviceSlots(wrap_linear_layers(base.model, ctx), 4, base.device, base.dtype)
+    runner = Runner(base, ctx)
+    step = runner.one_row
+    assert step is not None
+    versions = [held(folder.name, load_adapter(folder, base.spec, 64)) for folder in adapters]
+    keep = {v.uid for v in versions}
+    slot_ids = [BASE_SLOT, *(slots.acquire(v, v.weights, keep) for v in versions)]
+    prompt = base.tokenizer("The weather today is")["input_ids"]
+    tolerance = 1e-4 if fmt == "none" else 2e-2  # bf16 rounding: each path rounds the same inputs
+    for slot in slot_ids:
+        caches = [kv_cache.new_cache(base.model.config) for _ in range(2)]
+        ids = torch.tensor([prompt])
+        with runner.routed([slot]), torch.inference_mode():
+            for cache in caches:
+                logits = base.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+            token = logits.argmax(-1, keepdim=True)
+            for i in range(STEPS):
+                position = torch.tensor([[len(prompt) + i]])
+                mask = torch.ones(1, len(prompt) + i + 1, dtype=torch.long)
+                assert step.applies(caches[1], mask)
+                inputs = {"input_ids": token, "position_ids": position, "attention_mask": mask}
+                want = base.model(**inputs, cache=caches[0], use_cache=True).logits[:, -1]
+                got = step(token, position, caches[1], slot)
+                assert (got - want).abs().max().item() <= tolerance * max(1.0, want.abs().max().item()), (
+                    family,
+                    fmt,
+                    slot,
+                    i,
+                )
+                for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
+                    assert a.keys is not None and b.keys is not None
+                    torch.testing.assert_close(a.keys, b.keys, atol=tolerance, rtol=tolerance)
+                token = want.argmax(-1, keepdim=True)
+
+
+def test_it_applies_to_one_unpadded_row_of_the_families_it_knows(
+    tiny: dict[str, tuple[Path, list[Path]]], base_path: Path, tmp_path: Path
+) -> None:
+    path, _ = tiny["llama"]
+    base = load_base_model(str(path), CACHE_DIR, "cpu", "float32")
+    step = OneRowDecoder.of(base.model)
+    assert step is not None
+    cache = kv_cache.new_cache(base.model.config)
+    with torch.inference_mode():
+        base.model(input_ids=torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=cache, use_cache=True)
+    assert not step.applies(cache, torch.ones(2, 4, dtype=torch.long))  # two rows
+    one = kv_cache.new_cache(base.model.config)
+    with torch.inference_mode():
+        base.model(input_ids=torch.tensor([[1, 2, 3]]), cache=one, use_cache=True)
+    assert step.applies(one, torch.ones(1, 4, dtype=torch.long))
+    assert not step.applies(one, torch.tensor([[0, 1, 1, 1]]))  # a padding column
+    for family in ("gpt2", "phi3", "gemma3_text"):  # other layouts: the model's forward
+        other = tiny_base(family, base_path, tmp_path / family)
+        config = AutoConfig.from_pretrained(other)
+        assert config.model_type == family
+        assert OneRowDecoder.of(load_base_model(str(other), CACHE_DIR, "cpu", "float32").model) is None
