@@ -2,6 +2,7 @@
 weight format, bare and with one LoRA adapter, against llama.cpp's server on the same weights.
 
     python -m bench.single_stream [--formats none,bf16,int8,int4,w8a8] [--turns 5] [--tokens 64]
+                                  [--model-forward int4]
 
 Every system is its own process, started once and measured in turns (one streamed request at a
 time, ``--tokens`` new tokens forced, greedy, the same ~15-token prompt with a new number in front
@@ -10,7 +11,9 @@ each time so that no prompt cache answers): adapterserve at each ``ADAPTERSERVE_
 GGUF (``/completion``, ``ignore_eos``, ``cache_prompt`` off), both with one rank-16 all-linear
 LoRA adapter (llama.cpp: converted by its own ``convert_lora_to_gguf.py``). Prints the median TTFT
 and tokens/s after the first token, the ratios to llama.cpp Q4_1 in the same turns, and each
-process's resident memory after the run.
+process's resident memory after the run. ``--model-forward`` adds, for the formats it names, a
+server whose one-row batches run the model's forward (``ADAPTERSERVE_ONE_ROW_DECODE=false``): the
+one-row step's gain in the same turns.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ def main() -> None:
     parser.add_argument("--formats", default="none,bf16,int8,int4,w8a8")
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--model-forward", default="", help="formats also served without the one-row step")
     args = parser.parse_args()
     cache = Settings().cache_dir
     hf_folder, _ = resolve_model_path("", cache)
@@ -127,10 +131,14 @@ def main() -> None:
             pids["llama.cpp Q4_1"] = pid
             streams["llama.cpp Q4_1, bare"] = llama(url, False, args.tokens)
             streams["llama.cpp Q4_1, LoRA"] = llama(url, True, args.tokens)
-            for kind in args.formats.split(","):
-                label = f"adapterserve {kind}"
-                log = work / f"{kind}.log"
-                proc, url = stack.enter_context(running_server(store, log, quantization=kind))
+            servers = [(kind, "true") for kind in args.formats.split(",")]
+            servers += [(kind, "false") for kind in args.model_forward.split(",") if kind]
+            for kind, one_row in servers:
+                label = f"adapterserve {kind}" + ("" if one_row == "true" else " (model forward)")
+                log = work / f"{kind}-{one_row}.log"
+                proc, url = stack.enter_context(
+                    running_server(store, log, quantization=kind, one_row_decode=one_row)
+                )
                 pids[label] = proc.pid
                 base_id = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
                 streams[f"{label}, bare"] = ours(url, base_id, args.tokens)

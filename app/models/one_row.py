@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -36,27 +36,36 @@ class _Projection:
     base's matmul called directly where it is a plain one: float weights, or a format computing
     on bf16 rows (``rounds``: its input rounded once for the projections that read it)."""
 
-    __slots__ = ("bias", "kernel", "lora", "module", "rounds")
+    __slots__ = ("base", "bias", "kernel", "lora", "module", "rounds")
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.lora = module if isinstance(module, MultiLoraLinear) else None
-        base = self.lora.base if self.lora is not None else module
+        self.base = self.lora.base if self.lora is not None else module
         self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.bias: torch.Tensor | None = None
         self.rounds = False
-        if isinstance(base, QuantizedLinear):
-            self.kernel, self.bias = base.bf16_kernel(), base.bias
+        if isinstance(self.base, QuantizedLinear):
+            self.kernel, self.bias = self.base.bf16_kernel(), self.base.bias
             self.rounds = self.kernel is not None
-        elif type(base) is nn.Linear:
-            weight, bias = base.weight, base.bias
+        elif type(self.base) is nn.Linear:
+            weight, bias = self.base.weight, self.base.bias
             self.kernel = lambda x: F.linear(x, weight, bias)
+
+    @property
+    def general(self) -> bool:
+        """Whether this projection must run its module (IA³/DoRA scales or bottleneck modules
+        in its banks, or no direct kernel)."""
+        lora = self.lora
+        return self.kernel is None or (
+            lora is not None and (lora.scales is not None or bool(lora.bottleneck))
+        )
 
     def __call__(self, x: torch.Tensor, x16: torch.Tensor | None, slot: int) -> torch.Tensor:
         """The projection of ``x`` [1, in] (``x16``: the same in bf16 where it rounds) for
         adapter ``slot`` (routed by the caller, for the general path)."""
-        lora, kernel = self.lora, self.kernel
-        if kernel is None or (lora is not None and (lora.scales is not None or lora.bottleneck)):
+        kernel = self.kernel
+        if kernel is None or self.general:
             out: torch.Tensor = self.module(x.unsqueeze(0))
             return out.view(1, -1)
         if self.rounds:
@@ -65,31 +74,118 @@ class _Projection:
                 y = y + self.bias
         else:
             y = kernel(x)
+        self.add_lora(x, y, slot)
+        return y
+
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> None:
+        """Add ``slot``'s LoRA delta of ``x`` to ``y`` [1, out] (a view is fine), in place."""
+        lora = self.lora
         if lora is not None and slot in lora.ranks:
             a_t, b_t = lora.alone(slot)
-            y = y.addmm_(torch.mm(x, a_t), b_t)
-        return y
+            y.addmm_(torch.mm(x, a_t), b_t)
+
+
+class _Group:
+    """The projections of a layer that read the same input (q, k, v; gate, up; o; down). Where
+    their bases are int8 or int4 on the packed CPU kernels, whose packing is one row of the
+    weights after another, their weights are laid end to end once (each layer's own weights
+    become a view of that: no second copy) and one matmul computes them all."""
+
+    __slots__ = ("bias", "bounds", "kernel", "parts", "rounds")
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.bias: torch.Tensor | None = None
+        self.bounds: list[tuple[int, int]] = []
+        if len(modules) > 1:
+            _fuse(self, modules)
+        self.parts = [_Projection(m) for m in modules]  # (after _fuse: the kernels read the views)
+        self.rounds = self.parts[0].rounds
+
+    def __call__(self, x: torch.Tensor, slot: int) -> list[torch.Tensor]:
+        """Each projection of ``x`` [1, in] for adapter ``slot``."""
+        parts = self.parts
+        if self.kernel is not None and not any(p.general for p in parts):
+            y = self.kernel(x.to(torch.bfloat16)).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+            outs = [y[:, a:b] for a, b in self.bounds]
+            for part, out in zip(parts, outs, strict=True):
+                part.add_lora(x, out, slot)
+            return outs
+        x16 = x.to(torch.bfloat16) if self.rounds else None
+        return [part(x, x16, slot) for part in parts]
+
+
+def _fuse(group: _Group, modules: list[nn.Module]) -> None:
+    """Lay the packed weights of ``modules``' bases end to end, when they allow it (see
+    :class:`_Group`), checked on a random input against the separate matmuls."""
+    bases = [m.base if isinstance(m, MultiLoraLinear) else m for m in modules]
+    if not all(isinstance(b, QuantizedLinear) and b.cpu_kernel and b.kind in ("int8", "int4") for b in bases):
+        return
+    layers = [b for b in bases if isinstance(b, QuantizedLinear)]
+    if len({(b.kind, b.in_features) for b in layers}) != 1:
+        return
+    packed = torch.cat([b.packed for b in layers])
+    scales = torch.cat([b.scales for b in layers], dim=0 if layers[0].kind == "int8" else 1).contiguous()
+    fused = QuantizedLinear(
+        layers[0].in_features,
+        packed.shape[0],
+        layers[0].kind,
+        packed,
+        scales,
+        None,
+        layers[0].compute_dtype,
+        cpu_kernel=True,
+    )
+    kernel = fused.bf16_kernel()
+    assert kernel is not None
+    probe = torch.randn(1, layers[0].in_features, dtype=torch.bfloat16, device=packed.device)
+    separate = torch.cat([b._packed_bf16(probe) for b in layers], dim=1)
+    if not torch.equal(kernel(probe), separate):
+        return
+    start = 0
+    for b in layers:
+        rows = b.packed.shape[0]
+        b.packed = packed[start : start + rows]  # the layer's own weights: a view of the whole
+        group.bounds.append((start, start + rows))
+        start += rows
+    group.kernel = kernel
+    if any(b.bias is not None for b in layers):
+        group.bias = torch.cat(
+            [
+                b.bias if b.bias is not None else packed.new_zeros(b.out_features, dtype=b.compute_dtype)
+                for b in layers
+            ]
+        )
 
 
 @dataclass(frozen=True)
 class _Layer:
-    input_norm: nn.Module
-    q: _Projection
-    k: _Projection
-    v: _Projection
-    o: _Projection
+    input_norm: Callable[[torch.Tensor], torch.Tensor]
+    qkv: _Group
+    o: _Group
     q_norm: nn.Module | None  # qwen3 normalizes each head of q and k
     k_norm: nn.Module | None
-    post_norm: nn.Module
-    gate: _Projection
-    up: _Projection
-    down: _Projection
+    post_norm: Callable[[torch.Tensor], torch.Tensor]
+    gate_up: _Group
+    down: _Group
     act: nn.Module
     scaling: float
 
-    @property
-    def rounds(self) -> bool:
-        return self.q.rounds
+
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def _norm(module: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module``, or in float32 PyTorch's fused RMS norm with its weight and epsilon: the same
+    values (normalized in float32, then scaled), one operation instead of six."""
+    if type(module).__name__ not in RMS_NORMS or dtype != torch.float32:
+        return module
+    weight, eps = module.weight, float(cast(float, module.variance_epsilon))
+    assert isinstance(weight, torch.Tensor)
+    shape = (int(weight.shape[0]),)
+    return lambda x: F.rms_norm(x, shape, weight, eps)
 
 
 class OneRowDecoder:
@@ -97,31 +193,31 @@ class OneRowDecoder:
 
     def __init__(self, model: Any) -> None:  # a transformers model of one of FAMILIES
         backbone, config = model.model, model.config
+        dtype = next(backbone.norm.parameters()).dtype
         self.embed: nn.Module = backbone.embed_tokens
         self.rotary: nn.Module = backbone.rotary_emb
-        self.norm: nn.Module = backbone.norm
+        self.norm = _norm(backbone.norm, dtype)
         self.head: nn.Module = model.lm_head
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
-        self.layers = [
-            _Layer(
-                input_norm=layer.input_layernorm,
-                q=_Projection(layer.self_attn.q_proj),
-                k=_Projection(layer.self_attn.k_proj),
-                v=_Projection(layer.self_attn.v_proj),
-                o=_Projection(layer.self_attn.o_proj),
-                q_norm=getattr(layer.self_attn, "q_norm", None),
-                k_norm=getattr(layer.self_attn, "k_norm", None),
-                post_norm=layer.post_attention_layernorm,
-                gate=_Projection(layer.mlp.gate_proj),
-                up=_Projection(layer.mlp.up_proj),
-                down=_Projection(layer.mlp.down_proj),
-                act=layer.mlp.act_fn,
-                scaling=float(layer.self_attn.scaling),
+        self.layers = []
+        for layer in backbone.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                _Layer(
+                    input_norm=_norm(layer.input_layernorm, dtype),
+                    qkv=_Group([attn.q_proj, attn.k_proj, attn.v_proj]),
+                    o=_Group([attn.o_proj]),
+                    q_norm=getattr(attn, "q_norm", None),
+                    k_norm=getattr(attn, "k_norm", None),
+                    post_norm=_norm(layer.post_attention_layernorm, dtype),
+                    gate_up=_Group([mlp.gate_proj, mlp.up_proj]),
+                    down=_Group([mlp.down_proj]),
+                    act=mlp.act_fn,
+                    scaling=float(attn.scaling),
+                )
             )
-            for layer in backbone.layers
-        ]
 
     @classmethod
     def of(cls, model: nn.Module) -> OneRowDecoder | None:
@@ -149,27 +245,21 @@ class OneRowDecoder:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         gqa = heads != kv_heads
-        bf16 = torch.bfloat16
         kv: Any  # the engine's cache layers (app/engine/kv_cache.py)
         for layer, kv in zip(self.layers, cache.layers, strict=True):
-            rounds = layer.rounds
-            x = layer.input_norm(h)
-            x16 = x.to(bf16) if rounds else None
-            q = layer.q(x, x16, slot).view(1, 1, heads, dim)
-            k = layer.k(x, x16, slot).view(1, 1, kv_heads, dim)
-            v = layer.v(x, x16, slot).view(1, kv_heads, 1, dim)
+            q, k, v = layer.qkv(layer.input_norm(h), slot)
             if layer.q_norm is not None and layer.k_norm is not None:
-                q, k = layer.q_norm(q), layer.k_norm(k)
-            q = _rotated(q.view(1, heads, 1, dim), cos, sin)
-            k = _rotated(k.view(1, kv_heads, 1, dim), cos, sin)
-            keys, values = kv.update(k, v)
+                q = layer.q_norm(q.reshape(1, heads, 1, dim))
+                k = layer.k_norm(k.reshape(1, kv_heads, 1, dim))
+            q = _rotated(q.reshape(1, heads, 1, dim), cos, sin)
+            k = _rotated(k.reshape(1, kv_heads, 1, dim), cos, sin)
+            keys, values = kv.update(k, v.reshape(1, kv_heads, 1, dim))
             attn = F.scaled_dot_product_attention(q, keys, values, scale=layer.scaling, enable_gqa=gqa)
-            a = attn.view(1, heads * dim)
-            h = h + layer.o(a, a.to(bf16) if rounds else None, slot)
-            x = layer.post_norm(h)
-            x16 = x.to(bf16) if rounds else None
-            m = layer.act(layer.gate(x, x16, slot)) * layer.up(x, x16, slot)
-            h = h + layer.down(m, m.to(bf16) if rounds else None, slot)
+            (o,) = layer.o(attn.view(1, heads * dim), slot)
+            h = h + o
+            gate, up = layer.gate_up(layer.post_norm(h), slot)
+            (down,) = layer.down(layer.act(gate) * up, slot)
+            h = h + down
         logits: torch.Tensor = self.head(self.norm(h))
         return logits
 
