@@ -200,7 +200,7 @@ class GenerationBatch:
         """Forward ``ids`` [batch, tokens] through the model and cache; last-token logits [batch, vocab]."""
         r = self.runner
         one_row = r.one_row
-        if one_row is not None and ids.shape[1] == 1 and one_row.applies(self.cache, self.mask):
+        if one_row is not None and one_row.applies(self.cache, self.mask, ids.shape[1]):
             slot = self.rows[0].slot
             with r.routed([slot], reuse_key):
                 return one_row(ids, positions, self.cache, slot)

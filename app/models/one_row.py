@@ -1,4 +1,4 @@
-"""One decode step of one row, without transformers' per-layer plumbing.
+"""The forward of one row (a decode step, or a prefill chunk), without transformers' plumbing.
 
 A person talking to a chatbot is one row decoding one token at a time. At one row, the weights'
 matmuls are a minority of a step on a CPU: transformers' decoder layers spend the rest on module
@@ -10,8 +10,9 @@ weight format and adapter kind, routed as for any batch, applies unchanged), its
 and norms, appends to the engine's KV cache layers and attends with PyTorch's SDPA. The result is
 the same computation as the model's forward (the parity tests compare the two).
 
-It applies to a batch of exactly one row whose cache has no padding; anything else runs the
-model's forward.
+It applies to a batch of exactly one row whose cache has no padding (the decode steps of one
+stream, and the prefill of one new prompt: the first token of a chat turn); anything else runs
+the model's forward.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from app.models.multi_lora import MultiLoraLinear
 from app.models.quantized_layers import QuantizedLinear
@@ -52,22 +54,26 @@ class _Projection:
             weight, bias = self.base.weight, self.base.bias
             self.kernel = lambda x: F.linear(x, weight, bias)
 
-    @property
-    def general(self) -> bool:
-        """Whether this projection must run its module (IA³/DoRA scales or bottleneck modules
-        in its banks, or no direct kernel)."""
+    def general(self, slot: int) -> bool:
+        """Whether this projection must run its module for adapter ``slot`` (no direct kernel,
+        or IA³/DoRA scales or a bottleneck module of the slot's in this layer)."""
+        if self.kernel is None:
+            return True
         lora = self.lora
-        return self.kernel is None or (
-            lora is not None and (lora.scales is not None or bool(lora.bottleneck))
+        if lora is None:
+            return False
+        scales, bottleneck = lora.scales, lora.bottleneck
+        return (scales is not None and slot in scales.uses) or (
+            bottleneck is not None and slot in bottleneck.sizes
         )
 
     def __call__(self, x: torch.Tensor, x16: torch.Tensor | None, slot: int) -> torch.Tensor:
-        """The projection of ``x`` [1, in] (``x16``: the same in bf16 where it rounds) for
+        """The projection of ``x`` [n, in] (``x16``: the same in bf16 where it rounds) for
         adapter ``slot`` (routed by the caller, for the general path)."""
         kernel = self.kernel
-        if kernel is None or self.general:
+        if kernel is None or self.general(slot):
             out: torch.Tensor = self.module(x.unsqueeze(0))
-            return out.view(1, -1)
+            return out.view(x.shape[0], -1)
         if self.rounds:
             y = kernel(x.to(torch.bfloat16) if x16 is None else x16).to(x.dtype)
             if self.bias is not None:
@@ -78,7 +84,7 @@ class _Projection:
         return y
 
     def add_lora(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> None:
-        """Add ``slot``'s LoRA delta of ``x`` to ``y`` [1, out] (a view is fine), in place."""
+        """Add ``slot``'s LoRA delta of ``x`` to ``y`` [n, out] (a view is fine), in place."""
         lora = self.lora
         if lora is not None and slot in lora.ranks:
             a_t, b_t = lora.alone(slot)
@@ -103,9 +109,9 @@ class _Group:
         self.rounds = self.parts[0].rounds
 
     def __call__(self, x: torch.Tensor, slot: int) -> list[torch.Tensor]:
-        """Each projection of ``x`` [1, in] for adapter ``slot``."""
+        """Each projection of ``x`` [n, in] for adapter ``slot``."""
         parts = self.parts
-        if self.kernel is not None and not any(p.general for p in parts):
+        if self.kernel is not None and not any(p.general(slot) for p in parts):
             y = self.kernel(x.to(torch.bfloat16)).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
@@ -227,41 +233,57 @@ class OneRowDecoder:
             return None
         return cls(model)
 
-    def applies(self, cache: DynamicCache, mask: torch.Tensor) -> bool:
-        """Whether a batch with this cache and mask [rows, columns] is one this step can run: one
-        row with no padding column. (A sliding-window layer returns the keys and values of its
-        window and the new token: attending to all of them is the window.)"""
+    def applies(self, cache: DynamicCache, mask: torch.Tensor, tokens: int) -> bool:
+        """Whether a batch with this cache and mask [rows, columns] is one this step can run for
+        ``tokens`` new tokens: one row with no padding column; several new tokens only over
+        full-attention layers. (For one token, a sliding-window layer returns the keys and values
+        of its window and the new token: attending to all of them is the window.)"""
         if mask.shape[0] != 1 or len(cache.layers) != len(self.layers):
+            return False
+        if tokens > 1 and any(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers):
             return False
         return bool(mask.all())
 
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, slot: int
     ) -> torch.Tensor:
-        """Logits [1, vocab] of the token ``ids`` [1, 1] at ``positions`` [1, 1] for adapter
-        ``slot`` (routed by the caller), its keys and values appended to ``cache``."""
-        h = self.embed(ids).view(1, -1)  # [1, hidden]
-        cos, sin = self.rotary(h, positions)  # [1, 1, head_dim]
+        """Logits [1, vocab] after the tokens ``ids`` [1, n] at ``positions`` [1, n] for adapter
+        ``slot`` (routed by the caller), their keys and values appended to ``cache``."""
+        n = ids.shape[1]
+        h = self.embed(ids).view(n, -1)  # [n, hidden]
+        cos, sin = self.rotary(h, positions)  # [1, n, head_dim]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         gqa = heads != kv_heads
+        mask = None if n == 1 else _causal(cache, n, h.device)
         kv: Any  # the engine's cache layers (app/engine/kv_cache.py)
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             q, k, v = layer.qkv(layer.input_norm(h), slot)
+            q, k, v = _heads(q, heads, dim), _heads(k, kv_heads, dim), _heads(v, kv_heads, dim)
             if layer.q_norm is not None and layer.k_norm is not None:
-                q = layer.q_norm(q.reshape(1, heads, 1, dim))
-                k = layer.k_norm(k.reshape(1, kv_heads, 1, dim))
-            q = _rotated(q.reshape(1, heads, 1, dim), cos, sin)
-            k = _rotated(k.reshape(1, kv_heads, 1, dim), cos, sin)
-            keys, values = kv.update(k, v.reshape(1, kv_heads, 1, dim))
-            attn = F.scaled_dot_product_attention(q, keys, values, scale=layer.scaling, enable_gqa=gqa)
-            (o,) = layer.o(attn.view(1, heads * dim), slot)
+                q, k = layer.q_norm(q), layer.k_norm(k)
+            keys, values = kv.update(_rotated(k, cos, sin), v)
+            attn = F.scaled_dot_product_attention(
+                _rotated(q, cos, sin), keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=gqa
+            )
+            (o,) = layer.o(attn.transpose(1, 2).reshape(n, heads * dim), slot)
             h = h + o
             gate, up = layer.gate_up(layer.post_norm(h), slot)
             (down,) = layer.down(layer.act(gate) * up, slot)
             h = h + down
-        logits: torch.Tensor = self.head(self.norm(h))
+        logits: torch.Tensor = self.head(self.norm(h[-1:]))
         return logits
+
+
+def _heads(x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """[n, heads x dim] as [1, heads, n, dim] (a view)."""
+    return x.view(x.shape[0], heads, dim).transpose(0, 1).unsqueeze(0)
+
+
+def _causal(cache: DynamicCache, n: int, device: torch.device) -> torch.Tensor:
+    """[n, past + n]: new token i sees the cached tokens and the new ones up to itself."""
+    past = cache.get_seq_length()
+    return torch.ones(n, past + n, dtype=torch.bool, device=device).tril(past)
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

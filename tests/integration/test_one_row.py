@@ -67,24 +67,23 @@ def test_the_one_row_step_equals_the_model_forward(
     tolerance = 1e-4 if fmt == "none" else 2e-2  # bf16 rounding: each path rounds the same inputs
     for slot in slot_ids:
         caches = [kv_cache.new_cache(base.model.config) for _ in range(2)]
-        ids = torch.tensor([prompt])
+        token = torch.tensor([prompt[:3]])  # a prefill in two chunks, then decode steps
         with runner.routed([slot]), torch.inference_mode():
-            for cache in caches:
-                logits = base.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
-            token = logits.argmax(-1, keepdim=True)
-            for i in range(STEPS):
-                position = torch.tensor([[len(prompt) + i]])
-                mask = torch.ones(1, len(prompt) + i + 1, dtype=torch.long)
-                assert step.applies(caches[1], mask)
+            for i, width in enumerate([3, len(prompt) - 3] + [1] * STEPS):
+                start = 0 if i == 0 else 3 if i == 1 else len(prompt) + i - 2
+                position = torch.arange(start, start + width).unsqueeze(0)
+                mask = torch.ones(1, start + width, dtype=torch.long)
+                if i == 1:
+                    token = torch.tensor([prompt[3:]])
+                assert step.applies(caches[1], mask, width) == (width == 1 or family != "mistral")
                 inputs = {"input_ids": token, "position_ids": position, "attention_mask": mask}
                 want = base.model(**inputs, cache=caches[0], use_cache=True).logits[:, -1]
-                got = step(token, position, caches[1], slot)
-                assert (got - want).abs().max().item() <= tolerance * max(1.0, want.abs().max().item()), (
-                    family,
-                    fmt,
-                    slot,
-                    i,
-                )
+                if width == 1 or family != "mistral":  # (several tokens over a sliding window: no)
+                    got = step(token, position, caches[1], slot)
+                else:
+                    got = base.model(**inputs, cache=caches[1], use_cache=True).logits[:, -1]
+                bound = tolerance * max(1.0, want.abs().max().item())
+                assert (got - want).abs().max().item() <= bound, (family, fmt, slot, i)
                 for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
                     assert a.keys is not None and b.keys is not None
                     torch.testing.assert_close(a.keys, b.keys, atol=tolerance, rtol=tolerance)
@@ -101,12 +100,12 @@ def test_it_applies_to_one_unpadded_row_of_the_families_it_knows(
     cache = kv_cache.new_cache(base.model.config)
     with torch.inference_mode():
         base.model(input_ids=torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=cache, use_cache=True)
-    assert not step.applies(cache, torch.ones(2, 4, dtype=torch.long))  # two rows
+    assert not step.applies(cache, torch.ones(2, 4, dtype=torch.long), 1)  # two rows
     one = kv_cache.new_cache(base.model.config)
     with torch.inference_mode():
         base.model(input_ids=torch.tensor([[1, 2, 3]]), cache=one, use_cache=True)
-    assert step.applies(one, torch.ones(1, 4, dtype=torch.long))
-    assert not step.applies(one, torch.tensor([[0, 1, 1, 1]]))  # a padding column
+    assert step.applies(one, torch.ones(1, 4, dtype=torch.long), 1)
+    assert not step.applies(one, torch.tensor([[0, 1, 1, 1]]), 1)  # a padding column
     for family in ("gpt2", "phi3", "gemma3_text"):  # other layouts: the model's forward
         other = tiny_base(family, base_path, tmp_path / family)
         config = AutoConfig.from_pretrained(other)
