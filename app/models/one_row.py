@@ -95,9 +95,10 @@ class _Group:
     """The projections of a layer that read the same input (q, k, v; gate, up; o; down). Where
     their bases are int8 or int4 on the packed CPU kernels, whose packing is one row of the
     weights after another, their weights are laid end to end once (each layer's own weights
-    become a view of that: no second copy) and one matmul computes them all."""
+    become a view of that: no second copy) and one matmul computes them all; a LoRA adapter's
+    deltas then take two matmuls for the group too (its A side by side, its B block-diagonal)."""
 
-    __slots__ = ("bias", "bounds", "kernel", "parts", "rounds")
+    __slots__ = ("bias", "bounds", "kernel", "lora", "parts", "rounds")
 
     def __init__(self, modules: list[nn.Module]) -> None:
         self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -107,6 +108,9 @@ class _Group:
             _fuse(self, modules)
         self.parts = [_Projection(m) for m in modules]  # (after _fuse: the kernels read the views)
         self.rounds = self.parts[0].rounds
+        # the last adapter's weights for the group: (its parts' A^T, as the layers keep them; A^T
+        # side by side [in, ranks]; B^T block-diagonal [ranks, outs])
+        self.lora: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor, slot: int) -> list[torch.Tensor]:
         """Each projection of ``x`` [n, in] for adapter ``slot``."""
@@ -115,12 +119,38 @@ class _Group:
             y = self.kernel(x.to(torch.bfloat16)).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
-            outs = [y[:, a:b] for a, b in self.bounds]
-            for part, out in zip(parts, outs, strict=True):
-                part.add_lora(x, out, slot)
-            return outs
+            weights = self._lora(slot)
+            if weights is not None:
+                y.addmm_(torch.mm(x, weights[0]), weights[1])
+            return [y[:, a:b] for a, b in self.bounds]
         x16 = x.to(torch.bfloat16) if self.rounds else None
         return [part(x, x16, slot) for part in parts]
+
+    def _lora(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``slot``'s LoRA weights for the whole group (None: no part has any), remade when the
+        layers' own copies change (another adapter, or new weights in the slot)."""
+        pairs = [
+            (part.lora.alone(slot), bounds)
+            for part, bounds in zip(self.parts, self.bounds, strict=True)
+            if part.lora is not None and slot in part.lora.ranks
+        ]
+        if not pairs:
+            return None
+        kept = self.lora
+        if (
+            kept is not None
+            and len(kept[0]) == len(pairs)
+            and all(a is b for a, b in zip(kept[0], (p[0][0] for p in pairs), strict=True))
+        ):
+            return kept[1], kept[2]
+        a_side = torch.cat([a_t for (a_t, _), _ in pairs], dim=1)
+        b_block = a_side.new_zeros(a_side.shape[1], self.bounds[-1][1])
+        row = 0
+        for (_, b_t), (start, end) in pairs:
+            b_block[row : row + b_t.shape[0], start:end] = b_t
+            row += b_t.shape[0]
+        self.lora = ([a_t for (a_t, _), _ in pairs], a_side, b_block)
+        return a_side, b_block
 
 
 def _fuse(group: _Group, modules: list[nn.Module]) -> None:

@@ -1,13 +1,15 @@
 """The one-row decode step (app/models/one_row.py) computes what the model's forward computes.
 
-Tiny random bases of the families it serves, in each weight format, with a LoRA adapter (the
-direct kernel path) and a DoRA adapter (the general, routed module path): a prompt is prefilled,
+Tiny random bases of the families it serves, in each weight format, with LoRA adapters on every
+layer and on some layers of a group (the direct kernel path) and a DoRA adapter (the general,
+routed module path): a prompt is prefilled,
 then the same decode steps run through the model's forward on one cache and through the one-row
 step on another; the logits and the caches' keys and values agree at every step."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -40,9 +42,14 @@ def tiny(base_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
             config.sliding_window = 4
             config.save_pretrained(base)
         out = tmp_path_factory.mktemp(f"one-row-{family}-adapters")
+        kinds: list[tuple[str, int, dict[str, Any]]] = [
+            ("lora", 1, {"target_modules": "all-linear"}),
+            ("lora-qv", 3, {"target_modules": ["q_proj", "v_proj", "up_proj"], "r": 8}),  # parts of groups
+            ("dora", 2, {"target_modules": "all-linear", "use_dora": True}),
+        ]
         adapters = [
-            make_adapter(base, out, name, "generate", seed, r=4, target_modules="all-linear", **extra).folder
-            for name, seed, extra in (("lora", 1, {}), ("dora", 2, {"use_dora": True}))
+            make_adapter(base, out, name, "generate", seed, **({"r": 4} | extra)).folder
+            for name, seed, extra in kinds
         ]
         made[family] = (base, adapters)
     return made
