@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from app.models.multi_lora import MultiLoraLinear
 from app.models.quantized_layers import QuantizedLinear
+from app.platform import return_freed_memory
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # the layer layout this step implements
 
@@ -254,6 +255,8 @@ class OneRowDecoder:
                     scaling=float(attn.scaling),
                 )
             )
+        if any(layer.qkv.kernel is not None or layer.gate_up.kernel is not None for layer in self.layers):
+            return_freed_memory()  # the layers' weights before they were laid end to end
 
     @classmethod
     def of(cls, model: nn.Module) -> OneRowDecoder | None:
