@@ -109,7 +109,7 @@ def quantize_model(
         replaced[id(embedding)] = quantized
         if tied and kind != "w8a8":  # (w8a8: the head is smoothed, so it has weights of its own)
             assert isinstance(head, nn.Linear)
-            replaced[id(head)] = _tied_head(quantized, head, kind)
+            replaced[id(head)] = quantized.head(head.bias)
     for name, mod in list(model.named_modules()):
         new = replaced.get(id(mod))
         if new is None and name in parts:
@@ -123,22 +123,6 @@ def quantize_model(
     for t in [*model.parameters(), *model.buffers()]:  # own copies of what stays float (norms,
         t.data = t.data.clone()  # biases): nothing holds the loaded file's memory any more
     return weight_bytes(model)
-
-
-def _tied_head(embedding: QuantizedEmbedding, head: nn.Linear, kind: Quantization) -> QuantizedLinear:
-    """The head tied to quantized embeddings: it reads the same rows, except in int4 where packed
-    int4 CPU kernels exist (AVX-512 with bf16): there it is the embeddings' int8 rows packed in int4
-    once more (half the vocabulary x hidden bytes more), because one decode step reads the whole
-    head (on 2 AVX-512 cores, 49152 x 576 at one row: 0.9 ms in int4, 1.5-2.6 in int8)."""
-    device = embedding.packed.device
-    if kind != "int4" or not packed_cpu_kernels(device):
-        return embedding.head(head.bias)
-    rows = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=head.bias is not None)
-    rows.to(device=device, dtype=embedding.compute_dtype)
-    rows.weight.data = embedding.dequantized()
-    if head.bias is not None:
-        rows.bias.data = head.bias.detach().clone()
-    return QuantizedLinear.of(rows, "int4")
 
 
 @torch.no_grad()
@@ -169,7 +153,7 @@ def snap_to_quantized(
             new = bf16.BF16Linear.of(mod)
         elif rounds_activations(kind, mod.weight.device):  # int8/int4 on bf16 activations
             served = (
-                _tied_head(QuantizedEmbedding(embedding, kind), mod, kind)
+                QuantizedEmbedding(embedding, kind).head(None)
                 if tied and isinstance(embedding, nn.Embedding)
                 else QuantizedLinear.of(mod, kind)
             )
