@@ -105,7 +105,8 @@ class BottleneckBank:
         return weights
 
     # --- bank management (between forwards) ------------------------------------------------
-    def _resize(self, slots: int, size: int) -> None:
+    @torch.inference_mode(False)  # banks are normal tensors whatever the caller's mode (updated
+    def _resize(self, slots: int, size: int) -> None:  # in place, read by attributions' backward)
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, dtype=self.dtype, device=self.device)
 

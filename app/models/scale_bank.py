@@ -72,7 +72,8 @@ class ScaleBank:
             self.banks[name][slot].copy_(vector.reshape(-1))
         self.uses[slot] = frozenset(vectors)
 
-    def _grow(self, name: str, room: int) -> None:
+    @torch.inference_mode(False)  # banks are normal tensors whatever the caller's mode: updated
+    def _grow(self, name: str, room: int) -> None:  # in place later, read by attributions' backward
         fill = 0.0 if name == "shift" else 1.0
         bank = torch.full((room, self.sizes[name]), fill, dtype=self.dtype, device=self.device)
         old = self.banks.get(name)
@@ -95,6 +96,7 @@ class ScaleBank:
         self.clear_slot(src)
         self.set_slot(dst, vectors, dst + 1)
 
+    @torch.inference_mode(False)  # (see _grow)
     def fit(self, room: int) -> None:
         for name, bank in list(self.banks.items()):
             if bank.shape[0] > room:
