@@ -39,20 +39,20 @@ class _Projection:
     base's matmul called directly where it is a plain one: float weights, or a format computing
     on bf16 rows (``rounds``: its input rounded once for the projections that read it)."""
 
-    __slots__ = ("base", "bias", "kernel", "lora", "module", "rounds")
+    __slots__ = ("bias", "kernel", "lora", "module", "rounds")
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.lora = module if isinstance(module, MultiLoraLinear) else None
-        self.base = self.lora.base if self.lora is not None else module
+        base = self.lora.base if self.lora is not None else module
         self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.bias: torch.Tensor | None = None
         self.rounds = False
-        if isinstance(self.base, QuantizedLinear):
-            self.kernel, self.bias = self.base.bf16_kernel(), self.base.bias
+        if isinstance(base, QuantizedLinear):
+            self.kernel, self.bias = base.bf16_kernel(), base.bias
             self.rounds = self.kernel is not None
-        elif type(self.base) is nn.Linear:
-            weight, bias = self.base.weight, self.base.bias
+        elif type(base) is nn.Linear:
+            weight, bias = base.weight, base.bias
             self.kernel = lambda x: F.linear(x, weight, bias)
 
     def general(self, slot: int) -> bool:
@@ -178,7 +178,8 @@ def _fuse(group: _Group, modules: list[nn.Module]) -> None:
     kernel = fused.bf16_kernel()
     assert kernel is not None
     probe = torch.randn(1, layers[0].in_features, dtype=torch.bfloat16, device=packed.device)
-    separate = torch.cat([b._packed_bf16(probe) for b in layers], dim=1)
+    parts = [b.bf16_kernel() for b in layers]
+    separate = torch.cat([part(probe) for part in parts if part is not None], dim=1)
     if not torch.equal(kernel(probe), separate):
         return
     start = 0
