@@ -134,6 +134,9 @@ def test_quantized_base_equals_peft_on_the_dequantized_weights(
 
     for name in (None, "gen-qv-r8", "gen-pattern"):
         for prompt in GENERATE_PROMPTS:
+            expected_text[(name, prompt)] = ""
+            if kind in ROUNDS_ACTIVATIONS:
+                continue  # compared along the served tokens below, not as a whole text
             enc = tok(prompt, return_tensors="pt")
             with using(name), torch.inference_mode():
                 out = peft.generate(**enc, max_new_tokens=GEN_TOKENS, do_sample=False)
