@@ -92,8 +92,13 @@ def process(logits: torch.Tensor, states: Sequence[RowState | None], eos_ids: Se
         return logits
     picked: list[RowState] = [s for s in states if s is not None]
     dev = logits.device
+    every = len(rows) == logits.shape[0]  # (then the processed rows are the result: no copy back)
     index = torch.tensor(rows, device=dev)
-    sub = logits.index_select(0, index).float()
+    if every:
+        sub = logits.float()
+        sub = sub.clone() if sub is logits else sub
+    else:
+        sub = logits.index_select(0, index).float()
 
     def of(want: Any) -> tuple[torch.Tensor, list[RowState]]:
         local = [i for i, s in enumerate(picked) if want(s)]
@@ -126,6 +131,8 @@ def process(logits: torch.Tensor, states: Sequence[RowState | None], eos_ids: Se
             dead = ~torch.isfinite(sub).any(dim=-1)
             if bool(dead.any()):
                 sub[dead.nonzero().unsqueeze(1), torch.tensor([eos_ids[0]], device=dev)] = 0.0
+    if every:
+        return sub
     out = logits.float().clone()
     out[index] = sub
     return out

@@ -61,6 +61,22 @@ def test_process_equals_per_row_reference() -> None:
                 assert s.advance(tok)
 
 
+def test_every_row_processed_leaves_the_logits_as_they_were() -> None:
+    """When every row asks for processing the result is computed in place of a copy: the raw
+    logits (which log-probabilities are reported from) must stay as they were."""
+    torch.manual_seed(2)
+    params = [SamplingParams(8, min_tokens=2), SamplingParams(8, repetition_penalty=1.3)]
+    states = [RowState.of(p, [1, 2], VOCAB, torch.device("cpu")) for p in params]
+    logits = torch.randn(2, VOCAB) * 3
+    raw = logits.clone()
+    got = process(logits, states, [EOS])
+    assert torch.equal(logits, raw) and got is not logits
+    for i, p in enumerate(params):
+        assert torch.allclose(got[i].double(), _reference(raw[i], p, [1, 2], []), atol=1e-5)
+    half = process(raw.bfloat16(), states, [EOS])  # a bf16 head's logits: processed in float
+    assert half.dtype == torch.float32 and half[0, EOS] == float("-inf")
+
+
 def test_rows_without_options_cost_nothing() -> None:
     logits = torch.randn(3, VOCAB)
     assert process(logits, [None, None, None], [EOS]) is logits

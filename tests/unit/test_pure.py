@@ -9,7 +9,7 @@ import torch
 
 from app.adapters.lora_format import check_config, pattern_key
 from app.engine.runner import last_non_pad_index
-from app.engine.sampling import find_stop, make_generator, select_tokens, top_p_filter
+from app.engine.sampling import BLOCK, find_stop, greedy_tokens, make_generator, select_tokens, top_p_filter
 from app.errors import (
     AdapterNotFound,
     DeadlineExceeded,
@@ -84,6 +84,23 @@ def test_top_p_keeps_smallest_set_reaching_mass() -> None:
     # a top_p below float32's smallest value (found by fuzzing) keeps the most likely token only
     for tiny in (5e-324, 1e-50, 1e-12):
         assert top_p_filter(probs, tiny).tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("vocab", [BLOCK - 1, 2 * BLOCK, 2 * BLOCK + 17, 49152, 151936])
+def test_greedy_tokens_equal_argmax(vocab: int) -> None:
+    torch.manual_seed(vocab)
+    logits = torch.randn(17, vocab)
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    # equal maxima in different blocks and in the tail, NaN, all -inf, a bf16 head's logits
+    odd = torch.full((6, vocab), float("-inf"))
+    odd[0, [5, vocab - 1]] = 1.0
+    odd[1, [vocab - 1, vocab // 2]] = 3.0
+    odd[2, [vocab - 2, 3]] = float("nan")
+    odd[4] = 0.0
+    odd[5, vocab - 1] = 2.0
+    assert greedy_tokens(odd).tolist() == odd.argmax(-1).tolist()
+    half = logits.bfloat16()
+    assert torch.equal(greedy_tokens(half), half.argmax(-1))
 
 
 def test_select_tokens_greedy_and_seeded() -> None:
