@@ -1,6 +1,6 @@
 """The one-row step against the model's forward: one stream's decode step and a short prefill.
 
-    python -m bench.one_row [--formats bf16,int4] [--turns 7] [--steps 20]
+    python -m bench.one_row [--formats bf16,int4] [--turns 7] [--steps 20] [--rows 1,17,32]
 
 In one process, per ``--formats`` weight format: the default base, its linear layers wrapped as
 the engine wraps them, a rank-16 all-linear LoRA adapter in a slot. The engine's own generation
@@ -8,7 +8,9 @@ batch of one row (``GenerationBatch``, sampling included) is timed over ``--step
 (after ~40 tokens), bare and with the adapter, with the one-row step (``app/models/one_row.py``)
 and with the model's forward (``ADAPTERSERVE_ONE_ROW_DECODE=false``); and the prefill of a
 9-token chat line after 31 cached tokens (the chat template's prefix; median of 5) the same ways. Every
-configuration runs once per turn, in turns (this machine's speed drifts); medians.
+configuration runs once per turn, in turns (this machine's speed drifts); medians. ``--rows``: the
+decode step of batches of that many rows too (prompts of four lengths, so rows are left-padded;
+bare, the adapter on every row, and the adapter on every other row: a batch of two adapters).
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ from tests.helpers.versions import held
 RANK = 16
 
 
-def _decode_ms(runner: Runner, slot: int, prompt: list[int], steps: int) -> float:
-    """Median decode step of a one-row generation batch in ``slot``, after ~40 tokens."""
+def _decode_ms(runner: Runner, slots: list[int], prompt: list[int], steps: int) -> float:
+    """Median decode step of a generation batch of a row per slot in ``slots`` (prompts of four
+    lengths: several rows are left-padded), after ~40 tokens."""
     tok = runner.base.tokenizer
     params = SamplingParams(max_new_tokens=steps + 50, min_tokens=steps + 50)
-    work = GenerateWork(Generation(prompt, params))
-    batch = GenerationBatch.start(runner, [(work, [slot])], lambda ids: str(tok.decode(ids)))
+    works = [
+        (GenerateWork(Generation(prompt[: len(prompt) - i % 4], params)), [s]) for i, s in enumerate(slots)
+    ]
+    batch = GenerationBatch.start(runner, works, lambda ids: str(tok.decode(ids)))
     while batch.prefill_chunk(4096) is None:
         pass
     for _ in range(40 - len(prompt) % 40):
@@ -88,6 +93,7 @@ def main() -> None:
     parser.add_argument("--formats", default="bf16,int4")
     parser.add_argument("--turns", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rows", default="1", help="decode steps of batches of these sizes")
     args = parser.parse_args()
     settings = Settings()
     work = Path(tempfile.mkdtemp(prefix="adapterserve-one-row-"))
@@ -107,20 +113,25 @@ def main() -> None:
             version = held(folder.name, adapter)
             lora = slots.acquire(version, adapter, {version.uid})
             prompt = list(base.tokenizer(PROMPT)["input_ids"])
-            cases = {
-                f"{what}, {name}": (what, s)
-                for what in ("decode step", "prefill 9 after 31 cached")
-                for name, s in (("bare", BASE_SLOT), ("LoRA", lora))
-            }
+            cases: dict[str, tuple[str, list[int]]] = {}
+            for n in (int(r) for r in args.rows.split(",")):
+                label = "decode step" if n == 1 else f"decode step, {n} rows"
+                cases[f"{label}, bare"] = ("decode", [BASE_SLOT] * n)
+                cases[f"{label}, LoRA"] = ("decode", [lora] * n)
+                if n > 1:
+                    half = [lora, BASE_SLOT] * (n // 2) + [lora] * (n % 2)
+                    cases[f"{label}, LoRA on half"] = ("decode", half)
+            for name, s in (("bare", BASE_SLOT), ("LoRA", lora)):
+                cases[f"prefill 9 after 31 cached, {name}"] = ("prefill", [s])
             times: dict[tuple[str, bool], list[float]] = {}
             for turn in range(args.turns):
                 for on in (turn % 2 == 0, turn % 2 == 1):
                     runner.one_row = step if on else None
-                    for name, (what, slot) in cases.items():
-                        if what == "decode step":
-                            ms = _decode_ms(runner, slot, prompt, args.steps)
+                    for name, (what, row_slots) in cases.items():
+                        if what == "decode":
+                            ms = _decode_ms(runner, row_slots, prompt, args.steps)
                         else:
-                            ms = statistics.median(_prefill_ms(runner, slot, 31, 9) for _ in range(5))
+                            ms = statistics.median(_prefill_ms(runner, row_slots[0], 31, 9) for _ in range(5))
                         times.setdefault((name, on), []).append(ms)
             for name in cases:
                 fast = statistics.median(times[(name, True)])
@@ -130,7 +141,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(machine_line())
     print(f"default base, rank-{RANK} all-linear LoRA; medians of {args.turns} turns\n")
-    print("| format | what | one-row step | model forward | speed-up |")
+    print("| format | what | lean step | model forward | speed-up |")
     print("|---|---|---:|---:|---:|")
     for fmt, name, fast, slow in rows:
         print(f"| {fmt} | {name} | {fast:.1f} ms | {slow:.1f} ms | {slow / fast:.2f}x |")

@@ -201,9 +201,10 @@ class GenerationBatch:
         r = self.runner
         one_row = r.one_row
         if one_row is not None and one_row.applies(self.cache, self.mask, ids.shape[1]):
-            slot = self.rows[0].slot
-            with r.routed([slot], reuse_key):
-                return one_row(ids, positions, self.cache, slot)
+            slots = [row.slot for row in self.rows]
+            single = slots[0] if len(set(slots)) == 1 else None  # (None: each row its own adapter)
+            with r.routed(slots, reuse_key):
+                return one_row(ids, positions, self.cache, single, self.mask)
         with r.routed([row.slot for row in self.rows], reuse_key):
             out = r.model(
                 input_ids=ids,

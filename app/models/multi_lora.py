@@ -66,7 +66,7 @@ class MultiLoraLinear(nn.Module):
         self.bottleneck: BottleneckBank | None = None  # bottleneck modules following this layer
         self.scales: ScaleBank | None = None  # IA³ and DoRA scales (app/models/scale_bank.py)
         # the weights gathered for the running decode batch: per row (key, A^T [batch, in, r],
-        # B^T [batch, r, out]), or side by side (-key - 1, A^T, B^T, mask; :meth:`_concatenated`)
+        # B^T [batch, r, out]), or side by side (-key - 1, A^T, B^T, mask; :meth:`concatenated`)
         self._gathered: (
             tuple[int, torch.Tensor, torch.Tensor]
             | tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -114,8 +114,8 @@ class MultiLoraLinear(nn.Module):
             a_t, b_t = self.alone(routing.single)
             h = torch.mm(flat, a_t)  # [tokens, r]
             out = torch.mm(h, b_t) if bias is None else torch.addmm(bias, h, b_t)
-        elif self._concatenates(routing):
-            a_t, b_cat, mask = self._concatenated(routing)
+        elif self.concatenates(routing):
+            a_t, b_cat, mask = self.concatenated(routing)
             rows = x.shape[0]
             h = torch.mm(flat, a_t).view(rows, -1, a_t.shape[1]).mul_(mask)
             h = h.view(-1, a_t.shape[1])
@@ -152,12 +152,12 @@ class MultiLoraLinear(nn.Module):
             kept = self._single = (slot, a_t, b_t)
         return kept[1], kept[2]
 
-    def _concatenates(self, routing: Routing) -> bool:
+    def concatenates(self, routing: Routing) -> bool:
         """Whether the few adapters of a mixed batch run as one LoRA of their ranks side by side."""
         total = sum(self.ranks.get(slot, 0) for slot in set(routing.slots))
         return 0 < total <= CONCAT_MAX_RANK
 
-    def _concatenated(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def concatenated(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's adapters side by side: A^T [in, Σr], B^T [Σr, out], and each row's mask
         [batch, 1, Σr] (1 over its own adapter's ranks). The weights are kept while the batch's
         set of adapters stays (rows of a running batch join and leave every few steps), the mask

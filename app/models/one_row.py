@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from app.models.multi_lora import MultiLoraLinear
 from app.models.quantized_layers import QuantizedLinear
@@ -55,10 +55,11 @@ class _Projection:
             weight, bias = base.weight, base.bias
             self.kernel = lambda x: F.linear(x, weight, bias)
 
-    def general(self, slot: int) -> bool:
+    def general(self, slot: int | None) -> bool:
         """Whether this projection must run its module for adapter ``slot`` (no direct kernel,
-        or IA³/DoRA scales or a bottleneck module of the slot's in this layer)."""
-        if self.kernel is None:
+        rows of several adapters: None, or IA³/DoRA scales or a bottleneck module of the slot's
+        in this layer)."""
+        if self.kernel is None or slot is None:
             return True
         lora = self.lora
         if lora is None:
@@ -68,12 +69,14 @@ class _Projection:
             bottleneck is not None and slot in bottleneck.sizes
         )
 
-    def __call__(self, x: torch.Tensor, x16: torch.Tensor | None, slot: int) -> torch.Tensor:
-        """The projection of ``x`` [n, in] (``x16``: the same in bf16 where it rounds) for
-        adapter ``slot`` (routed by the caller, for the general path)."""
+    def __call__(
+        self, x: torch.Tensor, x16: torch.Tensor | None, slot: int | None, rows: int
+    ) -> torch.Tensor:
+        """The projection of ``x`` [rows x n, in] (``x16``: the same in bf16 where it rounds) for
+        adapter ``slot`` (the general path: the module, routed by the caller, on [rows, n, in])."""
         kernel = self.kernel
         if kernel is None or self.general(slot):
-            out: torch.Tensor = self.module(x.unsqueeze(0))
+            out: torch.Tensor = self.module(x.view(rows, -1, x.shape[-1]))
             return out.view(x.shape[0], -1)
         if self.rounds:
             y = kernel(x.to(torch.bfloat16) if x16 is None else x16).to(x.dtype)
@@ -81,6 +84,7 @@ class _Projection:
                 y = y + self.bias
         else:
             y = kernel(x)
+        assert slot is not None
         self.add_lora(x, y, slot)
         return y
 
@@ -99,7 +103,7 @@ class _Group:
     become a view of that: no second copy) and one matmul computes them all; a LoRA adapter's
     deltas then take two matmuls for the group too (its A side by side, its B block-diagonal)."""
 
-    __slots__ = ("bias", "bounds", "kernel", "lora", "parts", "rounds")
+    __slots__ = ("bias", "bounds", "kernel", "lora", "mask", "mixed", "parts", "rounds")
 
     def __init__(self, modules: list[nn.Module]) -> None:
         self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -112,11 +116,16 @@ class _Group:
         # the last adapter's weights for the group: (its parts' A^T, as the layers keep them; A^T
         # side by side [in, ranks]; B^T block-diagonal [ranks, outs])
         self.lora: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None
+        # a mixed batch's adapters for the whole group: (the parts' side-by-side A^T, as the layers
+        # keep them; A^T [in, Σ ranks], B^T block-diagonal [Σ ranks, Σ outs]) and the last mask
+        # (the parts' masks, as kept for the decode steps of one composition of rows; the mask)
+        self.mixed: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None
+        self.mask: tuple[list[torch.Tensor], torch.Tensor] | None = None
 
-    def __call__(self, x: torch.Tensor, slot: int) -> list[torch.Tensor]:
-        """Each projection of ``x`` [n, in] for adapter ``slot``."""
+    def __call__(self, x: torch.Tensor, slot: int | None, rows: int) -> list[torch.Tensor]:
+        """Each projection of ``x`` [rows x n, in] for adapter ``slot`` (None: the rows' own)."""
         parts = self.parts
-        if self.kernel is not None and not any(p.general(slot) for p in parts):
+        if self.kernel is not None and slot is not None and not any(p.general(slot) for p in parts):
             y = self.kernel(x.to(torch.bfloat16)).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
@@ -125,7 +134,79 @@ class _Group:
                 y.addmm_(torch.mm(x, weights[0]), weights[1])
             return [y[:, a:b] for a, b in self.bounds]
         x16 = x.to(torch.bfloat16) if self.rounds else None
-        return [part(x, x16, slot) for part in parts]
+        if slot is None and x.shape[0] == rows:
+            mixed = self._mixed(x, x16)
+            if mixed is not None:
+                return mixed
+        return [part(x, x16, slot, rows) for part in parts]
+
+    def _mixed(self, x: torch.Tensor, x16: torch.Tensor | None) -> list[torch.Tensor] | None:
+        """A decode step of rows of several adapters (one token a row): each base's kernel on the
+        rows, and the adapters' LoRA deltas of the whole group in two matmuls and a row mask (the
+        batch's adapters side by side, as :meth:`MultiLoraLinear.concatenated` lays them for one
+        layer); None where a part needs its module (no direct kernel, IA³/DoRA scales, bottleneck
+        modules, or more adapters than run side by side)."""
+        parts = self.parts
+        lora = parts[0].lora
+        routing = lora.ctx.routing if lora is not None else None
+        if routing is None:
+            return None
+        used = set(routing.slots)
+        for part in parts:
+            if part.kernel is None or any(part.general(s) for s in used):
+                return None
+            lora = part.lora
+            if lora is not None and not used.isdisjoint(lora.ranks) and not lora.concatenates(routing):
+                return None
+        ys = []
+        for part in parts:
+            assert part.kernel is not None
+            if part.rounds:
+                y = part.kernel(x16 if x16 is not None else x.to(torch.bfloat16)).to(x.dtype)
+                ys.append(y if part.bias is None else y + part.bias)
+            else:
+                ys.append(part.kernel(x))
+        with_lora = [
+            (part.lora.concatenated(routing), i)
+            for i, part in enumerate(parts)
+            if part.lora is not None and not used.isdisjoint(part.lora.ranks)
+        ]
+        if not with_lora:
+            return ys
+        widths = [ys[i].shape[1] for _, i in with_lora]
+        a_side, b_block = self._mixed_weights([w for w, _ in with_lora], widths)
+        masks = [w[2] for w, _ in with_lora]
+        kept = self.mask
+        if kept is None or len(kept[0]) != len(masks) or any(a is not b for a, b in zip(kept[0], masks)):  # noqa: B905
+            kept = self.mask = (masks, torch.cat([m.view(m.shape[0], -1) for m in masks], dim=1))
+        deltas = torch.mm(torch.mm(x, a_side).mul_(kept[1]), b_block)
+        start = 0
+        for _, i in with_lora:
+            width = ys[i].shape[1]
+            ys[i] = ys[i] + deltas[:, start : start + width]
+            start += width
+        return ys
+
+    def _mixed_weights(
+        self, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], widths: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parts' side-by-side A^T laid side by side, their B^T block-diagonal; remade when a
+        part's own copies change."""
+        kept = self.mixed
+        if (
+            kept is not None
+            and len(kept[0]) == len(weights)
+            and all(a is w[0] for a, w in zip(kept[0], weights, strict=True))
+        ):
+            return kept[1], kept[2]
+        a_side = torch.cat([a_t for a_t, _, _ in weights], dim=1)
+        b_block = a_side.new_zeros(a_side.shape[1], sum(widths))
+        row = col = 0
+        for (_, b_t, _), width in zip(weights, widths, strict=True):
+            b_block[row : row + b_t.shape[0], col : col + width] = b_t
+            row, col = row + b_t.shape[0], col + width
+        self.mixed = ([a_t for a_t, _, _ in weights], a_side, b_block)
+        return a_side, b_block
 
     def _lora(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``slot``'s LoRA weights for the whole group (None: no part has any), remade when the
@@ -269,49 +350,72 @@ class OneRowDecoder:
 
     def applies(self, cache: DynamicCache, mask: torch.Tensor, tokens: int) -> bool:
         """Whether a batch with this cache and mask [rows, columns] is one this step can run for
-        ``tokens`` new tokens: one row with no padding column; several new tokens only over
-        full-attention layers. (For one token, a sliding-window layer returns the keys and values
-        of its window and the new token: attending to all of them is the window.)"""
-        if mask.shape[0] != 1 or len(cache.layers) != len(self.layers):
+        ``tokens`` new tokens: one token for each of any number of rows (decode steps, padding
+        included); several new tokens for one row with no padding column, over full-attention
+        layers only. (For one token, a sliding-window layer returns the keys and values of its
+        window and the new token: attending to all of them is the window.)"""
+        layers = cache.layers
+        if len(layers) != len(self.layers):
             return False
-        if tokens > 1 and any(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers):
+        full = next(
+            (
+                layer
+                for layer in layers
+                if isinstance(layer, DynamicLayer) and not isinstance(layer, DynamicSlidingWindowLayer)
+            ),
+            None,
+        )
+        if full is not None and full.get_seq_length() + tokens != mask.shape[1]:
+            return False  # (the mask covers the cached columns and the new ones, as the model reads it)
+        if tokens == 1:
+            return True
+        if mask.shape[0] != 1 or any(isinstance(layer, DynamicSlidingWindowLayer) for layer in layers):
             return False
         return bool(mask.all())
 
     def __call__(
-        self, ids: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, slot: int
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        slot: int | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [1, vocab] after the tokens ``ids`` [1, n] at ``positions`` [1, n] for adapter
-        ``slot`` (routed by the caller), their keys and values appended to ``cache``."""
-        n = ids.shape[1]
-        h = self.embed(ids).view(n, -1)  # [n, hidden]
-        cos, sin = self.rotary(h, positions)  # [1, n, head_dim]
+        """Logits [rows, vocab] after the tokens ``ids`` [rows, n] at ``positions`` [rows, n]
+        (several rows: one token each) for adapter ``slot`` (None: each row its own, as the
+        caller routed them), their keys and values appended to ``cache``; ``mask`` [rows, columns]:
+        the batch's attention mask over the cached columns and the new ones (None: no padding)."""
+        rows, n = ids.shape
+        h = self.embed(ids).view(rows * n, -1)  # [rows x n, hidden]
+        cos, sin = self.rotary(h, positions)  # [rows, n, head_dim]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         gqa = heads != kv_heads
-        mask = None if n == 1 else _causal(cache, n, h.device)
+        padding = None if mask is None or bool(mask.all()) else mask.bool()[:, None, None, :]
+        causal = None if n == 1 else _causal(cache, n, h.device)
         kv: Any  # the engine's cache layers (app/engine/kv_cache.py)
         for layer, kv in zip(self.layers, cache.layers, strict=True):
-            q, k, v = layer.qkv(layer.input_norm(h), slot)
-            q, k, v = _heads(q, heads, dim), _heads(k, kv_heads, dim), _heads(v, kv_heads, dim)
+            q, k, v = layer.qkv(layer.input_norm(h), slot, rows)
+            q, k, v = (_heads(x, rows, c, dim) for x, c in ((q, heads), (k, kv_heads), (v, kv_heads)))
             if layer.q_norm is not None and layer.k_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             keys, values = kv.update(_rotated(k, cos, sin), v)
+            seen = causal if padding is None else padding[..., -keys.shape[2] :]
             attn = F.scaled_dot_product_attention(
-                _rotated(q, cos, sin), keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=gqa
+                _rotated(q, cos, sin), keys, values, attn_mask=seen, scale=layer.scaling, enable_gqa=gqa
             )
-            (o,) = layer.o(attn.transpose(1, 2).reshape(n, heads * dim), slot)
+            (o,) = layer.o(attn.transpose(1, 2).reshape(rows * n, heads * dim), slot, rows)
             h = h + o
-            gate, up = layer.gate_up(layer.post_norm(h), slot)
-            (down,) = layer.down(layer.act(gate) * up, slot)
+            gate, up = layer.gate_up(layer.post_norm(h), slot, rows)
+            (down,) = layer.down(layer.act(gate) * up, slot, rows)
             h = h + down
-        logits: torch.Tensor = self.head(self.norm(h[-1:]))
+        logits: torch.Tensor = self.head(self.norm(h.view(rows, n, -1)[:, -1]))
         return logits
 
 
-def _heads(x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
-    """[n, heads x dim] as [1, heads, n, dim] (a view)."""
-    return x.view(x.shape[0], heads, dim).transpose(0, 1).unsqueeze(0)
+def _heads(x: torch.Tensor, rows: int, heads: int, dim: int) -> torch.Tensor:
+    """[rows x n, heads x dim] as [rows, heads, n, dim] (a view)."""
+    return x.view(rows, -1, heads, dim).transpose(1, 2)
 
 
 def _causal(cache: DynamicCache, n: int, device: torch.device) -> torch.Tensor:

@@ -97,7 +97,59 @@ def test_the_one_row_step_equals_the_model_forward(
                 token = want.argmax(-1, keepdim=True)
 
 
-def test_it_applies_to_one_unpadded_row_of_the_families_it_knows(
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_steps_of_padded_rows_equal_the_model_forward(
+    tiny: dict[str, tuple[Path, list[Path]]], family: str, fmt: str
+) -> None:
+    """Several rows of different prompt lengths (left padding), prefilled together by the model,
+    then decode steps of one token per row: all rows on one adapter (the direct kernels), and each
+    row on its own (LoRA adapters and the bare base: the kernels and the adapters side by side for
+    a whole group; with a DoRA row: the routed modules)."""
+    path, adapters = tiny[family]
+    base = load_base_model(str(path), CACHE_DIR, "cpu", "float32", fmt)  # type: ignore[arg-type]
+    ctx = RoutingContext()
+    slots = DeviceSlots(wrap_linear_layers(base.model, ctx), 4, base.device, base.dtype)
+    runner = Runner(base, ctx)
+    step = runner.one_row
+    assert step is not None
+    versions = [held(folder.name, load_adapter(folder, base.spec, 64)) for folder in adapters]
+    keep = {v.uid for v in versions}
+    lora, lora_qv, dora = (slots.acquire(v, v.weights, keep) for v in versions)
+    prompts = ["The weather today is", "Hi", "A long day at the office ends with"]
+    ids, mask = runner.pad([base.tokenizer(p)["input_ids"] for p in prompts], left=True)
+    tolerance = 1e-4 if fmt == "none" else 2e-2
+    for routed in (
+        [lora, lora, lora],
+        [BASE_SLOT, lora_qv, dora],
+        [lora, BASE_SLOT, lora],
+        [lora_qv, lora, BASE_SLOT],
+    ):
+        caches = [kv_cache.new_cache(base.model.config) for _ in range(2)]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        seen = mask
+        token = ids
+        with runner.routed(routed), torch.inference_mode():
+            for cache in caches:  # the prompts: the model's forward on both caches
+                out = base.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            for i in range(STEPS):
+                positions = positions[:, -1:] + 1
+                seen = torch.cat([seen, seen.new_ones(len(prompts), 1)], dim=1)
+                assert step.applies(caches[1], seen, 1)
+                inputs = {"input_ids": token, "position_ids": positions, "attention_mask": seen}
+                want = base.model(**inputs, cache=caches[0], use_cache=True).logits[:, -1]
+                single = routed[0] if len(set(routed)) == 1 else None
+                got = step(token, positions, caches[1], single, seen)
+                bound = tolerance * max(1.0, want.abs().max().item())
+                assert (got - want).abs().max().item() <= bound, (family, fmt, routed, i)
+                for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
+                    assert a.keys is not None and b.keys is not None
+                    torch.testing.assert_close(a.keys, b.keys, atol=tolerance, rtol=tolerance)
+                token = want.argmax(-1, keepdim=True)
+
+
+def test_it_applies_to_one_token_a_row_or_one_unpadded_row_of_the_families_it_knows(
     tiny: dict[str, tuple[Path, list[Path]]], base_path: Path, tmp_path: Path
 ) -> None:
     path, _ = tiny["llama"]
@@ -107,12 +159,15 @@ def test_it_applies_to_one_unpadded_row_of_the_families_it_knows(
     cache = kv_cache.new_cache(base.model.config)
     with torch.inference_mode():
         base.model(input_ids=torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=cache, use_cache=True)
-    assert not step.applies(cache, torch.ones(2, 4, dtype=torch.long), 1)  # two rows
+    assert step.applies(cache, torch.ones(2, 4, dtype=torch.long), 1)  # two rows, a token each
+    assert step.applies(cache, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), 1)  # padding
+    assert not step.applies(cache, torch.ones(2, 5, dtype=torch.long), 2)  # two rows, two tokens
+    assert not step.applies(cache, torch.ones(2, 5, dtype=torch.long), 1)  # a mask not of this cache
     one = kv_cache.new_cache(base.model.config)
     with torch.inference_mode():
         base.model(input_ids=torch.tensor([[1, 2, 3]]), cache=one, use_cache=True)
-    assert step.applies(one, torch.ones(1, 4, dtype=torch.long), 1)
-    assert not step.applies(one, torch.tensor([[0, 1, 1, 1]]), 1)  # a padding column
+    assert step.applies(one, torch.ones(1, 5, dtype=torch.long), 2)
+    assert not step.applies(one, torch.tensor([[0, 1, 1, 1, 1]]), 2)  # several tokens after padding
     for family in ("gpt2", "phi3", "gemma3_text"):  # other layouts: the model's forward
         other = tiny_base(family, base_path, tmp_path / family)
         config = AutoConfig.from_pretrained(other)
