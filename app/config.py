@@ -107,8 +107,9 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(8192, ge=64, description="padded tokens per classification forward")
     one_row_decode: bool = Field(
         True,
-        description="decode a batch of one row (one stream) without transformers' per-layer plumbing, "
-        "on llama, mistral, qwen2 and qwen3 bases (docs/quantization.md); false = the model's forward",
+        description="run decode steps (any number of rows) and one new prompt's prefill without "
+        "transformers' per-layer plumbing, on llama, mistral, qwen2 and qwen3 bases "
+        "(docs/quantization.md); false = the model's forward",
     )
     max_prefill_tokens: int = Field(2048, ge=64, description="padded prompt tokens per prefill forward")
     ui: bool = Field(True, description="serve the web page at GET /ui (docs/explain.md)")

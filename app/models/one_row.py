@@ -10,9 +10,13 @@ weight format and adapter kind, routed as for any batch, applies unchanged), its
 and norms, appends to the engine's KV cache layers and attends with PyTorch's SDPA. The result is
 the same computation as the model's forward (the parity tests compare the two).
 
-It applies to a batch of exactly one row whose cache has no padding (the decode steps of one
-stream, and the prefill of one new prompt: the first token of a chat turn); anything else runs
-the model's forward.
+It applies to decode steps (one new token for each row of a batch, left-padded rows attending
+under the batch's mask: one stream, or a busy service's whole batch, where the same plumbing is
+paid per layer whatever the rows) and to the prefill of one row whose cache has no padding (one
+new prompt: the first token of a chat turn); anything else (several rows prefilling several
+tokens) runs the model's forward. Rows of one adapter take the direct kernels and the group's
+fused LoRA; rows of several LoRA adapters the base kernels and all the adapters side by side for
+the group (:meth:`_Group._mixed`); IA³, DoRA and bottleneck rows the layers' routed modules.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The one-row decode step (app/models/one_row.py) computes what the model's forward computes.
+"""The lean step (app/models/one_row.py) computes what the model's forward computes: one row's
+prefill and decode steps, and decode steps of several left-padded rows of one or several adapters.
 
 Tiny random bases of the families it serves, in each weight format, with LoRA adapters on every
 layer and on some layers of a group (the direct kernel path) and a DoRA adapter (the general,
