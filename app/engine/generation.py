@@ -199,13 +199,12 @@ class GenerationBatch:
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, reuse_key: int | None = None) -> torch.Tensor:
         """Forward ``ids`` [batch, tokens] through the model and cache; last-token logits [batch, vocab]."""
         r = self.runner
-        one_row = r.one_row
-        if one_row is not None and one_row.applies(self.cache, self.mask, ids.shape[1]):
-            slots = [row.slot for row in self.rows]
+        slots = [row.slot for row in self.rows]
+        if (one_row := r.one_row) is not None and one_row.applies(self.cache, self.mask, ids.shape[1]):
             single = slots[0] if len(set(slots)) == 1 else None  # (None: each row its own adapter)
             with r.routed(slots, reuse_key):
                 return one_row(ids, positions, self.cache, single, self.mask)
-        with r.routed([row.slot for row in self.rows], reuse_key):
+        with r.routed(slots, reuse_key):
             out = r.model(
                 input_ids=ids,
                 attention_mask=self.mask,

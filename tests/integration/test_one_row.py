@@ -56,11 +56,11 @@ def tiny(base_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     return made
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_the_one_row_step_equals_the_model_forward(
+def _served(
     tiny: dict[str, tuple[Path, list[Path]]], family: str, fmt: str
-) -> None:
+) -> tuple[Any, Runner, OneRowDecoder, list[int]]:
+    """The family's tiny base in ``fmt`` wrapped as the engine wraps it, its runner and lean step,
+    and the slots of its adapters (LoRA, LoRA on parts of groups, DoRA)."""
     path, adapters = tiny[family]
     base = load_base_model(str(path), CACHE_DIR, "cpu", "float32", fmt)  # type: ignore[arg-type]
     ctx = RoutingContext()
@@ -70,7 +70,16 @@ def test_the_one_row_step_equals_the_model_forward(
     assert step is not None
     versions = [held(folder.name, load_adapter(folder, base.spec, 64)) for folder in adapters]
     keep = {v.uid for v in versions}
-    slot_ids = [BASE_SLOT, *(slots.acquire(v, v.weights, keep) for v in versions)]
+    return base, runner, step, [slots.acquire(v, v.weights, keep) for v in versions]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_one_row_step_equals_the_model_forward(
+    tiny: dict[str, tuple[Path, list[Path]]], family: str, fmt: str
+) -> None:
+    base, runner, step, adapter_slots = _served(tiny, family, fmt)
+    slot_ids = [BASE_SLOT, *adapter_slots]
     prompt = base.tokenizer("The weather today is")["input_ids"]
     tolerance = 1e-4 if fmt == "none" else 2e-2  # bf16 rounding: each path rounds the same inputs
     for slot in slot_ids:
@@ -107,16 +116,7 @@ def test_decode_steps_of_padded_rows_equal_the_model_forward(
     then decode steps of one token per row: all rows on one adapter (the direct kernels), and each
     row on its own (LoRA adapters and the bare base: the kernels and the adapters side by side for
     a whole group; with a DoRA row: the routed modules)."""
-    path, adapters = tiny[family]
-    base = load_base_model(str(path), CACHE_DIR, "cpu", "float32", fmt)  # type: ignore[arg-type]
-    ctx = RoutingContext()
-    slots = DeviceSlots(wrap_linear_layers(base.model, ctx), 4, base.device, base.dtype)
-    runner = Runner(base, ctx)
-    step = runner.one_row
-    assert step is not None
-    versions = [held(folder.name, load_adapter(folder, base.spec, 64)) for folder in adapters]
-    keep = {v.uid for v in versions}
-    lora, lora_qv, dora = (slots.acquire(v, v.weights, keep) for v in versions)
+    base, runner, step, (lora, lora_qv, dora) = _served(tiny, family, fmt)
     prompts = ["The weather today is", "Hi", "A long day at the office ends with"]
     ids, mask = runner.pad([base.tokenizer(p)["input_ids"] for p in prompts], left=True)
     tolerance = 1e-4 if fmt == "none" else 2e-2
