@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:  # (torch is imported where a device is at hand: the upload command never needs it)
+    import torch
 
 
 class Settings(BaseSettings):
@@ -210,6 +212,8 @@ class Settings(BaseSettings):
         if self.prefix_cache_bytes is not None:
             return self.prefix_cache_bytes
         if device.type == "cuda":
+            import torch
+
             share = int(torch.cuda.get_device_properties(device).total_memory) // 10
         else:
             share = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
@@ -220,6 +224,8 @@ class Settings(BaseSettings):
         if self.max_device_adapter_bytes is not None:
             return self.max_device_adapter_bytes
         if device.type == "cuda":
+            import torch
+
             return min(
                 int(torch.cuda.get_device_properties(device).total_memory) // 5, self.host_adapter_bytes()
             )

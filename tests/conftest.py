@@ -198,7 +198,8 @@ def serve_live(app: Any) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.should_exit = True
+        # not graceful: a stream some test left open would hold a graceful shutdown for its timeout
+        server.should_exit = server.force_exit = True
         thread.join(10)
 
 

@@ -6,15 +6,16 @@ import io
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from app.adapters.archive import ALLOWED_FILES
-from app.adapters.store import Manifest, open_store
-from app.adapters.summary import install_validated
-from app.config import Settings
-from app.models.base_lm import BaseSpec
+
+if TYPE_CHECKING:  # (uploading to a server imports neither torch nor transformers: a CLI answers at once)
+    from app.adapters.store import Manifest
+    from app.config import Settings
+    from app.models.base_lm import BaseSpec
 
 
 class PublishError(RuntimeError):
@@ -53,6 +54,9 @@ def upload(folder: Path, name: str, url: str, token: str, timeout_s: float = 120
 def install_into_store(folder: Path, name: str, settings: Settings, spec: BaseSpec) -> Manifest:
     """Validate the folder as the server would and install it as the next version of ``name`` in
     the store ``settings`` name; servers running on that store adopt it within their sync interval."""
+    from app.adapters.store import open_store
+    from app.adapters.summary import install_validated
+
     store = open_store(settings)
     staged = store.staging_folder()
     try:
