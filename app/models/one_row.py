@@ -152,15 +152,22 @@ class OneRowDecoder:
         gqa = heads != kv_heads
         padding = None if mask is None or bool(mask.all()) else mask.bool()[:, None, None, :]
         causal = None if n == 1 else _causal(cache, n, h.device)
+        # one new token a row: its rotation as a [dim, dim] matrix a row, made once for every layer
+        # (one batched matmul of the heads instead of the six operations of the elementwise form)
+        rotation = _rotation(cos, sin) if n == 1 else None
         kv: Any  # the engine's cache layers (app/engine/kv_cache.py)
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             q, k, v = layer.qkv(layer.input_norm(h), slot, rows)
             q, k, v = (_heads(x, rows, c, dim) for x, c in ((q, heads), (k, kv_heads), (v, kv_heads)))
             if layer.q_norm is not None and layer.k_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
-            keys, values = kv.update(_rotated(k, cos, sin), v)
+            if rotation is None:
+                q, k = _rotated(q, cos, sin), _rotated(k, cos, sin)
+            else:
+                q = torch.bmm(q.reshape(rows, heads, dim), rotation).view(rows, heads, 1, dim)
+                k = torch.bmm(k.reshape(rows, kv_heads, dim), rotation).view(rows, kv_heads, 1, dim)
+            keys, values = kv.update(k, v)
             seen = causal if padding is None else padding[..., -keys.shape[2] :]
-            q = _rotated(q, cos, sin)
             if n == 1 and gqa:  # each key/value head's queries as its "tokens", as transformers packs
                 # them for a decode step: every cached key and value is read once, not once a head
                 out = F.scaled_dot_product_attention(
@@ -193,6 +200,18 @@ def _causal(cache: DynamicCache, n: int, device: torch.device) -> torch.Tensor:
     """[n, past + n]: new token i sees the cached tokens and the new ones up to itself."""
     past = cache.get_seq_length()
     return torch.ones(n, past + n, dtype=torch.bool, device=device).tril(past)
+
+
+def _rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of one token a row as matrices [rows, dim, dim]: ``x @ R`` is
+    ``x * cos + rotate_half(x) * sin`` (``R = diag(cos) + P diag(sin)``, ``x @ P`` = rotate_half(x);
+    each output is the same two products summed, the other terms exact zeros)."""
+    cos, sin = cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1)  # [rows, dim]
+    dim, half = cos.shape[1], cos.shape[1] // 2
+    swap = cos.new_zeros(dim, dim)
+    swap[half:, :half] = -torch.eye(half, dtype=cos.dtype, device=cos.device)
+    swap[:half, half:] = torch.eye(half, dtype=cos.dtype, device=cos.device)
+    return torch.diag_embed(cos) + swap * sin.unsqueeze(1)
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
