@@ -1,10 +1,11 @@
 """Memory of a server at each base quantization with 16 adapters loaded: the base's weight bytes
 (``adapterserve_base_weight_bytes``) and the process's resident memory, after start, after loading
-16 rank-16 all-linear LoRA adapters into device slots, and after 16 concurrent generations over them.
+16 rank-16 all-linear LoRA adapters into device slots, the most during 16 concurrent generations over
+them (sampled every 50 ms), and a second after they finished (the engine idle).
 
-    python -m bench.quant_memory [--adapters 16] [--rank 16]
+    python -m bench.quant_memory [--adapters 16] [--rank 16] [--kinds none,bf16,int8,int4,w8a8]
 
-One server process per setting (none, int8, int4), one after the other, on the same store.
+One server process per setting, one after the other, on the same store.
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ import argparse
 import asyncio
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import httpx
 
 from app.config import Settings
 from app.models.base_lm import load_base_model
-from bench.common import PROMPT, make_peft, save_adapters
+from bench.common import PROMPT, machine_line, make_peft, save_adapters
 from bench.server import rss_bytes, running_server
 
-KINDS = ("none", "int8", "int4", "w8a8")
+KINDS = "none,bf16,int8,int4,w8a8"
 
 
 def _metric(url: str, name: str) -> float:
@@ -39,6 +42,11 @@ async def _generate(url: str, names: list[str], tokens: int) -> None:
             resp.raise_for_status()
 
 
+def _sample(pid: int, done: threading.Event, into: list[int]) -> None:
+    while not done.wait(0.05):
+        into.append(rss_bytes(pid))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -46,6 +54,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--kinds", default=KINDS, help="the quantization settings, in order")
     args = parser.parse_args()
     base = load_base_model("", Settings().cache_dir, "cpu", "float32")
     out = Path(tempfile.mkdtemp(prefix="adapterserve-quant-memory-"))
@@ -56,7 +65,7 @@ def main() -> None:
         del peft, base
         store = folders[0].parent
         names = [f.name for f in folders]
-        for kind in KINDS:
+        for kind in args.kinds.split(","):
             log = out / f"server-{kind}.log"
             with running_server(store, log, quantization=kind, max_device_adapters="32") as (proc, url):
                 started = rss_bytes(proc.pid)
@@ -65,21 +74,31 @@ def main() -> None:
                     body = {"adapter": name, "prompt": "Hi", "max_new_tokens": 1}
                     httpx.post(f"{url}/generate", json=body, timeout=120).raise_for_status()
                 loaded = rss_bytes(proc.pid)
-                asyncio.run(_generate(url, names, args.tokens))
-                rows.append((kind, weights, started, loaded, rss_bytes(proc.pid)))
+                samples = [loaded]
+                done = threading.Event()
+                sampler = threading.Thread(target=_sample, args=(proc.pid, done, samples))
+                sampler.start()
+                try:
+                    asyncio.run(_generate(url, names, args.tokens))
+                finally:
+                    done.set()
+                    sampler.join()
+                time.sleep(1.0)  # the engine goes idle
+                rows.append((kind, weights, started, loaded, max(samples), rss_bytes(proc.pid)))
     finally:
         shutil.rmtree(out, ignore_errors=True)
     mib = 1024 * 1024
-    print(f"\n{args.adapters} LoRA adapters, rank {args.rank}, all linear layers, fp32 activations\n")
+    print(machine_line())
+    print(f"{args.adapters} LoRA adapters, rank {args.rank}, all linear layers; resident memory (VmRSS)\n")
     print(
-        "| quantization | base weights | resident after start | with the adapters loaded "
-        f"| after {args.adapters} concurrent generations |"
+        "| quantization | base weights | after start | with the adapters loaded "
+        f"| most during {args.adapters} concurrent generations | a second after them |"
     )
-    print("|---|---:|---:|---:|---:|")
-    for kind, weights, started, loaded, after in rows:
+    print("|---|---:|---:|---:|---:|---:|")
+    for kind, weights, started, loaded, peak, after in rows:
         print(
             f"| {kind} | {weights / mib:.0f} MiB | {started / mib:.0f} MiB | {loaded / mib:.0f} MiB "
-            f"| {after / mib:.0f} MiB |"
+            f"| {peak / mib:.0f} MiB | {after / mib:.0f} MiB |"
         )
 
 

@@ -80,13 +80,9 @@ class Engine:
         self.metrics = metrics
         self.ctx = RoutingContext()
         self.layers = wrap_linear_layers(base.model, self.ctx)
+        budget = settings.device_adapter_bytes(base.device)
         self.slots = DeviceSlots(
-            self.layers,
-            settings.max_device_adapters,
-            base.device,
-            base.dtype,
-            byte_budget=settings.device_adapter_bytes(base.device),
-            metrics=metrics,
+            self.layers, settings.max_device_adapters, base.device, base.dtype, budget, metrics
         )
         limit, failures = settings.max_consecutive_failures, metrics.forward_failures
         self.runner = Runner(base, self.ctx, limit, failures, settings.one_row_decode)
@@ -243,6 +239,7 @@ class Engine:
                 busy = self._busy()
                 if not busy and not released:  # idle: other threads may compute meanwhile
                     release_omp_threads()
+                    self.runner.drop_batch_copies(self.slots.layers.values())
                     self._report_gauges()  # (as they stand now, not as at the last refresh)
                 released = not busy
                 self._drain_inbox(block=not busy)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +20,9 @@ from app.engine.types import RowOutput, SamplingParams, TokenLogprob
 from app.errors import EngineFailure
 from app.models.base_lm import BaseLM
 from app.models.heads import Head, activate
-from app.models.multi_lora import Routing, RoutingContext
+from app.models.multi_lora import MultiLoraLinear, Routing, RoutingContext
 from app.models.one_row import OneRowDecoder
+from app.platform import return_freed_memory
 
 
 def last_non_pad_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -130,6 +131,16 @@ class Runner:
         self.grammars = Grammars(tok, self.vocab, self.eos_ids)
         # the decode step of a batch of one row, where the family has one (app/models/one_row.py)
         self.one_row = OneRowDecoder.of(base.model) if one_row else None
+
+    def drop_batch_copies(self, layers: Iterable[MultiLoraLinear]) -> None:
+        """Free the copies of adapter weights laid out for the last mixed batch (the engine, when it
+        goes idle: a burst over many adapters leaves up to a copy of every row's adapter behind) and
+        give the memory back to the system."""
+        dropped = [layer.drop_batch_copies() for layer in layers]
+        if self.one_row is not None:
+            self.one_row.drop_batch_copies()
+        if any(dropped) and self.device.type == "cpu":
+            return_freed_memory()
 
     def row_state(self, params: SamplingParams, prompt: list[int]) -> RowState | None:
         """A generation row's logits-processing state (None when it asks for none)."""

@@ -104,6 +104,11 @@ class BottleneckBank:
             self._gathered = (key, weights)
         return weights
 
+    def drop_batch_copies(self) -> bool:
+        """Free the rows' gathered weights of the last batch (True when there were any)."""
+        dropped, self._gathered = self._gathered is not None, None
+        return dropped
+
     # --- bank management (between forwards) ------------------------------------------------
     @torch.inference_mode(False)  # banks are normal tensors whatever the caller's mode (updated
     def _resize(self, slots: int, size: int) -> None:  # in place, read by attributions' backward)

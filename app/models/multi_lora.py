@@ -204,6 +204,16 @@ class MultiLoraLinear(nn.Module):
         return a_t, b_t
 
     # --- bank management (engine thread only, between forwards) -------------------------------
+    def drop_batch_copies(self) -> bool:
+        """Free the copies made for a batch of several adapters (the rows' gathered weights, the
+        adapters side by side), kept across its decode steps; the one adapter's stay (a chatbot's
+        next turn reuses them). True when there were any."""
+        dropped = self._gathered is not None or self._side_by_side is not None
+        self._gathered = self._side_by_side = None
+        if self.bottleneck is not None:
+            dropped = self.bottleneck.drop_batch_copies() or dropped
+        return dropped
+
     def _forget_gathered(self) -> None:
         if self._gathered is not None:  # (nn.Module attribute writes are slow; skip the no-ops)
             self._gathered = None

@@ -107,6 +107,12 @@ class OneRowDecoder:
             return None
         return cls(model)
 
+    def drop_batch_copies(self) -> None:
+        """Free every group's copies of a mixed batch's adapters (the engine, when it goes idle)."""
+        for layer in self.layers:
+            for group in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                group.drop_batch_copies()
+
     def applies(self, cache: DynamicCache, mask: torch.Tensor, tokens: int) -> bool:
         """Whether a batch with this cache and mask [rows, columns] is one this step can run for
         ``tokens`` new tokens: one token for each of any number of rows (decode steps, padding

@@ -103,6 +103,11 @@ class Group:
         self.mixed: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None
         self.mask: tuple[list[torch.Tensor], torch.Tensor] | None = None
 
+    def drop_batch_copies(self) -> None:
+        """Free the weights of a mixed batch's adapters laid out for the group (see
+        :meth:`MultiLoraLinear.drop_batch_copies`)."""
+        self.mixed = self.mask = None
+
     def __call__(self, x: torch.Tensor, slot: int | None, rows: int) -> list[torch.Tensor]:
         """Each projection of ``x`` [rows x n, in] for adapter ``slot`` (None: the rows' own)."""
         parts = self.parts

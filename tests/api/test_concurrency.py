@@ -43,6 +43,31 @@ def test_greedy_generation_alone_equals_among_8_concurrent(
     assert mixed[4]["text"].startswith(uploaded["gen-all-rslora"].texts[GENERATE_PROMPTS[1]])
 
 
+def test_an_idle_engine_keeps_no_copy_of_a_mixed_batchs_adapters(
+    live_url: str, client: TestClient, uploaded: dict[str, RefAdapter]
+) -> None:
+    """A decode step of several adapters lays their weights out anew (kept while its batch runs);
+    once the engine is idle those copies are freed, and the next mixed batch answers the same."""
+    engine: Any = client.app.state.engine  # type: ignore[attr-defined]
+    groups = [
+        g for layer in engine.runner.one_row.layers for g in (layer.qkv, layer.o, layer.gate_up, layer.down)
+    ]
+
+    def copies() -> int:
+        kept = [
+            m for m in engine.slots.layers.values() if m._gathered is not None or m._side_by_side is not None
+        ]
+        return len(kept) + sum(g.mixed is not None for g in groups)
+
+    reqs = [("/generate", _gen(GEN[i % 3], f"Story number {i}: once", 8, min_tokens=8)) for i in range(6)]
+    first = asyncio.run(_post_all(live_url, reqs))
+    deadline = time.monotonic() + 5
+    while copies() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert copies() == 0
+    assert [r["text"] for r in asyncio.run(_post_all(live_url, reqs))] == [r["text"] for r in first]
+
+
 def test_classification_alone_equals_among_8_concurrent(
     live_url: str, uploaded: dict[str, RefAdapter]
 ) -> None:
