@@ -209,7 +209,8 @@ class MultiLoraLinear(nn.Module):
         adapters side by side), kept across its decode steps; the one adapter's stay (a chatbot's
         next turn reuses them). True when there were any."""
         dropped = self._gathered is not None or self._side_by_side is not None
-        self._gathered = self._side_by_side = None
+        if dropped:  # (nn.Module attribute writes are slow: an idle engine runs this for every layer)
+            self._gathered = self._side_by_side = None
         if self.bottleneck is not None:
             dropped = self.bottleneck.drop_batch_copies() or dropped
         return dropped
