@@ -28,19 +28,37 @@ from app.models.base_lm import load_base_model
 from bench.common import PROMPT, machine_line
 
 
-def step_ms(engine: Engine, prompt: list[int], rows: int, steps: int) -> float:
-    params = SamplingParams(max_new_tokens=40 + steps + 2, min_tokens=40 + steps + 2)
+def decoding(engine: Engine, prompt: list[int], rows: int, tokens: int) -> None:
+    """Queue ``rows`` generations of ``prompt`` (``tokens`` new tokens each, forced) on the engine's
+    generation lane and run them 40 steps (prefill, then about 40 tokens cached beyond the prompt)."""
+    params = SamplingParams(max_new_tokens=tokens, min_tokens=tokens)
     for _ in range(rows):
         engine.gen.queue.append(GenerateWork(Generation(prompt, params)))
     for _ in range(40):
         engine.gen.step(engine._admission())
+
+
+def timed_steps(engine: Engine, steps: int) -> list[float]:
+    """The seconds of each of ``steps`` decode steps of the running batch."""
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         engine.gen.decode_step()
         times.append(time.perf_counter() - start)
+    return times
+
+
+def drain(engine: Engine) -> None:
+    """Run the lane until its generations are done."""
     while engine.gen.busy():
         engine.gen.step(engine._admission())
+
+
+def step_ms(engine: Engine, prompt: list[int], rows: int, steps: int) -> float:
+    """The median decode step (ms) of ``rows`` generations of ``prompt``."""
+    decoding(engine, prompt, rows, 40 + steps + 2)
+    times = timed_steps(engine, steps)
+    drain(engine)
     return statistics.median(times) * 1000
 
 

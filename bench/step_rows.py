@@ -14,40 +14,29 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections import defaultdict
 
 import torch
 
 from app.config import Settings
 from app.engine.engine import Engine
-from app.engine.types import GenerateWork, Generation, SamplingParams
 from app.metrics import Metrics
 from app.models.base_lm import load_base_model
 from bench.common import PROMPT, machine_line
+from bench.decode_step import decoding, drain, timed_steps
 
 
 def measure(engine: Engine, prompt: list[int], rows: int, steps: int) -> tuple[float, dict[str, float]]:
     """The median step time (ms) and each operation's mean self time per step (ms)."""
-    tokens = 40 + 2 * steps + 2
-    params = SamplingParams(max_new_tokens=tokens, min_tokens=tokens)
-    for _ in range(rows):
-        engine.gen.queue.append(GenerateWork(Generation(prompt, params)))
-    for _ in range(40):
-        engine.gen.step(engine._admission())
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.gen.decode_step()
-        times.append(time.perf_counter() - start)
+    decoding(engine, prompt, rows, 40 + 2 * steps + 2)
+    times = timed_steps(engine, steps)
     ops: dict[str, float] = defaultdict(float)
     with torch.profiler.profile() as prof:
         for _ in range(steps):
             engine.gen.decode_step()
     for event in prof.key_averages():
         ops[event.key] += event.self_cpu_time_total / 1000 / steps
-    while engine.gen.busy():
-        engine.gen.step(engine._admission())
+    drain(engine)
     return statistics.median(times) * 1000, ops
 
 

@@ -73,6 +73,16 @@ def _served(
     return base, runner, step, [slots.acquire(v, v.weights, keep) for v in versions]
 
 
+def _assert_same(got: torch.Tensor, want: torch.Tensor, caches: list[Any], fmt: str, where: object) -> None:
+    """The lean step's logits and every layer's keys (``caches[1]``) as the model's (``caches[0]``)."""
+    tolerance = 1e-4 if fmt == "none" else 2e-2  # bf16 rounding: each path rounds the same inputs
+    bound = tolerance * max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= bound, where
+    for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert a.keys is not None and b.keys is not None
+        torch.testing.assert_close(a.keys, b.keys, atol=tolerance, rtol=tolerance)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_one_row_step_equals_the_model_forward(
@@ -81,7 +91,6 @@ def test_the_one_row_step_equals_the_model_forward(
     base, runner, step, adapter_slots = _served(tiny, family, fmt)
     slot_ids = [BASE_SLOT, *adapter_slots]
     prompt = base.tokenizer("The weather today is")["input_ids"]
-    tolerance = 1e-4 if fmt == "none" else 2e-2  # bf16 rounding: each path rounds the same inputs
     for slot in slot_ids:
         caches = [kv_cache.new_cache(base.model.config) for _ in range(2)]
         token = torch.tensor([prompt[:3]])  # a prefill in two chunks, then decode steps
@@ -99,11 +108,7 @@ def test_the_one_row_step_equals_the_model_forward(
                     got = step(token, position, caches[1], slot)
                 else:
                     got = base.model(**inputs, cache=caches[1], use_cache=True).logits[:, -1]
-                bound = tolerance * max(1.0, want.abs().max().item())
-                assert (got - want).abs().max().item() <= bound, (family, fmt, slot, i)
-                for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
-                    assert a.keys is not None and b.keys is not None
-                    torch.testing.assert_close(a.keys, b.keys, atol=tolerance, rtol=tolerance)
+                _assert_same(got, want, caches, fmt, (family, fmt, slot, i))
                 token = want.argmax(-1, keepdim=True)
 
 
@@ -119,7 +124,6 @@ def test_decode_steps_of_padded_rows_equal_the_model_forward(
     base, runner, step, (lora, lora_qv, dora) = _served(tiny, family, fmt)
     prompts = ["The weather today is", "Hi", "A long day at the office ends with"]
     ids, mask = runner.pad([base.tokenizer(p)["input_ids"] for p in prompts], left=True)
-    tolerance = 1e-4 if fmt == "none" else 2e-2
     for routed in (
         [lora, lora, lora],
         [BASE_SLOT, lora_qv, dora],
@@ -142,11 +146,7 @@ def test_decode_steps_of_padded_rows_equal_the_model_forward(
                 want = base.model(**inputs, cache=caches[0], use_cache=True).logits[:, -1]
                 single = routed[0] if len(set(routed)) == 1 else None
                 got = step(token, positions, caches[1], single, seen)
-                bound = tolerance * max(1.0, want.abs().max().item())
-                assert (got - want).abs().max().item() <= bound, (family, fmt, routed, i)
-                for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
-                    assert a.keys is not None and b.keys is not None
-                    torch.testing.assert_close(a.keys, b.keys, atol=tolerance, rtol=tolerance)
+                _assert_same(got, want, caches, fmt, (family, fmt, routed, i))
                 token = want.argmax(-1, keepdim=True)
 
 
