@@ -338,8 +338,7 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
         check_tensor(f"{PREFIX}{module}.lora_A.weight", a, (r, in_f), check_values)
         check_tensor(f"{PREFIX}{module}.lora_B.weight", b, (out_f, r), check_values)
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        # kept as read (no copy): the device copy converts the dtype and folds in the scaling
-        weights[module] = (a, b, scaling)
+        weights[module] = (*host_layout(a, b), scaling)
         max_r = max(max_r, r)
         num_params += a.numel() + b.numel()
         if MAGNITUDE in pair:
@@ -361,6 +360,15 @@ def load_lora(folder: Path, spec: BaseSpec, max_rank: int, check_values: bool = 
         num_params=num_params,
         magnitudes=magnitudes,
     )
+
+
+def host_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [r, in] and B [out, r] stored as their transposes A^T [in, r] and B^T [r, out] (each the
+    transpose of a contiguous tensor), the layouts the serving matmuls read: on a CPU the device
+    slots then use these very tensors (app/models/multi_lora.py), so an adapter is held once. Made
+    outside inference mode, so that attributions can run a backward pass through them."""
+    with torch.inference_mode(False):
+        return a.t().contiguous().t(), b.t().contiguous().t()
 
 
 def file_sha256(path: Path) -> str:

@@ -24,7 +24,7 @@ import torch
 from peft.utils.merge_utils import task_arithmetic, ties
 
 from app.adapters.kinds import Adapter
-from app.adapters.lora_format import LoraAdapter
+from app.adapters.lora_format import LoraAdapter, host_layout
 from app.adapters.methods import MergeMethod
 from app.errors import IncompatibleMembers
 from app.models.heads import Head, HeadLayer
@@ -55,7 +55,8 @@ def merge_lora(
     weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for module in sorted(set().union(*(a.weights for _, a, _ in loras))):
         parts = [(n, a.weights[module], w) for n, a, w in loras if module in a.weights]
-        weights[module] = _merge_module(module, parts, method, max_rank, density, sign_method)
+        merged_a, merged_b, scale = _merge_module(module, parts, method, max_rank, density, sign_method)
+        weights[module] = (*host_layout(merged_a, merged_b), scale)
     first = loras[0][1]
     head: Head = ()
     if first.task == "classify":

@@ -115,7 +115,6 @@ class Engine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self.slots.close()
 
     @property
     def running(self) -> bool:

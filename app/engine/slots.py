@@ -24,8 +24,7 @@ from app.adapters.kinds import Adapter
 from app.adapters.version import AdapterVersion
 from app.metrics import Metrics
 from app.models.heads import Head, head_nbytes
-from app.models.multi_lora import MultiLoraLinear, write_lora
-from app.platform import ReleasingExecutor
+from app.models.multi_lora import MultiLoraLinear
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +57,6 @@ class DeviceSlots:
         self.pinned: frozenset[str] = frozenset()  # adapter names whose resident versions stay
         self.resident: frozenset[int] = frozenset()  # uids, for other threads (replaced, not mutated)
         self._dirty = False  # an unload left a hole or slack for compact()
-        # LoRA A copies run beside the B scaling on CPU (see write_lora); one thread, this object's
-        self._copier = ReleasingExecutor(1, thread_name_prefix="lora-copy") if device.type == "cpu" else None
-
-    def close(self) -> None:
-        if self._copier is not None:
-            self._copier.shutdown(wait=False)
 
     def __contains__(self, uid: int) -> bool:
         return uid in self._lru
@@ -116,11 +109,8 @@ class DeviceSlots:
             )
         slot = None
         for victim in victims:
-            # the first victim's slot is reused: its layers that the new adapter overwrites anyway
-            # are not cleared first
-            keep_layers = weights.modules if slot is None and weights.kind == "lora" else frozenset()
-            slot = slot or self._lru[victim]
-            self.unload(victim, keep_layers)
+            slot = slot or self._lru[victim]  # the first victim's slot is reused
+            self.unload(victim)
             self.metrics.adapter_evictions.labels(tier="device").inc()
         return self._load(info, weights, slot)
 
@@ -137,13 +127,8 @@ class DeviceSlots:
             for module, (vector, feedforward) in weights.scales.items():
                 self.layers[module].set_scales(slot, {"in" if feedforward else "out": vector}, room)
         else:
-            write_lora(
-                [
-                    (*self.layers[module].slot_views(slot, a.shape[0], room), a, b, scale)
-                    for module, (a, b, scale) in weights.weights.items()
-                ],
-                self._copier,
-            )
+            for module, (a, b, scale) in weights.weights.items():
+                self.layers[module].set_lora(slot, a, b, scale)
             for module, magnitude in weights.magnitudes.items():  # DoRA
                 layer = self.layers[module]
                 a, b, scale = weights.weights[module]
@@ -162,19 +147,15 @@ class DeviceSlots:
         log.debug("adapter %s v%d loaded into slot %d", info.name, info.version, slot)
         return slot
 
-    def unload(self, uid: int, keep_layers: frozenset[str] = frozenset()) -> None:
-        """Free the slot of ``uid`` (the bank memory is returned by the next :meth:`compact`).
-
-        ``keep_layers``: layers whose LoRA weights are left as they are because the next adapter in this
-        slot overwrites them.
-        """
+    def unload(self, uid: int) -> None:
+        """Free the slot of ``uid`` (the stacked banks' memory is returned by the next :meth:`compact`)."""
         slot = self._lru.pop(uid, None)
         if slot is None:
             return
         info = self._versions.pop(uid)
         self.resident = frozenset(self._lru)
-        for name, layer in self.layers.items():
-            layer.clear_slot(slot, keep_lora=name in keep_layers)
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
         self.heads.pop(slot, None)
         self._dirty = True  # gauges and bank sizes are updated by compact()
         log.debug("adapter %s v%d unloaded from slot %d", info.name, info.version, slot)

@@ -1,23 +1,23 @@
 """Multi-adapter LoRA layers: each row of a batch gets the delta of its own adapter slot.
 
-Every targeted ``nn.Linear`` of the base is wrapped once by :class:`MultiLoraLinear`. The adapter
-weights of all resident adapters live in per-layer stacked banks (BGMV style):
-
-    lora_A: [slots, r_max, in]    lora_B: [slots, out, r_max]   (scaling folded into lora_B)
-
-Slot 0 is the bare base (all zeros). Smaller ranks are zero-padded, which adds exact zeros. The
-per-batch routing (slot of each row) is set once per forward on a shared :class:`Routing` object,
-so no layer needs a host sync to find its rows.
+Every targeted ``nn.Linear`` of the base is wrapped once by :class:`MultiLoraLinear`. Each resident
+adapter's weights for the layer are kept per slot as A^T [in, r] and B^T [r, out], contiguous (the
+layouts the matmuls read), with the adapter's scaling. Where the device and dtype are the adapter's
+own (a CPU computing in the file's dtype) these are the host tier's tensors themselves, which
+:func:`app.adapters.lora_format.host_layout` lays out so: an adapter is held once in memory, not
+once per tier; elsewhere (a GPU, another dtype) the slot holds a converted copy. Slot 0 is the bare
+base (no weights). The per-batch routing (slot of each row) is set once per forward on a shared
+:class:`Routing` object, so no layer needs a host sync to find its rows.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from app.models.bottleneck_bank import BottleneckBank
-from app.models.lora_writes import write_lora
 from app.models.quantized_layers import QuantizedLinear
 from app.models.routing import BASE_SLOT, Routing, RoutingContext
 from app.models.scale_bank import ScaleBank
@@ -29,21 +29,21 @@ from app.models.scale_bank import ScaleBank
 # against 385; bench/lora_paths.py)
 CONCAT_MAX_RANK = 64
 
+LoraWeights = tuple[torch.Tensor, torch.Tensor, float]  # A^T [in, r], B^T [r, out], scaling
+
 __all__ = [
     "BASE_SLOT",
     "MultiLoraLinear",
     "Routing",
     "RoutingContext",
     "wrap_linear_layers",
-    "write_lora",
 ]
 
 
 class MultiLoraLinear(nn.Module):
     """A frozen ``nn.Linear`` (or GPT-2's ``Conv1D``, the same map with its weight stored [in, out],
     or a :class:`QuantizedLinear` of a quantized base) plus, per row, the LoRA delta of its slot and
-    the bottleneck module of its slot applied to the output (each from stacked slot banks; a row's
-    adapter has one kind)."""
+    the bottleneck module of its slot applied to the output (a row's adapter has one kind)."""
 
     _dtype: torch.dtype
     _device: torch.device
@@ -60,21 +60,18 @@ class MultiLoraLinear(nn.Module):
             self._dtype, self._device = base.compute_dtype, base.packed.device
         else:
             self._dtype, self._device = base.weight.dtype, base.weight.device
-        self.lora_A: torch.Tensor | None = None  # [slots, r, in]
-        self.lora_B: torch.Tensor | None = None  # [slots, out, r]
-        self.ranks: dict[int, int] = {}  # slot -> rank, for the slots with weights in this layer
+        self.loras: dict[int, LoraWeights] = {}  # slot -> its adapter's weights in this layer
         self.bottleneck: BottleneckBank | None = None  # bottleneck modules following this layer
         self.scales: ScaleBank | None = None  # IA³ and DoRA scales (app/models/scale_bank.py)
         # the weights gathered for the running decode batch: per row (key, A^T [batch, in, r],
-        # B^T [batch, r, out]), or side by side (-key - 1, A^T, B^T, mask; :meth:`concatenated`)
+        # B^T·s [batch, r, out]), or side by side (-key - 1, A^T, B^T·s, mask; :meth:`concatenated`)
         self._gathered: (
             tuple[int, torch.Tensor, torch.Tensor]
             | tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
             | None
         ) = None
-        # the weights of a set of adapters side by side: (their slots, A^T, B^T, each rank's slot)
+        # the weights of a set of adapters side by side: (their slots, A^T, B^T·s, each rank's slot)
         self._side_by_side: tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._single: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (slot, A^T, B^T)
 
     @property
     def in_features(self) -> int:
@@ -91,7 +88,7 @@ class MultiLoraLinear(nn.Module):
         scales = self.scales
         if scales is not None:
             x = scales.scale_input(x, routing)
-        if not self.ranks or self.ranks.keys().isdisjoint(routing.slots):
+        if not self.loras or self.loras.keys().isdisjoint(routing.slots):
             out = self.base(x)
         else:
             out = self._with_lora(x, routing)
@@ -102,81 +99,64 @@ class MultiLoraLinear(nn.Module):
         return out
 
     def _with_lora(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Base output plus each row's LoRA delta. The deltas come first (over the broadcast bias)
-        and the base GEMM accumulates into them in place (addmm, beta=1): adding the deltas after
-        the base would cost one more pass over the output."""
-        assert self.lora_A is not None and self.lora_B is not None
+        """Base output plus each row's LoRA delta, accumulated into it in place (addmm, beta=1)."""
         width = x.shape[-1]
-        # a quantized base's kernel adds its bias itself
-        bias = None if isinstance(self.base, QuantizedLinear) else self.base.bias
         flat = x.reshape(-1, width)
+        base = self.base
+        if isinstance(base, QuantizedLinear):  # its kernel adds its bias and writes a new output
+            out = base(flat)
+        else:  # Conv1D stores its weight [in, out], Linear [out, in]
+            weight = base.weight if isinstance(base, Conv1D) else base.weight.t()
+            out = torch.mm(flat, weight) if base.bias is None else torch.addmm(base.bias, flat, weight)
         if routing.single is not None:
-            a_t, b_t = self.alone(routing.single)
-            h = torch.mm(flat, a_t)  # [tokens, r]
-            out = torch.mm(h, b_t) if bias is None else torch.addmm(bias, h, b_t)
+            a_t, b_t, scale = self.loras[routing.single]
+            out.addmm_(torch.mm(flat, a_t), b_t, alpha=scale)
         elif self.concatenates(routing):
             a_t, b_cat, mask = self.concatenated(routing)
-            rows = x.shape[0]
-            h = torch.mm(flat, a_t).view(rows, -1, a_t.shape[1]).mul_(mask)
-            h = h.view(-1, a_t.shape[1])
-            out = torch.mm(h, b_cat) if bias is None else torch.addmm(bias, h, b_cat)
+            rank = a_t.shape[1]
+            h = torch.mm(flat, a_t).view(x.shape[0], -1, rank).mul_(mask)
+            out.addmm_(h.view(-1, rank), b_cat)
         else:
             rows = x.shape[0]
             a_t, b_t = self._per_row_weights(routing)
             h = torch.bmm(flat.view(rows, -1, width), a_t)  # [batch, tokens, r]
-            if bias is None:
-                out = torch.bmm(h, b_t)
-            else:
-                out = torch.baddbmm(bias.expand(rows, h.shape[1], self._out), h, b_t)
-        base = self.base
-        if isinstance(base, QuantizedLinear):  # its kernel writes a new output: add the deltas to it
-            out = base(flat).add_(out.view(-1, self._out))
-        else:  # Conv1D stores its weight [in, out], Linear [out, in]
-            weight = base.weight if isinstance(base, Conv1D) else base.weight.t()
-            out = out.view(-1, self._out).addmm_(flat, weight)
+            out.view(rows, -1, self._out).baddbmm_(h, b_t)
         return out.view(*x.shape[:-1], self._out)
 
-    def alone(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The A^T [in, r] and B^T [r, out] of the one adapter of a batch, contiguous (plain
-        matmuls on them take half the time of matmuls on the banks' transposed slices at 1-17 rows);
-        kept for the last such adapter only, and only in inference mode (a tensor made there cannot
-        take part in a backward pass, as attributions run)."""
-        assert self.lora_A is not None and self.lora_B is not None
-        kept, inference = self._single, torch.is_inference_mode_enabled()
-        if not inference or kept is None or kept[0] != slot:
-            rank = self.ranks[slot]
-            a_t = self.lora_A[slot, :rank].t().contiguous()
-            b_t = self.lora_B[slot, :, :rank].t().contiguous()
-            if not inference:
-                return a_t, b_t
-            kept = self._single = (slot, a_t, b_t)
-        return kept[1], kept[2]
+    def alone(self, slot: int) -> LoraWeights:
+        """The A^T [in, r], B^T [r, out] and scaling of ``slot``'s adapter in this layer."""
+        return self.loras[slot]
 
     def concatenates(self, routing: Routing) -> bool:
         """Whether the few adapters of a mixed batch run as one LoRA of their ranks side by side."""
-        total = sum(self.ranks.get(slot, 0) for slot in set(routing.slots))
+        loras = self.loras
+        total = sum(loras[slot][0].shape[1] for slot in set(routing.slots) if slot in loras)
         return 0 < total <= CONCAT_MAX_RANK
 
     def concatenated(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch's adapters side by side: A^T [in, Σr], B^T [Σr, out], and each row's mask
-        [batch, 1, Σr] (1 over its own adapter's ranks). The weights are kept while the batch's
-        set of adapters stays (rows of a running batch join and leave every few steps), the mask
-        across the decode steps of one composition of rows."""
-        assert self.lora_A is not None and self.lora_B is not None
+        """The batch's adapters side by side: A^T [in, Σr], B^T [Σr, out] (each adapter's scaling
+        folded in), and each row's mask [batch, 1, Σr] (1 over its own adapter's ranks). The
+        weights are kept while the batch's set of adapters stays (rows of a running batch join and
+        leave every few steps), the mask across the decode steps of one composition of rows; only
+        in inference mode (a tensor made there cannot take part in a backward pass, as
+        attributions run)."""
         key = routing.reuse_key
         gathered = self._gathered
         if key is not None and gathered is not None and gathered[0] == -key - 1:
             return gathered[1], gathered[2], gathered[3]  # type: ignore[misc]
-        slots = tuple(sorted(s for s in set(routing.slots) if s in self.ranks))
+        slots = tuple(sorted(s for s in set(routing.slots) if s in self.loras))
         weights, inference = self._side_by_side, torch.is_inference_mode_enabled()
         if not inference or weights is None or weights[0] != slots:
-            a_t = torch.cat([self.lora_A[s, : self.ranks[s]] for s in slots]).t().contiguous()
-            b_cat = torch.cat([self.lora_B[s, :, : self.ranks[s]].t() for s in slots])
+            parts = [self.loras[s] for s in slots]
+            a_t = torch.cat([a for a, _, _ in parts], dim=1)
+            b_cat = torch.cat([b * scale for _, b, scale in parts])
             owner = torch.tensor(
-                [s for s in slots for _ in range(self.ranks[s])], dtype=torch.long, device=a_t.device
+                [s for s, (a, _, _) in zip(slots, parts, strict=True) for _ in range(a.shape[1])],
+                dtype=torch.long,
+                device=a_t.device,
             )
             weights = (slots, a_t, b_cat, owner)
-            if inference:  # (see :meth:`_alone`)
+            if inference:
                 self._side_by_side = weights
         _, a_t, b_cat, owner = weights
         rows = torch.tensor(routing.slots, dtype=torch.long, device=a_t.device)
@@ -186,28 +166,42 @@ class MultiLoraLinear(nn.Module):
         return a_t, b_cat, mask
 
     def _per_row_weights(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's A^T [batch, in, r] and B^T [batch, r, out]; kept across decode steps of one batch."""
-        assert self.lora_A is not None and self.lora_B is not None and routing.index is not None
+        """Each row's A^T [batch, in, r] and B^T·s [batch, r, out] (smaller ranks zero-padded, rows
+        without weights here zero); kept across the decode steps of one batch."""
         key = routing.reuse_key
         if key is not None and self._gathered is not None and self._gathered[0] == key:
             return self._gathered[1], self._gathered[2]
-        index = routing.index
-        if routing.max_slot >= self.lora_A.shape[0]:  # slots beyond this bank have no weights here
-            index = torch.where(index < self.lora_A.shape[0], index, 0)
-        a_t = self.lora_A.index_select(0, index).transpose(1, 2)
-        b_t = self.lora_B.index_select(0, index).transpose(1, 2)
-        if key is None:
-            return a_t, b_t
-        # decode reads these every step: contiguous copies make the batched matmuls faster
-        a_t, b_t = a_t.contiguous(), b_t.contiguous()
-        self._gathered = (key, a_t, b_t)
-        return a_t, b_t
+        loras = self.loras
+        distinct = set(routing.slots)
+        rank = max(loras[s][0].shape[1] for s in distinct if s in loras)
+        padded: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for slot in distinct:
+            if slot not in loras:
+                zero = torch.zeros(rank, self._out, dtype=self._dtype, device=self._device)
+                padded[slot] = (zero.new_zeros(self._in, rank), zero, 0.0)
+                continue
+            a_t, b_t, scale = loras[slot]
+            pad = rank - a_t.shape[1]
+            padded[slot] = (F.pad(a_t, (0, pad)), F.pad(b_t, (0, 0, 0, pad)), scale) if pad else loras[slot]
+        a = torch.stack([padded[s][0] for s in routing.slots])
+        b = torch.stack([padded[s][1] for s in routing.slots])
+        scales = torch.tensor([padded[s][2] for s in routing.slots], dtype=self._dtype, device=self._device)
+        b.mul_(scales.view(-1, 1, 1))
+        if key is not None:
+            self._gathered = (key, a, b)
+        return a, b
 
-    # --- bank management (engine thread only, between forwards) -------------------------------
+    # --- slot management (engine thread only, between forwards) -------------------------------
+    def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Hold an adapter's A [r, in] and B [out, r] in ``slot``: the tensors themselves where
+        their transposes are contiguous on this layer's device and dtype, else converted copies."""
+        device, dtype = self._device, self._dtype
+        self.loras[slot] = (_held(a.t(), device, dtype), _held(b.t(), device, dtype), scale)
+        self._forget_gathered()
+
     def drop_batch_copies(self) -> bool:
         """Free the copies made for a batch of several adapters (the rows' gathered weights, the
-        adapters side by side), kept across its decode steps; the one adapter's stay (a chatbot's
-        next turn reuses them). True when there were any."""
+        adapters side by side), kept across its decode steps. True when there were any."""
         dropped = self._gathered is not None or self._side_by_side is not None
         if dropped:  # (nn.Module attribute writes are slow: an idle engine runs this for every layer)
             self._gathered = self._side_by_side = None
@@ -220,16 +214,12 @@ class MultiLoraLinear(nn.Module):
             self._gathered = None
         if self._side_by_side is not None:
             self._side_by_side = None
-        if self._single is not None:
-            self._single = None
 
     @property
     def nbytes(self) -> int:
         total = self.bottleneck.nbytes if self.bottleneck is not None else 0
         total += self.scales.nbytes if self.scales is not None else 0
-        if self.lora_A is None or self.lora_B is None:
-            return total
-        return total + (self.lora_A.numel() + self.lora_B.numel()) * self.lora_A.element_size()
+        return total + sum(a.nbytes + b.nbytes for a, b, _ in self.loras.values())
 
     def set_bottleneck(
         self,
@@ -270,36 +260,8 @@ class MultiLoraLinear(nn.Module):
             vectors["shift"] = (1 - g) * base.bias.float()
         return vectors
 
-    def _resize(self, slots: int, rank: int) -> None:
-        """Reallocate the banks as [slots, rank, ...], keeping the weights of the active slots."""
-        a = torch.zeros(slots, rank, self.in_features, dtype=self._dtype, device=self._device)
-        b = torch.zeros(slots, self.out_features, rank, dtype=self._dtype, device=self._device)
-        if self.lora_A is not None and self.lora_B is not None:
-            n, r = min(slots, self.lora_A.shape[0]), min(rank, self.lora_A.shape[1])
-            a[:n, :r] = self.lora_A[:n, :r]
-            b[:n, :, :r] = self.lora_B[:n, :, :r]
-        self.lora_A, self.lora_B = a, b
-        self._forget_gathered()
-
-    def slot_views(self, slot: int, rank: int, max_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Make ``slot`` hold a rank-``rank`` adapter and return its A [rank, in] and B [out, rank]
-        views for :func:`write_lora` to fill (the banks grow when needed)."""
-        bank_a, bank_b = self.lora_A, self.lora_B
-        if bank_a is None or slot >= bank_a.shape[0] or rank > bank_a.shape[1]:
-            cur_slots, cur_rank = (0, 0) if bank_a is None else bank_a.shape[:2]
-            self._resize(_grown(cur_slots, slot, max_slots), max(cur_rank, rank))
-            bank_a, bank_b = self.lora_A, self.lora_B
-        assert bank_a is not None and bank_b is not None
-        old = self.ranks.get(slot, 0)
-        if old > rank:  # overwriting a larger rank: clear what the copy does not cover
-            bank_a[slot, rank:old].zero_()
-            bank_b[slot, :, rank:old].zero_()
-        self.ranks[slot] = rank
-        self._forget_gathered()
-        return bank_a[slot, :rank], bank_b[slot, :, :rank]
-
-    def clear_slot(self, slot: int, keep_lora: bool = False) -> None:
-        """Zero ``slot`` (``keep_lora``: leave its LoRA weights, which the next adapter overwrites)."""
+    def clear_slot(self, slot: int) -> None:
+        """Drop ``slot``'s weights (a referenced host tensor stays while the host tier holds it)."""
         if self.scales is not None:
             self.scales.clear_slot(slot)
             if not self.scales:
@@ -308,15 +270,8 @@ class MultiLoraLinear(nn.Module):
             self.bottleneck.clear_slot(slot)
             if not self.bottleneck:
                 self.bottleneck = None  # free the bank when no adapter uses it
-        if keep_lora:
-            return
-        self._forget_gathered()
-        rank = self.ranks.pop(slot, None)
-        if rank is not None and self.lora_A is not None and self.lora_B is not None:
-            self.lora_A[slot, :rank].zero_()  # beyond its rank the slot is zero already
-            self.lora_B[slot, :, :rank].zero_()
-        if not self.ranks:
-            self.lora_A = self.lora_B = None  # free the bank when no adapter uses this layer
+        if self.loras.pop(slot, None) is not None:
+            self._forget_gathered()
 
     def move_slot(self, src: int, dst: int) -> None:
         """Move the weights of slot ``src`` to the free slot ``dst`` (compaction)."""
@@ -324,28 +279,28 @@ class MultiLoraLinear(nn.Module):
             self.scales.move_slot(src, dst)
         if self.bottleneck is not None:
             self.bottleneck.move_slot(src, dst)
-        rank = self.ranks.pop(src, None)
-        if rank is None or self.lora_A is None or self.lora_B is None:
-            return
-        self.lora_A[dst] = self.lora_A[src]
-        self.lora_B[dst] = self.lora_B[src]
-        self.lora_A[src].zero_()
-        self.lora_B[src].zero_()
-        self.ranks[dst] = rank
-        self._forget_gathered()
+        weights = self.loras.pop(src, None)
+        if weights is not None:
+            self.loras[dst] = weights
+            self._forget_gathered()
 
     def fit(self) -> None:
-        """Shrink the banks to the slots and the rank still in use (frees the memory)."""
+        """Shrink the stacked banks (scales, bottleneck modules) to the slots still in use."""
         if self.scales is not None:
             self.scales.fit(_round_up(max(self.scales.uses) + 1))
         if self.bottleneck is not None:
             self.bottleneck.fit(_round_up(max(self.bottleneck.sizes) + 1))
-        if self.lora_A is None or not self.ranks:
-            return
-        slots = min(self.lora_A.shape[0], _round_up(max(self.ranks) + 1))
-        rank = max(self.ranks.values())
-        if slots < self.lora_A.shape[0] or rank < self.lora_A.shape[1]:
-            self._resize(slots, rank)
+
+
+def _held(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` itself where it is contiguous on ``device`` in ``dtype`` and may take part in a
+    backward pass (attributions), else such a copy."""
+    if t.device == device and t.dtype == dtype and t.is_contiguous() and not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        held = torch.empty(t.shape, dtype=dtype, device=device)
+        held.copy_(t)
+    return held
 
 
 _SLOT_CHUNK = 4
@@ -373,8 +328,7 @@ def wrap_linear_layers(model: nn.Module, ctx: RoutingContext) -> dict[str, Multi
     for name, mod in list(model.named_modules()):
         if isinstance(mod, MultiLoraLinear):
             mod.ctx = ctx
-            mod.ranks.clear()
-            mod.lora_A = mod.lora_B = None
+            mod.loras = {}
             mod.bottleneck = None
             mod._forget_gathered()
             wrapped[name] = mod

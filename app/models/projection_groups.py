@@ -72,9 +72,9 @@ class Projection:
     def add_lora(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> None:
         """Add ``slot``'s LoRA delta of ``x`` to ``y`` [n, out] (a view is fine), in place."""
         lora = self.lora
-        if lora is not None and slot in lora.ranks:
-            a_t, b_t = lora.alone(slot)
-            y.addmm_(torch.mm(x, a_t), b_t)
+        if lora is not None and slot in lora.loras:
+            a_t, b_t, scale = lora.alone(slot)
+            y.addmm_(torch.mm(x, a_t), b_t, alpha=scale)
 
 
 class Group:
@@ -95,7 +95,7 @@ class Group:
         self.parts = [Projection(m) for m in modules]  # (after fuse: the kernels read the views)
         self.rounds = self.parts[0].rounds
         # the last adapter's weights for the group: (its parts' A^T, as the layers keep them; A^T
-        # side by side [in, ranks]; B^T block-diagonal [ranks, outs])
+        # side by side [in, ranks]; B^T block-diagonal [ranks, outs], each part's scaling folded in)
         self.lora: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None
         # a mixed batch's adapters for the whole group: (the parts' side-by-side A^T, as the layers
         # keep them; A^T [in, Σ ranks], B^T block-diagonal [Σ ranks, Σ outs]) and the last mask
@@ -142,7 +142,7 @@ class Group:
             if part.kernel is None or any(part.general(s) for s in used):
                 return None
             lora = part.lora
-            if lora is not None and not used.isdisjoint(lora.ranks) and not lora.concatenates(routing):
+            if lora is not None and not used.isdisjoint(lora.loras) and not lora.concatenates(routing):
                 return None
         ys = []
         for part in parts:
@@ -155,7 +155,7 @@ class Group:
         with_lora = [
             (part.lora.concatenated(routing), i)
             for i, part in enumerate(parts)
-            if part.lora is not None and not used.isdisjoint(part.lora.ranks)
+            if part.lora is not None and not used.isdisjoint(part.lora.loras)
         ]
         if not with_lora:
             return ys
@@ -200,7 +200,7 @@ class Group:
         pairs = [
             (part.lora.alone(slot), bounds)
             for part, bounds in zip(self.parts, self.bounds, strict=True)
-            if part.lora is not None and slot in part.lora.ranks
+            if part.lora is not None and slot in part.lora.loras
         ]
         if not pairs:
             return None
@@ -211,13 +211,13 @@ class Group:
             and all(a is b for a, b in zip(kept[0], (p[0][0] for p in pairs), strict=True))
         ):
             return kept[1], kept[2]
-        a_side = torch.cat([a_t for (a_t, _), _ in pairs], dim=1)
+        a_side = torch.cat([a_t for (a_t, _, _), _ in pairs], dim=1)
         b_block = a_side.new_zeros(a_side.shape[1], self.bounds[-1][1])
         row = 0
-        for (_, b_t), (start, end) in pairs:
-            b_block[row : row + b_t.shape[0], start:end] = b_t
+        for (_, b_t, scale), (start, end) in pairs:
+            b_block[row : row + b_t.shape[0], start:end] = b_t * scale
             row += b_t.shape[0]
-        self.lora = ([a_t for (a_t, _), _ in pairs], a_side, b_block)
+        self.lora = ([a_t for (a_t, _, _), _ in pairs], a_side, b_block)
         return a_side, b_block
 
 

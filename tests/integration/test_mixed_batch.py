@@ -79,9 +79,9 @@ def test_unload_frees_the_slot_and_zeroes_banks(
     info = _info(base, ref_adapters["gen-qv-r8"])
     slot = slots.acquire(info, info.weights, set())
     layer = slots.layers["model.layers.0.self_attn.q_proj"]
-    assert slot in layer.ranks
+    assert slot in layer.loras
     slots.unload(info.uid)
-    assert info.uid not in slots and slot not in layer.ranks
+    assert info.uid not in slots and slot not in layer.loras
     assert info.uid not in slots.resident
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from app.adapters.bottleneck_format import BottleneckAdapter
-from app.adapters.lora_format import LoraAdapter
+from app.adapters.lora_format import LoraAdapter, host_layout
 from app.adapters.version import AdapterVersion
 from app.engine.slots import Admission, DeviceSlots, SlotsExhausted
 from app.models import multi_lora
@@ -156,39 +156,72 @@ def test_gathered_weights_are_reused_only_for_the_same_composition(
     torch.testing.assert_close(swapped[0:1], reference(model, x[0:1], b), atol=1e-5, rtol=1e-5)
 
 
-def test_smaller_ranks_are_zero_padded_and_overwriting_a_larger_rank_clears_it(
-    toy: tuple[Toy, RoutingContext, DeviceSlots],
+def test_smaller_ranks_are_zero_padded_and_a_slot_takes_the_next_adapters_rank(
+    toy: tuple[Toy, RoutingContext, DeviceSlots], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(multi_lora, "CONCAT_MAX_RANK", 0)  # rows gather their own weights
     model, ctx, slots = toy
-    big, small = lora(1, 8), lora(2, 2)
+    big, small, other = lora(1, 8), lora(2, 2), lora(3, 8)
     v_big = version("big", big)
     slot = slots.acquire(v_big, big, set())
-    layer = slots.layers["l0"]
-    assert layer.lora_A is not None and layer.lora_A.shape[1] == 8
     slots.unload(v_big.uid)
-    slots.acquire(version("small", small), small, set())  # reuses the slot: ranks 2..8 must be zero
-    assert layer.lora_A[slot, 2:].abs().sum() == 0 and layer.lora_B is not None
-    assert layer.lora_B[slot, :, 2:].abs().sum() == 0
-    x = torch.randn(1, 3, IN)
-    torch.testing.assert_close(run(model, ctx, x, [slot]), reference(model, x, small), atol=1e-5, rtol=1e-5)
+    assert slots.acquire(version("small", small), small, set()) == slot  # the same slot, rank 2
+    assert slots.layers["l0"].loras[slot][0].shape[1] == 2
+    s_other = slots.acquire(version("other", other), other, set())
+    x = torch.randn(2, 3, IN)
+    out = run(model, ctx, x, [slot, s_other], key=3)  # rank 2 padded to 8 beside rank 8
+    torch.testing.assert_close(out[0:1], reference(model, x[0:1], small), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1:2], reference(model, x[1:2], other), atol=1e-5, rtol=1e-5)
 
 
-def test_banks_grow_by_half_and_compaction_moves_survivors_down(
-    toy: tuple[Toy, RoutingContext, DeviceSlots],
-) -> None:
+def test_a_cpu_slot_holds_the_host_tensors_themselves(toy: tuple[Toy, RoutingContext, DeviceSlots]) -> None:
+    """An adapter read from its files is held once: the slot computes with the host tier's tensors
+    (their transposes), where a copy would hold its weights twice."""
     model, ctx, slots = toy
-    adapters = [lora(i, 4) for i in range(7)]
+    raw = lora(1, 4)
+    adapter = LoraAdapter(
+        task="generate",
+        rank=4,
+        alpha=2.0,
+        target_modules=["l0", "l1"],
+        labels=[],
+        weights={m: (*host_layout(a, b), s) for m, (a, b, s) in raw.weights.items()},
+    )
+    slot = slots.acquire(version("a", adapter), adapter, set())
+    for module, (a, b, _) in adapter.weights.items():
+        a_t, b_t, _ = slots.layers[module].loras[slot]
+        assert a_t.data_ptr() == a.data_ptr() and b_t.data_ptr() == b.data_ptr()
+    x = torch.randn(1, 3, IN)
+    torch.testing.assert_close(run(model, ctx, x, [slot]), reference(model, x, raw), atol=1e-5, rtol=1e-5)
+    # a half-precision adapter is converted into the layer's dtype: a copy of its own
+    half = LoraAdapter(
+        task="generate",
+        rank=4,
+        alpha=2.0,
+        target_modules=["l0"],
+        labels=[],
+        weights={"l0": (*host_layout(*(t.half() for t in raw.weights["l0"][:2])), 0.5)},
+    )
+    s_half = slots.acquire(version("h", half), half, set())
+    a_t, _, _ = slots.layers["l0"].loras[s_half]
+    assert a_t.dtype == torch.float32 and a_t.data_ptr() != half.weights["l0"][0].data_ptr()
+
+
+def test_compaction_moves_survivors_down(toy: tuple[Toy, RoutingContext, DeviceSlots]) -> None:
+    model, ctx, slots = toy
+    adapters = [lora(i, 4) if i % 2 else bottleneck(i, 4) for i in range(7)]
     versions = [version(f"a{i}", a) for i, a in enumerate(adapters)]
     placed = [slots.acquire(v, a, set()) for v, a in zip(versions, adapters, strict=True)]
     assert placed == list(range(1, 8))
-    bank = slots.layers["l0"].lora_A
-    assert bank is not None and bank.shape[0] >= 8  # room for slots 0..7
+    bank = slots.layers["l1"].bottleneck
+    assert bank is not None and bank.down.shape[0] >= 8  # room for slots 0..7
     for v in versions[:5]:
         slots.unload(v.uid)
     moves = slots.compact()
     assert moves == {7: 1, 6: 2}
     assert {slots.slot_of(v.uid) for v in versions[5:]} == {1, 2}
-    assert slots.layers["l0"].lora_A.shape[0] == 4  # type: ignore[union-attr]  # shrunk to one chunk
+    assert slots.layers["l1"].bottleneck.down.shape[0] == 4  # type: ignore[union-attr]  # shrunk to one chunk
+    assert set(slots.layers["l1"].loras) == {slots.slot_of(versions[5].uid)}
     x = torch.randn(2, 1, IN)
     out = run(model, ctx, x, [slots.slot_of(versions[5].uid), slots.slot_of(versions[6].uid)])  # type: ignore[list-item]
     torch.testing.assert_close(out[0:1], reference(model, x[0:1], adapters[5]), atol=1e-5, rtol=1e-5)

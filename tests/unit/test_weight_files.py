@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from app.adapters import files
-from app.models.multi_lora import MultiLoraLinear, RoutingContext, write_lora
+from app.models.multi_lora import MultiLoraLinear, RoutingContext
 
 MOUNTINFO = """\
 22 27 0:21 / /proc rw,relatime - proc proc rw
@@ -84,25 +84,24 @@ def test_unreadable_files_fall_back(tmp_path: Path, payload: bytes) -> None:
     assert files.read_float_tensors(path) is None
 
 
-def test_write_lora_copies_and_scales_across_dtypes() -> None:
+def test_set_lora_converts_dtypes_and_keeps_its_own_tensors_where_layouts_match() -> None:
     torch.manual_seed(0)
-    layers = [MultiLoraLinear(nn.Linear(12, 20), RoutingContext()) for _ in range(3)]
-    writes, expected = [], []
-    for i, layer in enumerate(layers):
-        rank = 4 + 2 * i
-        a = torch.randn(rank, 12).to(torch.bfloat16 if i == 1 else torch.float32)
-        b = torch.randn(20, rank).to(torch.float16 if i == 2 else torch.float32)
-        dst_a, dst_b = layer.slot_views(2, rank, max_slots=5)
-        writes.append((dst_a, dst_b, a, b, 0.5 * (i + 1)))
-        expected.append((a.float(), b.float() * 0.5 * (i + 1)))
-    write_lora(writes)
-    for layer, (a, b) in zip(layers, expected, strict=True):
-        assert layer.lora_A is not None and layer.lora_B is not None
-        r = a.shape[0]
-        assert torch.allclose(layer.lora_A[2, :r], a) and torch.allclose(layer.lora_B[2, :, :r], b)
-        assert not layer.lora_A[1].any() and not layer.lora_B[1].any()  # other slots untouched
-    # a smaller rank in the same slot clears what the larger one left beyond it
-    small_a, small_b = layers[2].slot_views(2, 2, max_slots=5)
-    write_lora([(small_a, small_b, torch.ones(2, 12), torch.ones(20, 2), 1.0)])
-    assert layers[2].lora_A is not None and not layers[2].lora_A[2, 2:].any()
-    assert layers[2].ranks[2] == 2
+    for layer_dtype, adapter_dtype in [
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+    ]:
+        layer = MultiLoraLinear(nn.Linear(12, 20).to(layer_dtype), RoutingContext())
+        a, b = torch.randn(4, 12).to(adapter_dtype), torch.randn(20, 4).to(adapter_dtype)
+        layer.set_lora(2, a, b, 0.5)
+        a_t, b_t, scale = layer.loras[2]
+        assert (a_t.dtype, b_t.dtype, scale) == (layer_dtype, layer_dtype, 0.5)
+        assert a_t.is_contiguous() and b_t.is_contiguous()
+        assert torch.equal(a_t, a.t().to(layer_dtype)) and torch.equal(b_t, b.t().to(layer_dtype))
+        # B^T of a contiguous B is not contiguous: converted; A^T of a column-major A is A's own
+        assert b_t.data_ptr() != b.data_ptr()
+        column_major = a.t().contiguous().t()
+        layer.set_lora(3, column_major, b, 1.0)
+        same = layer_dtype == adapter_dtype
+        assert (layer.loras[3][0].data_ptr() == column_major.data_ptr()) == same
