@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from peft.utils.merge_utils import task_arithmetic, ties
 
 from app.adapters.kinds import Adapter
 from app.adapters.lora_format import LoraAdapter, host_layout
@@ -107,6 +106,10 @@ def _merge_module(
         root = math.sqrt(abs(w * s))
         split_a.append(root if w * s >= 0 else -root)
         split_b.append(root)
+    # (imported here: the peft package takes ~140 MiB of memory, which a server that never
+    # merges with these methods should not carry)
+    from peft.utils.merge_utils import task_arithmetic, ties
+
     merged = []
     for index, split in ((0, split_a), (1, split_b)):
         tensors = [pair[index].float() for _, pair, _ in parts]  # type: ignore[union-attr]
