@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from app.models.bottleneck_bank import BottleneckBank
 from app.models.quantized_layers import QuantizedLinear
-from app.models.routing import BASE_SLOT, Routing, RoutingContext
+from app.models.routing import BASE_SLOT, Routing, RoutingContext, runs_of
 from app.models.scale_bank import ScaleBank
 
 # a mixed batch whose adapters' ranks add up to at most this runs them side by side as one LoRA
@@ -99,28 +99,50 @@ class MultiLoraLinear(nn.Module):
         return out
 
     def _with_lora(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Base output plus each row's LoRA delta, accumulated into it in place (addmm, beta=1)."""
+        """Base output plus each row's LoRA delta. The base matmul writes the output and the deltas
+        accumulate into it (addmm, beta=1), except for a decode step's per-row weights, whose
+        batched deltas come first for the base to accumulate into (a batched accumulation,
+        baddbmm, is slower than the plain one)."""
         width = x.shape[-1]
         flat = x.reshape(-1, width)
         base = self.base
-        if isinstance(base, QuantizedLinear):  # its kernel adds its bias and writes a new output
+        weight: torch.Tensor | None = None  # a quantized base's kernel adds its bias, into a new output
+        bias: torch.Tensor | None = None
+        if not isinstance(base, QuantizedLinear):  # Conv1D stores its weight [in, out], Linear [out, in]
+            weight, bias = (base.weight if isinstance(base, Conv1D) else base.weight.t()), base.bias
+        single, rows = routing.single, x.shape[0]
+        if single is None and routing.reuse_key is not None and not self.concatenates(routing):
+            a_t, b_t = self._per_row_weights(routing)
+            h = torch.bmm(flat.view(rows, -1, width), a_t)  # [batch, tokens, r]
+            if bias is None:
+                delta = torch.bmm(h, b_t)
+            else:
+                delta = torch.baddbmm(bias.expand(rows, h.shape[1], self._out), h, b_t)
+            if weight is None:
+                out = base(flat).add_(delta.view(-1, self._out))
+            else:
+                out = delta.view(-1, self._out).addmm_(flat, weight)
+            return out.view(*x.shape[:-1], self._out)
+        if weight is None:
             out = base(flat)
-        else:  # Conv1D stores its weight [in, out], Linear [out, in]
-            weight = base.weight if isinstance(base, Conv1D) else base.weight.t()
-            out = torch.mm(flat, weight) if base.bias is None else torch.addmm(base.bias, flat, weight)
-        if routing.single is not None:
-            a_t, b_t, scale = self.loras[routing.single]
+        else:
+            out = torch.mm(flat, weight) if bias is None else torch.addmm(bias, flat, weight)
+        if single is not None:
+            a_t, b_t, scale = self.loras[single]
             out.addmm_(torch.mm(flat, a_t), b_t, alpha=scale)
         elif self.concatenates(routing):
             a_t, b_cat, mask = self.concatenated(routing)
             rank = a_t.shape[1]
-            h = torch.mm(flat, a_t).view(x.shape[0], -1, rank).mul_(mask)
+            h = torch.mm(flat, a_t).view(rows, -1, rank).mul_(mask)
             out.addmm_(h.view(-1, rank), b_cat)
-        else:
-            rows = x.shape[0]
-            a_t, b_t = self._per_row_weights(routing)
-            h = torch.bmm(flat.view(rows, -1, width), a_t)  # [batch, tokens, r]
-            out.view(rows, -1, self._out).baddbmm_(h, b_t)
+        else:  # a prefill: each run of rows of one adapter as a plain LoRA on its own weights
+            per_row, rows_in = out.view(rows, -1, self._out), flat.view(rows, -1, width)
+            for slot, start, end in runs_of(routing.slots):
+                weights = self.loras.get(slot)
+                if weights is not None:
+                    a_t, b_t, scale = weights
+                    part = per_row[start:end].view(-1, self._out)
+                    part.addmm_(torch.mm(rows_in[start:end].reshape(-1, width), a_t), b_t, alpha=scale)
         return out.view(*x.shape[:-1], self._out)
 
     def alone(self, slot: int) -> LoraWeights:
@@ -166,15 +188,16 @@ class MultiLoraLinear(nn.Module):
         return a_t, b_cat, mask
 
     def _per_row_weights(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's A^T [batch, in, r] and B^T·s [batch, r, out] (smaller ranks zero-padded, rows
-        without weights here zero); kept across the decode steps of one batch."""
+        """Each row's A^T [batch, in, r] and B^T [batch, r, out] with its scaling folded in (smaller
+        ranks zero-padded, rows without weights here zero): gathered once per composition of a
+        decode batch's rows and kept across its steps."""
         key = routing.reuse_key
         if key is not None and self._gathered is not None and self._gathered[0] == key:
             return self._gathered[1], self._gathered[2]
         loras = self.loras
         distinct = set(routing.slots)
         rank = max(loras[s][0].shape[1] for s in distinct if s in loras)
-        padded: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        padded: dict[int, LoraWeights] = {}
         for slot in distinct:
             if slot not in loras:
                 zero = torch.zeros(rank, self._out, dtype=self._dtype, device=self._device)
@@ -183,10 +206,10 @@ class MultiLoraLinear(nn.Module):
             a_t, b_t, scale = loras[slot]
             pad = rank - a_t.shape[1]
             padded[slot] = (F.pad(a_t, (0, pad)), F.pad(b_t, (0, 0, 0, pad)), scale) if pad else loras[slot]
-        a = torch.stack([padded[s][0] for s in routing.slots])
-        b = torch.stack([padded[s][1] for s in routing.slots])
-        scales = torch.tensor([padded[s][2] for s in routing.slots], dtype=self._dtype, device=self._device)
-        b.mul_(scales.view(-1, 1, 1))
+        rows = [padded[s] for s in routing.slots]
+        a = torch.stack([w[0] for w in rows])
+        b = torch.stack([w[1] for w in rows])
+        b.mul_(torch.tensor([w[2] for w in rows], dtype=self._dtype, device=self._device).view(-1, 1, 1))
         if key is not None:
             self._gathered = (key, a, b)
         return a, b

@@ -113,11 +113,13 @@ def version(name: str, adapter: LoraAdapter | BottleneckAdapter) -> AdapterVersi
 @pytest.mark.parametrize("n_adapters", [1, 3, 6])
 @pytest.mark.parametrize("tokens", [1, 5])
 @pytest.mark.parametrize("side_by_side", [True, False], ids=["concatenated", "per-row"])
+@pytest.mark.parametrize("key", [None, 1], ids=["runs-of-rows", "gathered"])
 def test_mixed_rows_equal_each_row_alone(
     toy: tuple[Toy, RoutingContext, DeviceSlots],
     n_adapters: int,
     tokens: int,
     side_by_side: bool,
+    key: int | None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(multi_lora, "CONCAT_MAX_RANK", 64 if side_by_side else 0)
@@ -132,7 +134,7 @@ def test_mixed_rows_equal_each_row_alone(
     rows = [BASE_SLOT, *ids, *reversed(ids)]
     by_slot = {s: a for s, a in zip(ids, adapters, strict=True)}
     x = torch.randn(len(rows), tokens, IN)
-    mixed = run(model, ctx, x, rows)
+    mixed = run(model, ctx, x, rows, key)
     for i, slot in enumerate(rows):
         expected = reference(model, x[i : i + 1], by_slot.get(slot))
         torch.testing.assert_close(mixed[i : i + 1], expected, atol=1e-5, rtol=1e-5)
