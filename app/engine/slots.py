@@ -148,7 +148,8 @@ class DeviceSlots:
         return slot
 
     def unload(self, uid: int) -> None:
-        """Free the slot of ``uid`` (the stacked banks' memory is returned by the next :meth:`compact`)."""
+        """Free the slot of ``uid`` (the stacked banks of bottleneck, IA³ and DoRA vectors shrink at
+        the next :meth:`compact`)."""
         slot = self._lru.pop(uid, None)
         if slot is None:
             return

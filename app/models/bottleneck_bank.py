@@ -1,6 +1,6 @@
 """Per-slot bottleneck modules applied to a wrapped layer's output, for every row its own adapter.
 
-The resident bottleneck adapters of one layer live in stacked banks, like the LoRA banks:
+The resident bottleneck adapters of one layer live in stacked banks:
 
     down: [slots, size_max, features]   down_b: [slots, size_max]
     up:   [slots, features, size_max]   up_b:   [slots, features]      (scaling folded into up)
