@@ -1,12 +1,13 @@
-"""The device tier: which adapter versions are resident in the LoRA slot banks, with LRU eviction.
+"""The device tier: which adapter versions are resident in the wrapped layers' slots, with LRU eviction.
 
 Owned by the engine thread (its only writer). Capacity is a slot count and a byte budget (the
 adapters' own bytes). An adapter that queued or running work needs (``keep``) or whose name is
 pinned is never evicted; when nothing can be evicted, :meth:`DeviceSlots.acquire` raises
 :class:`SlotsExhausted` and the work waits. Other threads read only :attr:`DeviceSlots.resident`,
 a frozen set of uids replaced (never mutated) after each change. :meth:`compact` (called between
-steps) moves adapters into the holes left by unloads and shrinks the banks, so that unloading
-frees device memory for real.
+steps) moves adapters into the holes left by unloads and shrinks the stacked banks (bottleneck,
+IA³, DoRA), so that unloading frees device memory for real; a LoRA slot holds its adapter's own
+tensors (on a CPU the host tier's: app/models/multi_lora.py).
 """
 
 from __future__ import annotations
