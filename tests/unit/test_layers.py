@@ -113,7 +113,7 @@ def version(name: str, adapter: LoraAdapter | BottleneckAdapter) -> AdapterVersi
 @pytest.mark.parametrize("n_adapters", [1, 3, 6])
 @pytest.mark.parametrize("tokens", [1, 5])
 @pytest.mark.parametrize("side_by_side", [True, False], ids=["concatenated", "per-row"])
-@pytest.mark.parametrize("key", [None, 1], ids=["runs-of-rows", "gathered"])
+@pytest.mark.parametrize("key", [None, 1], ids=["prefill", "decode"])
 def test_mixed_rows_equal_each_row_alone(
     toy: tuple[Toy, RoutingContext, DeviceSlots],
     n_adapters: int,
