@@ -99,47 +99,37 @@ class MultiLoraLinear(nn.Module):
         return out
 
     def _with_lora(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Base output plus each row's LoRA delta. The base matmul writes the output and the deltas
-        accumulate into it (addmm, beta=1), except with per-row weights, whose batched deltas come
-        first for the base to accumulate into (a batched accumulation, baddbmm, is slower than the
-        plain one)."""
+        """Base output plus each row's LoRA delta. The deltas come first (over the broadcast bias)
+        and the base GEMM accumulates into them in place (addmm, beta=1): adding the deltas after
+        the base would cost one more pass over the output."""
         width = x.shape[-1]
+        # a quantized base's kernel adds its bias itself
+        bias = None if isinstance(self.base, QuantizedLinear) else self.base.bias
         flat = x.reshape(-1, width)
-        base = self.base
-        weight: torch.Tensor | None = None  # a quantized base's kernel adds its bias, into a new output
-        bias: torch.Tensor | None = None
-        if not isinstance(base, QuantizedLinear):  # Conv1D stores its weight [in, out], Linear [out, in]
-            weight, bias = (base.weight if isinstance(base, Conv1D) else base.weight.t()), base.bias
-        single, rows = routing.single, x.shape[0]
-        if single is None and not self.concatenates(routing):
+        rows = x.shape[0]
+        if routing.single is not None:
+            a_t, b_t, scale = self.loras[routing.single]
+            h = torch.mm(flat, a_t).mul_(scale)  # [tokens, r]
+            out = torch.mm(h, b_t) if bias is None else torch.addmm(bias, h, b_t)
+        elif self.concatenates(routing):
+            a_t, b_cat, mask = self.concatenated(routing)
+            h = torch.mm(flat, a_t).view(rows, -1, a_t.shape[1]).mul_(mask)
+            h = h.view(-1, a_t.shape[1])
+            out = torch.mm(h, b_cat) if bias is None else torch.addmm(bias, h, b_cat)
+        else:
             a_t, b_t = self._per_row_weights(routing)
             h = torch.bmm(flat.view(rows, -1, width), a_t)  # [batch, tokens, r]
             if bias is None:
-                delta = torch.bmm(h, b_t)
+                out = torch.bmm(h, b_t)
             else:
-                delta = torch.baddbmm(bias.expand(rows, h.shape[1], self._out), h, b_t)
-            if weight is None:
-                out = base(flat).add_(delta.view(-1, self._out))
-            else:
-                out = delta.view(-1, self._out).addmm_(flat, weight)
-            return out.view(*x.shape[:-1], self._out)
-        if weight is None:
-            out = base(flat)
-        else:
-            out = torch.mm(flat, weight) if bias is None else torch.addmm(bias, flat, weight)
-        if single is not None:
-            a_t, b_t, scale = self.loras[single]
-            out.addmm_(torch.mm(flat, a_t), b_t, alpha=scale)
-        else:
-            a_t, b_cat, mask = self.concatenated(routing)
-            rank = a_t.shape[1]
-            h = torch.mm(flat, a_t).view(rows, -1, rank).mul_(mask)
-            out.addmm_(h.view(-1, rank), b_cat)
+                out = torch.baddbmm(bias.expand(rows, h.shape[1], self._out), h, b_t)
+        base = self.base
+        if isinstance(base, QuantizedLinear):  # its kernel writes a new output: add the deltas to it
+            out = base(flat).add_(out.view(-1, self._out))
+        else:  # Conv1D stores its weight [in, out], Linear [out, in]
+            weight = base.weight if isinstance(base, Conv1D) else base.weight.t()
+            out = out.view(-1, self._out).addmm_(flat, weight)
         return out.view(*x.shape[:-1], self._out)
-
-    def alone(self, slot: int) -> LoraWeights:
-        """The A^T [in, r], B^T [r, out] and scaling of ``slot``'s adapter in this layer."""
-        return self.loras[slot]
 
     def concatenates(self, routing: Routing) -> bool:
         """Whether the few adapters of a mixed batch run as one LoRA of their ranks side by side."""

@@ -73,7 +73,7 @@ class Projection:
         """Add ``slot``'s LoRA delta of ``x`` to ``y`` [n, out] (a view is fine), in place."""
         lora = self.lora
         if lora is not None and slot in lora.loras:
-            a_t, b_t, scale = lora.alone(slot)
+            a_t, b_t, scale = lora.loras[slot]
             y.addmm_(torch.mm(x, a_t), b_t, alpha=scale)
 
 
@@ -198,7 +198,7 @@ class Group:
         """``slot``'s LoRA weights for the whole group (None: no part has any), remade when the
         layers' own copies change (another adapter, or new weights in the slot)."""
         pairs = [
-            (part.lora.alone(slot), bounds)
+            (part.lora.loras[slot], bounds)
             for part, bounds in zip(self.parts, self.bounds, strict=True)
             if part.lora is not None and slot in part.lora.loras
         ]
