@@ -66,8 +66,12 @@ chromium:  ## the headless browser the page's tests drive (Debian's chromium and
 	  $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null; }; }
 
+# the suite runs in TEST_WORKERS processes (pytest-xdist, a test file per worker at a time), each
+# with one compute thread: most tests wait on Python, processes and I/O, and two threads a worker
+# would oversubscribe the cores
+TEST_WORKERS ?= 2
 test: lint typecheck model prometheus nginx chromium  ## everything CI runs (the fuzzing with a few examples per route)
-	$(BIN)/pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 FUZZ_EXAMPLES ?= 500
 fuzz: model  ## a long schema-driven fuzzing run: FUZZ_EXAMPLES random requests per route

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -14,10 +15,29 @@ from pathlib import Path
 import httpx
 
 
+def _worker() -> tuple[int, int]:
+    """This process's index among the test workers running side by side, and their count
+    (pytest-xdist's ``PYTEST_XDIST_WORKER`` ``gwN`` and ``PYTEST_XDIST_WORKER_COUNT``; else 0, 1)."""
+    name, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if name.startswith("gw") and name[2:].isdigit() and count.isdigit() and int(count) > 1:
+        return int(name[2:]) % int(count), int(count)
+    return 0, 1
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now. The caller's server binds it later: where several processes pick
+    ports side by side (test workers), each takes ports of its own residue, so two of them never
+    hand the same released port to their servers (one server would answer the other's clients)."""
+    index, count = _worker()
+    while True:
+        # (the kernel's own choice, bind to port 0, comes from a fixed half of the range: odd ports)
+        want = 0 if count == 1 else random.randrange(20000 + index, 60000, count)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", want))
+            except OSError:
+                continue  # taken: another one
+            return int(s.getsockname()[1])
 
 
 def start_server(

@@ -173,15 +173,14 @@ def upload_all(client: TestClient, refs: dict[str, RefAdapter]) -> dict[str, Ref
 @contextmanager
 def serve_live(app: Any) -> Iterator[str]:
     """Serve an app whose lifespan already runs (inside a TestClient) with uvicorn on loopback."""
-    import socket
     import threading
     import time
 
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from bench.server import free_port
+
+    port = free_port()
     server = uvicorn.Server(
         # keep-alive longer than any pause between a test's requests: a pooled connection the server
         # closes just as the client reuses it is a reset, not an answer

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,17 +15,12 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
+from bench.server import free_port
 from tests.conftest import upload_archive
 from tests.deploy.test_manifests import ROOT, dashboard_module
 from tests.helpers.peft_ref import GENERATE_PROMPTS, RefAdapter, zip_folder
 
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def prometheus(live_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         ],
     }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             binary,

@@ -40,7 +40,7 @@ def _auth(tenant: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def app(
-    tiny_model: BaseLM, ref_adapters: dict[str, RefAdapter], tmp_path_factory: pytest.TempPathFactory
+    own_tiny: BaseLM, ref_adapters: dict[str, RefAdapter], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TestClient]:
     folder = tmp_path_factory.mktemp("limits")
     tenants = {
@@ -55,7 +55,7 @@ def app(
         max_queue=10,
         max_new_tokens=BUSY_TOKENS,
     )
-    with TestClient(create_app(settings, base=tiny_model)) as client:
+    with TestClient(create_app(settings, base=own_tiny)) as client:
         upload_all(client, {k: ref_adapters[k] for k in ("cls-4", "gen-qv-r8")})
         yield client
 

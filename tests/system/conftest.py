@@ -13,9 +13,10 @@ import pytest
 from tests.helpers.peft_ref import RefAdapter
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_base_env(tiny_path: Path) -> Iterator[None]:
-    """Server processes started meanwhile serve the tiny model (ADAPTERSERVE_BASE_MODEL)."""
+    """Server processes started meanwhile serve the tiny model (ADAPTERSERVE_BASE_MODEL), for the
+    module's tests only (the overload test's server, in whatever order it runs, keeps the default)."""
     before = os.environ.get("ADAPTERSERVE_BASE_MODEL")
     os.environ["ADAPTERSERVE_BASE_MODEL"] = str(tiny_path)
     yield
