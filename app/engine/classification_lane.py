@@ -163,9 +163,9 @@ class ClassificationLane:
                     out.append(step)
         work.explanations = out
         self.metrics.batch_size.labels(task="classify").observe(len(work.inputs))
+        self._charge(work.flow, work.cost, 0)  # before the answer: its next request sees the charge
         if not work.future.done():
             work.future.set_result([e.probs for e in out])
-        self._charge(work.flow, work.cost, 0)
 
     def _run(self, works: list[tuple[ClassifyWork, int]], heads: Heads) -> None:
         try:
@@ -179,10 +179,10 @@ class ClassificationLane:
         self.runner.health.succeeded()
         start = 0
         for w, _ in works:
+            self._charge(w.flow, w.cost, 0)  # before the answer: its next request sees the charge
             if not w.future.done():
                 w.future.set_result(probs[start : start + len(w.inputs)])
             start += len(w.inputs)
-            self._charge(w.flow, w.cost, 0)
 
 
 def _fail_all(works: list[ClassifyWork], exc: AdapterServeError) -> None:

@@ -372,8 +372,7 @@ class GenerationLane:
         now = time.monotonic()
         m = self.metrics
         for work, result in finished:
-            if not work.future.done():
-                work.future.set_result(result)
+            # counted and charged before the answer, so the client's next request sees both
             n = len(result.token_ids)
             self._charge(work.flow, result.prompt_tokens, n)
             m.generated_tokens.labels(adapter=m.adapter_label(work.metric_name)).inc(n)
@@ -381,6 +380,8 @@ class GenerationLane:
                 m.time_to_first_token.observe(work.first_token_at - work.enqueued_at)
                 if n > 1:
                     m.time_per_output_token.observe((now - work.first_token_at) / (n - 1))
+            if not work.future.done():
+                work.future.set_result(result)
 
 
 def fail_rows(works: list[GenerateWork], exc: AdapterServeError) -> None:
