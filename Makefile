@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install model serve test test-fast lint typecheck unit fuzz clean demo-data demo-adapters prometheus nginx chromium
+.PHONY: install model serve test test-fast lint typecheck unit fuzz clean demo-data demo-adapters prometheus nginx chromium compiler
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +38,15 @@ typecheck: install
 unit: install
 	$(BIN)/pytest -q tests/unit
 
-test-fast: install  ## lint, the unit tests and HTTP -> engine on the tiny model (seconds; the inner loop)
+test-fast: install compiler  ## lint, the unit tests and HTTP -> engine on the tiny model (seconds; the inner loop)
 	$(BIN)/ruff check app tests bench scripts deploy
 	$(BIN)/pytest -q -m "not model and not prometheus and not nginx and not browser and not slow"
+
+compiler:  ## the C++ compiler the int4 CPU kernel is built with (Debian's g++; the service runs without it)
+	@command -v g++ >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y --no-install-recommends g++ >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends g++ >/dev/null; }; }
 
 prometheus:  ## the Prometheus server and promtool the monitoring tests run (Debian package)
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
@@ -70,7 +76,7 @@ chromium:  ## the headless browser the page's tests drive (Debian's chromium and
 # with one compute thread: most tests wait on Python, processes and I/O, and two threads a worker
 # would oversubscribe the cores
 TEST_WORKERS ?= 2
-test: lint typecheck model prometheus nginx chromium  ## everything CI runs (the fuzzing with a few examples per route)
+test: lint typecheck compiler model prometheus nginx chromium  ## everything CI runs (the fuzzing with a few examples per route)
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 FUZZ_EXAMPLES ?= 500

@@ -101,6 +101,12 @@ def prepare_model(settings: Settings) -> None:
     except UnsupportedBase as exc:
         sys.exit(f"error: {exc.message}")
     print(f"base model {model_id} ({surface.family}, {surface.kind}) ready at {path}")
+    if settings.native_kernels:  # compiled now, not at the first start of an int4 base
+        from app import kernels
+
+        kernels.configure(settings.cache_dir)
+        kernel = kernels.q4()
+        print(f"int4 CPU kernel: {kernel.name if kernel else 'not built (PyTorch kernels)'}")
 
 
 def import_adapterhub(args: argparse.Namespace, settings: Settings) -> int:

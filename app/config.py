@@ -40,6 +40,11 @@ class Settings(BaseSettings):
         "of 64) are weight-only; w8a8 is int8 weights and int8 activations per row (fbgemm's integer "
         "matmul on CPU); adapters stay in full precision (docs/quantization.md)",
     )
+    native_kernels: bool = Field(
+        True,
+        description="compile and use adapterserve's own int4 CPU kernel (needs a C++ compiler; "
+        "docs/quantization.md); false = PyTorch's kernels",
+    )
 
     # --- adapter store and cache ------------------------------------------------------------
     store: str = Field(

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import __version__
+from app import __version__, kernels
 from app.adapters.archive import ArchiveLimits
 from app.adapters.catalog import AdapterCatalog
 from app.adapters.intake import Intake
@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None, base: BaseLM | None = None) -> 
             ReleasingExecutor(thread_name_prefix="adapterserve-io")
         )
         model = base
+        kernels.configure(settings.cache_dir, settings.native_kernels)
         if model is None:
             model = await asyncio.to_thread(
                 load_base_model,

@@ -5,6 +5,7 @@ matmul where the packed weights allow, and their LoRA deltas in two matmuls for 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,8 @@ class Projection:
         if isinstance(base, QuantizedLinear):
             self.kernel, self.bias = base.bf16_kernel(), base.bias
             self.rounds = self.kernel is not None
+            if self.kernel is None:  # our int4 kernel: float rows, the bias added
+                self.kernel, self.bias = base.float_kernel(), None
         elif type(base) is nn.Linear:
             weight, bias = base.weight, base.bias
             self.kernel = lambda x: F.linear(x, weight, bias)
@@ -112,7 +115,7 @@ class Group:
         """Each projection of ``x`` [rows x n, in] for adapter ``slot`` (None: the rows' own)."""
         parts = self.parts
         if self.kernel is not None and slot is not None and not any(p.general(slot) for p in parts):
-            y = self.kernel(x.to(torch.bfloat16)).to(x.dtype)
+            y = self.kernel(x.to(torch.bfloat16)).to(x.dtype) if self.rounds else self.kernel(x)
             if self.bias is not None:
                 y = y + self.bias
             weights = self._lora(slot)
@@ -225,36 +228,49 @@ def fuse(group: Group, modules: list[nn.Module]) -> None:
     """Lay the packed weights of ``modules``' bases end to end, when they allow it (see
     :class:`Group`), checked on a random input against the separate matmuls."""
     bases = [m.base if isinstance(m, MultiLoraLinear) else m for m in modules]
-    if not all(isinstance(b, QuantizedLinear) and b.cpu_kernel and b.kind in ("int8", "int4") for b in bases):
-        return
     layers = [b for b in bases if isinstance(b, QuantizedLinear)]
-    if len({(b.kind, b.in_features) for b in layers}) != 1:
+    if len(layers) != len(bases) or len({(b.kind, b.in_features, b.native) for b in layers}) != 1:
+        return
+    first = layers[0]
+    native = first.native
+    if native is None and not (first.cpu_kernel and first.kind in ("int8", "int4")):
         return
     packed = torch.cat([b.packed for b in layers])
-    scales = torch.cat([b.scales for b in layers], dim=0 if layers[0].kind == "int8" else 1).contiguous()
+    one_dim = native is not None or first.kind == "int8"  # (tinygemm's int4 scales: [groups, out, 2])
+    scales = torch.cat([b.scales for b in layers], dim=0 if one_dim else 1).contiguous()
     fused = QuantizedLinear(
-        layers[0].in_features,
-        packed.shape[0],
-        layers[0].kind,
+        first.in_features,
+        sum(b.out_features for b in layers),
+        first.kind,
         packed,
         scales,
         None,
-        layers[0].compute_dtype,
-        cpu_kernel=True,
+        first.compute_dtype,
+        cpu_kernel=native is None,
+        native=native,
     )
-    kernel = fused.bf16_kernel()
+    if native is not None:
+        kernel = fused.float_kernel()
+        matmul = native.matmul
+        parts: list[Callable[[torch.Tensor], torch.Tensor] | None] = [
+            functools.partial(matmul, packed=b.packed, scales=b.scales, bias=None) for b in layers
+        ]
+        probe = torch.randn(1, first.in_features, device=packed.device)
+    else:
+        kernel, parts = fused.bf16_kernel(), [b.bf16_kernel() for b in layers]
+        probe = torch.randn(1, first.in_features, dtype=torch.bfloat16, device=packed.device)
     assert kernel is not None
-    probe = torch.randn(1, layers[0].in_features, dtype=torch.bfloat16, device=packed.device)
-    parts = [b.bf16_kernel() for b in layers]
     separate = torch.cat([part(probe) for part in parts if part is not None], dim=1)
     if not torch.equal(kernel(probe), separate):
         return
-    start = 0
+    start, row = 0, 0
     for b in layers:
         rows = b.packed.shape[0]
-        b.packed = packed[start : start + rows]  # the layer's own weights: a view of the whole
-        group.bounds.append((start, start + rows))
-        start += rows
+        b.packed = packed[row : row + rows]  # the layer's own weights: a view of the whole
+        if native is not None:
+            b.scales = scales[row : row + rows]
+        group.bounds.append((start, start + b.out_features))
+        start, row = start + b.out_features, row + rows
     group.kernel = kernel
     if any(b.bias is not None for b in layers):
         group.bias = torch.cat(

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from app import kernels
 from app.models import bf16, w8a8
 from app.models.quantized_layers import (
     QuantizedEmbedding,
@@ -61,7 +62,8 @@ def rounds_activations(kind: Quantization, device: torch.device) -> bool:
     """``kind``'s matmuls round their inputs (and outputs) to bf16 or int8 on ``device``: its
     reference is a layer computing as the served one (:func:`snap_to_quantized`), not the float
     layer on its weights."""
-    return kind in ("bf16", "w8a8") or (kind in ("int8", "int4") and packed_cpu_kernels(device))
+    native = kind == "int4" and device.type == "cpu" and kernels.q4() is not None
+    return kind in ("bf16", "w8a8") or native or (kind in ("int8", "int4") and packed_cpu_kernels(device))
 
 
 def _linears(model: nn.Module, keep: tuple[str, ...]) -> list[str]:
@@ -151,15 +153,15 @@ def snap_to_quantized(
             new = w8a8.W8A8Linear(kernel, mod.bias, part).to(mod.weight.device)
         elif kind == "bf16":  # (a head tied to the embeddings gets weights of its own: the same values)
             new = bf16.BF16Linear.of(mod)
-        elif rounds_activations(kind, mod.weight.device):  # int8/int4 on bf16 activations
+        else:  # int8/int4: the served layer's own reference (activations rounded as it rounds them)
             served = (
                 QuantizedEmbedding(embedding, kind).head(None)
                 if tied and isinstance(embedding, nn.Embedding)
                 else QuantizedLinear.of(mod, kind)
             )
-            new = bf16.BF16Linear.of(mod, served.dequantized())
-        elif not tied:  # a head tied to the embeddings: snapped with them
-            mod.weight.copy_(QuantizedLinear.of(mod, kind).dequantized())
+            new = served.reference(mod)
+            if new is None and not tied:  # (a head tied to the embeddings: snapped with them)
+                mod.weight.copy_(served.dequantized())
         if new is not None:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from app import kernels
 from app.models import bf16, w8a8
 from app.platform import capability
 
@@ -87,6 +88,7 @@ class QuantizedLinear(nn.Module):
         part: int = 0,
         onednn: torch.Tensor | None = None,
         cpu_kernel: bool = False,
+        native: kernels.Q4 | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
@@ -99,6 +101,7 @@ class QuantizedLinear(nn.Module):
         self.onednn = onednn  # bf16 packed for oneDNN (then ``packed`` is empty): not a buffer,
         # an opaque tensor that only oneDNN's kernels read
         self.cpu_kernel = cpu_kernel  # int8/int4: PyTorch's packed CPU kernels, bf16 activations
+        self.native = native  # int4: our CPU kernel (app/kernels; ``packed``/``scales`` its layout)
         self.grad_weight: torch.Tensor | None = None  # the backward pass's weights, while it needs them
 
     @classmethod
@@ -116,6 +119,10 @@ class QuantizedLinear(nn.Module):
             return cls.w8a8_part(layer, w8a8.Kernel(w, act_max), 0)
         if kind == "bf16":
             return cls.bf16(w, layer.bias, dtype)
+        native = kernels.q4() if kind == "int4" and device.type == "cpu" else None
+        if native is not None and kernels.fits(out, width):
+            packed, scales = kernels.pack(*kernels.quantize(w))
+            return cls(width, out, kind, packed, scales, layer.bias, dtype, native=native)
         fast = packed_cpu_kernels(device)
         if kind == "int8":
             q, scale = _int8_rows(w)
@@ -167,6 +174,11 @@ class QuantizedLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        if self.native is not None:
+            y = self.native.matmul(flat.float(), self.packed, self.scales, None).to(self.compute_dtype)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
         if self.kind == "bf16":
             return self._bf16(flat).view(*x.shape[:-1], self.out_features)
         if self.cpu_kernel:
@@ -206,6 +218,28 @@ class QuantizedLinear(nn.Module):
             return lambda x: torch.ops.aten._weight_int8pack_mm(x, packed, scales)
         return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, scales)
 
+    def float_kernel(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The layer's matmul on float32 rows [rows, in], float32 out [rows, out], the bias added,
+        where our int4 kernel computes it (it rounds its input itself); None elsewhere."""
+        native = self.native
+        if native is None:
+            return None
+        packed, scales = self.packed, self.scales
+        bias = self.bias if self.bias is not None and self.bias.dtype == torch.float32 else None
+        if bias is None and self.bias is not None:
+            return None
+        return lambda x: native.matmul(x, packed, scales, bias)
+
+    def reference(self, layer: nn.Linear) -> nn.Linear | None:
+        """``layer`` as a float module computing what this one computes (for training on the
+        served weights, and as PEFT's reference): None where that is ``layer`` with
+        :meth:`dequantized` weights (no rounding of activations)."""
+        if self.native is not None:
+            return Q8Linear.of(layer, self.dequantized())
+        if self.cpu_kernel:
+            return bf16.BF16Linear.of(layer, self.dequantized())
+        return None
+
     def _packed_bf16(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "int8":
             return torch.ops.aten._weight_int8pack_mm(x, self.packed, self.scales)
@@ -243,6 +277,8 @@ class QuantizedLinear(nn.Module):
         if self.w8a8 is not None:
             lo, hi = self.w8a8.bounds[self.part]
             return self.w8a8.dequantized()[lo:hi].to(self.compute_dtype)
+        if self.native is not None:
+            return kernels.unpack(self.packed, self.scales).to(self.compute_dtype)
         eye = torch.eye(self.in_features, dtype=self.compute_dtype, device=self.packed.device)
         bias, self.bias = self.bias, None
         try:
@@ -326,3 +362,20 @@ class QuantizedEmbedding(nn.Module):
         if self.kind == "bf16":
             return self.packed.to(self.compute_dtype)
         return self.packed.to(self.compute_dtype) * self.scales.unsqueeze(-1)
+
+
+class Q8Linear(nn.Linear):
+    """A frozen ``nn.Linear`` whose input is rounded as the int4 CPU kernel rounds it (8 bits per
+    group of 32 inputs, :func:`app.kernels.round_activations`; gradients pass straight through):
+    with the kernel's weights, the same computation as the served int4 layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(kernels.round_activations(x), self.weight, self.bias)
+
+    @classmethod
+    def of(cls, layer: nn.Linear, weight: torch.Tensor) -> Q8Linear:
+        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        new.weight = nn.Parameter(weight.detach().to(layer.weight.dtype).clone(), requires_grad=False)
+        if layer.bias is not None:
+            new.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        return new

@@ -1,0 +1,185 @@
+"""Native CPU kernels, compiled on this machine at first use: the ``int4`` format's matmul
+(``q4.cpp``: 4-bit weights in groups of 32, activations rounded to 8 bits per group of 32, integer
+dot products; llama.cpp's Q4_1 x Q8_1 scheme).
+
+Why our own: PyTorch's packed int4 CPU kernel (``_weight_int4pack_mm_for_cpu``) dequantizes every
+weight to float for every row, so a prefill of a few rows costs several times a decode step, and it
+runs only where the CPU has bf16 dot products (elsewhere int4 dequantized the whole matrix per call).
+This one reads each weight once per call whatever the rows, multiplies in 8-bit integers (VNNI on
+AVX-512, ``vpmaddubsw`` on AVX2) and scales once per group (docs/quantization.md has the numbers).
+
+The source is compiled with the machine's C++ compiler (``g++``, or ``$CXX``) into the cache folder,
+named by a hash of the source and the compiler, and loaded with ctypes; its threads are torch's own
+OpenMP team (the library links the ``libgomp.so.1`` torch already loaded). Without a compiler, a
+CPU without AVX2, or ``ADAPTERSERVE_NATIVE_KERNELS=false``, :func:`q4` is None and ``int4`` keeps
+PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("q4.cpp")
+GROUP = 32  # inputs per scale (weights and activations)
+TILE = 16  # outputs per tile of the weight layout
+ISAS = {1: "avx2", 2: "avx512-vnni"}
+_config: dict[str, object] = {"dir": Path.home() / ".cache" / "adapterserve", "enabled": True}
+
+
+def configure(cache_dir: Path, enabled: bool = True) -> None:
+    """Where the compiled kernels are kept, and whether to use them (before the model loads; a
+    kernel already loaded stays loaded when only the folder changes)."""
+    if _config["enabled"] != enabled:
+        q4.cache_clear()
+    _config.update(dir=cache_dir, enabled=enabled)
+
+
+@dataclass(frozen=True)
+class Q4:
+    """The loaded int4 kernel."""
+
+    lib: ctypes.CDLL
+    isa: int
+
+    @property
+    def name(self) -> str:
+        return ISAS[self.isa]
+
+    def matmul(
+        self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``x`` [rows, in] (float32) times the weights ``packed`` / ``scales`` (:func:`pack`),
+        plus ``bias``: [rows, out] float32."""
+        x = x.contiguous()
+        rows, width = x.shape
+        out = scales.shape[0] * TILE
+        y = torch.empty(rows, out, dtype=torch.float32)
+        self.lib.q4_matmul(
+            self.isa,
+            x.data_ptr(),
+            rows,
+            width,
+            out,
+            packed.data_ptr(),
+            scales.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+        )
+        return y
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        path = shutil.which(name) if name else None
+        if path:
+            return path
+    return None
+
+
+def _build(compiler: str, folder: Path) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + version.encode()).hexdigest()[:16]
+    target = folder / f"q4-{digest}.so"
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        flags = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC"]
+        command = [compiler, *flags, str(SOURCE), "-o", str(partial)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        if done.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(done.stderr.strip()[-2000:])
+        os.replace(partial, target)  # (several processes may build it at once: each replace is whole)
+        log.info("compiled the int4 CPU kernel into %s", target)
+    return target
+
+
+@functools.cache
+def q4() -> Q4 | None:
+    """The int4 kernel on this machine, or None (see the module docstring)."""
+    if not _config["enabled"]:
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C++ compiler (g++): int4 runs PyTorch's kernels (slower; docs/quantization.md)")
+        return None
+    folder = Path(str(_config["dir"])) / "kernels"
+    try:
+        lib = ctypes.CDLL(str(_build(compiler, folder)))
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        log.warning("the int4 CPU kernel did not build (%s): int4 runs PyTorch's kernels", exc)
+        return None
+    lib.q4_isa.restype = ctypes.c_int
+    lib.q4_matmul.restype = None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.q4_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
+    isa = int(lib.q4_isa())
+    if isa == 0:
+        log.info("this CPU has no AVX2: int4 runs PyTorch's kernels")
+        return None
+    return Q4(lib, isa)
+
+
+def fits(out_features: int, in_features: int) -> bool:
+    """Whether the kernel takes a layer of this shape."""
+    return out_features % TILE == 0 and in_features % GROUP == 0
+
+
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weights [out, in] as 4-bit groups of 32 along the input: (q [out, in] uint8 in 0..15,
+    d and m [out, in / 32] float16) with ``w ≈ d · q + m`` (m: the group's least value)."""
+    w = w.detach().float()
+    out, width = w.shape
+    g = w.reshape(out, width // GROUP, GROUP)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    d = ((hi - lo) / 15).to(torch.float16)
+    m = lo.to(torch.float16)
+    d32, m32 = d.float()[..., None], m.float()[..., None]
+    q = torch.where(d32 > 0, (g - m32) / d32, 0.0).round().clamp(0, 15).to(torch.uint8)
+    return q.reshape(out, width), d, m
+
+
+def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's layout of :func:`quantize`'s values: (weights uint8 [tiles, groups x 256],
+    scales float16 [tiles, groups, 2, 16]); tiles of 16 outputs, so layers laid end to end along
+    the outputs are one layer."""
+    out, width = q.shape
+    tiles, groups = out // TILE, width // GROUP
+    # input k = 32 g + 8 c + 4 h + j; byte (lane, j) of chunk c holds h = 0 low, h = 1 high
+    v = q.reshape(tiles, TILE, groups, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # t, g, c, lane, j, h
+    packed = (v[..., 0] | (v[..., 1] << 4)).contiguous().reshape(tiles, groups * 256)
+    scales = torch.stack([d, m], dim=0).reshape(2, tiles, TILE, groups).permute(1, 3, 0, 2).contiguous()
+    return packed, scales
+
+
+def unpack(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 weights [out, in] a :func:`pack`-ed layer computes with."""
+    tiles, groups = scales.shape[0], scales.shape[1]
+    b = packed.reshape(tiles, groups, 4, TILE, 4)
+    v = torch.stack([b & 15, b >> 4], dim=-1)  # t, g, c, lane, j, h
+    q = v.permute(0, 3, 1, 2, 5, 4).reshape(tiles * TILE, groups, GROUP).float()
+    d, m = scales.float().permute(0, 3, 1, 2).reshape(tiles * TILE, groups, 2).unbind(-1)
+    return (q * d[..., None] + m[..., None]).reshape(tiles * TILE, groups * GROUP)
+
+
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., in] rounded as the kernel rounds its input: 8 bits per group of 32 along the
+    last axis, scaled by the group's largest magnitude (the values it multiplies; gradients pass
+    straight through)."""
+    g = x.reshape(*x.shape[:-1], -1, GROUP)
+    d = g.detach().abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.where(d > 0, g.detach() / d, 0.0).round().clamp(-127, 127)
+    rounded = (q * d).reshape(x.shape)
+    return x + (rounded - x).detach()

@@ -1,0 +1,225 @@
+// adapterserve's 4-bit CPU matmul: y[M, N] = x[M, K] . W^T (+ bias), with W in 4-bit groups of 32
+// along K (w = d * q + m, q in 0..15, d and m in fp16 per group and output: llama.cpp's Q4_1) and
+// x rounded to 8 bits per group of 32 (x ~ dx * qx, qx in -127..127: llama.cpp's Q8_1). Each
+// group's dot product is an integer one (u8 x s8: VNNI's vpdpbusd on AVX-512, vpmaddubsw +
+// vpmaddwd on AVX2) scaled once: sum(w * x) = d * dx * sum(q * qx) + m * dx * sum(qx).
+//
+// Weights are laid out in tiles of 16 outputs: for tile t and group g, 4 chunks of 64 bytes; byte
+// (lane * 4 + j) of chunk c holds q[16t + lane][32g + 8c + j] in its low nibble and
+// q[16t + lane][32g + 8c + 4 + j] in its high one (4 consecutive inputs per 32-bit lane, as
+// vpdpbusd sums them). Scales: fp16 [tiles][groups][2][16] (d, then m). The weights of a tile are
+// read once for every row of the call (rows in blocks that fit the registers), so a few rows cost
+// little more than one. Tiles are shared out over torch's OpenMP threads.
+//
+// Plain C ABI (called through ctypes); compiled at first use by app/kernels/__init__.py.
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int GROUP = 32;
+constexpr int TILE = 16;
+constexpr int TILE_BYTES = 4 * 64;  // one group of one tile
+
+// x [M, K] -> qx [M, K] int8, per row and group: dx (scale) and dx * sum(qx) (the group's sum).
+// Rounding: x / dx to the nearest integer, ties to even (as torch.round), in IEEE float32.
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, float* dsum) {
+  const int64_t G = K / GROUP;
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* v = x + r * K + g * GROUP;
+      float amax = 0.f;
+      for (int i = 0; i < GROUP; ++i) amax = std::fmax(amax, std::fabs(v[i]));
+      const float d = amax / 127.f;
+      int sum = 0;
+      int8_t* q = qx + r * K + g * GROUP;
+      for (int i = 0; i < GROUP; ++i) {
+        float t = d > 0.f ? std::nearbyint(v[i] / d) : 0.f;
+        t = std::fmin(127.f, std::fmax(-127.f, t));
+        q[i] = static_cast<int8_t>(t);
+        sum += q[i];
+      }
+      dx[r * G + g] = d;
+      dsum[r * G + g] = d * static_cast<float>(sum);
+    }
+  }
+}
+
+// the same, 16 floats at a time (the results are the same bits)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_rows_avx512(
+    const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, float* dsum) {
+  const int64_t G = K / GROUP;
+  const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+  for (int64_t i = 0; i < M * G; ++i) {
+    const float* v = x + i * GROUP;
+    const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const float d = amax / 127.f;
+    int8_t* q = qx + i * GROUP;
+    if (!(d > 0.f)) {
+      memset(q, 0, GROUP);
+      dx[i] = d;
+      dsum[i] = 0.f;
+      continue;
+    }
+    const __m512 dv = _mm512_set1_ps(d);
+    const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512 ra = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_roundscale_ps(_mm512_div_ps(a, dv), r)));
+    const __m512 rb = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_roundscale_ps(_mm512_div_ps(b, dv), r)));
+    const __m512i ia = _mm512_cvtps_epi32(ra), ib = _mm512_cvtps_epi32(rb);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(ia));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(ib));
+    dx[i] = d;
+    dsum[i] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(ia, ib)));
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) void tiles_avx512(
+    const int8_t* qx, const float* dx, const float* dsum, int64_t M, int64_t K, int64_t N,
+    const uint8_t* w, const uint16_t* sm, const float* bias, float* y, int64_t t0, int64_t t1) {
+  constexpr int R = 8;
+  const int64_t G = K / GROUP;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* wt = w + t * G * TILE_BYTES;
+    const uint16_t* st = sm + t * G * 2 * TILE;
+    for (int64_t r0 = 0; r0 < M; r0 += R) {
+      const int rows = static_cast<int>(M - r0 < R ? M - r0 : R);
+      __m512 out[R];
+      for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* wg = wt + g * TILE_BYTES;
+        __m512i q[8];
+        for (int c = 0; c < 4; ++c) {
+          const __m512i v = _mm512_loadu_si512(wg + 64 * c);
+          q[2 * c] = _mm512_and_si512(v, low);
+          q[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + g * 32)));
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + g * 32 + 16)));
+        for (int r = 0; r < rows; ++r) {
+          const int8_t* xr = qx + (r0 + r) * K + g * GROUP;
+          __m512i part[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                             _mm512_setzero_si512()};  // (four chains: vpdpbusd's latency)
+          for (int k = 0; k < 8; ++k) {
+            int32_t quad;
+            memcpy(&quad, xr + 4 * k, 4);
+            part[k % 4] = _mm512_dpbusd_epi32(part[k % 4], q[k], _mm512_set1_epi32(quad));
+          }
+          const __m512i acc = _mm512_add_epi32(_mm512_add_epi32(part[0], part[1]), _mm512_add_epi32(part[2], part[3]));
+          const int64_t i = (r0 + r) * G + g;
+          const __m512 scaled = _mm512_mul_ps(d, _mm512_set1_ps(dx[i]));
+          out[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scaled, out[r]);
+          out[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(dsum[i]), out[r]);
+        }
+      }
+      const __m512 b = bias ? _mm512_loadu_ps(bias + t * TILE) : _mm512_setzero_ps();
+      for (int r = 0; r < rows; ++r) _mm512_storeu_ps(y + (r0 + r) * N + t * TILE, _mm512_add_ps(out[r], b));
+    }
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) void tiles_avx2(
+    const int8_t* qx, const float* dx, const float* dsum, int64_t M, int64_t K, int64_t N,
+    const uint8_t* w, const uint16_t* sm, const float* bias, float* y, int64_t t0, int64_t t1) {
+  constexpr int R = 4;
+  const int64_t G = K / GROUP;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* wt = w + t * G * TILE_BYTES;
+    const uint16_t* st = sm + t * G * 2 * TILE;
+    for (int half = 0; half < 2; ++half) {  // outputs 0-7, then 8-15 of the tile
+      for (int64_t r0 = 0; r0 < M; r0 += R) {
+        const int rows = static_cast<int>(M - r0 < R ? M - r0 : R);
+        __m256 out[R];
+        for (int r = 0; r < R; ++r) out[r] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+          const uint8_t* wg = wt + g * TILE_BYTES + 32 * half;
+          __m256i q[8];
+          for (int c = 0; c < 4; ++c) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * c));
+            q[2 * c] = _mm256_and_si256(v, low);
+            q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          }
+          const uint16_t* sg = st + g * 32 + 8 * half;
+          const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg)));
+          const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + 16)));
+          for (int r = 0; r < rows; ++r) {
+            const int8_t* xr = qx + (r0 + r) * K + g * GROUP;
+            __m256i part[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+            for (int k = 0; k < 8; ++k) {
+              int32_t quad;
+              memcpy(&quad, xr + 4 * k, 4);
+              const __m256i prod = _mm256_maddubs_epi16(q[k], _mm256_set1_epi32(quad));
+              part[k % 2] = _mm256_add_epi32(part[k % 2], _mm256_madd_epi16(prod, ones));
+            }
+            const __m256i acc = _mm256_add_epi32(part[0], part[1]);
+            const int64_t i = (r0 + r) * G + g;
+            const __m256 scaled = _mm256_mul_ps(d, _mm256_set1_ps(dx[i]));
+            out[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scaled, out[r]);
+            out[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dsum[i]), out[r]);
+          }
+        }
+        const __m256 b = bias ? _mm256_loadu_ps(bias + t * TILE + 8 * half) : _mm256_setzero_ps();
+        for (int r = 0; r < rows; ++r)
+          _mm256_storeu_ps(y + (r0 + r) * N + t * TILE + 8 * half, _mm256_add_ps(out[r], b));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// 2: AVX-512 VNNI, 1: AVX2, 0: neither (the kernel cannot run here)
+int q4_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return 1;
+  return 0;
+}
+
+// y [M, N] = x [M, K] . W^T (+ bias [N] or null); isa as q4_isa() answers (or lower)
+void q4_matmul(int isa, const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* w,
+               const uint16_t* sm, const float* bias, float* y) {
+  const int64_t G = K / GROUP;
+  thread_local std::vector<int8_t> qx;
+  thread_local std::vector<float> scales;
+  qx.resize(M * K);
+  scales.resize(2 * M * G);
+  float* dx = scales.data();
+  float* dsum = dx + M * G;
+  if (isa == 2)
+    quantize_rows_avx512(x, M, K, qx.data(), dx, dsum);
+  else
+    quantize_rows(x, M, K, qx.data(), dx, dsum);
+  const int64_t tiles = N / TILE;
+  const int8_t* q = qx.data();
+  // threads share the tiles; a call too small to split stays on this thread
+  // (an if clause, not num_threads: torch's thread pool keeps one team size)
+  const bool split = tiles >= 4 && tiles * M * K >= (1 << 13);
+#pragma omp parallel if (split)
+  {
+    const int n = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t per = (tiles + n - 1) / n;
+    const int64_t t0 = id * per, t1 = t0 + per < tiles ? t0 + per : tiles;
+    if (t0 < t1) {
+      if (isa == 2)
+        tiles_avx512(q, dx, dsum, M, K, N, w, sm, bias, y, t0, t1);
+      else
+        tiles_avx2(q, dx, dsum, M, K, N, w, sm, bias, y, t0, t1);
+    }
+  }
+}
+
+}  // extern "C"
