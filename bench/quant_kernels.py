@@ -1,7 +1,8 @@
 """Quantized matmul kernels on this machine, for choosing the quantized base's kernels: fp32
 ``F.linear`` against bf16 (a plain bf16 matmul, and the served one: weights packed once for
 oneDNN), PyTorch's own weight-only int8 (``_weight_int8pack_mm``: per output channel)
-and int4 (``_weight_int4pack_mm_for_cpu`` / ``_weight_int4pack_mm``: group-wise) kernels, torchao's
+and int4 (``_weight_int4pack_mm_for_cpu``: group-wise) kernels, adapterserve's own int4 kernel
+(``app/kernels``: 4-bit weights times activations rounded to 8 bits per group of 32), torchao's
 weight-only int8 and int4 tensors when torchao is importable (not a dependency), and two integer
 matmuls that also quantize the activations (w8a8): ``torch._int_mm`` and fbgemm's dynamic linear.
 
@@ -24,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from app import kernels
 from app.models.quantized_layers import INT4_GROUP, QuantizedLinear, _int4_groups, _int8_rows
 from bench.common import machine_line
 
@@ -76,10 +78,11 @@ class _AtenInt4(nn.Module):
         super().__init__()
         q, scale, zero = _int4_groups(layer.weight, INT4_GROUP)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        self.sz = torch.stack([scale.t(), zero.t()], dim=2).contiguous()
+        self.sz = torch.stack([scale.t(), zero.t()], dim=2).contiguous().to(torch.bfloat16)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.sz)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (on bf16 activations, as int4 ran before)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, INT4_GROUP, self.sz)
+        return y.float()
 
 
 class _IntMM(nn.Module):
@@ -103,6 +106,11 @@ class _PlainBf16(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x.to(torch.bfloat16), self.w).float()
+
+
+def _int4_kernel() -> str:
+    kernel = kernels.q4()
+    return f"adapterserve's kernel, 8-bit activations, {kernel.name}" if kernel else "PyTorch's kernels"
 
 
 def _runner(mods: list[nn.Module], xs: dict[int, torch.Tensor]) -> Callable[[], None]:
@@ -133,9 +141,9 @@ def main() -> None:
             QuantizedLinear.of(m, "bf16") for m in layers
         ],
         "int8: PyTorch _weight_int8pack_mm": [_AtenInt8(m) for m in layers],
-        "int8: served (int8→fp32 + BLAS)": [QuantizedLinear.of(m, "int8") for m in layers],
-        "int4 g64: PyTorch _weight_int4pack_mm_for_cpu": [_AtenInt4(m) for m in layers],
-        "int4 g64: served (4-bit→fp32 + BLAS)": [QuantizedLinear.of(m, "int4") for m in layers],
+        "int8: served": [QuantizedLinear.of(m, "int8") for m in layers],
+        "int4 g32: PyTorch _weight_int4pack_mm_for_cpu, bf16 activations": [_AtenInt4(m) for m in layers],
+        f"int4 g32: served ({_int4_kernel()})": [QuantizedLinear.of(m, "int4") for m in layers],
         "w8a8: torch._int_mm (int8 rows × int8)": [_IntMM(m) for m in layers],
         "w8a8: served (fbgemm, 16 float channels; one kernel per layer)": [
             QuantizedLinear.of(m, "w8a8", torch.rand(m.in_features) + 0.5) for m in layers
