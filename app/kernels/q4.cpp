@@ -25,6 +25,7 @@ namespace {
 constexpr int GROUP = 32;
 constexpr int TILE = 16;
 constexpr int TILE_BYTES = 4 * 64;  // one group of one tile
+constexpr int PREFETCH = 8 * TILE_BYTES;  // bytes ahead
 
 // x [M, K] -> qx [M, K] int8, per row and group: dx (scale) and dx * sum(qx) (the group's sum).
 // Rounding: x / dx to the nearest integer, ties to even (as torch.round), in IEEE float32.
@@ -94,6 +95,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) void tiles_avx51
       for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
       for (int64_t g = 0; g < G; ++g) {
         const uint8_t* wg = wt + g * TILE_BYTES;
+        for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(wg + PREFETCH + 64 * c), _MM_HINT_T0);
         __m512i q[8];
         for (int c = 0; c < 4; ++c) {
           const __m512i v = _mm512_loadu_si512(wg + 64 * c);
