@@ -2,7 +2,7 @@
 weight format, bare and with one LoRA adapter, against llama.cpp's server on the same weights.
 
     python -m bench.single_stream [--formats none,bf16,int8,int4,w8a8] [--turns 5] [--tokens 64]
-                                  [--model-forward int4]
+                                  [--model-forward int4] [--torch-kernels int4]
 
 Every system is its own process, started once and measured in turns (one streamed request at a
 time, ``--tokens`` new tokens forced, greedy, the same ~15-token prompt with a new number in front
@@ -13,7 +13,8 @@ LoRA adapter (llama.cpp: converted by its own ``convert_lora_to_gguf.py``). Prin
 and tokens/s after the first token, the ratios to llama.cpp Q4_1 in the same turns, and each
 process's resident memory after the run. ``--model-forward`` adds, for the formats it names, a
 server whose one-row batches run the model's forward (``ADAPTERSERVE_ONE_ROW_DECODE=false``): the
-one-row step's gain in the same turns.
+one-row step's gain in the same turns; ``--torch-kernels`` a server on PyTorch's int4 kernel
+instead of adapterserve's own (``ADAPTERSERVE_NATIVE_KERNELS=false``).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--model-forward", default="", help="formats also served without the one-row step")
+    parser.add_argument("--torch-kernels", default="", help="formats also served on PyTorch's kernels")
     args = parser.parse_args()
     cache = Settings().cache_dir
     hf_folder, _ = resolve_model_path("", cache)
@@ -131,14 +133,23 @@ def main() -> None:
             pids["llama.cpp Q4_1"] = pid
             streams["llama.cpp Q4_1, bare"] = llama(url, False, args.tokens)
             streams["llama.cpp Q4_1, LoRA"] = llama(url, True, args.tokens)
-            servers = [(kind, "true") for kind in args.formats.split(",")]
-            servers += [(kind, "false") for kind in args.model_forward.split(",") if kind]
-            for kind, one_row in servers:
-                label = f"adapterserve {kind}" + ("" if one_row == "true" else " (model forward)")
-                log = work / f"{kind}-{one_row}.log"
-                proc, url = stack.enter_context(
-                    running_server(store, log, quantization=kind, one_row_decode=one_row)
-                )
+            servers: list[tuple[str, str, dict[str, str]]] = [
+                (kind, "", {}) for kind in args.formats.split(",")
+            ]
+            servers += [
+                (kind, " (model forward)", {"one_row_decode": "false"})
+                for kind in args.model_forward.split(",")
+                if kind
+            ]
+            servers += [
+                (kind, " (PyTorch kernels)", {"native_kernels": "false"})
+                for kind in args.torch_kernels.split(",")
+                if kind
+            ]
+            for i, (kind, variant, extra) in enumerate(servers):
+                label = f"adapterserve {kind}{variant}"
+                log = work / f"{kind}-{i}.log"
+                proc, url = stack.enter_context(running_server(store, log, quantization=kind, **extra))
                 pids[label] = proc.pid
                 base_id = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
                 streams[f"{label}, bare"] = ours(url, base_id, args.tokens)
