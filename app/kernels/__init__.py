@@ -60,14 +60,15 @@ class Q4:
     def matmul(
         self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        """``x`` [rows, in] (float32) times the weights ``packed`` / ``scales`` (:func:`pack`),
-        plus ``bias``: [rows, out] float32."""
+        """``x`` [rows, in] (float32) times the weights ``packed`` / ``scales`` (:func:`pack`,
+        :func:`pack8`), plus ``bias``: [rows, out] float32."""
         x = x.contiguous()
         rows, width = x.shape
         out = scales.shape[0] * TILE
         y = torch.empty(rows, out, dtype=torch.float32)
         self.lib.q4_matmul(
             self.isa,
+            bits(packed, scales),
             x.data_ptr(),
             rows,
             width,
@@ -124,7 +125,7 @@ def q4() -> Q4 | None:
     lib.q4_isa.restype = ctypes.c_int
     lib.q4_matmul.restype = None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.q4_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
+    lib.q4_matmul.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
     isa = int(lib.q4_isa())
     if isa == 0:
         log.info("this CPU has no AVX2: int4 runs PyTorch's kernels")
@@ -164,14 +165,62 @@ def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tenso
     return packed, scales
 
 
-def unpack(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The float32 weights [out, in] a :func:`pack`-ed layer computes with."""
+def quantize8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weights [out, in] as 8-bit groups of 32 along the input, symmetric: (u [out, in] uint8 in
+    1..255, d and m = -128 d [out, in / 32] float16) with ``w ≈ d · u + m`` (= d · (u - 128))."""
+    w = w.detach().float()
+    out, width = w.shape
+    g = w.reshape(out, width // GROUP, GROUP)
+    d = (g.abs().amax(dim=2) / 127).to(torch.float16)
+    d32 = d.float()[..., None]
+    q = torch.where(d32 > 0, g / d32, 0.0).round().clamp(-127, 127)
+    return (q + 128).to(torch.uint8).reshape(out, width), d, d * -128
+
+
+def pack8(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's layout of :func:`quantize8`'s values: (weights uint8 [tiles, groups x 512],
+    scales as :func:`pack`'s); byte (lane, j) of chunk c of a group is input 32 g + 4 c + j."""
+    out, width = u.shape
+    tiles, groups = out // TILE, width // GROUP
+    packed = u.reshape(tiles, TILE, groups, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+    scales = torch.stack([d, m], dim=0).reshape(2, tiles, TILE, groups).permute(1, 3, 0, 2).contiguous()
+    return packed.reshape(tiles, groups * 512), scales
+
+
+def bits(packed: torch.Tensor, scales: torch.Tensor) -> int:
+    """4 or 8: the weights' width in a packed layer."""
+    return 4 if packed.shape[1] == scales.shape[1] * 256 else 8
+
+
+def _values(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The integers [out, groups, 32] of a packed layer (4 bits: q; 8 bits: u)."""
     tiles, groups = scales.shape[0], scales.shape[1]
+    if bits(packed, scales) == 8:
+        b = packed.reshape(tiles, groups, 8, TILE, 4).permute(0, 3, 1, 2, 4)
+        return b.reshape(tiles * TILE, groups, GROUP)
     b = packed.reshape(tiles, groups, 4, TILE, 4)
     v = torch.stack([b & 15, b >> 4], dim=-1)  # t, g, c, lane, j, h
-    q = v.permute(0, 3, 1, 2, 5, 4).reshape(tiles * TILE, groups, GROUP).float()
+    return v.permute(0, 3, 1, 2, 5, 4).reshape(tiles * TILE, groups, GROUP)
+
+
+def unpack(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 weights [out, in] a :func:`pack`-ed (or :func:`pack8`-ed) layer computes with."""
+    tiles, groups = scales.shape[0], scales.shape[1]
+    q = _values(packed, scales).float()
     d, m = scales.float().permute(0, 3, 1, 2).reshape(tiles * TILE, groups, 2).unbind(-1)
     return (q * d[..., None] + m[..., None]).reshape(tiles * TILE, groups * GROUP)
+
+
+def rows8(packed: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` (any shape) of a :func:`pack8`-ed matrix, float32 [..., in] (token embeddings
+    read from the LM head's layout: one copy for both)."""
+    tiles, groups = scales.shape[0], scales.shape[1]
+    flat = ids.reshape(-1)
+    t, lane = flat // TILE, flat % TILE
+    u = packed.view(tiles, groups, 8, TILE, 4).permute(0, 3, 1, 2, 4)[t, lane]  # [n, groups, 8, 4]
+    d = scales[:, :, 0].permute(0, 2, 1)[t, lane].float()  # [n, groups]
+    rows = (u.reshape(-1, groups, GROUP).float() - 128) * d[..., None]
+    return rows.reshape(*ids.shape, groups * GROUP)
 
 
 def round_activations(x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,9 @@
 // group's dot product is an integer one (u8 x s8: VNNI's vpdpbusd on AVX-512, vpmaddubsw +
 // vpmaddwd on AVX2) scaled once: sum(w * x) = d * dx * sum(q * qx) + m * dx * sum(qx).
 //
+// The same kernel takes 8-bit weights (w = d * (u - 128), u in 1..255, d per group and output: the
+// tied embeddings and LM head of an int4 base), a byte each: 8 chunks of 64 bytes per group.
+//
 // Weights are laid out in tiles of 16 outputs: for tile t and group g, 4 chunks of 64 bytes; byte
 // (lane * 4 + j) of chunk c holds q[16t + lane][32g + 8c + j] in its low nibble and
 // q[16t + lane][32g + 8c + 4 + j] in its high one (4 consecutive inputs per 32-bit lane, as
@@ -24,8 +27,10 @@ namespace {
 
 constexpr int GROUP = 32;
 constexpr int TILE = 16;
-constexpr int TILE_BYTES = 4 * 64;  // one group of one tile
-constexpr int PREFETCH = 8 * TILE_BYTES;  // bytes ahead
+// bytes of one group of one tile: 4-bit weights two to a byte, 8-bit ones a byte each
+template <int BITS>
+constexpr int TILE_BYTES = BITS == 4 ? 4 * 64 : 8 * 64;
+constexpr int PREFETCH = 2048;  // bytes ahead
 
 // x [M, K] -> qx [M, K] int8, per row and group: dx (scale) and dx * sum(qx) (the group's sum).
 // Rounding: x / dx to the nearest integer, ties to even (as torch.round), in IEEE float32.
@@ -80,6 +85,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_rows_avx512(
   }
 }
 
+template <int BITS>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) void tiles_avx512(
     const int8_t* qx, const float* dx, const float* dsum, int64_t M, int64_t K, int64_t N,
     const uint8_t* w, const uint16_t* sm, const float* bias, float* y, int64_t t0, int64_t t1) {
@@ -87,20 +93,25 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) void tiles_avx51
   const int64_t G = K / GROUP;
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* wt = w + t * G * TILE_BYTES;
+    const uint8_t* wt = w + t * G * TILE_BYTES<BITS>;
     const uint16_t* st = sm + t * G * 2 * TILE;
     for (int64_t r0 = 0; r0 < M; r0 += R) {
       const int rows = static_cast<int>(M - r0 < R ? M - r0 : R);
       __m512 out[R];
       for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
       for (int64_t g = 0; g < G; ++g) {
-        const uint8_t* wg = wt + g * TILE_BYTES;
-        for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(wg + PREFETCH + 64 * c), _MM_HINT_T0);
+        const uint8_t* wg = wt + g * TILE_BYTES<BITS>;
+        for (int c = 0; c < TILE_BYTES<BITS>; c += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(wg + PREFETCH + c), _MM_HINT_T0);
         __m512i q[8];
-        for (int c = 0; c < 4; ++c) {
-          const __m512i v = _mm512_loadu_si512(wg + 64 * c);
-          q[2 * c] = _mm512_and_si512(v, low);
-          q[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        if constexpr (BITS == 4) {
+          for (int c = 0; c < 4; ++c) {
+            const __m512i v = _mm512_loadu_si512(wg + 64 * c);
+            q[2 * c] = _mm512_and_si512(v, low);
+            q[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+          }
+        } else {
+          for (int c = 0; c < 8; ++c) q[c] = _mm512_loadu_si512(wg + 64 * c);
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + g * 32)));
         const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + g * 32 + 16)));
@@ -126,6 +137,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) void tiles_avx51
   }
 }
 
+template <int BITS>
 __attribute__((target("avx2,fma,f16c"))) void tiles_avx2(
     const int8_t* qx, const float* dx, const float* dsum, int64_t M, int64_t K, int64_t N,
     const uint8_t* w, const uint16_t* sm, const float* bias, float* y, int64_t t0, int64_t t1) {
@@ -134,7 +146,7 @@ __attribute__((target("avx2,fma,f16c"))) void tiles_avx2(
   const __m256i low = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* wt = w + t * G * TILE_BYTES;
+    const uint8_t* wt = w + t * G * TILE_BYTES<BITS>;
     const uint16_t* st = sm + t * G * 2 * TILE;
     for (int half = 0; half < 2; ++half) {  // outputs 0-7, then 8-15 of the tile
       for (int64_t r0 = 0; r0 < M; r0 += R) {
@@ -142,12 +154,18 @@ __attribute__((target("avx2,fma,f16c"))) void tiles_avx2(
         __m256 out[R];
         for (int r = 0; r < R; ++r) out[r] = _mm256_setzero_ps();
         for (int64_t g = 0; g < G; ++g) {
-          const uint8_t* wg = wt + g * TILE_BYTES + 32 * half;
+          const uint8_t* wg = wt + g * TILE_BYTES<BITS> + 32 * half;
           __m256i q[8];
-          for (int c = 0; c < 4; ++c) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * c));
-            q[2 * c] = _mm256_and_si256(v, low);
-            q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          if constexpr (BITS == 4) {
+            for (int c = 0; c < 4; ++c) {
+              const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * c));
+              q[2 * c] = _mm256_and_si256(v, low);
+              q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            }
+          } else {  // as signed bytes (u - 128): vpmaddubsw would saturate on 255 x 127 pairs
+            const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+            for (int c = 0; c < 8; ++c)
+              q[c] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * c)), flip);
           }
           const uint16_t* sg = st + g * 32 + 8 * half;
           const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg)));
@@ -158,14 +176,17 @@ __attribute__((target("avx2,fma,f16c"))) void tiles_avx2(
             for (int k = 0; k < 8; ++k) {
               int32_t quad;
               memcpy(&quad, xr + 4 * k, 4);
-              const __m256i prod = _mm256_maddubs_epi16(q[k], _mm256_set1_epi32(quad));
+              const __m256i xq = _mm256_set1_epi32(quad);
+              const __m256i prod = BITS == 4 ? _mm256_maddubs_epi16(q[k], xq)
+                                             : _mm256_maddubs_epi16(_mm256_abs_epi8(xq), _mm256_sign_epi8(q[k], xq));
               part[k % 2] = _mm256_add_epi32(part[k % 2], _mm256_madd_epi16(prod, ones));
             }
             const __m256i acc = _mm256_add_epi32(part[0], part[1]);
             const int64_t i = (r0 + r) * G + g;
             const __m256 scaled = _mm256_mul_ps(d, _mm256_set1_ps(dx[i]));
             out[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scaled, out[r]);
-            out[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dsum[i]), out[r]);
+            if constexpr (BITS == 4)  // (8 bits: the signed products already are the weights' own)
+              out[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dsum[i]), out[r]);
           }
         }
         const __m256 b = bias ? _mm256_loadu_ps(bias + t * TILE + 8 * half) : _mm256_setzero_ps();
@@ -191,8 +212,8 @@ int q4_isa() {
   return 0;
 }
 
-// y [M, N] = x [M, K] . W^T (+ bias [N] or null); isa as q4_isa() answers (or lower)
-void q4_matmul(int isa, const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* w,
+// y [M, N] = x [M, K] . W^T (+ bias [N] or null); isa as q4_isa() answers (or lower); bits: 4 or 8
+void q4_matmul(int isa, int bits, const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* w,
                const uint16_t* sm, const float* bias, float* y) {
   const int64_t G = K / GROUP;
   thread_local std::vector<int8_t> qx;
@@ -216,10 +237,14 @@ void q4_matmul(int isa, const float* x, int64_t M, int64_t K, int64_t N, const u
     const int64_t per = (tiles + n - 1) / n;
     const int64_t t0 = id * per, t1 = t0 + per < tiles ? t0 + per : tiles;
     if (t0 < t1) {
-      if (isa == 2)
-        tiles_avx512(q, dx, dsum, M, K, N, w, sm, bias, y, t0, t1);
+      if (isa == 2 && bits == 4)
+        tiles_avx512<4>(q, dx, dsum, M, K, N, w, sm, bias, y, t0, t1);
+      else if (isa == 2)
+        tiles_avx512<8>(q, dx, dsum, M, K, N, w, sm, bias, y, t0, t1);
+      else if (bits == 4)
+        tiles_avx2<4>(q, dx, dsum, M, K, N, w, sm, bias, y, t0, t1);
       else
-        tiles_avx2(q, dx, dsum, M, K, N, w, sm, bias, y, t0, t1);
+        tiles_avx2<8>(q, dx, dsum, M, K, N, w, sm, bias, y, t0, t1);
     }
   }
 }

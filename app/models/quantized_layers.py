@@ -314,7 +314,8 @@ def drop_backward_weights(model: nn.Module) -> None:
 
 class QuantizedEmbedding(nn.Module):
     """Token embeddings as int8 rows with a scale each, or as bf16 rows (a subclass's
-    ``embed_scale`` kept)."""
+    ``embed_scale`` kept); for ``int4`` on our CPU kernel, int8 in groups of 32 in the kernel's
+    layout, so that a tied LM head multiplies them as the int4 layers multiply theirs."""
 
     packed: torch.Tensor
     scales: torch.Tensor
@@ -322,15 +323,20 @@ class QuantizedEmbedding(nn.Module):
     def __init__(self, embedding: nn.Embedding, kind: Kind = "int8") -> None:
         super().__init__()
         self.kind: Kind = "bf16" if kind == "bf16" else "int8"
-        if self.kind == "bf16":
+        rows, width = embedding.weight.shape
+        cpu = embedding.weight.device.type == "cpu"
+        self.native = kernels.q4() if kind == "int4" and cpu and kernels.fits(rows, width) else None
+        if self.native is not None:
+            q, scale = kernels.pack8(*kernels.quantize8(embedding.weight))
+        elif self.kind == "bf16":
             q = embedding.weight.detach().to(torch.bfloat16).contiguous()
             scale = q.new_empty(0)
         else:
             q, scale = _int8_rows(embedding.weight)
         self.register_buffer("packed", q)
-        self.register_buffer("scales", scale.to(embedding.weight.dtype))
+        self.register_buffer("scales", scale if self.native else scale.to(embedding.weight.dtype))
         self.padding_idx = embedding.padding_idx
-        self.num_embeddings, self.embedding_dim = q.shape
+        self.num_embeddings, self.embedding_dim = rows, width
         self.compute_dtype = embedding.weight.dtype
         scale_attr = getattr(embedding, "embed_scale", None)  # Gemma scales its embeddings
         self.embed_scale = None if scale_attr is None else torch.as_tensor(scale_attr).clone()
@@ -340,8 +346,11 @@ class QuantizedEmbedding(nn.Module):
         return self.packed.numel() + self.scales.numel() * self.scales.element_size()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.packed[ids].to(self.compute_dtype)
-        if self.kind == "int8":
+        if self.native is not None:
+            rows = kernels.rows8(self.packed, self.scales, ids).to(self.compute_dtype)
+        else:
+            rows = self.packed[ids].to(self.compute_dtype)
+        if self.kind == "int8" and self.native is None:
             rows = rows * self.scales[ids].unsqueeze(-1)
         if self.embed_scale is not None:
             rows = rows * self.embed_scale.to(rows.dtype)
@@ -352,13 +361,18 @@ class QuantizedEmbedding(nn.Module):
         same values, packed for its kernel)."""
         if self.kind == "bf16":
             return QuantizedLinear.bf16(self.packed, bias, self.compute_dtype)
+        width, rows, dtype = self.embedding_dim, self.num_embeddings, self.compute_dtype
+        if self.native is not None:
+            packed, scales, native = self.packed, self.scales, self.native
+            return QuantizedLinear(width, rows, "int8", packed, scales, bias, dtype, native=native)
         fast = packed_cpu_kernels(self.packed.device)
         scales = self.scales.to(torch.bfloat16) if fast else self.scales
-        width, rows, dtype = self.embedding_dim, self.num_embeddings, self.compute_dtype
         return QuantizedLinear(width, rows, "int8", self.packed, scales, bias, dtype, cpu_kernel=fast)
 
     @torch.no_grad()
     def dequantized(self) -> torch.Tensor:
+        if self.native is not None:
+            return kernels.unpack(self.packed, self.scales).to(self.compute_dtype)
         if self.kind == "bf16":
             return self.packed.to(self.compute_dtype)
         return self.packed.to(self.compute_dtype) * self.scales.unsqueeze(-1)

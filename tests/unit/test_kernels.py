@@ -1,7 +1,8 @@
 """The int4 CPU kernel (app/kernels): it compiles on this machine, computes exactly what its float
-reference computes (activations rounded to 8 bits per group of 32, times the 4-bit weights) on
-every instruction set the CPU offers, in any number of rows; weights stay within half a step of
-the float ones; layers laid end to end are one layer; without it, int4 keeps PyTorch's kernels."""
+reference computes (activations rounded to 8 bits per group of 32, times the 4-bit weights, or the
+8-bit ones of the tied embeddings and head) on every instruction set the CPU offers, in any number
+of rows; weights stay within half a step of the float ones; layers laid end to end are one layer;
+the embeddings read from the head's layout; without it, int4 keeps PyTorch's kernels."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from app import kernels
 from app.models.quantize import rounds_activations
-from app.models.quantized_layers import Q8Linear, QuantizedLinear
+from app.models.quantized_layers import Q8Linear, QuantizedEmbedding, QuantizedLinear
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,15 @@ def _reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> t
 
 @pytest.mark.parametrize(("out", "width"), [(16, 32), (192, 576), (576, 1536), (1536, 576)])
 @pytest.mark.parametrize("rows", [1, 3, 9, 17])
-def test_the_kernel_equals_its_reference(q4: kernels.Q4, out: int, width: int, rows: int) -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_kernel_equals_its_reference(q4: kernels.Q4, out: int, width: int, rows: int, bits: int) -> None:
     torch.manual_seed(rows)
     w = torch.randn(out, width) * 0.05
-    packed, scales = kernels.pack(*kernels.quantize(w))
+    if bits == 4:
+        packed, scales = kernels.pack(*kernels.quantize(w))
+    else:
+        packed, scales = kernels.pack8(*kernels.quantize8(w))
+    assert kernels.bits(packed, scales) == bits
     x = torch.randn(rows, width) * torch.rand(width) * 4  # channels of different sizes
     x[0, :32] = 0  # a group of zeros (no scale)
     bias = torch.randn(out)
@@ -66,6 +72,19 @@ def test_weights_are_within_half_a_step_and_unpack_inverts_pack() -> None:
     bound = step / 2 + (g.abs().amax(2, keepdim=True) + 15 * step) * 2**-11
     assert bool(((values - g).abs() <= bound).all())
     assert torch.equal(values[3, 0], torch.full((32,), 0.25))
+
+
+def test_8_bit_weights_are_within_half_a_step_and_rows_read_the_same_values() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    u, d, m = kernels.quantize8(w)
+    assert int(u.min()) >= 1 and torch.equal(m, d * -128)
+    packed, scales = kernels.pack8(u, d, m)
+    values = kernels.unpack(packed, scales)
+    step = (w.view(48, 2, 32).abs().amax(2, keepdim=True) / 127).expand(48, 2, 32).reshape(48, 64)
+    assert bool(((values - w).abs() <= step / 2 + w.abs().amax() * 2**-11).all())
+    ids = torch.tensor([[0, 17, 47], [5, 5, 31]])
+    assert torch.equal(kernels.rows8(packed, scales, ids), values[ids])
 
 
 def test_activations_round_to_8_bits_per_group_with_a_straight_through_gradient() -> None:
@@ -103,6 +122,21 @@ def test_a_group_of_layers_is_one_matmul_with_the_same_results(q4: kernels.Q4) -
     for a, b, layer in zip(together, separate, layers, strict=True):
         assert torch.equal(a, b)
         assert torch.equal(layer(x), b)  # each layer now reads its part of the shared weights
+
+
+def test_a_tied_head_and_its_embeddings_share_the_8_bit_layout(q4: kernels.Q4) -> None:
+    torch.manual_seed(0)
+    embedding = nn.Embedding(256, 64)
+    rows = QuantizedEmbedding(embedding, "int4")
+    head = rows.head(None)
+    assert rows.native is not None and head.native is not None and head.packed is rows.packed
+    ids = torch.tensor([[3, 200, 255]])
+    table = rows.dequantized()
+    assert torch.equal(rows(ids), table[ids])
+    assert torch.equal(head.dequantized(), table)
+    assert (table - embedding.weight).abs().max() <= embedding.weight.abs().max() / 127  # per group
+    x = torch.randn(2, 64)
+    assert torch.allclose(head(x), kernels.round_activations(x) @ table.t(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from app import kernels
 from app.models import w8a8
 from app.models.quantize import quantize_model, rounds_activations, weight_bytes
 from app.models.quantized_layers import INT4_GROUP, QuantizedEmbedding, QuantizedLinear
@@ -80,7 +81,11 @@ def test_a_tied_head_reads_the_quantized_embedding_rows() -> None:
     proj = model.proj
     assert isinstance(proj, QuantizedLinear)
     expected = (rows[ids] @ proj.dequantized().t() + proj.bias) @ rows.t()
-    if rounds_activations("int4", torch.device("cpu")):  # bf16 activations: a bf16 step of ~1e-2
+    if proj.native is not None:  # our kernel: both matmuls' inputs rounded to 8 bits per group of 32
+        hidden = kernels.round_activations(rows[ids]) @ proj.dequantized().t() + proj.bias
+        expected = kernels.round_activations(hidden) @ rows.t()
+        assert torch.allclose(model(ids), expected, atol=1e-4, rtol=1e-5)
+    elif rounds_activations("int4", torch.device("cpu")):  # bf16 activations: a bf16 step of ~1e-2
         assert torch.allclose(model(ids), expected, atol=6e-2, rtol=2e-2)
     else:
         assert torch.allclose(model(ids), expected, atol=1e-4)
