@@ -36,9 +36,10 @@ class Settings(BaseSettings):
     quantization: Literal["auto", "none", "bf16", "int8", "int4", "w8a8"] = Field(
         "auto",
         description="the base's weight format: auto = bf16 on a CPU with bf16 dot products (AVX-512 "
-        "BF16, AMX), else none; bf16 (oneDNN's bf16 kernel); int8 (per output channel) and int4 (groups "
-        "of 64) are weight-only; w8a8 is int8 weights and int8 activations per row (fbgemm's integer "
-        "matmul on CPU); adapters stay in full precision (docs/quantization.md)",
+        "BF16, AMX), else none; bf16 (oneDNN's bf16 kernel); int8 (per output channel) is weight-only; "
+        "int4 (groups of 32) runs our CPU kernel on 8-bit activations; w8a8 is int8 weights and int8 "
+        "activations per row (fbgemm's integer matmul on CPU); adapters stay in full precision "
+        "(docs/quantization.md)",
     )
     native_kernels: bool = Field(
         True,
