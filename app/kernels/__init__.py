@@ -62,7 +62,7 @@ class Q4:
     ) -> torch.Tensor:
         """``x`` [rows, in] (float32) times the weights ``packed`` / ``scales`` (:func:`pack`,
         :func:`pack8`), plus ``bias``: [rows, out] float32."""
-        x = x.contiguous()
+        x = x.to(torch.float32).contiguous()  # (the kernel reads float32 rows in place)
         rows, width = x.shape
         out = scales.shape[0] * TILE
         y = torch.empty(rows, out, dtype=torch.float32)

@@ -83,9 +83,10 @@ class Projection:
 class Group:
     """The projections of a layer that read the same input (q, k, v; gate, up; o; down). Where
     their bases are int8 or int4 on the packed CPU kernels, whose packing is one row of the
-    weights after another, their weights are laid end to end once (each layer's own weights
-    become a view of that: no second copy) and one matmul computes them all; a LoRA adapter's
-    deltas then take two matmuls for the group too (its A side by side, its B block-diagonal)."""
+    weights after another, or int4 on our kernel (tiles of 16 outputs), their weights are laid
+    end to end once (each layer's own weights become a view of that: no second copy) and one
+    matmul computes them all; a LoRA adapter's deltas then take two matmuls for the group too (its
+    A side by side, its B block-diagonal)."""
 
     __slots__ = ("bias", "bounds", "kernel", "lora", "mask", "mixed", "parts", "rounds")
 

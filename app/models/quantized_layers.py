@@ -222,7 +222,7 @@ class QuantizedLinear(nn.Module):
         """The layer's matmul on float32 rows [rows, in], float32 out [rows, out], the bias added,
         where our int4 kernel computes it (it rounds its input itself); None elsewhere."""
         native = self.native
-        if native is None:
+        if native is None or self.compute_dtype != torch.float32:
             return None
         packed, scales = self.packed, self.scales
         bias = self.bias if self.bias is not None and self.bias.dtype == torch.float32 else None
