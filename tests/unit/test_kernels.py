@@ -109,6 +109,17 @@ def test_int4_layers_compute_with_the_kernel_and_their_reference_agrees(q4: kern
     assert q.weight_bytes == 576 * 192 * 5 // 8 + 192 * 4
 
 
+def test_a_bf16_model_computes_through_the_kernel_in_float32(q4: kernels.Q4) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32).to(torch.bfloat16)
+    q = QuantizedLinear.of(layer, "int4")
+    assert q.native is not None and q.float_kernel() is None  # (the lean step: the module's path)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = kernels.round_activations(x.float()) @ q.dequantized().float().t() + layer.bias.float()
+    y = q(x)
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), expected, atol=2e-2, rtol=1e-2)
+
+
 def test_a_group_of_layers_is_one_matmul_with_the_same_results(q4: kernels.Q4) -> None:
     from app.models.projection_groups import Group
 
