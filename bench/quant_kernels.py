@@ -85,6 +85,19 @@ class _AtenInt4(nn.Module):
         return y.float()
 
 
+class _Avx2Path(nn.Module):
+    """Our int4 kernel's AVX2 path, on a CPU that also has the AVX-512 VNNI one (what an AVX2-only
+    machine runs)."""
+
+    def __init__(self, layer: nn.Linear, kernel: kernels.Q4) -> None:
+        super().__init__()
+        self.kernel = kernels.Q4(kernel.lib, 1)
+        self.packed, self.scales = kernels.pack(*kernels.quantize(layer.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel.matmul(x, self.packed, self.scales, None)
+
+
 class _IntMM(nn.Module):
     """int8 activations (per row) times int8 weights through ``torch._int_mm`` (int32 sums)."""
 
@@ -149,6 +162,9 @@ def main() -> None:
             QuantizedLinear.of(m, "w8a8", torch.rand(m.in_features) + 0.5) for m in layers
         ],
     }
+    kernel = kernels.q4()
+    if kernel is not None and kernel.isa > 1:
+        stacks["int4 g32: adapterserve's kernel, its AVX2 path"] = [_Avx2Path(m, kernel) for m in layers]
     for kind in ("int8", "int4", "w8a8"):
         quantized = _torchao(kind, layers)
         if quantized is not None:
