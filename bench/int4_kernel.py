@@ -64,15 +64,12 @@ def main() -> None:
         kernels.configure(settings.cache_dir, True)
         kernel = kernels.q4()
         prompt = list(runners["ours"][0].base.tokenizer(PROMPT)["input_ids"])
-        cases = [
-            f"decode step, {n} row{'s' if n > 1 else ''}" for n in (int(r) for r in args.rows.split(","))
-        ]
+        cases = {f"decode step, {n} row{'s' if n > 1 else ''}": n for n in map(int, args.rows.split(","))}
         times: dict[tuple[str, str, str], list[float]] = {}
         for _ in range(args.turns):
             for name, (runner, lora) in runners.items():
                 for mode, slot in (("bare", BASE_SLOT), ("LoRA", lora)):
-                    for case in cases:
-                        rows = int(case.split(", ")[1].split()[0])
+                    for case, rows in cases.items():
                         ms = _decode_ms(runner, [slot] * rows, prompt, args.steps)
                         times.setdefault((case, mode, name), []).append(ms)
                     ms = statistics.median(_prefill_ms(runner, slot, 31, 9) for _ in range(5))

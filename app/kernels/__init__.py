@@ -35,15 +35,23 @@ SOURCE = Path(__file__).with_name("q4.cpp")
 GROUP = 32  # inputs per scale (weights and activations)
 TILE = 16  # outputs per tile of the weight layout
 ISAS = {1: "avx2", 2: "avx512-vnni"}
-_config: dict[str, object] = {"dir": Path.home() / ".cache" / "adapterserve", "enabled": True}
+
+
+@dataclass
+class _Config:
+    folder: Path = Path.home() / ".cache" / "adapterserve"  # (ADAPTERSERVE_CACHE_DIR's default)
+    enabled: bool = True
+
+
+_config = _Config()
 
 
 def configure(cache_dir: Path, enabled: bool = True) -> None:
     """Where the compiled kernels are kept, and whether to use them (before the model loads; a
     kernel already loaded stays loaded when only the folder changes)."""
-    if _config["enabled"] != enabled:
+    if _config.enabled != enabled:
         q4.cache_clear()
-    _config.update(dir=cache_dir, enabled=enabled)
+    _config.folder, _config.enabled = cache_dir, enabled
 
 
 @dataclass(frozen=True)
@@ -110,13 +118,13 @@ def _build(compiler: str, folder: Path) -> Path:
 @functools.cache
 def q4() -> Q4 | None:
     """The int4 kernel on this machine, or None (see the module docstring)."""
-    if not _config["enabled"]:
+    if not _config.enabled:
         return None
     compiler = _compiler()
     if compiler is None:
         log.warning("no C++ compiler (g++): int4 runs PyTorch's kernels (slower; docs/quantization.md)")
         return None
-    folder = Path(str(_config["dir"])) / "kernels"
+    folder = _config.folder / "kernels"
     try:
         lib = ctypes.CDLL(str(_build(compiler, folder)))
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
