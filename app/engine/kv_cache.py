@@ -61,6 +61,28 @@ class GrowingLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        old = self._room(key_states, value_states)
+        new, rows = old + key_states.shape[SEQ_DIM], key_states.shape[0]
+        assert self._k_base is not None and self._v_base is not None
+        self._k_base[:rows, :, old:new].copy_(key_states)
+        self._v_base[:rows, :, old:new].copy_(value_states)
+        self._expose(rows, new)
+        assert self.keys is not None and self.values is not None
+        return self.keys, self.values
+
+    def reserve(self, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for one more token column of ``column``'s shape and dtype ([rows, heads, 1, dim]),
+        exposed as in use but not written: the buffers ``[capacity, heads, columns, dim]`` and the
+        new column's index, for a caller that writes the keys and values there itself (the
+        native decode step, app/models/native_step.py)."""
+        old = self._room(column, column)
+        assert self._k_base is not None and self._v_base is not None
+        self._expose(column.shape[0], old + 1)
+        return self._k_base, self._v_base, old
+
+    def _room(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
+        """Make room for ``key_states``' columns (a buffer anew when full, or when the engine
+        replaced the tensors); the columns in use before them."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         keys, values = self.keys, self.values
@@ -78,12 +100,7 @@ class GrowingLayer(DynamicLayer):
             if old:
                 self._k_base[:rows, :, :old].copy_(keys)
                 self._v_base[:rows, :, :old].copy_(values)
-        assert self._k_base is not None and self._v_base is not None
-        self._k_base[:rows, :, old:new].copy_(key_states)
-        self._v_base[:rows, :, old:new].copy_(value_states)
-        self._expose(rows, new)
-        assert self.keys is not None and self.values is not None
-        return self.keys, self.values
+        return old
 
     def fill(self, rows: list[list[torch.Tensor]], columns: int) -> None:
         """Start from cached prefixes: each row's pieces (``[2, heads, tokens, head_dim]``, in

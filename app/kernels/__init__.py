@@ -1,6 +1,7 @@
 """Native CPU kernels, compiled on this machine at first use: the ``int4`` format's matmul
 (``q4.cpp``: 4-bit weights in groups of 32, activations rounded to 8 bits per group of 32, integer
-dot products; llama.cpp's Q4_1 x Q8_1 scheme).
+dot products; llama.cpp's Q4_1 x Q8_1 scheme), with a decoder layer's norms and SwiGLU in front of
+it and its residual add behind it, and a decode step's attention (``step.cpp``).
 
 Why our own: PyTorch's packed int4 CPU kernel (``_weight_int4pack_mm_for_cpu``) dequantizes every
 weight to float for every row, so a prefill of a few rows costs several times a decode step, and it
@@ -31,7 +32,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("q4.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("q4.cpp", "step.cpp")]
 GROUP = 32  # inputs per scale (weights and activations)
 TILE = 16  # outputs per tile of the weight layout
 ISAS = {1: "avx2", 2: "avx512-vnni"}
@@ -88,6 +89,93 @@ class Q4:
         )
         return y
 
+    def linear(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        y: torch.Tensor,
+        *,
+        norm: tuple[torch.Tensor, float] | None = None,
+        swiglu: bool = False,
+        rows_out: torch.Tensor | None = None,
+        accumulate: bool = False,
+    ) -> None:
+        """``y`` [rows, out] (float32, contiguous) = (or ``+=`` with ``accumulate``) the product
+        of the packed weights with ``x`` [rows, in] float32 contiguous, or with its RMS ``norm``
+        (weight [in] float32, epsilon), or with ``swiglu``: silu(x[:, :in]) * x[:, in:] of ``x``
+        [rows, 2 in]; ``rows_out`` [rows, in] receives the rows multiplied (normalized / SwiGLU)."""
+        rows = x.shape[0]
+        width = x.shape[1] // 2 if swiglu else x.shape[1]
+        prologue = 1 if norm is not None else 2 if swiglu else 0
+        self.lib.q4_linear(
+            self.isa,
+            bits(packed, scales),
+            prologue,
+            x.data_ptr(),
+            rows,
+            width,
+            scales.shape[0] * TILE,
+            None if norm is None else norm[0].data_ptr(),
+            0.0 if norm is None else norm[1],
+            None if rows_out is None else rows_out.data_ptr(),
+            packed.data_ptr(),
+            scales.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            int(accumulate),
+            y.data_ptr(),
+        )
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        heads: tuple[int, int, int],
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        norms: tuple[torch.Tensor | None, torch.Tensor | None, float],
+        cache: tuple[torch.Tensor, torch.Tensor, int],
+        mask: torch.Tensor | None,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """One decode step's attention of ``qkv`` [rows, (heads + 2 kv heads) x dim] (q, k, v
+        side by side; ``heads``: (heads, kv heads, dim)): q and k normalized per head by
+        ``norms`` (q's weight, k's weight, epsilon; None: not) and rotated (``rotary``: cos,
+        sin [rows, dim]), the new key and value written at column ``cache[2]`` of the buffers
+        ``cache[:2]`` [capacity, kv heads, columns, dim], attended over the columns up to it
+        where ``mask`` [rows, >= columns] (uint8, right-aligned; None: all), into ``out``
+        [rows, heads x dim]. Float32, contiguous."""
+        h, kv, dim = heads
+        k_buf, v_buf, column = cache
+        q_norm, k_norm, eps = norms
+        cos, sin = rotary
+        self.lib.step_attend(
+            self.isa,
+            qkv.shape[0],
+            h,
+            kv,
+            dim,
+            qkv.data_ptr(),
+            qkv.stride(0),
+            0,
+            h * dim,
+            (h + kv) * dim,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            None if q_norm is None else q_norm.data_ptr(),
+            None if k_norm is None else k_norm.data_ptr(),
+            eps,
+            k_buf.data_ptr(),
+            v_buf.data_ptr(),
+            k_buf.stride(0),
+            k_buf.stride(1),
+            column,
+            None if mask is None else mask.data_ptr(),
+            0 if mask is None else mask.stride(0),
+            scale,
+            out.data_ptr(),
+        )
+
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CXX"), "g++", "c++"):
@@ -99,13 +187,13 @@ def _compiler() -> str | None:
 
 def _build(compiler: str, folder: Path) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes() + version.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + version.encode()).hexdigest()[:16]
     target = folder / f"q4-{digest}.so"
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
         flags = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC"]
-        command = [compiler, *flags, str(SOURCE), "-o", str(partial)]
+        command = [compiler, *flags, *map(str, SOURCES), "-o", str(partial)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
@@ -134,6 +222,12 @@ def q4() -> Q4 | None:
     lib.q4_matmul.restype = None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.q4_matmul.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
+    lib.q4_linear.restype = lib.step_attend.restype = None
+    c_int, f32 = ctypes.c_int, ctypes.c_float
+    lib.q4_linear.argtypes = [c_int, c_int, c_int, ptr, i64, i64, i64, ptr, f32, ptr, ptr, ptr, ptr]
+    lib.q4_linear.argtypes += [c_int, ptr]
+    lib.step_attend.argtypes = [c_int, *[i64] * 4, ptr, *[i64] * 4, ptr, ptr, ptr, ptr, f32, ptr, ptr]
+    lib.step_attend.argtypes += [i64, i64, i64, ptr, i64, f32, ptr]
     isa = int(lib.q4_isa())
     if isa == 0:
         log.info("this CPU has no AVX2: int4 runs PyTorch's kernels")

@@ -23,6 +23,9 @@
 #include <cmath>
 #include <vector>
 
+// SwiGLU rows, in step.cpp
+extern "C" void swiglu_rows(int isa, const float* x, int64_t M, int64_t K, float* y);
+
 namespace {
 
 constexpr int GROUP = 32;
@@ -85,10 +88,24 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_rows_avx512(
   }
 }
 
+// x / sqrt(mean(x^2) + eps) * w, per row of K (float32, as PyTorch's RMS norm computes it)
+void rms_norm_rows(const float* x, int64_t M, int64_t K, const float* w, float eps, float* y) {
+  for (int64_t r = 0; r < M; ++r) {
+    const float* v = x + r * K;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < K; ++i) sum += v[i] * v[i];
+    const float inv = 1.f / std::sqrt(sum / static_cast<float>(K) + eps);
+    float* o = y + r * K;
+#pragma omp simd
+    for (int64_t i = 0; i < K; ++i) o[i] = w[i] * (v[i] * inv);
+  }
+}
+
 template <int BITS>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) void tiles_avx512(
     const int8_t* qx, const float* dx, const float* dsum, int64_t M, int64_t K, int64_t N,
-    const uint8_t* w, const uint16_t* sm, const float* bias, float* y, int64_t t0, int64_t t1) {
+    const uint8_t* w, const uint16_t* sm, const float* bias, float* y, bool acc, int64_t t0, int64_t t1) {
   constexpr int R = 8;
   const int64_t G = K / GROUP;
   const __m512i low = _mm512_set1_epi8(0x0F);
@@ -132,7 +149,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) void tiles_avx51
         }
       }
       const __m512 b = bias ? _mm512_loadu_ps(bias + t * TILE) : _mm512_setzero_ps();
-      for (int r = 0; r < rows; ++r) _mm512_storeu_ps(y + (r0 + r) * N + t * TILE, _mm512_add_ps(out[r], b));
+      for (int r = 0; r < rows; ++r) {
+        float* yr = y + (r0 + r) * N + t * TILE;
+        const __m512 v = _mm512_add_ps(out[r], b);
+        _mm512_storeu_ps(yr, acc ? _mm512_add_ps(_mm512_loadu_ps(yr), v) : v);
+      }
     }
   }
 }
@@ -140,7 +161,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) void tiles_avx51
 template <int BITS>
 __attribute__((target("avx2,fma,f16c"))) void tiles_avx2(
     const int8_t* qx, const float* dx, const float* dsum, int64_t M, int64_t K, int64_t N,
-    const uint8_t* w, const uint16_t* sm, const float* bias, float* y, int64_t t0, int64_t t1) {
+    const uint8_t* w, const uint16_t* sm, const float* bias, float* y, bool acc, int64_t t0, int64_t t1) {
   constexpr int R = 4;
   const int64_t G = K / GROUP;
   const __m256i low = _mm256_set1_epi8(0x0F);
@@ -190,8 +211,11 @@ __attribute__((target("avx2,fma,f16c"))) void tiles_avx2(
           }
         }
         const __m256 b = bias ? _mm256_loadu_ps(bias + t * TILE + 8 * half) : _mm256_setzero_ps();
-        for (int r = 0; r < rows; ++r)
-          _mm256_storeu_ps(y + (r0 + r) * N + t * TILE + 8 * half, _mm256_add_ps(out[r], b));
+        for (int r = 0; r < rows; ++r) {
+          float* yr = y + (r0 + r) * N + t * TILE + 8 * half;
+          const __m256 v = _mm256_add_ps(out[r], b);
+          _mm256_storeu_ps(yr, acc ? _mm256_add_ps(_mm256_loadu_ps(yr), v) : v);
+        }
       }
     }
   }
@@ -200,6 +224,10 @@ __attribute__((target("avx2,fma,f16c"))) void tiles_avx2(
 }  // namespace
 
 extern "C" {
+
+void q4_linear(int isa, int bits, int prologue, const float* x, int64_t M, int64_t K, int64_t N,
+               const float* pw, float eps, float* xn, const uint8_t* w, const uint16_t* sm,
+               const float* bias, int accumulate, float* y);
 
 // 2: AVX-512 VNNI, 1: AVX2, 0: neither (the kernel cannot run here)
 int q4_isa() {
@@ -215,9 +243,32 @@ int q4_isa() {
 // y [M, N] = x [M, K] . W^T (+ bias [N] or null); isa as q4_isa() answers (or lower); bits: 4 or 8
 void q4_matmul(int isa, int bits, const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* w,
                const uint16_t* sm, const float* bias, float* y) {
+  q4_linear(isa, bits, 0, x, M, K, N, nullptr, 0.f, nullptr, w, sm, bias, 0, y);
+}
+
+// The same with what a decoder layer does around it, in one call:
+// - prologue 0: x [M, K] as it is; 1: RMS norm of x [M, K] (x / sqrt(mean(x^2) + eps) * pw [K]);
+//   2: SwiGLU of x [M, 2K] (silu(x[:, :K]) * x[:, K:]); the rows multiplied are written to xn
+//   [M, K] (the adapters' input) when xn is not null;
+// - accumulate: y += the product (a residual stream) instead of y = it.
+void q4_linear(int isa, int bits, int prologue, const float* x, int64_t M, int64_t K, int64_t N,
+               const float* pw, float eps, float* xn, const uint8_t* w, const uint16_t* sm,
+               const float* bias, int accumulate, float* y) {
   const int64_t G = K / GROUP;
   thread_local std::vector<int8_t> qx;
   thread_local std::vector<float> scales;
+  thread_local std::vector<float> rows;
+  if (prologue != 0) {
+    if (xn == nullptr) {
+      rows.resize(M * K);
+      xn = rows.data();
+    }
+    if (prologue == 1)
+      rms_norm_rows(x, M, K, pw, eps, xn);
+    else
+      swiglu_rows(isa, x, M, K, xn);
+    x = xn;
+  }
   qx.resize(M * K);
   scales.resize(2 * M * G);
   float* dx = scales.data();
@@ -228,6 +279,7 @@ void q4_matmul(int isa, int bits, const float* x, int64_t M, int64_t K, int64_t 
     quantize_rows(x, M, K, qx.data(), dx, dsum);
   const int64_t tiles = N / TILE;
   const int8_t* q = qx.data();
+  const bool acc = accumulate != 0;
   // threads share the tiles; a call too small to split stays on this thread
   // (an if clause, not num_threads: torch's thread pool keeps one team size)
   const bool split = tiles >= 4 && tiles * M * K >= (1 << 13);
@@ -238,13 +290,13 @@ void q4_matmul(int isa, int bits, const float* x, int64_t M, int64_t K, int64_t 
     const int64_t t0 = id * per, t1 = t0 + per < tiles ? t0 + per : tiles;
     if (t0 < t1) {
       if (isa == 2 && bits == 4)
-        tiles_avx512<4>(q, dx, dsum, M, K, N, w, sm, bias, y, t0, t1);
+        tiles_avx512<4>(q, dx, dsum, M, K, N, w, sm, bias, y, acc, t0, t1);
       else if (isa == 2)
-        tiles_avx512<8>(q, dx, dsum, M, K, N, w, sm, bias, y, t0, t1);
+        tiles_avx512<8>(q, dx, dsum, M, K, N, w, sm, bias, y, acc, t0, t1);
       else if (bits == 4)
-        tiles_avx2<4>(q, dx, dsum, M, K, N, w, sm, bias, y, t0, t1);
+        tiles_avx2<4>(q, dx, dsum, M, K, N, w, sm, bias, y, acc, t0, t1);
       else
-        tiles_avx2<8>(q, dx, dsum, M, K, N, w, sm, bias, y, t0, t1);
+        tiles_avx2<8>(q, dx, dsum, M, K, N, w, sm, bias, y, acc, t0, t1);
     }
   }
 }

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from app.models.native_step import NativeStep
 from app.models.projection_groups import Group
 from app.platform import return_freed_memory
 
@@ -98,6 +99,8 @@ class OneRowDecoder:
             )
         if any(layer.qkv.kernel is not None or layer.gate_up.kernel is not None for layer in self.layers):
             return_freed_memory()  # the layers' weights before they were laid end to end
+        # an int4 base's decode steps on our kernels end to end (app/models/native_step.py)
+        self.native = NativeStep.of(self, model)
 
     @classmethod
     def of(cls, model: nn.Module) -> OneRowDecoder | None:
@@ -151,6 +154,9 @@ class OneRowDecoder:
         caller routed them), their keys and values appended to ``cache``; ``mask`` [rows, columns]:
         the batch's attention mask over the cached columns and the new ones (None: no padding)."""
         rows, n = ids.shape
+        native = self.native
+        if n == 1 and native is not None and native.applies(cache, slot):
+            return native(ids, positions, cache, slot, mask)
         h = self.embed(ids).view(rows * n, -1)  # [rows x n, hidden]
         cos, sin = self.rotary(h, positions)  # [rows, n, head_dim]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)

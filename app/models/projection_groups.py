@@ -88,14 +88,22 @@ class Group:
     matmul computes them all; a LoRA adapter's deltas then take two matmuls for the group too (its
     A side by side, its B block-diagonal)."""
 
-    __slots__ = ("bias", "bounds", "kernel", "lora", "mask", "mixed", "parts", "rounds")
+    __slots__ = ("bias", "bounds", "kernel", "lora", "mask", "mixed", "native", "parts", "rounds")
 
     def __init__(self, modules: list[nn.Module]) -> None:
         self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.bias: torch.Tensor | None = None
         self.bounds: list[tuple[int, int]] = []
+        # the whole group's weights on our int4 kernel (packed, scales, bias): one product computes
+        # every part's output, side by side (app/models/native_step.py)
+        self.native: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         if len(modules) > 1:
             fuse(self, modules)
+        else:
+            base = modules[0].base if isinstance(modules[0], MultiLoraLinear) else modules[0]
+            if isinstance(base, QuantizedLinear) and base.native is not None:
+                self.native = (base.packed, base.scales, base.bias)
+                self.bounds = [(0, base.out_features)]
         self.parts = [Projection(m) for m in modules]  # (after fuse: the kernels read the views)
         self.rounds = self.parts[0].rounds
         # the last adapter's weights for the group: (its parts' A^T, as the layers keep them; A^T
@@ -137,17 +145,8 @@ class Group:
         layer); None where a part needs its module (no direct kernel, IA³/DoRA scales, bottleneck
         modules, or more adapters than run side by side)."""
         parts = self.parts
-        lora = parts[0].lora
-        routing = lora.ctx.routing if lora is not None else None
-        if routing is None:
+        if not self.plain(None):
             return None
-        used = set(routing.slots)
-        for part in parts:
-            if part.kernel is None or any(part.general(s) for s in used):
-                return None
-            lora = part.lora
-            if lora is not None and not used.isdisjoint(lora.loras) and not lora.concatenates(routing):
-                return None
         ys = []
         for part in parts:
             assert part.kernel is not None
@@ -156,26 +155,73 @@ class Group:
                 ys.append(y if part.bias is None else y + part.bias)
             else:
                 ys.append(part.kernel(x))
+        deltas = self._mixed_deltas(x, [y.shape[1] for y in ys])
+        if deltas is not None:
+            start = 0
+            for i in deltas[1]:
+                width = ys[i].shape[1]
+                ys[i] = ys[i] + deltas[0][:, start : start + width]
+                start += width
+        return ys
+
+    def plain(self, slot: int | None) -> bool:
+        """Whether the group's output for adapter ``slot`` (None: each row's own, as routed) is
+        the base's product plus LoRA deltas (:meth:`add_deltas`): no part needs its module."""
+        parts = self.parts
+        if slot is not None:
+            return not any(p.general(slot) for p in parts)
+        lora = parts[0].lora
+        routing = lora.ctx.routing if lora is not None else None
+        if routing is None:
+            return False
+        used = set(routing.slots)
+        for part in parts:
+            if part.kernel is None or any(part.general(s) for s in used):
+                return False
+            lora = part.lora
+            if lora is not None and not used.isdisjoint(lora.loras) and not lora.concatenates(routing):
+                return False
+        return True
+
+    def add_deltas(self, x: torch.Tensor, y: torch.Tensor, slot: int | None) -> None:
+        """Add the LoRA deltas of ``x`` [rows, in] for adapter ``slot`` (None: each row's own,
+        side by side) to ``y`` [rows, the parts' outputs side by side], in place (where
+        :meth:`plain`)."""
+        if slot is not None:
+            if len(self.parts) == 1:
+                self.parts[0].add_lora(x, y, slot)
+                return
+            weights = self._lora(slot)
+            if weights is not None:
+                y.addmm_(torch.mm(x, weights[0]), weights[1])
+            return
+        deltas = self._mixed_deltas(x, [b - a for a, b in self.bounds])
+        if deltas is not None:
+            start = 0
+            for i in deltas[1]:
+                a, b = self.bounds[i]
+                y[:, a:b] += deltas[0][:, start : start + b - a]
+                start += b - a
+
+    def _mixed_deltas(self, x: torch.Tensor, widths: list[int]) -> tuple[torch.Tensor, list[int]] | None:
+        """The routed rows' LoRA deltas of ``x`` for the parts (of outputs ``widths``) that have
+        any, side by side, and those parts' indices (None: no part has a delta for these rows)."""
+        routing = self.parts[0].lora.ctx.routing if self.parts[0].lora is not None else None
+        assert routing is not None
+        used = set(routing.slots)
         with_lora = [
             (part.lora.concatenated(routing), i)
-            for i, part in enumerate(parts)
+            for i, part in enumerate(self.parts)
             if part.lora is not None and not used.isdisjoint(part.lora.loras)
         ]
         if not with_lora:
-            return ys
-        widths = [ys[i].shape[1] for _, i in with_lora]
-        a_side, b_block = self._mixed_weights([w for w, _ in with_lora], widths)
+            return None
+        a_side, b_block = self._mixed_weights([w for w, _ in with_lora], [widths[i] for _, i in with_lora])
         masks = [w[2] for w, _ in with_lora]
         kept = self.mask
         if kept is None or len(kept[0]) != len(masks) or any(a is not b for a, b in zip(kept[0], masks)):  # noqa: B905
             kept = self.mask = (masks, torch.cat([m.view(m.shape[0], -1) for m in masks], dim=1))
-        deltas = torch.mm(torch.mm(x, a_side).mul_(kept[1]), b_block)
-        start = 0
-        for _, i in with_lora:
-            width = ys[i].shape[1]
-            ys[i] = ys[i] + deltas[:, start : start + width]
-            start += width
-        return ys
+        return torch.mm(torch.mm(x, a_side).mul_(kept[1]), b_block), [i for _, i in with_lora]
 
     def _mixed_weights(
         self, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], widths: list[int]
@@ -273,6 +319,8 @@ def fuse(group: Group, modules: list[nn.Module]) -> None:
         group.bounds.append((start, start + b.out_features))
         start, row = start + b.out_features, row + rows
     group.kernel = kernel
+    if native is not None:
+        group.native = (packed, scales, None)
     if any(b.bias is not None for b in layers):
         group.bias = torch.cat(
             [
@@ -280,3 +328,5 @@ def fuse(group: Group, modules: list[nn.Module]) -> None:
                 for b in layers
             ]
         )
+    if native is not None and group.bias is not None:
+        group.native = (packed, scales, group.bias.float().contiguous())

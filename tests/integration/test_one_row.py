@@ -22,6 +22,7 @@ from app.engine.runner import Runner
 from app.engine.slots import DeviceSlots
 from app.models.base_lm import load_base_model
 from app.models.multi_lora import BASE_SLOT, RoutingContext, wrap_linear_layers
+from app.models.native_step import NativeStep
 from app.models.one_row import FAMILIES, OneRowDecoder
 from tests.conftest import CACHE_DIR
 from tests.helpers.families import tiny_base
@@ -30,6 +31,34 @@ from tests.helpers.versions import held
 
 FORMATS = ("none", "bf16", "int4")
 STEPS = 6
+
+
+@pytest.fixture
+def native_steps(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """The slots of every decode step run on the native kernels (app/models/native_step.py)."""
+    calls: list[int | None] = []
+    call = NativeStep.__call__
+
+    def counted(self: NativeStep, *args: Any) -> torch.Tensor:
+        calls.append(args[3])
+        return call(self, *args)
+
+    monkeypatch.setattr(NativeStep, "__call__", counted)
+    return calls
+
+
+def _check_native(
+    step: OneRowDecoder, family: str, fmt: str, calls: list[int | None], general: set[int]
+) -> bool:
+    """Whether the base decoded on the native kernels: an int4 base of a family without sliding
+    windows does, except for rows whose adapter needs its modules (``general``: DoRA's slot)."""
+    if fmt != "int4" or family == "mistral":  # (the tiny mistral's window: the lean step)
+        assert fmt == "int4" or step.native is None
+        assert not calls
+        return False
+    assert step.native is not None and calls
+    assert general.isdisjoint(c for c in calls if c is not None)
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +115,7 @@ def _assert_same(got: torch.Tensor, want: torch.Tensor, caches: list[Any], fmt: 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_one_row_step_equals_the_model_forward(
-    tiny: dict[str, tuple[Path, list[Path]]], family: str, fmt: str
+    tiny: dict[str, tuple[Path, list[Path]]], family: str, fmt: str, native_steps: list[int | None]
 ) -> None:
     base, runner, step, adapter_slots = _served(tiny, family, fmt)
     slot_ids = [BASE_SLOT, *adapter_slots]
@@ -110,12 +139,14 @@ def test_the_one_row_step_equals_the_model_forward(
                     got = base.model(**inputs, cache=caches[1], use_cache=True).logits[:, -1]
                 _assert_same(got, want, caches, fmt, (family, fmt, slot, i))
                 token = want.argmax(-1, keepdim=True)
+    if _check_native(step, family, fmt, native_steps, {slot_ids[-1]}):
+        assert set(native_steps) == set(slot_ids[:-1])  # bare, LoRA, LoRA on parts of groups
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decode_steps_of_padded_rows_equal_the_model_forward(
-    tiny: dict[str, tuple[Path, list[Path]]], family: str, fmt: str
+    tiny: dict[str, tuple[Path, list[Path]]], family: str, fmt: str, native_steps: list[int | None]
 ) -> None:
     """Several rows of different prompt lengths (left padding), prefilled together by the model,
     then decode steps of one token per row: all rows on one adapter (the direct kernels), and each
@@ -148,6 +179,9 @@ def test_decode_steps_of_padded_rows_equal_the_model_forward(
                 got = step(token, positions, caches[1], single, seen)
                 _assert_same(got, want, caches, fmt, (family, fmt, routed, i))
                 token = want.argmax(-1, keepdim=True)
+    # natively: one adapter on every row, and mixed rows without DoRA's
+    if _check_native(step, family, fmt, native_steps, {dora}):
+        assert lora in native_steps and native_steps.count(None) == 2 * STEPS
 
 
 def test_it_applies_to_one_token_a_row_or_one_unpadded_row_of_the_families_it_knows(

@@ -1,0 +1,256 @@
+// The rest of a decoder layer's decode step around the int4 matmuls (q4.cpp), for one new token
+// per row: SwiGLU, and attention (rotary embedding of q and k, optional RMS norms of their heads,
+// the new key and value written into the KV cache's buffer, softmax over the cached columns).
+// Float32 throughout, AVX-512 or AVX2 as q4_isa() answers. Plain C ABI (ctypes).
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// e^x for x <= 0 (softmax, sigmoid): 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, p of degree 6
+// (relative error ~2e-7); x below -87 gives 0
+__attribute__((target("avx512f"), always_inline)) inline __m512 exp512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.f);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(p, n));
+}
+
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// silu(g) * u = g / (1 + e^-g) * u; e^-|g| keeps the exponent non-positive
+__attribute__((target("avx512f"))) void swiglu_avx512(const float* g, const float* u, int64_t K, float* y) {
+  int64_t i = 0;
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= K; i += 16) {
+    const __m512 x = _mm512_loadu_ps(g + i);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+    const __m512 pos = _mm512_div_ps(one, _mm512_add_ps(one, e));       // sigmoid(|x|)
+    const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 s = _mm512_mask_sub_ps(pos, neg, one, pos);             // sigmoid(x)
+    _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_mul_ps(x, s), _mm512_loadu_ps(u + i)));
+  }
+  for (; i < K; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+__attribute__((target("avx2,fma"))) void swiglu_avx2(const float* g, const float* u, int64_t K, float* y) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (; i + 8 <= K; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 e = exp256(_mm256_or_ps(x, sign));  // e^-|x|
+    const __m256 pos = _mm256_div_ps(one, _mm256_add_ps(one, e));
+    const __m256 s = _mm256_blendv_ps(pos, _mm256_sub_ps(one, pos), _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(x, s), _mm256_loadu_ps(u + i)));
+  }
+  for (; i < K; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+struct Attend {
+  int64_t H, KV, D;
+  const float* qkv;
+  int64_t qkv_stride, q_off, k_off, v_off;
+  const float* cos;  // [M, D]
+  const float* sin;
+  const float* q_norm;  // [D] or null
+  const float* k_norm;
+  float norm_eps;
+  float* kbuf;
+  float* vbuf;
+  int64_t row_stride, head_stride, col;
+  const uint8_t* mask;  // [M, mask_stride], the last T = col + 1 columns read, or null
+  int64_t mask_stride;
+  float scale;
+  float* out;  // [M, H * D]
+};
+
+// the head x [D] normalized (if w) and rotated: x * cos + rotate_half(x) * sin
+void rope_head(const float* x, const float* w, float eps, const float* cos, const float* sin, int64_t D,
+               float* y) {
+  float tmp[512];
+  const float* v = x;
+  if (w != nullptr) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < D; ++i) sum += x[i] * x[i];
+    const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + eps);
+    for (int64_t i = 0; i < D; ++i) tmp[i] = w[i] * (x[i] * inv);
+    v = tmp;
+  }
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) y[i] = v[i] * cos[i] - v[i + h] * sin[i];
+  for (int64_t i = h; i < D; ++i) y[i] = v[i] * cos[i] + v[i - h] * sin[i];
+}
+
+// s[t] = e^(s[t] - top) over the whole vectors of s; their sum into *total; the first t not done
+__attribute__((target("avx512f,avx512dq"))) int64_t exp_sum_avx512(float* s, int64_t T, float top, float* total) {
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 m = _mm512_set1_ps(top);
+  int64_t t = 0;
+  for (; t + 16 <= T; t += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), m));
+    _mm512_storeu_ps(s + t, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  *total = _mm512_reduce_add_ps(acc);
+  return t;
+}
+
+__attribute__((target("avx2,fma"))) int64_t exp_sum_avx2(float* s, int64_t T, float top, float* total) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 m = _mm256_set1_ps(top);
+  int64_t t = 0;
+  for (; t + 8 <= T; t += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+    _mm256_storeu_ps(s + t, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, acc);
+  float sum = 0.f;
+  for (float lane : lanes) sum += lane;
+  *total = sum;
+  return t;
+}
+
+// one row's key/value head g: the query heads of the group attend over T columns
+template <int ISA>
+__attribute__((always_inline)) inline void attend_group(const Attend& a, int64_t r, int64_t g, float* scores) {
+  const int64_t D = a.D, T = a.col + 1, rep = a.H / a.KV;
+  const float* keys = a.kbuf + r * a.row_stride + g * a.head_stride;
+  const float* values = a.vbuf + r * a.row_stride + g * a.head_stride;
+  const uint8_t* mask = a.mask ? a.mask + r * a.mask_stride + (a.mask_stride - T) : nullptr;
+  float q[8][512];
+  for (int64_t j = 0; j < rep; ++j) {
+    const int64_t h = g * rep + j;
+    rope_head(a.qkv + r * a.qkv_stride + a.q_off + h * D, a.q_norm, a.norm_eps, a.cos + r * D, a.sin + r * D,
+              D, q[j]);
+    for (int64_t i = 0; i < D; ++i) q[j][i] *= a.scale;
+  }
+  for (int64_t j = 0; j < rep; ++j) {
+    float* s = scores + j * T;
+    float top = -INFINITY;
+    for (int64_t t = 0; t < T; ++t) {
+      if (mask && !mask[t]) {
+        s[t] = -INFINITY;
+        continue;
+      }
+      const float* k = keys + t * D;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < D; ++i) dot += q[j][i] * k[i];
+      s[t] = dot;
+      top = std::fmax(top, dot);
+    }
+    float total = 0.f;
+    int64_t t = ISA == 2 ? exp_sum_avx512(s, T, top, &total) : exp_sum_avx2(s, T, top, &total);
+    for (; t < T; ++t) {
+      s[t] = std::exp(s[t] - top);
+      total += s[t];
+    }
+    float* o = a.out + r * a.H * D + (g * rep + j) * D;
+    float acc[512] = {0.f};
+    for (int64_t u = 0; u < T; ++u) {
+      const float p = s[u];
+      if (p == 0.f) continue;
+      const float* v = values + u * D;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) acc[i] += p * v[i];
+    }
+    const float inv = 1.f / total;
+    for (int64_t i = 0; i < D; ++i) o[i] = acc[i] * inv;
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void attend_avx512(
+    const Attend& a, int64_t r, int64_t g, float* scores) {
+  attend_group<2>(a, r, g, scores);
+}
+
+__attribute__((target("avx2,fma,f16c"))) void attend_avx2(const Attend& a, int64_t r, int64_t g, float* scores) {
+  attend_group<1>(a, r, g, scores);
+}
+
+}  // namespace
+
+extern "C" {
+
+void swiglu_rows(int isa, const float* x, int64_t M, int64_t K, float* y) {
+  for (int64_t r = 0; r < M; ++r) {
+    if (isa == 2)
+      swiglu_avx512(x + r * 2 * K, x + r * 2 * K + K, K, y + r * K);
+    else
+      swiglu_avx2(x + r * 2 * K, x + r * 2 * K + K, K, y + r * K);
+  }
+}
+
+// One decode step's attention for M rows of one new token each (see the file's head): q, k, v
+// read from qkv [M, qkv_stride] at q_off / k_off / v_off (H, KV, KV heads of D); the new key
+// (normalized, rotated) and value written at column col of the buffers (kbuf / vbuf: row r, head
+// g, column t at r * row_stride + g * head_stride + t * D); out [M, H * D]. D <= 512, H / KV <= 8.
+void step_attend(int isa, int64_t M, int64_t H, int64_t KV, int64_t D, const float* qkv, int64_t qkv_stride,
+                 int64_t q_off, int64_t k_off, int64_t v_off, const float* cos, const float* sin,
+                 const float* q_norm, const float* k_norm, float norm_eps, float* kbuf, float* vbuf,
+                 int64_t row_stride, int64_t head_stride, int64_t col, const uint8_t* mask,
+                 int64_t mask_stride, float scale, float* out) {
+  const Attend a{H,      KV,     D,      qkv,      qkv_stride, q_off,       k_off, v_off,
+                 cos,    sin,    q_norm, k_norm,   norm_eps,   kbuf,        vbuf,  row_stride,
+                 head_stride, col, mask, mask_stride, scale, out};
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t g = 0; g < KV; ++g) {
+      const float* src = qkv + r * qkv_stride;
+      const int64_t at = r * row_stride + g * head_stride + col * D;
+      rope_head(src + k_off + g * D, k_norm, norm_eps, cos + r * D, sin + r * D, D, kbuf + at);
+      memcpy(vbuf + at, src + v_off + g * D, D * sizeof(float));
+    }
+  }
+  const int64_t T = col + 1, tasks = M * KV, rep = H / KV;
+  const bool split = tasks >= 2 && tasks * rep * T * D >= (1 << 15);
+#pragma omp parallel if (split)
+  {
+    thread_local std::vector<float> scores;
+    scores.resize(rep * T);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < tasks; ++i) {
+      if (isa == 2)
+        attend_avx512(a, i / KV, i % KV, scores.data());
+      else
+        attend_avx2(a, i / KV, i % KV, scores.data());
+    }
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,125 @@
+"""The decode step's native parts (app/kernels/step.cpp and the int4 matmul's prologues): on every
+instruction set the CPU offers, the RMS norm and SwiGLU in front of the matmul, the residual add
+behind it, and the attention of one new token a row (rotary embedding, per-head norms, the new key
+and value written into the cache's buffer, grouped heads, padding) against PyTorch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from app import kernels
+
+
+@pytest.fixture(scope="module")
+def isas() -> list[kernels.Q4]:
+    kernel = kernels.q4()
+    assert kernel is not None, "the int4 kernel did not build (make test installs g++)"
+    return [kernels.Q4(kernel.lib, isa) for isa in sorted({1, kernel.isa})]
+
+
+def _packed(out: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels.pack(*kernels.quantize(torch.randn(out, width) * 0.05))
+
+
+def _product(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return kernels.round_activations(x) @ kernels.unpack(packed, scales).t()
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> None:
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < tolerance, err
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_norm_and_swiglu_prologues_and_the_residual_add(isas: list[kernels.Q4], rows: int) -> None:
+    torch.manual_seed(rows)
+    width, out = 96, 48
+    packed, scales = _packed(out, width)
+    bias = torch.randn(out)
+    x = torch.randn(rows, width) * 3
+    weight, eps = torch.rand(width) + 0.5, 1e-5
+    normed = F.rms_norm(x, (width,), weight, eps)
+    gate_up = torch.randn(rows, 2 * width)
+    swiglu = F.silu(gate_up[:, :width]) * gate_up[:, width:]
+    for k in isas:
+        y, rows_out = torch.empty(rows, out), torch.empty(rows, width)
+        k.linear(x, packed, scales, bias, y, norm=(weight, eps), rows_out=rows_out)
+        torch.testing.assert_close(rows_out, normed, rtol=1e-5, atol=1e-5)
+        _close(y, _product(rows_out, packed, scales) + bias, 2e-6)
+        residual = torch.randn(rows, out)
+        y = residual.clone()
+        k.linear(gate_up, packed, scales, None, y, swiglu=True, rows_out=rows_out, accumulate=True)
+        torch.testing.assert_close(rows_out, swiglu, rtol=1e-5, atol=1e-6)
+        _close(y - residual, _product(rows_out, packed, scales), 2e-5)
+        plain = torch.empty(rows, out)
+        k.linear(x, packed, scales, None, plain)  # no prologue: the plain matmul
+        assert torch.equal(plain, k.matmul(x, packed, scales, None))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
+@pytest.mark.parametrize("head_norms", [False, True])
+def test_the_attention_of_a_decode_step_equals_sdpa(
+    isas: list[kernels.Q4], heads: int, kv_heads: int, dim: int, head_norms: bool
+) -> None:
+    torch.manual_seed(heads + dim)
+    rows, cached, spare = 3, 37, 5
+    capacity = rows + 2
+    k_buf = torch.randn(capacity, kv_heads, cached + 1 + spare, dim)
+    v_buf = torch.randn(capacity, kv_heads, cached + 1 + spare, dim)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim)
+    angles = torch.rand(rows, dim // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, dim=1), torch.cat([angles.sin()] * 2, dim=1)
+    mask = torch.ones(rows, cached + 1, dtype=torch.uint8)
+    mask[1, :20] = 0  # a left-padded row
+    q_norm = torch.rand(dim) + 0.5 if head_norms else None
+    k_norm = torch.rand(dim) + 0.5 if head_norms else None
+    eps = 1e-6
+    q = qkv[:, : heads * dim].view(rows, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(rows, kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
+    if q_norm is not None and k_norm is not None:
+        q, k = F.rms_norm(q, (dim,), q_norm, eps), F.rms_norm(k, (dim,), k_norm, eps)
+    q, k = _rotate(q, cos[:, None], sin[:, None]), _rotate(k, cos[:, None], sin[:, None])
+    keys = torch.cat([k_buf[:rows, :, :cached], k[:, :, None]], dim=2)
+    values = torch.cat([v_buf[:rows, :, :cached], v[:, :, None]], dim=2)
+    want = F.scaled_dot_product_attention(
+        q[:, :, None], keys, values, attn_mask=mask.bool()[:, None, None], scale=0.125, enable_gqa=True
+    ).reshape(rows, heads * dim)
+    for kernel in isas:
+        kb, vb = k_buf.clone(), v_buf.clone()
+        out = torch.empty(rows, heads * dim)
+        norms = (q_norm, k_norm, eps)
+        kernel.attend(qkv, (heads, kv_heads, dim), (cos, sin), norms, (kb, vb, cached), mask, 0.125, out)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kb[:rows, :, cached], k, rtol=1e-6, atol=1e-6)  # the new column
+        assert torch.equal(vb[:rows, :, cached], v)
+        assert torch.equal(kb[:rows, :, :cached], k_buf[:rows, :, :cached])  # the rest untouched
+        assert torch.equal(kb[rows:], k_buf[rows:])
+        assert torch.equal(kb[:, :, cached + 1 :], k_buf[:, :, cached + 1 :])
+        unmasked = torch.empty(rows, heads * dim)
+        kernel.attend(qkv, (heads, kv_heads, dim), (cos, sin), norms, (kb, vb, cached), None, 0.125, unmasked)
+        full = F.scaled_dot_product_attention(q[:, :, None], keys, values, scale=0.125, enable_gqa=True)
+        torch.testing.assert_close(unmasked, full.reshape(rows, heads * dim), rtol=1e-5, atol=1e-5)
+
+
+def test_long_columns_split_over_threads_give_the_same_attention(isas: list[kernels.Q4]) -> None:
+    torch.manual_seed(0)
+    rows, heads, kv_heads, dim, cached = 2, 9, 3, 64, 1500
+    k_buf, v_buf = torch.randn(rows, kv_heads, cached + 1, dim), torch.randn(rows, kv_heads, cached + 1, dim)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim) * 4  # sharp softmax
+    cos, sin = torch.ones(rows, dim), torch.zeros(rows, dim)
+    for kernel in isas:
+        out = torch.empty(rows, heads * dim)
+        norms = (None, None, 1e-6)
+        cache = (k_buf, v_buf, cached)
+        kernel.attend(qkv, (heads, kv_heads, dim), (cos, sin), norms, cache, None, 0.125, out)
+        q = qkv[:, : heads * dim].view(rows, heads, 1, dim)
+        want = F.scaled_dot_product_attention(q, k_buf, v_buf, scale=0.125, enable_gqa=True)
+        torch.testing.assert_close(out, want.reshape(rows, heads * dim), rtol=1e-5, atol=1e-5)
