@@ -176,6 +176,62 @@ class Q4:
             out.data_ptr(),
         )
 
+    def lora_rows(self, x: torch.Tensor, y: torch.Tensor, table: LoraTable) -> None:
+        """Add each row's LoRA deltas of ``x`` [rows, in] to ``y`` [rows, out] (float32,
+        contiguous rows) as ``table`` lays them out (:class:`LoraTable`)."""
+        self.lib.lora_rows(
+            self.isa,
+            x.shape[0],
+            table.offsets.shape[0],
+            x.data_ptr(),
+            x.shape[1],
+            y.data_ptr(),
+            y.stride(0),
+            table.table.data_ptr(),
+            table.scales.data_ptr(),
+            table.offsets.data_ptr(),
+            table.outs.data_ptr(),
+        )
+
+
+@dataclass(frozen=True)
+class LoraTable:
+    """Where each row's LoRA weights for each part of a group are (:meth:`Q4.lora_rows`): the
+    addresses of A^T [in, rank] and B^T [rank, out] (float32, contiguous) and the rank, per row
+    and part (int64 [rows, parts, 3]; rank 0: none), the scalings (float32 [rows, parts]), each
+    part's first output and width (int64 [parts]); ``held``: the tensors, kept alive with it."""
+
+    table: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor
+    outs: torch.Tensor
+    held: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def of(
+        cls, rows: list[list[tuple[torch.Tensor, torch.Tensor, float] | None]], bounds: list[tuple[int, int]]
+    ) -> LoraTable:
+        """From each row's weights per part (A^T, B^T, scaling; None: none) and the parts' outputs."""
+        table, scales, held = [], [], []
+        for row in rows:
+            for weights in row:
+                if weights is None:
+                    table.append((0, 0, 0))
+                    scales.append(0.0)
+                    continue
+                a_t, b_t, scale = weights
+                assert a_t.dtype == b_t.dtype == torch.float32 and a_t.is_contiguous() and b_t.is_contiguous()
+                table.append((a_t.data_ptr(), b_t.data_ptr(), a_t.shape[1]))
+                scales.append(scale)
+                held += [a_t, b_t]
+        return cls(
+            torch.tensor(table, dtype=torch.int64),
+            torch.tensor(scales, dtype=torch.float32),
+            torch.tensor([a for a, _ in bounds], dtype=torch.int64),
+            torch.tensor([b - a for a, b in bounds], dtype=torch.int64),
+            tuple(held),
+        )
+
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CXX"), "g++", "c++"):
@@ -228,6 +284,8 @@ def q4() -> Q4 | None:
     lib.q4_linear.argtypes += [c_int, ptr]
     lib.step_attend.argtypes = [c_int, *[i64] * 4, ptr, *[i64] * 4, ptr, ptr, ptr, ptr, f32, ptr, ptr]
     lib.step_attend.argtypes += [i64, i64, i64, ptr, i64, f32, ptr]
+    lib.lora_rows.restype = None
+    lib.lora_rows.argtypes = [c_int, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr]
     isa = int(lib.q4_isa())
     if isa == 0:
         log.info("this CPU has no AVX2: int4 runs PyTorch's kernels")

@@ -204,9 +204,141 @@ __attribute__((target("avx2,fma,f16c"))) void attend_avx2(const Attend& a, int64
   attend_group<1>(a, r, g, scores);
 }
 
+// Rows of one adapter (n <= RUN, x rows K apart, y rows ldy apart): y[i, :out] += scale *
+// (x[i] . A^T[K, rank]) . B^T[rank, out]. The weights are read once for the n rows: t = x . A^T
+// with each row's vector of 16 ranks in a register over K, then each vector of 16 outputs of y
+// with the n rows' sums over the rank in registers.
+constexpr int RUN = 8;
+
+template <int n>
+__attribute__((target("avx512f,fma"))) void lora_run_avx512(const float* x, int64_t K, const float* a,
+                                                            const float* b, int64_t rank, float scale,
+                                                            int64_t out, float* y, int64_t ldy, float* t) {
+  for (int64_t j0 = 0; j0 < rank; j0 += 16) {
+    const __mmask16 live = rank - j0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (rank - j0)) - 1);
+    __m512 acc[RUN];
+    for (int i = 0; i < n; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m512 ak = _mm512_maskz_loadu_ps(live, a + k * rank + j0);
+      for (int i = 0; i < n; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * K + k]), ak, acc[i]);
+    }
+    for (int i = 0; i < n; ++i)
+      _mm512_mask_storeu_ps(t + i * rank + j0, live, _mm512_mul_ps(acc[i], _mm512_set1_ps(scale)));
+  }
+  int64_t o = 0;
+  for (; o + 16 <= out; o += 16) {
+    __m512 acc[RUN];
+    for (int i = 0; i < n; ++i) acc[i] = _mm512_loadu_ps(y + i * ldy + o);
+    for (int64_t j = 0; j < rank; ++j) {
+      const __m512 bj = _mm512_loadu_ps(b + j * out + o);
+      for (int i = 0; i < n; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(t[i * rank + j]), bj, acc[i]);
+    }
+    for (int i = 0; i < n; ++i) _mm512_storeu_ps(y + i * ldy + o, acc[i]);
+  }
+  for (; o < out; ++o)
+    for (int i = 0; i < n; ++i)
+      for (int64_t j = 0; j < rank; ++j) y[i * ldy + o] += t[i * rank + j] * b[j * out + o];
+}
+
+template <int n>
+__attribute__((target("avx2,fma"))) void lora_run_avx2(const float* x, int64_t K, const float* a,
+                                                      const float* b, int64_t rank, float scale, int64_t out,
+                                                      float* y, int64_t ldy, float* t) {
+  int64_t j0 = 0;
+  for (; j0 + 8 <= rank; j0 += 8) {
+    __m256 acc[RUN];
+    for (int i = 0; i < n; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 ak = _mm256_loadu_ps(a + k * rank + j0);
+      for (int i = 0; i < n; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(x[i * K + k]), ak, acc[i]);
+    }
+    for (int i = 0; i < n; ++i) _mm256_storeu_ps(t + i * rank + j0, _mm256_mul_ps(acc[i], _mm256_set1_ps(scale)));
+  }
+  for (; j0 < rank; ++j0)
+    for (int i = 0; i < n; ++i) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < K; ++k) sum += x[i * K + k] * a[k * rank + j0];
+      t[i * rank + j0] = sum * scale;
+    }
+  int64_t o = 0;
+  for (; o + 8 <= out; o += 8) {
+    __m256 acc[RUN];
+    for (int i = 0; i < n; ++i) acc[i] = _mm256_loadu_ps(y + i * ldy + o);
+    for (int64_t j = 0; j < rank; ++j) {
+      const __m256 bj = _mm256_loadu_ps(b + j * out + o);
+      for (int i = 0; i < n; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(t[i * rank + j]), bj, acc[i]);
+    }
+    for (int i = 0; i < n; ++i) _mm256_storeu_ps(y + i * ldy + o, acc[i]);
+  }
+  for (; o < out; ++o)
+    for (int i = 0; i < n; ++i)
+      for (int64_t j = 0; j < rank; ++j) y[i * ldy + o] += t[i * rank + j] * b[j * out + o];
+}
+
 }  // namespace
 
 extern "C" {
+
+// Each row's LoRA deltas for the P parts of a group (q, k, v; gate, up): for row r and part p,
+// y[r, offsets[p] :+ outs[p]] += scales[r, p] * (x[r] . A^T) . B^T, with A^T [K, rank] and B^T
+// [rank, outs[p]] float32 at the addresses table[r, p] = (A^T, B^T, rank; rank 0: no delta).
+// The adapters' own weights are read in place (no copy per batch), once per run of consecutive
+// rows of one adapter.
+void lora_rows(int isa, int64_t M, int64_t P, const float* x, int64_t K, float* y, int64_t ldy,
+               const int64_t* table, const float* scales, const int64_t* offsets, const int64_t* outs) {
+  // tasks: (part, first row, rows) over runs of up to RUN consecutive rows of one adapter
+  thread_local std::vector<int64_t> tasks;
+  tasks.clear();
+  int64_t work = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t r = 0; r < M;) {
+      const int64_t* e = table + 3 * (r * P + p);
+      int64_t n = 1;
+      while (r + n < M && n < RUN) {
+        const int64_t* f = table + 3 * ((r + n) * P + p);
+        if (f[0] != e[0] || f[1] != e[1] || f[2] != e[2] || scales[(r + n) * P + p] != scales[r * P + p]) break;
+        ++n;
+      }
+      if (e[2] != 0) {
+        tasks.insert(tasks.end(), {p, r, n});
+        work += e[2] * (K + outs[p]);
+      }
+      r += n;
+    }
+  }
+  const int64_t count = static_cast<int64_t>(tasks.size()) / 3;
+  const int64_t* plan = tasks.data();
+  const bool split = count >= 2 && work >= (1 << 16);
+#pragma omp parallel if (split)
+  {
+    thread_local std::vector<float> t;
+#pragma omp for schedule(dynamic)
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t p = plan[3 * i], r = plan[3 * i + 1];
+      const int n = static_cast<int>(plan[3 * i + 2]);
+      const int64_t* e = table + 3 * (r * P + p);
+      const int64_t rank = e[2];
+      if (static_cast<int64_t>(t.size()) < RUN * rank) t.resize(RUN * rank);
+      const float* a = reinterpret_cast<const float*>(e[0]);
+      const float* b = reinterpret_cast<const float*>(e[1]);
+      const float scale = scales[r * P + p];
+      float* yr = y + r * ldy + offsets[p];
+      const float* xr = x + r * K;
+      float* buf = t.data();
+      switch (isa == 2 ? n : RUN + n) {
+#define LORA_RUN(N)                                                                   \
+  case N:                                                                             \
+    lora_run_avx512<N>(xr, K, a, b, rank, scale, outs[p], yr, ldy, buf);              \
+    break;                                                                            \
+  case RUN + N:                                                                       \
+    lora_run_avx2<N>(xr, K, a, b, rank, scale, outs[p], yr, ldy, buf);                \
+    break;
+        LORA_RUN(1) LORA_RUN(2) LORA_RUN(3) LORA_RUN(4) LORA_RUN(5) LORA_RUN(6) LORA_RUN(7) LORA_RUN(8)
+#undef LORA_RUN
+      }
+    }
+  }
+}
 
 void swiglu_rows(int isa, const float* x, int64_t M, int64_t K, float* y) {
   for (int64_t r = 0; r < M; ++r) {

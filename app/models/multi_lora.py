@@ -205,6 +205,7 @@ class MultiLoraLinear(nn.Module):
         device, dtype = self._device, self._dtype
         self.loras[slot] = (_held(a.t(), device, dtype), _held(b.t(), device, dtype), scale)
         self._forget_gathered()
+        self.ctx.generation += 1
 
     def drop_batch_copies(self) -> bool:
         """Free the copies made for a batch of several adapters (the rows' gathered weights, the
@@ -279,6 +280,7 @@ class MultiLoraLinear(nn.Module):
                 self.bottleneck = None  # free the bank when no adapter uses it
         if self.loras.pop(slot, None) is not None:
             self._forget_gathered()
+            self.ctx.generation += 1
 
     def move_slot(self, src: int, dst: int) -> None:
         """Move the weights of slot ``src`` to the free slot ``dst`` (compaction)."""
@@ -290,6 +292,7 @@ class MultiLoraLinear(nn.Module):
         if weights is not None:
             self.loras[dst] = weights
             self._forget_gathered()
+            self.ctx.generation += 1
 
     def fit(self) -> None:
         """Shrink the stacked banks (scales, bottleneck modules) to the slots still in use."""

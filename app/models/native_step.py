@@ -12,10 +12,11 @@ dispatch at one row. Here each layer is
     gu   = W_gate_up · rmsnorm(h)
     h   += W_down · (silu(gate) · up)
 
-and a LoRA adapter's deltas (one adapter's, or a mixed step's side by side) are added between the
-calls with the rows each call multiplied (the normalized rows, the SwiGLU rows), as the groups of
-app/models/projection_groups.py add them. It runs where every projection of every layer is on our
-kernel, the model computes in float32 with RMS norms and SwiGLU (llama, mistral, qwen2, qwen3), the
+and each row's LoRA deltas are added between the calls from the rows each call multiplied (the
+normalized rows, the SwiGLU rows) by a native kernel that reads the adapters' A and B where the
+slots hold them (no copies gathered per batch; once per run of rows of one adapter; one adapter on
+every row, or rows of many: app/models/projection_groups.py). It runs where every projection of
+every layer is on our kernel, the model computes in float32 with RMS norms and SwiGLU (llama, mistral, qwen2, qwen3), the
 cache's layers all grow in place (no sliding windows) and no row's adapter needs its modules
 (bottleneck, IA³, DoRA); elsewhere the lean step runs as before. Same computation, rounded in
 another order: the parity tests hold it to the int4 tolerance against the model's forward.
@@ -23,6 +24,7 @@ another order: the parity tests hold it to the int4 tolerance against the model'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -43,6 +45,10 @@ Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 MAX_HEAD_DIM = 512  # (the attention's buffers on the stack)
 MAX_GROUP = 8  # query heads per key/value head
+
+
+def _no_deltas(group: Group, x: torch.Tensor, y: torch.Tensor) -> None:
+    return None
 
 
 def _norm(module: nn.Module | None) -> tuple[torch.Tensor, float] | None:
@@ -86,6 +92,8 @@ class NativeStep:
         self.decoder = decoder
         self.layers = layers
         self.norm, self.head = head  # the final norm; the LM head on the kernel (or None)
+        lora = next((p.lora for g in layers[0].groups for p in g.parts if p.lora is not None), None)
+        self.ctx = None if lora is None else lora.ctx  # the rows' adapters (mixed batches)
         self.groups = [g for layer in layers for g in layer.groups] + ([self.head] if self.head else [])
 
     @classmethod
@@ -139,7 +147,20 @@ class NativeStep:
             return False
         if slot == BASE_SLOT:
             return True
-        return all(group.plain(slot) for group in self.groups)
+        routing = self.ctx.routing if self.ctx is not None else None
+        if routing is None:
+            return False
+        slots = {slot} if slot is not None else set(routing.slots)
+        return all(group.rows_plain(slots) for group in self.groups)
+
+    def _deltas(self) -> Callable[[Group, torch.Tensor, torch.Tensor], None]:
+        """How the step adds the rows' LoRA deltas of a group's input to its output: each row's
+        adapter's (one for all rows, or mixed rows) on the native kernel, reading the adapters'
+        weights where they are, once per run of rows of one adapter."""
+        routing = self.ctx.routing if self.ctx is not None else None
+        assert self.ctx is not None and routing is not None
+        slots, generation, kernel = routing.slots, self.ctx.generation, self.kernel
+        return lambda group, x, y: group.add_row_deltas(kernel, x, y, slots, generation)
 
     def __call__(
         self,
@@ -160,6 +181,7 @@ class NativeStep:
         seen = None if mask is None or bool(mask.all()) else mask.to(torch.uint8).contiguous()
         width = h.shape[1]
         deltas = slot != BASE_SLOT
+        add = self._deltas() if deltas else _no_deltas
         xn = torch.empty(rows, width)
         attn = torch.empty(rows, heads * dim)
         column = h.new_empty(rows, kv_heads, 1, dim)
@@ -173,20 +195,20 @@ class NativeStep:
             assert gu is not None and act is not None
             k.linear(h, *qkv_w, qkv, norm=layer.input_norm, rows_out=xn)
             if deltas:
-                g_qkv.add_deltas(xn, qkv, slot)
+                add(g_qkv, xn, qkv)
             assert isinstance(kv, GrowingLayer)
             buffers = kv.reserve(column)
             norms = (layer.q_norm, layer.k_norm, layer.head_eps)
             k.attend(qkv, (heads, kv_heads, dim), rotary, norms, buffers, seen, layer.scaling, attn)
             k.linear(attn, *o_w, h, accumulate=True)
             if deltas:
-                g_o.add_deltas(attn, h, slot)
+                add(g_o, attn, h)
             k.linear(h, *gu_w, gu, norm=layer.post_norm, rows_out=xn)
             if deltas:
-                g_gu.add_deltas(xn, gu, slot)
+                add(g_gu, xn, gu)
             k.linear(gu, *down_w, h, swiglu=True, rows_out=act, accumulate=True)
             if deltas:
-                g_down.add_deltas(act, h, slot)
+                add(g_down, act, h)
         head = self.head
         if head is None or head.native is None:
             logits: torch.Tensor = d.head(d.norm(h))
@@ -195,5 +217,5 @@ class NativeStep:
         out = torch.empty(rows, scales.shape[0] * kernels.TILE)
         k.linear(h, packed, scales, bias, out, norm=self.norm, rows_out=xn)
         if deltas:
-            head.add_deltas(xn, out, slot)
+            add(head, xn, out)
         return out

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from app import kernels
 from app.models.multi_lora import MultiLoraLinear
 from app.models.quantized_layers import QuantizedLinear
 
@@ -88,7 +89,7 @@ class Group:
     matmul computes them all; a LoRA adapter's deltas then take two matmuls for the group too (its
     A side by side, its B block-diagonal)."""
 
-    __slots__ = ("bias", "bounds", "kernel", "lora", "mask", "mixed", "native", "parts", "rounds")
+    __slots__ = ("bias", "bounds", "kernel", "lora", "mask", "mixed", "native", "parts", "rounds", "table")
 
     def __init__(self, modules: list[nn.Module]) -> None:
         self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -114,11 +115,34 @@ class Group:
         # (the parts' masks, as kept for the decode steps of one composition of rows; the mask)
         self.mixed: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None
         self.mask: tuple[list[torch.Tensor], torch.Tensor] | None = None
+        # where the rows' LoRA weights are for the native kernel, per decode batch composition
+        self.table: tuple[tuple[int, tuple[int, ...]], kernels.LoraTable | None] | None = None
 
     def drop_batch_copies(self) -> None:
         """Free the weights of a mixed batch's adapters laid out for the group (see
         :meth:`MultiLoraLinear.drop_batch_copies`)."""
-        self.mixed = self.mask = None
+        self.mixed = self.mask = self.table = None
+
+    def rows_plain(self, slots: set[int]) -> bool:
+        """Whether the group's output for rows of adapters ``slots`` is the base's product plus
+        each row's LoRA delta (:meth:`add_row_deltas`): no part needs its module for any."""
+        return not any(p.general(s) for p in self.parts for s in slots)
+
+    def add_row_deltas(
+        self, kernel: kernels.Q4, x: torch.Tensor, y: torch.Tensor, slots: list[int], generation: int
+    ) -> None:
+        """Add each row's LoRA deltas of ``x`` [rows, in] (row i: adapter ``slots[i]``) to ``y``
+        [rows, the parts' outputs side by side] on the native kernel, reading the adapters'
+        weights where they are; the rows' table is kept while the rows' slots and the slots'
+        weights (their ``generation``, :class:`RoutingContext`) stay."""
+        ident = (generation, tuple(slots))
+        kept = self.table
+        if kept is None or kept[0] != ident:
+            rows = [[None if p.lora is None else p.lora.loras.get(s) for p in self.parts] for s in slots]
+            table = kernels.LoraTable.of(rows, self.bounds) if any(w for r in rows for w in r) else None
+            kept = self.table = (ident, table)
+        if kept[1] is not None:
+            kernel.lora_rows(x, y, kept[1])
 
     def __call__(self, x: torch.Tensor, slot: int | None, rows: int) -> list[torch.Tensor]:
         """Each projection of ``x`` [rows x n, in] for adapter ``slot`` (None: the rows' own)."""
@@ -182,26 +206,6 @@ class Group:
             if lora is not None and not used.isdisjoint(lora.loras) and not lora.concatenates(routing):
                 return False
         return True
-
-    def add_deltas(self, x: torch.Tensor, y: torch.Tensor, slot: int | None) -> None:
-        """Add the LoRA deltas of ``x`` [rows, in] for adapter ``slot`` (None: each row's own,
-        side by side) to ``y`` [rows, the parts' outputs side by side], in place (where
-        :meth:`plain`)."""
-        if slot is not None:
-            if len(self.parts) == 1:
-                self.parts[0].add_lora(x, y, slot)
-                return
-            weights = self._lora(slot)
-            if weights is not None:
-                y.addmm_(torch.mm(x, weights[0]), weights[1])
-            return
-        deltas = self._mixed_deltas(x, [b - a for a, b in self.bounds])
-        if deltas is not None:
-            start = 0
-            for i in deltas[1]:
-                a, b = self.bounds[i]
-                y[:, a:b] += deltas[0][:, start : start + b - a]
-                start += b - a
 
     def _mixed_deltas(self, x: torch.Tensor, widths: list[int]) -> tuple[torch.Tensor, list[int]] | None:
         """The routed rows' LoRA deltas of ``x`` for the parts (of outputs ``widths``) that have

@@ -45,3 +45,6 @@ class RoutingContext:
 
     def __init__(self) -> None:
         self.routing: Routing | None = None
+        # bumped whenever LoRA weights enter, leave or move between slots of any layer: what was
+        # laid out from the slots' weights (app/models/projection_groups.py) is current while it stays
+        self.generation = 0

@@ -123,3 +123,29 @@ def test_long_columns_split_over_threads_give_the_same_attention(isas: list[kern
         q = qkv[:, : heads * dim].view(rows, heads, 1, dim)
         want = F.scaled_dot_product_attention(q, k_buf, v_buf, scale=0.125, enable_gqa=True)
         torch.testing.assert_close(out, want.reshape(rows, heads * dim), rtol=1e-5, atol=1e-5)
+
+
+def test_each_rows_lora_deltas_read_in_place(isas: list[kernels.Q4]) -> None:
+    """Rows of several adapters of different ranks on a group of three parts, some rows without a
+    delta in some parts: y[row, part] += scaling · (x[row] · A^T) · B^T, as PyTorch computes it."""
+    torch.manual_seed(1)
+    width, outs, rows = 96, [64, 32, 32], 4
+    bounds = [(0, 64), (64, 96), (96, 128)]
+    adapters = [
+        [(torch.randn(width, r), torch.randn(r, out), s) for out in outs] for r, s in ((16, 0.5), (8, 2.0))
+    ]
+    plan = [adapters[0], adapters[1], [None, None, None], [adapters[1][0], None, adapters[0][2]]]
+    table = kernels.LoraTable.of(plan, bounds)  # type: ignore[arg-type]
+    x = torch.randn(rows, width)
+    want = torch.randn(rows, 128)
+    start = want.clone()
+    for r, parts in enumerate(plan):
+        for (a, b), weights in zip(bounds, parts, strict=True):
+            if weights is not None:
+                a_t, b_t, scale = weights
+                want[r, a:b] += scale * (x[r] @ a_t) @ b_t
+    for kernel in isas:
+        y = start.clone()
+        kernel.lora_rows(x, y, table)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+    assert len(table.held) == 2 * 8  # the weights it points at stay alive with it
