@@ -16,10 +16,11 @@ and each row's LoRA deltas are added between the calls from the rows each call m
 normalized rows, the SwiGLU rows) by a native kernel that reads the adapters' A and B where the
 slots hold them (no copies gathered per batch; once per run of rows of one adapter; one adapter on
 every row, or rows of many: app/models/projection_groups.py). It runs where every projection of
-every layer is on our kernel, the model computes in float32 with RMS norms and SwiGLU (llama, mistral, qwen2, qwen3), the
-cache's layers all grow in place (no sliding windows) and no row's adapter needs its modules
-(bottleneck, IA³, DoRA); elsewhere the lean step runs as before. Same computation, rounded in
-another order: the parity tests hold it to the int4 tolerance against the model's forward.
+every layer is on our kernel, the model computes in float32 with RMS norms and SwiGLU (llama,
+mistral, qwen2, qwen3), the cache's layers all grow in place (no sliding windows) and no row's
+adapter needs its modules (bottleneck, IA³, DoRA); elsewhere the lean step runs as before. Same
+computation, rounded in another order: the parity tests hold it to the int4 tolerance against the
+model's forward.
 """
 
 from __future__ import annotations
