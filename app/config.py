@@ -119,6 +119,12 @@ class Settings(BaseSettings):
         "transformers' per-layer plumbing, on llama, mistral, qwen2 and qwen3 bases "
         "(docs/quantization.md); false = the model's forward",
     )
+    native_step: bool = Field(
+        True,
+        description="an int4 base's decode steps on the native CPU kernels end to end (norms, "
+        "attention, SwiGLU, residual adds and LoRA deltas too; docs/quantization.md); false = the "
+        "one-row step's PyTorch operations around the int4 matmuls",
+    )
     max_prefill_tokens: int = Field(2048, ge=64, description="padded prompt tokens per prefill forward")
     ui: bool = Field(True, description="serve the web page at GET /ui (docs/explain.md)")
     # --- token attributions (POST /classify with "explain"; docs/explain.md) -------------------

@@ -2,7 +2,7 @@
 weight format, bare and with one LoRA adapter, against llama.cpp's server on the same weights.
 
     python -m bench.single_stream [--formats none,bf16,int8,int4,w8a8] [--turns 5] [--tokens 64]
-                                  [--model-forward int4] [--torch-kernels int4]
+                                  [--model-forward int4] [--torch-kernels int4] [--lean-step int4]
 
 Every system is its own process, started once and measured in turns (one streamed request at a
 time, ``--tokens`` new tokens forced, greedy, the same ~15-token prompt with a new number in front
@@ -14,7 +14,9 @@ and tokens/s after the first token, the ratios to llama.cpp Q4_1 in the same tur
 process's resident memory after the run. ``--model-forward`` adds, for the formats it names, a
 server whose one-row batches run the model's forward (``ADAPTERSERVE_ONE_ROW_DECODE=false``): the
 one-row step's gain in the same turns; ``--torch-kernels`` a server on PyTorch's int4 kernel
-instead of adapterserve's own (``ADAPTERSERVE_NATIVE_KERNELS=false``).
+instead of adapterserve's own (``ADAPTERSERVE_NATIVE_KERNELS=false``); ``--lean-step`` a server
+whose int4 decode steps run the one-row step's PyTorch operations around our int4 matmuls instead
+of the native step (``ADAPTERSERVE_NATIVE_STEP=false``).
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--model-forward", default="", help="formats also served without the one-row step")
     parser.add_argument("--torch-kernels", default="", help="formats also served on PyTorch's kernels")
+    parser.add_argument("--lean-step", default="", help="formats also served without the native decode step")
     args = parser.parse_args()
     cache = Settings().cache_dir
     hf_folder, _ = resolve_model_path("", cache)
@@ -145,6 +148,9 @@ def main() -> None:
                 (kind, " (PyTorch kernels)", {"native_kernels": "false"})
                 for kind in args.torch_kernels.split(",")
                 if kind
+            ]
+            servers += [
+                (kind, " (lean step)", {"native_step": "false"}) for kind in args.lean_step.split(",") if kind
             ]
             for i, (kind, variant, extra) in enumerate(servers):
                 label = f"adapterserve {kind}{variant}"

@@ -85,7 +85,7 @@ class Engine:
             self.layers, settings.max_device_adapters, base.device, base.dtype, budget, metrics
         )
         limit, failures = settings.max_consecutive_failures, metrics.forward_failures
-        self.runner = Runner(base, self.ctx, limit, failures, settings.one_row_decode)
+        self.runner = Runner(base, self.ctx, limit, failures, settings.one_row_decode, settings.native_step)
         self._inbox: queue.Queue[Work | Command] = queue.Queue()
         # each tenant's queued work (the inbox and the lanes' queues), for its share of MAX_QUEUE
         self.shares = QueueShares(settings.max_queue, metrics)

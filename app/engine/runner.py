@@ -114,6 +114,7 @@ class Runner:
         failure_limit: int = 3,
         failures: Counter | None = None,
         one_row: bool = True,
+        native_step: bool = True,
     ) -> None:
         self.base = base
         self.health = ForwardHealth(failure_limit, base.device, failures)
@@ -130,7 +131,7 @@ class Runner:
         self.vocab = int(getattr(base.model.config, "vocab_size", None) or len(tok))  # logits' width
         self.grammars = Grammars(tok, self.vocab, self.eos_ids)
         # the decode step of a batch of one row, where the family has one (app/models/one_row.py)
-        self.one_row = OneRowDecoder.of(base.model) if one_row else None
+        self.one_row = OneRowDecoder.of(base.model, native_step) if one_row else None
 
     def drop_batch_copies(self, layers: Iterable[MultiLoraLinear]) -> None:
         """Free the copies of adapter weights laid out for the last mixed batch (the engine, when it

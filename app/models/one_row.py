@@ -70,7 +70,7 @@ def _norm(module: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], tor
 class OneRowDecoder:
     """The decode step of one row for a llama-like model (see the module docstring)."""
 
-    def __init__(self, model: Any) -> None:  # a transformers model of one of FAMILIES
+    def __init__(self, model: Any, native: bool = True) -> None:  # a model of one of FAMILIES
         backbone, config = model.model, model.config
         dtype = next(backbone.norm.parameters()).dtype
         self.embed: nn.Module = backbone.embed_tokens
@@ -100,15 +100,16 @@ class OneRowDecoder:
         if any(layer.qkv.kernel is not None or layer.gate_up.kernel is not None for layer in self.layers):
             return_freed_memory()  # the layers' weights before they were laid end to end
         # an int4 base's decode steps on our kernels end to end (app/models/native_step.py)
-        self.native = NativeStep.of(self, model)
+        self.native = NativeStep.of(self, model) if native else None
 
     @classmethod
-    def of(cls, model: nn.Module) -> OneRowDecoder | None:
-        """The step for ``model``, or None when its family's layers are laid out otherwise."""
+    def of(cls, model: nn.Module, native: bool = True) -> OneRowDecoder | None:
+        """The step for ``model``, or None when its family's layers are laid out otherwise
+        (``native``: an int4 base's decode steps on the native kernels where they apply)."""
         config = getattr(model, "config", None)
         if config is None or getattr(config, "model_type", None) not in FAMILIES:
             return None
-        return cls(model)
+        return cls(model, native)
 
     def drop_batch_copies(self) -> None:
         """Free every group's copies of a mixed batch's adapters (the engine, when it goes idle)."""
