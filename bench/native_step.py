@@ -1,0 +1,93 @@
+"""The native decode step (app/models/native_step.py) against the lean step it replaces, in the
+engine, one process, in turns.
+
+    python -m bench.native_step [--turns 5] [--steps 15] [--adapters 16]
+
+The default base at ``int4`` on adapterserve's kernel, ``--adapters`` distinct rank-16 all-linear
+LoRA adapters in slots. The engine's decode step (a ``GenerationBatch``, sampling included, after
+~40 tokens; ``bench/one_row.py``'s batches) of one row bare and with an adapter, and of 16 rows:
+bare, one adapter on every row, and a distinct adapter on each row; with the native step, and
+with the one-row step's PyTorch operations around the same int4 matmuls
+(``ADAPTERSERVE_NATIVE_STEP=false``). Every case runs once per turn both ways; medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from app import kernels
+from app.adapters.lora_format import load_lora
+from app.config import Settings
+from app.engine.runner import Runner
+from app.engine.slots import DeviceSlots
+from app.models.base_lm import load_base_model
+from app.models.multi_lora import BASE_SLOT, RoutingContext, wrap_linear_layers
+from bench.common import PROMPT, machine_line, make_peft, save_adapters
+from bench.one_row import RANK, _decode_ms
+from tests.helpers.versions import held
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--adapters", type=int, default=16)
+    args = parser.parse_args()
+    settings = Settings()
+    kernels.configure(settings.cache_dir, True)
+    kernel = kernels.q4()
+    assert kernel is not None, "the int4 kernel did not build (a C++ compiler: make compiler)"
+    base = load_base_model(settings.base_model, settings.cache_dir, "cpu", "auto", "int4")
+    ctx = RoutingContext()
+    slots = DeviceSlots(wrap_linear_layers(base.model, ctx), args.adapters + 1, base.device, base.dtype)
+    runner = Runner(base, ctx)
+    assert runner.one_row is not None and runner.one_row.native is not None
+    native = runner.one_row.native
+    work = Path(tempfile.mkdtemp(prefix="adapterserve-native-step-"))
+    try:
+        peft = make_peft(base.path, "generate", args.adapters, RANK, torch.float32, torch.device("cpu"))
+        folders = save_adapters(peft, work, args.adapters)
+        del peft
+        ids = []
+        for folder in folders:
+            adapter = load_lora(folder, base.spec, 64)
+            version = held(folder.name, adapter)
+            ids.append(slots.acquire(version, adapter, {version.uid}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    prompt = list(base.tokenizer(PROMPT)["input_ids"])
+    cases = {
+        "1 row, bare": [BASE_SLOT],
+        "1 row, LoRA": ids[:1],
+        "16 rows, bare": [BASE_SLOT] * 16,
+        "16 rows, one LoRA adapter": ids[:1] * 16,
+        f"16 rows, {min(16, len(ids))} distinct LoRA adapters": (ids * 16)[:16],
+    }
+    times: dict[tuple[str, bool], list[float]] = {}
+    for turn in range(args.turns):
+        for on in (turn % 2 == 0, turn % 2 == 1):
+            runner.one_row.native = native if on else None
+            for name, row_slots in cases.items():
+                times.setdefault((name, on), []).append(_decode_ms(runner, row_slots, prompt, args.steps))
+    print(machine_line())
+    print(
+        f"default base at int4 on adapterserve's kernel ({kernel.name}), rank-{RANK} all-linear LoRA; "
+        f"the engine's decode step; medians of {args.turns} turns\n"
+    )
+    print("| decode step | native step | lean step | speed-up |")
+    print("|---|---:|---:|---:|")
+    for name in cases:
+        fast, slow = statistics.median(times[(name, True)]), statistics.median(times[(name, False)])
+        print(f"| {name} | {fast:.2f} ms | {slow:.2f} ms | {slow / fast:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
