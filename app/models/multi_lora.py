@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
+from app import kernels
 from app.models.bottleneck_bank import BottleneckBank
 from app.models.quantized_layers import QuantizedLinear
 from app.models.routing import BASE_SLOT, Routing, RoutingContext
@@ -61,6 +62,10 @@ class MultiLoraLinear(nn.Module):
         else:
             self._dtype, self._device = base.weight.dtype, base.weight.device
         self.loras: dict[int, LoraWeights] = {}  # slot -> its adapter's weights in this layer
+        # an int4 base on the native kernels: each slot's weights in 8 bits too, as the native
+        # decode step reads them (app/models/native_step.py; a quarter of the bytes a step reads)
+        self.int8 = isinstance(base, QuantizedLinear) and base.native is not None
+        self.loras8: dict[int, kernels.LoraWeights] = {}
         self.bottleneck: BottleneckBank | None = None  # bottleneck modules following this layer
         self.scales: ScaleBank | None = None  # IA³ and DoRA scales (app/models/scale_bank.py)
         # the weights gathered for the running decode batch: per row (key, A^T [batch, in, r],
@@ -204,8 +209,18 @@ class MultiLoraLinear(nn.Module):
         their transposes are contiguous on this layer's device and dtype, else converted copies."""
         device, dtype = self._device, self._dtype
         self.loras[slot] = (_held(a.t(), device, dtype), _held(b.t(), device, dtype), scale)
+        if self.int8:
+            self.loras8[slot] = kernels.quantize_lora(*self.loras[slot])
         self._forget_gathered()
         self.ctx.generation += 1
+
+    def native_weights(self, slot: int) -> kernels.LoraWeights | None:
+        """``slot``'s weights as the native kernel reads them (8 bits where kept so), or None."""
+        weights = self.loras8.get(slot)
+        if weights is not None:
+            return weights
+        held = self.loras.get(slot)
+        return None if held is None else (*held, None, None)
 
     def drop_batch_copies(self) -> bool:
         """Free the copies made for a batch of several adapters (the rows' gathered weights, the
@@ -227,6 +242,7 @@ class MultiLoraLinear(nn.Module):
     def nbytes(self) -> int:
         total = self.bottleneck.nbytes if self.bottleneck is not None else 0
         total += self.scales.nbytes if self.scales is not None else 0
+        total += sum(t.nbytes for w in self.loras8.values() for t in w if isinstance(t, torch.Tensor))
         return total + sum(a.nbytes + b.nbytes for a, b, _ in self.loras.values())
 
     def set_bottleneck(
@@ -278,6 +294,7 @@ class MultiLoraLinear(nn.Module):
             self.bottleneck.clear_slot(slot)
             if not self.bottleneck:
                 self.bottleneck = None  # free the bank when no adapter uses it
+        self.loras8.pop(slot, None)
         if self.loras.pop(slot, None) is not None:
             self._forget_gathered()
             self.ctx.generation += 1
@@ -288,6 +305,9 @@ class MultiLoraLinear(nn.Module):
             self.scales.move_slot(src, dst)
         if self.bottleneck is not None:
             self.bottleneck.move_slot(src, dst)
+        quantized = self.loras8.pop(src, None)
+        if quantized is not None:
+            self.loras8[dst] = quantized
         weights = self.loras.pop(src, None)
         if weights is not None:
             self.loras[dst] = weights
@@ -338,7 +358,7 @@ def wrap_linear_layers(model: nn.Module, ctx: RoutingContext) -> dict[str, Multi
     for name, mod in list(model.named_modules()):
         if isinstance(mod, MultiLoraLinear):
             mod.ctx = ctx
-            mod.loras = {}
+            mod.loras, mod.loras8 = {}, {}
             mod.bottleneck = None
             mod._forget_gathered()
             wrapped[name] = mod

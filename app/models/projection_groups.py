@@ -138,7 +138,7 @@ class Group:
         ident = (generation, tuple(slots))
         kept = self.table
         if kept is None or kept[0] != ident:
-            rows = [[None if p.lora is None else p.lora.loras.get(s) for p in self.parts] for s in slots]
+            rows = [[None if p.lora is None else p.lora.native_weights(s) for p in self.parts] for s in slots]
             table = kernels.LoraTable.of(rows, self.bounds) if any(w for r in rows for w in r) else None
             kept = self.table = (ident, table)
         if kept[1] is not None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from app import kernels
 from app.adapters.kinds import load_adapter
 from app.engine import kv_cache
 from app.engine.runner import Runner
@@ -89,17 +90,29 @@ def _served(
     tiny: dict[str, tuple[Path, list[Path]]], family: str, fmt: str
 ) -> tuple[Any, Runner, OneRowDecoder, list[int]]:
     """The family's tiny base in ``fmt`` wrapped as the engine wraps it, its runner and lean step,
-    and the slots of its adapters (LoRA, LoRA on parts of groups, DoRA)."""
+    and the slots of its adapters (LoRA, LoRA on parts of groups, DoRA). Where the native step
+    reads LoRA weights in 8 bits, the layers' float32 weights are set to what those stand for:
+    both paths then compute with the same weights (their rounding against PEFT is the int4
+    parity test's, tests/api/test_quantized_parity.py)."""
     path, adapters = tiny[family]
     base = load_base_model(str(path), CACHE_DIR, "cpu", "float32", fmt)  # type: ignore[arg-type]
     ctx = RoutingContext()
-    slots = DeviceSlots(wrap_linear_layers(base.model, ctx), 4, base.device, base.dtype)
+    layers = wrap_linear_layers(base.model, ctx)
+    slots = DeviceSlots(layers, 4, base.device, base.dtype)
     runner = Runner(base, ctx)
     step = runner.one_row
     assert step is not None
     versions = [held(folder.name, load_adapter(folder, base.spec, 64)) for folder in adapters]
     keep = {v.uid for v in versions}
-    return base, runner, step, [slots.acquire(v, v.weights, keep) for v in versions]
+    acquired = [slots.acquire(v, v.weights, keep) for v in versions]
+    for layer in layers.values():
+        for slot, weights in layer.loras8.items():
+            a_t, b_t, _ = layer.loras[slot]
+            exact_a, exact_b, _ = kernels.dequantize_lora(weights)
+            with torch.inference_mode(False), torch.no_grad():
+                a_t.copy_(exact_a)
+                b_t.copy_(exact_b)
+    return base, runner, step, acquired
 
 
 def _assert_same(got: torch.Tensor, want: torch.Tensor, caches: list[Any], fmt: str, where: object) -> None:

@@ -125,27 +125,44 @@ def test_long_columns_split_over_threads_give_the_same_attention(isas: list[kern
         torch.testing.assert_close(out, want.reshape(rows, heads * dim), rtol=1e-5, atol=1e-5)
 
 
-def test_each_rows_lora_deltas_read_in_place(isas: list[kernels.Q4]) -> None:
+@pytest.mark.parametrize("int8", [False, True])
+def test_each_rows_lora_deltas_read_in_place(isas: list[kernels.Q4], int8: bool) -> None:
     """Rows of several adapters of different ranks on a group of three parts, some rows without a
-    delta in some parts: y[row, part] += scaling · (x[row] · A^T) · B^T, as PyTorch computes it."""
+    delta in some parts, runs of rows of one adapter: y[row, part] += scaling · (x[row] · A^T) ·
+    B^T, as PyTorch computes it (from the weights in 8 bits: what they stand for, and within
+    their rounding of the float32 delta)."""
     torch.manual_seed(1)
-    width, outs, rows = 96, [64, 32, 32], 4
-    bounds = [(0, 64), (64, 96), (96, 128)]
-    adapters = [
-        [(torch.randn(width, r), torch.randn(r, out), s) for out in outs] for r, s in ((16, 0.5), (8, 2.0))
+    width, outs = 96, [64, 32, 40]
+    bounds = [(0, 64), (64, 96), (96, 136)]
+
+    def weights(rank: int, out: int, scale: float) -> kernels.LoraWeights:
+        a_t, b_t = torch.randn(width, rank), torch.randn(rank, out)
+        return kernels.quantize_lora(a_t, b_t, scale) if int8 else (a_t, b_t, scale, None, None)
+
+    adapters = [[weights(r, out, s) for out in outs] for r, s in ((16, 0.5), (8, 2.0), (5, 1.0))]
+    plan: list[list[kernels.LoraWeights | None]] = [
+        adapters[0],
+        adapters[1],
+        [None, None, None],
+        [adapters[1][0], None, adapters[0][2]],
+        *[adapters[2]] * 11,  # a run longer than the kernel's blocks of rows
     ]
-    plan = [adapters[0], adapters[1], [None, None, None], [adapters[1][0], None, adapters[0][2]]]
-    table = kernels.LoraTable.of(plan, bounds)  # type: ignore[arg-type]
-    x = torch.randn(rows, width)
-    want = torch.randn(rows, 128)
+    table = kernels.LoraTable.of(plan, bounds)
+    x = torch.randn(len(plan), width)
+    want = torch.randn(len(plan), 136)
     start = want.clone()
     for r, parts in enumerate(plan):
-        for (a, b), weights in zip(bounds, parts, strict=True):
-            if weights is not None:
-                a_t, b_t, scale = weights
+        for (a, b), w in zip(bounds, parts, strict=True):
+            if w is not None:
+                a_t, b_t, scale = kernels.dequantize_lora(w)
                 want[r, a:b] += scale * (x[r] @ a_t) @ b_t
     for kernel in isas:
         y = start.clone()
         kernel.lora_rows(x, y, table)
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
-    assert len(table.held) == 2 * 8  # the weights it points at stay alive with it
+    assert all(t.dtype == (torch.int8 if int8 else torch.float32) for t in table.held[:2])
+    if int8:  # what the 8-bit weights stand for is within their rounding of the float32 ones
+        a_t = torch.randn(width, 16)
+        qa, _, _, sa, _ = kernels.quantize_lora(a_t, torch.randn(16, 8), 1.0)
+        assert sa is not None
+        assert ((qa.float() * sa - a_t).abs() <= sa / 2 + 1e-7).all()
