@@ -326,25 +326,32 @@ extern "C" {
 // rows of one adapter.
 void lora_rows(int isa, int64_t M, int64_t P, const float* x, int64_t K, float* y, int64_t ldy,
                const int64_t* table, const float* scales, const int64_t* offsets, const int64_t* outs) {
-  // tasks: (part, first row, rows) over runs of up to RUN consecutive rows of one adapter
+  // tasks: (part, first row, rows) over runs of up to RUN consecutive rows whose parts' weights
+  // are the same (rows of one adapter), run by run (a row's parts one after the other)
   thread_local std::vector<int64_t> tasks;
   tasks.clear();
   int64_t work = 0;
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t r = 0; r < M;) {
+  const auto same = [&](int64_t r, int64_t s) {
+    for (int64_t p = 0; p < P; ++p) {
       const int64_t* e = table + W5 * (r * P + p);
-      int64_t n = 1;
-      while (r + n < M && n < RUN) {
-        const int64_t* f = table + W5 * ((r + n) * P + p);
-        if (f[0] != e[0] || f[1] != e[1] || f[2] != e[2] || f[3] != e[3] || scales[(r + n) * P + p] != scales[r * P + p]) break;
-        ++n;
-      }
-      if (e[2] != 0) {
-        tasks.insert(tasks.end(), {p, r, n});
-        work += e[2] * (K + outs[p]);
-      }
-      r += n;
+      const int64_t* f = table + W5 * (s * P + p);
+      for (int c = 0; c < W5; ++c)
+        if (e[c] != f[c]) return false;
+      if (scales[r * P + p] != scales[s * P + p]) return false;
     }
+    return true;
+  };
+  for (int64_t r = 0; r < M;) {
+    int64_t n = 1;
+    while (r + n < M && n < RUN && same(r, r + n)) ++n;
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t rank = table[W5 * (r * P + p) + 2];
+      if (rank != 0) {
+        tasks.insert(tasks.end(), {p, r, n});
+        work += rank * (K + outs[p]);
+      }
+    }
+    r += n;
   }
   const int64_t count = static_cast<int64_t>(tasks.size()) / 3;
   const int64_t* plan = tasks.data();
