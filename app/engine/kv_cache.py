@@ -71,13 +71,13 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def reserve(self, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Room for one more token column of ``column``'s shape and dtype ([rows, heads, 1, dim]),
+        """Room for the token columns of ``column``'s shape and dtype ([rows, heads, n, dim]),
         exposed as in use but not written: the buffers ``[capacity, heads, columns, dim]`` and the
-        new column's index, for a caller that writes the keys and values there itself (the
-        native decode step, app/models/native_step.py)."""
+        first new column's index, for a caller that writes the keys and values there itself (the
+        native step, app/models/native_step.py)."""
         old = self._room(column, column)
         assert self._k_base is not None and self._v_base is not None
-        self._expose(column.shape[0], old + 1)
+        self._expose(column.shape[0], old + column.shape[SEQ_DIM])
         return self._k_base, self._v_base, old
 
     def _room(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:

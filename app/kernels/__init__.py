@@ -137,6 +137,7 @@ class Q4:
         mask: torch.Tensor | None,
         scale: float,
         out: torch.Tensor,
+        causal: bool = False,
     ) -> None:
         """One decode step's attention of ``qkv`` [rows, (heads + 2 kv heads) x dim] (q, k, v
         side by side; ``heads``: (heads, kv heads, dim)): q and k normalized per head by
@@ -144,7 +145,9 @@ class Q4:
         sin [rows, dim]), the new key and value written at column ``cache[2]`` of the buffers
         ``cache[:2]`` [capacity, kv heads, columns, dim], attended over the columns up to it
         where ``mask`` [rows, >= columns] (uint8, right-aligned; None: all), into ``out``
-        [rows, heads x dim]. Float32, contiguous."""
+        [rows, heads x dim]. Float32, contiguous. ``causal``: the rows are consecutive new tokens
+        of the buffers' first row instead (a prefill chunk of one sequence), token i written at
+        column ``cache[2] + i`` and attending to the columns up to it (``mask`` ignored)."""
         h, kv, dim = heads
         k_buf, v_buf, column = cache
         q_norm, k_norm, eps = norms
@@ -174,6 +177,7 @@ class Q4:
             0 if mask is None else mask.stride(0),
             scale,
             out.data_ptr(),
+            int(causal),
         )
 
     def lora_rows(self, x: torch.Tensor, y: torch.Tensor, table: LoraTable) -> None:
@@ -309,7 +313,7 @@ def q4() -> Q4 | None:
     lib.q4_linear.argtypes = [c_int, c_int, c_int, ptr, i64, i64, i64, ptr, f32, ptr, ptr, ptr, ptr]
     lib.q4_linear.argtypes += [c_int, ptr]
     lib.step_attend.argtypes = [c_int, *[i64] * 4, ptr, *[i64] * 4, ptr, ptr, ptr, ptr, f32, ptr, ptr]
-    lib.step_attend.argtypes += [i64, i64, i64, ptr, i64, f32, ptr]
+    lib.step_attend.argtypes += [i64, i64, i64, ptr, i64, f32, ptr, c_int]
     lib.lora_rows.restype = None
     lib.lora_rows.argtypes = [c_int, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr]
     isa = int(lib.q4_isa())

@@ -96,6 +96,7 @@ struct Attend {
   int64_t mask_stride;
   float scale;
   float* out;  // [M, H * D]
+  int causal;  // rows are consecutive new tokens of one cache row: row r at column col + r
 };
 
 // the head x [D] normalized (if w) and rotated: x * cos + rotate_half(x) * sin
@@ -149,9 +150,10 @@ __attribute__((target("avx2,fma"))) int64_t exp_sum_avx2(float* s, int64_t T, fl
 // one row's key/value head g: the query heads of the group attend over T columns
 template <int ISA>
 __attribute__((always_inline)) inline void attend_group(const Attend& a, int64_t r, int64_t g, float* scores) {
-  const int64_t D = a.D, T = a.col + 1, rep = a.H / a.KV;
-  const float* keys = a.kbuf + r * a.row_stride + g * a.head_stride;
-  const float* values = a.vbuf + r * a.row_stride + g * a.head_stride;
+  const int64_t D = a.D, T = a.col + 1 + (a.causal ? r : 0), rep = a.H / a.KV;
+  const int64_t row = a.causal ? 0 : r * a.row_stride;
+  const float* keys = a.kbuf + row + g * a.head_stride;
+  const float* values = a.vbuf + row + g * a.head_stride;
   const uint8_t* mask = a.mask ? a.mask + r * a.mask_stride + (a.mask_stride - T) : nullptr;
   float q[8][512];
   for (int64_t j = 0; j < rep; ++j) {
@@ -410,23 +412,25 @@ void swiglu_rows(int isa, const float* x, int64_t M, int64_t K, float* y) {
 // read from qkv [M, qkv_stride] at q_off / k_off / v_off (H, KV, KV heads of D); the new key
 // (normalized, rotated) and value written at column col of the buffers (kbuf / vbuf: row r, head
 // g, column t at r * row_stride + g * head_stride + t * D); out [M, H * D]. D <= 512, H / KV <= 8.
+// causal: the M rows are M new tokens of the cache's row 0 instead (a prefill chunk of one
+// sequence): token r written at column col + r, attending to the columns up to it; no mask.
 void step_attend(int isa, int64_t M, int64_t H, int64_t KV, int64_t D, const float* qkv, int64_t qkv_stride,
                  int64_t q_off, int64_t k_off, int64_t v_off, const float* cos, const float* sin,
                  const float* q_norm, const float* k_norm, float norm_eps, float* kbuf, float* vbuf,
                  int64_t row_stride, int64_t head_stride, int64_t col, const uint8_t* mask,
-                 int64_t mask_stride, float scale, float* out) {
+                 int64_t mask_stride, float scale, float* out, int causal) {
   const Attend a{H,      KV,     D,      qkv,      qkv_stride, q_off,       k_off, v_off,
                  cos,    sin,    q_norm, k_norm,   norm_eps,   kbuf,        vbuf,  row_stride,
-                 head_stride, col, mask, mask_stride, scale, out};
+                 head_stride, col, causal ? nullptr : mask, mask_stride, scale, out, causal};
   for (int64_t r = 0; r < M; ++r) {
     for (int64_t g = 0; g < KV; ++g) {
       const float* src = qkv + r * qkv_stride;
-      const int64_t at = r * row_stride + g * head_stride + col * D;
+      const int64_t at = causal ? g * head_stride + (col + r) * D : r * row_stride + g * head_stride + col * D;
       rope_head(src + k_off + g * D, k_norm, norm_eps, cos + r * D, sin + r * D, D, kbuf + at);
       memcpy(vbuf + at, src + v_off + g * D, D * sizeof(float));
     }
   }
-  const int64_t T = col + 1, tasks = M * KV, rep = H / KV;
+  const int64_t T = col + 1 + (causal ? M - 1 : 0), tasks = M * KV, rep = H / KV;
   const bool split = tasks >= 2 && tasks * rep * T * D >= (1 << 15);
 #pragma omp parallel if (split)
   {

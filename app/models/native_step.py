@@ -154,13 +154,15 @@ class NativeStep:
         slots = {slot} if slot is not None else set(routing.slots)
         return all(group.rows_plain(slots) for group in self.groups)
 
-    def _deltas(self) -> Callable[[Group, torch.Tensor, torch.Tensor], None]:
+    def _deltas(self, tokens: int) -> Callable[[Group, torch.Tensor, torch.Tensor], None]:
         """How the step adds the rows' LoRA deltas of a group's input to its output: each row's
         adapter's (one for all rows, or mixed rows) on the native kernel, reading the adapters'
-        weights where they are, once per run of rows of one adapter."""
+        weights where they are, once per run of rows of one adapter (``tokens``: each row's
+        tokens in the matmuls' rows)."""
         routing = self.ctx.routing if self.ctx is not None else None
         assert self.ctx is not None and routing is not None
-        slots, generation, kernel = routing.slots, self.ctx.generation, self.kernel
+        slots = routing.slots if tokens == 1 else [s for s in routing.slots for _ in range(tokens)]
+        generation, kernel = self.ctx.generation, self.kernel
         return lambda group, x, y: group.add_row_deltas(kernel, x, y, slots, generation)
 
     def __call__(
@@ -171,21 +173,24 @@ class NativeStep:
         slot: int | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Logits [rows, vocab] after one token a row ``ids`` [rows, 1] at ``positions``; as
-        :meth:`OneRowDecoder.__call__`."""
+        """Logits [rows, vocab] after the tokens ``ids`` [rows, n] at ``positions``: one token a
+        row, or several of one row without padding (a prefill chunk; its last token's logits);
+        as :meth:`OneRowDecoder.__call__`."""
         d, k = self.decoder, self.kernel
-        rows = ids.shape[0]
+        batch, n = ids.shape
+        rows = batch * n  # the matmuls' rows: a row's token each, or one row's tokens
         h = d.embed(ids).reshape(rows, -1).float().contiguous()
         cos, sin = d.rotary(h, positions)
         rotary = (cos.reshape(rows, -1).float().contiguous(), sin.reshape(rows, -1).float().contiguous())
         heads, kv_heads, dim = d.heads, d.kv_heads, d.head_dim
-        seen = None if mask is None or bool(mask.all()) else mask.to(torch.uint8).contiguous()
+        causal = n > 1
+        seen = None if causal or mask is None or bool(mask.all()) else mask.to(torch.uint8).contiguous()
         width = h.shape[1]
         deltas = slot != BASE_SLOT
-        add = self._deltas() if deltas else _no_deltas
+        add = self._deltas(n) if deltas else _no_deltas
         xn = torch.empty(rows, width)
         attn = torch.empty(rows, heads * dim)
-        column = h.new_empty(rows, kv_heads, 1, dim)
+        column = h.new_empty(batch, kv_heads, n, dim)
         qkv = gu = act = None
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             (qkv_w, o_w, gu_w, down_w), (g_qkv, g_o, g_gu, g_down) = layer.weights, layer.groups
@@ -200,7 +205,7 @@ class NativeStep:
             assert isinstance(kv, GrowingLayer)
             buffers = kv.reserve(column)
             norms = (layer.q_norm, layer.k_norm, layer.head_eps)
-            k.attend(qkv, (heads, kv_heads, dim), rotary, norms, buffers, seen, layer.scaling, attn)
+            k.attend(qkv, (heads, kv_heads, dim), rotary, norms, buffers, seen, layer.scaling, attn, causal)
             k.linear(attn, *o_w, h, accumulate=True)
             if deltas:
                 add(g_o, attn, h)
@@ -210,12 +215,14 @@ class NativeStep:
             k.linear(gu, *down_w, h, swiglu=True, rows_out=act, accumulate=True)
             if deltas:
                 add(g_down, act, h)
+        if causal:  # the last token's logits
+            h, xn, add = h[-1:], xn[-1:], self._deltas(1) if deltas else _no_deltas
         head = self.head
         if head is None or head.native is None:
             logits: torch.Tensor = d.head(d.norm(h))
             return logits
         packed, scales, bias = head.native
-        out = torch.empty(rows, scales.shape[0] * kernels.TILE)
+        out = torch.empty(batch, scales.shape[0] * kernels.TILE)
         k.linear(h, packed, scales, bias, out, norm=self.norm, rows_out=xn)
         if deltas:
             add(head, xn, out)

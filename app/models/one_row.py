@@ -156,7 +156,7 @@ class OneRowDecoder:
         the batch's attention mask over the cached columns and the new ones (None: no padding)."""
         rows, n = ids.shape
         native = self.native
-        if n == 1 and native is not None and native.applies(cache, slot):
+        if (n == 1 or rows == 1) and native is not None and native.applies(cache, slot):
             return native(ids, positions, cache, slot, mask)
         h = self.embed(ids).view(rows * n, -1)  # [rows x n, hidden]
         cos, sin = self.rotary(h, positions)  # [rows, n, head_dim]

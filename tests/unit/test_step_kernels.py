@@ -166,3 +166,44 @@ def test_each_rows_lora_deltas_read_in_place(isas: list[kernels.Q4], int8: bool)
         qa, _, _, sa, _ = kernels.quantize_lora(a_t, torch.randn(16, 8), 1.0)
         assert sa is not None
         assert ((qa.float() * sa - a_t).abs() <= sa / 2 + 1e-7).all()
+
+
+def test_a_prefill_chunk_attends_causally_over_the_cache(isas: list[kernels.Q4]) -> None:
+    """Several new tokens of one sequence (``causal``): token i written at column cached + i and
+    attending to the cached columns and the new ones up to itself, as SDPA with a causal mask."""
+    torch.manual_seed(2)
+    tokens, heads, kv_heads, dim, cached = 5, 9, 3, 64, 23
+    k_buf = torch.randn(2, kv_heads, cached + tokens + 3, dim)
+    v_buf = torch.randn(2, kv_heads, cached + tokens + 3, dim)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    angles = torch.rand(tokens, dim // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, dim=1), torch.cat([angles.sin()] * 2, dim=1)
+    q = _rotate(qkv[:, : heads * dim].view(tokens, heads, dim), cos[:, None], sin[:, None])
+    k = _rotate(
+        qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim), cos[:, None], sin[:, None]
+    )
+    v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+    keys = torch.cat([k_buf[0, :, :cached], k.transpose(0, 1)], dim=1)[None]
+    values = torch.cat([v_buf[0, :, :cached], v.transpose(0, 1)], dim=1)[None]
+    seen = torch.ones(tokens, cached + tokens, dtype=torch.bool).tril(cached)
+    want = (
+        F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys, values, attn_mask=seen, scale=0.125, enable_gqa=True
+        )[0]
+        .transpose(0, 1)
+        .reshape(tokens, heads * dim)
+    )
+    for kernel in isas:
+        kb, vb = k_buf.clone(), v_buf.clone()
+        out = torch.empty(tokens, heads * dim)
+        norms = (None, None, 1e-6)
+        kernel.attend(
+            qkv, (heads, kv_heads, dim), (cos, sin), norms, (kb, vb, cached), None, 0.125, out, True
+        )
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            kb[0, :, cached : cached + tokens], k.transpose(0, 1), rtol=1e-6, atol=1e-6
+        )
+        assert torch.equal(kb[1], k_buf[1]) and torch.equal(
+            vb[0, :, cached + tokens :], v_buf[0, :, cached + tokens :]
+        )
