@@ -6,7 +6,9 @@ engine, one process, in turns.
 The default base at ``int4`` on adapterserve's kernel, ``--adapters`` distinct rank-16 all-linear
 LoRA adapters in slots. The engine's decode step (a ``GenerationBatch``, sampling included, after
 ~40 tokens; ``bench/one_row.py``'s batches) of one row bare and with an adapter, and of 16 rows:
-bare, one adapter on every row, and a distinct adapter on each row; with the native step, and
+bare, one adapter on every row, and a distinct adapter on each row; the prefill of one row's new
+tokens after cached ones (a chat line after the template's 31 tokens, a conversation's turn after
+~1,140; median of 3), bare and with an adapter; with the native step, and
 with the one-row step's PyTorch operations around the same int4 matmuls
 (``ADAPTERSERVE_NATIVE_STEP=false``). Every case runs once per turn both ways; medians.
 """
@@ -29,7 +31,7 @@ from app.engine.slots import DeviceSlots
 from app.models.base_lm import load_base_model
 from app.models.multi_lora import BASE_SLOT, RoutingContext, wrap_linear_layers
 from bench.common import PROMPT, machine_line, make_peft, save_adapters
-from bench.one_row import RANK, _decode_ms
+from bench.one_row import RANK, _decode_ms, _prefill_ms
 from tests.helpers.versions import held
 
 
@@ -71,20 +73,28 @@ def main() -> None:
         "16 rows, one LoRA adapter": ids[:1] * 16,
         f"16 rows, {min(16, len(ids))} distinct LoRA adapters": (ids * 16)[:16],
     }
+    prefills = {  # (cached tokens, new tokens): a chat line after the template, a conversation's turn
+        f"prefill {new} after {cached} cached, {mode}": (slot, cached, new)
+        for cached, new in ((31, 9), (1140, 20))
+        for mode, slot in (("bare", BASE_SLOT), ("LoRA", ids[0]))
+    }
     times: dict[tuple[str, bool], list[float]] = {}
     for turn in range(args.turns):
         for on in (turn % 2 == 0, turn % 2 == 1):
             runner.one_row.native = native if on else None
             for name, row_slots in cases.items():
                 times.setdefault((name, on), []).append(_decode_ms(runner, row_slots, prompt, args.steps))
+            for name, (slot, cached, new) in prefills.items():
+                ms = statistics.median(_prefill_ms(runner, slot, cached, new) for _ in range(3))
+                times.setdefault((name, on), []).append(ms)
     print(machine_line())
     print(
         f"default base at int4 on adapterserve's kernel ({kernel.name}), rank-{RANK} all-linear LoRA; "
         f"the engine's decode step; medians of {args.turns} turns\n"
     )
-    print("| decode step | native step | lean step | speed-up |")
+    print("| what | native step | lean step | speed-up |")
     print("|---|---:|---:|---:|")
-    for name in cases:
+    for name in [*cases, *prefills]:
         fast, slow = statistics.median(times[(name, True)]), statistics.median(times[(name, False)])
         print(f"| {name} | {fast:.2f} ms | {slow:.2f} ms | {slow / fast:.2f}x |")
 

@@ -147,6 +147,33 @@ __attribute__((target("avx2,fma"))) int64_t exp_sum_avx2(float* s, int64_t T, fl
   return t;
 }
 
+// s[t] = q . keys[t] for the whole blocks of 16 keys (D a multiple of 16): each key's products
+// in a register, the 16 registers' sums reduced together (a transposing tree); the first t not done
+__attribute__((target("avx512f,avx512dq"))) int64_t scores_avx512(const float* q, const float* keys, int64_t D,
+                                                                int64_t T, float* s) {
+  int64_t t = 0;
+  for (; t + 16 <= T; t += 16) {
+    __m512 v[16];
+    for (int i = 0; i < 16; ++i) v[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 qd = _mm512_loadu_ps(q + d);
+      for (int i = 0; i < 16; ++i) v[i] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(keys + (t + i) * D + d), v[i]);
+    }
+    __m512 u[8], w[4];
+    for (int k = 0; k < 8; ++k)
+      u[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; ++k) {
+      const __m512d x = _mm512_castps_pd(u[2 * k]), y = _mm512_castps_pd(u[2 * k + 1]);
+      w[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
+    const __m512 sum = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+    _mm512_storeu_ps(s + t, sum);  // (lane i: key t + i)
+  }
+  return t;
+}
+
 // one row's key/value head g: the query heads of the group attend over T columns
 template <int ISA>
 __attribute__((always_inline)) inline void attend_group(const Attend& a, int64_t r, int64_t g, float* scores) {
@@ -165,20 +192,21 @@ __attribute__((always_inline)) inline void attend_group(const Attend& a, int64_t
   for (int64_t j = 0; j < rep; ++j) {
     float* s = scores + j * T;
     float top = -INFINITY;
-    for (int64_t t = 0; t < T; ++t) {
-      if (mask && !mask[t]) {
-        s[t] = -INFINITY;
-        continue;
-      }
+    int64_t t = 0;
+    if constexpr (ISA == 2) t = scores_avx512(q[j], keys, D, T, s);  // whole blocks of 16 keys
+    for (; t < T; ++t) {
       const float* k = keys + t * D;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t i = 0; i < D; ++i) dot += q[j][i] * k[i];
       s[t] = dot;
-      top = std::fmax(top, dot);
+    }
+    for (t = 0; t < T; ++t) {
+      if (mask && !mask[t]) s[t] = -INFINITY;
+      top = std::fmax(top, s[t]);
     }
     float total = 0.f;
-    int64_t t = ISA == 2 ? exp_sum_avx512(s, T, top, &total) : exp_sum_avx2(s, T, top, &total);
+    t = ISA == 2 ? exp_sum_avx512(s, T, top, &total) : exp_sum_avx2(s, T, top, &total);
     for (; t < T; ++t) {
       s[t] = std::exp(s[t] - top);
       total += s[t];
