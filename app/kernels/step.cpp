@@ -288,8 +288,23 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void lora_run_avx512(
       _mm512_mask_storeu_ps(t + i * rank + j0, live, _mm512_mul_ps(sum, f));
     }
   }
-  // B^T row by row (one stream through memory), y's rows (in L1) accumulating
   const int64_t whole = out / 16 * 16;
+  if constexpr (n >= 4) {  // several rows: each vector of y's rows in registers over the rank
+    for (int64_t o = 0; o < whole; o += 16) {
+      __m512 acc[n];
+      for (int i = 0; i < n; ++i) acc[i] = _mm512_loadu_ps(y + i * ldy + o);
+      for (int64_t j = 0; j < rank; ++j) {
+        const __m512 w = load16(b + j * out + o, 0xFFFF);
+        for (int i = 0; i < n; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(t[i * rank + j]), w, acc[i]);
+      }
+      for (int i = 0; i < n; ++i) _mm512_storeu_ps(y + i * ldy + o, acc[i]);
+    }
+    for (int64_t j = 0; j < rank; ++j)
+      for (int64_t o = whole; o < out; ++o)
+        for (int i = 0; i < n; ++i) y[i * ldy + o] += t[i * rank + j] * static_cast<float>(b[j * out + o]);
+    return;
+  }
+  // B^T row by row (one stream through memory), y's rows (in L1) accumulating
   for (int64_t j = 0; j < rank; ++j) {
     const W* bj = b + j * out;
     __m512 tj[n];

@@ -160,7 +160,7 @@ def load_base_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     spec = spec_of(model, model_id)
-    kind = resolve(quantization, dev)
+    kind = resolve(quantization, dev, getattr(model.config, "model_type", None))
     nbytes = quantize_model(model, kind, keep=surface.head_modules, tokenizer=tokenizer)
     if kind != "none":
         return_freed_memory()  # the float weights just replaced

@@ -47,12 +47,20 @@ QUANTIZATIONS: tuple[Quantization, ...] = ("none", "bf16", "int8", "int4", "w8a8
 Setting = Literal["auto", "none", "bf16", "int8", "int4", "w8a8"]  # ADAPTERSERVE_QUANTIZATION
 
 
-def resolve(setting: str, device: torch.device) -> Quantization:
-    """The format ``setting`` stands for on ``device``: ``auto`` is ``bf16`` on a CPU with bf16
-    dot products (AVX-512 BF16 or AMX: half the bytes per step, the hardware's bf16 matmuls, the
-    demo classifiers' held-out accuracy unchanged; docs/quantization.md), else ``none`` (a GPU
-    already computes in bf16 under ``ADAPTERSERVE_DTYPE=auto``)."""
+INT4_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # the native step's (app/models/native_step.py)
+
+
+def resolve(setting: str, device: torch.device, family: str | None = None) -> Quantization:
+    """The format ``setting`` stands for on ``device`` for a base of model type ``family``:
+    ``auto`` is ``int4`` on a CPU where the native kernels build, for the decoder families whose
+    steps run on them end to end (the fastest format there, one stream and many, the demo
+    classifiers' held-out accuracy unchanged; docs/quantization.md); else ``bf16`` on a CPU with
+    bf16 dot products (AVX-512 BF16 or AMX: half the bytes per step, the hardware's bf16
+    matmuls), else ``none`` (a GPU already computes in bf16 under ``ADAPTERSERVE_DTYPE=auto``).
+    Training (no family) keeps the float formats: it runs on the weights' float reference."""
     if setting == "auto":
+        if device.type == "cpu" and family in INT4_FAMILIES and kernels.q4() is not None:
+            return "int4"
         return "bf16" if device.type == "cpu" and capability().bf16_dot else "none"
     assert setting in QUANTIZATIONS, setting
     return setting

@@ -230,7 +230,9 @@ def test_bf16_embedding_and_tied_head() -> None:
     assert torch.allclose(head(h), ref, rtol=2**-7, atol=1e-3)
 
 
-def test_auto_is_bf16_where_the_cpu_multiplies_bf16_else_none(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_is_int4_for_the_native_families_else_bf16_where_the_cpu_multiplies_bf16_else_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from app.models import quantize
     from app.platform import Capability
 
@@ -241,3 +243,11 @@ def test_auto_is_bf16_where_the_cpu_multiplies_bf16_else_none(monkeypatch: pytes
         assert quantize.resolve("auto", torch.device("cpu")) == expected
         assert quantize.resolve("auto", torch.device("cuda")) == "none"  # (bf16 is the GPU's dtype)
         assert quantize.resolve("int8", torch.device("cpu")) == "int8"
+        for family in ("llama", "qwen3"):  # the native step's families: int4 on its kernels
+            assert quantize.resolve("auto", torch.device("cpu"), family) == "int4"
+            assert quantize.resolve("auto", torch.device("cuda"), family) == "none"
+        for family in ("gpt2", "bert", "gemma3_text", None):  # others as before
+            assert quantize.resolve("auto", torch.device("cpu"), family) == expected
+        monkeypatch.setattr(quantize.kernels, "q4", lambda: None)  # no compiler: as before
+        assert quantize.resolve("auto", torch.device("cpu"), "llama") == expected
+        monkeypatch.undo()
