@@ -203,7 +203,7 @@ __attribute__((always_inline)) inline void attend_group(const Attend& a, int64_t
     }
     for (t = 0; t < T; ++t) {
       if (mask && !mask[t]) s[t] = -INFINITY;
-      top = std::fmax(top, s[t]);
+      top = s[t] > top ? s[t] : top;
     }
     float total = 0.f;
     t = ISA == 2 ? exp_sum_avx512(s, T, top, &total) : exp_sum_avx2(s, T, top, &total);
@@ -359,6 +359,127 @@ __attribute__((target("avx2,fma"))) void lora_run_avx2(const float* x, int64_t K
       for (int64_t j = 0; j < rank; ++j) y[i * ldy + o] += t[i * rank + j] * b[j * out + o];
 }
 
+// acc0 (and acc1, when not null) [16 C] += sum over u of p0[u] (p1[u]) * values[u] [16 C]
+template <int C>
+__attribute__((target("avx512f,fma"), always_inline)) inline void pv_pair(float* acc0, float* acc1, const float* p0,
+                                                                        const float* p1, const float* values,
+                                                                        int64_t u0, int64_t u1) {
+  __m512 x[C], y[C];
+  for (int c = 0; c < C; ++c) {
+    x[c] = _mm512_loadu_ps(acc0 + 16 * c);
+    y[c] = acc1 ? _mm512_loadu_ps(acc1 + 16 * c) : _mm512_setzero_ps();
+  }
+  for (int64_t u = u0; u < u1; ++u) {
+    const __m512 a = _mm512_set1_ps(p0[u]), b = _mm512_set1_ps(acc1 ? p1[u] : 0.f);
+    const float* vu = values + u * 16 * C;
+    for (int c = 0; c < C; ++c) {
+      const __m512 w = _mm512_loadu_ps(vu + 16 * c);
+      x[c] = _mm512_fmadd_ps(a, w, x[c]);
+      y[c] = _mm512_fmadd_ps(b, w, y[c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    _mm512_storeu_ps(acc0 + 16 * c, x[c]);
+    if (acc1) _mm512_storeu_ps(acc1 + 16 * c, y[c]);
+  }
+}
+
+// the largest of s[0 .. n)
+__attribute__((target("avx512f"))) float max_avx512(const float* s, int64_t n) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + t));
+  float top = _mm512_reduce_max_ps(m);
+  for (; t < n; ++t) top = s[t] > top ? s[t] : top;
+  return top;
+}
+
+// A causal prefill chunk's attention for key/value head g and the new tokens r0 .. r0 + nb - 1 (of
+// one sequence): the queries of the block (nb tokens x the group's heads) against each block of
+// 16 keys while it is in L1, then each block of 16 values into every query's sums. work: the
+// queries, their sums (nq x D each) and scores (nq x T).
+constexpr int QBLOCK = 8;
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void attend_block_avx512(
+    const Attend& a, int64_t g, int64_t r0, int64_t nb, float* work) {
+  const int64_t D = a.D, rep = a.H / a.KV, nq = nb * rep;
+  const int64_t T = a.col + r0 + nb;  // the last token's columns
+  const float* keys = a.kbuf + g * a.head_stride;
+  const float* values = a.vbuf + g * a.head_stride;
+  float* q = work;
+  float* acc = q + nq * D;
+  float* s = acc + nq * D;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t j = 0; j < rep; ++j) {
+      const int64_t r = r0 + b, h = g * rep + j;
+      float* qv = q + (b * rep + j) * D;
+      rope_head(a.qkv + r * a.qkv_stride + a.q_off + h * D, a.q_norm, a.norm_eps, a.cos + r * D, a.sin + r * D, D,
+                qv);
+      for (int64_t i = 0; i < D; ++i) qv[i] *= a.scale;
+    }
+  int64_t t0 = 0;
+  for (; t0 + 16 <= T; t0 += 16)
+    for (int64_t v = 0; v < nq; ++v) scores_avx512(q + v * D, keys + t0 * D, D, 16, s + v * T + t0);
+  for (int64_t v = 0; v < nq; ++v)
+    for (int64_t t = t0; t < T; ++t) {
+      float dot = 0.f;
+      for (int64_t i = 0; i < D; ++i) dot += q[v * D + i] * keys[t * D + i];
+      s[v * T + t] = dot;
+    }
+  float totals[QBLOCK * 8];
+  for (int64_t v = 0; v < nq; ++v) {
+    float* sv = s + v * T;
+    const int64_t limit = a.col + 1 + r0 + v / rep;  // causal: this token's columns
+    const float top = max_avx512(sv, limit);
+    float total = 0.f;
+    int64_t t = exp_sum_avx512(sv, limit, top, &total);
+    for (; t < limit; ++t) {
+      sv[t] = std::exp(sv[t] - top);
+      total += sv[t];
+    }
+    for (t = limit; t < T; ++t) sv[t] = 0.f;
+    totals[v] = total;
+  }
+  for (int64_t i = 0; i < nq * D; ++i) acc[i] = 0.f;
+  // sums over the values: two queries' whole head in registers (2 D / 16 independent chains keep
+  // the FMA units busy), each value vector read once for both
+  for (int64_t u0 = 0; u0 < T; u0 += 64) {
+    const int64_t u1 = u0 + 64 < T ? u0 + 64 : T;
+    for (int64_t v = 0; v < nq; v += 2) {
+      const bool two = v + 1 < nq;
+      float* a0 = acc + v * D;
+      float* a1 = two ? a0 + D : nullptr;
+      const float* p0 = s + v * T;
+      switch (D) {
+        case 64:
+          pv_pair<4>(a0, a1, p0, p0 + T, values, u0, u1);
+          break;
+        case 128:
+          pv_pair<8>(a0, a1, p0, p0 + T, values, u0, u1);
+          break;
+        case 32:
+          pv_pair<2>(a0, a1, p0, p0 + T, values, u0, u1);
+          break;
+        default:
+          for (int64_t c = 0; c < D; c += 16)
+            for (int64_t w = v; w < (two ? v + 2 : v + 1); ++w) {
+              __m512 sum = _mm512_loadu_ps(acc + w * D + c);
+              for (int64_t u = u0; u < u1; ++u)
+                sum = _mm512_fmadd_ps(_mm512_set1_ps(s[w * T + u]), _mm512_loadu_ps(values + u * D + c), sum);
+              _mm512_storeu_ps(acc + w * D + c, sum);
+            }
+      }
+    }
+  }
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t j = 0; j < rep; ++j) {
+      const int64_t v = b * rep + j;
+      float* o = a.out + (r0 + b) * a.H * D + (g * rep + j) * D;
+      const float inv = 1.f / totals[v];
+      for (int64_t i = 0; i < D; ++i) o[i] = acc[v * D + i] * inv;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -475,6 +596,20 @@ void step_attend(int isa, int64_t M, int64_t H, int64_t KV, int64_t D, const flo
   }
   const int64_t T = col + 1 + (causal ? M - 1 : 0), tasks = M * KV, rep = H / KV;
   const bool split = tasks >= 2 && tasks * rep * T * D >= (1 << 15);
+  if (causal && isa == 2 && M > 1) {  // blocks of new tokens: each key and value read once a block
+    const int64_t blocks = (M + QBLOCK - 1) / QBLOCK, count = blocks * KV;
+#pragma omp parallel if (split)
+    {
+      thread_local std::vector<float> work;
+      work.resize(QBLOCK * rep * (T + 2 * D));
+#pragma omp for schedule(dynamic)
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t r0 = (i / KV) * QBLOCK;
+        attend_block_avx512(a, i % KV, r0, M - r0 < QBLOCK ? M - r0 : QBLOCK, work.data());
+      }
+    }
+    return;
+  }
 #pragma omp parallel if (split)
   {
     thread_local std::vector<float> scores;

@@ -168,11 +168,15 @@ def test_each_rows_lora_deltas_read_in_place(isas: list[kernels.Q4], int8: bool)
         assert ((qa.float() * sa - a_t).abs() <= sa / 2 + 1e-7).all()
 
 
-def test_a_prefill_chunk_attends_causally_over_the_cache(isas: list[kernels.Q4]) -> None:
+@pytest.mark.parametrize(("tokens", "cached"), [(5, 23), (19, 40)])
+def test_a_prefill_chunk_attends_causally_over_the_cache(
+    isas: list[kernels.Q4], tokens: int, cached: int
+) -> None:
     """Several new tokens of one sequence (``causal``): token i written at column cached + i and
-    attending to the cached columns and the new ones up to itself, as SDPA with a causal mask."""
-    torch.manual_seed(2)
-    tokens, heads, kv_heads, dim, cached = 5, 9, 3, 64, 23
+    attending to the cached columns and the new ones up to itself, as SDPA with a causal mask
+    (AVX-512: in blocks of 8 tokens, the last one partial)."""
+    torch.manual_seed(tokens)
+    heads, kv_heads, dim = 9, 3, 64
     k_buf = torch.randn(2, kv_heads, cached + tokens + 3, dim)
     v_buf = torch.randn(2, kv_heads, cached + tokens + 3, dim)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
