@@ -23,10 +23,12 @@
 #include <cmath>
 #include <vector>
 
-// SwiGLU rows, in step.cpp
-extern "C" void swiglu_rows(int isa, const float* x, int64_t M, int64_t K, float* y);
+#include "vexp.h"
 
 namespace {
+
+using adapterserve::exp256;
+using adapterserve::exp512;
 
 constexpr int GROUP = 32;
 constexpr int TILE = 16;
@@ -99,6 +101,44 @@ void rms_norm_rows(const float* x, int64_t M, int64_t K, const float* w, float e
     float* o = y + r * K;
 #pragma omp simd
     for (int64_t i = 0; i < K; ++i) o[i] = w[i] * (v[i] * inv);
+  }
+}
+
+// silu(g) * u = g / (1 + e^-g) * u; e^-|g| keeps the exponent non-positive
+__attribute__((target("avx512f"))) void swiglu_avx512(const float* g, const float* u, int64_t K, float* y) {
+  int64_t i = 0;
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= K; i += 16) {
+    const __m512 x = _mm512_loadu_ps(g + i);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+    const __m512 pos = _mm512_div_ps(one, _mm512_add_ps(one, e));       // sigmoid(|x|)
+    const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 s = _mm512_mask_sub_ps(pos, neg, one, pos);             // sigmoid(x)
+    _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_mul_ps(x, s), _mm512_loadu_ps(u + i)));
+  }
+  for (; i < K; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+__attribute__((target("avx2,fma"))) void swiglu_avx2(const float* g, const float* u, int64_t K, float* y) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (; i + 8 <= K; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 e = exp256(_mm256_or_ps(x, sign));  // e^-|x|
+    const __m256 pos = _mm256_div_ps(one, _mm256_add_ps(one, e));
+    const __m256 s = _mm256_blendv_ps(pos, _mm256_sub_ps(one, pos), _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(x, s), _mm256_loadu_ps(u + i)));
+  }
+  for (; i < K; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+void swiglu_rows(int isa, const float* x, int64_t M, int64_t K, float* y) {
+  for (int64_t r = 0; r < M; ++r) {
+    if (isa == 2)
+      swiglu_avx512(x + r * 2 * K, x + r * 2 * K + K, K, y + r * K);
+    else
+      swiglu_avx2(x + r * 2 * K, x + r * 2 * K + K, K, y + r * K);
   }
 }
 

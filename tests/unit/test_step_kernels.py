@@ -1,7 +1,8 @@
-"""The decode step's native parts (app/kernels/step.cpp and the int4 matmul's prologues): on every
-instruction set the CPU offers, the RMS norm and SwiGLU in front of the matmul, the residual add
-behind it, and the attention of one new token a row (rotary embedding, per-head norms, the new key
-and value written into the cache's buffer, grouped heads, padding) against PyTorch."""
+"""The native step's kernels (app/kernels/attention.cpp, lora.cpp and the int4 matmul's prologues)
+on every instruction set the CPU offers, against PyTorch: the RMS norm and SwiGLU in front of the
+matmul, the residual add behind it, the attention of one new token a row (rotary embedding,
+per-head norms, the new key and value written into the cache's buffer, grouped heads, padding) and
+of a prefill chunk, and each row's LoRA deltas (float32 and 8-bit weights)."""
 
 from __future__ import annotations
 
