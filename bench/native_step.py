@@ -1,7 +1,7 @@
 """The native decode step (app/models/native_step.py) against the lean step it replaces, in the
 engine, one process, in turns.
 
-    python -m bench.native_step [--turns 5] [--steps 15] [--adapters 16]
+    python -m bench.native_step [--turns 5] [--steps 15] [--adapters 16] [--avx2]
 
 The default base at ``int4`` on adapterserve's kernel, ``--adapters`` distinct rank-16 all-linear
 LoRA adapters in slots. The engine's decode step (a ``GenerationBatch``, sampling included, after
@@ -11,6 +11,8 @@ tokens after cached ones (a chat line after the template's 31 tokens, a conversa
 ~1,140; median of 3), bare and with an adapter; with the native step, and
 with the one-row step's PyTorch operations around the same int4 matmuls
 (``ADAPTERSERVE_NATIVE_STEP=false``). Every case runs once per turn both ways; medians.
+``--avx2``: the native step on its AVX2 code paths instead of the lean step (what a CPU without
+AVX-512 runs; timed on this one), on an AVX-512 machine.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--avx2", action="store_true", help="the native step's AVX2 paths, not the lean step")
     args = parser.parse_args()
     settings = Settings()
     kernels.configure(settings.cache_dir, True)
@@ -53,6 +56,9 @@ def main() -> None:
     runner = Runner(base, ctx)
     assert runner.one_row is not None and runner.one_row.native is not None
     native = runner.one_row.native
+    vnni, avx2 = native.kernel, kernels.Q4(native.kernel.lib, 1)
+    if args.avx2 and vnni.isa == 1:
+        raise SystemExit("this CPU has no AVX-512 VNNI: the native step already runs its AVX2 paths")
     work = Path(tempfile.mkdtemp(prefix="adapterserve-native-step-"))
     try:
         peft = make_peft(base.path, "generate", args.adapters, RANK, torch.float32, torch.device("cpu"))
@@ -81,7 +87,10 @@ def main() -> None:
     times: dict[tuple[str, bool], list[float]] = {}
     for turn in range(args.turns):
         for on in (turn % 2 == 0, turn % 2 == 1):
-            runner.one_row.native = native if on else None
+            if args.avx2:
+                native.kernel = vnni if on else avx2
+            else:
+                runner.one_row.native = native if on else None
             for name, row_slots in cases.items():
                 times.setdefault((name, on), []).append(_decode_ms(runner, row_slots, prompt, args.steps))
             for name, (slot, cached, new) in prefills.items():
@@ -92,7 +101,8 @@ def main() -> None:
         f"default base at int4 on adapterserve's kernel ({kernel.name}), rank-{RANK} all-linear LoRA; "
         f"the engine's decode step; medians of {args.turns} turns\n"
     )
-    print("| what | native step | lean step | speed-up |")
+    second = "native step, AVX2 paths" if args.avx2 else "lean step"
+    print(f"| what | native step | {second} | speed-up |")
     print("|---|---:|---:|---:|")
     for name in [*cases, *prefills]:
         fast, slow = statistics.median(times[(name, True)]), statistics.median(times[(name, False)])
