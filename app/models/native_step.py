@@ -186,37 +186,30 @@ class NativeStep:
         causal = n > 1
         seen = None if causal or mask is None or bool(mask.all()) else mask.to(torch.uint8).contiguous()
         width = h.shape[1]
-        deltas = slot != BASE_SLOT
-        add = self._deltas(n) if deltas else _no_deltas
+        add = self._deltas(n) if slot != BASE_SLOT else _no_deltas
+        qkv_w, _, gu_w, _ = self.layers[0].weights
         xn = torch.empty(rows, width)
+        qkv = torch.empty(rows, qkv_w[1].shape[0] * kernels.TILE)
         attn = torch.empty(rows, heads * dim)
+        gu = torch.empty(rows, gu_w[1].shape[0] * kernels.TILE)
+        act = torch.empty(rows, gu.shape[1] // 2)
         column = h.new_empty(batch, kv_heads, n, dim)
-        qkv = gu = act = None
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             (qkv_w, o_w, gu_w, down_w), (g_qkv, g_o, g_gu, g_down) = layer.weights, layer.groups
-            if qkv is None:
-                qkv = torch.empty(rows, qkv_w[1].shape[0] * kernels.TILE)
-                gu = torch.empty(rows, gu_w[1].shape[0] * kernels.TILE)
-                act = torch.empty(rows, gu.shape[1] // 2)
-            assert gu is not None and act is not None
             k.linear(h, *qkv_w, qkv, norm=layer.input_norm, rows_out=xn)
-            if deltas:
-                add(g_qkv, xn, qkv)
+            add(g_qkv, xn, qkv)
             assert isinstance(kv, GrowingLayer)
             buffers = kv.reserve(column)
             norms = (layer.q_norm, layer.k_norm, layer.head_eps)
             k.attend(qkv, (heads, kv_heads, dim), rotary, norms, buffers, seen, layer.scaling, attn, causal)
             k.linear(attn, *o_w, h, accumulate=True)
-            if deltas:
-                add(g_o, attn, h)
+            add(g_o, attn, h)
             k.linear(h, *gu_w, gu, norm=layer.post_norm, rows_out=xn)
-            if deltas:
-                add(g_gu, xn, gu)
+            add(g_gu, xn, gu)
             k.linear(gu, *down_w, h, swiglu=True, rows_out=act, accumulate=True)
-            if deltas:
-                add(g_down, act, h)
+            add(g_down, act, h)
         if causal:  # the last token's logits
-            h, xn, add = h[-1:], xn[-1:], self._deltas(1) if deltas else _no_deltas
+            h, xn, add = h[-1:], xn[-1:], self._deltas(1) if slot != BASE_SLOT else _no_deltas
         head = self.head
         if head is None or head.native is None:
             logits: torch.Tensor = d.head(d.norm(h))
@@ -224,6 +217,5 @@ class NativeStep:
         packed, scales, bias = head.native
         out = torch.empty(batch, scales.shape[0] * kernels.TILE)
         k.linear(h, packed, scales, bias, out, norm=self.norm, rows_out=xn)
-        if deltas:
-            add(head, xn, out)
+        add(head, xn, out)
         return out

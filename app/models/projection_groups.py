@@ -169,7 +169,7 @@ class Group:
         layer); None where a part needs its module (no direct kernel, IA³/DoRA scales, bottleneck
         modules, or more adapters than run side by side)."""
         parts = self.parts
-        if not self.plain(None):
+        if not self._mixable():
             return None
         ys = []
         for part in parts:
@@ -188,12 +188,10 @@ class Group:
                 start += width
         return ys
 
-    def plain(self, slot: int | None) -> bool:
-        """Whether the group's output for adapter ``slot`` (None: each row's own, as routed) is
-        the base's product plus LoRA deltas (:meth:`add_deltas`): no part needs its module."""
+    def _mixable(self) -> bool:
+        """Whether the routed rows (several adapters) take each base's kernel and their LoRA
+        deltas side by side: no part needs its module, the adapters' ranks concatenate."""
         parts = self.parts
-        if slot is not None:
-            return not any(p.general(slot) for p in parts)
         lora = parts[0].lora
         routing = lora.ctx.routing if lora is not None else None
         if routing is None:
@@ -323,8 +321,6 @@ def fuse(group: Group, modules: list[nn.Module]) -> None:
         group.bounds.append((start, start + b.out_features))
         start, row = start + b.out_features, row + rows
     group.kernel = kernel
-    if native is not None:
-        group.native = (packed, scales, None)
     if any(b.bias is not None for b in layers):
         group.bias = torch.cat(
             [
@@ -332,5 +328,5 @@ def fuse(group: Group, modules: list[nn.Module]) -> None:
                 for b in layers
             ]
         )
-    if native is not None and group.bias is not None:
-        group.native = (packed, scales, group.bias.float().contiguous())
+    if native is not None:
+        group.native = (packed, scales, None if group.bias is None else group.bias.float().contiguous())
