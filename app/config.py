@@ -143,6 +143,13 @@ class Settings(BaseSettings):
         description="admission into batches: 'fair' = weighted fair queueing across tenants and, within "
         "a tenant, across its adapters (docs/tenants.md); 'fifo' = first come, first served",
     )
+    fair_step_slowdown: float = Field(
+        2.0,
+        ge=1.0,
+        description="fair scheduling: while a light tenant's rows decode, the heavier tenants' rows in "
+        "its steps are held so a step costs at most this many times one of its rows alone, as the "
+        "engine measures its steps (docs/tenants.md)",
+    )
     prefix_cache_bytes: int | None = Field(
         None,
         ge=0,

@@ -10,7 +10,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Literal
 
 from app.config import Settings
 from app.engine import kv_cache
@@ -18,99 +17,25 @@ from app.engine.detokenize import Decode
 from app.engine.fair_queue import FairQueue
 from app.engine.generation import Finished, GenerationBatch
 from app.engine.prefix_cache import PrefixCache
+from app.engine.row_shares import (
+    fair_turn,
+    headroom,
+    light,
+    light_tenants,
+    row_shares,
+    rows_to_bring_back,
+    rows_to_set_aside,
+    step_shares,
+)
 from app.engine.runner import Runner
 from app.engine.slots import Admission
+from app.engine.step_costs import StepCosts
 from app.engine.types import Flow, GenerateWork, StreamDelta
 from app.errors import AdapterServeError, DeadlineExceeded, EngineFailure
 from app.metrics import Metrics
 from app.models.multi_lora import BASE_SLOT
 
 log = logging.getLogger(__name__)
-
-
-def headroom(max_batch_size: int) -> int:
-    """Rows a full batch may still take for tenants below their share of it (fair scheduling)."""
-    return max(1, max_batch_size // 4)
-
-
-def row_shares(rows: dict[str, int], waiting: dict[str, float], max_rows: int) -> dict[str, float]:
-    """Each active tenant's share of ``max_rows`` rows, by weight (``rows``: its rows in the batch;
-    ``waiting``: the weights of the tenants with waiting work; running tenants count with weight 1
-    unless they wait too)."""
-    weights = {tenant: 1.0 for tenant in rows} | waiting
-    total = sum(weights.values())
-    return {tenant: max_rows * w / total for tenant, w in weights.items()}
-
-
-def fair_turn(
-    tenant: str, need: int, by_tenant: dict[str, int], shares: dict[str, float], taken: int, limit: int
-) -> Literal["join", "wait", "stop"]:
-    """Whether ``need`` rows of ``tenant`` join the batch under fair scheduling (``by_tenant``: each
-    tenant's rows in the batches; ``taken``: all of them; ``shares``: :func:`row_shares`).
-
-    Up to three quarters of ``limit`` anyone joins. Beyond, a tenant within its share joins (even
-    a full batch, up to :func:`headroom` rows more: it does not wait for a flood's rows to end); a
-    tenant over its share waits for room, and also while another tenant with rows in the batch is
-    below its share: a light tenant's tokens are not slowed by a heavy one's prefills and wider
-    steps, for at most a quarter of the batch's rows."""
-    after = taken + need
-    if after > limit + headroom(limit):
-        return "stop"
-    if after <= limit - headroom(limit):
-        return "join"
-    if by_tenant.get(tenant, 0) + need <= max(1.0, shares.get(tenant, 0.0)):
-        return "join"
-    if after > limit:
-        return "wait"
-    lighter = any(0 < n < shares.get(t, 0.0) for t, n in by_tenant.items() if t != tenant)
-    return "wait" if lighter else "join"
-
-
-def light(owners: list[tuple[str, int]], shares: dict[str, float]) -> bool:
-    """Whether, of the tenants of the running rows (``owners``: each row's tenant and request),
-    one is light: at or below half its share while another tenant has rows too."""
-    counts = Counter(tenant for tenant, _ in owners)
-    return len(counts) > 1 and any(n <= shares.get(t, 0.0) / 2 for t, n in counts.items())
-
-
-def rows_to_set_aside(owners: list[tuple[str, int]], shares: dict[str, float], least: int) -> list[int]:
-    """The rows to set aside while a light tenant decodes (:func:`light`): of each tenant over its
-    share, its last-admitted whole requests (an ensemble's rows together) down to its share, if
-    that makes at least ``least`` rows (fewer are not worth the copy of their cache). The light
-    tenant's tokens then cost a step of the shares' rows, not of the whole batch."""
-    if not light(owners, shares):
-        return []
-    chosen: list[int] = []
-    for tenant, n in Counter(tenant for tenant, _ in owners).items():
-        over = n - max(1, int(shares.get(tenant, 0.0)))
-        for work in reversed(list(dict.fromkeys(w for t, w in owners if t == tenant))):
-            if over <= 0:
-                break
-            rows = [i for i, (_, w) in enumerate(owners) if w == work]
-            chosen += rows
-            over -= len(rows)
-    return sorted(chosen) if len(chosen) >= least else []
-
-
-def rows_to_bring_back(
-    owners: list[tuple[str, int]], parked: list[tuple[str, int]], shares: dict[str, float]
-) -> list[int]:
-    """While a light tenant still decodes, the set-aside rows (``parked``: each row's tenant and
-    request) that rejoin the running batch (``owners``): of each tenant, its earliest set-aside
-    whole requests while its running rows stay within its share. Its finished rows are replaced by
-    its own set-aside ones, so it keeps its share of the steps (the light tenant's steps cost what
-    they cost, and the tenant set aside loses no more than it must)."""
-    counts = Counter(tenant for tenant, _ in owners)
-    chosen: list[int] = []
-    for tenant in dict.fromkeys(t for t, _ in parked):
-        room = max(1, int(shares.get(tenant, 0.0))) - counts.get(tenant, 0)
-        for work in dict.fromkeys(w for t, w in parked if t == tenant):
-            rows = [i for i, (_, w) in enumerate(parked) if w == work]
-            if len(rows) > room:
-                break
-            chosen += rows
-            room -= len(rows)
-    return sorted(chosen)
 
 
 # padding (or cached tokens computed again) up to this many token columns costs about what a
@@ -163,6 +88,7 @@ class GenerationLane:
         self.prefill: GenerationBatch | None = None  # new rows whose prompts are being prefilled
         self.parked: GenerationBatch | None = None  # rows set aside while a lighter tenant decodes
         self.prefix = PrefixCache(settings.prefix_cache_budget(runner.device))
+        self.costs = StepCosts()  # decode step seconds by rows (fair scheduling's step limits)
 
     def batches(self) -> list[GenerationBatch]:
         return [b for b in (self.running, self.prefill, self.parked) if b is not None]
@@ -232,6 +158,7 @@ class GenerationLane:
         if running is None or not running.rows:
             return
         self.metrics.batch_size.labels(task="generate").observe(len(running))
+        rows, started = len(running), time.perf_counter()
         try:
             finished = running.step()
         except Exception as exc:  # any failure of the forward fails its batch; the engine goes on
@@ -239,6 +166,7 @@ class GenerationLane:
             works = [row.work for row in running.rows]
             self.runner.health.batch_failed(exc, "generate", lambda e: fail_rows(works, e))
             return
+        self.costs.record(rows, time.perf_counter() - started)
         self.runner.health.succeeded()
         self._finish(finished)
         if not running.rows:
@@ -250,12 +178,26 @@ class GenerationLane:
         weights |= {w.flow.tenant: w.flow.weight for w in self.queue}
         return row_shares({}, weights, self.settings.max_batch_size)
 
+    def _limits(self, owners: list[tuple[str, int]], shares: dict[str, float]) -> dict[str, float]:
+        """Each tenant's rows in a step while a light one decodes (:func:`step_shares`, for a step
+        that costs at most ``fair_step_slowdown`` times one of the light tenants' rows alone)."""
+        if not light(owners, shares):
+            return shares
+        aside = [(r.work.flow.tenant, id(r.work)) for r in (self.parked.rows if self.parked else [])]
+        counts = Counter(tenant for tenant, _ in owners)
+        alone = sum(counts[t] for t in light_tenants(owners, shares, aside))
+        most = self.costs.rows_within(
+            self.settings.fair_step_slowdown, max(1, alone), self.settings.max_batch_size
+        )
+        return step_shares(owners, shares, most, aside)
+
     def _rebalance(self) -> None:
         """Set rows aside, or let them rejoin, as :func:`rows_to_set_aside` and :func:`light`
         decide (fair scheduling)."""
         running, parked = self.running, self.parked
         owners = [(r.work.flow.tenant, id(r.work)) for r in (running.rows if running is not None else [])]
         shares = self._shares()
+        limits = self._limits(owners, shares)
         if parked is not None:
             if not light(owners, shares):
                 self.parked = None
@@ -266,23 +208,37 @@ class GenerationLane:
                     running.extend(parked)
             elif running is not None and running.rows:
                 back = rows_to_bring_back(
-                    owners, [(r.work.flow.tenant, id(r.work)) for r in parked.rows], shares
+                    owners, [(r.work.flow.tenant, id(r.work)) for r in parked.rows], limits
                 )
                 if len(back) == len(parked.rows):
                     self.parked = None
                     running.extend(parked)
                 elif back:
                     running.extend(parked.split(back))
+                elif kv_cache.mergeable(running.cache):
+                    self._set_aside(owners, shares, limits)
             return
         if running is None or not kv_cache.mergeable(running.cache):
             return
-        index = rows_to_set_aside(owners, shares, headroom(self.settings.max_batch_size))
-        if index:
-            for i in index:
-                self.metrics.tenant_set_aside.labels(tenant=running.rows[i].work.flow.tenant).inc()
-            self.parked = running.split(index)
-            if not running.rows:
-                self.running = None
+        self._set_aside(owners, shares, limits)
+
+    def _set_aside(
+        self, owners: list[tuple[str, int]], shares: dict[str, float], limits: dict[str, float]
+    ) -> None:
+        running = self.running
+        assert running is not None
+        index = rows_to_set_aside(owners, shares, headroom(self.settings.max_batch_size), limits)
+        if not index:
+            return
+        for i in index:
+            self.metrics.tenant_set_aside.labels(tenant=running.rows[i].work.flow.tenant).inc()
+        aside = running.split(index)
+        if self.parked is None:
+            self.parked = aside
+        else:
+            self.parked.extend(aside)
+        if not running.rows:
+            self.running = None
 
     def _start_prefill(self, admission: Admission) -> GenerationBatch | None:
         """Take waiting requests in fair order while the batch has room, as device room and the

@@ -1,16 +1,18 @@
-"""Who joins the generation batch under fair scheduling (app/engine/generation_lane.py:
+"""Who joins the generation batch under fair scheduling (app/engine/row_shares.py:
 ``fair_turn``): pure logic, no model."""
 
 from __future__ import annotations
 
-from app.engine.generation_lane import (
+from app.engine.row_shares import (
     fair_turn,
     headroom,
     light,
     row_shares,
     rows_to_bring_back,
     rows_to_set_aside,
+    step_shares,
 )
+from app.engine.step_costs import StepCosts
 
 LIMIT = 32
 
@@ -84,10 +86,42 @@ def test_an_ensemble_is_set_aside_whole() -> None:
 
 def test_a_tenant_set_aside_gets_its_rows_back_up_to_its_share_while_the_light_one_decodes() -> None:
     shares = row_shares({}, {"flood": 1.0, "quiet": 1.0}, LIMIT)  # 16 each
-    running = owners(("flood", 0, 13), ("quiet", 100, 1))  # 3 of flood's 16 finished
-    parked = owners(("flood", 20, 2)) + [("flood", 7_000)] * 2 + owners(("flood", 30, 5))
-    # its two earliest set-aside requests, then the ensemble would go beyond its share: no more
-    assert rows_to_bring_back(running, parked, shares) == [0, 1]
-    fewer = owners(("flood", 0, 10), ("quiet", 100, 1))
-    assert rows_to_bring_back(fewer, parked, shares) == [0, 1, 2, 3, 4, 5]
+    parked = owners(("flood", 20, 2)) + [("flood", 7_000)] * 2 + owners(("flood", 30, 8))
+    # 3 of flood's 16 finished: not yet (each return copies the set-aside rows' cache)
+    assert rows_to_bring_back(owners(("flood", 0, 13), ("quiet", 100, 1)), parked, shares) == []
+    # half of them finished: its earliest set-aside requests, the ensemble whole, up to its share
+    assert rows_to_bring_back(owners(("flood", 0, 8), ("quiet", 100, 1)), parked, shares) == list(range(8))
+    # the ensemble would go beyond its share: the requests before it only
+    wide = owners(("flood", 20, 2)) + [("flood", 7_000)] * 16
+    assert rows_to_bring_back(owners(("flood", 0, 3), ("quiet", 100, 1)), wide, shares) == [0, 1]
     assert rows_to_bring_back(owners(("flood", 0, 16), ("quiet", 100, 1)), parked, shares) == []
+
+
+def test_a_step_limit_holds_the_heavy_tenants_to_what_is_left_by_their_shares() -> None:
+    rows = owners(("flood", 0, 24), ("batch", 50, 6), ("quiet", 100, 1))
+    shares = row_shares({}, {"flood": 2.0, "batch": 1.0, "quiet": 1.0}, LIMIT)  # 16, 8, 8
+    limits = step_shares(rows, shares, 10)
+    # quiet (1 of 8) is light and keeps its share; 9 rows left: flood 6, batch 3
+    assert limits == {"flood": 6.0, "batch": 3.0, "quiet": 8.0}
+    aside = rows_to_set_aside(rows, shares, 8, limits)
+    assert aside == [*range(6, 24), 27, 28, 29]  # the last-admitted over each limit
+    # a step limit above the shares changes nothing
+    assert step_shares(rows, shares, LIMIT * 2) == shares
+
+
+def test_step_costs_fit_a_line_and_give_the_rows_within_a_slowdown() -> None:
+    costs = StepCosts()
+    assert costs.rows_within(2.0, 1, LIMIT) == LIMIT  # nothing measured yet
+    for rows in (1, 8, 32):
+        for _ in range(3):
+            costs.record(rows, 0.005 + 0.001 * rows)
+    a, b = costs.line() or (0.0, 0.0)
+    assert abs(a - 0.005) < 1e-9 and abs(b - 0.001) < 1e-9
+    # 2 x (5 + 1) ms = 12 ms: 7 rows
+    assert costs.rows_within(2.0, 1, LIMIT) == 7
+    assert costs.rows_within(1.0, 3, LIMIT) == 3
+    assert costs.rows_within(100.0, 1, LIMIT) == LIMIT
+    flat = StepCosts()  # steps that cost the same at any rows (a GPU): no limit
+    flat.record(1, 0.01)
+    flat.record(32, 0.01)
+    assert flat.rows_within(2.0, 1, LIMIT) == LIMIT
