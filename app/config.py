@@ -144,7 +144,7 @@ class Settings(BaseSettings):
         "a tenant, across its adapters (docs/tenants.md); 'fifo' = first come, first served",
     )
     fair_step_slowdown: float = Field(
-        2.0,
+        1.5,
         ge=1.0,
         description="fair scheduling: while a light tenant's rows decode, the heavier tenants' rows in "
         "its steps are held so a step costs at most this many times one of its rows alone, as the "
