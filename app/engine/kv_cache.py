@@ -215,24 +215,43 @@ def pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+_PLAIN = (DynamicLayer, DynamicSlidingWindowLayer, GrowingLayer)  # layers of keys and values only
+
+
 def select_rows(cache: DynamicCache, index: torch.Tensor) -> None:
     """Keep only the rows ``index`` [kept rows] of every layer, in that order (a growing layer
     moves only the rows after the first one that left, in place: rows leave a running batch every
-    few steps, and a copy of the whole cache each time costs a large part of a step)."""
+    few steps, and a copy of the whole cache each time costs a large part of a step; the first
+    rows of a layer without a buffer of its own: a view of them)."""
     kept = index.tolist()
+    first = kept == list(range(len(kept)))  # the first rows: a view of them, no copy
     for layer in _layers(cache):
-        if not (isinstance(layer, GrowingLayer) and layer.keep_rows(kept)):
+        if isinstance(layer, GrowingLayer) and layer.keep_rows(kept):
+            continue
+        if first and type(layer) in _PLAIN and layer.keys is not None and layer.values is not None:
+            layer.keys, layer.values = layer.keys[: len(kept)], layer.values[: len(kept)]
+        else:
             layer.batch_select_indices(index)
 
 
 def split_rows(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
-    """A new cache holding copies of the rows ``index`` of ``cache`` (which keeps them too)."""
+    """A new cache holding the rows ``index`` of ``cache`` (which keeps them too until it drops
+    them): copies, or, for a range of consecutive rows (a tenant's last-admitted requests set
+    aside), views of them, and ``cache`` gives up its buffers (a growing layer would write the rows
+    it keeps into them), so only the rows it keeps are copied, when it drops the others."""
+    rows = index.tolist()
+    whole = rows == list(range(rows[0], rows[0] + len(rows))) if rows else False
     split = copy.copy(cache)
     split.layers = []
     for layer in _layers(cache):
         keys, values = _kv(layer)
         part = copy.copy(layer)
-        part.keys, part.values = keys.index_select(0, index), values.index_select(0, index)
+        if whole and type(layer) in _PLAIN:
+            part.keys, part.values = keys[rows[0] : rows[-1] + 1], values[rows[0] : rows[-1] + 1]
+            if isinstance(layer, GrowingLayer):
+                layer._k_base = layer._v_base = layer._k_view = None
+        else:
+            part.keys, part.values = keys.index_select(0, index), values.index_select(0, index)
         if isinstance(part, GrowingLayer):  # a buffer of its own on the next update
             part._k_base = part._v_base = part._k_view = None
         split.layers.append(part)

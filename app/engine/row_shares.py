@@ -110,11 +110,13 @@ def rows_to_bring_back(
 ) -> list[int]:
     """While a light tenant still decodes, the set-aside rows (``parked``: each row's tenant and
     request) that rejoin the running batch (``owners``): of each tenant whose running rows have
-    fallen to half its share (its limit in a step, :func:`step_shares`) or below, its earliest
+    fallen to half its share (its limit in a step, :func:`step_shares`) or below, its last
     set-aside whole requests while its running rows stay within its share. Its finished rows are
     replaced by its own set-aside ones, so it keeps most of its share of the steps (the light
-    tenant's steps cost what they cost, and the tenant set aside loses little), and not one by one:
-    each return copies the set-aside rows' cache, which costs a few steps."""
+    tenant's steps cost what they cost, and the tenant set aside loses little). Not one by one,
+    and the last ones first: the set-aside rows that stay are then the first ones, which keep
+    their cache where it is (earlier ones leaving would move every row after them), so a return
+    copies only the rows that return. The others rejoin as soon as no light tenant is left."""
     counts = Counter(tenant for tenant, _ in owners)
     chosen: list[int] = []
     for tenant in dict.fromkeys(t for t, _ in parked):
@@ -122,7 +124,7 @@ def rows_to_bring_back(
         if counts.get(tenant, 0) > share // 2:
             continue
         room = share - counts.get(tenant, 0)
-        for work in dict.fromkeys(w for t, w in parked if t == tenant):
+        for work in reversed(list(dict.fromkeys(w for t, w in parked if t == tenant))):
             rows = [i for i, (_, w) in enumerate(parked) if w == work]
             if len(rows) > room:
                 break

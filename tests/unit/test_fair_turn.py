@@ -86,14 +86,16 @@ def test_an_ensemble_is_set_aside_whole() -> None:
 
 def test_a_tenant_set_aside_gets_its_rows_back_up_to_its_share_while_the_light_one_decodes() -> None:
     shares = row_shares({}, {"flood": 1.0, "quiet": 1.0}, LIMIT)  # 16 each
-    parked = owners(("flood", 20, 2)) + [("flood", 7_000)] * 2 + owners(("flood", 30, 8))
-    # 3 of flood's 16 finished: not yet (each return copies the set-aside rows' cache)
+    parked = owners(("flood", 20, 8)) + [("flood", 7_000)] * 2 + owners(("flood", 30, 2))
+    # 3 of flood's 16 finished: not yet (each return copies rows' cache)
     assert rows_to_bring_back(owners(("flood", 0, 13), ("quiet", 100, 1)), parked, shares) == []
-    # half of them finished: its earliest set-aside requests, the ensemble whole, up to its share
-    assert rows_to_bring_back(owners(("flood", 0, 8), ("quiet", 100, 1)), parked, shares) == list(range(8))
-    # the ensemble would go beyond its share: the requests before it only
-    wide = owners(("flood", 20, 2)) + [("flood", 7_000)] * 16
-    assert rows_to_bring_back(owners(("flood", 0, 3), ("quiet", 100, 1)), wide, shares) == [0, 1]
+    # half of them finished: its last set-aside requests, the ensemble whole, up to its share
+    assert rows_to_bring_back(owners(("flood", 0, 8), ("quiet", 100, 1)), parked, shares) == list(
+        range(4, 12)
+    )
+    # the ensemble would go beyond its share: the requests after it only
+    wide = [("flood", 7_000)] * 16 + owners(("flood", 20, 2))
+    assert rows_to_bring_back(owners(("flood", 0, 3), ("quiet", 100, 1)), wide, shares) == [16, 17]
     assert rows_to_bring_back(owners(("flood", 0, 16), ("quiet", 100, 1)), parked, shares) == []
 
 

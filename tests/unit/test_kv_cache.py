@@ -199,3 +199,42 @@ def test_growing_layers_keep_rows_in_place_and_split_off_copies() -> None:
     assert grown.layers[0].keys.data_ptr() == view  # and the next step appends in place
     for a, b in zip(grown.layers, plain.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_a_split_of_consecutive_rows_takes_views_and_the_rest_moves_out() -> None:
+    """Setting aside a tenant's last-admitted rows (consecutive): the split cache's rows are views
+    of the buffer (no copy), the cache that keeps the others leaves that buffer (its appends never
+    write into the split rows), the first rows of a cache without a buffer are kept as a view, and
+    every row equals the concatenating cache's through appends on both sides."""
+    gen = torch.Generator().manual_seed(11)
+    grown = DynamicCache()
+    grown.layers = [kv_cache.GrowingLayer() for _ in range(LAYERS)]
+    plain = DynamicCache()
+
+    def append(rows: int, caches: tuple[DynamicCache, DynamicCache]) -> None:
+        for layer in range(LAYERS):
+            k = torch.randn(rows, HEADS, 1, DIM, generator=gen)
+            out_k, _ = caches[0].update(k, k * 2, layer)
+            ref_k, _ = caches[1].update(k, k * 2, layer)
+            assert torch.equal(out_k, ref_k)
+
+    for _ in range(4):
+        append(7, (grown, plain))
+    buffer = grown.layers[0]._k_base  # type: ignore[attr-defined]
+    split = kv_cache.split_rows(grown, torch.tensor([2, 3, 4, 5]))
+    split_plain = kv_cache.split_rows(plain, torch.tensor([2, 3, 4, 5]))
+    assert split.layers[0].keys.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    for cache in (grown, plain):
+        kv_cache.select_rows(cache, torch.tensor([0, 1, 6]))
+    for _ in range(3):  # the rows kept go on in a buffer of their own
+        append(3, (grown, plain))
+    assert grown.layers[0]._k_base.data_ptr() != buffer.data_ptr()  # type: ignore[attr-defined]
+    for cache in (split, split_plain):  # the first three of the split rows: a view, no copy
+        kv_cache.select_rows(cache, torch.tensor([0, 1, 2]))
+    assert split.layers[0].keys.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    append(3, (split, split_plain))
+    for a, b in [
+        *zip(grown.layers, plain.layers, strict=True),
+        *zip(split.layers, split_plain.layers, strict=True),
+    ]:
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
