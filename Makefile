@@ -40,7 +40,7 @@ unit: install
 
 test-fast: install compiler  ## lint, the unit tests and HTTP -> engine on the tiny model (seconds; the inner loop)
 	$(BIN)/ruff check app tests bench scripts deploy
-	$(BIN)/pytest -q -m "not model and not prometheus and not nginx and not browser and not slow"
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not model and not prometheus and not nginx and not browser and not slow"
 
 compiler:  ## the C++ compiler the int4 CPU kernel is built with (Debian's g++; the service runs without it)
 	@command -v g++ >/dev/null || { \
