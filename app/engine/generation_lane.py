@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 
 from app.config import Settings
@@ -184,12 +183,12 @@ class GenerationLane:
         if not light(owners, shares):
             return shares
         aside = [(r.work.flow.tenant, id(r.work)) for r in (self.parked.rows if self.parked else [])]
-        counts = Counter(tenant for tenant, _ in owners)
-        alone = sum(counts[t] for t in light_tenants(owners, shares, aside))
+        lights = light_tenants(owners, shares, aside)
+        alone = sum(1 for tenant, _ in owners if tenant in lights)
         most = self.costs.rows_within(
             self.settings.fair_step_slowdown, max(1, alone), self.settings.max_batch_size
         )
-        return step_shares(owners, shares, most, aside)
+        return step_shares(owners, shares, most, lights)
 
     def _rebalance(self) -> None:
         """Set rows aside, or let them rejoin, as :func:`rows_to_set_aside` and :func:`light`

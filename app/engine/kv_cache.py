@@ -45,6 +45,11 @@ class GrowingLayer(DynamicLayer):
     _v_base: torch.Tensor | None = None
     _k_view: torch.Tensor | None = None  # the keys as last exposed (replaced tensors: not this)
 
+    def forget_buffers(self) -> None:
+        """Stop writing into the buffers: the next append makes new ones (another cache holds views
+        of these rows now, or ``keys`` was replaced)."""
+        self._k_base = self._v_base = self._k_view = None
+
     def _buffers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The buffers' rows in use, while ``keys`` is still the view this layer exposed."""
         k, v, keys = self._k_base, self._v_base, self.keys
@@ -249,11 +254,11 @@ def split_rows(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
         if whole and type(layer) in _PLAIN:
             part.keys, part.values = keys[rows[0] : rows[-1] + 1], values[rows[0] : rows[-1] + 1]
             if isinstance(layer, GrowingLayer):
-                layer._k_base = layer._v_base = layer._k_view = None
+                layer.forget_buffers()
         else:
             part.keys, part.values = keys.index_select(0, index), values.index_select(0, index)
         if isinstance(part, GrowingLayer):  # a buffer of its own on the next update
-            part._k_base = part._v_base = part._k_view = None
+            part.forget_buffers()
         split.layers.append(part)
     return split
 

@@ -55,14 +55,12 @@ def light(owners: list[tuple[str, int]], shares: dict[str, float]) -> bool:
 
 
 def step_shares(
-    owners: list[tuple[str, int]], shares: dict[str, float], most: int, aside: Iterable[tuple[str, int]] = ()
+    owners: list[tuple[str, int]], shares: dict[str, float], most: int, lights: set[str]
 ) -> dict[str, float]:
-    """The shares of a step's rows while a light tenant decodes (:func:`light`), for a step of at
-    most ``most`` rows (:class:`~app.engine.step_costs.StepCosts`): the light tenants keep theirs,
-    the heavier ones (also those with rows set aside, ``aside``) split the rest by their shares,
-    each within its own share."""
+    """The shares of a step's rows while light tenants decode (``lights``, :func:`light_tenants`),
+    for a step of at most ``most`` rows (:class:`~app.engine.step_costs.StepCosts`): the light
+    tenants keep theirs, the others split the rest by their shares, each within its own share."""
     counts = Counter(tenant for tenant, _ in owners)
-    lights = light_tenants(owners, shares, aside)
     left = most - sum(counts[t] for t in lights)
     heavy = {t: s for t, s in shares.items() if t not in lights}
     total = sum(heavy.values()) or 1.0

@@ -7,6 +7,7 @@ from app.engine.row_shares import (
     fair_turn,
     headroom,
     light,
+    light_tenants,
     row_shares,
     rows_to_bring_back,
     rows_to_set_aside,
@@ -102,13 +103,13 @@ def test_a_tenant_set_aside_gets_its_rows_back_up_to_its_share_while_the_light_o
 def test_a_step_limit_holds_the_heavy_tenants_to_what_is_left_by_their_shares() -> None:
     rows = owners(("flood", 0, 24), ("batch", 50, 6), ("quiet", 100, 1))
     shares = row_shares({}, {"flood": 2.0, "batch": 1.0, "quiet": 1.0}, LIMIT)  # 16, 8, 8
-    limits = step_shares(rows, shares, 10)
+    limits = step_shares(rows, shares, 10, light_tenants(rows, shares))
     # quiet (1 of 8) is light and keeps its share; 9 rows left: flood 6, batch 3
     assert limits == {"flood": 6.0, "batch": 3.0, "quiet": 8.0}
     aside = rows_to_set_aside(rows, shares, 8, limits)
     assert aside == [*range(6, 24), 27, 28, 29]  # the last-admitted over each limit
     # a step limit above the shares changes nothing
-    assert step_shares(rows, shares, LIMIT * 2) == shares
+    assert step_shares(rows, shares, LIMIT * 2, light_tenants(rows, shares)) == shares
 
 
 def test_step_costs_fit_a_line_and_give_the_rows_within_a_slowdown() -> None:
