@@ -39,7 +39,7 @@ from app.kernels.lora_table import quantize_lora as quantize_lora
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("q4.cpp", "attention.cpp", "lora.cpp")]
-HEADERS = [Path(__file__).with_name("vexp.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("vexp.h", "attention_bf16.h")]
 GROUP = 32  # inputs per scale (weights and activations)
 TILE = 16  # outputs per tile of the weight layout
 ISAS = {1: "avx2", 2: "avx512-vnni"}
@@ -68,6 +68,7 @@ class Q4:
 
     lib: ctypes.CDLL
     isa: int
+    bf16: bool = False  # attention's dot products on bf16 (avx512_bf16; attention_bf16.h)
 
     @property
     def name(self) -> str:
@@ -185,6 +186,7 @@ class Q4:
             scale,
             out.data_ptr(),
             int(causal),
+            int(self.bf16),
         )
 
     def lora_rows(self, x: torch.Tensor, y: torch.Tensor, table: LoraTable) -> None:
@@ -256,14 +258,15 @@ def q4() -> Q4 | None:
     lib.q4_linear.argtypes = [c_int, c_int, c_int, ptr, i64, i64, i64, ptr, f32, ptr, ptr, ptr, ptr]
     lib.q4_linear.argtypes += [c_int, ptr]
     lib.step_attend.argtypes = [c_int, *[i64] * 4, ptr, *[i64] * 4, ptr, ptr, ptr, ptr, f32, ptr, ptr]
-    lib.step_attend.argtypes += [i64, i64, i64, ptr, i64, f32, ptr, c_int]
+    lib.step_attend.argtypes += [i64, i64, i64, ptr, i64, f32, ptr, c_int, c_int]
+    lib.attend_bf16_supported.restype = ctypes.c_int
     lib.lora_rows.restype = None
     lib.lora_rows.argtypes = [c_int, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr]
     isa = int(lib.q4_isa())
     if isa == 0:
         log.info("this CPU has no AVX2: int4 runs PyTorch's kernels")
         return None
-    return Q4(lib, isa)
+    return Q4(lib, isa, bf16=isa == 2 and bool(lib.attend_bf16_supported()))
 
 
 def fits(out_features: int, in_features: int) -> bool:

@@ -1,7 +1,8 @@
 // A decode step's attention for the native step (app/models/native_step.py), float32, AVX-512 or
 // AVX2 as q4_isa() answers: rotary embedding of q and k (and optional RMS norms of their heads),
 // the new keys and values written into the KV cache's buffer, softmax attention over the cached
-// columns; for one new token a row, or a prefill chunk of one sequence (causal). Plain C ABI.
+// columns; for one new token a row, or a prefill chunk of one sequence (causal). Where the CPU has
+// avx512_bf16 and the caller asks, the dot products run on bf16 (attention_bf16.h). Plain C ABI.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -10,12 +11,15 @@
 #include <cmath>
 #include <vector>
 
+#include "attention_bf16.h"
 #include "vexp.h"
 
 namespace {
 
 using adapterserve::exp256;
 using adapterserve::exp512;
+using adapterserve::attend_bf16;
+using adapterserve::bf16_work;
 
 struct Attend {
   int64_t H, KV, D;
@@ -292,6 +296,35 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void attend_bl
     }
 }
 
+// the rotated, scaled queries of token r's heads of group g into q [rep, D]
+void group_queries(const Attend& a, int64_t r, int64_t g, float* q) {
+  const int64_t D = a.D, rep = a.H / a.KV;
+  for (int64_t j = 0; j < rep; ++j) {
+    const int64_t h = g * rep + j;
+    rope_head(a.qkv + r * a.qkv_stride + a.q_off + h * D, a.q_norm, a.norm_eps, a.cos + r * D, a.sin + r * D, D,
+              q + j * D);
+    for (int64_t i = 0; i < D; ++i) q[j * D + i] *= a.scale;
+  }
+}
+
+// bf16 dot products: one row's group g (a decode step), or the tokens r0 .. r0 + nb - 1 of a causal
+// chunk; work: bf16_work(nq, T, D) + nq * (D + 1) floats
+void attend_bf16_task(const Attend& a, int64_t r0, int64_t nb, int64_t g, float* work) {
+  const int64_t D = a.D, rep = a.H / a.KV, nq = nb * rep;
+  const int64_t T = a.causal ? a.col + r0 + nb : a.col + 1;
+  const int64_t row = a.causal ? 0 : r0 * a.row_stride;
+  float* q = work;
+  int64_t* limit = reinterpret_cast<int64_t*>(q + nq * D);  // (nq int64: 2 nq floats)
+  for (int64_t b = 0; b < nb; ++b) {
+    group_queries(a, r0 + b, g, q + b * rep * D);
+    for (int64_t j = 0; j < rep; ++j) limit[b * rep + j] = a.causal ? a.col + 1 + r0 + b : T;
+  }
+  const uint8_t* mask = a.mask ? a.mask + r0 * a.mask_stride + (a.mask_stride - T) : nullptr;
+  float* out = a.out + r0 * a.H * D + g * rep * D;
+  attend_bf16(q, nq, a.kbuf + row + g * a.head_stride, a.vbuf + row + g * a.head_stride, T, D, limit, mask,
+              out, rep, a.H * D, work + nq * D + 2 * nq);
+}
+
 }  // namespace
 
 extern "C" {
@@ -302,11 +335,12 @@ extern "C" {
 // g, column t at r * row_stride + g * head_stride + t * D); out [M, H * D]. D <= 512, H / KV <= 8.
 // causal: the M rows are M new tokens of the cache's row 0 instead (a prefill chunk of one
 // sequence): token r written at column col + r, attending to the columns up to it; no mask.
+// bf16: q.k and p.v as bf16 dot products where attend_bf16_supported() (D a multiple of 32, at most 256).
 void step_attend(int isa, int64_t M, int64_t H, int64_t KV, int64_t D, const float* qkv, int64_t qkv_stride,
                  int64_t q_off, int64_t k_off, int64_t v_off, const float* cos, const float* sin,
                  const float* q_norm, const float* k_norm, float norm_eps, float* kbuf, float* vbuf,
                  int64_t row_stride, int64_t head_stride, int64_t col, const uint8_t* mask,
-                 int64_t mask_stride, float scale, float* out, int causal) {
+                 int64_t mask_stride, float scale, float* out, int causal, int bf16) {
   const Attend a{H,      KV,     D,      qkv,      qkv_stride, q_off,       k_off, v_off,
                  cos,    sin,    q_norm, k_norm,   norm_eps,   kbuf,        vbuf,  row_stride,
                  head_stride, col, causal ? nullptr : mask, mask_stride, scale, out, causal};
@@ -320,6 +354,21 @@ void step_attend(int isa, int64_t M, int64_t H, int64_t KV, int64_t D, const flo
   }
   const int64_t T = col + 1 + (causal ? M - 1 : 0), tasks = M * KV, rep = H / KV;
   const bool split = tasks >= 2 && tasks * rep * T * D >= (1 << 15);
+  if (bf16 && isa == 2 && D % 32 == 0 && D <= 256) {  // one token a task, or a causal chunk's blocks
+    const int64_t nb = causal ? (M < QBLOCK ? M : QBLOCK) : 1;
+    const int64_t blocks = causal ? (M + QBLOCK - 1) / QBLOCK : M, count = blocks * KV;
+#pragma omp parallel if (split)
+    {
+      thread_local std::vector<float> work;
+      work.resize(bf16_work(nb * rep, T, D) + nb * rep * (D + 2));
+#pragma omp for schedule(dynamic)
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t r0 = (i / KV) * nb;
+        attend_bf16_task(a, r0, M - r0 < nb ? M - r0 : nb, i % KV, work.data());
+      }
+    }
+    return;
+  }
   if (causal && isa == 2 && M > 1) {  // blocks of new tokens: each key and value read once a block
     const int64_t blocks = (M + QBLOCK - 1) / QBLOCK, count = blocks * KV;
 #pragma omp parallel if (split)
@@ -346,6 +395,12 @@ void step_attend(int isa, int64_t M, int64_t H, int64_t KV, int64_t D, const flo
         attend_avx2(a, i / KV, i % KV, scores.data());
     }
   }
+}
+
+// Whether step_attend's bf16 dot products run on this CPU (AVX-512 with avx512_bf16).
+int attend_bf16_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
 }
 
 }  // extern "C"
