@@ -329,6 +329,8 @@ void attend_bf16_task(const Attend& a, int64_t r0, int64_t nb, int64_t g, float*
 
 extern "C" {
 
+int attend_bf16_supported();
+
 // One decode step's attention for M rows of one new token each (see the file's head): q, k, v
 // read from qkv [M, qkv_stride] at q_off / k_off / v_off (H, KV, KV heads of D); the new key
 // (normalized, rotated) and value written at column col of the buffers (kbuf / vbuf: row r, head
@@ -354,7 +356,8 @@ void step_attend(int isa, int64_t M, int64_t H, int64_t KV, int64_t D, const flo
   }
   const int64_t T = col + 1 + (causal ? M - 1 : 0), tasks = M * KV, rep = H / KV;
   const bool split = tasks >= 2 && tasks * rep * T * D >= (1 << 15);
-  if (bf16 && isa == 2 && D % 32 == 0 && D <= 256) {  // one token a task, or a causal chunk's blocks
+  static const bool has_bf16 = attend_bf16_supported() != 0;
+  if (bf16 && has_bf16 && isa == 2 && D % 32 == 0 && D <= 256) {  // one token a task, or a causal chunk's blocks
     const int64_t nb = causal ? (M < QBLOCK ? M : QBLOCK) : 1;
     const int64_t blocks = causal ? (M + QBLOCK - 1) / QBLOCK : M, count = blocks * KV;
 #pragma omp parallel if (split)
