@@ -44,6 +44,42 @@ class GrowingLayer(DynamicLayer):
     _k_base: torch.Tensor | None = None  # the buffers: [rows + spare, heads, columns + spare, dim]
     _v_base: torch.Tensor | None = None
     _k_view: torch.Tensor | None = None  # the keys as last exposed (replaced tensors: not this)
+    _pending: tuple[torch.Tensor, list[list[torch.Tensor]], int] | None = None  # a fill not copied yet
+    _stored: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    # keys and values: reading either copies a pending fill (:meth:`fill`) first
+    @property
+    def keys(self) -> torch.Tensor | None:
+        self._settle()
+        return self._stored[0]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._settle()
+        self._stored = (value, self._stored[1])
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        self._settle()
+        return self._stored[1]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._settle()
+        self._stored = (self._stored[0], value)
+
+    def _settle(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            _place(*pending)
+
+    def get_seq_length(self) -> int:
+        keys = self._stored[0]  # (no copy of a pending fill for its shape)
+        return 0 if not self.is_initialized or keys is None or keys.numel() == 0 else keys.shape[SEQ_DIM]
+
+    def key_dtype(self) -> torch.dtype | None:
+        keys = self._stored[0]
+        return keys.dtype if keys is not None and keys.numel() else None
 
     def forget_buffers(self) -> None:
         """Stop writing into the buffers: the next append makes new ones (another cache holds views
@@ -110,16 +146,18 @@ class GrowingLayer(DynamicLayer):
     def fill(self, rows: list[list[torch.Tensor]], columns: int) -> None:
         """Start from cached prefixes: each row's pieces (``[2, heads, tokens, head_dim]``, in
         order) at the right end of ``columns`` columns, zeros on their left; one copy, straight
-        into a buffer with room to spare."""
+        into a buffer with room to spare, made when the keys or values are first read (the
+        layer's attention in the prefill: they are then still in the CPU's caches, not read back
+        from memory, which a copy of every layer up front costs at a ~1,000-token prefix)."""
         sample = next(piece for pieces in rows for piece in pieces)
         n, heads, dim = len(rows), sample.shape[1], sample.shape[-1]
         capacity = n + max(SPARE_ROWS, n // 4)
         width = columns + max(SPARE_COLUMNS, columns // 2)
         bufs = sample.new_empty(2, capacity, heads, width, dim)
-        _place(bufs, rows, columns)
         self.lazy_initialization(sample, sample)
         self._k_base, self._v_base = bufs[0], bufs[1]
         self._expose(n, columns)
+        self._pending = (bufs, rows, columns)
 
     def join_rows(self, keys: torch.Tensor, values: torch.Tensor, pad: int) -> bool:
         """Append rows (``pad`` zero columns on their left, then ``keys``/``values``) into spare

@@ -143,8 +143,8 @@ class NativeStep:
         base's product plus LoRA deltas for these rows."""
         if not all(type(layer) is GrowingLayer for layer in cache.layers):
             return False
-        keys = cast(GrowingLayer, cache.layers[0]).keys
-        if keys is not None and keys.numel() and keys.dtype != torch.float32:
+        dtype = cast(GrowingLayer, cache.layers[0]).key_dtype()
+        if dtype is not None and dtype != torch.float32:
             return False
         if slot == BASE_SLOT:
             return True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaConfig
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from app.engine import kv_cache
@@ -238,3 +238,37 @@ def test_a_split_of_consecutive_rows_takes_views_and_the_rest_moves_out() -> Non
         *zip(split.layers, split_plain.layers, strict=True),
     ]:
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_a_cache_started_from_prefixes_copies_each_layer_when_it_is_first_read() -> None:
+    """``prefilled``: each row's pieces at the right end of the columns, zeros on their left, as a
+    concatenation would give; a layer's copy is made at its first read (its attention), and its
+    length is known before."""
+    config = LlamaConfig(
+        hidden_size=HEADS * DIM,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+    )
+    gen = torch.Generator().manual_seed(8)
+    pieces = [torch.randn(LAYERS, 2, HEADS, n, DIM, generator=gen) for n in (5, 3, 6)]
+    parts = [[pieces[0], pieces[1]], [], [pieces[2][:, :, :, :4]]]  # a two-piece hit, a miss, a partial one
+    cache = kv_cache.prefilled(config, parts, 8)
+    first, second = cache.layers
+    assert isinstance(first, kv_cache.GrowingLayer) and isinstance(second, kv_cache.GrowingLayer)
+    assert first.get_seq_length() == 8 and first._pending is not None and second._pending is not None
+    keys, values = first.keys, first.values
+    assert keys is not None and values is not None
+    assert first._pending is None and second._pending is not None  # only the layer read
+    for layer in range(LAYERS):
+        want = [
+            torch.cat([pieces[0][layer], pieces[1][layer]], dim=2),
+            torch.zeros(2, HEADS, 8, DIM),
+            torch.cat([torch.zeros(2, HEADS, 4, DIM), pieces[2][layer, :, :, :4]], dim=2),
+        ]
+        got = cache.layers[layer]
+        assert torch.equal(got.keys, torch.stack([w[0] for w in want]))
+        assert torch.equal(got.values, torch.stack([w[1] for w in want]))
+    k = torch.randn(3, HEADS, 1, DIM, generator=gen)  # and it grows in place from there
+    out_k, _ = cache.update(k, k, 0)
+    assert torch.equal(out_k[:, :, :8], keys) and torch.equal(out_k[:, :, 8:], k)
