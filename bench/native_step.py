@@ -1,7 +1,7 @@
 """The native decode step (app/models/native_step.py) against the lean step it replaces, in the
 engine, one process, in turns.
 
-    python -m bench.native_step [--turns 5] [--steps 15] [--adapters 16] [--avx2]
+    python -m bench.native_step [--turns 5] [--steps 15] [--adapters 16] [--avx2 | --f32-attention]
 
 The default base at ``int4`` on adapterserve's kernel, ``--adapters`` distinct rank-16 all-linear
 LoRA adapters in slots. The engine's decode step (a ``GenerationBatch``, sampling included, after
@@ -12,7 +12,8 @@ tokens after cached ones (a chat line after the template's 31 tokens, a conversa
 with the one-row step's PyTorch operations around the same int4 matmuls
 (``ADAPTERSERVE_NATIVE_STEP=false``). Every case runs once per turn both ways; medians.
 ``--avx2``: the native step on its AVX2 code paths instead of the lean step (what a CPU without
-AVX-512 runs; timed on this one), on an AVX-512 machine.
+AVX-512 runs; timed on this one), on an AVX-512 machine. ``--f32-attention``: the native step with
+its attention on bf16 dot products against the same in float32 (a CPU with avx512_bf16).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--avx2", action="store_true", help="the native step's AVX2 paths, not the lean step")
+    parser.add_argument("--f32-attention", action="store_true", help="bf16 attention against float32's")
     args = parser.parse_args()
     settings = Settings()
     kernels.configure(settings.cache_dir, True)
@@ -59,6 +61,9 @@ def main() -> None:
     vnni, avx2 = native.kernel, kernels.Q4(native.kernel.lib, 1)
     if args.avx2 and vnni.isa == 1:
         raise SystemExit("this CPU has no AVX-512 VNNI: the native step already runs its AVX2 paths")
+    if args.f32_attention and not vnni.bf16:
+        raise SystemExit("this CPU has no avx512_bf16: the native step's attention is float32 already")
+    f32 = kernels.Q4(vnni.lib, vnni.isa, bf16=False)
     work = Path(tempfile.mkdtemp(prefix="adapterserve-native-step-"))
     try:
         peft = make_peft(base.path, "generate", args.adapters, RANK, torch.float32, torch.device("cpu"))
@@ -87,8 +92,8 @@ def main() -> None:
     times: dict[tuple[str, bool], list[float]] = {}
     for turn in range(args.turns):
         for on in (turn % 2 == 0, turn % 2 == 1):
-            if args.avx2:
-                native.kernel = vnni if on else avx2
+            if args.avx2 or args.f32_attention:
+                native.kernel = vnni if on else avx2 if args.avx2 else f32
             else:
                 runner.one_row.native = native if on else None
             for name, row_slots in cases.items():
@@ -96,12 +101,14 @@ def main() -> None:
             for name, (slot, cached, new) in prefills.items():
                 ms = statistics.median(_prefill_ms(runner, slot, cached, new) for _ in range(3))
                 times.setdefault((name, on), []).append(ms)
+    attention = "bf16 dot products" if vnni.bf16 else "float32"
     print(machine_line())
     print(
         f"default base at int4 on adapterserve's kernel ({kernel.name}), rank-{RANK} all-linear LoRA; "
-        f"the engine's decode step; medians of {args.turns} turns\n"
+        f"attention on {attention}; the engine's decode step; medians of {args.turns} turns\n"
     )
     second = "native step, AVX2 paths" if args.avx2 else "lean step"
+    second = "native step, float32 attention" if args.f32_attention else second
     print(f"| what | native step | {second} | speed-up |")
     print("|---|---:|---:|---:|")
     for name in [*cases, *prefills]:
