@@ -364,8 +364,8 @@ def _reused(runner: Runner, rows: list[_Row], prefix: PrefixCache | None) -> tup
         if columns:
             for row, n in zip(rows, cached, strict=True):
                 row.cached = n
-            return kv_cache.prefilled(runner.model.config, parts, columns), columns
-    return kv_cache.new_cache(runner.model.config), 0
+            return kv_cache.prefilled(runner.model.config, parts, columns, runner.kv_dtype), columns
+    return kv_cache.new_cache(runner.model.config, runner.kv_dtype), 0
 
 
 def _result(row: _Row, reason: FinishReason) -> GenerationResult:

@@ -86,7 +86,7 @@ class GenerationLane:
         self.running: GenerationBatch | None = None  # the decoding rows
         self.prefill: GenerationBatch | None = None  # new rows whose prompts are being prefilled
         self.parked: GenerationBatch | None = None  # rows set aside while a lighter tenant decodes
-        self.prefix = PrefixCache(settings.prefix_cache_budget(runner.device))
+        self.prefix = PrefixCache(settings.prefix_cache_budget(runner.device), runner.kv_dtype)
         self.costs = StepCosts()  # decode step seconds by rows (fair scheduling's step limits)
 
     def batches(self) -> list[GenerationBatch]:

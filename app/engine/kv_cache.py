@@ -39,8 +39,14 @@ class GrowingLayer(DynamicLayer):
     (:meth:`keep_rows`), and rows that join go into spare rows (:meth:`join_rows`). The buffer is
     made anew, with room to spare (half the columns, at least :data:`SPARE_COLUMNS`; a quarter of
     the rows, at least :data:`SPARE_ROWS`), when it is full or when the engine replaced the tensors
-    (columns trimmed, rows selected out of order: one copy, as each of those is anyway)."""
+    (columns trimmed, rows selected out of order: one copy, as each of those is anyway).
 
+    ``store``: the dtype a fresh layer keeps its keys and values in (bf16 where the native step
+    attends on bf16 dot products, which round them so anyway: half the bytes to read and copy);
+    None: the writer's. A layer keeps the dtype it holds, except that a write through
+    :meth:`update` (the model's own attention) turns it to the writer's dtype."""
+
+    store: torch.dtype | None = None
     _k_base: torch.Tensor | None = None  # the buffers: [rows + spare, heads, columns + spare, dim]
     _v_base: torch.Tensor | None = None
     _k_view: torch.Tensor | None = None  # the keys as last exposed (replaced tensors: not this)
@@ -102,7 +108,8 @@ class GrowingLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        old = self._room(key_states, value_states)
+        self.store = None  # (attention that reads what it writes: its dtype from now on)
+        old = self._room(key_states, value_states, key_states.dtype)
         new, rows = old + key_states.shape[SEQ_DIM], key_states.shape[0]
         assert self._k_base is not None and self._v_base is not None
         self._k_base[:rows, :, old:new].copy_(key_states)
@@ -112,18 +119,20 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def reserve(self, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Room for the token columns of ``column``'s shape and dtype ([rows, heads, n, dim]),
-        exposed as in use but not written: the buffers ``[capacity, heads, columns, dim]`` and the
+        """Room for the token columns of ``column``'s shape ([rows, heads, n, dim]; in the dtype
+        the layer holds, else :attr:`store`, else ``column``'s), exposed as in use but not
+        written: the buffers ``[capacity, heads, columns, dim]`` and the
         first new column's index, for a caller that writes the keys and values there itself (the
         native step, app/models/native_step.py)."""
-        old = self._room(column, column)
+        held = self.key_dtype()
+        old = self._room(column, column, held or self.store or column.dtype)
         assert self._k_base is not None and self._v_base is not None
         self._expose(column.shape[0], old + column.shape[SEQ_DIM])
         return self._k_base, self._v_base, old
 
-    def _room(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
-        """Make room for ``key_states``' columns (a buffer anew when full, or when the engine
-        replaced the tensors); the columns in use before them."""
+    def _room(self, key_states: torch.Tensor, value_states: torch.Tensor, dtype: torch.dtype) -> int:
+        """Make room for ``key_states``' columns in buffers of ``dtype`` (a buffer anew when full,
+        when the engine replaced the tensors, or in another dtype); the columns in use before them."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         keys, values = self.keys, self.values
@@ -132,12 +141,14 @@ class GrowingLayer(DynamicLayer):
         new = old + key_states.shape[SEQ_DIM]
         rows = key_states.shape[0]
         bufs = self._buffers()
-        if bufs is None or new > bufs[0].shape[SEQ_DIM]:
+        if bufs is None or new > bufs[0].shape[SEQ_DIM] or bufs[0].dtype != dtype:
             columns = new + max(SPARE_COLUMNS, new // 2)
             capacity = rows + max(SPARE_ROWS, rows // 4)
             heads, dim = key_states.shape[1], key_states.shape[-1]
-            self._k_base = key_states.new_empty(capacity, heads, columns, dim)
-            self._v_base = value_states.new_empty(capacity, heads, columns, value_states.shape[-1])
+            self._k_base = key_states.new_empty(capacity, heads, columns, dim, dtype=dtype)
+            self._v_base = value_states.new_empty(
+                capacity, heads, columns, value_states.shape[-1], dtype=dtype
+            )
             if old:
                 self._k_base[:rows, :, :old].copy_(keys)
                 self._v_base[:rows, :, :old].copy_(values)
@@ -153,8 +164,8 @@ class GrowingLayer(DynamicLayer):
         n, heads, dim = len(rows), sample.shape[1], sample.shape[-1]
         capacity = n + max(SPARE_ROWS, n // 4)
         width = columns + max(SPARE_COLUMNS, columns // 2)
-        bufs = sample.new_empty(2, capacity, heads, width, dim)
-        self.lazy_initialization(sample, sample)
+        bufs = sample.new_empty(2, capacity, heads, width, dim, dtype=self.store or sample.dtype)
+        self.lazy_initialization(bufs[0], bufs[1])
         self._k_base, self._v_base = bufs[0], bufs[1]
         self._expose(n, columns)
         self._pending = (bufs, rows, columns)
@@ -214,12 +225,18 @@ class GrowingLayer(DynamicLayer):
         return True
 
 
-def new_cache(config: PretrainedConfig) -> DynamicCache:
+def new_cache(config: PretrainedConfig, store: torch.dtype | None = None) -> DynamicCache:
     """An empty cache with the layer classes the model's config asks for (sliding windows...), its
-    full-attention layers growing in place (:class:`GrowingLayer`)."""
+    full-attention layers growing in place (:class:`GrowingLayer`, keeping ``store``)."""
     cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [_growing(store) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def _growing(store: torch.dtype | None) -> GrowingLayer:
+    layer = GrowingLayer()
+    layer.store = store
+    return layer
 
 
 def mergeable(cache: DynamicCache) -> bool:
@@ -348,13 +365,15 @@ def unused_leading_columns(mask: torch.Tensor) -> int:
 
 
 # --- the prefix cache's side (app/engine/prefix_cache.py) -----------------------------------
-def prefilled(config: PretrainedConfig, parts: list[list[torch.Tensor]], columns: int) -> DynamicCache:
+def prefilled(
+    config: PretrainedConfig, parts: list[list[torch.Tensor]], columns: int, store: torch.dtype | None = None
+) -> DynamicCache:
     """A new cache of ``len(parts)`` rows and ``columns`` token columns, each row's cached prefix
     (its pieces in order, each ``[layers, 2, heads, tokens, head_dim]``; none for a miss) at its
     right end and zeros (padding) on its left. Full-attention layers copy the pieces once, straight
     into their buffers (:meth:`GrowingLayer.fill`); others go through their own update (sliding
-    windows keep what they keep)."""
-    cache = new_cache(config)
+    windows keep what they keep). ``store``: as :func:`new_cache`."""
+    cache = new_cache(config, store)
     sample = next(piece for pieces in parts for piece in pieces)
     _, _, heads, _, dim = sample.shape
     for index, layer in enumerate(_layers(cache)):

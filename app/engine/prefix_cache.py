@@ -16,8 +16,9 @@ would only round every hit down to a block boundary (on average half a block of 
 again) and hash every block of every prompt; the tree matches to the token and stores a turn once,
 only what it adds to the conversation.
 
-**Memory.** A token costs ``layers × 2 × kv_heads × head_dim`` values of the model's dtype (the
-default base in float32: 30 × 2 × 3 × 64 × 4 B = 46 KB). The cache holds at most ``budget`` bytes;
+**Memory.** A token costs ``layers × 2 × kv_heads × head_dim`` values of the engine's cache dtype
+(the default base in float32: 30 × 2 × 3 × 64 × 4 B = 46 KB; 23 KB where the native step keeps
+bf16 keys and values). The cache holds at most ``budget`` bytes;
 beyond it the least recently used leaves go first (a shared system prompt, the trunk of many
 conversations, stays while any of them is used). Every read and write happens on the engine thread
 (one writer), and a hit is copied into its batch when the batch starts, so no prefix in use can be
@@ -83,8 +84,9 @@ class Stats:
 class PrefixCache:
     """Radix trees of computed prefixes per adapter version, within a byte budget (LRU leaves)."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, dtype: torch.dtype | None = None) -> None:
         self.budget = budget
+        self.dtype = dtype  # what prefixes are kept in (None: as computed; bf16: the engine's caches' dtype)
         self.bytes = 0
         self.stats = Stats()
         self._reported = Stats()
@@ -183,6 +185,8 @@ class PrefixCache:
             last, n = path[-1]
             parent = self._split(last, n) if n < len(last.tokens) else last
         kv = kv_of(done, len(ids))
+        if self.dtype is not None:
+            kv = kv.to(self.dtype)
         size = kv.numel() * kv.element_size()
         if size > self.budget:
             return 0

@@ -132,6 +132,11 @@ class Runner:
         self.grammars = Grammars(tok, self.vocab, self.eos_ids)
         # the decode step of a batch of one row, where the family has one (app/models/one_row.py)
         self.one_row = OneRowDecoder.of(base.model, native_step) if one_row else None
+        native = self.one_row.native if self.one_row is not None else None
+        # the dtype new generation caches keep keys and values in (None: the model's)
+        self.kv_dtype: torch.dtype | None = (
+            torch.bfloat16 if native is not None and native.bf16_cache else None
+        )
 
     def drop_batch_copies(self, layers: Iterable[MultiLoraLinear]) -> None:
         """Free the copies of adapter weights laid out for the last mixed batch (the engine, when it

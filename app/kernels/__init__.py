@@ -153,14 +153,15 @@ class Q4:
         sin [rows, dim]), the new key and value written at column ``cache[2]`` of the buffers
         ``cache[:2]`` [capacity, kv heads, columns, dim], attended over the columns up to it
         where ``mask`` [rows, >= columns] (uint8, right-aligned; None: all), into ``out``
-        [rows, heads x dim]. Float32, contiguous. ``causal``: the rows are consecutive new tokens
-        of the buffers' first row instead (a prefill chunk of one sequence), token i written at
-        column ``cache[2] + i`` and attending to the columns up to it (``mask`` ignored)."""
+        [rows, heads x dim]. Float32, contiguous; the buffers float32, or bf16 where ``bf16``.
+        ``causal``: the rows are consecutive new tokens of the buffers' first row instead (a
+        prefill chunk of one sequence), token i written at column ``cache[2] + i`` and attending
+        to the columns up to it (``mask`` ignored)."""
         h, kv, dim = heads
         k_buf, v_buf, column = cache
         q_norm, k_norm, eps = norms
         cos, sin = rotary
-        self.lib.step_attend(
+        done = self.lib.step_attend(
             self.isa,
             qkv.shape[0],
             h,
@@ -187,7 +188,12 @@ class Q4:
             out.data_ptr(),
             int(causal),
             int(self.bf16),
+            int(k_buf.dtype == torch.bfloat16),
         )
+        if done != 0:
+            raise ValueError(
+                "bf16 keys and values need the bf16 attention (Q4.bf16 on a CPU with avx512_bf16)"
+            )
 
     def lora_rows(self, x: torch.Tensor, y: torch.Tensor, table: LoraTable) -> None:
         """Add each row's LoRA deltas of ``x`` [rows, in] to ``y`` [rows, out] (float32,
@@ -253,12 +259,13 @@ def q4() -> Q4 | None:
     lib.q4_matmul.restype = None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.q4_matmul.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, i64, i64, ptr, ptr, ptr, ptr]
-    lib.q4_linear.restype = lib.step_attend.restype = None
+    lib.q4_linear.restype = None
+    lib.step_attend.restype = ctypes.c_int
     c_int, f32 = ctypes.c_int, ctypes.c_float
     lib.q4_linear.argtypes = [c_int, c_int, c_int, ptr, i64, i64, i64, ptr, f32, ptr, ptr, ptr, ptr]
     lib.q4_linear.argtypes += [c_int, ptr]
     lib.step_attend.argtypes = [c_int, *[i64] * 4, ptr, *[i64] * 4, ptr, ptr, ptr, ptr, f32, ptr, ptr]
-    lib.step_attend.argtypes += [i64, i64, i64, ptr, i64, f32, ptr, c_int, c_int]
+    lib.step_attend.argtypes += [i64, i64, i64, ptr, i64, f32, ptr, c_int, c_int, c_int]
     lib.attend_bf16_supported.restype = ctypes.c_int
     lib.lora_rows.restype = None
     lib.lora_rows.argtypes = [c_int, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr]

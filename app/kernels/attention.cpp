@@ -30,9 +30,10 @@ struct Attend {
   const float* q_norm;  // [D] or null
   const float* k_norm;
   float norm_eps;
-  float* kbuf;
-  float* vbuf;
+  void* kbuf;  // float32, or bf16 (uint16_t) where kv_bf16
+  void* vbuf;
   int64_t row_stride, head_stride, col;
+  int kv_bf16;
   const uint8_t* mask;  // [M, mask_stride], the last T = col + 1 columns read, or null
   int64_t mask_stride;
   float scale;
@@ -120,8 +121,8 @@ template <int ISA>
 __attribute__((always_inline)) inline void attend_group(const Attend& a, int64_t r, int64_t g, float* scores) {
   const int64_t D = a.D, T = a.col + 1 + (a.causal ? r : 0), rep = a.H / a.KV;
   const int64_t row = a.causal ? 0 : r * a.row_stride;
-  const float* keys = a.kbuf + row + g * a.head_stride;
-  const float* values = a.vbuf + row + g * a.head_stride;
+  const float* keys = static_cast<const float*>(a.kbuf) + row + g * a.head_stride;
+  const float* values = static_cast<const float*>(a.vbuf) + row + g * a.head_stride;
   const uint8_t* mask = a.mask ? a.mask + r * a.mask_stride + (a.mask_stride - T) : nullptr;
   float q[8][512];
   for (int64_t j = 0; j < rep; ++j) {
@@ -220,8 +221,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void attend_bl
     const Attend& a, int64_t g, int64_t r0, int64_t nb, float* work) {
   const int64_t D = a.D, rep = a.H / a.KV, nq = nb * rep;
   const int64_t T = a.col + r0 + nb;  // the last token's columns
-  const float* keys = a.kbuf + g * a.head_stride;
-  const float* values = a.vbuf + g * a.head_stride;
+  const float* keys = static_cast<const float*>(a.kbuf) + g * a.head_stride;
+  const float* values = static_cast<const float*>(a.vbuf) + g * a.head_stride;
   float* q = work;
   float* acc = q + nq * D;
   float* s = acc + nq * D;
@@ -321,8 +322,14 @@ void attend_bf16_task(const Attend& a, int64_t r0, int64_t nb, int64_t g, float*
   }
   const uint8_t* mask = a.mask ? a.mask + r0 * a.mask_stride + (a.mask_stride - T) : nullptr;
   float* out = a.out + r0 * a.H * D + g * rep * D;
-  attend_bf16(q, nq, a.kbuf + row + g * a.head_stride, a.vbuf + row + g * a.head_stride, T, D, limit, mask,
-              out, rep, a.H * D, work + nq * D + 2 * nq);
+  const int64_t at = row + g * a.head_stride;
+  float* rest = work + nq * D + 2 * nq;
+  if (a.kv_bf16)
+    attend_bf16(q, nq, static_cast<const uint16_t*>(a.kbuf) + at, static_cast<const uint16_t*>(a.vbuf) + at, T, D,
+                limit, mask, out, rep, a.H * D, rest);
+  else
+    attend_bf16(q, nq, static_cast<const float*>(a.kbuf) + at, static_cast<const float*>(a.vbuf) + at, T, D, limit,
+                mask, out, rep, a.H * D, rest);
 }
 
 }  // namespace
@@ -337,27 +344,38 @@ int attend_bf16_supported();
 // g, column t at r * row_stride + g * head_stride + t * D); out [M, H * D]. D <= 512, H / KV <= 8.
 // causal: the M rows are M new tokens of the cache's row 0 instead (a prefill chunk of one
 // sequence): token r written at column col + r, attending to the columns up to it; no mask.
-// bf16: q.k and p.v as bf16 dot products where attend_bf16_supported() (D a multiple of 32, at most 256).
-void step_attend(int isa, int64_t M, int64_t H, int64_t KV, int64_t D, const float* qkv, int64_t qkv_stride,
-                 int64_t q_off, int64_t k_off, int64_t v_off, const float* cos, const float* sin,
-                 const float* q_norm, const float* k_norm, float norm_eps, float* kbuf, float* vbuf,
-                 int64_t row_stride, int64_t head_stride, int64_t col, const uint8_t* mask,
-                 int64_t mask_stride, float scale, float* out, int causal, int bf16) {
+// bf16: q.k and p.v as bf16 dot products where attend_bf16_supported() (D a multiple of 32, at most 256);
+// kv_bf16: the buffers hold bf16 (uint16_t) keys and values, which only that path reads.
+// Returns 0, or -1 (nothing done) for bf16 buffers where the bf16 path does not run.
+int step_attend(int isa, int64_t M, int64_t H, int64_t KV, int64_t D, const float* qkv, int64_t qkv_stride,
+                int64_t q_off, int64_t k_off, int64_t v_off, const float* cos, const float* sin, const float* q_norm,
+                const float* k_norm, float norm_eps, void* kbuf, void* vbuf, int64_t row_stride,
+                int64_t head_stride, int64_t col, const uint8_t* mask, int64_t mask_stride, float scale, float* out,
+                int causal, int bf16, int kv_bf16) {
+  static const bool has_bf16 = attend_bf16_supported() != 0;
+  const bool dots = bf16 && has_bf16 && isa == 2 && D % 32 == 0 && D <= 256;
+  if (kv_bf16 && !dots) return -1;
   const Attend a{H,      KV,     D,      qkv,      qkv_stride, q_off,       k_off, v_off,
                  cos,    sin,    q_norm, k_norm,   norm_eps,   kbuf,        vbuf,  row_stride,
-                 head_stride, col, causal ? nullptr : mask, mask_stride, scale, out, causal};
+                 head_stride, col, kv_bf16, causal ? nullptr : mask, mask_stride, scale, out, causal};
   for (int64_t r = 0; r < M; ++r) {
     for (int64_t g = 0; g < KV; ++g) {
       const float* src = qkv + r * qkv_stride;
       const int64_t at = causal ? g * head_stride + (col + r) * D : r * row_stride + g * head_stride + col * D;
-      rope_head(src + k_off + g * D, k_norm, norm_eps, cos + r * D, sin + r * D, D, kbuf + at);
-      memcpy(vbuf + at, src + v_off + g * D, D * sizeof(float));
+      if (kv_bf16) {
+        float key[512];
+        rope_head(src + k_off + g * D, k_norm, norm_eps, cos + r * D, sin + r * D, D, key);
+        adapterserve::store_bf16(key, D, static_cast<uint16_t*>(kbuf) + at);
+        adapterserve::store_bf16(src + v_off + g * D, D, static_cast<uint16_t*>(vbuf) + at);
+        continue;
+      }
+      rope_head(src + k_off + g * D, k_norm, norm_eps, cos + r * D, sin + r * D, D, static_cast<float*>(kbuf) + at);
+      memcpy(static_cast<float*>(vbuf) + at, src + v_off + g * D, D * sizeof(float));
     }
   }
   const int64_t T = col + 1 + (causal ? M - 1 : 0), tasks = M * KV, rep = H / KV;
   const bool split = tasks >= 2 && tasks * rep * T * D >= (1 << 15);
-  static const bool has_bf16 = attend_bf16_supported() != 0;
-  if (bf16 && has_bf16 && isa == 2 && D % 32 == 0 && D <= 256) {  // one token a task, or a causal chunk's blocks
+  if (dots) {  // one token a task, or a causal chunk's blocks
     const int64_t nb = causal ? (M < QBLOCK ? M : QBLOCK) : 1;
     const int64_t blocks = causal ? (M + QBLOCK - 1) / QBLOCK : M, count = blocks * KV;
 #pragma omp parallel if (split)
@@ -370,7 +388,7 @@ void step_attend(int isa, int64_t M, int64_t H, int64_t KV, int64_t D, const flo
         attend_bf16_task(a, r0, M - r0 < nb ? M - r0 : nb, i % KV, work.data());
       }
     }
-    return;
+    return 0;
   }
   if (causal && isa == 2 && M > 1) {  // blocks of new tokens: each key and value read once a block
     const int64_t blocks = (M + QBLOCK - 1) / QBLOCK, count = blocks * KV;
@@ -384,7 +402,7 @@ void step_attend(int isa, int64_t M, int64_t H, int64_t KV, int64_t D, const flo
         attend_block_avx512(a, i % KV, r0, M - r0 < QBLOCK ? M - r0 : QBLOCK, work.data());
       }
     }
-    return;
+    return 0;
   }
 #pragma omp parallel if (split)
   {
@@ -398,6 +416,7 @@ void step_attend(int isa, int64_t M, int64_t H, int64_t KV, int64_t D, const flo
         attend_avx2(a, i / KV, i % KV, scores.data());
     }
   }
+  return 0;
 }
 
 // Whether step_attend's bf16 dot products run on this CPU (AVX-512 with avx512_bf16).

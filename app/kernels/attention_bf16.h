@@ -42,9 +42,24 @@ BF16_TARGET inline void transpose16(__m512i r[16]) {
   }
 }
 
-// x[0 .. 32) as 32 bf16 (16 words: pairs x[2w], x[2w + 1])
+// x[0 .. 32) as 32 bf16 (16 words: pairs x[2w], x[2w + 1]), from float32 or already bf16
 BF16_TARGET inline __m512i bf16_words(const float* x) {
   return (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 16), _mm512_loadu_ps(x));
+}
+BF16_TARGET inline __m512i bf16_words(const uint16_t* x) { return _mm512_loadu_si512(x); }
+
+// rows a[0 .. 16) and b[0 .. 16) as 32 bf16 (a's then b's); b null: zeros
+BF16_TARGET inline __m512i bf16_halves(const float* a, const float* b) {
+  return (__m512i)_mm512_cvtne2ps_pbh(b ? _mm512_loadu_ps(b) : _mm512_setzero_ps(), _mm512_loadu_ps(a));
+}
+BF16_TARGET inline __m512i bf16_halves(const uint16_t* a, const uint16_t* b) {
+  const __m256i hi = b ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)) : _mm256_setzero_si256();
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))), hi, 1);
+}
+
+// x[0 .. n) (n a multiple of 32) rounded to bf16 into y, as bf16_words rounds (a cache kept in bf16)
+BF16_TARGET inline void store_bf16(const float* x, int64_t n, uint16_t* y) {
+  for (int64_t i = 0; i < n; i += 32) _mm512_storeu_si512(y + i, bf16_words(x + i));
 }
 
 // scores s[v][t0 .. t0 + 16) of N queries (their words qw[v], D / 2 each) against the key block kt
@@ -85,10 +100,12 @@ inline int64_t bf16_work(int64_t nq, int64_t T, int64_t D) {
 }
 
 // out[v] [D] = softmax(q[v] . keys[t], t < limit[v] and mask[t]) . values[t] for nq queries q
-// (float32, rotated and scaled, nq x D) of one key/value head: keys and values [T, D] float32 rows
-// (t < T read), mask (T bytes, 0: masked) or null; query v's output at out + (v / rep) * stride +
-// (v % rep) * D (rep heads a token, side by side; a token's heads stride apart).
-BF16_TARGET void attend_bf16(const float* q, int64_t nq, const float* keys, const float* values, int64_t T,
+// (float32, rotated and scaled, nq x D) of one key/value head: keys and values [T, D] rows, float32
+// or bf16 (KV; t < T read), mask (T bytes, 0: masked) or null; query v's output at
+// out + (v / rep) * stride + (v % rep) * D (rep heads a token, side by side; a token's heads stride
+// apart). The same bits either way: float32 keys and values are rounded as a bf16 cache keeps them.
+template <typename KV>
+BF16_TARGET void attend_bf16(const float* q, int64_t nq, const KV* keys, const KV* values, int64_t T,
                              int64_t D, const int64_t* limit, const uint8_t* mask, float* out, int64_t rep,
                              int64_t stride, float* work) {
   const int64_t W = D / 2, C = D / 16, Tp = (T + 31) / 32 * 32;
@@ -162,9 +179,8 @@ BF16_TARGET void attend_bf16(const float* q, int64_t nq, const float* keys, cons
       const int64_t u = u0 + 2 * p;
       const bool second = u + 1 < T;
       for (int64_t c = 0; c < C; ++c) {
-        const __m512 a = _mm512_loadu_ps(values + u * D + 16 * c);
-        const __m512 b = second ? _mm512_loadu_ps(values + (u + 1) * D + 16 * c) : _mm512_setzero_ps();
-        const __m512i x = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+        const KV* a = values + u * D + 16 * c;
+        const __m512i x = bf16_halves(a, second ? a + D : nullptr);
         _mm512_storeu_si512(vp + p * C + c, _mm512_permutexvar_epi16(interleave, x));
       }
     }

@@ -137,14 +137,23 @@ class NativeStep:
             return None
         return cls(kernel, decoder, layers, (norm, head if head.native is not None else None))
 
+    @property
+    def bf16_cache(self) -> bool:
+        """Whether caches keep their keys and values in bf16 for this step: its attention runs on
+        bf16 dot products (``avx512_bf16``; a head of a multiple of 32 up to 256), which rounds them
+        so as it reads them anyway."""
+        dim = self.decoder.head_dim
+        return self.kernel.bf16 and dim % 32 == 0 and dim <= 256
+
     def applies(self, cache: DynamicCache, slot: int | None) -> bool:
         """Whether this decode step (one token a row) runs here for ``slot`` (None: each row's
-        own, as routed): the cache's layers all grow in place in float32, and every group is the
+        own, as routed): the cache's layers all grow in place in float32 (or bf16: :attr:`bf16_cache`),
+        and every group is the
         base's product plus LoRA deltas for these rows."""
         if not all(type(layer) is GrowingLayer for layer in cache.layers):
             return False
         dtype = cast(GrowingLayer, cache.layers[0]).key_dtype()
-        if dtype is not None and dtype != torch.float32:
+        if dtype is not None and dtype != torch.float32 and not (dtype == torch.bfloat16 and self.bf16_cache):
             return False
         if slot == BASE_SLOT:
             return True

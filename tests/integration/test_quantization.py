@@ -226,3 +226,46 @@ def test_training_on_the_quantized_weights_serves_the_trained_predictions(
             probs = torch.softmax(result.model(**result.tokenizer(text, return_tensors="pt")).logits[0], -1)
             got = torch.tensor([row["scores"][name] for name in labels])
             assert torch.allclose(got, probs, atol=TOLERANCE[kind]), (kind, got, probs)
+
+
+def test_a_turn_served_from_the_prefix_cache_answers_as_prefilled_whole(
+    quantized: tuple[str, BaseLM, dict[str, torch.Tensor]],
+    served: TestClient,
+    ref_adapters: dict[str, RefAdapter],
+) -> None:
+    """Each format: a conversation's second turn, its first turn's prompt and decoded answer taken
+    from the prefix cache, answers what the same adapter under another name (a version with an
+    empty tree) answers prefilling it whole. On ``int4``'s native step with bf16 attention the
+    engine's caches and the prefixes keep bf16 keys and values (half the bytes a token)."""
+    kind, base, _ = quantized
+    cold = f"gen-cold-{kind}"
+    assert (
+        upload_archive(served, cold, zip_folder(ref_adapters["gen-qv-r8"].folder), f"{cold}.zip").status_code
+        == 201
+    )
+    opening = "User: my parcel has not arrived and the tracking page shows nothing.\nAgent:"
+    first = served.post("/generate", json={"adapter": "gen-qv-r8", "prompt": opening, "max_new_tokens": 16})
+    assert first.status_code == 200, first.text
+    second = f"{opening}{first.json()['text']}\nUser: it was due on Monday.\nAgent:"
+    body = {"prompt": second, "max_new_tokens": 16}
+    warm = served.post("/generate", json={"adapter": "gen-qv-r8", **body}).json()
+    whole = served.post("/generate", json={"adapter": cold, **body}).json()
+    assert warm["usage"]["cached_tokens"] >= first.json()["usage"]["prompt_tokens"] - 1
+    assert whole["usage"]["cached_tokens"] == 0
+    assert warm["text"] == whole["text"] and warm["usage"]["completion_tokens"] > 0
+    engine: Any = served.app.state.engine  # type: ignore[attr-defined]
+    kernel = kernels.q4()
+    if kind == "int4" and kernel is not None and kernel.bf16:
+        config = base.model.config
+        per_token = (
+            config.num_hidden_layers
+            * 2
+            * config.num_key_value_heads
+            * (config.hidden_size // config.num_attention_heads)
+            * 2
+        )
+        prefix = engine.gen.prefix
+        assert engine.runner.kv_dtype == torch.bfloat16 and prefix.dtype == torch.bfloat16
+        assert prefix.bytes == sum(prefix.tokens(key) for key in prefix._roots) * per_token > 0
+    else:
+        assert engine.runner.kv_dtype is None

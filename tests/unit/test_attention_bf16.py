@@ -112,3 +112,34 @@ def test_a_token_attends_alike_in_a_decode_step_and_in_a_prefill_chunk(
         assert torch.equal(chunk, torch.cat(steps))
     else:  # float32: two functions, the same to rounding
         torch.testing.assert_close(chunk, torch.cat(steps), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_keys_and_values_kept_in_bf16_attend_as_float32_ones_rounded(
+    kernel: kernels.Q4, causal: bool
+) -> None:
+    """A cache kept in bf16 (half the bytes): the new keys and values written rounded, and the
+    attention bit for bit what the same cache in float32 gives (which the kernel rounds as it
+    reads); without the bf16 attention such a cache is refused, not misread."""
+    heads, kv_heads, dim, tokens, cached = 9, 3, 64, 6, 70
+    qkv, rotary, k_buf, v_buf, mask = _case(heads, kv_heads, dim, tokens, cached, causal)
+    k_buf, v_buf = k_buf.bfloat16().float(), v_buf.bfloat16().float()  # what a bf16 cache holds
+    shape, norms = (heads, kv_heads, dim), (None, None, 1e-6)
+    wide = (k_buf.clone(), v_buf.clone(), cached)
+    narrow = (k_buf.bfloat16(), v_buf.bfloat16(), cached)
+    if not kernel.bf16:
+        with pytest.raises(ValueError, match="bf16 attention"):
+            kernel.attend(
+                qkv, shape, rotary, norms, narrow, mask, 0.125, torch.empty(tokens, heads * dim), causal
+            )
+        return
+    outs = []
+    for cache in (wide, narrow):
+        out = torch.empty(tokens, heads * dim)
+        kernel.attend(qkv, shape, rotary, norms, cache, mask, 0.125, out, causal)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(wide[0].bfloat16(), narrow[0]) and torch.equal(wide[1].bfloat16(), narrow[1])
+    f32 = kernels.Q4(kernel.lib, kernel.isa, bf16=False)
+    with pytest.raises(ValueError, match="bf16 attention"):
+        f32.attend(qkv, shape, rotary, norms, narrow, mask, 0.125, torch.empty(tokens, heads * dim), causal)
