@@ -13,7 +13,8 @@ with the one-row step's PyTorch operations around the same int4 matmuls
 (``ADAPTERSERVE_NATIVE_STEP=false``). Every case runs once per turn both ways; medians.
 ``--avx2``: the native step on its AVX2 code paths instead of the lean step (what a CPU without
 AVX-512 runs; timed on this one), on an AVX-512 machine. ``--f32-attention``: the native step with
-its attention on bf16 dot products against the same in float32 (a CPU with avx512_bf16).
+its attention on bf16 dot products, over keys and values kept in bf16, against the same in float32
+(a CPU with avx512_bf16).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def main() -> None:
         for on in (turn % 2 == 0, turn % 2 == 1):
             if args.avx2 or args.f32_attention:
                 native.kernel = vnni if on else avx2 if args.avx2 else f32
+                runner.kv_dtype = torch.bfloat16 if native.bf16_cache else None  # (float32 attention: float32 keys)
             else:
                 runner.one_row.native = native if on else None
             for name, row_slots in cases.items():

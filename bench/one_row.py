@@ -62,12 +62,18 @@ def _decode_ms(runner: Runner, slots: list[int], prompt: list[int], steps: int) 
 
 
 def _prefill_ms(runner: Runner, slot: int, cached: int, new: int) -> float:
-    """One prefill forward of ``new`` tokens after ``cached`` ones, in ``slot`` (as ``_run``)."""
+    """One prefill forward of ``new`` tokens after ``cached`` ones, in ``slot`` (as ``_run``), the
+    cached ones taken into a new cache as a prefix-cache hit is (in the engine's cache dtype)."""
     model = runner.model
-    cache = kv_cache.new_cache(model.config)
     ids = torch.randint(100, 1000, (1, cached + new))
     with runner.routed([slot]), torch.inference_mode():
-        model(input_ids=ids[:, :cached], cache=cache, use_cache=True)
+        full = kv_cache.new_cache(model.config)
+        model(input_ids=ids[:, :cached], cache=full, use_cache=True)
+        kv_of = kv_cache.row_prefix(full, 0, cached)
+        assert kv_of is not None
+        hit = kv_of(0, cached).to(runner.kv_dtype or torch.float32)
+        del full
+        cache = kv_cache.prefilled(model.config, [[hit]], cached, runner.kv_dtype)
         positions = torch.arange(cached, cached + new).unsqueeze(0)
         mask = torch.ones(1, cached + new, dtype=torch.long)
         step = runner.one_row
