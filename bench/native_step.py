@@ -95,7 +95,8 @@ def main() -> None:
         for on in (turn % 2 == 0, turn % 2 == 1):
             if args.avx2 or args.f32_attention:
                 native.kernel = vnni if on else avx2 if args.avx2 else f32
-                runner.kv_dtype = torch.bfloat16 if native.bf16_cache else None  # (float32 attention: float32 keys)
+                # (float32 attention reads float32 keys)
+                runner.kv_dtype = torch.bfloat16 if native.bf16_cache else None
             else:
                 runner.one_row.native = native if on else None
             for name, row_slots in cases.items():
