@@ -51,6 +51,7 @@ from app.protocol.native import (
     GenerateUsage,
 )
 from app.serving import explanations
+from app.serving.chat_tokens import ChatTokens
 from app.serving.decoding import logprob_entries
 from app.serving.ensembles import classification_results
 from app.serving.generation_input import GenerationInput
@@ -82,6 +83,7 @@ class InferenceService:
         self.catalog = catalog
         self.engine = engine
         self.tokenizer = tokenizer
+        self.chat_tokens = ChatTokens(tokenizer)  # a conversation's earlier turns tokenized once
         self._streams: dict[int, list[GenerateWork]] = {}  # open streams' works (the event loop's)
         self._stream_ids = itertools.count()
 
@@ -344,8 +346,7 @@ class InferenceService:
             raise InvalidRequest(
                 f"the chat template rejected these messages: {exc}", param="messages"
             ) from exc
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._within_limit(ids, "messages")
+        return self._within_limit(self.chat_tokens(text), "messages")
 
 
 T = TypeVar("T")
