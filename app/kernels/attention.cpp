@@ -18,9 +18,7 @@ namespace {
 
 using adapterserve::exp256;
 using adapterserve::exp512;
-using adapterserve::attend_bf16_part;
-using adapterserve::merge_parts;
-using adapterserve::PART;
+using adapterserve::attend_bf16;
 using adapterserve::bf16_work;
 
 struct Attend {
@@ -310,33 +308,28 @@ void group_queries(const Attend& a, int64_t r, int64_t g, float* q) {
   }
 }
 
-// bf16 dot products, one part: the columns [t0, t0 + PART) for one row's group g (a decode step)
-// or the tokens r0 .. r0 + nb - 1 of a causal chunk (their queries: token-major, rep heads each);
-// into part [nb * rep, D + 2]. work: bf16_work(nb * rep, D) + nb * rep * (D + 2) floats.
-void attend_bf16_task(const Attend& a, int64_t r0, int64_t nb, int64_t g, int64_t t0, float* part, float* work) {
+// bf16 dot products: one row's group g (a decode step), or the tokens r0 .. r0 + nb - 1 of a causal
+// chunk; work: bf16_work(nq, T, D) + nq * (D + 1) floats
+void attend_bf16_task(const Attend& a, int64_t r0, int64_t nb, int64_t g, float* work) {
   const int64_t D = a.D, rep = a.H / a.KV, nq = nb * rep;
-  const int64_t T = a.causal ? a.col + r0 + nb : a.col + 1;  // the block's columns
+  const int64_t T = a.causal ? a.col + r0 + nb : a.col + 1;
+  const int64_t row = a.causal ? 0 : r0 * a.row_stride;
   float* q = work;
-  int64_t* seen = reinterpret_cast<int64_t*>(q + nq * D);  // (nq int64: 2 nq floats)
-  if (t0 >= T) {  // past this block's columns
-    for (int64_t v = 0; v < nq; ++v) part[v * (D + 2)] = -INFINITY;
-    return;
-  }
-  const int64_t n = T - t0 < PART ? T - t0 : PART;
+  int64_t* limit = reinterpret_cast<int64_t*>(q + nq * D);  // (nq int64: 2 nq floats)
   for (int64_t b = 0; b < nb; ++b) {
     group_queries(a, r0 + b, g, q + b * rep * D);
-    const int64_t limit = a.causal ? a.col + 1 + r0 + b : T;
-    for (int64_t j = 0; j < rep; ++j) seen[b * rep + j] = limit - t0 < 0 ? 0 : limit - t0 < n ? limit - t0 : n;
+    for (int64_t j = 0; j < rep; ++j) limit[b * rep + j] = a.causal ? a.col + 1 + r0 + b : T;
   }
-  const uint8_t* mask = a.mask ? a.mask + r0 * a.mask_stride + (a.mask_stride - T) + t0 : nullptr;
-  const int64_t at = (a.causal ? 0 : r0 * a.row_stride) + g * a.head_stride + t0 * D;
+  const uint8_t* mask = a.mask ? a.mask + r0 * a.mask_stride + (a.mask_stride - T) : nullptr;
+  float* out = a.out + r0 * a.H * D + g * rep * D;
+  const int64_t at = row + g * a.head_stride;
   float* rest = work + nq * D + 2 * nq;
   if (a.kv_bf16)
-    attend_bf16_part(q, nq, static_cast<const uint16_t*>(a.kbuf) + at, static_cast<const uint16_t*>(a.vbuf) + at, n,
-                     D, seen, mask, part, rest);
+    attend_bf16(q, nq, static_cast<const uint16_t*>(a.kbuf) + at, static_cast<const uint16_t*>(a.vbuf) + at, T, D,
+                limit, mask, out, rep, a.H * D, rest);
   else
-    attend_bf16_part(q, nq, static_cast<const float*>(a.kbuf) + at, static_cast<const float*>(a.vbuf) + at, n, D,
-                     seen, mask, part, rest);
+    attend_bf16(q, nq, static_cast<const float*>(a.kbuf) + at, static_cast<const float*>(a.vbuf) + at, T, D, limit,
+                mask, out, rep, a.H * D, rest);
 }
 
 }  // namespace
@@ -382,28 +375,17 @@ int step_attend(int isa, int64_t M, int64_t H, int64_t KV, int64_t D, const floa
   }
   const int64_t T = col + 1 + (causal ? M - 1 : 0), tasks = M * KV, rep = H / KV;
   const bool split = tasks >= 2 && tasks * rep * T * D >= (1 << 15);
-  if (dots) {  // one token a task, or a causal chunk's blocks; each over parts of PART columns
-    const int64_t nb = causal ? (M < QBLOCK ? M : QBLOCK) : 1, nq = nb * rep;
+  if (dots) {  // one token a task, or a causal chunk's blocks
+    const int64_t nb = causal ? (M < QBLOCK ? M : QBLOCK) : 1;
     const int64_t blocks = causal ? (M + QBLOCK - 1) / QBLOCK : M, count = blocks * KV;
-    const int64_t parts = (T + PART - 1) / PART, size = nq * (D + 2);
-    thread_local std::vector<float> partial;
-    partial.resize(count * parts * size);
-    float* all = partial.data();
 #pragma omp parallel if (split)
     {
       thread_local std::vector<float> work;
-      work.resize(bf16_work(nq, D) + nq * (D + 2));
+      work.resize(bf16_work(nb * rep, T, D) + nb * rep * (D + 2));
 #pragma omp for schedule(dynamic)
-      for (int64_t i = 0; i < count * parts; ++i) {
-        const int64_t task = i / parts, r0 = (task / KV) * nb;
-        attend_bf16_task(a, r0, M - r0 < nb ? M - r0 : nb, task % KV, (i % parts) * PART, all + i * size,
-                         work.data());
-      }
-#pragma omp for schedule(static)
-      for (int64_t task = 0; task < count; ++task) {
-        const int64_t r0 = (task / KV) * nb, n = (M - r0 < nb ? M - r0 : nb) * rep;
-        float* out = a.out + r0 * H * D + (task % KV) * rep * D;
-        merge_parts(all + task * parts * size, parts, size, n, D, out, rep, H * D);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t r0 = (i / KV) * nb;
+        attend_bf16_task(a, r0, M - r0 < nb ? M - r0 : nb, i % KV, work.data());
       }
     }
     return 0;

@@ -93,29 +93,27 @@ BF16_TARGET inline void block_values(const uint32_t* pw, int64_t pstride, const 
   }
 }
 
-// Columns a part of attend_bf16 covers: a query's columns are summed in parts at these fixed
-// boundaries (its own max a part) and the parts merged in order, the same whichever call asks (a
-// decode step's row or a prefill chunk's block), and a long cache's parts run on several threads.
-constexpr int64_t PART = 256;
-
-// Floats of scratch attend_bf16_part needs for nq queries (PART columns at most).
-inline int64_t bf16_work(int64_t nq, int64_t D) {
-  return nq * D / 2 + nq * PART + nq * PART / 2 + 16 * D;
+// Floats of scratch attend_bf16 needs for nq queries over T columns.
+inline int64_t bf16_work(int64_t nq, int64_t T, int64_t D) {
+  const int64_t Tp = (T + 31) / 32 * 32;
+  return nq * D / 2 + nq * Tp + nq * Tp / 2 + nq * D + 16 * D + nq;
 }
 
-// One part of softmax(q[v] . keys[t]) . values[t] for nq queries q (float32, rotated and scaled,
-// nq x D) of one key/value head over T columns (keys and values [T, D] rows from the part's first,
-// float32 or bf16 (KV), rounded as a bf16 cache keeps them; query v sees its first seen[v] columns
-// (0 .. T) where mask[t] (T bytes, 0: masked) or mask is null): into part [nq, D + 2], per query its
-// largest score (-inf: none seen), the sum of e^(score - largest) and the e-weighted sum of values.
+// out[v] [D] = softmax(q[v] . keys[t], t < limit[v] and mask[t]) . values[t] for nq queries q
+// (float32, rotated and scaled, nq x D) of one key/value head: keys and values [T, D] rows, float32
+// or bf16 (KV; t < T read), mask (T bytes, 0: masked) or null; query v's output at
+// out + (v / rep) * stride + (v % rep) * D (rep heads a token, side by side; a token's heads stride
+// apart). The same bits either way: float32 keys and values are rounded as a bf16 cache keeps them.
 template <typename KV>
-BF16_TARGET void attend_bf16_part(const float* q, int64_t nq, const KV* keys, const KV* values, int64_t T,
-                                  int64_t D, const int64_t* seen, const uint8_t* mask, float* part, float* work) {
+BF16_TARGET void attend_bf16(const float* q, int64_t nq, const KV* keys, const KV* values, int64_t T,
+                             int64_t D, const int64_t* limit, const uint8_t* mask, float* out, int64_t rep,
+                             int64_t stride, float* work) {
   const int64_t W = D / 2, C = D / 16, Tp = (T + 31) / 32 * 32;
   uint32_t* qw = reinterpret_cast<uint32_t*>(work);  // [nq, W]
   float* s = work + nq * W;                           // [nq, Tp]
   uint32_t* pw = reinterpret_cast<uint32_t*>(s + nq * Tp);  // [nq, Tp / 2]
-  __m512i* kt = reinterpret_cast<__m512i*>(s + nq * Tp + nq * Tp / 2);  // [W] (a key block) or [16 C] (values)
+  float* acc = s + nq * Tp + nq * Tp / 2;             // [nq, D]
+  __m512i* kt = reinterpret_cast<__m512i*>(acc + nq * D);  // [W] (a key block) or [16 C] (values)
   for (int64_t v = 0; v < nq; ++v)
     for (int64_t c = 0; c < D; c += 32) _mm512_storeu_si512(qw + v * W + c / 2, bf16_words(q + v * D + c));
   // q . k, 16 keys at a time: the block's words transposed so that a lane is a key
@@ -141,11 +139,11 @@ BF16_TARGET void attend_bf16_part(const float* q, int64_t nq, const KV* keys, co
       default: break;
     }
   }
-  // softmax terms in float32; the exponentials as bf16 pairs of columns (zeros past each query's last)
+  // softmax in float32; the probabilities as bf16 pairs of columns (zeros past each query's last)
+  float* totals = reinterpret_cast<float*>(kt) + 16 * D;
   for (int64_t v = 0; v < nq; ++v) {
     float* sv = s + v * Tp;
-    float* pv = part + v * (D + 2);
-    const int64_t L = seen[v];
+    const int64_t L = limit[v];
     if (mask)
       for (int64_t t = 0; t < L; ++t)
         if (!mask[t]) sv[t] = -INFINITY;
@@ -154,30 +152,24 @@ BF16_TARGET void attend_bf16_part(const float* q, int64_t nq, const KV* keys, co
     for (; t + 16 <= L; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sv + t));
     float top = _mm512_reduce_max_ps(m);
     for (; t < L; ++t) top = sv[t] > top ? sv[t] : top;
-    float total = 0.f;
-    if (top == -INFINITY) {  // no column of this part seen
-      for (t = 0; t < Tp; ++t) sv[t] = 0.f;
-    } else {
-      __m512 sum = _mm512_setzero_ps();
-      const __m512 mt = _mm512_set1_ps(top);
-      for (t = 0; t + 16 <= L; t += 16) {
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sv + t), mt));
-        _mm512_storeu_ps(sv + t, e);
-        sum = _mm512_add_ps(sum, e);
-      }
-      total = _mm512_reduce_add_ps(sum);
-      for (; t < L; ++t) {
-        sv[t] = std::exp(sv[t] - top);
-        total += sv[t];
-      }
-      for (t = L; t < Tp; ++t) sv[t] = 0.f;
+    __m512 sum = _mm512_setzero_ps();
+    const __m512 mt = _mm512_set1_ps(top);
+    for (t = 0; t + 16 <= L; t += 16) {
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sv + t), mt));
+      _mm512_storeu_ps(sv + t, e);
+      sum = _mm512_add_ps(sum, e);
     }
-    pv[0] = top;
-    pv[1] = total;
-    for (int64_t i = 0; i < D; ++i) pv[2 + i] = 0.f;
+    float total = _mm512_reduce_add_ps(sum);
+    for (; t < L; ++t) {
+      sv[t] = std::exp(sv[t] - top);
+      total += sv[t];
+    }
+    for (t = L; t < Tp; ++t) sv[t] = 0.f;
+    totals[v] = total;
     for (t = 0; t < Tp; t += 32) _mm512_storeu_si512(pw + v * (Tp / 2) + t / 2, bf16_words(sv + t));
   }
-  // e . v, 16 pairs of columns at a time: value rows 2p and 2p + 1 interleaved per dimension
+  for (int64_t i = 0; i < nq * D; ++i) acc[i] = 0.f;
+  // p . v, 16 pairs of columns at a time: value rows 2p and 2p + 1 interleaved per dimension
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                               22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   __m512i* vp = kt;  // [16 pairs, C]
@@ -193,46 +185,19 @@ BF16_TARGET void attend_bf16_part(const float* q, int64_t nq, const KV* keys, co
       }
     }
     const uint32_t* pu = pw + u0 / 2;
-    const int64_t ps = Tp / 2, as = D + 2;
     int64_t v = 0;
-    for (; v + 4 <= nq; v += 4) block_values<4>(pu + v * ps, ps, vp, pairs, C, part + v * as + 2, as);
+    for (; v + 4 <= nq; v += 4) block_values<4>(pu + v * (Tp / 2), Tp / 2, vp, pairs, C, acc + v * D, D);
     switch (nq - v) {
-      case 3: block_values<3>(pu + v * ps, ps, vp, pairs, C, part + v * as + 2, as); break;
-      case 2: block_values<2>(pu + v * ps, ps, vp, pairs, C, part + v * as + 2, as); break;
-      case 1: block_values<1>(pu + v * ps, ps, vp, pairs, C, part + v * as + 2, as); break;
+      case 3: block_values<3>(pu + v * (Tp / 2), Tp / 2, vp, pairs, C, acc + v * D, D); break;
+      case 2: block_values<2>(pu + v * (Tp / 2), Tp / 2, vp, pairs, C, acc + v * D, D); break;
+      case 1: block_values<1>(pu + v * (Tp / 2), Tp / 2, vp, pairs, C, acc + v * D, D); break;
       default: break;
     }
   }
-}
-
-// The nq queries' outputs from their n parts (attend_bf16_part's, in column order, part i at
-// parts + i * size): query v's at out + (v / rep) * stride + (v % rep) * D (rep heads a token side by
-// side, a token's heads stride apart).
-inline void merge_parts(const float* parts, int64_t n, int64_t size, int64_t nq, int64_t D, float* out,
-                        int64_t rep, int64_t stride) {
   for (int64_t v = 0; v < nq; ++v) {
-    float top = -INFINITY;
-    for (int64_t i = 0; i < n; ++i) top = parts[i * size + v * (D + 2)] > top ? parts[i * size + v * (D + 2)] : top;
-    float total = 0.f;
-    float weight[64];  // (parts of PART columns: 64 cover 16,384 columns; more are merged in turn below)
+    const float inv = 1.f / totals[v];
     float* o = out + (v / rep) * stride + (v % rep) * D;
-    for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
-    for (int64_t i0 = 0; i0 < n; i0 += 64) {
-      const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
-      for (int64_t i = i0; i < i1; ++i) {
-        const float* p = parts + i * size + v * (D + 2);
-        weight[i - i0] = p[0] == -INFINITY ? 0.f : std::exp(p[0] - top);
-        total += weight[i - i0] * p[1];
-      }
-      for (int64_t i = i0; i < i1; ++i) {
-        const float* p = parts + i * size + v * (D + 2) + 2;
-        const float w = weight[i - i0];
-        if (w != 0.f)
-          for (int64_t d = 0; d < D; ++d) o[d] += w * p[d];
-      }
-    }
-    const float inv = 1.f / total;
-    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    for (int64_t i = 0; i < D; ++i) o[i] = acc[v * D + i] * inv;
   }
 }
 
