@@ -39,7 +39,7 @@ def _case(heads: int, kv_heads: int, dim: int, tokens: int, cached: int, causal:
     mask = None
     if not causal:
         mask = torch.ones(tokens, cached + 1, dtype=torch.uint8)
-        mask[-1, :9] = 0  # a left-padded row
+        mask[-1, : min(300, cached // 2)] = 0  # a left-padded row
     return qkv, (cos, sin), k_buf, v_buf, mask
 
 
@@ -65,6 +65,7 @@ def _rounded_reference(qkv, rotary, k_buf, v_buf, mask, heads, kv_heads, dim, ca
 
 CASES = [(9, 3, 64, 20, 300, True), (9, 3, 64, 1, 37, True), (9, 3, 64, 4, 37, False)]
 CASES += [(8, 2, 128, 5, 50, True), (4, 4, 32, 7, 3, True), (8, 2, 128, 3, 70, False)]
+CASES += [(9, 3, 64, 2, 1100, False), (9, 3, 64, 9, 600, True)]  # long caches
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "tokens", "cached", "causal"), CASES)
