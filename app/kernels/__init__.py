@@ -39,7 +39,7 @@ from app.kernels.lora_table import quantize_lora as quantize_lora
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("q4.cpp", "attention.cpp", "lora.cpp")]
-HEADERS = [Path(__file__).with_name(name) for name in ("vexp.h", "attention_bf16.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("vexp.h", "attention_bf16.h", "attention_common.h")]
 GROUP = 32  # inputs per scale (weights and activations)
 TILE = 16  # outputs per tile of the weight layout
 ISAS = {1: "avx2", 2: "avx512-vnni"}
