@@ -287,8 +287,11 @@ int step_attend(int isa, int64_t M, int64_t H, int64_t KV, int64_t D, const floa
   const int64_t T = col + 1 + (causal ? M - 1 : 0), tasks = M * KV, rep = H / KV;
   const bool split = tasks >= 2 && tasks * rep * T * D >= (1 << 15);
   if (dots) {  // one token a task, or a causal chunk's blocks
-    const int64_t nb = causal ? (M < QBLOCK ? M : QBLOCK) : 1;
-    const int64_t blocks = causal ? (M + QBLOCK - 1) / QBLOCK : M, count = blocks * KV;
+    int64_t nb = causal ? (M < QBLOCK ? M : QBLOCK) : 1;
+    // a short chunk (6-8 tokens) in two blocks when its tasks are fewer than twice the threads (a query's
+    // sums do not depend on its block: the same bits, the keys transposed once more a block)
+    while (causal && split && nb >= 6 && (M + nb - 1) / nb * KV < 2 * omp_get_max_threads()) nb = (nb + 1) / 2;
+    const int64_t blocks = causal ? (M + nb - 1) / nb : M, count = blocks * KV;
 #pragma omp parallel if (split)
     {
       thread_local std::vector<float> work;

@@ -91,10 +91,11 @@ def test_bf16_attention_is_float_arithmetic_on_rounded_operands(
 
 
 @pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("tokens", [11, 5, 2])  # (a short chunk goes in smaller blocks)
 def test_a_token_attends_alike_in_a_decode_step_and_in_a_prefill_chunk(
-    kernel: kernels.Q4, bf16: bool
+    kernel: kernels.Q4, bf16: bool, tokens: int
 ) -> None:
-    heads, kv_heads, dim, tokens, cached = 9, 3, 64, 11, 300
+    heads, kv_heads, dim, cached = 9, 3, 64, 300
     qkv, (cos, sin), k_buf, v_buf, _ = _case(heads, kv_heads, dim, tokens, cached, True)
     k = kernels.Q4(kernel.lib, kernel.isa, bf16=bf16)
     shape, norms = (heads, kv_heads, dim), (None, None, 1e-6)
