@@ -104,10 +104,10 @@ class GrowingLayer(DynamicLayer):
 
     def reserve(self, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Room for the token columns of ``column``'s shape ([rows, heads, n, dim]; in the dtype
-        the layer holds, else :attr:`store`, else ``column``'s), exposed as in use but not
-        written: the buffers ``[capacity, heads, columns, dim]`` and the
-        first new column's index, for a caller that writes the keys and values there itself (the
-        native step, app/models/native_step.py)."""
+        the layer holds, else :attr:`store`, else ``column``'s), exposed as in use but not written:
+        the buffers ``[capacity, heads, columns, dim]`` and the first new column's index, for a
+        caller that writes the keys and values there itself (the native step,
+        app/models/native_step.py)."""
         held = self.key_dtype()
         old = self._room(column, column, held or self.store or column.dtype)
         assert self._k_base is not None and self._v_base is not None

@@ -26,7 +26,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from app.engine.growing_layer import SEQ_DIM as SEQ_DIM
 from app.engine.growing_layer import GrowingLayer as GrowingLayer
-from app.engine.growing_layer import place as _place
+from app.engine.growing_layer import place
 
 
 def new_cache(config: PretrainedConfig, store: torch.dtype | None = None) -> DynamicCache:
@@ -186,7 +186,7 @@ def prefilled(
             layer.fill(rows, columns)
             continue
         full = sample.new_zeros(2, len(parts), heads, columns, dim)
-        _place(full, rows, columns)
+        place(full, rows, columns)
         layer.update(full[0], full[1])
     return cache
 

@@ -147,9 +147,8 @@ class NativeStep:
 
     def applies(self, cache: DynamicCache, slot: int | None) -> bool:
         """Whether this decode step (one token a row) runs here for ``slot`` (None: each row's
-        own, as routed): the cache's layers all grow in place in float32 (or bf16: :attr:`bf16_cache`),
-        and every group is the
-        base's product plus LoRA deltas for these rows."""
+        own, as routed): the cache's layers all grow in place in float32 (or bf16:
+        :attr:`bf16_cache`), and every group is the base's product plus LoRA deltas for these rows."""
         if not all(type(layer) is GrowingLayer for layer in cache.layers):
             return False
         dtype = cast(GrowingLayer, cache.layers[0]).key_dtype()
