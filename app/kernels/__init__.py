@@ -31,15 +31,19 @@ from pathlib import Path
 
 import torch
 
+from app.kernels.lora_table import Lora8 as Lora8
 from app.kernels.lora_table import LoraTable as LoraTable
 from app.kernels.lora_table import LoraWeights as LoraWeights
 from app.kernels.lora_table import dequantize_lora as dequantize_lora
+from app.kernels.lora_table import fits8 as fits8
 from app.kernels.lora_table import quantize_lora as quantize_lora
 
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("q4.cpp", "attention.cpp", "lora.cpp")]
-HEADERS = [Path(__file__).with_name(name) for name in ("vexp.h", "attention_bf16.h", "attention_common.h")]
+HEADERS = [
+    Path(__file__).with_name(name) for name in ("vexp.h", "attention_bf16.h", "attention_common.h", "lora.h")
+]
 GROUP = 32  # inputs per scale (weights and activations)
 TILE = 16  # outputs per tile of the weight layout
 ISAS = {1: "avx2", 2: "avx512-vnni"}
@@ -109,11 +113,14 @@ class Q4:
         swiglu: bool = False,
         rows_out: torch.Tensor | None = None,
         accumulate: bool = False,
+        lora: LoraTable | None = None,
     ) -> None:
         """``y`` [rows, out] (float32, contiguous) = (or ``+=`` with ``accumulate``) the product
         of the packed weights with ``x`` [rows, in] float32 contiguous, or with its RMS ``norm``
         (weight [in] float32, epsilon), or with ``swiglu``: silu(x[:, :in]) * x[:, in:] of ``x``
-        [rows, 2 in]; ``rows_out`` [rows, in] receives the rows multiplied (normalized / SwiGLU)."""
+        [rows, 2 in]; ``rows_out`` [rows, in] receives the rows multiplied (normalized / SwiGLU);
+        ``lora``: each row's LoRA deltas of the rows multiplied added too (as :meth:`lora_rows`),
+        their weights brought into the caches while the base's tiles compute."""
         rows = x.shape[0]
         width = x.shape[1] // 2 if swiglu else x.shape[1]
         prologue = 1 if norm is not None else 2 if swiglu else 0
@@ -133,6 +140,7 @@ class Q4:
             None if bias is None else bias.data_ptr(),
             int(accumulate),
             y.data_ptr(),
+            *_lora_args(lora),
         )
 
     def attend(
@@ -213,6 +221,14 @@ class Q4:
         )
 
 
+def _lora_args(table: LoraTable | None) -> tuple[int | None, int, int | None, int | None, int | None]:
+    """q4_linear's last arguments: a group's LoRA table (or none)."""
+    if table is None:
+        return None, 0, None, None, None
+    parts, offsets, outs = table.offsets.shape[0], table.offsets.data_ptr(), table.outs.data_ptr()
+    return table.table.data_ptr(), parts, table.scales.data_ptr(), offsets, outs
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CXX"), "g++", "c++"):
         path = shutil.which(name) if name else None
@@ -263,7 +279,7 @@ def q4() -> Q4 | None:
     lib.step_attend.restype = ctypes.c_int
     c_int, f32 = ctypes.c_int, ctypes.c_float
     lib.q4_linear.argtypes = [c_int, c_int, c_int, ptr, i64, i64, i64, ptr, f32, ptr, ptr, ptr, ptr]
-    lib.q4_linear.argtypes += [c_int, ptr]
+    lib.q4_linear.argtypes += [c_int, ptr, ptr, i64, ptr, ptr, ptr]
     lib.step_attend.argtypes = [c_int, *[i64] * 4, ptr, *[i64] * 4, ptr, ptr, ptr, ptr, f32, ptr, ptr]
     lib.step_attend.argtypes += [i64, i64, i64, ptr, i64, f32, ptr, c_int, c_int, c_int]
     lib.attend_bf16_supported.restype = ctypes.c_int

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <vector>
 
+#include "lora.h"
 #include "vexp.h"
 
 namespace {
@@ -145,7 +146,8 @@ void swiglu_rows(int isa, const float* x, int64_t M, int64_t K, float* y) {
 template <int BITS>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) void tiles_avx512(
     const int8_t* qx, const float* dx, const float* dsum, int64_t M, int64_t K, int64_t N,
-    const uint8_t* w, const uint16_t* sm, const float* bias, float* y, bool acc, int64_t t0, int64_t t1) {
+    const uint8_t* w, const uint16_t* sm, const float* bias, float* y, bool acc, int64_t t0, int64_t t1,
+    adapterserve::Prefetcher& pf) {
   constexpr int R = 8;
   const int64_t G = K / GROUP;
   const __m512i low = _mm512_set1_epi8(0x0F);
@@ -160,6 +162,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) void tiles_avx51
         const uint8_t* wg = wt + g * TILE_BYTES<BITS>;
         for (int c = 0; c < TILE_BYTES<BITS>; c += 64)
           _mm_prefetch(reinterpret_cast<const char*>(wg + PREFETCH + c), _MM_HINT_T0);
+        pf.step();
         __m512i q[8];
         if constexpr (BITS == 4) {
           for (int c = 0; c < 4; ++c) {
@@ -201,7 +204,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) void tiles_avx51
 template <int BITS>
 __attribute__((target("avx2,fma,f16c"))) void tiles_avx2(
     const int8_t* qx, const float* dx, const float* dsum, int64_t M, int64_t K, int64_t N,
-    const uint8_t* w, const uint16_t* sm, const float* bias, float* y, bool acc, int64_t t0, int64_t t1) {
+    const uint8_t* w, const uint16_t* sm, const float* bias, float* y, bool acc, int64_t t0, int64_t t1,
+    adapterserve::Prefetcher& pf) {
   constexpr int R = 4;
   const int64_t G = K / GROUP;
   const __m256i low = _mm256_set1_epi8(0x0F);
@@ -216,6 +220,7 @@ __attribute__((target("avx2,fma,f16c"))) void tiles_avx2(
         for (int r = 0; r < R; ++r) out[r] = _mm256_setzero_ps();
         for (int64_t g = 0; g < G; ++g) {
           const uint8_t* wg = wt + g * TILE_BYTES<BITS> + 32 * half;
+          pf.step();
           __m256i q[8];
           if constexpr (BITS == 4) {
             for (int c = 0; c < 4; ++c) {
@@ -263,11 +268,21 @@ __attribute__((target("avx2,fma,f16c"))) void tiles_avx2(
 
 }  // namespace
 
+namespace adapterserve {
+void quantize_x(int isa, const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, float* dsum) {
+  if (isa == 2)
+    quantize_rows_avx512(x, M, K, qx, dx, dsum);
+  else
+    quantize_rows(x, M, K, qx, dx, dsum);
+}
+}  // namespace adapterserve
+
 extern "C" {
 
 void q4_linear(int isa, int bits, int prologue, const float* x, int64_t M, int64_t K, int64_t N,
                const float* pw, float eps, float* xn, const uint8_t* w, const uint16_t* sm,
-               const float* bias, int accumulate, float* y);
+               const float* bias, int accumulate, float* y, const int64_t* lora, int64_t parts,
+               const float* lora_scales, const int64_t* offsets, const int64_t* outs);
 
 // 2: AVX-512 VNNI, 1: AVX2, 0: neither (the kernel cannot run here)
 int q4_isa() {
@@ -283,17 +298,22 @@ int q4_isa() {
 // y [M, N] = x [M, K] . W^T (+ bias [N] or null); isa as q4_isa() answers (or lower); bits: 4 or 8
 void q4_matmul(int isa, int bits, const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* w,
                const uint16_t* sm, const float* bias, float* y) {
-  q4_linear(isa, bits, 0, x, M, K, N, nullptr, 0.f, nullptr, w, sm, bias, 0, y);
+  q4_linear(isa, bits, 0, x, M, K, N, nullptr, 0.f, nullptr, w, sm, bias, 0, y, nullptr, 0, nullptr, nullptr, nullptr);
 }
 
 // The same with what a decoder layer does around it, in one call:
 // - prologue 0: x [M, K] as it is; 1: RMS norm of x [M, K] (x / sqrt(mean(x^2) + eps) * pw [K]);
 //   2: SwiGLU of x [M, 2K] (silu(x[:, :K]) * x[:, K:]); the rows multiplied are written to xn
 //   [M, K] (the adapters' input) when xn is not null;
-// - accumulate: y += the product (a residual stream) instead of y = it.
+// - accumulate: y += the product (a residual stream) instead of y = it;
+// - lora (or null): each row's LoRA deltas of the rows multiplied added to y, as lora_rows adds
+//   them (lora.cpp: its table, parts, scalings, the parts' offsets and widths in y), after the
+//   tiles, by the same threads; each thread brings its adapters' weights into the caches while
+//   its tiles compute.
 void q4_linear(int isa, int bits, int prologue, const float* x, int64_t M, int64_t K, int64_t N,
                const float* pw, float eps, float* xn, const uint8_t* w, const uint16_t* sm,
-               const float* bias, int accumulate, float* y) {
+               const float* bias, int accumulate, float* y, const int64_t* lora, int64_t parts,
+               const float* lora_scales, const int64_t* offsets, const int64_t* outs) {
   const int64_t G = K / GROUP;
   thread_local std::vector<int8_t> qx;
   thread_local std::vector<float> scales;
@@ -323,20 +343,50 @@ void q4_linear(int isa, int bits, int prologue, const float* x, int64_t M, int64
   // threads share the tiles; a call too small to split stays on this thread
   // (an if clause, not num_threads: torch's thread pool keeps one team size)
   const bool split = tiles >= 4 && tiles * M * K >= (1 << 13);
+  thread_local std::vector<int32_t> sums;
+  thread_local std::vector<int64_t> tasks;
+  const int threads = split ? omp_get_max_threads() : 1;
+  adapterserve::LoraCall call{isa, M, parts, K, x, q, dx, nullptr, y, N, lora, lora_scales, offsets, outs};
+  if (lora != nullptr) {
+    sums.resize(M * G);
+    adapterserve::group_sums(q, M, K, sums.data());
+    call.sx = sums.data();
+    adapterserve::lora_plan(call, threads, tasks);
+  }
+  const std::vector<int64_t>& plan = tasks;  // (this thread's: the team reads it through this)
 #pragma omp parallel if (split)
   {
     const int n = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t per = (tiles + n - 1) / n;
     const int64_t t0 = id * per, t1 = t0 + per < tiles ? t0 + per : tiles;
+    thread_local std::vector<int64_t> spans;
+    adapterserve::Prefetcher pf;
+    if (lora != nullptr && t1 > t0) {  // this thread's adapters' bytes, spread over its tiles' groups
+      spans.clear();
+      thread_local std::vector<int64_t> mine;
+      for (int t = id; t < threads; t += n) {
+        adapterserve::lora_spans(call, plan, t, mine);
+        spans.insert(spans.end(), mine.begin(), mine.end());
+      }
+      int64_t bytes = 0;
+      for (size_t i = 1; i < spans.size(); i += 2) bytes += spans[i];
+      const int64_t blocks = isa == 2 ? (M + 7) / 8 : 2 * ((M + 3) / 4);  // (the tiles' passes over the groups)
+      const int64_t steps = (t1 - t0) * G * blocks;
+      pf = {spans.data(), static_cast<int64_t>(spans.size()) / 2, 0, 0, (bytes / steps + 63) / 64 * 64};
+    }
     if (t0 < t1) {
       if (isa == 2 && bits == 4)
-        tiles_avx512<4>(q, dx, dsum, M, K, N, w, sm, bias, y, acc, t0, t1);
+        tiles_avx512<4>(q, dx, dsum, M, K, N, w, sm, bias, y, acc, t0, t1, pf);
       else if (isa == 2)
-        tiles_avx512<8>(q, dx, dsum, M, K, N, w, sm, bias, y, acc, t0, t1);
+        tiles_avx512<8>(q, dx, dsum, M, K, N, w, sm, bias, y, acc, t0, t1, pf);
       else if (bits == 4)
-        tiles_avx2<4>(q, dx, dsum, M, K, N, w, sm, bias, y, acc, t0, t1);
+        tiles_avx2<4>(q, dx, dsum, M, K, N, w, sm, bias, y, acc, t0, t1, pf);
       else
-        tiles_avx2<8>(q, dx, dsum, M, K, N, w, sm, bias, y, acc, t0, t1);
+        tiles_avx2<8>(q, dx, dsum, M, K, N, w, sm, bias, y, acc, t0, t1, pf);
+    }
+    if (lora != nullptr) {
+#pragma omp barrier
+      for (int t = id; t < threads; t += n) adapterserve::lora_run(call, plan, t);
     }
   }
 }

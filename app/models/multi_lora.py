@@ -65,7 +65,7 @@ class MultiLoraLinear(nn.Module):
         # an int4 base on the native kernels: each slot's weights in 8 bits too, as the native
         # decode step reads them (app/models/native_step.py; a quarter of the bytes a step reads)
         self.int8 = isinstance(base, QuantizedLinear) and base.native is not None
-        self.loras8: dict[int, kernels.LoraWeights] = {}
+        self.loras8: dict[int, kernels.Lora8] = {}
         self.bottleneck: BottleneckBank | None = None  # bottleneck modules following this layer
         self.scales: ScaleBank | None = None  # IA³ and DoRA scales (app/models/scale_bank.py)
         # the weights gathered for the running decode batch: per row (key, A^T [batch, in, r],
@@ -209,7 +209,7 @@ class MultiLoraLinear(nn.Module):
         their transposes are contiguous on this layer's device and dtype, else converted copies."""
         device, dtype = self._device, self._dtype
         self.loras[slot] = (_held(a.t(), device, dtype), _held(b.t(), device, dtype), scale)
-        if self.int8:
+        if self.int8 and kernels.fits8(a.shape[1], a.shape[0]):
             self.loras8[slot] = kernels.quantize_lora(*self.loras[slot])
         self._forget_gathered()
         self.ctx.generation += 1
@@ -219,8 +219,7 @@ class MultiLoraLinear(nn.Module):
         weights = self.loras8.get(slot)
         if weights is not None:
             return weights
-        held = self.loras.get(slot)
-        return None if held is None else (*held, None, None)
+        return self.loras.get(slot)
 
     def drop_batch_copies(self) -> bool:
         """Free the copies made for a batch of several adapters (the rows' gathered weights, the
@@ -242,7 +241,7 @@ class MultiLoraLinear(nn.Module):
     def nbytes(self) -> int:
         total = self.bottleneck.nbytes if self.bottleneck is not None else 0
         total += self.scales.nbytes if self.scales is not None else 0
-        total += sum(t.nbytes for w in self.loras8.values() for t in w if isinstance(t, torch.Tensor))
+        total += sum(w.nbytes for w in self.loras8.values())
         return total + sum(a.nbytes + b.nbytes for a, b, _ in self.loras.values())
 
     def set_bottleneck(

@@ -48,7 +48,7 @@ MAX_HEAD_DIM = 512  # (the attention's buffers on the stack)
 MAX_GROUP = 8  # query heads per key/value head
 
 
-def _no_deltas(group: Group, x: torch.Tensor, y: torch.Tensor) -> None:
+def _no_deltas(group: Group) -> None:
     return None
 
 
@@ -162,16 +162,16 @@ class NativeStep:
         slots = {slot} if slot is not None else set(routing.slots)
         return all(group.rows_plain(slots) for group in self.groups)
 
-    def _deltas(self, tokens: int) -> Callable[[Group, torch.Tensor, torch.Tensor], None]:
-        """How the step adds the rows' LoRA deltas of a group's input to its output: each row's
-        adapter's (one for all rows, or mixed rows) on the native kernel, reading the adapters'
-        weights where they are, once per run of rows of one adapter (``tokens``: each row's
-        tokens in the matmuls' rows)."""
+    def _deltas(self, tokens: int) -> Callable[[Group], kernels.LoraTable | None]:
+        """Where a group's LoRA weights are for the rows (each row's adapter's: one for all rows,
+        or mixed rows), for the native kernel to add the rows' deltas in the group's matmul,
+        reading the adapters' weights where they are, once per run of rows of one adapter
+        (``tokens``: each row's tokens in the matmuls' rows)."""
         routing = self.ctx.routing if self.ctx is not None else None
         assert self.ctx is not None and routing is not None
         slots = routing.slots if tokens == 1 else [s for s in routing.slots for _ in range(tokens)]
-        generation, kernel = self.ctx.generation, self.kernel
-        return lambda group, x, y: group.add_row_deltas(kernel, x, y, slots, generation)
+        generation = self.ctx.generation
+        return lambda group: group.row_table(slots, generation)
 
     def __call__(
         self,
@@ -193,37 +193,29 @@ class NativeStep:
         heads, kv_heads, dim = d.heads, d.kv_heads, d.head_dim
         causal = n > 1
         seen = None if causal or mask is None or bool(mask.all()) else mask.to(torch.uint8).contiguous()
-        width = h.shape[1]
         add = self._deltas(n) if slot != BASE_SLOT else _no_deltas
         qkv_w, _, gu_w, _ = self.layers[0].weights
-        xn = torch.empty(rows, width)
         qkv = torch.empty(rows, qkv_w[1].shape[0] * kernels.TILE)
         attn = torch.empty(rows, heads * dim)
         gu = torch.empty(rows, gu_w[1].shape[0] * kernels.TILE)
-        act = torch.empty(rows, gu.shape[1] // 2)
         column = h.new_empty(batch, kv_heads, n, dim)
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             (qkv_w, o_w, gu_w, down_w), (g_qkv, g_o, g_gu, g_down) = layer.weights, layer.groups
-            k.linear(h, *qkv_w, qkv, norm=layer.input_norm, rows_out=xn)
-            add(g_qkv, xn, qkv)
+            k.linear(h, *qkv_w, qkv, norm=layer.input_norm, lora=add(g_qkv))
             assert isinstance(kv, GrowingLayer)
             buffers = kv.reserve(column)
             norms = (layer.q_norm, layer.k_norm, layer.head_eps)
             k.attend(qkv, (heads, kv_heads, dim), rotary, norms, buffers, seen, layer.scaling, attn, causal)
-            k.linear(attn, *o_w, h, accumulate=True)
-            add(g_o, attn, h)
-            k.linear(h, *gu_w, gu, norm=layer.post_norm, rows_out=xn)
-            add(g_gu, xn, gu)
-            k.linear(gu, *down_w, h, swiglu=True, rows_out=act, accumulate=True)
-            add(g_down, act, h)
+            k.linear(attn, *o_w, h, accumulate=True, lora=add(g_o))
+            k.linear(h, *gu_w, gu, norm=layer.post_norm, lora=add(g_gu))
+            k.linear(gu, *down_w, h, swiglu=True, accumulate=True, lora=add(g_down))
         if causal:  # the last token's logits
-            h, xn, add = h[-1:], xn[-1:], self._deltas(1) if slot != BASE_SLOT else _no_deltas
+            h, add = h[-1:], self._deltas(1) if slot != BASE_SLOT else _no_deltas
         head = self.head
         if head is None or head.native is None:
             logits: torch.Tensor = d.head(d.norm(h))
             return logits
         packed, scales, bias = head.native
         out = torch.empty(batch, scales.shape[0] * kernels.TILE)
-        k.linear(h, packed, scales, bias, out, norm=self.norm, rows_out=xn)
-        add(head, xn, out)
+        k.linear(h, packed, scales, bias, out, norm=self.norm, lora=add(head))
         return out

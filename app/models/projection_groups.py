@@ -128,21 +128,17 @@ class Group:
         each row's LoRA delta (:meth:`add_row_deltas`): no part needs its module for any."""
         return not any(p.general(s) for p in self.parts for s in slots)
 
-    def add_row_deltas(
-        self, kernel: kernels.Q4, x: torch.Tensor, y: torch.Tensor, slots: list[int], generation: int
-    ) -> None:
-        """Add each row's LoRA deltas of ``x`` [rows, in] (row i: adapter ``slots[i]``) to ``y``
-        [rows, the parts' outputs side by side] on the native kernel, reading the adapters'
-        weights where they are; the rows' table is kept while the rows' slots and the slots'
-        weights (their ``generation``, :class:`RoutingContext`) stay."""
+    def row_table(self, slots: list[int], generation: int) -> kernels.LoraTable | None:
+        """Where the LoRA weights of rows of adapters ``slots`` (row i: ``slots[i]``) are for the
+        native kernel (None: no row has a delta in this group); kept while the rows' slots and
+        the slots' weights (their ``generation``, :class:`RoutingContext`) stay."""
         ident = (generation, tuple(slots))
         kept = self.table
         if kept is None or kept[0] != ident:
             rows = [[None if p.lora is None else p.lora.native_weights(s) for p in self.parts] for s in slots]
             table = kernels.LoraTable.of(rows, self.bounds) if any(w for r in rows for w in r) else None
             kept = self.table = (ident, table)
-        if kept[1] is not None:
-            kernel.lora_rows(x, y, kept[1])
+        return kept[1]
 
     def __call__(self, x: torch.Tensor, slot: int | None, rows: int) -> list[torch.Tensor]:
         """Each projection of ``x`` [rows x n, in] for adapter ``slot`` (None: the rows' own)."""

@@ -115,9 +115,13 @@ def _served(
     return base, runner, step, acquired
 
 
-def _assert_same(got: torch.Tensor, want: torch.Tensor, caches: list[Any], fmt: str, where: object) -> None:
+def _assert_same(
+    got: torch.Tensor, want: torch.Tensor, caches: list[Any], fmt: str, where: object, lora: bool = False
+) -> None:
     """The lean step's logits and every layer's keys (``caches[1]``) as the model's (``caches[0]``)."""
     tolerance = 1e-4 if fmt == "none" else 2e-2  # bf16 rounding: each path rounds the same inputs
+    if fmt == "int4" and lora:  # the native step's LoRA deltas from the base's 8-bit rows (~1 % of
+        tolerance = 0.15  # a delta; the tiny bases' random adapters are large, and it adds up over steps)
     bound = tolerance * max(1.0, want.abs().max().item())
     assert (got - want).abs().max().item() <= bound, where
     for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
@@ -150,7 +154,7 @@ def test_the_one_row_step_equals_the_model_forward(
                     got = step(token, position, caches[1], slot)
                 else:
                     got = base.model(**inputs, cache=caches[1], use_cache=True).logits[:, -1]
-                _assert_same(got, want, caches, fmt, (family, fmt, slot, i))
+                _assert_same(got, want, caches, fmt, (family, fmt, slot, i), slot != BASE_SLOT)
                 token = want.argmax(-1, keepdim=True)
     if _check_native(step, family, fmt, native_steps, {slot_ids[-1]}):
         assert set(native_steps) == set(slot_ids[:-1])  # bare, LoRA, LoRA on parts of groups
@@ -190,7 +194,7 @@ def test_decode_steps_of_padded_rows_equal_the_model_forward(
                 want = base.model(**inputs, cache=caches[0], use_cache=True).logits[:, -1]
                 single = routed[0] if len(set(routed)) == 1 else None
                 got = step(token, positions, caches[1], single, seen)
-                _assert_same(got, want, caches, fmt, (family, fmt, routed, i))
+                _assert_same(got, want, caches, fmt, (family, fmt, routed, i), set(routed) != {BASE_SLOT})
                 token = want.argmax(-1, keepdim=True)
     # natively: one adapter on every row, and mixed rows without DoRA's
     if _check_native(step, family, fmt, native_steps, {dora}):

@@ -6,6 +6,8 @@ of a prefill chunk, and each row's LoRA deltas (float32 and 8-bit weights)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -126,47 +128,107 @@ def test_long_columns_split_over_threads_give_the_same_attention(isas: list[kern
         torch.testing.assert_close(out, want.reshape(rows, heads * dim), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_each_rows_lora_deltas_read_in_place(isas: list[kernels.Q4], int8: bool) -> None:
-    """Rows of several adapters of different ranks on a group of three parts, some rows without a
-    delta in some parts, runs of rows of one adapter: y[row, part] += scaling · (x[row] · A^T) ·
-    B^T, as PyTorch computes it (from the weights in 8 bits: what they stand for, and within
-    their rounding of the float32 delta)."""
-    torch.manual_seed(1)
+def _lora8_delta(x: torch.Tensor, weights: kernels.LoraWeights) -> torch.Tensor:
+    """One row's delta as the kernel computes it from 8-bit weights: x rounded as the base rounds
+    it (8 bits per group of 32), t = scaling · x · A^T rounded to 8 bits (one scale), t · B^T."""
+    a_t, b_t, scale = kernels.dequantize_lora(weights)
+    t = scale * (kernels.round_activations(x) @ a_t)
+    amax = t.abs().max()
+    q = (t * (127 / amax)).round().clamp(-127, 127) if amax > 0 else torch.zeros_like(t)
+    return (amax / 127) * q @ b_t
+
+
+def _lora_plan(int8: bool) -> tuple[list[list[kernels.LoraWeights | None]], list[tuple[int, int]], int]:
+    """Rows of several adapters of different ranks on a group of three parts (one of an output
+    width not a multiple of 16), some rows without a delta in some parts, runs of rows of one
+    adapter longer than the kernel's blocks of rows."""
     width, outs = 96, [64, 32, 40]
     bounds = [(0, 64), (64, 96), (96, 136)]
 
     def weights(rank: int, out: int, scale: float) -> kernels.LoraWeights:
         a_t, b_t = torch.randn(width, rank), torch.randn(rank, out)
-        return kernels.quantize_lora(a_t, b_t, scale) if int8 else (a_t, b_t, scale, None, None)
+        return kernels.quantize_lora(a_t, b_t, scale) if int8 else (a_t, b_t, scale)
 
-    adapters = [[weights(r, out, s) for out in outs] for r, s in ((16, 0.5), (8, 2.0), (5, 1.0))]
+    adapters = [[weights(r, out, s) for out in outs] for r, s in ((16, 0.5), (8, 2.0), (5, 1.0), (40, 0.25))]
     plan: list[list[kernels.LoraWeights | None]] = [
         adapters[0],
         adapters[1],
         [None, None, None],
         [adapters[1][0], None, adapters[0][2]],
-        *[adapters[2]] * 11,  # a run longer than the kernel's blocks of rows
+        adapters[3],
+        *[adapters[2]] * 11,
     ]
+    return plan, bounds, width
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_each_rows_lora_deltas_read_in_place(isas: list[kernels.Q4], int8: bool) -> None:
+    """y[row, part] += scaling · (x[row] · A^T) · B^T for each row's adapter, as PyTorch computes
+    it: from float32 weights, or from 8-bit ones as the kernel rounds (within 1e-5 of that, and
+    within 1.5 % of the float32 delta the weights came from)."""
+    torch.manual_seed(1)
+    plan, bounds, width = _lora_plan(int8)
     table = kernels.LoraTable.of(plan, bounds)
     x = torch.randn(len(plan), width)
-    want = torch.randn(len(plan), 136)
-    start = want.clone()
+    start = torch.randn(len(plan), 136)
+    want = start.clone()
     for r, parts in enumerate(plan):
         for (a, b), w in zip(bounds, parts, strict=True):
             if w is not None:
-                a_t, b_t, scale = kernels.dequantize_lora(w)
-                want[r, a:b] += scale * (x[r] @ a_t) @ b_t
+                if int8:
+                    want[r, a:b] += _lora8_delta(x[r], w)
+                else:
+                    a_t, b_t, scale = kernels.dequantize_lora(w)
+                    want[r, a:b] += scale * (x[r] @ a_t) @ b_t
     for kernel in isas:
         y = start.clone()
         kernel.lora_rows(x, y, table)
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
-    assert all(t.dtype == (torch.int8 if int8 else torch.float32) for t in table.held[:2])
-    if int8:  # what the 8-bit weights stand for is within their rounding of the float32 ones
-        a_t = torch.randn(width, 16)
-        qa, _, _, sa, _ = kernels.quantize_lora(a_t, torch.randn(16, 8), 1.0)
-        assert sa is not None
-        assert ((qa.float() * sa - a_t).abs() <= sa / 2 + 1e-7).all()
+    assert all(t.dtype == (torch.uint8 if int8 else torch.float32) for t in table.held[:2])
+    if int8:  # against the float32 weights: the 8-bit weights' and the rounded rows' error
+        a_t, b_t = torch.randn(width, 16), torch.randn(16, 64)
+        exact = (x @ a_t) @ b_t
+        got = torch.zeros(len(plan), 64)
+        kernels.Q4(isas[-1].lib, isas[-1].isa).lora_rows(
+            x, got, kernels.LoraTable.of([[kernels.quantize_lora(a_t, b_t, 1.0)]] * len(plan), [(0, 64)])
+        )
+        assert ((got - exact).norm() / exact.norm()).item() < 0.015
+        qa = kernels.quantize_lora(a_t, b_t, 1.0)
+        back_a, back_b, _ = kernels.dequantize_lora(qa)
+        product = back_a @ back_b  # what the 8-bit weights stand for: each weight within half a step
+        assert ((product - a_t @ b_t).norm() / (a_t @ b_t).norm()).item() < 0.01
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_matmul_adds_the_rows_lora_deltas_in_the_same_call(isas: list[kernels.Q4], int8: bool) -> None:
+    """``linear(..., lora=table)``: the base's product and then each row's deltas of the rows
+    multiplied (after the norm or SwiGLU; onto the residual with ``accumulate``), the same bits
+    as the product followed by :meth:`Q4.lora_rows`."""
+    torch.manual_seed(2)
+    plan, bounds, width = _lora_plan(int8)
+    rows = len(plan)
+    table = kernels.LoraTable.of(plan, bounds)
+    packed, scales = _packed(144, width)
+    y_width = 144  # the parts' 136 outputs and a tile the adapters leave alone
+    weight = torch.rand(width) + 0.5
+    x = torch.randn(rows, width) * 3
+    gate_up = torch.randn(rows, 2 * width)
+    for k in isas:
+        for kind in ("plain", "norm", "swiglu"):
+            residual = torch.randn(rows, y_width)
+            fused, rows_out = residual.clone(), torch.empty(rows, width)
+            args: dict[str, Any] = {"norm": (weight, 1e-5)} if kind == "norm" else {}
+            if kind == "swiglu":
+                args = {"swiglu": True}
+            source = gate_up if kind == "swiglu" else x
+            k.linear(
+                source, packed, scales, None, fused, rows_out=rows_out, accumulate=True, lora=table, **args
+            )
+            apart = residual.clone()
+            k.linear(source, packed, scales, None, apart, accumulate=True, **args)
+            k.lora_rows(x if kind == "plain" else rows_out, apart, table)
+            assert torch.equal(fused, apart), (k.name, kind)
+            assert not torch.equal(fused[:, :136], residual[:, :136])
 
 
 @pytest.mark.parametrize(("tokens", "cached"), [(5, 23), (19, 40)])
