@@ -109,6 +109,9 @@ def test_dashboard_and_alert_expressions_evaluate_with_data(
         assert resp.status_code == 201, resp.text
         _traffic(client, round_)
         time.sleep(2.5)
+    deadline = time.monotonic() + 30  # (a loaded machine may scrape late: wait for two scrapes' rate)
+    while not _query(prometheus, "rate(adapterserve_requests_total[30s])") and time.monotonic() < deadline:
+        time.sleep(0.5)
     time.sleep(1.5)
     up = _query(prometheus, 'up{job="adapterserve"}')
     assert up and up[0]["value"][1] == "1"
