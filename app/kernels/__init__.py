@@ -140,7 +140,7 @@ class Q4:
             None if bias is None else bias.data_ptr(),
             int(accumulate),
             y.data_ptr(),
-            *_lora_args(lora),
+            *(_NO_LORA if lora is None else lora.args),
         )
 
     def attend(
@@ -209,24 +209,17 @@ class Q4:
         self.lib.lora_rows(
             self.isa,
             x.shape[0],
-            table.offsets.shape[0],
+            table.args[1],
             x.data_ptr(),
             x.shape[1],
             y.data_ptr(),
             y.stride(0),
-            table.table.data_ptr(),
-            table.scales.data_ptr(),
-            table.offsets.data_ptr(),
-            table.outs.data_ptr(),
+            table.args[0],
+            *table.args[2:],
         )
 
 
-def _lora_args(table: LoraTable | None) -> tuple[int | None, int, int | None, int | None, int | None]:
-    """q4_linear's last arguments: a group's LoRA table (or none)."""
-    if table is None:
-        return None, 0, None, None, None
-    parts, offsets, outs = table.offsets.shape[0], table.offsets.data_ptr(), table.outs.data_ptr()
-    return table.table.data_ptr(), parts, table.scales.data_ptr(), offsets, outs
+_NO_LORA = (None, 0, None, None, None)  # q4_linear's last arguments without a LoRA table
 
 
 def _compiler() -> str | None:

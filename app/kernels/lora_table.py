@@ -3,6 +3,7 @@ out for integer dot products, and the table of where each row's weights are."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,14 @@ class LoraTable:
     offsets: torch.Tensor
     outs: torch.Tensor
     held: tuple[torch.Tensor, ...]
+
+    @functools.cached_property
+    def args(self) -> tuple[int, int, int, int, int]:
+        """The kernel's arguments for it: the table's address, the parts, the scalings', the
+        offsets' and the widths' addresses (made once: a step passes them for every group)."""
+        parts = self.offsets.shape[0]
+        ptrs = self.table.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(), self.outs.data_ptr()
+        return ptrs[0], parts, ptrs[1], ptrs[2], ptrs[3]
 
     @classmethod
     def of(cls, rows: list[list[LoraWeights | None]], bounds: list[tuple[int, int]]) -> LoraTable:
