@@ -360,6 +360,10 @@ void lora_run(const LoraCall& c, const std::vector<int64_t>& tasks, int id) {
 }
 
 void Prefetcher::step() {
+  if (wait > 0) {
+    --wait;
+    return;
+  }
   int64_t left = per;
   while (left > 0 && i < count) {
     const char* p = reinterpret_cast<const char*>(spans[2 * i]);

@@ -37,10 +37,11 @@ void lora_spans(const LoraCall& c, const std::vector<int64_t>& tasks, int id, st
 // Run thread `id`'s tasks
 void lora_run(const LoraCall& c, const std::vector<int64_t>& tasks, int id);
 
-// Prefetches spans into L2, `per` bytes at each step (a tile of the base's product)
+// Prefetches spans into L2, `per` bytes at each step (a group of a tile of the base's product)
+// after the first `wait` steps
 struct Prefetcher {
   const int64_t* spans = nullptr;
-  int64_t count = 0, i = 0, off = 0, per = 0;
+  int64_t count = 0, i = 0, off = 0, per = 0, wait = 0;
   void step();
 };
 

@@ -170,8 +170,8 @@ class NativeStep:
         routing = self.ctx.routing if self.ctx is not None else None
         assert self.ctx is not None and routing is not None
         slots = routing.slots if tokens == 1 else [s for s in routing.slots for _ in range(tokens)]
-        generation = self.ctx.generation
-        return lambda group: group.row_table(slots, generation)
+        rows = (self.ctx.generation, tuple(slots))  # (made once a step: each group compares it)
+        return lambda group: group.row_table(rows)
 
     def __call__(
         self,

@@ -125,19 +125,19 @@ class Group:
 
     def rows_plain(self, slots: set[int]) -> bool:
         """Whether the group's output for rows of adapters ``slots`` is the base's product plus
-        each row's LoRA delta (:meth:`add_row_deltas`): no part needs its module for any."""
+        each row's LoRA delta (:meth:`row_table`): no part needs its module for any."""
         return not any(p.general(s) for p in self.parts for s in slots)
 
-    def row_table(self, slots: list[int], generation: int) -> kernels.LoraTable | None:
-        """Where the LoRA weights of rows of adapters ``slots`` (row i: ``slots[i]``) are for the
-        native kernel (None: no row has a delta in this group); kept while the rows' slots and
-        the slots' weights (their ``generation``, :class:`RoutingContext`) stay."""
-        ident = (generation, tuple(slots))
+    def row_table(self, rows: tuple[int, tuple[int, ...]]) -> kernels.LoraTable | None:
+        """Where the LoRA weights of the rows are for the native kernel (None: no row has a delta
+        in this group): ``rows`` = (the slots' ``generation``, :class:`RoutingContext`; each row's
+        slot); kept while the rows' slots and the slots' weights stay."""
         kept = self.table
-        if kept is None or kept[0] != ident:
-            rows = [[None if p.lora is None else p.lora.native_weights(s) for p in self.parts] for s in slots]
-            table = kernels.LoraTable.of(rows, self.bounds) if any(w for r in rows for w in r) else None
-            kept = self.table = (ident, table)
+        if kept is None or (kept[0] is not rows and kept[0] != rows):
+            loras = [p.lora for p in self.parts]
+            weights = [[None if m is None else m.native_weights(s) for m in loras] for s in rows[1]]
+            table = kernels.LoraTable.of(weights, self.bounds) if any(w for r in weights for w in r) else None
+            kept = self.table = (rows, table)
         return kept[1]
 
     def __call__(self, x: torch.Tensor, slot: int | None, rows: int) -> list[torch.Tensor]:
