@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("q4.cpp", "attention.cpp", "lora.cpp")]
 HEADERS = [
-    Path(__file__).with_name(name) for name in ("vexp.h", "attention_bf16.h", "attention_common.h", "lora.h")
+    Path(__file__).with_name(name)
+    for name in ("vexp.h", "attention_bf16.h", "attention_common.h", "lora.h", "lora_float.h")
 ]
 GROUP = 32  # inputs per scale (weights and activations)
 TILE = 16  # outputs per tile of the weight layout
