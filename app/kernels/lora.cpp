@@ -11,7 +11,7 @@
 //   both as u = q + 128 (q in -127..127, a scale per rank: sab = sa * sb). x is the base's 8-bit
 //   rows (8 bits per group of 32, as the base multiplies them); t = x . A^T is summed in integers
 //   per group, scaled per group, times sab and the scaling, rounded to 8 bits per row (one scale)
-//   and multiplied by B^T in integers again. The rounding of x and t: ~0.5 % of the delta.
+//   and multiplied by B^T in integers again. The rounding of x and t: ~1 % of the delta.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
