@@ -206,14 +206,6 @@ void run_task(const LoraCall& c, int64_t p, int64_t r) {
 
 }  // namespace
 
-void group_sums(const int8_t* qx, int64_t M, int64_t K, int32_t* sums) {
-  for (int64_t i = 0; i < M * K / QG; ++i) {
-    int32_t s = 0;
-    for (int k = 0; k < QG; ++k) s += qx[i * QG + k];
-    sums[i] = s;
-  }
-}
-
 void lora_plan(const LoraCall& c, int threads, std::vector<int64_t>& tasks) {
   tasks.clear();
   const auto same = [&](int64_t r, int64_t s) {
@@ -300,8 +292,7 @@ void lora_rows(int isa, int64_t M, int64_t P, const float* x, int64_t K, float* 
   qx.resize(M * K);
   dx.resize(2 * M * G);
   sx.resize(M * G);
-  quantize_x(isa, x, M, K, qx.data(), dx.data(), dx.data() + M * G);
-  group_sums(qx.data(), M, K, sx.data());
+  quantize_x(isa, x, M, K, qx.data(), dx.data(), dx.data() + M * G, sx.data());
   const LoraCall c{isa, M, P, K, x, qx.data(), dx.data(), sx.data(), y, ldy, table, scales, offsets, outs};
   const int threads = omp_get_max_threads();
   lora_plan(c, threads, tasks);

@@ -25,10 +25,10 @@ struct LoraCall {
   const int64_t* outs;
 };
 
-// x [M, K] -> 8 bits per group of 32 (q4.cpp: the base's own rounding): qx, dx, dx * sum(qx)
-void quantize_x(int isa, const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, float* dsum);
-// the integer sums of each group of 32 of qx [M, K]
-void group_sums(const int8_t* qx, int64_t M, int64_t K, int32_t* sums);
+// x [M, K] -> 8 bits per group of 32 (q4.cpp: the base's own rounding): qx, dx, dx * sum(qx) and
+// sum(qx) (isum, when not null)
+void quantize_x(int isa, const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, float* dsum,
+                int32_t* isum);
 // The call's tasks: (part, first row, rows) for each run of rows of one adapter and each part
 // with a delta, and the thread that runs each (threads: the team's size; balanced by weights read)
 void lora_plan(const LoraCall& c, int threads, std::vector<int64_t>& tasks);

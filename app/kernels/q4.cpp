@@ -38,9 +38,10 @@ template <int BITS>
 constexpr int TILE_BYTES = BITS == 4 ? 4 * 64 : 8 * 64;
 constexpr int PREFETCH = 2048;  // bytes ahead
 
-// x [M, K] -> qx [M, K] int8, per row and group: dx (scale) and dx * sum(qx) (the group's sum).
+// x [M, K] -> qx [M, K] int8, per row and group: dx (scale) and dx * sum(qx) (the group's sum;
+// sum(qx) itself into isum when not null: the LoRA deltas' integer correction, lora.cpp).
 // Rounding: x / dx to the nearest integer, ties to even (as torch.round), in IEEE float32.
-void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, float* dsum) {
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, float* dsum, int32_t* isum) {
   const int64_t G = K / GROUP;
   for (int64_t r = 0; r < M; ++r) {
     for (int64_t g = 0; g < G; ++g) {
@@ -58,13 +59,14 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, 
       }
       dx[r * G + g] = d;
       dsum[r * G + g] = d * static_cast<float>(sum);
+      if (isum != nullptr) isum[r * G + g] = sum;
     }
   }
 }
 
 // the same, 16 floats at a time (the results are the same bits)
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_rows_avx512(
-    const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, float* dsum) {
+    const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, float* dsum, int32_t* isum) {
   const int64_t G = K / GROUP;
   const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
   for (int64_t i = 0; i < M * G; ++i) {
@@ -77,6 +79,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_rows_avx512(
       memset(q, 0, GROUP);
       dx[i] = d;
       dsum[i] = 0.f;
+      if (isum != nullptr) isum[i] = 0;
       continue;
     }
     const __m512 dv = _mm512_set1_ps(d);
@@ -87,7 +90,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_rows_avx512(
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(ia));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(ib));
     dx[i] = d;
-    dsum[i] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(ia, ib)));
+    const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(ia, ib));
+    dsum[i] = d * static_cast<float>(sum);
+    if (isum != nullptr) isum[i] = sum;
   }
 }
 
@@ -269,11 +274,12 @@ __attribute__((target("avx2,fma,f16c"))) void tiles_avx2(
 }  // namespace
 
 namespace adapterserve {
-void quantize_x(int isa, const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, float* dsum) {
+void quantize_x(int isa, const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, float* dsum,
+                int32_t* isum) {
   if (isa == 2)
-    quantize_rows_avx512(x, M, K, qx, dx, dsum);
+    quantize_rows_avx512(x, M, K, qx, dx, dsum, isum);
   else
-    quantize_rows(x, M, K, qx, dx, dsum);
+    quantize_rows(x, M, K, qx, dx, dsum, isum);
 }
 }  // namespace adapterserve
 
@@ -298,7 +304,8 @@ int q4_isa() {
 // y [M, N] = x [M, K] . W^T (+ bias [N] or null); isa as q4_isa() answers (or lower); bits: 4 or 8
 void q4_matmul(int isa, int bits, const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* w,
                const uint16_t* sm, const float* bias, float* y) {
-  q4_linear(isa, bits, 0, x, M, K, N, nullptr, 0.f, nullptr, w, sm, bias, 0, y, nullptr, 0, nullptr, nullptr, nullptr);
+  q4_linear(isa, bits, 0, x, M, K, N, nullptr, 0.f, nullptr, w, sm, bias, 0, y, nullptr, 0, nullptr, nullptr,
+            nullptr);
 }
 
 // The same with what a decoder layer does around it, in one call:
@@ -333,26 +340,19 @@ void q4_linear(int isa, int bits, int prologue, const float* x, int64_t M, int64
   scales.resize(2 * M * G);
   float* dx = scales.data();
   float* dsum = dx + M * G;
-  if (isa == 2)
-    quantize_rows_avx512(x, M, K, qx.data(), dx, dsum);
-  else
-    quantize_rows(x, M, K, qx.data(), dx, dsum);
+  thread_local std::vector<int32_t> sums;
+  if (lora != nullptr) sums.resize(M * G);
+  adapterserve::quantize_x(isa, x, M, K, qx.data(), dx, dsum, lora != nullptr ? sums.data() : nullptr);
   const int64_t tiles = N / TILE;
   const int8_t* q = qx.data();
   const bool acc = accumulate != 0;
   // threads share the tiles; a call too small to split stays on this thread
   // (an if clause, not num_threads: torch's thread pool keeps one team size)
   const bool split = tiles >= 4 && tiles * M * K >= (1 << 13);
-  thread_local std::vector<int32_t> sums;
   thread_local std::vector<int64_t> tasks;
   const int threads = split ? omp_get_max_threads() : 1;
-  adapterserve::LoraCall call{isa, M, parts, K, x, q, dx, nullptr, y, N, lora, lora_scales, offsets, outs};
-  if (lora != nullptr) {
-    sums.resize(M * G);
-    adapterserve::group_sums(q, M, K, sums.data());
-    call.sx = sums.data();
-    adapterserve::lora_plan(call, threads, tasks);
-  }
+  const adapterserve::LoraCall call{isa, M, parts, K, x, q, dx, sums.data(), y, N, lora, lora_scales, offsets, outs};
+  if (lora != nullptr) adapterserve::lora_plan(call, threads, tasks);
   const std::vector<int64_t>& plan = tasks;  // (this thread's: the team reads it through this)
 #pragma omp parallel if (split)
   {
@@ -370,11 +370,12 @@ void q4_linear(int isa, int bits, int prologue, const float* x, int64_t M, int64
       }
       int64_t bytes = 0;
       for (size_t i = 1; i < spans.size(); i += 2) bytes += spans[i];
-      const int64_t blocks = isa == 2 ? (M + 7) / 8 : 2 * ((M + 3) / 4);  // (the tiles' passes over the groups)
+      const int64_t blocks = isa == 2 ? (M + 7) / 8 : 2 * ((M + 3) / 4);  // (the tiles' passes over groups)
       const int64_t steps = (t1 - t0) * G * blocks;
       // over the second half of the tiles: lines fetched earlier were more often evicted by the
       // base's own weights before the deltas read them (16 distinct adapters: -0.5 ms a step)
-      pf = {spans.data(), static_cast<int64_t>(spans.size()) / 2, 0, 0, (2 * bytes / steps + 63) / 64 * 64, steps / 2};
+      const int64_t rate = (2 * bytes / steps + 63) / 64 * 64;
+      pf = {spans.data(), static_cast<int64_t>(spans.size()) / 2, 0, 0, rate, steps / 2};
     }
     if (t0 < t1) {
       if (isa == 2 && bits == 4)
