@@ -299,7 +299,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--no-peft", action="store_true", help="leave HF PEFT out (it is slow)")
     parser.add_argument(
-        "--kinds", nargs="+", default=["none", "int8", "int4", "w8a8"], help="adapterserve quantizations"
+        "--kinds",
+        nargs="+",
+        default=["none", "int8", "int4", "w8a8"],
+        help="adapterserve quantizations (int4+lora4: with ADAPTERSERVE_LORA_BITS=4)",
     )
     args = parser.parse_args()
     cache = Settings().cache_dir
@@ -335,11 +338,13 @@ def main() -> None:
                 rounds[f"{label}, 16 adapters"] = llama_round(url, n, tokens, True)
             for kind in args.kinds:
                 label = f"adapterserve {kind}"
+                quantization, _, lora = kind.partition("+lora")  # int4+lora4: 4-bit LoRA weights
                 proc, url = stack.enter_context(
                     running_server(
                         store,
                         work / f"{label}.log",
-                        quantization=kind,
+                        quantization=quantization,
+                        lora_bits=lora or "8",
                         max_batch_size=str(max(32, n)),
                         max_new_tokens=str(tokens),
                         max_device_adapters=str(2 * N_ADAPTERS + 1),

@@ -1,7 +1,7 @@
 """The native decode step (app/models/native_step.py) against the lean step it replaces, in the
 engine, one process, in turns.
 
-    python -m bench.native_step [--turns 5] [--steps 15] [--adapters 16] [--avx2 | --f32-attention]
+    python -m bench.native_step [--turns 5] [--steps 15] [--adapters 16] [--avx2 | --f32-attention] [--lora4]
 
 The default base at ``int4`` on adapterserve's kernel, ``--adapters`` distinct rank-16 all-linear
 LoRA adapters in slots. The engine's decode step (a ``GenerationBatch``, sampling included, after
@@ -14,7 +14,8 @@ with the one-row step's PyTorch operations around the same int4 matmuls
 ``--avx2``: the native step on its AVX2 code paths instead of the lean step (what a CPU without
 AVX-512 runs; timed on this one), on an AVX-512 machine. ``--f32-attention``: the native step with
 its attention on bf16 dot products, over keys and values kept in bf16, against the same in float32
-(a CPU with avx512_bf16).
+(a CPU with avx512_bf16). ``--lora4``: the adapters loaded a second time with 4-bit copies for the
+native kernel (``ADAPTERSERVE_LORA_BITS=4``), their rows timed beside the 8-bit ones.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--avx2", action="store_true", help="the native step's AVX2 paths, not the lean step")
     parser.add_argument("--f32-attention", action="store_true", help="bf16 attention against float32's")
+    parser.add_argument("--lora4", action="store_true", help="the adapters also in 4 bits (LORA_BITS=4)")
     args = parser.parse_args()
     settings = Settings()
     kernels.configure(settings.cache_dir, True)
@@ -55,7 +57,8 @@ def main() -> None:
     assert kernel is not None, "the int4 kernel did not build (a C++ compiler: make compiler)"
     base = load_base_model(settings.base_model, settings.cache_dir, "cpu", "auto", "int4")
     ctx = RoutingContext()
-    slots = DeviceSlots(wrap_linear_layers(base.model, ctx), args.adapters + 1, base.device, base.dtype)
+    copies = 2 if args.lora4 else 1
+    slots = DeviceSlots(wrap_linear_layers(base.model, ctx), copies * args.adapters + 1, base.device, base.dtype)
     runner = Runner(base, ctx)
     assert runner.one_row is not None and runner.one_row.native is not None
     native = runner.one_row.native
@@ -70,11 +73,13 @@ def main() -> None:
         peft = make_peft(base.path, "generate", args.adapters, RANK, torch.float32, torch.device("cpu"))
         folders = save_adapters(peft, work, args.adapters)
         del peft
-        ids = []
-        for folder in folders:
-            adapter = load_lora(folder, base.spec, 64)
-            version = held(folder.name, adapter)
-            ids.append(slots.acquire(version, adapter, {version.uid}))
+        ids, ids4 = [], []
+        for bits, into in ((8, ids), (4, ids4))[:copies]:
+            ctx.lora_bits = bits  # (the slots' copies for the native kernel are made as they load)
+            for folder in folders:
+                adapter = load_lora(folder, base.spec, 64)
+                version = held(f"{folder.name}-{bits}", adapter)
+                into.append(slots.acquire(version, adapter, {version.uid}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     prompt = list(base.tokenizer(PROMPT)["input_ids"])
@@ -85,6 +90,12 @@ def main() -> None:
         "16 rows, one LoRA adapter": ids[:1] * 16,
         f"16 rows, {min(16, len(ids))} distinct LoRA adapters": (ids * 16)[:16],
     }
+    if ids4:
+        cases |= {
+            "1 row, LoRA in 4 bits": ids4[:1],
+            "16 rows, one LoRA adapter in 4 bits": ids4[:1] * 16,
+            f"16 rows, {min(16, len(ids4))} distinct LoRA adapters in 4 bits": (ids4 * 16)[:16],
+        }
     prefills = {  # (cached tokens, new tokens): a chat line after the template, a conversation's turn
         f"prefill {new} after {cached} cached, {mode}": (slot, cached, new)
         for cached, new in ((31, 9), (1140, 20))

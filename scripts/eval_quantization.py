@@ -70,7 +70,12 @@ def main() -> None:
     parser.add_argument("--extra", type=Path, nargs="*", default=[], help="more adapter folders to evaluate")
     parser.add_argument("--prompts", type=int, default=50, help="0: classifiers only")
     parser.add_argument("--only", nargs="*", default=None, help="score only these classifiers")
-    parser.add_argument("--kinds", nargs="+", default=list(KINDS), help="quantizations (none always runs)")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=list(KINDS),
+        help="quantizations (none always runs; int4+lora4: with 4-bit LoRA weights)",
+    )
     args = parser.parse_args()
     kinds = ["none", *(k for k in args.kinds if k != "none")]
     store = Path(tempfile.mkdtemp(prefix="adapterserve-quality-"))
@@ -92,8 +97,9 @@ def main() -> None:
     try:
         for kind in kinds:
             log = store / f"server-{kind}.log"
+            quantization, _, lora = kind.partition("+lora")  # int4+lora4: 4-bit LoRA weights
             with (
-                running_server(store, log, quantization=kind) as (_, url),
+                running_server(store, log, quantization=quantization, lora_bits=lora or "8") as (_, url),
                 httpx.Client(base_url=url, timeout=600) as http,
             ):
                 for name, (xs, gold) in held.items():

@@ -78,7 +78,7 @@ class Engine:
         self.base = base
         self.settings = settings
         self.metrics = metrics
-        self.ctx = RoutingContext()
+        self.ctx = RoutingContext(settings.lora_bits)
         self.layers = wrap_linear_layers(base.model, self.ctx)
         budget = settings.device_adapter_bytes(base.device)
         self.slots = DeviceSlots(

@@ -31,19 +31,21 @@ from pathlib import Path
 
 import torch
 
+from app.kernels.lora_table import Lora4 as Lora4
 from app.kernels.lora_table import Lora8 as Lora8
 from app.kernels.lora_table import LoraTable as LoraTable
 from app.kernels.lora_table import LoraWeights as LoraWeights
 from app.kernels.lora_table import dequantize_lora as dequantize_lora
 from app.kernels.lora_table import fits8 as fits8
 from app.kernels.lora_table import quantize_lora as quantize_lora
+from app.kernels.lora_table import quantize_lora4 as quantize_lora4
 
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("q4.cpp", "attention.cpp", "lora.cpp")]
 HEADERS = [
     Path(__file__).with_name(name)
-    for name in ("vexp.h", "attention_bf16.h", "attention_common.h", "lora.h", "lora_float.h")
+    for name in ("vexp.h", "attention_bf16.h", "attention_common.h", "lora.h", "lora_float.h", "lora_int4.h")
 ]
 GROUP = 32  # inputs per scale (weights and activations)
 TILE = 16  # outputs per tile of the weight layout

@@ -23,6 +23,7 @@
 
 #include "lora.h"
 #include "lora_float.h"
+#include "lora_int4.h"
 
 namespace adapterserve {
 
@@ -30,24 +31,8 @@ namespace {
 
 constexpr int RUN = 8;        // rows of one adapter per task (their weights read once)
 constexpr int QG = 32;        // inputs per scale of x
-constexpr int MAX_RANK = 256;  // (padded ranks; app/kernels/lora_table.py refuses more)
 
 // ---- 8-bit weights ----------------------------------------------------------------------------
-// t [n][rank] -> 8 bits per row: qt, its scale and the sum of its values (RNE, as cvtps rounds)
-void round_t(const float* t, int64_t rank, int8_t* qt, float* st, int32_t* sum) {
-  float amax = 0.f;
-  for (int64_t j = 0; j < rank; ++j) amax = std::fmax(amax, std::fabs(t[j]));
-  *st = amax / 127.f;
-  const float inv = amax > 0.f ? 127.f / amax : 0.f;
-  int32_t s = 0;
-  for (int64_t j = 0; j < rank; ++j) {
-    const float v = std::fmin(127.f, std::fmax(-127.f, std::nearbyint(t[j] * inv)));
-    qt[j] = static_cast<int8_t>(v);
-    s += qt[j];
-  }
-  *sum = s;
-}
-
 template <int n>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) void int8_run_avx512(
     const LoraCall& c, int64_t r, const uint8_t* a, const uint8_t* b, const float* sab, int64_t rank, float scale,
@@ -170,12 +155,18 @@ __attribute__((target("avx2,fma"))) void int8_run_avx2(const LoraCall& c, int64_
 }
 
 const int64_t* entry(const LoraCall& c, int64_t r, int64_t p) { return c.table + LORA_ENTRY * (r * c.P + p); }
-bool int8_entry(const int64_t* e) { return e[3] != 0; }
+// an entry's format: 32 (float32), 8 or 4 bits
+int entry_bits(const int64_t* e) { return e[4] == 4 ? 4 : e[3] != 0 ? 8 : 32; }
 
 // bytes of an entry's A and B
-int64_t a_bytes(const LoraCall& c, const int64_t* e) { return c.K * e[2] * (int8_entry(e) ? 1 : 4); }
+int64_t a_bytes(const LoraCall& c, const int64_t* e) {
+  const int bits = entry_bits(e);
+  return bits == 4 ? c.K * e[2] * 9 / 16 : c.K * e[2] * (bits == 8 ? 1 : 4);
+}
 int64_t b_bytes(const LoraCall& c, const int64_t* e, int64_t p) {
-  return int8_entry(e) ? (c.outs[p] + 15) / 16 * 16 * e[2] : c.outs[p] * e[2] * 4;
+  const int bits = entry_bits(e);
+  const int64_t tiles = (c.outs[p] + 15) / 16;
+  return bits == 4 ? tiles * 10 * e[2] : bits == 8 ? tiles * 16 * e[2] : c.outs[p] * e[2] * 4;
 }
 
 template <int n>
@@ -184,7 +175,17 @@ void run_task(const LoraCall& c, int64_t p, int64_t r) {
   const float scale = c.scales[r * c.P + p];
   float* y = c.y + r * c.ldy + c.offsets[p];
   const int64_t rank = e[2], out = c.outs[p];
-  if (int8_entry(e)) {
+  const int bits = entry_bits(e);
+  if (bits == 4) {
+    const auto* a = reinterpret_cast<const uint8_t*>(e[0]);
+    const auto* b = reinterpret_cast<const uint8_t*>(e[1]);
+    if (c.isa == 2)
+      lora_int4::int4_run_avx512<n>(c, r, a, b, rank, scale, out, y);
+    else
+      lora_int4::int4_run_avx2<n>(c, r, a, b, rank, scale, out, y);
+    return;
+  }
+  if (bits == 8) {
     const auto* a = reinterpret_cast<const uint8_t*>(e[0]);
     const auto* b = reinterpret_cast<const uint8_t*>(e[1]);
     const auto* sab = reinterpret_cast<const float*>(e[3]);

@@ -3,11 +3,13 @@
 #pragma once
 #include <stdint.h>
 
+#include <cmath>
 #include <vector>
 
 namespace adapterserve {
 
 constexpr int LORA_ENTRY = 5;  // int64s per row and part of a table (app/kernels/lora_table.py)
+constexpr int MAX_RANK = 256;  // (padded ranks; app/kernels/lora_table.py refuses more)
 
 // One call's rows and the table of where their adapters' weights are
 struct LoraCall {
@@ -36,6 +38,21 @@ void lora_plan(const LoraCall& c, int threads, std::vector<int64_t>& tasks);
 void lora_spans(const LoraCall& c, const std::vector<int64_t>& tasks, int id, std::vector<int64_t>& spans);
 // Run thread `id`'s tasks
 void lora_run(const LoraCall& c, const std::vector<int64_t>& tasks, int id);
+
+// t [n][rank] -> 8 bits per row: qt, its scale and the sum of its values (RNE, as cvtps rounds)
+inline void round_t(const float* t, int64_t rank, int8_t* qt, float* st, int32_t* sum) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < rank; ++j) amax = std::fmax(amax, std::fabs(t[j]));
+  *st = amax / 127.f;
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t s = 0;
+  for (int64_t j = 0; j < rank; ++j) {
+    const float v = std::fmin(127.f, std::fmax(-127.f, std::nearbyint(t[j] * inv)));
+    qt[j] = static_cast<int8_t>(v);
+    s += qt[j];
+  }
+  *sum = s;
+}
 
 // Prefetches spans into L2, `per` bytes at each step (a group of a tile of the base's product)
 // after the first `wait` steps

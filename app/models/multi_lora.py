@@ -65,7 +65,7 @@ class MultiLoraLinear(nn.Module):
         # an int4 base on the native kernels: each slot's weights in 8 bits too, as the native
         # decode step reads them (app/models/native_step.py; a quarter of the bytes a step reads)
         self.int8 = isinstance(base, QuantizedLinear) and base.native is not None
-        self.loras8: dict[int, kernels.Lora8] = {}
+        self.loras8: dict[int, kernels.Lora8 | kernels.Lora4] = {}
         self.bottleneck: BottleneckBank | None = None  # bottleneck modules following this layer
         self.scales: ScaleBank | None = None  # IA³ and DoRA scales (app/models/scale_bank.py)
         # the weights gathered for the running decode batch: per row (key, A^T [batch, in, r],
@@ -210,12 +210,13 @@ class MultiLoraLinear(nn.Module):
         device, dtype = self._device, self._dtype
         self.loras[slot] = (_held(a.t(), device, dtype), _held(b.t(), device, dtype), scale)
         if self.int8 and kernels.fits8(a.shape[1], a.shape[0]):
-            self.loras8[slot] = kernels.quantize_lora(*self.loras[slot])
+            quantize = kernels.quantize_lora4 if self.ctx.lora_bits == 4 else kernels.quantize_lora
+            self.loras8[slot] = quantize(*self.loras[slot])
         self._forget_gathered()
         self.ctx.generation += 1
 
     def native_weights(self, slot: int) -> kernels.LoraWeights | None:
-        """``slot``'s weights as the native kernel reads them (8 bits where kept so), or None."""
+        """``slot``'s weights as the native kernel reads them (8 or 4 bits where kept so), or None."""
         weights = self.loras8.get(slot)
         if weights is not None:
             return weights

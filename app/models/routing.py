@@ -43,8 +43,10 @@ def runs_of(slots: list[int]) -> tuple[tuple[int, int, int], ...]:
 class RoutingContext:
     """Shared by all wrapped layers of one model; holds the routing of the running forward."""
 
-    def __init__(self) -> None:
+    def __init__(self, lora_bits: int = 8) -> None:
         self.routing: Routing | None = None
+        # the bits of the LoRA weights the native kernel reads (8 or 4: app/kernels/lora_table.py)
+        self.lora_bits = lora_bits
         # bumped whenever LoRA weights enter, leave or move between slots of any layer: what was
         # laid out from the slots' weights (app/models/projection_groups.py) is current while it stays
         self.generation = 0
