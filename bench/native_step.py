@@ -58,7 +58,8 @@ def main() -> None:
     base = load_base_model(settings.base_model, settings.cache_dir, "cpu", "auto", "int4")
     ctx = RoutingContext()
     copies = 2 if args.lora4 else 1
-    slots = DeviceSlots(wrap_linear_layers(base.model, ctx), copies * args.adapters + 1, base.device, base.dtype)
+    layers = wrap_linear_layers(base.model, ctx)
+    slots = DeviceSlots(layers, copies * args.adapters + 1, base.device, base.dtype)
     runner = Runner(base, ctx)
     assert runner.one_row is not None and runner.one_row.native is not None
     native = runner.one_row.native
@@ -73,7 +74,8 @@ def main() -> None:
         peft = make_peft(base.path, "generate", args.adapters, RANK, torch.float32, torch.device("cpu"))
         folders = save_adapters(peft, work, args.adapters)
         del peft
-        ids, ids4 = [], []
+        ids: list[int] = []
+        ids4: list[int] = []
         for bits, into in ((8, ids), (4, ids4))[:copies]:
             ctx.lora_bits = bits  # (the slots' copies for the native kernel are made as they load)
             for folder in folders:
