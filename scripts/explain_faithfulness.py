@@ -47,10 +47,15 @@ def log_odds(scores: dict[str, float], label: str) -> float:
     return math.log(max(scores[label], 1e-30)) - math.log(max(rest, 1e-30))
 
 
-def label_log_odds(http: httpx.Client, adapter: str, texts: list[str], label: str) -> list[float]:
+def measure(kind: str, scores: dict[str, float], label: str) -> float:
+    """The label's log-odds or probability."""
+    return log_odds(scores, label) if kind == "log-odds" else scores[label]
+
+
+def label_scores(http: httpx.Client, adapter: str, texts: list[str]) -> list[dict[str, float]]:
     resp = http.post("/classify", json={"adapter": adapter, "inputs": texts})
     resp.raise_for_status()
-    return [log_odds(r["scores"], label) for r in resp.json()["results"]]
+    return [r["scores"] for r in resp.json()["results"]]
 
 
 def main() -> None:
@@ -69,7 +74,10 @@ def main() -> None:
     args = parser.parse_args()
     texts = [t for t in _held_out(args.data, args.max_length)[0] if t.strip()][: args.texts]
     rng = random.Random(0)
-    drops: dict[str, tuple[list[float], list[float]]] = {m: ([], []) for m in args.methods}
+    # per method: the drops of the label's log-odds and of its probability, top and random deletions
+    drops: dict[str, dict[str, tuple[list[float], list[float]]]] = {
+        m: {"log-odds": ([], []), "probability": ([], [])} for m in args.methods
+    }
     with running_server("adapters_store", quantization=args.quantization) as (_, url):
         http = httpx.Client(base_url=url, timeout=600)
         for text in texts:
@@ -82,31 +90,37 @@ def main() -> None:
                 resp = http.post("/classify", json=body)
                 resp.raise_for_status()
                 result = resp.json()["results"][0]
-                label, before = result["label"], log_odds(result["scores"], result["label"])
+                label, scores = result["label"], result["scores"]
                 ordinary = [t for t in result["attributions"] if not t["special"] and t["token"].strip()]
                 k = max(1, math.ceil(args.share * len(ordinary)))
                 top = sorted(ordinary, key=lambda t: t["score"], reverse=True)[:k]
                 randoms = [without(text, rng.sample(ordinary, k)) for _ in range(args.draws)]
-                after = label_log_odds(http, args.adapter, [without(text, top), *randoms], label)
-                drops[method][0].append(before - after[0])
-                drops[method][1].append(before - statistics.mean(after[1:]))
+                after = label_scores(http, args.adapter, [without(text, top), *randoms])
+                for kind in ("log-odds", "probability"):
+                    before, *rest = (measure(kind, x, label) for x in (scores, *after))
+                    tops, rands = drops[method][kind]
+                    tops.append(before - rest[0])
+                    rands.append(before - statistics.mean(rest[1:]))
     print(machine_line())
     print(
         f"`{args.adapter}`, {len(texts)} held-out texts, quantization {args.quantization}: mean drop of "
-        f"the predicted label's log-odds after deleting {args.share:.0%} of the ordinary tokens\n"
+        f"the predicted label's log-odds and probability after deleting {args.share:.0%} of the ordinary "
+        "tokens\n"
     )
     print(
-        "| method | highest-attributed deleted | random deleted (mean of draws) | texts where top > random |"
+        "| method | drop of | highest-attributed deleted | random deleted (mean of draws) "
+        "| texts where top > random |"
     )
-    print("|---|---:|---:|---:|")
-    for method, (top_drops, random_drops) in drops.items():
-        wins = sum(a > b for a, b in zip(top_drops, random_drops, strict=True))
-        cells = [
-            f"{statistics.mean(top_drops):.3f}",
-            f"{statistics.mean(random_drops):.3f}",
-            f"{wins}/{len(texts)}",
-        ]
-        print(f"| {method} | " + " | ".join(cells) + " |")
+    print("|---|---|---:|---:|---:|")
+    for method, kinds in drops.items():
+        for kind, (top_drops, random_drops) in kinds.items():
+            wins = sum(a > b for a, b in zip(top_drops, random_drops, strict=True))
+            cells = [
+                f"{statistics.mean(top_drops):.4f}",
+                f"{statistics.mean(random_drops):.4f}",
+                f"{wins}/{len(texts)}",
+            ]
+            print(f"| {method} | {kind} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
