@@ -1,8 +1,9 @@
 """Are the attributions faithful? Delete the 20 % highest-attributed tokens of each held-out text and
-see how much the predicted label's log-odds drop, against deleting 20 % random tokens.
+see how much the predicted label's log-odds and probability drop, against deleting 20 % random tokens.
 
-    python scripts/explain_faithfulness.py --adapter bbc-topic --data data/bbc-news.csv [--texts 40]
-    ADAPTERSERVE_BASE_MODEL=all-minilm-l6-v2 python scripts/explain_faithfulness.py \\
+    PYTHONPATH=. python scripts/explain_faithfulness.py --adapter bbc-topic --data data/bbc-news.csv \\
+        [--texts 40]
+    ADAPTERSERVE_BASE_MODEL=all-minilm-l6-v2 PYTHONPATH=. python scripts/explain_faithfulness.py \\
         --adapter drug-review-sentiment --data data/drug-reviews-test.csv
 
 Through a server on the demo store (the base from ``ADAPTERSERVE_BASE_MODEL``): each of ``--texts``
