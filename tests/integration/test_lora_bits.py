@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from app import kernels
 from app.config import Settings
@@ -24,7 +23,7 @@ from app.models.base_lm import BaseLM, load_base_model
 from app.models.quantized_layers import QuantizedEmbedding, QuantizedLinear
 from tests.conftest import ADMIN_TOKEN, CACHE_DIR, upload_archive
 from tests.helpers.peft_ref import CLASSIFY_TEXTS, GEN_TOKENS, GENERATE_PROMPTS, RefAdapter, zip_folder
-from tests.integration.test_quantization import _dequantized, _followed
+from tests.integration.test_quantization import _dequantized, _followed, peft_generators
 
 # mean and largest gap (nats) of the served tokens' log-probabilities against PEFT's; probabilities
 LORA4_GAP = (0.15, 1.0)  # (measured: 0.06, 0.33; 8-bit adapters 0.048, 0.19)
@@ -74,16 +73,7 @@ def test_four_bit_adapters_follow_peft_within_their_tolerance(
 ) -> None:
     weights = int4_base[1]
     tok = AutoTokenizer.from_pretrained(base_path)
-    model = _dequantized(AutoModelForCausalLM.from_pretrained(base_path), weights, "int4", tok)
-    peft = PeftModel.from_pretrained(model, ref_adapters["gen-qv-r8"].folder, adapter_name="gen-qv-r8")
-    peft.load_adapter(ref_adapters["gen-pattern"].folder, adapter_name="gen-pattern")
-    peft.eval()
-
-    def using(name: str | None) -> AbstractContextManager[Any]:
-        if name is None:
-            return peft.disable_adapter()
-        peft.set_adapter(name)
-        return nullcontext()
+    peft, using = peft_generators(base_path, weights, "int4", tok, ref_adapters)
 
     cls = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=4)
     cls.config.pad_token_id = tok.pad_token_id

@@ -6,7 +6,7 @@ bytes shrink as documented and the server reports its quantization."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -98,6 +98,29 @@ def _dequantized(model: Any, weights: dict[str, torch.Tensor], kind: str, tok: A
     return model.eval()
 
 
+def peft_generators(
+    base_path: Path,
+    weights: dict[str, torch.Tensor],
+    kind: str,
+    tok: Any,
+    ref_adapters: dict[str, RefAdapter],
+) -> tuple[Any, Callable[[str | None], AbstractContextManager[Any]]]:
+    """One dequantized model with both generation adapters loaded, and the context that runs it
+    with one of them (None: the adapters disabled, the bare base)."""
+    model = _dequantized(AutoModelForCausalLM.from_pretrained(base_path), weights, kind, tok)
+    peft = PeftModel.from_pretrained(model, ref_adapters["gen-qv-r8"].folder, adapter_name="gen-qv-r8")
+    peft.load_adapter(ref_adapters["gen-pattern"].folder, adapter_name="gen-pattern")
+    peft.eval()
+
+    def using(name: str | None) -> AbstractContextManager[Any]:
+        if name is None:
+            return peft.disable_adapter()
+        peft.set_adapter(name)
+        return nullcontext()
+
+    return peft, using
+
+
 def _followed(model: Any, tok: Any, prompt: str, served: list[dict[str, Any]]) -> list[float]:
     """PEFT's model fed the served tokens one by one: each served token must be one of its 20
     most likely; the gaps between its log-probabilities and the served ones."""
@@ -125,17 +148,7 @@ def test_quantized_base_equals_peft_on_the_dequantized_weights(
     kind, base, weights = quantized
     tok = AutoTokenizer.from_pretrained(base_path)
     expected_text: dict[tuple[str | None, str], str] = {}
-    # one dequantized model with both adapters loaded; None: the adapters disabled (the bare base)
-    model = _dequantized(AutoModelForCausalLM.from_pretrained(base_path), weights, kind, tok)
-    peft = PeftModel.from_pretrained(model, ref_adapters["gen-qv-r8"].folder, adapter_name="gen-qv-r8")
-    peft.load_adapter(ref_adapters["gen-pattern"].folder, adapter_name="gen-pattern")
-    peft.eval()
-
-    def using(name: str | None) -> AbstractContextManager[Any]:
-        if name is None:
-            return peft.disable_adapter()
-        peft.set_adapter(name)
-        return nullcontext()
+    peft, using = peft_generators(base_path, weights, kind, tok, ref_adapters)
 
     for name in (None, "gen-qv-r8", "gen-pattern"):
         for prompt in GENERATE_PROMPTS:
