@@ -3,7 +3,7 @@
 // the base's product in the same call (the weights brought into the caches while the base's tiles
 // compute), or alone by lora_rows. AVX-512 VNNI or AVX2 as q4_isa() answers. Plain C ABI.
 //
-// Two formats (app/kernels/lora_table.py):
+// Three formats (app/kernels/lora_table.py):
 // - float32: A^T [K, rank], B^T [rank, out]; y += scale * (x . A^T) . B^T in float32.
 // - 8 bits for integer dot products: A^T's columns in blocks of 16 ranks, [rank/16][K/4][16][4]
 //   (byte 4 lane + j of chunk k4: A^T[4 k4 + j][16 block + lane]), and B^T in tiles of 16
@@ -12,6 +12,7 @@
 //   rows (8 bits per group of 32, as the base multiplies them); t = x . A^T is summed in integers
 //   per group, scaled per group, times sab and the scaling, rounded to 8 bits per row (one scale)
 //   and multiplied by B^T in integers again. The rounding of x and t: ~1 % of the delta.
+// - 4 bits (ADAPTERSERVE_LORA_BITS=4): the same sums on half the bytes, lora_int4.h.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -176,20 +177,15 @@ void run_task(const LoraCall& c, int64_t p, int64_t r) {
   float* y = c.y + r * c.ldy + c.offsets[p];
   const int64_t rank = e[2], out = c.outs[p];
   const int bits = entry_bits(e);
-  if (bits == 4) {
+  if (bits < 32) {
     const auto* a = reinterpret_cast<const uint8_t*>(e[0]);
     const auto* b = reinterpret_cast<const uint8_t*>(e[1]);
-    if (c.isa == 2)
+    const auto* sab = reinterpret_cast<const float*>(e[3]);  // (8 bits)
+    if (bits == 4 && c.isa == 2)
       lora_int4::int4_run_avx512<n>(c, r, a, b, rank, scale, out, y);
-    else
+    else if (bits == 4)
       lora_int4::int4_run_avx2<n>(c, r, a, b, rank, scale, out, y);
-    return;
-  }
-  if (bits == 8) {
-    const auto* a = reinterpret_cast<const uint8_t*>(e[0]);
-    const auto* b = reinterpret_cast<const uint8_t*>(e[1]);
-    const auto* sab = reinterpret_cast<const float*>(e[3]);
-    if (c.isa == 2)
+    else if (c.isa == 2)
       int8_run_avx512<n>(c, r, a, b, sab, rank, scale, out, y);
     else
       int8_run_avx2<n>(c, r, a, b, sab, rank, scale, out, y);

@@ -62,8 +62,8 @@ class MultiLoraLinear(nn.Module):
         else:
             self._dtype, self._device = base.weight.dtype, base.weight.device
         self.loras: dict[int, LoraWeights] = {}  # slot -> its adapter's weights in this layer
-        # an int4 base on the native kernels: each slot's weights in 8 bits too, as the native
-        # decode step reads them (app/models/native_step.py; a quarter of the bytes a step reads)
+        # an int4 base on the native kernels: each slot's weights in 8 (or LORA_BITS=4) bits too, as
+        # the native decode step reads them (app/models/native_step.py; a quarter of the bytes)
         self.int8 = isinstance(base, QuantizedLinear) and base.native is not None
         self.loras8: dict[int, kernels.Lora8 | kernels.Lora4] = {}
         self.bottleneck: BottleneckBank | None = None  # bottleneck modules following this layer
